@@ -1,0 +1,199 @@
+"""The `t2i-evolve` command line. Output formats here are contracts that scripts rely on.
+
+Every command defaults to the built-in shapes world, so each one runs offline on a laptop. Bad input
+(an unknown word, a missing file, a corrupt image, a bad config) ends with one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Improve text-to-image models with automated feedback.")
+world_app = typer.Typer(no_args_is_help=True, help="The built-in shapes world.")
+gallery_app = typer.Typer(no_args_is_help=True, help="Procedural teachers with named skill deficits.")
+ledger_app = typer.Typer(no_args_is_help=True, help="The dataset ledger of a run folder.")
+app.add_typer(world_app, name="world")
+app.add_typer(gallery_app, name="gallery")
+app.add_typer(ledger_app, name="ledger")
+out = Console()
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+
+
+@world_app.command("render")
+def world_render(
+    prompt: str,
+    seed: int = typer.Option(0, help="Layout seed; the same (prompt, seed) always gives the same image."),
+    out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
+    resolution: int = typer.Option(32, help="Image side in pixels."),
+    teacher: str = typer.Option("strong", help="Gallery teacher that draws it (strong, no-color, ...)."),
+):
+    """Render a prompt as a PNG."""
+    from .world import default_gallery
+
+    teachers = {t.id: t for t in default_gallery(resolution)}
+    if teacher not in teachers:
+        raise UserError(f"unknown teacher {teacher!r}; choose from {', '.join(teachers)}")
+    image, _ = teachers[teacher].draw(prompt, seed)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_path)
+    out.print(f"wrote {out_path}")
+
+
+@world_app.command("questions")
+def world_questions(prompt: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Print the prompt's yes/no questions with their skills and parents (DSG style)."""
+    from .world import questions_for
+
+    questions = questions_for(prompt)
+    if as_json:
+        _print_json([{"question": q.text, "skill": q.skill, "parent": q.parent, "parents": list(q.parents)}
+                     for q in questions])
+        return
+    table = Table("#", "question", "skill", "parents")
+    for i, q in enumerate(questions):
+        table.add_row(str(i), q.text, q.skill, ", ".join(map(str, q.parents)) or "-")
+    out.print(table)
+
+
+@app.command("judge")
+def judge(
+    image: Path,
+    prompt: str = typer.Option(..., help="The prompt the image should follow."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Judge an image against a prompt: each question's answer and the DSG score."""
+    from .images import load_image
+    from .judges import PixelJudge
+    from .world import parse
+
+    parse(prompt)  # a prompt outside the grammar fails before the image is read
+    result = PixelJudge().score(load_image(image), prompt)
+    if as_json:
+        data = result.to_json()
+        for a in data["answers"]:
+            a.pop("parents")
+        _print_json(data)
+        return
+    table = Table("#", "question", "skill", "parent", "answer")
+    for i, a in enumerate(result.answers):
+        parent = a.question.parent
+        table.add_row(str(i), a.question.text, a.question.skill, "-" if parent is None else str(parent),
+                      "[green]yes[/]" if a.answer else "[red]no[/]")
+    out.print(table)
+    out.print(f"score: {result.score:.3f}")
+
+
+@gallery_app.command("eval")
+def gallery_eval(
+    prompts: int = typer.Option(200, help="Number of grammar prompts."),
+    seed: int = typer.Option(0, help="Prompt and drawing seed."),
+    resolution: int = typer.Option(32),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Draw N grammar prompts with every gallery teacher and judge them per skill."""
+    from .eval import evaluate
+    from .judges import PixelJudge
+    from .progress import progress_bar
+    from .world import GrammarPrompts, default_gallery
+
+    if prompts < 1:
+        raise UserError("--prompts must be at least 1")
+    texts = GrammarPrompts().sample(prompts, seed=seed)
+    teachers = default_gallery(resolution)
+    judge_ = PixelJudge()
+    results = {}
+    with progress_bar("judging the gallery", prompts * len(teachers)) as advance:
+        for teacher in teachers:
+            summary = evaluate(teacher, judge_, texts, seed=seed, progress=advance).summary()
+            results[teacher.id] = {"deficit": teacher.deficit, "score": summary["score"], "skills": summary["skills"]}
+    if as_json:
+        _print_json({"teachers": results})
+        return
+    skills = list(next(iter(results.values()))["skills"])
+    table = Table("teacher", "deficit", "score", *skills, title=f"{prompts} prompts, pixel judge")
+    for tid, r in results.items():
+        table.add_row(tid, r["deficit"] or "-", f"{r['score']:.3f}", *(f"{r['skills'][s]:.2f}" for s in skills))
+    out.print(table)
+
+
+def _open_ledger(run_dir: Path):
+    from .data import Ledger
+
+    if not (run_dir / "ledger.sqlite").is_file():
+        raise UserError(f"no ledger in {run_dir} (expected {run_dir / 'ledger.sqlite'})")
+    return Ledger(run_dir)
+
+
+@ledger_app.command("stats")
+def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Counts of records, operations per round, and calls per caller."""
+    stats = _open_ledger(run_dir).stats()
+    if as_json:
+        _print_json(stats)
+        return
+    out.print_json(data=stats)
+
+
+@ledger_app.command("export")
+def ledger_export(
+    run_dir: Path,
+    to: Path = typer.Option(..., "--to", help="Folder for the Hugging Face imagefolder."),
+    status: str = typer.Option("active", help="Records to export: active, deleted or all."),
+):
+    """Export records as a Hugging Face `datasets` imagefolder (images + metadata.jsonl)."""
+    from .data import export_imagefolder
+
+    if status not in ("active", "deleted", "all"):
+        raise UserError(f"--status must be active, deleted or all, not {status!r}")
+    n = export_imagefolder(_open_ledger(run_dir), to, status=None if status == "all" else status)
+    out.print(f"exported {n} records to {to}")
+
+
+@ledger_app.command("import")
+def ledger_import(
+    run_dir: Path,
+    source: Path = typer.Option(..., "--from", help="An imagefolder: images + metadata.jsonl/csv."),
+    prompt_column: Optional[str] = typer.Option(None, help="Column holding prompts (default: prompt/text/caption)."),
+):
+    """Import a user's own prompt/image set into a run's ledger."""
+    from .data import Ledger, import_imagefolder
+
+    if not source.is_dir():
+        raise UserError(f"not a folder: {source}")
+    n = import_imagefolder(Ledger(run_dir), source, prompt_column=prompt_column)
+    out.print(f"imported {n} records into {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: typer reports usage errors itself (exit 2); user errors become one line, exit 2."""
+    from pydantic import ValidationError
+
+    try:
+        app(args=argv, prog_name="t2i-evolve")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (UserError, ValidationError) as e:
+        sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

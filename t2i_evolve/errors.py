@@ -1,0 +1,34 @@
+"""Exceptions with a meaning the rest of the package relies on.
+
+`UserError` is what the CLI turns into a one-line message and exit code 2: anything a user can fix
+(an unknown word, a missing file, a bad config). `TransientError` is what a generator or judge raises
+when the same request may succeed if sent again (a 429, a 5xx, a timeout); the call cache retries it.
+"""
+
+
+class UserError(Exception):
+    """Bad input that a user can fix; shown as one line, never as a traceback."""
+
+
+class GrammarError(UserError, ValueError):
+    """Text outside the shapes-world grammar; the message names the word that could not be read."""
+
+    def __init__(self, message: str, word: str | None = None):
+        super().__init__(message)
+        self.word = word
+
+
+class ConfigError(UserError, ValueError):
+    """A config file that does not validate; the message names the bad field."""
+
+
+class TransientError(RuntimeError):
+    """A failure worth retrying: rate limit, server error, dropped connection."""
+
+
+class CallTimeout(TransientError, TimeoutError):
+    """A request that did not answer in time (retried like any transient error)."""
+
+
+class BudgetExhausted(RuntimeError):
+    """A per-run budget of calls or money is spent; callers stop cleanly."""

@@ -1,0 +1,97 @@
+"""Turn judged images into the numbers users compare: a DSG score, per-skill scores, GenEval tasks.
+
+Per-skill scores are conditional: a skill's question counts only when its parents hold. A teacher that
+draws a green circle for "a red circle" then loses on color, not also on count, size and position of a
+circle it never drew in red; a judge that blames the wrong skill would mislead every recipe.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from PIL import Image
+
+from ..protocols import SKILLS, Generator, Judge, Question
+from ..world.questions import dsg_answers, questions_for
+from ..world.suites import TASKS, passes
+
+
+@dataclass
+class ScoreBoard:
+    """Accumulates judged images. `summary()` gives score, skills and (when tasks were given) GenEval."""
+
+    scores: list[float] = field(default_factory=list)
+    skill_right: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    skill_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    task_passes: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, questions: Sequence[Question], raw: Sequence[bool], task: str | None = None) -> float:
+        effective = dsg_answers(questions, raw)
+        score = sum(effective) / len(effective) if effective else 0.0
+        self.scores.append(score)
+        for q, a in zip(questions, raw):
+            if all(effective[p] for p in q.parents):
+                self.skill_asked[q.skill] += 1
+                self.skill_right[q.skill] += bool(a)
+        if task is not None:
+            self.task_passes[task].append(passes(task, questions, raw))
+        return score
+
+    def skills(self) -> dict[str, float]:
+        """Share right per skill, over questions whose parents hold (0.0 where none could be asked)."""
+        return {s: self.skill_right[s] / self.skill_asked[s] if self.skill_asked[s] else 0.0 for s in SKILLS}
+
+    def summary(self) -> dict:
+        out = {
+            "score": sum(self.scores) / len(self.scores) if self.scores else 0.0,
+            "skills": self.skills(),
+            "images": len(self.scores),
+        }
+        if self.task_passes:
+            tasks = {t: sum(v) / len(v) for t, v in self.task_passes.items()}
+            out["geneval"] = {"overall": sum(tasks.values()) / len(tasks), "tasks": tasks}
+        return out
+
+
+def judge_images(
+    judge: Judge, images: Iterable[Image.Image], prompts: Sequence[str], tasks: Sequence[str | None] | None = None
+) -> ScoreBoard:
+    board = ScoreBoard()
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        questions = questions_for(prompt)
+        board.add(questions, judge.answer(image, prompt, questions), tasks[i] if tasks else None)
+    return board
+
+
+def evaluate(
+    generator: Generator,
+    judge: Judge,
+    prompts: Sequence[str],
+    seed: int = 0,
+    tasks: Sequence[str | None] | None = None,
+    batch_size: int = 64,
+    progress=None,
+) -> ScoreBoard:
+    """Draw each prompt once (seed `seed + i`) and judge it. `progress(n)` is called per batch."""
+    board = ScoreBoard()
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        images = generator.generate(chunk, [seed + start + i for i in range(len(chunk))])
+        for i, (image, prompt) in enumerate(zip(images, chunk)):
+            questions = questions_for(prompt)
+            raw = judge.answer(image, prompt, questions) if image is not None else [False] * len(questions)
+            board.add(questions, raw, tasks[start + i] if tasks else None)
+        if progress:
+            progress(len(chunk))
+    return board
+
+
+def suite_prompts(suite: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """Flatten a {task: prompts} suite into prompts and their task names."""
+    prompts, tasks = [], []
+    for task in TASKS:
+        prompts += suite.get(task, [])
+        tasks += [task] * len(suite.get(task, []))
+    return prompts, tasks

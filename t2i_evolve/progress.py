@@ -1,0 +1,31 @@
+"""Progress bars for long loops, drawn on stderr so `--json` output on stdout stays clean."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    """Yields `advance(n=1, **fields)`; the bar disappears when done (a table usually follows)."""
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            progress.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield advance

@@ -1,0 +1,165 @@
+"""Procedural teachers: stand-ins for the advanced models (often paid APIs) a user learns from.
+
+One strong teacher draws every prompt correctly; each deficit teacher fails one named skill with
+probability `p`, the way real models have known weaknesses (colors bleed, counts drift, relations are
+ignored, attributes swap between objects). Every teacher is deterministic per (prompt, seed), counts
+its calls, charges an assumed price per call, and can inject transient faults so retry paths run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..config import Config
+from ..errors import CallTimeout, TransientError
+from ..protocols import SKILLS
+from .grammar import COLORS, SHAPES, SIZES, Scene, is_binding_pair, parse
+from .render import NoRoom, PlacedObject, crowding, degrade, draw, layout, seeded_rng
+
+Skill = Literal["color", "shape", "count", "spatial", "binding", "size"]
+DEFAULT_P: dict[str, float] = {"color": 0.7, "shape": 0.7, "count": 0.7, "spatial": 1.0, "binding": 0.8, "size": 0.8}
+
+
+class TeacherConfig(Config):
+    """A procedural teacher. `p` defaults per deficit (see DEFAULT_P) to a loss of >= 30 points."""
+
+    id: str = "strong"
+    deficit: Skill | None = None
+    p: float | None = None
+    blur: float = 0.0
+    noise: float = 0.0
+    resolution: int = 32
+    antialias: bool = True
+    price_per_call: float = 0.04
+    transient_error_rate: float = 0.0
+    timeout_rate: float = 0.0
+
+
+class ProceduralTeacher:
+    """A `Generator` that draws the shapes world, with one optional skill deficit.
+
+    `calls` counts successful calls; `call_log` (a file path) makes the count durable across processes
+    by appending one JSON line per call, as a server's billing log would.
+    """
+
+    def __init__(self, config: TeacherConfig = TeacherConfig(), call_log: str | Path | None = None):
+        self.config = config
+        self.id = config.id
+        self.deficit = config.deficit
+        self.p = DEFAULT_P.get(config.deficit, 0.0) if config.p is None else config.p
+        self.price_per_call = config.price_per_call
+        self.call_log = Path(call_log) if call_log else None
+        self.calls = 0
+        self.faults = 0
+        self._attempts: dict[tuple[str, int], int] = {}
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        for prompt, seed in zip(prompts, seeds):
+            self._maybe_fail(prompt, seed)
+        images = [self.draw(prompt, seed)[0] for prompt, seed in zip(prompts, seeds)]
+        self.calls += len(images)
+        if self.call_log:
+            lines = "".join(json.dumps({"teacher": self.id, "prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds))
+            fd = os.open(self.call_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, lines.encode())
+            finally:
+                os.close(fd)
+        return images
+
+    def _maybe_fail(self, prompt: str, seed: int) -> None:
+        """Transient faults drawn per attempt, so a retry of the same request can succeed."""
+        key = (prompt, seed)
+        attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
+        roll = seeded_rng("fault", self.id, prompt, seed, attempt).random()
+        if roll < self.config.timeout_rate:
+            self.faults += 1
+            raise CallTimeout(f"teacher {self.id} timed out (simulated)")
+        if roll < self.config.timeout_rate + self.config.transient_error_rate:
+            self.faults += 1
+            raise TransientError(f"teacher {self.id} answered 503 (simulated)")
+
+    def draw(self, prompt: str | Scene, seed: int) -> tuple[Image.Image, list[PlacedObject]]:
+        """The image and what is really in it (ground truth, deficits included); no call is counted."""
+        scene = parse(prompt) if isinstance(prompt, str) else prompt
+        rng = seeded_rng("teacher", self.id, scene, seed)
+        scene = self._damage_scene(scene, rng)
+        respect = not (self.deficit == "spatial" and rng.random() < self.p)
+        try:
+            objects = layout(scene, rng, self.config.resolution, respect_relations=respect)
+        except NoRoom:  # a deficit made the scene too crowded: draw the prompt's own scene instead
+            objects = layout(parse(prompt) if isinstance(prompt, str) else prompt, rng, self.config.resolution)
+        if self.deficit == "binding":
+            objects = self._swap_colors(scene, objects, rng)
+        image = draw(objects, self.config.resolution, self.config.antialias)
+        return degrade(image, rng, self.config.blur, self.config.noise), objects
+
+    def _damage_scene(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        if self.deficit not in ("color", "shape", "count", "size"):
+            return scene
+        # Replacements avoid every color / shape of the prompt, so a miss reads as this deficit alone
+        # (a color moved onto another group's shape would read as a binding error).
+        unused_colors = [c for c in COLORS if all(c != g.color for g in scene.groups)]
+        unused_shapes = [s for s in SHAPES if all(s != g.shape for g in scene.groups)]
+        groups = list(scene.groups)
+        for i, g in enumerate(groups):
+            if rng.random() >= self.p:
+                continue
+            if self.deficit == "color":
+                groups[i] = replace(g, color=str(rng.choice(unused_colors)))
+            elif self.deficit == "shape":
+                groups[i] = replace(g, shape=str(rng.choice(unused_shapes or [s for s in SHAPES if s != g.shape])))
+            elif self.deficit == "count":
+                more = replace(g, count=g.count + 1)
+                fits = crowding(Scene(tuple(groups[:i] + [more] + groups[i + 1 :]), scene.relations)) <= 0.55
+                groups[i] = more if g.count == 1 or (fits and rng.random() < 0.5) else replace(g, count=g.count - 1)
+            elif self.deficit == "size" and g.size:
+                choices = [s for s in (*SIZES, None) if s != g.size]
+                groups[i] = replace(g, size=choices[int(rng.integers(len(choices)))])
+        return Scene(tuple(groups), scene.relations)
+
+    def _swap_colors(self, scene: Scene, objects: list[PlacedObject], rng) -> list[PlacedObject]:
+        """Swap the colors of a binding pair: every color is present, but on the wrong shape."""
+        pairs = [(i, j) for i in range(len(scene.groups)) for j in range(i + 1, len(scene.groups))
+                 if is_binding_pair(scene.groups[i], scene.groups[j])]
+        if not pairs or rng.random() >= self.p:
+            return objects
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        ci, cj = scene.groups[i].color, scene.groups[j].color
+        swap = {i: cj, j: ci}
+        return [replace(o, color=swap.get(o.group, o.color)) for o in objects]
+
+
+class MixtureTeacher:
+    """Several teachers behind one id: each (prompt, seed) goes to one member, drawn by weight."""
+
+    def __init__(self, id: str, members: Sequence[ProceduralTeacher], weights: Sequence[float] | None = None):
+        self.id = id
+        self.members = list(members)
+        self.weights = np.asarray(weights if weights is not None else [1.0] * len(members), dtype=float)
+        self.weights /= self.weights.sum()
+        self.price_per_call = float(sum(w * m.price_per_call for w, m in zip(self.weights, self.members)))
+
+    def member_for(self, prompt: str, seed: int) -> ProceduralTeacher:
+        return self.members[int(seeded_rng("mixture", self.id, prompt, seed).choice(len(self.members), p=self.weights))]
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        return [self.member_for(p, s).generate([p], [s])[0] for p, s in zip(prompts, seeds)]
+
+    @property
+    def calls(self) -> int:
+        return sum(m.calls for m in self.members)
+
+
+def default_gallery(resolution: int = 32, **overrides) -> list[ProceduralTeacher]:
+    """The strong teacher and one teacher per skill deficit ('no-color', 'no-count', ...)."""
+    configs = [TeacherConfig(id="strong", resolution=resolution, **overrides)]
+    configs += [TeacherConfig(id=f"no-{s}", deficit=s, resolution=resolution, **overrides) for s in SKILLS]
+    return [ProceduralTeacher(c) for c in configs]
