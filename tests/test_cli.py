@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from t2i_evolve.cli import main
+from t2i_evolve.config import Config
+from t2i_evolve.errors import ConfigError
+from t2i_evolve.world import TeacherConfig
+
+PROMPT = "two red circles left of a blue square"
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_render_then_judge_json(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    assert run(capsys, "world", "render", PROMPT, "--seed", "0", "--out", str(image))[0] == 0
+    code, out, _ = run(capsys, "judge", str(image), "--prompt", PROMPT, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["score"] == 1.0
+    assert set(data["answers"][0]) == {"question", "skill", "parent", "answer"}
+    assert data["answers"][0]["parent"] is None and data["answers"][2]["parent"] == 0
+    code, out, _ = run(capsys, "judge", str(image), "--prompt", "three green stars", "--json")
+    assert json.loads(out)["score"] == 0.0
+
+
+def test_world_questions(capsys):
+    code, out, _ = run(capsys, "world", "questions", PROMPT, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["skill"] for r in rows} == {"shape", "color", "binding", "count", "spatial"}
+    code, out, _ = run(capsys, "world", "questions", PROMPT)
+    assert "Are the red circles left of the blue square?" in out
+
+
+def test_gallery_eval_json_contract(capsys):
+    code, out, _ = run(capsys, "gallery", "eval", "--prompts", "40", "--seed", "3", "--json")
+    assert code == 0
+    teachers = json.loads(out)["teachers"]
+    assert teachers["strong"]["deficit"] is None
+    assert teachers["no-count"]["deficit"] == "count"
+    assert teachers["no-count"]["skills"]["count"] < teachers["strong"]["skills"]["count"]
+    assert all(set(t) == {"deficit", "score", "skills"} for t in teachers.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["world", "questions", "two purple circles"], "'purple'"),
+        (["judge", "missing.png", "--prompt", "a red circle"], "image not found"),
+        (["world", "render", PROMPT, "--out", "x.png", "--teacher", "nobody"], "unknown teacher"),
+        (["ledger", "stats", "no-such-run"], "no ledger"),
+        (["gallery", "eval", "--prompts", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_png_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really")
+    code, _, err = run(capsys, "judge", str(bad), "--prompt", "a red circle")
+    assert code == 2 and err.startswith("error: cannot read image")
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run(capsys, "world", "render")[0] == 2
+
+
+def test_config_from_yaml_names_the_bad_field(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("id: no-color\ndeficit: color\np: 0.5\n")
+    assert TeacherConfig.from_yaml(good).p == 0.5
+    (tmp_path / "typo.yaml").write_text("id: x\ndefficit: color\n")
+    with pytest.raises(ConfigError, match="field 'defficit'"):
+        TeacherConfig.from_yaml(tmp_path / "typo.yaml")
+    (tmp_path / "type.yaml").write_text("id: x\ndeficit: colour\n")
+    with pytest.raises(ConfigError, match="field 'deficit'"):
+        TeacherConfig.from_yaml(tmp_path / "type.yaml")
+    (tmp_path / "broken.yaml").write_text("id: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad YAML"):
+        TeacherConfig.from_yaml(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        Config.from_yaml(tmp_path / "nope.yaml")

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+from t2i_evolve.errors import CallTimeout, TransientError
+from t2i_evolve.eval import evaluate
+from t2i_evolve.protocols import SKILLS, Generator
+from t2i_evolve.world import MixtureTeacher, ProceduralTeacher, TeacherConfig, default_gallery
+
+
+@pytest.fixture(scope="module")
+def gallery_scores(prompts, judge):
+    return {t.id: (t.deficit, evaluate(t, judge, prompts).summary()) for t in default_gallery()}
+
+
+def test_strong_teacher_is_perfect(gallery_scores):
+    deficit, summary = gallery_scores["strong"]
+    assert deficit is None
+    assert summary["score"] >= 0.995
+    assert min(summary["skills"].values()) >= 0.99
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_each_deficit_loses_most_on_its_own_skill(gallery_scores, skill):
+    strong = gallery_scores["strong"][1]["skills"]
+    deficit, summary = gallery_scores[f"no-{skill}"]
+    assert deficit == skill
+    loss = {s: strong[s] - summary["skills"][s] for s in SKILLS}
+    assert loss[skill] >= 0.30, loss
+    assert max(loss, key=loss.get) == skill, loss
+
+
+def test_teachers_are_deterministic_generators():
+    teacher = ProceduralTeacher(TeacherConfig(id="no-count", deficit="count"))
+    assert isinstance(teacher, Generator)
+    a = teacher.generate(["two red circles", "a blue star"], [0, 1])
+    b = teacher.generate(["two red circles", "a blue star"], [0, 1])
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert teacher.calls == 4
+
+
+def test_faults_are_transient_and_retry_succeeds(tmp_path):
+    teacher = ProceduralTeacher(TeacherConfig(transient_error_rate=0.3, timeout_rate=0.2), call_log=tmp_path / "calls")
+    seen = {"timeout": 0, "error": 0}
+    for seed in range(60):
+        for _ in range(30):
+            try:
+                teacher.generate(["a red circle"], [seed])
+                break
+            except CallTimeout:
+                seen["timeout"] += 1
+            except TransientError:
+                seen["error"] += 1
+        else:
+            pytest.fail("retries never succeeded")
+    assert seen["timeout"] > 0 and seen["error"] > 0
+    assert teacher.faults == seen["timeout"] + seen["error"]
+    assert teacher.calls == 60
+    log = [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
+    assert len(log) == 60 and len({(c["prompt"], c["seed"]) for c in log}) == 60
+
+
+def test_mixture_routes_each_request_to_one_member(judge, prompts):
+    members = [ProceduralTeacher(TeacherConfig(id="strong")),
+               ProceduralTeacher(TeacherConfig(id="no-color", deficit="color", p=1.0))]
+    mix = MixtureTeacher("mix", members, [0.5, 0.5])
+    score = evaluate(mix, judge, prompts[:60]).summary()["skills"]["color"]
+    assert 0.2 < score < 0.9
+    assert members[0].calls + members[1].calls == 60 == mix.calls
+    assert mix.member_for("a red circle", 3) is mix.member_for("a red circle", 3)
+
+
+def test_blur_and_noise_are_configurable(judge):
+    clean = ProceduralTeacher().draw("a red circle", 0)[0]
+    noisy = ProceduralTeacher(TeacherConfig(id="blurry", blur=0.8, noise=10)).draw("a red circle", 0)[0]
+    assert np.abs(np.asarray(clean, float) - np.asarray(noisy, float)).mean() > 2
+    assert judge.score(noisy, "a red circle").score == 1.0

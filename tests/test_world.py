@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from t2i_evolve.errors import GrammarError
+from t2i_evolve.world import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, parse, render, render_prompt
+from t2i_evolve.world.grammar import scene_skills
+from t2i_evolve.world.questions import answer_checks, dsg_answers, questions_for
+from t2i_evolve.world.render import layout, seeded_rng
+from t2i_evolve.world.sampling import GrammarPrompts, GrammarSlice
+
+groups = st.builds(
+    Group,
+    count=st.integers(1, 3),
+    color=st.sampled_from(list(COLORS)),
+    shape=st.sampled_from(SHAPES),
+    size=st.sampled_from([None, *SIZES]),
+)
+scenes = st.integers(1, 3).flatmap(
+    lambda n: st.builds(
+        Scene,
+        groups=st.tuples(*[groups] * n),
+        relations=st.tuples(*[st.sampled_from([None, *RELATIONS])] * (n - 1)),
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenes)
+def test_round_trip(scene):
+    assert parse(render_prompt(scene)) == scene
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenes)
+def test_spec_json_round_trip(scene):
+    assert Scene.from_json(scene.to_json()) == scene
+
+
+def test_parse_example():
+    scene = parse("two red circles left of a blue square")
+    assert scene.groups == (Group(2, "red", "circle"), Group(1, "blue", "square"))
+    assert scene.relations == ("left of",)
+    assert parse("One Big red circle above three small green stars.").groups[1] == Group(3, "green", "star", "small")
+
+
+@pytest.mark.parametrize(
+    "prompt, word",
+    [
+        ("two purple circles", "purple"),
+        ("a red circle next to a blue square", "next"),
+        ("two red circle", "circle"),
+        ("four red circles", "four"),
+        ("a red circle and a blue square and a green star and a red star", "and"),
+    ],
+)
+def test_parse_error_names_the_word(prompt, word):
+    with pytest.raises(GrammarError) as info:
+        parse(prompt)
+    assert info.value.word == word
+    assert repr(word) in str(info.value)
+
+
+def test_questions_follow_dsg_dependencies():
+    qs = questions_for("two red circles left of a blue square")
+    by_text = {q.text: (i, q) for i, q in enumerate(qs)}
+    i_circle, _ = by_text["Is there a circle?"]
+    i_red, _ = by_text["Is there a red object?"]
+    i_bound, bound = by_text["Is there a red circle?"]
+    assert bound.skill == "binding" and set(bound.parents) == {i_circle, i_red}
+    _, count = by_text["Are there exactly 2 red circles?"]
+    assert count.skill == "count" and count.parents == (i_bound,)
+    spatial = [q for q in qs if q.skill == "spatial"]
+    assert len(spatial) == 1 and i_bound in spatial[0].parents
+    for i, q in enumerate(qs):
+        assert all(p < i for p in q.parents)
+    # A lone group has no binding partner: its color question hangs off the shape question.
+    single = questions_for("a big green star")
+    assert [q.skill for q in single] == ["shape", "color", "count", "size"]
+    assert single[1].parents == (0,)
+
+
+def test_dsg_rule_zeroes_children():
+    qs = questions_for("a red circle")
+    assert dsg_answers(qs, [False, True, True]) == [False, False, False]
+    assert dsg_answers(qs, [True, False, True]) == [True, False, False]
+
+
+def test_render_is_deterministic_and_correct(prompts):
+    for i, prompt in enumerate(prompts[:60]):
+        image, objects = render(prompt, seed=i)
+        again, _ = render(prompt, seed=i)
+        assert np.array_equal(np.asarray(image), np.asarray(again))
+        assert image.size == (32, 32)
+        assert all(answer_checks(questions_for(prompt), objects, 32)), prompt
+    a, _ = render(prompts[0], seed=0)
+    b, _ = render(prompts[0], seed=1)
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_layout_keeps_a_gap_between_objects(prompts):
+    for i, prompt in enumerate(prompts[:60]):
+        objects = layout(parse(prompt), seeded_rng(i), 32)
+        for j, a in enumerate(objects):
+            for b in objects[j + 1 :]:
+                reach = (a.extent + b.extent) / 2 + 2.0
+                assert abs(a.cx - b.cx) >= reach - 1e-6 or abs(a.cy - b.cy) >= reach - 1e-6
+
+
+def test_resolution_is_configurable():
+    image, objects = render("three small cyan triangles above a big red square", seed=3, resolution=64)
+    assert image.size == (64, 64)
+    assert all(answer_checks(questions_for("three small cyan triangles above a big red square"), objects, 64))
+
+
+def test_sampler_slice_and_skills():
+    one_two = GrammarPrompts(GrammarSlice(min_groups=1, max_groups=2)).sample(200, seed=0)
+    assert all(1 <= len(parse(p).groups) <= 2 for p in one_two)
+    spatial = GrammarPrompts().sample(50, seed=0, skill="spatial")
+    assert all("spatial" in scene_skills(parse(p)) for p in spatial)
+    assert GrammarPrompts().sample(20, seed=5) == GrammarPrompts().sample(20, seed=5)
