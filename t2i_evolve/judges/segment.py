@@ -136,7 +136,11 @@ def find_objects(image: Image.Image, classify: bool = True, min_share: float = 0
             # star's thin points cover less of its box than a square's edges do).
             means, spread, extent_ratio, names = shape_prototypes(resolution)
             shape = SHAPES.index(names[int((((features - means) / spread) ** 2).sum(1).argmin())])
-            cy, cx = ndimage.center_of_mass(piece_ink)
+            # Centre of the covered box, not of the ink: the renderer places shapes by their box,
+            # and a triangle's ink sits a sixth of its height below the box centre.
+            row_cover, col_cover = piece_ink.max(1), piece_ink.max(0)
+            cy = float((row_cover * np.arange(len(row_cover))).sum() / row_cover.sum())
+            cx = float((col_cover * np.arange(len(col_cover))).sum() / col_cover.sum())
             found.append(
                 PlacedObject(
                     color=COLOR_NAMES[c],

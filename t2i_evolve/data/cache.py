@@ -1,0 +1,483 @@
+"""The call cache: never pay twice for the same request, and never lose track of a paid one.
+
+Every call to a generator or judge that may cost money or minutes goes through `Ledger.cached_calls`,
+keyed by the sha256 of the canonical JSON of (caller, request). The protocol for one call is:
+
+1. a 'done' row for the key exists: return its response, call nothing;
+2. otherwise commit a 'pending' row (the intent) *before* calling;
+3. call, retrying `TransientError` with exponential backoff and jitter, counting attempts;
+4. commit 'done' with the response and its price, or 'failed' with the error once retries run out.
+
+A 'pending' row found at step 2 means a process died during that call: the request may or may not
+have reached the server, and if a reply came back it was lost with the process. The call is sent again
+and the row's `interrupted` count goes up. So the guarantee is at-least-once, and the number of calls
+paid twice is at most `Ledger.interrupted_calls()` (one per crash for sequential calls, one batch per
+crash for batched ones). Exactly-once is not possible against an external API that has no idempotency
+key; this is the honest bound.
+
+`CachedGenerator` and `CachedJudge` wrap a `Generator` or `Judge` with this cache, so a recipe that
+is rerun after a crash, or with more rounds, only pays for what it has not received yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import BudgetExhausted, TransientError
+from ..protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+
+
+class CallBudget(BaseModel):
+    """Limits on what one caller (a generator or judge id) may spend in a run.
+
+    `max_calls` counts requests sent, retries included, since each one costs quota; `max_price` sums
+    the `price` of answered calls. Both are read from the run's calls table, so a budget holds across
+    restarts, and cached answers never count.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_calls: int | None = Field(default=None, ge=0)
+    max_price: float | None = Field(default=None, ge=0)
+
+    def allowance(self, calls: int, spent: float, price: float) -> int:
+        """How many more calls at `price` each fit, given `calls` sent and `spent` so far."""
+        n = sys.maxsize
+        if self.max_calls is not None:
+            n = min(n, self.max_calls - calls)
+        if self.max_price is not None and price > 0:
+            n = min(n, math.floor((self.max_price - spent) / price + 1e-9))
+        return max(n, 0)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One row of the calls table: a request, what became of it, and what it cost."""
+
+    key: str
+    caller: str
+    request: dict
+    status: str
+    response: dict | None
+    error: str | None
+    attempts: int
+    interrupted: int
+    price: float
+    round: int | None
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> Call:
+        values = dict(row)
+        values["request"], values["response"] = json.loads(values["request"]), from_json(values["response"])
+        return cls(**values)
+
+
+BatchCall = Callable[[list[dict]], Sequence[dict | None]]
+"""What `Ledger.cached_calls` calls: requests in, one response (None for a failed item) per request out."""
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """How one batch of calls is sent: who asks, what each call costs, how hard to retry."""
+
+    caller: str
+    price: float
+    round: int | None
+    retries: int
+    backoff_s: float
+    budget: CallBudget | None
+
+
+class CallCacheMixin:
+    """The call cache part of `Ledger` (kept here to keep the ledger module readable).
+
+    Relies on the ledger's `transaction()` and `_read()`. A key is claimed in memory while its call is
+    in flight, so two threads asking for the same thing wait for one call instead of paying for two
+    (and a 'pending' row seen by this process really was left by a dead process, or an interrupt).
+    """
+
+    transaction: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _read: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _depth: int
+
+    def __init__(self) -> None:
+        self._in_flight: set[str] = set()
+        self._in_flight_changed = threading.Condition()
+
+    def cached_call(
+        self,
+        caller: str,
+        request: dict,
+        call: Callable[[], dict],
+        *,
+        price: float = 0.0,
+        round: int | None = None,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        budget: CallBudget | None = None,
+    ) -> dict | None:
+        """The response to `request`, from the cache or from `call()`; None if it failed after retries.
+
+        `request` must be JSON-serialisable and hold everything that determines the answer; `call`
+        must return a JSON-serialisable dict. Non-transient exceptions propagate (the row is marked
+        'failed' with the error); `BudgetExhausted` is raised before a call the budget cannot pay for.
+        """
+        return self.cached_calls(
+            caller, [request], lambda requests: [call()], price=price, round=round,
+            retries=retries, backoff_s=backoff_s, batch_size=1, budget=budget,
+        )[0]
+
+    def cached_calls(
+        self,
+        caller: str,
+        requests: Sequence[dict],
+        call: BatchCall,
+        *,
+        price: float = 0.0,
+        round: int | None = None,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        batch_size: int = 16,
+        budget: CallBudget | None = None,
+    ) -> list[dict | None]:
+        """`cached_call` for many requests: the misses go to `call` in chunks of `batch_size`.
+
+        `call` gets a list of requests and returns one response per request, or None for an item that
+        failed; a chunk that raises `TransientError` is retried whole, items that came back None are
+        retried alone. `price` is per request. Each request keeps its own row, so a crash mid-chunk
+        repeats at most that chunk.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        terms = _Terms(caller, price, round, retries, backoff_s, budget)
+        keys = [content_key([caller, request]) for request in requests]
+        by_key = dict(zip(keys, requests))
+        with self._claim(by_key):
+            results = self._done_responses(by_key)
+            misses = [key for key in by_key if key not in results]
+            while misses:
+                with self._read() as db:
+                    n = min(batch_size, _allowance(db, terms, need=1))
+                chunk, misses = misses[:n], misses[n:]
+                results |= self._send(terms, chunk, by_key, call)
+        return [results[key] for key in keys]
+
+    def interrupted_calls(self) -> int:
+        """How many times a call was found 'pending': left in flight by a process that died (or by an
+        interrupt, such as Ctrl-C). This bounds the number of requests that may have been paid twice.
+        """
+        with self._read() as db:
+            return db.execute("SELECT coalesce(sum(interrupted), 0) FROM calls").fetchone()[0]
+
+    def calls(self, *, caller: str | None = None, status: str | None = None) -> list[Call]:
+        """Rows of the calls table, oldest first."""
+        where, args = where_clause(("caller = ?", caller), ("status = ?", status))
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {_CALL_COLUMNS} FROM calls {where} ORDER BY rowid", args
+            ).fetchall()
+        return [Call._from_row(row) for row in rows]
+
+    def _send(
+        self, terms: _Terms, keys: list[str], by_key: dict[str, dict], call: BatchCall
+    ) -> dict[str, dict | None]:
+        """Call for `keys` with retries; returns key -> response, None for those that failed."""
+        remaining, results, error = list(keys), {}, ""
+        for attempt in range(terms.retries + 1):
+            if attempt and terms.backoff_s:
+                time.sleep(terms.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            try:
+                self._start_attempt(terms, remaining, by_key, first=attempt == 0)
+                responses = list(call([by_key[key] for key in remaining]))
+                if len(responses) != len(remaining):
+                    raise ValueError(f"{terms.caller}: {len(responses)} answers to {len(remaining)} requests")
+                done = {key: r for key, r in zip(remaining, responses) if r is not None}
+                self._finish(done, terms.price)
+            except TransientError as e:
+                error = f"{type(e).__name__}: {e}"
+                continue
+            except Exception as e:
+                self._fail(remaining, f"{type(e).__name__}: {e}")
+                raise
+            results |= done
+            remaining = [key for key in remaining if key not in done]
+            if not remaining:
+                return results
+            error = "no result"
+        self._fail(remaining, error)
+        return results | dict.fromkeys(remaining)
+
+    def _start_attempt(self, terms: _Terms, keys: list[str], by_key: dict[str, dict], first: bool) -> None:
+        """Commit the intent to send `keys` (status 'pending', one more attempt) before sending.
+
+        On the first attempt of this process, a row that is already 'pending' counts as interrupted.
+        """
+        now = utc_now()
+        with self.transaction() as db:
+            if self._depth > 1:
+                raise RuntimeError("the call cache cannot run inside Ledger.transaction()")
+            _allowance(db, terms, need=len(keys))
+            db.executemany(
+                "INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'pending', 1, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET status = 'pending', attempts = calls.attempts + 1, "
+                "interrupted = calls.interrupted + (? AND calls.status = 'pending'), "
+                "round = coalesce(excluded.round, calls.round), updated_at = excluded.updated_at",
+                [(k, terms.caller, canonical_json(by_key[k]), terms.round, now, now, first) for k in keys],
+            )
+
+    def _finish(self, responses: dict[str, dict], price: float) -> None:
+        now = utc_now()
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE calls SET status = 'done', response = ?, error = NULL, price = ?, updated_at = ? "
+                "WHERE key = ?",
+                [(canonical_json(response), price, now, key) for key, response in responses.items()],
+            )
+
+    def _fail(self, keys: list[str], error: str) -> None:
+        now = utc_now()
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE calls SET status = 'failed', error = ?, updated_at = ? "
+                "WHERE key = ? AND status = 'pending'",
+                [(error, now, key) for key in keys],
+            )
+
+    def _done_responses(self, keys: Iterable[str]) -> dict[str, dict]:
+        results = {}
+        with self._read() as db:
+            for key in keys:
+                query = "SELECT response FROM calls WHERE key = ? AND status = 'done'"
+                row = db.execute(query, (key,)).fetchone()
+                if row is not None:
+                    results[key] = json.loads(row[0])
+        return results
+
+    @staticmethod
+    def _call_stats(db: sqlite3.Connection) -> list[dict]:
+        rows = db.execute(
+            "SELECT caller, round, count(*) FILTER (WHERE status = 'done') AS done, "
+            "count(*) FILTER (WHERE status = 'failed') AS failed, "
+            "count(*) FILTER (WHERE status = 'pending') AS pending, "
+            "sum(attempts) AS attempts, sum(interrupted) AS interrupted, sum(price) AS price "
+            "FROM calls GROUP BY caller, round ORDER BY caller, round"
+        ).fetchall()
+        return [dict(row) for row in rows]
+
+    @contextmanager
+    def _claim(self, keys: Iterable[str]) -> Iterator[None]:
+        """Hold `keys` for this thread; all at once, so two threads never wait on each other in a cycle."""
+        keys = set(keys)
+        with self._in_flight_changed:
+            self._in_flight_changed.wait_for(lambda: self._in_flight.isdisjoint(keys))
+            self._in_flight |= keys
+        try:
+            yield
+        finally:
+            with self._in_flight_changed:
+                self._in_flight -= keys
+                self._in_flight_changed.notify_all()
+
+
+_CALL_COLUMNS = ", ".join(f.name for f in fields(Call))
+
+
+def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:
+    """How many calls `terms.caller` may still send; raises `BudgetExhausted` if fewer than `need`."""
+    budget = terms.budget
+    if budget is None:
+        return sys.maxsize
+    query = "SELECT coalesce(sum(attempts), 0), coalesce(sum(price), 0) FROM calls WHERE caller = ?"
+    calls, spent = db.execute(query, (terms.caller,)).fetchone()
+    n = budget.allowance(calls, spent, terms.price)
+    if n < need:
+        raise BudgetExhausted(
+            f"budget of {terms.caller} spent: {calls} calls sent, price {spent:g} "
+            f"(max_calls={budget.max_calls}, max_price={budget.max_price})"
+        )
+    return n
+
+
+class CachedGenerator:
+    """A `Generator` whose images are cached in the ledger: each (prompt, seed) is paid for once.
+
+    The cache key is (generator id, prompt, seed), so the wrapped generator's `id` must change when a
+    setting that changes its images does (model, steps, size). Misses are sent in chunks of
+    `batch_size` (GPU models want batches), images are stored with `Ledger.put_image`, and the
+    response recorded is `{"image": path}`. `generate` returns None where a call failed after retries;
+    `round` (settable) tags new calls for `ledger stats`.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        ledger: Ledger,
+        *,
+        batch_size: int = 16,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        budget: CallBudget | None = None,
+        round: int | None = None,
+    ):
+        self.generator = generator
+        self.ledger = ledger
+        self.id = generator.id
+        self.batch_size = batch_size
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.budget = budget
+        self.round = round
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | None]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        responses = self.ledger.cached_calls(
+            self.id,
+            [{"prompt": prompt, "seed": int(seed)} for prompt, seed in zip(prompts, seeds)],
+            self._generate,
+            price=getattr(self.generator, "price_per_call", 0.0),
+            round=self.round,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            batch_size=self.batch_size,
+            budget=self.budget,
+        )
+        return [None if r is None else self.ledger.load_image(r["image"]) for r in responses]
+
+    def _generate(self, requests: list[dict]) -> list[dict | None]:
+        images = self.generator.generate([r["prompt"] for r in requests], [r["seed"] for r in requests])
+        return [None if image is None else {"image": self.ledger.put_image(image)} for image in images]
+
+
+class CachedJudge:
+    """A `Judge` whose verdicts are cached in the ledger: the same question about the same image is
+    asked once.
+
+    The key is (judge id, method, prompt, sha256 of each image's PNG bytes, the questions' text), so
+    the image part is the image's content address in the ledger. Each method returns None where the
+    judge failed after retries; callers skip that datum.
+    """
+
+    def __init__(
+        self,
+        judge: Judge,
+        ledger: Ledger,
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.5,
+        budget: CallBudget | None = None,
+        round: int | None = None,
+    ):
+        self.judge = judge
+        self.ledger = ledger
+        self.id = judge.id
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.budget = budget
+        self.round = round
+
+    def answer(self, image: Image.Image, prompt: str, questions: Sequence[Question]) -> list[bool] | None:
+        response = self._cached(
+            "answer", prompt, [image], questions,
+            lambda: {"answers": [bool(a) for a in self.judge.answer(image, prompt, questions)]},
+        )
+        return None if response is None else response["answers"]
+
+    def score(self, image: Image.Image, prompt: str) -> ImageScore | None:
+        response = self._cached(
+            "score", prompt, [image], (), lambda: self.judge.score(image, prompt).to_json()
+        )
+        return None if response is None else image_score_from_json(response)
+
+    def compare(self, image_a: Image.Image, image_b: Image.Image, prompt: str) -> Comparison | None:
+        response = self._cached(
+            "compare", prompt, [image_a, image_b], (),
+            lambda: asdict(self.judge.compare(image_a, image_b, prompt)),
+        )
+        return None if response is None else Comparison(**response)
+
+    def _cached(
+        self,
+        method: str,
+        prompt: str,
+        images: list[Image.Image],
+        questions: Sequence[Question],
+        call: Callable[[], dict],
+    ) -> dict | None:
+        request = {
+            "method": method,
+            "prompt": prompt,
+            "images": [encode_png(image)[1] for image in images],
+            "questions": [q.text for q in questions],
+        }
+        return self.ledger.cached_call(
+            self.id, request, call,
+            price=getattr(self.judge, "price_per_call", 0.0), round=self.round,
+            retries=self.retries, backoff_s=self.backoff_s, budget=self.budget,
+        )
+
+
+def image_score_from_json(data: dict) -> ImageScore:
+    """The inverse of `ImageScore.to_json` (a question's structured `check` is not kept)."""
+    answers = tuple(
+        Answer(Question(a["question"], a["skill"], tuple(a.get("parents", ()))), a["answer"])
+        for a in data["answers"]
+    )
+    return ImageScore(data["score"], answers)
+
+
+def encode_png(image: Image.Image) -> tuple[bytes, str]:
+    """PNG bytes of an image (as RGB) and their sha256, the image's content address.
+
+    Converting to RGB first means the same pixels always get the same address, whatever mode the
+    generator returned, and every image the ledger hands back is RGB.
+    """
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """One text per value (sorted keys, no spaces), so equal requests hash equal."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_key(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def where_clause(*pairs: tuple[str, Any]) -> tuple[str, list]:
+    """A WHERE clause from (condition, value) pairs, skipping those whose value is None."""
+    used = [(condition, value) for condition, value in pairs if value is not None]
+    if not used:
+        return "", []
+    return "WHERE " + " AND ".join(c for c, _ in used), [v for _, v in used]
+
+
+def from_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

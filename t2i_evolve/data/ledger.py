@@ -1,0 +1,456 @@
+"""The dataset ledger of a run: every record, image, change and paid call, in one folder.
+
+A run folder looks like this:
+
+    run_dir/ledger.sqlite                 records, ops, calls (SQLite, WAL mode)
+    run_dir/images/ab/ab12...ef.png       content-addressed PNGs (sha256 of the PNG bytes)
+
+Why SQLite: a recipe runs for hours, calls paid APIs and may be killed at any moment. One SQLite file
+gives atomic, durable commits (one transaction per change, `synchronous=FULL`, so a commit survives a
+power cut, not only a killed process), lets `ledger stats` read while a recipe writes (WAL), and needs
+no server. Images live next to it as files rather than blobs so that exports can copy them and users can
+look at them; they are content-addressed, so the same image is stored once, and a rerun that
+regenerates an image writes nothing new.
+
+Nothing is ever removed: deleting a record marks it 'deleted' and logs who deleted it, in which round
+and why, so the history of a dataset can be audited round by round (the `ops` table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from ..errors import UserError
+from .cache import CallCacheMixin, content_key, encode_png, from_json, utc_now, where_clause
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    prompt TEXT NOT NULL,
+    spec TEXT,
+    skills TEXT NOT NULL,
+    image_path TEXT,
+    generator TEXT NOT NULL,
+    seed INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('active', 'deleted')),
+    round INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    parent INTEGER REFERENCES records(id),
+    reason TEXT,
+    judge TEXT,
+    deleted_round INTEGER,
+    deleted_op TEXT,
+    deleted_reason TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX records_round ON records(round);
+CREATE TABLE ops (
+    id INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    record_id INTEGER NOT NULL REFERENCES records(id),
+    parent INTEGER,
+    reason TEXT,
+    at TEXT NOT NULL
+);
+CREATE INDEX ops_round ON ops(round);
+CREATE TABLE calls (
+    key TEXT PRIMARY KEY,
+    caller TEXT NOT NULL,
+    request TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+    response TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    price REAL NOT NULL DEFAULT 0,
+    round INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX calls_caller ON calls(caller);
+"""
+
+Status = Literal["active", "deleted"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One datum of the dataset: a prompt, usually an image, and where both came from.
+
+    `image_path` is relative to the run folder (`Ledger.load_image` reads it). `round` and `op` say
+    which step of which round created the record (`parent` is the record it was derived from, for
+    mutations); the `deleted_*` fields say the same for its deletion.
+    """
+
+    id: int
+    prompt: str
+    spec: Any
+    skills: tuple[str, ...]
+    image_path: str | None
+    generator: str
+    seed: int | None
+    status: Status
+    round: int
+    op: str
+    parent: int | None
+    reason: str | None
+    judge: dict | None
+    deleted_round: int | None
+    deleted_op: str | None
+    deleted_reason: str | None
+    created_at: str
+
+    @classmethod
+    def _from_row(cls, row: sqlite3.Row) -> Record:
+        return cls(**{
+            **dict(row),
+            "spec": from_json(row["spec"]),
+            "skills": tuple(json.loads(row["skills"])),
+            "judge": from_json(row["judge"]),
+        })
+
+
+_SELECT_RECORDS = f"SELECT {', '.join(f.name for f in fields(Record))} FROM records"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One logged change: a record created (`op` is how), deleted, or given a judge result."""
+
+    id: int
+    round: int
+    op: str
+    record_id: int
+    parent: int | None
+    reason: str | None
+    at: str
+
+
+class Ledger(CallCacheMixin):
+    """The dataset ledger of one run folder (created if missing, unless `create=False`).
+
+    Thread-safe: one SQLite connection behind a lock, so an async judge may record results from
+    several worker threads. Use one `Ledger` per process; SQLite serialises writers of several processes
+    but the call cache assumes that a 'pending' call of another process is a dead one.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, create: bool = True):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "ledger.sqlite"
+        if not self.path.exists():
+            if not create:
+                raise UserError(f"no ledger at {self.path}")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.row_factory = sqlite3.Row
+            self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(
+                    f"{self.path} has schema version {version}; this t2i-evolve reads up to "
+                    f"{SCHEMA_VERSION}, upgrade it"
+                )
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Group changes into one atomic commit: all of them survive a crash, or none does.
+
+        Every public method that writes runs in its own transaction; inside this block they join the
+        outer one instead (an import adds all its records or none). The call cache refuses to run inside
+        one, since its intent must be committed before a call goes out.
+        """
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    # Images.
+
+    def put_image(self, image: Image.Image) -> str:
+        """Store an image as PNG and return its path relative to the run folder.
+
+        Written with `write_atomically`, so a crash never leaves a half-written file under a final name.
+        An image that is already stored is not rewritten.
+        """
+        data, digest = encode_png(image)
+        rel_path = f"images/{digest[:2]}/{digest}.png"
+        final = self.run_dir / rel_path
+        if final.exists():
+            return rel_path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(final, data)
+        return rel_path
+
+    def load_image(self, rel_path: str) -> Image.Image:
+        """Read a stored image fully into memory, as RGB (the file is closed on return)."""
+        with Image.open(self.run_dir / rel_path) as image:
+            return image.convert("RGB")
+
+    # Records.
+
+    def add_record(
+        self,
+        *,
+        prompt: str,
+        generator: str,
+        seed: int | None = None,
+        image: Image.Image | None = None,
+        image_path: str | None = None,
+        spec: Any = None,
+        skills: Sequence[str] = (),
+        round: int = 0,
+        op: str = "seed",
+        parent: int | None = None,
+        reason: str | None = None,
+        judge: Any = None,
+    ) -> int:
+        """Add a record and return its id; adding the same datum again returns the existing id.
+
+        The same datum means the same generator, prompt, seed, round, op and image, so a round that is
+        rerun after a crash finds its records instead of duplicating them (the image is part of the
+        identity so that an import keeps two images captioned with the same prompt). `spec` and `judge`
+        are stored as JSON (objects with a `to_json()` method are converted with it).
+        """
+        if image is not None and image_path is not None:
+            raise ValueError("pass image or image_path, not both")
+        if image is not None:
+            image_path = self.put_image(image)
+        elif image_path is not None and not (self.run_dir / image_path).is_file():
+            raise FileNotFoundError(f"no image at {self.run_dir / image_path}")
+        seed = None if seed is None else int(seed)
+        key = content_key([generator, prompt, seed, round, op, image_path])
+        with self.transaction() as db:
+            row = db.execute("SELECT id FROM records WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                return row[0]
+            record_id = db.execute(
+                "INSERT INTO records (key, prompt, spec, skills, image_path, generator, seed, status, round, "
+                "op, parent, reason, judge, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+                (key, prompt, _dumps(spec), json.dumps(list(skills)), image_path, generator, seed,
+                 round, op, parent, reason, _dumps(judge), utc_now()),
+            ).lastrowid
+            self._log(db, round, op, record_id, parent, reason)
+            return record_id
+
+    def delete_record(
+        self, record_id: int, *, round: int, op: str = "delete", reason: str | None = None
+    ) -> bool:
+        """Mark a record deleted (it stays in the ledger). Returns False if it already was, so that a
+        rerun of a round does not log the deletion twice."""
+        with self.transaction() as db:
+            if _column(db, record_id, "status") == "deleted":
+                return False
+            db.execute(
+                "UPDATE records SET status = 'deleted', deleted_round = ?, deleted_op = ?, "
+                "deleted_reason = ? WHERE id = ?",
+                (round, op, reason, record_id),
+            )
+            self._log(db, round, op, record_id, None, reason)
+            return True
+
+    def set_judge(self, record_id: int, judge: Any, *, round: int | None = None) -> None:
+        """Attach a judge result (a dict, or an `ImageScore`) to a record, replacing any earlier one.
+
+        Logged as op 'judge' in `round` (by default the record's own round).
+        """
+        with self.transaction() as db:
+            record_round = _column(db, record_id, "round")
+            db.execute("UPDATE records SET judge = ? WHERE id = ?", (_dumps(judge), record_id))
+            self._log(db, record_round if round is None else round, "judge", record_id, None, None)
+
+    def record(self, record_id: int) -> Record:
+        with self._read() as db:
+            row = db.execute(f"{_SELECT_RECORDS} WHERE id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no record {record_id}")
+        return Record._from_row(row)
+
+    def records(
+        self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None
+    ) -> list[Record]:
+        """Records in id order; `None` for a filter means any. `round` is the round that created them."""
+        where, args = _record_filter(status, round, skill)
+        with self._read() as db:
+            rows = db.execute(f"{_SELECT_RECORDS} {where} ORDER BY id", args).fetchall()
+        return [Record._from_row(row) for row in rows]
+
+    def count(
+        self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None
+    ) -> int:
+        where, args = _record_filter(status, round, skill)
+        with self._read() as db:
+            return db.execute(f"SELECT count(*) FROM records {where}", args).fetchone()[0]
+
+    def ops(self, *, round: int | None = None, record_id: int | None = None) -> list[Op]:
+        """The change log, oldest first: what each round did to which record, and why."""
+        where, args = where_clause(("round = ?", round), ("record_id = ?", record_id))
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT id, round, op, record_id, parent, reason, at FROM ops {where} ORDER BY id", args
+            ).fetchall()
+        return [Op(**dict(row)) for row in rows]
+
+    def stats(self) -> dict:
+        """A JSON-serialisable summary, for `t2i-evolve ledger stats RUN --json`.
+
+        `ops` and `calls` are lists of rows rather than dicts keyed by round, so that rounds stay
+        integers through a JSON round trip.
+        """
+        with self._read() as db:
+            total, active = db.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'active') FROM records"
+            ).fetchone()
+            ops = db.execute(
+                "SELECT round, op, count(*) FROM ops GROUP BY round, op ORDER BY round, op"
+            ).fetchall()
+            skills = db.execute(
+                "SELECT s.value, r.status, count(*) FROM records r, json_each(r.skills) s "
+                "GROUP BY s.value, r.status ORDER BY s.value"
+            ).fetchall()
+            generators = db.execute(
+                "SELECT generator, status, count(*) FROM records "
+                "GROUP BY generator, status ORDER BY generator"
+            ).fetchall()
+            calls = self._call_stats(db)
+        return {
+            "records": {"total": total, "active": active, "deleted": total - active},
+            "ops": [{"round": r, "op": op, "count": n} for r, op, n in ops],
+            "skills": _by_status(skills),
+            "generators": _by_status(generators),
+            "calls": calls,
+            "interrupted_calls": sum(row["interrupted"] for row in calls),
+        }
+
+    @staticmethod
+    def _log(
+        db: sqlite3.Connection, round: int, op: str, record_id: int, parent: int | None, reason: str | None
+    ) -> None:
+        db.execute(
+            "INSERT INTO ops (round, op, record_id, parent, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (round, op, record_id, parent, reason, utc_now()),
+        )
+
+
+def _column(db: sqlite3.Connection, record_id: int, column: str) -> Any:
+    row = db.execute(f"SELECT {column} FROM records WHERE id = ?", (record_id,)).fetchone()
+    if row is None:
+        raise KeyError(f"no record {record_id}")
+    return row[0]
+
+
+def _record_filter(status: str | None, round: int | None, skill: str | None) -> tuple[str, list]:
+    return where_clause(
+        ("status = ?", status),
+        ("round = ?", round),
+        ("EXISTS (SELECT 1 FROM json_each(records.skills) WHERE value = ?)", skill),
+    )
+
+
+def _by_status(rows: list[tuple[str, str, int]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for name, status, n in rows:
+        counts.setdefault(name, {"active": 0, "deleted": 0})[status] = n
+    return counts
+
+
+def _dumps(value: Any) -> str | None:
+    if value is None:
+        return None
+    if hasattr(value, "to_json"):
+        value = value.to_json()
+    return json.dumps(value, ensure_ascii=False)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` holds either nothing or all of it, even after a crash.
+
+    The bytes go to a temporary file in the same folder (named `.<name>.<random>.tmp`, so nothing
+    mistakes it for the real file), are fsynced, and only then renamed over `path`; the folder is fsynced
+    too, so the rename itself survives a power cut.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX needs the directory itself fsynced; Windows cannot)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
