@@ -124,7 +124,9 @@ def gallery_eval(
         _print_json({"teachers": results})
         return
     skills = list(next(iter(results.values()))["skills"])
-    table = Table("teacher", "deficit", "score", *skills, title=f"{prompts} prompts, pixel judge")
+    table = Table(title=f"{prompts} prompts, pixel judge")
+    for name in ("teacher", "deficit", "score", *skills):
+        table.add_column(name, no_wrap=True)
     for tid, r in results.items():
         table.add_row(tid, r["deficit"] or "-", f"{r['score']:.3f}", *(f"{r['skills'][s]:.2f}" for s in skills))
     out.print(table)
