@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from t2i_evolve.errors import GrammarError
+from t2i_evolve.errors import GrammarError, UserError
 from t2i_evolve.world import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, parse, render, render_prompt
 from t2i_evolve.world.grammar import scene_skills
 from t2i_evolve.world.questions import answer_checks, dsg_answers, questions_for
@@ -120,3 +120,5 @@ def test_sampler_slice_and_skills():
     spatial = GrammarPrompts().sample(50, seed=0, skill="spatial")
     assert all("spatial" in scene_skills(parse(p)) for p in spatial)
     assert GrammarPrompts().sample(20, seed=5) == GrammarPrompts().sample(20, seed=5)
+    with pytest.raises(UserError, match="binding"):
+        GrammarPrompts(GrammarSlice(max_groups=1)).sample(5, seed=0, skill="binding")

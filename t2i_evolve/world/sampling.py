@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .grammar import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, render_prompt, scene_skills
 from .render import crowding
 
@@ -56,9 +57,11 @@ class GrammarPrompts:
 
     def sample(self, n: int, *, seed: int, skill: str | None = None) -> list[str]:
         rng = np.random.default_rng(seed)
-        prompts = []
-        while len(prompts) < n:
+        prompts: list[str] = []
+        for _ in range(1000 * max(n, 1)):
+            if len(prompts) == n:
+                return prompts
             scene = sample_scene(rng, self.slice)
             if skill is None or skill in scene_skills(scene):
                 prompts.append(render_prompt(scene))
-        return prompts
+        raise UserError(f"this grammar slice has (almost) no prompts that exercise {skill!r}: {self.slice}")
