@@ -132,6 +132,133 @@ def gallery_eval(
     out.print(table)
 
 
+@app.command("init-model")
+def init_model(
+    out_dir: Path,
+    seed: int = typer.Option(0, help="Initialisation seed."),
+    config: Optional[Path] = typer.Option(None, help="TinyModelConfig YAML."),
+):
+    """Write the tiny shapes-world model (random init) as a diffusers-style folder."""
+    from .models import TinyModelConfig, init_tiny_model
+
+    cfg = TinyModelConfig.from_yaml(config) if config else TinyModelConfig()
+    init_tiny_model(out_dir, cfg, seed=seed)
+    out.print(f"wrote {out_dir}")
+
+
+@app.command("train")
+def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
+    """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
+    from .data import Ledger
+    from .progress import progress_bar
+    from .train import TrainConfig, Trainer, TrainingSet
+
+    cfg = TrainConfig.from_yaml(config)
+    if cfg.data is None:
+        raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
+    data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))
+    trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
+    with progress_bar("training", cfg.steps) as advance:
+        advance(trainer.step)
+        last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
+    out.print(f"step {trainer.step}: {json.dumps(last)}; model in {Path(cfg.output_dir) / 'model'}")
+
+
+def _shapes_evaluator(model_path: str, prompts: int = 128):
+    """Held-out shapes-world prompts judged by the pixel judge (for `train`'s periodic evaluation)."""
+    from .eval import evaluate
+    from .judges import PixelJudge
+    from .models import Sampler
+    from .world import GrammarPrompts
+
+    texts = GrammarPrompts().sample(prompts, seed=987_654)
+    return lambda model, step: evaluate(Sampler(model), PixelJudge(), texts, seed=10_000).summary()
+
+
+@app.command("sample")
+def sample(
+    model: Path,
+    prompt: str,
+    out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
+    seed: int = typer.Option(0),
+    steps: int = typer.Option(20, help="Sampling steps."),
+    scheduler: str = typer.Option("ddim", help="ddim or dpm++."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
+):
+    """Draw one image of a prompt with a model folder."""
+    from .models import Sampler, SamplerConfig, T2IModel
+
+    cfg = SamplerConfig.from_dict({"scheduler": scheduler, "steps": steps, "guidance": guidance}, source="flags")
+    image = Sampler(T2IModel.from_pretrained(model), cfg).generate([prompt], [seed])[0]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_path)
+    out.print(f"wrote {out_path}")
+
+
+@app.command("eval")
+def eval_model(
+    model: Path,
+    prompts: int = typer.Option(128, help="Held-out grammar prompts."),
+    seed: int = typer.Option(0, help="Prompt seed."),
+    steps: int = typer.Option(20, help="Sampling steps."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Judge a model on held-out shapes-world prompts: overall and per-skill scores."""
+    from .eval import evaluate
+    from .judges import PixelJudge
+    from .models import Sampler, SamplerConfig, T2IModel
+    from .progress import progress_bar
+    from .world import GrammarPrompts
+
+    if prompts < 1:
+        raise UserError("--prompts must be at least 1")
+    texts = GrammarPrompts().sample(prompts, seed=seed)
+    sampler = Sampler(T2IModel.from_pretrained(model), SamplerConfig(steps=steps))
+    with progress_bar("judging", prompts) as advance:
+        summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
+    result = {"score": summary["score"], "skills": summary["skills"]}
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("skill", "score")
+    table.add_row("overall", f"{result['score']:.3f}")
+    for skill, value in result["skills"].items():
+        table.add_row(skill, f"{value:.3f}")
+    out.print(table)
+
+
+@app.command("demo")
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (rerun to resume)."),
+    minutes: float = typer.Option(9.0, help="Wall-clock budget of the whole demo."),
+    config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
+):
+    """Train the tiny model on strong-teacher data and judge it before and after (shapes world)."""
+    from .demo import DemoConfig, run_demo
+
+    base = DemoConfig.from_yaml(config) if config else DemoConfig()
+    cfg = base.model_copy(update={"output_dir": str(out_dir), "minutes": minutes})
+    summary = run_demo(DemoConfig.from_dict(cfg.model_dump(), source="demo flags"))
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"held-out judge score ({summary['eval_prompts']} prompts, slice {summary['slice']})")
+    for name in ("", "before", "after"):
+        table.add_column(name, no_wrap=True)
+    table.add_row("score", f"{summary['before']['score']:.3f}", f"{summary['after']['score']:.3f}")
+    for skill in summary["before"]["skills"]:
+        table.add_row(skill, f"{summary['before']['skills'][skill]:.3f}", f"{summary['after']['skills'][skill]:.3f}")
+    geneval = summary["after"].get("geneval") or {}
+    for task, value in geneval.get("tasks", {}).items():
+        table.add_row(f"GenEval {task}", "", f"{value:.3f}")
+    if geneval:
+        table.add_row("GenEval overall", "", f"{geneval['overall']:.3f}")
+    out.print(table)
+    out.print(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
+              f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
+
+
 def _open_ledger(run_dir: Path):
     from .data import Ledger
 

@@ -1,5 +1,7 @@
 import pytest
 
+from builders import build_tiny_sd
+
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
 
@@ -13,3 +15,17 @@ def prompts() -> list[str]:
 @pytest.fixture(scope="session")
 def judge() -> PixelJudge:
     return PixelJudge()
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    """A tiny random-init Stable-Diffusion-style model folder."""
+    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny shapes-world model folder, random init."""
+    from t2i_evolve.models import init_tiny_model
+
+    return init_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)

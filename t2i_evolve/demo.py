@@ -1,0 +1,163 @@
+"""`t2i-evolve demo`: the whole loop on the shapes world in a few minutes on a CPU.
+
+init the tiny model -> the strong teacher draws training data into a ledger -> sample held-out prompts
+(before) -> train -> sample them again (after) -> judge both -> run folder with config, ledger,
+checkpoints, metrics.jsonl, report.html and summary.json. Rerunning the same command resumes: teacher
+calls come from the ledger's cache and training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from .config import Config
+from .data import CachedGenerator, Ledger
+from .eval import ScoreBoard, evaluate, suite_prompts
+from .eval.report import image_grid, score_table, svg_curve, write_report
+from .judges import PixelJudge
+from .models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
+from .progress import progress_bar
+from .train import TrainConfig, Trainer, TrainingSet
+from .world import GrammarPrompts, GrammarSlice, ProceduralTeacher, parse, scene_skills
+from .world.suites import geneval_suite
+
+
+class DemoConfig(Config):
+    """The demo's settings; defaults chosen by measurement (benchmarks/learning_curve.py, RESULTS.md)."""
+
+    output_dir: str = "runs/demo"
+    minutes: float = Field(9.3, gt=0, description="Wall-clock budget of the whole demo; training gets the rest.")
+    min_groups: int = 1
+    max_groups: int = 2
+    p_size: float = Field(0.0, ge=0, le=1, description="Share of groups with a size word (0: none).")
+    train_images: int = Field(8000, ge=1)
+    eval_prompts: int = Field(160, ge=1)
+    geneval_scale: float = Field(0.5, ge=0, description="Share of GenEval's 553 prompts judged after training.")
+    seed: int = 0
+    model: TinyModelConfig = TinyModelConfig()
+    sampler: SamplerConfig = SamplerConfig(steps=10)
+    batch_size: int = 16
+    lr: float = 2e-3
+    snr_gamma: float | None = 5.0
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+
+    @property
+    def slice_name(self) -> str:
+        sizes = "no size words" if self.p_size == 0 else f"size words in {self.p_size:.0%} of groups"
+        return f"{self.min_groups}-{self.max_groups} groups, {sizes}"
+
+
+def run_demo(config: DemoConfig) -> dict:
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.yaml").write_text(config.to_yaml())
+    prompts_source = GrammarPrompts(GrammarSlice(min_groups=config.min_groups, max_groups=config.max_groups,
+                                                 p_size=config.p_size))
+    train_prompts = prompts_source.sample(config.train_images, seed=config.seed)
+    seen = set(train_prompts)
+    held_out = [p for p in prompts_source.sample(4 * config.eval_prompts, seed=config.seed + 1) if p not in seen]
+    held_out = held_out[: config.eval_prompts]
+
+    phases: dict[str, float] = {}
+    tick = time.perf_counter()
+    base = out / "base"
+    if not (base / "model_index.json").exists():
+        init_tiny_model(base, config.model, seed=config.seed)
+    ledger = Ledger(out)
+    _draw_teacher_data(ledger, train_prompts)
+    phases["teacher_data_s"], tick = time.perf_counter() - tick, time.perf_counter()
+    judge = PixelJudge()
+
+    before, before_grid = _judge_model(T2IModel.from_pretrained(base), judge, held_out, config, "before")
+    phases["eval_before_s"], tick = time.perf_counter() - tick, time.perf_counter()
+    # Training gets what is left once the evaluations after it are paid for (estimated from the one before).
+    n_geneval = round(553 * config.geneval_scale)
+    after_cost = phases["eval_before_s"] * (1 + n_geneval / len(held_out)) * 1.15 + 10
+    train_minutes = config.minutes - (time.perf_counter() - started + after_cost) / 60
+    train = TrainConfig(
+        model=str(base), output_dir=str(out), steps=1_000_000, batch_size=config.batch_size, lr=config.lr,
+        warmup_steps=config.warmup_steps, ema_decay=config.ema_decay, caption_dropout=config.caption_dropout,
+        snr_gamma=config.snr_gamma, checkpoint_every=500, log_every=5, seed=config.seed, tracker="none",
+        max_minutes=max(0.1, train_minutes),
+    )
+    trainer = Trainer(train, TrainingSet.from_ledger(ledger))
+    with progress_bar("training", None) as advance:
+        trainer.run(lambda step, m: advance(1, status=f"step {step} loss {m.get('loss', float('nan')):.4f}"))
+    phases["train_s"], tick = time.perf_counter() - tick, time.perf_counter()
+
+    after_model = T2IModel.from_pretrained(out / "model")
+    after, after_grid = _judge_model(after_model, judge, held_out, config, "after")
+    geneval = _geneval(after_model, judge, config)
+    phases["eval_after_s"] = time.perf_counter() - tick
+    summary = {
+        "before": before.summary(),
+        "after": {**after.summary(), "geneval": geneval},
+        "wall_s": time.perf_counter() - started,
+        "train_images": ledger.count(),
+        "train_steps": trainer.step,
+        "images_seen": trainer.step * config.batch_size,
+        "slice": config.slice_name,
+        "eval_prompts": len(held_out),
+        "phases": phases,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_report(out, held_out, before_grid, after_grid, summary)
+    return summary
+
+
+def _draw_teacher_data(ledger: Ledger, prompts: list[str]) -> None:
+    """The strong teacher draws every training prompt once; cached, so a rerun pays nothing again."""
+    teacher = CachedGenerator(ProceduralTeacher(), ledger, batch_size=64)
+    chunk = 256
+    with progress_bar("teacher data", len(prompts)) as advance:
+        for start in range(0, len(prompts), chunk):
+            batch = prompts[start : start + chunk]
+            seeds = list(range(start, start + len(batch)))
+            images = teacher.generate(batch, seeds)
+            with ledger.transaction():
+                for prompt, seed, image in zip(batch, seeds, images):
+                    if image is not None:
+                        scene = parse(prompt)
+                        ledger.add_record(prompt=prompt, generator=teacher.id, seed=seed, image=image,
+                                          spec=scene.to_json(), skills=scene_skills(scene))
+            advance(len(batch))
+
+
+def _judge_model(model: T2IModel, judge: PixelJudge, prompts: list[str], config: DemoConfig, label: str):
+    sampler = Sampler(model, config.sampler)
+    with progress_bar(f"judging {label}", len(prompts)) as advance:
+        board = evaluate(sampler, judge, prompts, seed=10_000, progress=advance)
+    shown = prompts[:16]
+    return board, sampler.generate(shown, list(range(10_000, 10_000 + len(shown))))
+
+
+def _geneval(model: T2IModel, judge: PixelJudge, config: DemoConfig) -> dict:
+    if config.geneval_scale <= 0:
+        return {}
+    prompts, tasks = suite_prompts(geneval_suite(seed=0, scale=config.geneval_scale))
+    with progress_bar("GenEval tasks", len(prompts)) as advance:
+        board: ScoreBoard = evaluate(Sampler(model, config.sampler), judge, prompts, seed=20_000, tasks=tasks,
+                                     progress=advance)
+    return board.summary()["geneval"]
+
+
+def _write_report(out: Path, prompts: list[str], before, after, summary: dict) -> None:
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    geneval = summary["after"].get("geneval") or {}
+    tasks = "".join(f"<tr><td>{t}</td><td>{v:.3f}</td></tr>" for t, v in geneval.get("tasks", {}).items())
+    write_report(out / "report.html", "t2i-evolve demo", [
+        ("Held-out prompts", image_grid(prompts, {"before": before, "after": after})),
+        ("Judge score per skill", score_table({"before": summary["before"], "after": summary["after"]})),
+        ("GenEval-style tasks (after)", f"<table>{tasks}<tr><td>overall</td>"
+                                        f"<td>{geneval.get('overall', 0):.3f}</td></tr></table>"),
+        ("Training loss", svg_curve(losses, label="step")),
+        ("Run", f"<pre>{json.dumps({k: v for k, v in summary.items() if k not in ('before', 'after')}, indent=2)}</pre>"),
+    ])

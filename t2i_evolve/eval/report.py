@@ -1,0 +1,71 @@
+"""A self-contained `report.html` for a run: sample grids, loss curve, judge scores per skill.
+
+No plotting library: the grid is inline PNGs, the curve an inline SVG, so the file opens anywhere and
+can be attached to an issue or a paper review as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+
+def png_data_uri(image: Image.Image, scale: int = 3) -> str:
+    buffer = io.BytesIO()
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def svg_curve(points: Sequence[tuple[float, float]], width: int = 520, height: int = 180, label: str = "") -> str:
+    """A line chart of (x, y) points with min/max labels."""
+    if len(points) < 2:
+        return "<p>(not enough points for a curve)</p>"
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 60) / ((x1 - x0) or 1)
+    sy = (height - 30) / ((y1 - y0) or 1)
+    path = " ".join(f"{50 + (x - x0) * sx:.1f},{10 + (y1 - y) * sy:.1f}" for x, y in points)
+    return (
+        f'<svg width="{width}" height="{height}" style="background:#fafafa">'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{path}"/>'
+        f'<text x="2" y="16" font-size="11">{y1:.3g}</text><text x="2" y="{height - 16}" font-size="11">{y0:.3g}</text>'
+        f'<text x="50" y="{height - 2}" font-size="11">{x0:g}</text>'
+        f'<text x="{width - 60}" y="{height - 2}" font-size="11">{x1:g} {html.escape(label)}</text></svg>'
+    )
+
+
+def score_table(columns: dict[str, dict]) -> str:
+    """Rows: overall score and every skill; columns: e.g. before / after."""
+    names = list(columns)
+    skills = list(next(iter(columns.values()))["skills"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = ["<tr><td>score (DSG)</td>" + "".join(f"<td>{columns[n]['score']:.3f}</td>" for n in names) + "</tr>"]
+    rows += ["<tr><td>" + s + "</td>" + "".join(f"<td>{columns[n]['skills'][s]:.3f}</td>" for n in names) + "</tr>"
+             for s in skills]
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
+def image_grid(prompts: Sequence[str], rows: dict[str, Sequence[Image.Image]], limit: int = 16) -> str:
+    """One column per prompt, one row per named image list (e.g. before / after / teacher)."""
+    cells = "".join(f"<th class='p'>{html.escape(p)}</th>" for p in prompts[:limit])
+    body = ""
+    for name, images in rows.items():
+        body += f"<tr><th>{html.escape(name)}</th>" + "".join(
+            f"<td><img src='{png_data_uri(im)}'></td>" for im in list(images)[:limit]) + "</tr>"
+    return f"<table class='grid'><tr><th></th>{cells}</tr>{body}</table>"
+
+
+def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
+    """Write an HTML page from (heading, html body) sections."""
+    style = ("body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px}"
+             "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 6px;font-size:12px}"
+             ".grid th.p{max-width:100px;font-weight:normal;font-size:10px}img{image-rendering:pixelated}")
+    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    return path

@@ -1,0 +1,320 @@
+"""`T2IModel`: the one adapter between the recipes and a diffusers-style text-to-image folder.
+
+Recipes never touch a UNet, a VAE or a tokenizer directly; they call `encode_prompts`, `encode_images`,
+`predict`, `decode` and `denoising_loss`. This class is therefore the only place that knows the
+architecture, so the tiny pixel-space model and a Stable Diffusion 1.x/2.x folder share every code path,
+and another family (SDXL, PixArt, SD3) later means another branch here, not changes in the recipes.
+
+Conventions: images are float tensors (B, 3, H, W) in [-1, 1]; "latents" are what the denoiser works
+on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Sequence
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from safetensors import SafetensorError
+
+from ..errors import UserError
+
+PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+"""The folder parts this adapter reads; other entries of model_index.json (a safety checker) are ignored."""
+OPTIONAL_PARTS: frozenset[str] = frozenset({"vae"})
+LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
+
+
+class PromptEmbeds(NamedTuple):
+    """A batch of encoded prompts: per-token states for cross-attention and one pooled vector each."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor  # (B, D), the state at the EOS token
+
+
+def _read_index(root: Path) -> dict[str, Any]:
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"not a model folder (no model_index.json): {root}")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{index_file}: bad JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{index_file}: expected a mapping of parts")
+    return index
+
+
+def _load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
+    """Load one part with the class model_index.json names for it; `None` for an absent optional part."""
+    if entry is None or list(entry) == [None, None]:
+        if name in OPTIONAL_PARTS:
+            return None
+        raise UserError(f"{root}: model_index.json has no {name!r}, which every model needs")
+    library, class_name = entry if isinstance(entry, list) and len(entry) == 2 else (None, entry)
+    cls = getattr(LIBRARIES.get(library), str(class_name), None)
+    if not isinstance(cls, type):
+        raise UserError(f"{root}: model_index.json names no known class for {name!r}: {entry}")
+    folder = root / name
+    if not folder.is_dir():
+        raise UserError(f"{root}: missing part {name!r} (no {name}/ folder)")
+    if name == "scheduler":
+        # Training always adds noise the DDPM way; the saved class (PNDM, DDIM, ...) only matters to
+        # sampling, and the sampler builds its own scheduler from this config.
+        cls = DDPMScheduler
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if issubclass(cls, torch.nn.Module):
+        if not any(folder.glob("*.safetensors")):
+            # Pickled weights (.bin, .pt) can run code when loaded, so they are never read.
+            raise UserError(f"{root}: {name}/ has no .safetensors weights (pickled .bin/.pt files are not loaded)")
+        kwargs.update(use_safetensors=True, dtype=dtype)
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{root}: cannot load {name} ({class_name}): {reason}") from None
+
+
+def _index_entry(part: Any) -> list[str | None]:
+    """The [library, class] pair model_index.json records for a part (or [null, null] for none)."""
+    if part is None:
+        return [None, None]
+    if type(part) is transformers.PreTrainedTokenizerFast:
+        # transformers 5 calls this class TokenizersBackend; the old name loads in 4.x and 5.x alike.
+        return ["transformers", "PreTrainedTokenizerFast"]
+    return [type(part).__module__.split(".")[0], type(part).__name__]
+
+
+class T2IModel:
+    """A text-to-image diffusion model: denoiser + text encoder + tokenizer + noise schedule (+ VAE).
+
+    `scheduler` is the training noise schedule (DDPM); its `config.prediction_type` says whether the
+    denoiser predicts the noise ("epsilon") or the velocity ("v_prediction"). `vae` is None for a
+    pixel-space model. The parts are plain diffusers/transformers modules, so LoRA (peft), EMA and
+    optimizers apply to them directly.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: transformers.PreTrainedModel,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        name: str = "t2i-model",
+        pipeline_class: str | None = None,
+    ):
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae = vae
+        self.name = name
+        self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else "StableDiffusionPipeline")
+        if vae is not None:
+            vae.requires_grad_(False)  # recipes tune the denoiser and the text encoder, never the VAE
+
+    # -- loading and saving --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+    ) -> "T2IModel":
+        """Load a diffusers-style folder (model_index.json + one subfolder per part), safetensors only."""
+        root = Path(path)
+        if not root.is_dir():
+            raise UserError(f"model folder not found: {root}")
+        if isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise UserError(f"unknown dtype {dtype!r} (try float32, bfloat16, float16)")
+            dtype = getattr(torch, dtype)
+        index = _read_index(root)
+        if "unet" not in index and "transformer" in index:
+            raise UserError(f"{root}: transformer-based models (PixArt, SD3, ...) are not supported yet")
+        parts = {name: _load_part(root, name, index.get(name), dtype) for name in PARTS}
+        if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
+            # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
+            # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
+            parts["scheduler"] = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False)
+        name = root.resolve().name
+        return cls(**parts, name=name, pipeline_class=index.get("_class_name")).to(device)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
+        for name in PARTS:
+            part = getattr(self, name)
+            index[name] = _index_entry(part)
+            if isinstance(part, diffusers.ModelMixin):
+                part.save_pretrained(root / name, safe_serialization=True)
+            elif part is not None:
+                part.save_pretrained(root / name)  # transformers writes safetensors by default
+        (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return root
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "T2IModel":
+        # Only name what changes: diffusers 0.42 warns on any `dtype=` keyword, even `dtype=None`.
+        kwargs = {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
+        for module in self.modules():
+            module.to(**kwargs)
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.text_encoder, self.vae) if m is not None]
+
+    def trainable_parts(self) -> dict[str, torch.nn.Module]:
+        """The parts recipes may tune (full fine-tuning or LoRA); the VAE stays frozen."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    # -- shapes ---------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent along each side: 1 in pixel space, 8 for Stable Diffusion's VAE."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image side the model was built for."""
+        return self.unet.config.sample_size * self.latent_scale
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        side = (resolution or self.resolution) // self.latent_scale
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    # -- text -----------------------------------------------------------------------------------------
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt: the tokenizer's limit, capped by the text encoder's positions."""
+        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids (B, max_length), always padded to the full length.
+
+        Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
+        (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs.
+        """
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        return tokens.input_ids.to(self.device)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def encode_tokens(self, input_ids: torch.Tensor) -> PromptEmbeds:
+        """Token ids from `tokenize` -> embeddings (trainers tokenize once and edit ids, e.g. for dropout)."""
+        out = self.text_encoder(input_ids.to(self.device))
+        return PromptEmbeds(out.last_hidden_state, out.pooler_output)
+
+    def encode_empty(self, n: int) -> PromptEmbeds:
+        """The unconditional embedding for classifier-free guidance and caption dropout: the empty prompt."""
+        return self.encode_prompts([""] * n)
+
+    # -- images ---------------------------------------------------------------------------------------
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> latents (the VAE posterior mean, scaled to unit variance)."""
+        pixels = pixels.to(self.device)
+        if self.vae is None:
+            return pixels
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels, nominally in [-1, 1] (not clamped, so gradients pass everywhere)."""
+        if self.vae is None:
+            return latents
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents).sample
+
+    # -- denoising ------------------------------------------------------------------------------------
+
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds) -> torch.Tensor:
+        """The denoiser's output for noisy latents at timestep(s) `t` (noise or velocity, see prediction_type)."""
+        class_labels = text.pooled.to(self.dtype) if self.unet.config.class_embed_type == "projection" else None
+        return self.unet(
+            noisy.to(self.dtype), t, encoder_hidden_states=text.hidden.to(self.dtype), class_labels=class_labels
+        ).sample
+
+    def denoising_loss(
+        self,
+        latents: torch.Tensor,
+        text: PromptEmbeds,
+        generator: torch.Generator | None = None,
+        reduction: Literal["mean", "none"] = "mean",
+        snr_gamma: float | None = None,
+    ) -> torch.Tensor:
+        """The standard diffusion loss: noise clean latents at random timesteps, regress the target.
+
+        The target follows the schedule's prediction type. `reduction="none"` gives one loss per image,
+        for recipes that weight samples (e.g. by reward).
+        """
+        where = generator.device if generator is not None else latents.device  # draw where the generator lives
+        noise = torch.randn(latents.shape, generator=generator, device=where).to(latents)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=where).to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, t)
+        else:
+            target = latents
+        loss = F.mse_loss(self.predict(noisy, t, text).float(), target.float(), reduction="none")
+        loss = loss.flatten(1).mean(1)
+        if snr_gamma is not None:
+            loss = loss * self._min_snr_weight(t, snr_gamma)
+        return loss.mean() if reduction == "mean" else loss
+
+    def _min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al., 2023): cap the weight of easy, low-noise timesteps.
+
+        Expressed for the schedule's own target, so it is the same weighting of the x0 error whether the
+        model predicts noise (min(snr, g) / snr) or velocity (min(snr, g) / (snr + 1)).
+        """
+        alphas = self.scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alphas / (1 - alphas)
+        capped = torch.clamp(snr, max=gamma)
+        if self.prediction_type == "epsilon":
+            return capped / snr
+        if self.prediction_type == "v_prediction":
+            return capped / (snr + 1)
+        return capped
+
+
+def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images -> float tensor (B, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> RGB PIL images (values outside the range are clipped)."""
+    array = ((pixels.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return [Image.fromarray(a) for a in array.permute(0, 2, 3, 1).cpu().numpy()]

@@ -1,0 +1,167 @@
+"""A tiny text-to-image model for the shapes world, made of ordinary Hugging Face parts.
+
+It is small enough to train from random init on two CPU cores in minutes (see SHAPES-MODEL.md for the
+measurements behind every default), yet it is a real `UNet2DConditionModel` + `CLIPTextModel` +
+tokenizer + `DDPMScheduler` folder, so every recipe runs unchanged on a Stable-Diffusion-style model.
+
+Differences from Stable Diffusion, each for speed or for a word-level vocabulary:
+- pixel space: no VAE, the UNet denoises 32x32 RGB directly (`model_index.json` says `vae: [null, null]`);
+- a word-level tokenizer over the grammar's words, so one word is one token;
+- the pooled text embedding also enters the UNet as a class embedding (`class_embed_type="projection"`):
+  measured to learn colours and shapes much faster than cross-attention alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from pydantic import model_validator
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from ..config import Config
+from ..errors import UserError
+from ..world.grammar import COLORS, COUNT_WORDS, MAX_GROUPS, RELATIONS, SHAPES, SIZES
+from .t2i_model import T2IModel
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>")
+"""Ids 0-3. EOS must not be 2: `CLIPTextModel` then pools at the largest token id instead of at EOS."""
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+
+
+def grammar_words() -> list[str]:
+    """Every word the shapes grammar can write, plus the punctuation its parser tolerates."""
+    links = ["and"] + [word for relation in RELATIONS for word in relation.split()]
+    words = [*COUNT_WORDS, *SIZES, *COLORS, *SHAPES, *(s + "s" for s in SHAPES), *links, ",", "."]
+    return list(dict.fromkeys(words))
+
+
+def longest_prompt_tokens() -> int:
+    """Tokens in the longest grammar prompt, BOS and EOS included.
+
+    Every group is at most four words (count, size, colour, shape) and every link at most two ("left of").
+    """
+    link_words = max(len(link.split()) for link in ("and", *RELATIONS))
+    return MAX_GROUPS * 4 + (MAX_GROUPS - 1) * link_words + 2
+
+
+def build_tokenizer(max_length: int = longest_prompt_tokens()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: lowercase, split on whitespace and punctuation, wrap in BOS ... EOS."""
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *grammar_words()])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", BOS_ID), ("<eos>", EOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        model_max_length=max_length,
+    )
+
+
+class TinyModelConfig(Config):
+    """Architecture and noise schedule of the tiny shapes-world model.
+
+    `attention_head_dim` follows diffusers' historical naming: in `UNet2DConditionModel` it sets the
+    number of heads, not their width. `norm_num_groups` must divide every channel count.
+    """
+
+    resolution: int = 32
+    # Measured (benchmarks/learning_curve.py): narrower at 32x32 and cross-attention at 16x16 and 8x8
+    # learns more per image than (32, 64, 64) with attention at 8x8 only, and runs faster on a CPU.
+    block_out_channels: tuple[int, ...] = (32, 32, 64)
+    layers_per_block: int = 1
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    attention_head_dim: int = 4
+    norm_num_groups: int = 8
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate_size: int = 256
+    max_length: int = longest_prompt_tokens()
+    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "TinyModelConfig":
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError("down_block_types needs one entry per block_out_channels entry")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry")
+        if self.text_hidden_size % self.text_heads:
+            raise ValueError("text_heads must divide text_hidden_size")
+        if self.max_length < longest_prompt_tokens():
+            raise ValueError(f"max_length must be at least {longest_prompt_tokens()} (the longest grammar prompt)")
+        downsamples = len(self.block_out_channels) - 1
+        if self.resolution % 2**downsamples:
+            raise ValueError(f"resolution must be a multiple of {2**downsamples}")
+        return self
+
+    @property
+    def up_block_types(self) -> tuple[str, ...]:
+        """The down blocks mirrored: the UNet's decoder walks the resolutions back up."""
+        return tuple(name.replace("Down", "Up") for name in reversed(self.down_block_types))
+
+
+def tiny_model(config: TinyModelConfig = TinyModelConfig(), seed: int = 0) -> T2IModel:
+    """A randomly initialised tiny model in memory; the same seed gives the same weights."""
+    tokenizer = build_tokenizer(config.max_length)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_hidden_size,
+        intermediate_size=config.text_intermediate_size,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=config.max_length,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=config.resolution,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=config.block_out_channels,
+            layers_per_block=config.layers_per_block,
+            down_block_types=config.down_block_types,
+            up_block_types=config.up_block_types,
+            attention_head_dim=config.attention_head_dim,
+            norm_num_groups=config.norm_num_groups,
+            cross_attention_dim=config.text_hidden_size,
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=config.text_hidden_size,
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        clip_sample=True,  # pixels live in [-1, 1], so clipping predicted images there is exact
+    )
+    return T2IModel(unet, text_encoder, tokenizer, scheduler, vae=None, name="tiny-shapes")
+
+
+def init_tiny_model(
+    path: str | Path, config: TinyModelConfig = TinyModelConfig(), seed: int = 0, overwrite: bool = False
+) -> Path:
+    """Write a randomly initialised tiny model as a diffusers-style folder and return its path.
+
+    Refuses to write into a non-empty folder unless `overwrite`, so a trained model is never replaced
+    by noise by accident.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} is not empty; pick a new folder or pass overwrite")
+    tiny_model(config, seed).save_pretrained(path)
+    return path

@@ -1,0 +1,7 @@
+"""Training: denoising fine-tuning through accelerate, with exact resume, EMA and LoRA."""
+
+from .data import TrainingSet, batch_indices
+from .lora import LoraSettings
+from .trainer import TrainConfig, Trainer
+
+__all__ = ["LoraSettings", "TrainConfig", "Trainer", "TrainingSet", "batch_indices"]

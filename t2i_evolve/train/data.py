@@ -1,0 +1,70 @@
+"""Training data for denoising fine-tuning: prompts + images, with batches that are a pure function of the step.
+
+Batches come from `batch_indices(step, ...)`, not from a stateful iterator: the position in the data is
+the step number, so a run resumed from a checkpoint sees exactly the batches it would have seen, and
+processes of a multi-GPU run take disjoint slices by their rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+
+
+@dataclass
+class TrainingSet:
+    """Prompts and their images, held as uint8 (N, 3, H, W) so a few thousand images cost little memory."""
+
+    prompts: list[str]
+    images: torch.Tensor
+
+    def __post_init__(self):
+        if len(self.prompts) == 0:
+            raise UserError("the training set is empty")
+        if len(self.prompts) != len(self.images):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @classmethod
+    def from_images(cls, prompts: Sequence[str], images: Sequence[Image.Image]) -> "TrainingSet":
+        sizes = {image.size for image in images}
+        if len(sizes) > 1:
+            raise UserError(f"training images differ in size: {sorted(sizes)[:3]}; resize them first")
+        array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
+        return cls(list(prompts), torch.from_numpy(array).permute(0, 3, 1, 2).contiguous())
+
+    @classmethod
+    def from_ledger(cls, ledger, status: str = "active") -> "TrainingSet":
+        """The records of a ledger (active ones by default) that have an image."""
+        records = [r for r in ledger.records(status) if r.image_path]
+        if not records:
+            raise UserError(f"no {status} records with images in the ledger at {ledger.run_dir}")
+        return cls.from_images([r.prompt for r in records], [ledger.load_image(r.image_path) for r in records])
+
+    def pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images at `indices` as float pixels in [-1, 1]."""
+        return self.images[indices].float() / 127.5 - 1.0
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(position: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the batch starting at `position` (counted in examples) in a reshuffled-per-epoch stream."""
+    positions = torch.arange(position, position + batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        mask = positions // n == epoch
+        out[mask] = _epoch_order(n, seed, epoch)[positions[mask] % n]
+    return out

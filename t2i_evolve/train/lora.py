@@ -1,0 +1,62 @@
+"""LoRA adapters through peft, and folding them back into plain weights for saving."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from pydantic import Field
+
+from ..config import Config
+from ..models import T2IModel
+
+DEFAULT_TARGETS = {
+    "unet": ["to_q", "to_k", "to_v", "to_out.0"],  # attention projections, as SELMA tunes them
+    "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+
+class LoraSettings(Config):
+    rank: int = Field(16, ge=1)
+    alpha: float | None = Field(None, description="Scale numerator; defaults to the rank (scale 1).")
+    unet_targets: list[str] = DEFAULT_TARGETS["unet"]
+    text_encoder_targets: list[str] = DEFAULT_TARGETS["text_encoder"]
+
+
+def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str) -> None:
+    """Inject an adapter into `module` (a diffusers UNet or a transformers text encoder); only it trains."""
+    targets = settings.unet_targets if part == "unet" else settings.text_encoder_targets
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
+                        target_modules=targets, init_lora_weights="gaussian")
+    module.add_adapter(config)
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights with its LoRA deltas added in, under the names of the plain module.
+
+    Computed beside the live weights (merge-then-unmerge in place would leave rounding in them).
+    """
+    state = {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}
+    for name, layer in module.named_modules():
+        if isinstance(layer, BaseTunerLayer):
+            for adapter in layer.active_adapters:
+                state[f"{name}.base_layer.weight"] += layer.get_delta_weight(adapter).to(state[f"{name}.base_layer.weight"])
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
+
+
+def has_lora(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def merged_copy(model: T2IModel) -> T2IModel:
+    """`model` itself when it has no adapters; otherwise a copy with plain modules and merged weights."""
+    if not (has_lora(model.unet) or has_lora(model.text_encoder)):
+        return model
+    unet = type(model.unet).from_config(model.unet.config)
+    unet.load_state_dict(merged_state_dict(model.unet))
+    text_encoder = type(model.text_encoder)(model.text_encoder.config)
+    text_encoder.load_state_dict(merged_state_dict(model.text_encoder))
+    return T2IModel(unet, text_encoder, model.tokenizer, model.scheduler, model.vae,
+                    name=model.name, pipeline_class=model.pipeline_class)

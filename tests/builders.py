@@ -1,0 +1,56 @@
+"""Model folders built from configs in temp dirs, shared by tests (no hub, no downloads)."""
+
+import json
+import string
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+
+def _write_clip_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters: no merges, every word spelled out."""
+    folder.mkdir(parents=True)
+    words = list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    vocab = {w: i for i, w in enumerate(words + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 24}))
+    return vocab
+
+
+def build_tiny_sd(root):
+    """A random-init Stable-Diffusion-style folder (UNet, VAE, CLIP text encoder and tokenizer, scheduler)."""
+    vocab = _write_clip_tokenizer(root / "tokenizer")
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    CLIPTextModel(text_config).save_pretrained(root / "text_encoder")
+    AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
+    ).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ).save_pretrained(root / "unet")
+    PNDMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True, steps_offset=1,
+        set_alpha_to_one=False,
+    ).save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root

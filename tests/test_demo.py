@@ -1,0 +1,57 @@
+"""The demo's run folder and the model commands, at a tiny budget (the real demo is timed in RESULTS.md)."""
+
+import json
+
+import yaml
+
+from t2i_evolve.cli import main
+from t2i_evolve.data import Ledger
+from t2i_evolve.demo import DemoConfig, run_demo
+
+
+def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
+    config = DemoConfig(output_dir=str(tmp_path / "demo"), minutes=0.05, train_images=48, eval_prompts=6,
+                        geneval_scale=0.02)
+    summary = run_demo(config)
+    out = tmp_path / "demo"
+    for name in ("demo.yaml", "config.yaml", "ledger.sqlite", "metrics.jsonl", "report.html", "summary.json"):
+        assert (out / name).exists(), name
+    assert list((out / "checkpoints").glob("step-*")) and (out / "model" / "model_index.json").exists()
+    assert set(summary) >= {"before", "after", "wall_s", "train_images", "slice", "phases"}
+    assert set(summary["after"]["skills"]) == {"color", "shape", "count", "spatial", "binding", "size"}
+    assert set(summary["after"]["geneval"]["tasks"]) == {"single_object", "two_object", "counting", "colors",
+                                                         "position", "color_attr"}
+    assert summary["train_images"] == 48 and summary["slice"] == "1-2 groups, no size words"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    html = (out / "report.html").read_text()
+    assert html.count("<img") >= 12 and "<svg" in html and "GenEval" in html
+
+    calls = Ledger(out).stats()["calls"]
+    run_demo(config)  # rerun: teacher images come from the ledger's cache, training resumes
+    assert Ledger(out).stats()["calls"] == calls
+
+
+def test_model_commands(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["init-model", str(model)]) == 0
+    assert main(["sample", str(model), "two red circles", "--out", str(tmp_path / "x.png"), "--steps", "2"]) == 0
+    assert (tmp_path / "x.png").exists()
+    capsys.readouterr()
+    assert main(["eval", str(model), "--prompts", "4", "--steps", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"score", "skills"} and 0 <= result["score"] <= 1
+    assert main(["sample", str(tmp_path / "nowhere"), "a red circle", "--out", str(tmp_path / "y.png")]) == 2
+
+
+def test_train_command_from_yaml(tmp_path, capsys):
+    run = tmp_path / "run"
+    demo = DemoConfig(output_dir=str(run), minutes=0.02, train_images=16, eval_prompts=4, geneval_scale=0)
+    run_demo(demo)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": str(run / "base"), "data": str(run), "output_dir": str(tmp_path / "t"),
+                                      "steps": 2, "batch_size": 4, "tracker": "none"}))
+    assert main(["train", "--config", str(config)]) == 0
+    assert (tmp_path / "t" / "model" / "model_index.json").exists()
+    config.write_text("model: x\nsteps: lots\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "field 'steps'" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i_evolve.errors import UserError
+from t2i_evolve.eval import evaluate
+from t2i_evolve.judges import PixelJudge
+from t2i_evolve.models import Sampler, SamplerConfig, T2IModel
+from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet, batch_indices
+from t2i_evolve.world import GrammarPrompts, GrammarSlice, ProceduralTeacher
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import train_worker  # noqa: E402
+
+
+def _teacher_set(n: int, seed: int, slice_=GrammarSlice()) -> TrainingSet:
+    prompts = GrammarPrompts(slice_).sample(n, seed=seed)
+    return TrainingSet.from_images(prompts, ProceduralTeacher().generate(prompts, list(range(n))))
+
+
+def test_batches_are_a_function_of_position():
+    a = batch_indices(40, 16, 50, seed=3)
+    assert torch.equal(a, batch_indices(40, 16, 50, seed=3))
+    epoch = torch.cat([batch_indices(p, 10, 50, seed=3) for p in range(0, 50, 10)])
+    assert sorted(epoch.tolist()) == list(range(50))  # one epoch sees every example once
+    assert not torch.equal(epoch, torch.cat([batch_indices(p, 10, 50, seed=3) for p in range(50, 100, 10)]))
+
+
+def test_loss_falls_and_judge_score_rises(tiny_dir, tmp_path):
+    """A short run on strong-teacher data: the loss falls and the pixel judge sees the prompt drawn.
+
+    One prompt, so a couple of thousand images suffice on a CPU (the whole grammar needs tens of
+    thousands: the demo and benchmarks/learning_curve.py measure that); judged on seeds never trained on.
+    """
+    prompts = ["a red circle"] * 256
+    data = TrainingSet.from_images(prompts, ProceduralTeacher().generate(prompts, list(range(len(prompts)))))
+    held_out = ["a red circle"] * 16
+    judge, sampling = PixelJudge(), SamplerConfig(steps=10)
+
+    def score(model_dir):
+        return evaluate(Sampler(T2IModel.from_pretrained(model_dir), sampling), judge, held_out, seed=5000).summary()
+
+    before = score(tiny_dir)
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=120, batch_size=16, lr=3e-3,
+                         snr_gamma=5.0, ema_decay=None, warmup_steps=10, log_every=10, checkpoint_every=1000,
+                         tracker="none")
+    Trainer(config, data).run()
+    losses = [m["loss"] for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert losses[-1] < 0.6 * losses[0]
+    after = score(tmp_path / "model")
+    assert after["score"] >= before["score"] + 0.3, (before, after)
+    assert after["skills"]["color"] > before["skills"]["color"]
+
+
+def _start(tiny_dir, out: Path, steps: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # two trainers share two cores: one thread each, no oversubscription
+    return subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), str(tiny_dir), str(out), str(steps)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_and_resume_give_the_same_weights(tiny_dir, tmp_path):
+    steps = 10
+    straight = _start(tiny_dir, tmp_path / "straight", steps)
+    killed = _start(tiny_dir, tmp_path / "killed", steps)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "killed" / "checkpoints" / "step-0000006").exists():
+        assert killed.poll() is None, killed.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    resumed = _start(tiny_dir, tmp_path / "killed", steps)
+    for process in (straight, resumed):
+        _, err = process.communicate(timeout=180)
+        assert process.returncode == 0, err
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / "model" / part), load_file(tmp_path / "killed" / "model" / part)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))  # lines after the checkpoint were dropped, then rewritten
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
+    data = _teacher_set(16, seed=2)
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=2, batch_size=4,
+                         checkpoint_every=1, tracker="none")
+    Trainer(config, data).run()
+    (tmp_path / "checkpoints" / "step-0000002" / "model.safetensors").write_bytes(b"not a safetensors file")
+    more = config.model_copy(update={"steps": 4})
+    with pytest.raises(UserError, match="cannot resume from checkpoint .*step-0000002"):
+        Trainer(more, data).run()
+
+
+def test_lora_trains_only_the_adapters_and_saves_merged_weights(tiny_dir, tmp_path):
+    base = T2IModel.from_pretrained(tiny_dir)
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-2,
+                         warmup_steps=0, train_text_encoder=False, lora=LoraSettings(rank=4), ema_decay=None,
+                         tracker="none")
+    trainer = Trainer(config, _teacher_set(16, seed=3))
+    trainable = {n for n, p in trainer.model.unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.run()
+    unet = trainer.model.unet
+    for name, param in base.unet.named_parameters():
+        wrapped = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        tuned = dict(unet.named_parameters()).get(name, dict(unet.named_parameters()).get(wrapped))
+        assert torch.equal(param, tuned), name  # base weights untouched
+    assert any(p.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_B" in n)
+    saved = T2IModel.from_pretrained(tmp_path / "model")
+    changed = [n for n, p in saved.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])]
+    assert changed and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out")) for n in changed)
+    assert all(torch.equal(a, b) for a, b in zip(saved.text_encoder.parameters(), base.text_encoder.parameters()))
+
+
+def test_stable_diffusion_style_folder_trains(sd_dir, tmp_path):
+    config = TrainConfig(model=str(sd_dir), output_dir=str(tmp_path), steps=3, batch_size=4, warmup_steps=0,
+                         lr=1e-3, checkpoint_every=2, tracker="none")
+    Trainer(config, _teacher_set(8, seed=4), evaluate=lambda model, step: {"score": 0.5}).run()
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1] == {"step": 3, "eval": {"score": 0.5}}
+    model = T2IModel.from_pretrained(tmp_path / "model")
+    assert model.vae is not None
+    assert Sampler(model, SamplerConfig(steps=2)).generate(["a red circle"], [0])[0].size == (32, 32)
+
+
+def test_nothing_to_train_is_an_error(tiny_dir, tmp_path):
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), train_unet=False, train_text_encoder=False)
+    with pytest.raises(UserError, match="nothing to train"):
+        Trainer(config, _teacher_set(4, seed=5))
