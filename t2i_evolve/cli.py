@@ -247,8 +247,13 @@ def demo(
     for name in ("", "before", "after"):
         table.add_column(name, no_wrap=True)
     table.add_row("score", f"{summary['before']['score']:.3f}", f"{summary['after']['score']:.3f}")
+    def cell(side: dict, skill: str) -> str:
+        # A skill score over a handful of questions (an untrained model rarely draws the parents) means little.
+        asked = side["asked"][skill]
+        return f"{side['skills'][skill]:.3f}" if asked >= 20 else f"- ({asked} asked)"
+
     for skill in summary["before"]["skills"]:
-        table.add_row(skill, f"{summary['before']['skills'][skill]:.3f}", f"{summary['after']['skills'][skill]:.3f}")
+        table.add_row(skill, cell(summary["before"], skill), cell(summary["after"], skill))
     geneval = summary["after"].get("geneval") or {}
     for task, value in geneval.get("tasks", {}).items():
         table.add_row(f"GenEval {task}", "", f"{value:.3f}")

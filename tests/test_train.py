@@ -127,7 +127,7 @@ def test_lora_trains_only_the_adapters_and_saves_merged_weights(tiny_dir, tmp_pa
 
 def test_stable_diffusion_style_folder_trains(sd_dir, tmp_path):
     config = TrainConfig(model=str(sd_dir), output_dir=str(tmp_path), steps=3, batch_size=4, warmup_steps=0,
-                         lr=1e-3, checkpoint_every=2, tracker="none")
+                         lr=1e-3, checkpoint_every=2, gradient_checkpointing=True, tracker="none")
     Trainer(config, _teacher_set(8, seed=4), evaluate=lambda model, step: {"score": 0.5}).run()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1] == {"step": 3, "eval": {"score": 0.5}}

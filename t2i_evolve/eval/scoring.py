@@ -47,6 +47,7 @@ class ScoreBoard:
         out = {
             "score": sum(self.scores) / len(self.scores) if self.scores else 0.0,
             "skills": self.skills(),
+            "asked": {s: self.skill_asked[s] for s in SKILLS},
             "images": len(self.scores),
         }
         if self.task_passes:

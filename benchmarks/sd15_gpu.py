@@ -1,0 +1,132 @@
+"""Real sizes on a GPU: a random-init Stable-Diffusion-1.5-shaped folder through our model, trainer and sampler.
+
+Builds the folder from configs (UNet 860M with SD1.5's block layout, CLIP ViT-L/14-sized text encoder, SD's
+VAE, a letter-level CLIP tokenizer since no vocabulary can be downloaded), saves it as safetensors, then times
+what the recipes do: denoising training steps through `Trainer` (bf16 autocast, gradient checkpointing),
+sampling through `Sampler`, and a reward-style backward through the last K sampling steps.
+
+    python benchmarks/sd15_gpu.py [--resolution 512] [--batch 8] [--steps 10] [--json]
+    python benchmarks/sd15_gpu.py --small    # a CPU-sized smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from builders import _write_clip_tokenizer  # noqa: E402  (the letter-level CLIP tokenizer of the tests)
+
+from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, sample_pixels  # noqa: E402
+from t2i_evolve.train import TrainConfig, Trainer, TrainingSet  # noqa: E402
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher  # noqa: E402
+
+
+def build_sd15(root: Path, small: bool) -> None:
+    vocab = _write_clip_tokenizer(root / "tokenizer")
+    hidden = 64 if small else 768
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2 if small else 12,
+        num_attention_heads=4 if small else 12, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    )).save_pretrained(root / "text_encoder")
+    channels = (32, 32, 64, 64) if small else (128, 256, 512, 512)
+    AutoencoderKL(
+        block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+        norm_num_groups=32,
+    ).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=hidden, attention_head_dim=8,
+        block_out_channels=(32, 64, 64, 64) if small else (320, 640, 1280, 1280), norm_num_groups=32,
+    ).save_pretrained(root / "unet")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+    }))
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.small:
+        args.resolution, args.batch, args.steps = 64, 2, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                     "resolution": args.resolution, "batch": args.batch}
+    prompts = GrammarPrompts().sample(64, seed=0)
+    images = [im.resize((args.resolution, args.resolution)) for im in ProceduralTeacher().generate(prompts, range(64))]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "sd15"
+        build_sd15(root, args.small)
+        model = T2IModel.from_pretrained(root)
+        results["unet_params_m"] = sum(p.numel() for p in model.unet.parameters()) / 1e6
+        results["text_params_m"] = sum(p.numel() for p in model.text_encoder.parameters()) / 1e6
+        del model
+        data = TrainingSet.from_images(prompts, images)
+        precision = "bf16" if device.type == "cuda" else "no"
+        for checkpointing in (False, True):
+            config = TrainConfig(model=str(root), output_dir=f"{tmp}/run{int(checkpointing)}", steps=args.steps + 2,
+                                 batch_size=args.batch, lr=1e-5, warmup_steps=0, train_text_encoder=False,
+                                 mixed_precision=precision, gradient_checkpointing=checkpointing, ema_decay=None,
+                                 checkpoint_every=10**9, tracker="none")
+            trainer = Trainer(config, data)
+            for _ in range(2):
+                trainer._train_step()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = timed(lambda: [trainer._train_step() for _ in range(args.steps)], device)
+            key = "train_checkpointed" if checkpointing else "train"
+            results[key] = {"images_per_s": args.steps * args.batch / seconds,
+                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        model = T2IModel.from_pretrained(root, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        sampler = Sampler(model, SamplerConfig(steps=20, batch_size=args.batch))
+        sampler.generate(prompts[:2], [0, 1])
+        seconds = timed(lambda: sampler.generate(prompts[: args.batch], list(range(args.batch))), device)
+        results["sample_ddim20_images_per_s"] = args.batch / seconds
+        for k in (1, 5):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+            def reward_backward():
+                pixels = sample_pixels(model, prompts[:2], [0, 1], SamplerConfig(steps=25), grad_steps=k, checkpoint=True)
+                pixels.mean().backward()
+
+            seconds = timed(reward_backward, device)
+            results[f"reward_grad_last{k}"] = {"seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30
+                                               if device.type == "cuda" else None}
+            model.unet.zero_grad(set_to_none=True)
+            model.text_encoder.zero_grad(set_to_none=True)
+    print(json.dumps(results) if args.json else json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
