@@ -49,9 +49,10 @@ def test_train_command_from_yaml(tmp_path, capsys):
     run_demo(demo)
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"model": str(run / "base"), "data": str(run), "output_dir": str(tmp_path / "t"),
-                                      "steps": 2, "batch_size": 4, "tracker": "none"}))
+                                      "steps": 2, "batch_size": 4, "log_every": 1}))
     assert main(["train", "--config", str(config)]) == 0
     assert (tmp_path / "t" / "model" / "model_index.json").exists()
+    assert list((tmp_path / "t").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
     config.write_text("model: x\nsteps: lots\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "field 'steps'" in capsys.readouterr().err
