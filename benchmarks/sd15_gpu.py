@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import _write_clip_tokenizer  # noqa: E402  (the letter-level CLIP tokenizer of the tests)
+from builders import write_clip_tokenizer  # noqa: E402  (the letter-level CLIP tokenizer of the tests)
 
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, sample_pixels  # noqa: E402
 from t2i_evolve.train import TrainConfig, Trainer, TrainingSet  # noqa: E402
@@ -31,7 +31,7 @@ from t2i_evolve.world import GrammarPrompts, ProceduralTeacher  # noqa: E402
 
 
 def build_sd15(root: Path, small: bool) -> None:
-    vocab = _write_clip_tokenizer(root / "tokenizer")
+    vocab = write_clip_tokenizer(root / "tokenizer")
     hidden = 64 if small else 768
     CLIPTextModel(CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2 if small else 12,

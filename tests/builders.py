@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 
-def _write_clip_tokenizer(folder):
+def write_clip_tokenizer(folder):
     """A CLIP BPE tokenizer over single letters: no merges, every word spelled out."""
     folder.mkdir(parents=True)
     words = list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
@@ -21,7 +21,7 @@ def _write_clip_tokenizer(folder):
 
 def build_tiny_sd(root):
     """A random-init Stable-Diffusion-style folder (UNet, VAE, CLIP text encoder and tokenizer, scheduler)."""
-    vocab = _write_clip_tokenizer(root / "tokenizer")
+    vocab = write_clip_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
     text_config = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

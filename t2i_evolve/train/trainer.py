@@ -115,7 +115,7 @@ class Trainer:
             else:
                 module.requires_grad_(True)
             if c.gradient_checkpointing:
-                (module.enable_gradient_checkpointing if name == "unet" else module.gradient_checkpointing_enable)()
+                _enable_checkpointing(module)
             module.train()
             modules[name] = module
         return modules
@@ -269,3 +269,11 @@ class Trainer:
                 merged_copy(self.model).save_pretrained(path)
         acc.wait_for_everyone()
         return path
+
+
+def _enable_checkpointing(module: torch.nn.Module) -> None:
+    """Activation checkpointing under each library's current name (transformers 5 renamed it)."""
+    for method in ("enable_gradient_checkpointing", "activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        if hasattr(module, method):
+            getattr(module, method)()
+            return
