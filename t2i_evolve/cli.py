@@ -230,7 +230,7 @@ def eval_model(
 @app.command("demo")
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (rerun to resume)."),
-    minutes: float = typer.Option(9.0, help="Wall-clock budget of the whole demo."),
+    minutes: float = typer.Option(9.5, help="Wall-clock budget of the whole demo."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
 ):
