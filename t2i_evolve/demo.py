@@ -83,7 +83,7 @@ def run_demo(config: DemoConfig) -> dict:
     # Training gets what is left once the evaluations after it are paid for (estimated from the one before).
     n_geneval = round(553 * config.geneval_scale)
     after_cost = phases["eval_before_s"] * (1 + n_geneval / len(held_out)) * 1.15 + 10
-    train_minutes = config.minutes - (time.perf_counter() - started + after_cost) / 60
+    train_minutes = max(0.1, config.minutes - (time.perf_counter() - started + after_cost) / 60)
     # Steps the budget buys at this machine's speed, so the learning rate can decay to zero by the end
     # (a cosine schedule ends short runs better than a constant one); max_minutes stays as the backstop.
     steps = max(1, int(train_minutes * 60 / _seconds_per_step(base, config.batch_size)))
@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig) -> dict:
         batch_size=config.batch_size, lr=config.lr,
         warmup_steps=config.warmup_steps, ema_decay=config.ema_decay, caption_dropout=config.caption_dropout,
         snr_gamma=config.snr_gamma, checkpoint_every=500, log_every=5, seed=config.seed, tracker="none",
-        max_minutes=max(0.1, train_minutes),
+        max_minutes=train_minutes,
     )
     trainer = Trainer(train, TrainingSet.from_ledger(ledger))
     with progress_bar("training", None) as advance:
