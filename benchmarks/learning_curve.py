@@ -76,7 +76,7 @@ def main() -> None:
     prompts = GrammarPrompts(slice_).sample(n_train, seed=args.seed)
     held_out = [p for p in GrammarPrompts(slice_).sample(4 * args.eval_prompts, seed=args.seed + 1) if p not in set(prompts)]
     held_out = held_out[: args.eval_prompts]
-    data = TrainingSet.from_images(prompts, ProceduralTeacher().generate(prompts, list(range(n_train))))
+    data = TrainingSet.from_generator(ProceduralTeacher(), prompts)
 
     curve: list[dict] = []
     judge, sampling = PixelJudge(), SamplerConfig(steps=args.sample_steps)

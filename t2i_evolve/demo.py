@@ -154,9 +154,8 @@ def _draw_teacher_data(ledger: Ledger, prompts: list[str]) -> None:
 def _judge_model(model: T2IModel, judge: PixelJudge, prompts: list[str], config: DemoConfig, label: str):
     sampler = Sampler(model, config.sampler)
     with progress_bar(f"judging {label}", len(prompts)) as advance:
-        board = evaluate(sampler, judge, prompts, seed=10_000, progress=advance)
-    shown = prompts[:16]
-    return board, sampler.generate(shown, list(range(10_000, 10_000 + len(shown))))
+        board = evaluate(sampler, judge, prompts, seed=10_000, progress=advance, keep=16)
+    return board, board.images
 
 
 def _geneval(model: T2IModel, judge: PixelJudge, config: DemoConfig) -> dict:

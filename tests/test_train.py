@@ -24,7 +24,7 @@ import train_worker  # noqa: E402
 
 def _teacher_set(n: int, seed: int, slice_=GrammarSlice()) -> TrainingSet:
     prompts = GrammarPrompts(slice_).sample(n, seed=seed)
-    return TrainingSet.from_images(prompts, ProceduralTeacher().generate(prompts, list(range(n))))
+    return TrainingSet.from_generator(ProceduralTeacher(), prompts)
 
 
 def test_batches_are_a_function_of_position():
@@ -42,7 +42,7 @@ def test_loss_falls_and_judge_score_rises(tiny_dir, tmp_path):
     thousands: the demo and benchmarks/learning_curve.py measure that); judged on seeds never trained on.
     """
     prompts = ["a red circle"] * 256
-    data = TrainingSet.from_images(prompts, ProceduralTeacher().generate(prompts, list(range(len(prompts)))))
+    data = TrainingSet.from_generator(ProceduralTeacher(), prompts)
     held_out = ["a red circle"] * 16
     judge, sampling = PixelJudge(), SamplerConfig(steps=10)
 

@@ -12,7 +12,7 @@ PROMPTS = GrammarPrompts().sample(48, seed=7)
 
 
 def training_set() -> TrainingSet:
-    return TrainingSet.from_images(PROMPTS, ProceduralTeacher().generate(PROMPTS, list(range(len(PROMPTS)))))
+    return TrainingSet.from_generator(ProceduralTeacher(), PROMPTS)
 
 
 def config(model: str, output_dir: str, steps: int) -> TrainConfig:

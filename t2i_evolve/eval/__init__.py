@@ -1,5 +1,5 @@
 """Evaluation: judged images -> DSG score, per-skill scores and GenEval-style task scores."""
 
-from .scoring import ScoreBoard, evaluate, judge_images, suite_prompts
+from .scoring import ScoreBoard, evaluate, suite_prompts
 
-__all__ = ["ScoreBoard", "evaluate", "judge_images", "suite_prompts"]
+__all__ = ["ScoreBoard", "evaluate", "suite_prompts"]

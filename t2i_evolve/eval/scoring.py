@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from PIL import Image
 
@@ -26,6 +26,7 @@ class ScoreBoard:
     skill_right: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     skill_asked: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     task_passes: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+    images: list[Image.Image] = field(default_factory=list)
 
     def add(self, questions: Sequence[Question], raw: Sequence[bool], task: str | None = None) -> float:
         effective = dsg_answers(questions, raw)
@@ -56,16 +57,6 @@ class ScoreBoard:
         return out
 
 
-def judge_images(
-    judge: Judge, images: Iterable[Image.Image], prompts: Sequence[str], tasks: Sequence[str | None] | None = None
-) -> ScoreBoard:
-    board = ScoreBoard()
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        questions = questions_for(prompt)
-        board.add(questions, judge.answer(image, prompt, questions), tasks[i] if tasks else None)
-    return board
-
-
 def evaluate(
     generator: Generator,
     judge: Judge,
@@ -74,12 +65,17 @@ def evaluate(
     tasks: Sequence[str | None] | None = None,
     batch_size: int = 64,
     progress=None,
+    keep: int = 0,
 ) -> ScoreBoard:
-    """Draw each prompt once (seed `seed + i`) and judge it. `progress(n)` is called per batch."""
+    """Draw each prompt once (seed `seed + i`) and judge it. `progress(n)` is called per batch.
+
+    The first `keep` images stay in `board.images` (for report grids), so no caller samples twice.
+    """
     board = ScoreBoard()
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         images = generator.generate(chunk, [seed + start + i for i in range(len(chunk))])
+        board.images += images[: max(0, keep - len(board.images))]
         for i, (image, prompt) in enumerate(zip(images, chunk)):
             questions = questions_for(prompt)
             raw = judge.answer(image, prompt, questions) if image is not None else [False] * len(questions)

@@ -43,6 +43,12 @@ class TrainingSet:
         return cls(list(prompts), torch.from_numpy(array).permute(0, 3, 1, 2).contiguous())
 
     @classmethod
+    def from_generator(cls, generator, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> "TrainingSet":
+        """Each prompt drawn once by `generator` (seeds 0..n-1 unless given): e.g. a teacher's data."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        return cls.from_images(prompts, generator.generate(list(prompts), seeds))
+
+    @classmethod
     def from_ledger(cls, ledger, status: str = "active") -> "TrainingSet":
         """The records of a ledger (active ones by default) that have an image."""
         records = [r for r in ledger.records(status) if r.image_path]
