@@ -5,6 +5,8 @@ kind is a small `typing.Protocol`, so a procedural shapes-world teacher, a diffu
 image API are interchangeable, and so are the pixel judge and a VLM behind an OpenAI-compatible server.
 
 - `PromptSource`: where prompts come from (the shapes grammar, an LLM, a user's file).
+- `PromptWriter`: a `PromptSource` that also rewrites prompts (EvolveDirector's expand and mutate,
+  SELMA's skill-specific self-instruct sets).
 - `Generator`: prompts + seeds -> images. Teachers and the base model alike.
 - `Judge`: a VQA-style judge. Answers yes/no questions about an image, scores an image against its
   prompt (TIFA/DSG style), and compares two images for one prompt (EvolveDirector's discrimination).
@@ -92,6 +94,29 @@ class PromptSource(Protocol):
     """Draws prompts. `skill` asks for prompts that exercise one skill (SELMA's skill-specific sets)."""
 
     def sample(self, n: int, *, seed: int, skill: str | None = None) -> list[str]: ...
+
+
+@runtime_checkable
+class PromptWriter(PromptSource, Protocol):
+    """Writes prompts from prompts: an LLM over chat completions, or the shapes grammar offline.
+
+    Every method returns distinct prompts (near-duplicates of each other and of the input dropped), so
+    it may return fewer than asked; it never returns unparsed text.
+    """
+
+    id: str
+
+    def variations(self, prompt: str, k: int, *, seed: int) -> list[str]:
+        """Up to `k` prompts with the same structure as `prompt` and changed details (expand)."""
+        ...
+
+    def new_structures(self, prompts: Sequence[str], k: int, *, seed: int) -> list[str]:
+        """Up to `k` prompts whose structure differs from every one of `prompts` (mutate)."""
+        ...
+
+    def skill_prompts(self, skill: str, k: int, *, seed: int, examples: Sequence[str] = ()) -> list[str]:
+        """Up to `k` prompts that exercise `skill`, self-instruct style, in-context `examples` given."""
+        ...
 
 
 @runtime_checkable
