@@ -1,0 +1,191 @@
+"""Does the evolve recipe save teacher calls? Shapes world, same model, same training steps, side by side.
+
+1. Data efficiency: held-out score vs teacher calls for uniform data (random grammar prompts, no judge,
+   several dataset sizes) and for evolve. Reports the calls each needs to reach the uniform runs' best
+   score, and the saving (uniform calls / evolve calls).
+2. Best of several teachers: gallery teachers that each lack a different skill. Students trained on
+   (a) one teacher's images, (b) the judge's pick per prompt (a tournament), same prompts and steps.
+3. Judge noise (not in --quick): the evolve run again with its judge behind `serve-judge --error-rate e`.
+4. Cost: judge calls and wall time per evolve round.
+
+    python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed
+    python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds
+    python benchmarks/evolve_efficiency.py --quick --json    # one JSON line on stdout
+
+Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from t2i_evolve.endpoints import EndpointConfig
+from t2i_evolve.eval import evaluate
+from t2i_evolve.judges import PixelJudge
+from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, gallery_teacher
+from t2i_evolve.world import GrammarPrompts, GrammarSlice
+
+DEFICIT_TEACHERS = ("no-color", "no-count", "no-spatial")
+
+
+def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
+    """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
+    shared = dict(output_dir=str(out), seed=seed, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                  eval_prompts=args.eval_prompts, sample_share=args.sample_share, sample_all_below=args.sample_all_below)
+    return EvolveConfig(**(shared | fields))
+
+
+def arm(config: EvolveConfig, **parts) -> dict:
+    started = time.perf_counter()
+    summary = run_evolve(config, **parts)
+    rows = summary["rounds"]
+    return {"final_score": summary["final_score"], "calls": summary["teacher_calls"],
+            "judge_calls": summary["judge_calls"], "wall_s": time.perf_counter() - started,
+            "curve": [(row["teacher_calls"], row["score"]) for row in rows if "score" in row],
+            "rounds": [{k: row.get(k) for k in ("round", "teacher_calls", "judge_calls", "active", "ops", "score",
+                                                "wall_s")} for row in rows]}
+
+
+def data_efficiency(args, root: Path, seed: int) -> dict:
+    uniform = {n: arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n,
+                                         eval_every_round=False))
+               for n in args.uniform_sizes}
+    best_n = max(uniform, key=lambda n: uniform[n]["final_score"])
+    target = uniform[best_n]["final_score"]
+    evolved = arm(base_config(args, root / "evolve", seed, seed_prompts=args.evolve_seed_prompts))
+    reached = [calls for calls, score in evolved["curve"] if score >= target]
+    calls_to_target = reached[0] if reached else None
+    return {
+        "uniform": {"final_score": target, "calls": best_n,
+                    "by_size": {n: uniform[n]["final_score"] for n in uniform}},
+        "evolve": {"calls_to_uniform_final": calls_to_target, "final_score": evolved["final_score"],
+                   "calls": evolved["calls"], "curve": evolved["curve"], "rounds": evolved["rounds"]},
+        "saving": best_n / calls_to_target if calls_to_target else None,
+    }
+
+
+def multi_teacher(args, root: Path, seed: int) -> dict:
+    specs = [TeacherSpec(id=tid, p=args.deficit_p) for tid in DEFICIT_TEACHERS]
+    common = dict(evolve=False, seed_prompts=args.multi_prompts, eval_every_round=False)
+    students = {spec.id: arm(base_config(args, root / f"student-{spec.id}", seed, teachers=[spec], **common))["final_score"]
+                for spec in specs}
+    picked = arm(base_config(args, root / "student-judged", seed, teachers=specs, **common))
+    held_out = GrammarPrompts(GrammarSlice(max_groups=2, p_size=0.0)).sample(args.eval_prompts, seed=seed + 10_007)
+    teachers = {tid: evaluate(gallery_teacher(tid, p=args.deficit_p), PixelJudge(), held_out, seed=10_000).summary()["score"]
+                for tid in DEFICIT_TEACHERS}
+    return {"student": picked["final_score"], "teachers": teachers, "single_teacher_students": students,
+            "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}
+
+
+def judge_noise(args, root: Path, seed: int, uniform_target: float, uniform_calls: int) -> dict:
+    """Evolve with its judge behind serve-judge at each error rate; the saving against the same uniform."""
+    from t2i_evolve.judges.server import serve_in_thread
+
+    results = {}
+    for rate in args.judge_errors:
+        with serve_in_thread(error_rate=rate, seed=seed) as url:
+            judge = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url=url, model="pixel", max_concurrency=8))
+            run = arm(base_config(args, root / f"evolve-noise-{rate}", seed, judge=judge,
+                                  seed_prompts=args.evolve_seed_prompts))
+        reached = [calls for calls, score in run["curve"] if score >= uniform_target]
+        results[str(rate)] = {"final_score": run["final_score"], "calls": run["calls"],
+                              "calls_to_uniform_final": reached[0] if reached else None,
+                              "saving": uniform_calls / reached[0] if reached else None}
+    return results
+
+
+def mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Parts 1 and 2 only, one seed, small budgets.")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps-per-round", type=int, default=None)
+    parser.add_argument("--uniform-sizes", default=None, help="Comma-separated dataset sizes of the uniform arm.")
+    parser.add_argument("--evolve-seed-prompts", type=int, default=40)
+    parser.add_argument("--sample-share", type=float, default=0.3)
+    parser.add_argument("--sample-all-below", type=int, default=150)
+    parser.add_argument("--multi-prompts", type=int, default=300)
+    parser.add_argument("--deficit-p", type=float, default=0.7)
+    parser.add_argument("--eval-prompts", type=int, default=128)
+    parser.add_argument("--judge-errors", default="0,0.1,0.2")
+    parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (5 if args.quick else 8)
+    args.steps_per_round = args.steps_per_round or (50 if args.quick else 100)
+    args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
+                                                                   "100,200,400,800,1600")).split(",")]
+    args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    started = time.perf_counter()
+    per_seed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.out or tmp)
+        for seed in seeds:
+            result = {"seed": seed, **data_efficiency(args, root / f"seed-{seed}", seed)}
+            result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed)
+            if not args.quick:
+                result["judge_noise"] = judge_noise(args, root / f"seed-{seed}", seed,
+                                                    result["uniform"]["final_score"], result["uniform"]["calls"])
+            per_seed.append(result)
+            print(f"seed {seed}: {json.dumps(result)}", file=sys.stderr)
+    line = summarize(per_seed, time.perf_counter() - started)
+    print_table(line, per_seed)
+    if args.json:
+        print(json.dumps(line))
+
+
+def summarize(per_seed: list[dict], wall_s: float) -> dict:
+    """The issue's JSON line: means over seeds (per-seed values under `seeds`)."""
+    first = per_seed[0]
+    mt = [r["multi_teacher"] for r in per_seed]
+    return {
+        "uniform": {"final_score": mean_or_none([r["uniform"]["final_score"] for r in per_seed]),
+                    "calls": mean_or_none([r["uniform"]["calls"] for r in per_seed])},
+        "evolve": {"calls_to_uniform_final": mean_or_none([r["evolve"]["calls_to_uniform_final"] for r in per_seed]),
+                   "final_score": mean_or_none([r["evolve"]["final_score"] for r in per_seed]),
+                   "calls": mean_or_none([r["evolve"]["calls"] for r in per_seed])},
+        "saving": mean_or_none([r["saving"] for r in per_seed]),
+        "multi_teacher": {"student": mean_or_none([m["student"] for m in mt]),
+                          "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in first["multi_teacher"]["teachers"]},
+                          "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
+                                                      for t in first["multi_teacher"]["single_teacher_students"]}},
+        "seeds": per_seed,
+        "wall_s": wall_s,
+    }
+
+
+def print_table(line: dict, per_seed: list[dict]) -> None:
+    out = sys.stderr
+    print("\n| arm | teacher calls | held-out score |\n|---|---|---|", file=out)
+    for r in per_seed:
+        for n, score in r["uniform"]["by_size"].items():
+            print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f} |", file=out)
+        for calls, score in r["evolve"]["curve"]:
+            print(f"| seed {r['seed']} evolve (round) | {calls} | {score:.3f} |", file=out)
+    print(f"\nsaving (uniform best calls / evolve calls to reach it): {line['saving']}", file=out)
+    mt = line["multi_teacher"]
+    print("\n| multi-teacher | held-out score |\n|---|---|", file=out)
+    for t, s in mt["teachers"].items():
+        print(f"| teacher {t} | {s:.3f} |", file=out)
+    for t, s in mt["single_teacher_students"].items():
+        print(f"| student of {t} | {s:.3f} |", file=out)
+    print(f"| student of the judge's picks | {mt['student']:.3f} |", file=out)
+    print(f"\nwall time {line['wall_s']:.0f} s", file=out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Errors from an OpenAI-compatible endpoint, turned into the package's own without leaking the key.
+
+`endpoints.transient` says which client errors are worth retrying. The rest (a bad key, an unknown
+model, a rejected request) become `EndpointError`, a `UserError` the CLI shows as one line. Its text
+keeps the error's class, status and the server's message with the API key cut out, because a server's
+error body can echo the request's headers; and it is raised `from None`, so a traceback does not print
+the client's original exception underneath.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..endpoints import EndpointConfig, transient
+from ..errors import UserError
+
+MAX_MESSAGE = 300
+
+
+class EndpointError(UserError):
+    """A request the server refused for a reason that resending will not fix."""
+
+
+def endpoint_error(exc: BaseException, config: EndpointConfig) -> Exception | None:
+    """What to raise for a client error `exc`: a `TransientError`, an `EndpointError`, or None when
+    `exc` did not come from the client (it then propagates as it is)."""
+    import openai
+
+    retry = transient(exc)
+    if retry is not None:
+        return retry
+    if not isinstance(exc, openai.OpenAIError):
+        return None
+    status = getattr(exc, "status_code", None)
+    detail = getattr(exc, "message", None) or str(exc)
+    where = f"{config.base_url} (model {config.model})"
+    code = f"HTTP {status} " if status is not None else ""
+    return EndpointError(f"{where}: {code}{type(exc).__name__}: {redact(detail, config)}")
+
+
+@contextmanager
+def endpoint_errors(config: EndpointConfig) -> Iterator[None]:
+    """Run a block of client calls, raising `endpoint_error`'s translation of what the client raises."""
+    try:
+        yield
+    except Exception as exc:
+        error = endpoint_error(exc, config)
+        if error is None:
+            raise
+        raise error from None
+
+
+def redact(text: str, config: EndpointConfig) -> str:
+    """`text`, shortened, with the API key (if one is set) replaced by '***'."""
+    text = str(text)
+    try:
+        key = config.api_key()
+    except UserError:
+        key = None
+    if key and key != "EMPTY":
+        text = text.replace(key, "***")
+    return text[:MAX_MESSAGE]

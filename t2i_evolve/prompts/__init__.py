@@ -1,0 +1,25 @@
+"""Prompt writers: the shapes grammar offline, and an LLM over OpenAI-compatible chat completions.
+
+Both follow `protocols.PromptWriter` (sample, variations, new_structures, skill_prompts) and return
+distinct prompts only. `parsing` reads an LLM reply as a list of prompts; `dedup` drops near-duplicates
+by ROUGE-L, as self-instruct does.
+"""
+
+from .dedup import DEFAULT_THRESHOLD, Deduper, dedup, normalize
+from .grammar_writer import GrammarPromptWriter, exercises, structure
+from .openai_writer import OpenAIPromptWriter, OpenAIPromptWriterConfig, load_templates
+from .parsing import parse_prompt_list
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "Deduper",
+    "GrammarPromptWriter",
+    "OpenAIPromptWriter",
+    "OpenAIPromptWriterConfig",
+    "dedup",
+    "exercises",
+    "load_templates",
+    "normalize",
+    "parse_prompt_list",
+    "structure",
+]

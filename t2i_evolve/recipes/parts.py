@@ -1,0 +1,130 @@
+"""Config specs that build the shared parts a recipe uses: teachers, a judge, a prompt writer.
+
+A recipe's YAML names its parts by kind; the shapes world is every kind's default, so a recipe runs
+offline with no fields set, and pointing it at real models is a change of kind plus an endpoint:
+
+    teachers: [{kind: gallery, id: strong}]                       # procedural shapes teachers
+    teachers: [{kind: openai, endpoint: {base_url: ..., model: ..., api_key_env: IMAGES_KEY}}]
+    judge: {kind: openai, endpoint: {base_url: http://127.0.0.1:8000/v1, model: Qwen/Qwen2-VL-7B-Instruct}}
+    writer: {kind: openai, endpoint: {...}}
+
+Remote parts are imported on demand, so the shapes world never needs their dependencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, Sequence
+
+from PIL import Image
+
+from ..config import Config
+from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
+from ..endpoints import EndpointConfig
+from ..errors import ConfigError
+from ..protocols import SKILLS, Comparison, Generator, PromptWriter
+from ..world.sampling import GrammarSlice
+from ..world.teachers import TeacherConfig, ProceduralTeacher
+
+
+class TeacherSpec(Config):
+    """One teacher. `gallery`: a procedural shapes teacher (`id` strong or no-<skill>); `openai`: an
+    OpenAI-compatible images endpoint; `local`: a diffusers pipeline folder at `path`."""
+
+    kind: Literal["gallery", "openai", "local"] = "gallery"
+    id: str = "strong"
+    p: float | None = None
+    endpoint: EndpointConfig | None = None
+    path: str | None = None
+    price_per_call: float | None = None
+
+    def build(self, resolution: int = 32) -> Generator:
+        if self.kind == "gallery":
+            return gallery_teacher(self.id, resolution, self.p, self.price_per_call)
+        if self.kind == "openai":
+            from ..generators import OpenAIImageTeacher, OpenAIImageTeacherConfig
+
+            if self.endpoint is None:
+                raise ConfigError("teacher of kind 'openai' needs an endpoint")
+            extra = {} if self.price_per_call is None else {"price_per_call": self.price_per_call}
+            return OpenAIImageTeacher(OpenAIImageTeacherConfig(endpoint=self.endpoint, resolution=resolution, **extra))
+        from ..generators import LocalPipelineTeacher
+
+        if self.path is None:
+            raise ConfigError("teacher of kind 'local' needs a path")
+        return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0)
+
+
+def gallery_teacher(id: str, resolution: int = 32, p: float | None = None,
+                    price_per_call: float | None = None) -> ProceduralTeacher:
+    """'strong' or 'no-<skill>' (that skill broken with probability `p`, default the gallery's)."""
+    deficit = None if id == "strong" else id.removeprefix("no-")
+    if deficit is not None and deficit not in SKILLS:
+        raise ConfigError(f"unknown gallery teacher {id!r}: use 'strong' or one of "
+                          f"{', '.join('no-' + s for s in SKILLS)}")
+    fields = {"id": id, "deficit": deficit, "resolution": resolution}
+    fields |= {} if p is None else {"p": p}
+    fields |= {} if price_per_call is None else {"price_per_call": price_per_call}
+    return ProceduralTeacher(TeacherConfig(**fields))
+
+
+class JudgeSpec(Config):
+    """The judge. `pixel`: the exact shapes-world judge; `openai`: a VLM behind an OpenAI-compatible
+    server (vLLM, a hosted API, or `t2i-evolve serve-judge`)."""
+
+    kind: Literal["pixel", "openai"] = "pixel"
+    endpoint: EndpointConfig | None = None
+    reasks: int = 2
+    seed: int = 0
+
+    def build(self, ledger: Ledger, budget: CallBudget | None = None):
+        if self.kind == "pixel":
+            from ..judges import PixelJudge
+
+            return CachedJudge(PixelJudge(), ledger, budget=budget, backoff_s=0.0)
+        from ..judges import OpenAIJudge, OpenAIJudgeConfig
+
+        if self.endpoint is None:
+            raise ConfigError("judge of kind 'openai' needs an endpoint")
+        config = OpenAIJudgeConfig(endpoint=self.endpoint, reasks=self.reasks, seed=self.seed,
+                                   max_calls=None if budget is None else budget.max_calls)
+        return OpenAIJudge(config, ledger=ledger)
+
+
+class WriterSpec(Config):
+    """The prompt writer (expand and mutate). `grammar`: the shapes grammar, offline; `openai`: an LLM."""
+
+    kind: Literal["grammar", "openai"] = "grammar"
+    endpoint: EndpointConfig | None = None
+
+    def build(self, grammar: GrammarSlice, ledger: Ledger | None = None) -> PromptWriter:
+        if self.kind == "grammar":
+            from ..prompts import GrammarPromptWriter
+
+            return GrammarPromptWriter(grammar)
+        from ..prompts import OpenAIPromptWriter, OpenAIPromptWriterConfig
+
+        if self.endpoint is None:
+            raise ConfigError("writer of kind 'openai' needs an endpoint")
+        return OpenAIPromptWriter(OpenAIPromptWriterConfig(endpoint=self.endpoint), ledger=ledger)
+
+
+def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]]) -> list[Comparison | None]:
+    """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them."""
+    if hasattr(judge, "compare_many"):
+        return list(judge.compare_many(pairs))
+    return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that depends only on `parts` (not on Python's hash salt or on call order)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def cached_teachers(teachers: Sequence[Generator], ledger: Ledger) -> dict[str, CachedGenerator]:
+    """Each teacher behind the ledger's call cache, by id (the recipe holds the total call budget)."""
+    ids = [t.id for t in teachers]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"teacher ids must differ, got {ids}")
+    return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05) for t in teachers}

@@ -1,0 +1,66 @@
+"""Runs a small `evolve` recipe, for tests/test_evolve.py; the test may SIGKILL it mid-round.
+
+The teacher's call log and the judge's call log are the "server side": one line per answered call,
+appended before the ledger commits, so a call paid twice shows up twice.
+
+    python tests/evolve_worker.py RUN_DIR [--kill-after N]   # SIGKILL itself at the judge's N-th call
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+from pathlib import Path
+
+from t2i_evolve.data import CachedJudge, Ledger
+from t2i_evolve.models import TinyModelConfig
+from t2i_evolve.protocols import Comparison
+from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
+from t2i_evolve.recipes.parts import stable_seed
+from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+
+def small_config(run_dir: str, **overrides) -> EvolveConfig:
+    """Two short rounds of a tiny model: seconds, not minutes."""
+    fields = dict(output_dir=run_dir, tiny_model=TinyModelConfig(block_out_channels=(16, 16, 32)),
+                  seed_prompts=24, rounds=2, steps_per_round=6, batch_size=8, eval_prompts=8,
+                  sample_all_below=100, variations=2, mutate_rate=0.5)
+    return EvolveConfig(**(fields | overrides))
+
+
+class ScriptedJudge:
+    """Says 'base as good' for a third of the prompts and 'teacher better' for the rest, by prompt
+    hash, so every operation happens in a tiny run; logs each answered call and can SIGKILL itself."""
+
+    id = "scripted"
+
+    def __init__(self, call_log: Path | None = None, kill_after: int = -1):
+        self.call_log, self.kill_after, self.calls = call_log, kill_after, 0
+
+    def compare(self, image_a, image_b, prompt):
+        self.calls += 1
+        if self.calls == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        winner = "tie" if stable_seed(prompt) % 3 == 0 else "b"
+        if self.call_log:
+            with open(self.call_log, "a") as f:
+                f.write(json.dumps({"prompt": prompt}) + "\n")
+        return Comparison(winner, 1.0 if winner == "tie" else 0.2, 1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--kill-after", type=int, default=-1)
+    args = parser.parse_args()
+    run = Path(args.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    teacher = ProceduralTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl")
+    judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
+    run_evolve(small_config(args.run_dir), teachers=[teacher], judge=judge)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The evolve recipe: every operation recorded with its parent, budgets stop it cleanly, SIGKILL + rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from t2i_evolve.data import CachedJudge, Ledger
+from t2i_evolve.recipes.evolve import run_evolve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from evolve_worker import ScriptedJudge, small_config  # noqa: E402
+
+WORKER = Path(__file__).with_name("evolve_worker.py")
+
+
+def _worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # tiny model: one thread is as fast, and robust under load
+    return subprocess.run([sys.executable, str(WORKER), str(run_dir), *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def _ledger_state(run_dir: Path) -> tuple[list, list]:
+    with Ledger(run_dir, create=False) as ledger:
+        records = [(r.id, r.prompt, r.generator, r.seed, r.image_path, r.status, r.round, r.op, r.parent,
+                    r.deleted_round, r.judge) for r in ledger.records(None)]
+        ops = [(o.round, o.op, o.record_id, o.parent, o.reason) for o in ledger.ops()]
+    return records, ops
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted run of the worker: the ledger every interrupted run must end with."""
+    run_dir = tmp_path_factory.mktemp("evolve") / "reference"
+    done = _worker(run_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir
+
+
+def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run):
+    with Ledger(reference_run, create=False) as ledger:
+        records = {r.id: r for r in ledger.records(None)}
+        ops = ledger.ops()
+        stats = ledger.stats()
+    kinds = {(o.round, o.op) for o in ops}
+    assert (0, "seed") in kinds
+    for r in (1, 2):
+        assert {(r, "delete"), (r, "expand"), (r, "mutate"), (r, "judge")} <= kinds, kinds
+    for record in records.values():
+        if record.op in ("expand", "mutate"):
+            parent = records[record.parent]
+            assert parent.round < record.round and record.reason
+            if record.op == "expand":  # the parent's teacher alone draws its variations
+                assert record.generator == parent.generator
+                assert parent.judge["base_vs_teacher"] == "b"
+            else:
+                assert parent.status == "deleted" and parent.deleted_round == record.round
+    deleted = [r for r in records.values() if r.status == "deleted"]
+    assert deleted and all(r.deleted_reason and r.judge["base_vs_teacher"] == "tie" for r in deleted)
+    # ledger stats: per-round operation counts and per-round calls of the teacher and the judge
+    by_round = {(row["round"], row["op"]): row["count"] for row in stats["ops"]}
+    assert by_round[(1, "expand")] == sum(1 for r in records.values() if r.round == 1 and r.op == "expand")
+    callers = {(row["caller"], row["round"]) for row in stats["calls"]}
+    assert {("strong", 0), ("strong", 1), ("scripted", 1), ("scripted", 2)} <= callers
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert [row["round"] for row in summary["rounds"]] == [1, 2]
+    assert summary["rounds"][1]["teacher_calls"] > summary["rounds"][0]["teacher_calls"]  # expansions were drawn
+    assert (reference_run / "report.html").stat().st_size > 1000
+
+
+def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_ledger(reference_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    killed = _worker(run_dir, "--kill-after", "30")  # round 1 judges the 24 seed records: dies in round 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with Ledger(run_dir, create=False) as ledger:
+        assert ledger.calls(caller="scripted", status="pending")  # the call in flight when it died
+        assert not (run_dir / "summary.json").exists()
+    resumed = _worker(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _ledger_state(run_dir) == _ledger_state(reference_run)
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):  # the "server side": answered calls
+        assert (run_dir / log).read_text().count("\n") == (reference_run / log).read_text().count("\n"), log
+
+
+def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):
+    summary = run_evolve(small_config(str(tmp_path / "uniform"), evolve=False, rounds=1))
+    with Ledger(tmp_path / "uniform", create=False) as ledger:
+        assert {o.op for o in ledger.ops()} == {"seed"}
+    assert summary["teacher_calls"] == 24 and summary["judge_calls"] == 0
+    assert 0 <= summary["final_score"] <= 1
+
+
+def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_on(tmp_path):
+    run_dir = tmp_path / "budget"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    first = run_evolve(small_config(str(run_dir), max_teacher_calls=30), judge=judge)
+    assert first["stopped"] and "teacher budget" in first["stopped"]
+    assert first["teacher_calls"] <= 30
+    second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
+    assert 30 < second["teacher_calls"] <= 60

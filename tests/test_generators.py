@@ -1,0 +1,176 @@
+"""Teachers as generators: an OpenAI-compatible images endpoint (against the fake server on loopback)
+and a local model folder, both behind the ledger's call cache."""
+
+import os
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+from fake_openai import FakeOpenAI
+
+from t2i_evolve.data import CachedGenerator, CallBudget, Ledger
+from t2i_evolve.endpoints import EndpointConfig
+from t2i_evolve.errors import BudgetExhausted, ConfigError, TransientError
+from t2i_evolve.generators import (
+    EndpointError,
+    LocalPipelineTeacher,
+    LocalPipelineTeacherConfig,
+    OpenAIImageTeacher,
+    OpenAIImageTeacherConfig,
+)
+from t2i_evolve.models import SamplerConfig
+from t2i_evolve.protocols import Generator
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher, TeacherConfig
+
+KEY_ENV = "T2I_EVOLVE_TEST_IMAGES_KEY"
+PROMPTS = GrammarPrompts().sample(6, seed=11)
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    key = f"sk-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv(KEY_ENV, key)
+    return key
+
+
+@pytest.fixture
+def server(api_key):
+    with FakeOpenAI(api_key=api_key) as fake:
+        yield fake
+
+
+def teacher(server, size="32x32", **fields) -> OpenAIImageTeacher:
+    endpoint = EndpointConfig(base_url=server.base_url, model="fake-images", api_key_env=KEY_ENV, backoff_s=0.0,
+                              **fields.pop("endpoint", {}))
+    return OpenAIImageTeacher(OpenAIImageTeacherConfig(endpoint=endpoint, size=size, **fields))
+
+
+def pixels(images):
+    return [np.asarray(image) for image in images]
+
+
+def test_images_are_cached_and_priced(server, tmp_path):
+    strong = ProceduralTeacher(TeacherConfig())
+    images_teacher = teacher(server, price_per_call=0.25)
+    assert isinstance(images_teacher, Generator)
+    cached = CachedGenerator(images_teacher, Ledger(tmp_path / "run"), backoff_s=0)
+    seeds = list(range(len(PROMPTS)))
+    images = cached.generate(PROMPTS, seeds)
+    expected = [strong.draw(p, s)[0] for p, s in zip(PROMPTS, seeds)]
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(images), pixels(expected)))
+    assert all(image.mode == "RGB" and image.size == (32, 32) for image in images)
+    assert server.count("/images/generations") == len(PROMPTS)
+    assert sorted(r["body"]["seed"] for r in server.requests) == seeds
+
+    rerun = CachedGenerator(teacher(server, price_per_call=0.25), Ledger(tmp_path / "run"))
+    again = rerun.generate(PROMPTS, seeds)
+    assert server.count("/images/generations") == len(PROMPTS)
+    assert all(np.array_equal(a, b) for a, b in zip(pixels(images), pixels(again)))
+    calls = Ledger(tmp_path / "run").calls(caller=images_teacher.id)
+    assert len(calls) == len(PROMPTS) and sum(c.price for c in calls) == pytest.approx(0.25 * len(PROMPTS))
+
+
+def test_ids_name_model_size_and_resolution(server):
+    a, b, c = teacher(server), teacher(server, size="64x64"), teacher(server, size="64x64", resolution=32)
+    assert len({a.id, b.id, c.id}) == 3 and all("fake-images" in t.id for t in (a, b, c))
+    assert "64x64" in b.id
+
+
+def test_seed_and_response_format_can_be_left_out(server):
+    teacher(server, send_seed=False, send_response_format=False).generate(PROMPTS[:1], [5])
+    teacher(server).generate(PROMPTS[:1], [5])
+    first, second = (r["body"] for r in server.requests)
+    assert "seed" not in first and "response_format" not in first
+    assert second["seed"] == 5 and second["response_format"] == "b64_json" and second["n"] == 1
+
+
+def test_images_are_resized_to_the_configured_resolution(server):
+    images = teacher(server, size="64x64", resolution=24).generate(PROMPTS[:2], [0, 1])
+    assert [image.size for image in images] == [(24, 24)] * 2
+    assert {r["body"]["size"] for r in server.requests} == {"64x64"}
+
+
+def test_transient_failures_are_retried_alone(server, tmp_path):
+    server.images.extend([429, 500])
+    ledger = Ledger(tmp_path / "run")
+    cached = CachedGenerator(teacher(server), ledger, backoff_s=0)
+    images = cached.generate(PROMPTS[:3], [0, 1, 2])
+    assert all(image is not None for image in images)
+    calls = ledger.calls(caller=cached.id)
+    assert sorted(c.attempts for c in calls) == [1, 2, 2] and all(c.status == "done" for c in calls)
+    assert server.count("/images/generations") == 5  # three sent, two of them again; none paid twice
+
+
+def test_a_batch_that_fails_entirely_raises_transient(server):
+    server.images.extend([503, 503])
+    with pytest.raises(TransientError, match="503"):
+        teacher(server).generate(PROMPTS[:2], [0, 1])
+
+
+def test_budget_stops_cleanly(server, tmp_path):
+    ledger = Ledger(tmp_path / "run")
+    cached = CachedGenerator(teacher(server, price_per_call=0.5), ledger, backoff_s=0, budget=CallBudget(max_price=1.0))
+    with pytest.raises(BudgetExhausted):
+        cached.generate(PROMPTS[:3], [0, 1, 2])
+    assert server.count("/images/generations") == 2
+    assert cached.generate(PROMPTS[:2], [0, 1])  # what was paid for is kept
+    assert server.count("/images/generations") == 2
+    assert sum(c.price for c in ledger.calls(caller=cached.id)) == pytest.approx(1.0)
+
+
+def test_concurrency_is_bounded():
+    with FakeOpenAI(image_delay_s=0.05) as server:
+        endpoint = EndpointConfig(base_url=server.base_url, model="m", max_concurrency=2)
+        config = OpenAIImageTeacherConfig(endpoint=endpoint, size="32x32")
+        images = OpenAIImageTeacher(config).generate(PROMPTS, range(6))
+        assert len(images) == 6 and 1 <= server.max_in_flight <= 2
+
+
+def test_refusals_are_endpoint_errors_without_the_key(api_key, tmp_path):
+    with FakeOpenAI(api_key="another-key") as server:
+        with pytest.raises(EndpointError, match="401") as info:
+            CachedGenerator(teacher(server), Ledger(tmp_path / "run")).generate(PROMPTS[:2], [0, 1])
+        assert server.requests[0]["auth"] == f"Bearer {api_key}"
+    assert api_key not in str(info.value) and "***" in str(info.value)
+    assert not any(api_key.encode() in p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file())
+
+
+SMALL = SamplerConfig(steps=1, resolution=16)  # the tiny UNet is slow on a loaded CPU: one step, 8x8 latents
+
+
+@pytest.fixture(scope="module")
+def local_teacher(sd_dir):
+    return LocalPipelineTeacher(LocalPipelineTeacherConfig(path=sd_dir, sampler=SMALL))
+
+
+def test_local_pipeline_is_deterministic_per_prompt_and_seed(local_teacher, sd_dir):
+    assert isinstance(local_teacher, Generator) and local_teacher.price_per_call == 0.0
+    assert str(sd_dir.resolve()) in local_teacher.id and "ddim-1" in local_teacher.id
+    prompts, seeds = ["a red circle", "two blue stars", "a red circle"], [0, 1, 2]
+    a = pixels(local_teacher.generate(prompts, seeds))
+    b = pixels(local_teacher.generate(prompts, seeds))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (16, 16, 3) and not np.array_equal(a[0], a[2])
+
+
+def test_local_pipeline_id_follows_settings_and_caches(local_teacher, sd_dir, tmp_path):
+    from t2i_evolve.generators import pipeline_id
+
+    assert pipeline_id(LocalPipelineTeacherConfig(path=sd_dir, sampler=SMALL)) == local_teacher.id
+    for changed in (SMALL.model_copy(update={"steps": 2}), SMALL.model_copy(update={"guidance": 3.0})):
+        assert pipeline_id(LocalPipelineTeacherConfig(path=sd_dir, sampler=changed)) != local_teacher.id
+    copy = shutil.copytree(sd_dir, tmp_path / "copy")
+    copy_id = pipeline_id(LocalPipelineTeacherConfig(path=copy, sampler=SMALL))
+    weights = next(copy.rglob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    assert pipeline_id(LocalPipelineTeacherConfig(path=copy, sampler=SMALL)) != copy_id
+    by_path = LocalPipelineTeacher(sd_dir, sampler=SMALL, price_per_call=0.5)
+    assert by_path.id == local_teacher.id and by_path.price_per_call == 0.5
+    with pytest.raises(ConfigError, match="steps"):
+        LocalPipelineTeacher(sd_dir, steps=2)
+    ledger = Ledger(tmp_path / "run")
+    first = CachedGenerator(local_teacher, ledger).generate(["a red circle"], [0])
+    again = CachedGenerator(local_teacher, ledger).generate(["a red circle"], [0])
+    assert np.array_equal(pixels(first)[0], pixels(again)[0])
+    assert [c.attempts for c in ledger.calls(caller=local_teacher.id)] == [1]
