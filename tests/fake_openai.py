@@ -20,10 +20,12 @@ import base64
 import hashlib
 import io
 import json
+import uuid
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+import pytest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from t2i_evolve.world import GrammarPrompts, ProceduralTeacher, TeacherConfig
@@ -169,3 +171,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         """Quiet: tests read `FakeOpenAI.requests` instead."""
+
+
+# -- fixtures shared by the tests that talk to it (imported by name into those test modules) ----------
+
+KEY_ENV = "T2I_EVOLVE_TEST_KEY"
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    """A unique fake key in the env var the endpoint configs name, so a test can grep for its value."""
+    key = f"sk-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv(KEY_ENV, key)
+    return key
+
+
+@pytest.fixture
+def server(api_key):
+    with FakeOpenAI(api_key=api_key) as fake:
+        yield fake

@@ -3,11 +3,10 @@ and a local model folder, both behind the ledger's call cache."""
 
 import os
 import shutil
-import uuid
 
 import numpy as np
 import pytest
-from fake_openai import FakeOpenAI
+from fake_openai import KEY_ENV, FakeOpenAI, api_key, server  # noqa: F401 (fixtures)
 
 from t2i_evolve.data import CachedGenerator, CallBudget, Ledger
 from t2i_evolve.endpoints import EndpointConfig
@@ -23,21 +22,7 @@ from t2i_evolve.models import SamplerConfig
 from t2i_evolve.protocols import Generator
 from t2i_evolve.world import GrammarPrompts, ProceduralTeacher, TeacherConfig
 
-KEY_ENV = "T2I_EVOLVE_TEST_IMAGES_KEY"
 PROMPTS = GrammarPrompts().sample(6, seed=11)
-
-
-@pytest.fixture
-def api_key(monkeypatch):
-    key = f"sk-test-{uuid.uuid4().hex}"
-    monkeypatch.setenv(KEY_ENV, key)
-    return key
-
-
-@pytest.fixture
-def server(api_key):
-    with FakeOpenAI(api_key=api_key) as fake:
-        yield fake
 
 
 def teacher(server, size="32x32", **fields) -> OpenAIImageTeacher:

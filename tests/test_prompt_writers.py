@@ -4,10 +4,9 @@ against a scripted OpenAI-compatible server on loopback."""
 import json
 import logging
 import traceback
-import uuid
 
 import pytest
-from fake_openai import FakeOpenAI
+from fake_openai import KEY_ENV, FakeOpenAI, api_key, server  # noqa: F401 (fixtures)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +31,6 @@ from t2i_evolve.world import GrammarPrompts, GrammarSlice, parse, scene_skills
 from t2i_evolve.world.render import crowding
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-KEY_ENV = "T2I_EVOLVE_TEST_WRITER_KEY"
 
 
 def cleaned(strings):
@@ -188,19 +186,6 @@ def test_grammar_writer_edges():
 
 
 # -- the LLM writer over a fake server ---------------------------------------------------------------
-
-
-@pytest.fixture
-def api_key(monkeypatch):
-    key = f"sk-test-{uuid.uuid4().hex}"
-    monkeypatch.setenv(KEY_ENV, key)
-    return key
-
-
-@pytest.fixture
-def server(api_key):
-    with FakeOpenAI(api_key=api_key) as fake:
-        yield fake
 
 
 def writer_config(server, **fields) -> OpenAIPromptWriterConfig:
