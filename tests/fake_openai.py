@@ -20,13 +20,14 @@ import base64
 import hashlib
 import io
 import json
-import uuid
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
-import pytest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
 
 from t2i_evolve.world import GrammarPrompts, ProceduralTeacher, TeacherConfig
 
