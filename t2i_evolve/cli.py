@@ -74,14 +74,21 @@ def judge(
     image: Path,
     prompt: str = typer.Option(..., help="The prompt the image should follow."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    endpoint: Optional[str] = typer.Option(None, help="Base URL (ending in /v1) of an OpenAI-compatible VLM "
+                                                      "server to judge with; default: the pixel judge."),
+    model: Optional[str] = typer.Option(None, help="Model name on --endpoint."),
+    api_key_env: Optional[str] = typer.Option(None, help="Env var holding the endpoint's API key."),
+    timeout: float = typer.Option(60.0, help="Seconds per request to --endpoint."),
+    retries: int = typer.Option(4, help="Re-sends after a 429/5xx/timeout from --endpoint."),
 ):
     """Judge an image against a prompt: each question's answer and the DSG score."""
     from .images import load_image
-    from .judges import PixelJudge
     from .world import parse
 
     parse(prompt)  # a prompt outside the grammar fails before the image is read
-    result = PixelJudge().score(load_image(image), prompt)
+    picture = load_image(image)
+    result = _remote_score(picture, prompt, endpoint, model, api_key_env, timeout, retries) if endpoint \
+        else _pixel_score(picture, prompt)
     if as_json:
         data = result.to_json()
         for a in data["answers"]:
@@ -95,6 +102,72 @@ def judge(
                       "[green]yes[/]" if a.answer else "[red]no[/]")
     out.print(table)
     out.print(f"score: {result.score:.3f}")
+
+
+def _pixel_score(image, prompt: str):
+    from .judges import PixelJudge
+
+    return PixelJudge().score(image, prompt)
+
+
+def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_key_env: Optional[str],
+                  timeout: float, retries: int):
+    """The DSG score from an `OpenAIJudge` at --endpoint; every way it can fail is one line (`UserError`)."""
+    from urllib.parse import urlsplit
+
+    from .judges import OpenAIJudge, OpenAIJudgeConfig
+    from .judges.openai_judge import image_score
+
+    if model is None:
+        raise UserError("--model is required with --endpoint")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"bad --endpoint {endpoint!r}: expected a URL like http://127.0.0.1:8000/v1")
+    config = OpenAIJudgeConfig.from_dict(
+        {"endpoint": {"base_url": endpoint, "model": model, "api_key_env": api_key_env, "timeout_s": timeout,
+                      "retries": retries, "max_concurrency": 1}}, source="judge flags")
+    with OpenAIJudge(config) as vlm:
+        questions = vlm.questions(prompt)
+        verdict = vlm.answer_many([(image, prompt, questions)])[0]
+    if verdict.status == "failed":
+        raise UserError(f"judge endpoint {parts.scheme}://{parts.netloc.rpartition('@')[2]} gave no answer "
+                        f"after {retries} retries: {verdict.error}")
+    if verdict.status == "unparseable":
+        raise UserError(f"the judge's reply could not be read after {verdict.asks} asks")
+    return image_score(questions, verdict.answers)
+
+
+@app.command("serve-judge")
+def serve_judge(
+    port: int = typer.Option(8000, help="Port (0: a free one, printed at start)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    error_rate: float = typer.Option(0.0, help="Share of wrong answers (seeded)."),
+    fault_rate: float = typer.Option(0.0, help="Share of requests failing with a 429, a 500, a hang or a malformed reply."),
+    faults: str = typer.Option("429,500,hang,malformed", help="Which faults --fault-rate draws from."),
+    latency: float = typer.Option(0.0, help="Seconds added to every request."),
+    hang: float = typer.Option(30.0, "--hang-s", help="Seconds a 'hang' fault holds a request."),
+    seed: int = typer.Option(0, help="Seed of errors and faults."),
+):
+    """Serve the pixel judge as an OpenAI-compatible VLM endpoint (POST /v1/chat/completions)."""
+    from .judges.server import JudgeServer, JudgeServerConfig
+
+    config = JudgeServerConfig.from_dict(
+        {"host": host, "port": port, "error_rate": error_rate, "fault_rate": fault_rate, "latency_s": latency,
+         "faults": [f.strip() for f in faults.split(",") if f.strip()], "hang_s": hang, "seed": seed},
+        source="serve-judge flags")
+    try:
+        server = JudgeServer(config)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sys.stdout.write(f"serving the pixel judge at {server.url} (Ctrl-C to stop)\n")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+    sys.stdout.write(f"stopped after {server.stats()['total']} requests\n")
 
 
 @gallery_app.command("eval")
@@ -262,6 +335,32 @@ def demo(
     out.print(table)
     out.print(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
               f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
+
+
+@app.command("evolve")
+def evolve(
+    config: Path = typer.Option(None, help="EvolveConfig YAML; default: the shapes world on a CPU."),
+    output_dir: Path = typer.Option(None, "--out", help="Run folder (overrides the config's output_dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """EvolveDirector: train on teacher images while a judge deletes, expands and mutates the set."""
+    from .recipes.evolve import EvolveConfig, run_evolve
+
+    cfg = EvolveConfig.from_yaml(config) if config else EvolveConfig()
+    if output_dir is not None:
+        cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
+    summary = run_evolve(cfg)
+    if as_json:
+        _print_json({k: v for k, v in summary.items() if k != "ledger"})
+        return
+    for row in summary["rounds"]:
+        ops = " ".join(f"{k} {v}" for k, v in row.get("ops", {}).items())
+        score = f"{row['score']:.3f}" if "score" in row else "-"
+        out.print(f"round {row['round']}: score {score}  active {row['active']}  teacher calls "
+                  f"{row['teacher_calls_after']}  judge calls {row['judge_calls']}  {ops}")
+    if summary["stopped"]:
+        out.print(f"stopped early: {summary['stopped']}")
+    out.print(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")
 
 
 def _open_ledger(run_dir: Path):

@@ -1,5 +1,13 @@
-"""Judges of prompt following. `PixelJudge` is exact for the shapes world."""
+"""Judges of prompt following. `PixelJudge` is exact for the shapes world; `OpenAIJudge` asks a VLM behind
+any OpenAI-compatible endpoint (`serve-judge` plays that endpoint with the pixel judge), and `LocalVLMJudge`
+asks a transformers VLM in-process, with the same requests and parsers."""
 
+from .local_vlm import LocalVLMConfig, LocalVLMJudge
+from .openai_judge import ChatJudgeConfig, EndpointError, OpenAIJudge, OpenAIJudgeConfig, PairVerdict, VQAVerdict
 from .pixel import PixelJudge
+from .vlm_format import parse_pairwise, parse_vqa
 
-__all__ = ["PixelJudge"]
+__all__ = [
+    "ChatJudgeConfig", "EndpointError", "LocalVLMConfig", "LocalVLMJudge", "OpenAIJudge", "OpenAIJudgeConfig",
+    "PairVerdict", "PixelJudge", "VQAVerdict", "parse_pairwise", "parse_vqa",
+]
