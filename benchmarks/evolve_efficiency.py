@@ -38,6 +38,7 @@ DEFICIT_TEACHERS = ("no-color", "no-count", "no-spatial")
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
     shared = dict(output_dir=str(out), seed=seed, rounds=args.rounds, steps_per_round=args.steps_per_round,
+                  base_model=args.base,
                   eval_prompts=args.eval_prompts, sample_share=args.sample_share, sample_all_below=args.sample_all_below)
     return EvolveConfig(**(shared | fields))
 
@@ -86,12 +87,13 @@ def multi_teacher(args, root: Path, seed: int) -> dict:
 
 def judge_noise(args, root: Path, seed: int, uniform_target: float, uniform_calls: int) -> dict:
     """Evolve with its judge behind serve-judge at each error rate; the saving against the same uniform."""
-    from t2i_evolve.judges.server import serve_in_thread
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
 
     results = {}
     for rate in args.judge_errors:
-        with serve_in_thread(error_rate=rate, seed=seed) as url:
-            judge = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url=url, model="pixel", max_concurrency=8))
+        with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
+            endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
+            judge = JudgeSpec(kind="openai", endpoint=endpoint)
             run = arm(base_config(args, root / f"evolve-noise-{rate}", seed, judge=judge,
                                   seed_prompts=args.evolve_seed_prompts))
         reached = [calls for calls, score in run["curve"] if score >= uniform_target]
@@ -114,12 +116,14 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=None)
     parser.add_argument("--uniform-sizes", default=None, help="Comma-separated dataset sizes of the uniform arm.")
     parser.add_argument("--evolve-seed-prompts", type=int, default=40)
-    parser.add_argument("--sample-share", type=float, default=0.3)
-    parser.add_argument("--sample-all-below", type=int, default=150)
+    parser.add_argument("--sample-share", type=float, default=0.2)
+    parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
     parser.add_argument("--deficit-p", type=float, default=0.7)
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
+    parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny "
+                                                     "model per seed); e.g. the demo's trained model.")
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -41,7 +41,9 @@ class DemoConfig(Config):
     geneval_scale: float = Field(0.3, ge=0, description="Share of GenEval's 553 prompts judged after training.")
     seed: int = 0
     model: TinyModelConfig = TinyModelConfig()
-    sampler: SamplerConfig = SamplerConfig(steps=10)
+    # Guidance 1.5 measured +0.035 on the demo's trained model (two sampling seeds, 160 prompts) over none;
+    # DDIM 20 steps or DPM-Solver++ gave nothing over DDIM 10 (RESULTS.md).
+    sampler: SamplerConfig = SamplerConfig(steps=10, guidance=1.5)
     batch_size: int = 16
     lr: float = 2e-3
     snr_gamma: float | None = 5.0

@@ -17,7 +17,12 @@ import os
 from pydantic import Field
 
 from .config import Config
-from .errors import CallTimeout, ConfigError, TransientError
+from .errors import CallTimeout, ConfigError, TransientError, UserError
+
+
+class EndpointError(UserError):
+    """The server refused a request in a way that resending will not fix (bad key, unknown model, a
+    rejected request); shown as one line, with the API key never in its text."""
 
 
 class EndpointConfig(Config):

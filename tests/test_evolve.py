@@ -104,3 +104,24 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
     assert first["teacher_calls"] <= 30
     second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
     assert 30 < second["teacher_calls"] <= 60
+
+
+def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+    from t2i_evolve.recipes.parts import JudgeSpec
+
+    faults = JudgeServerConfig(fault_rate=0.3, error_rate=0.1, hang_s=1.0, seed=3)
+    with JudgeServer(faults) as server:
+        endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", timeout_s=0.5, backoff_s=0.0,
+                                  max_concurrency=4)
+        config = small_config(str(tmp_path / "served"), judge=JudgeSpec(kind="openai", endpoint=endpoint, reasks=1))
+        summary = run_evolve(config)
+        served = server.stats()["total"]
+    assert [row["round"] for row in summary["rounds"]] == [1, 2] and summary["stopped"] is None
+    with Ledger(tmp_path / "served", create=False) as ledger:
+        judge_calls = [c for c in ledger.calls() if c.caller not in ("strong",)]
+    assert judge_calls and all(c.status in ("done", "failed") for c in judge_calls)
+    assert sum(c.attempts for c in judge_calls) == served > len(judge_calls)  # faults were retried, and counted
+    judged = sum(row["ops"]["judged"] for row in summary["rounds"])
+    assert judged > 0 and {"delete", "expand"} <= {op for row in summary["rounds"] for op, n in row["ops"].items() if n}

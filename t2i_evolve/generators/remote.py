@@ -12,14 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..endpoints import EndpointConfig, transient
+from ..endpoints import EndpointConfig, EndpointError, transient
 from ..errors import UserError
 
 MAX_MESSAGE = 300
-
-
-class EndpointError(UserError):
-    """A request the server refused for a reason that resending will not fix."""
 
 
 def endpoint_error(exc: BaseException, config: EndpointConfig) -> Exception | None:

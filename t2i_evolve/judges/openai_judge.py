@@ -37,7 +37,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..data.cache import CallBudget, content_key, encode_png
-from ..endpoints import EndpointConfig, make_async_client, transient
+from ..endpoints import EndpointConfig, EndpointError, make_async_client, transient
 from ..errors import BudgetExhausted, TransientError, UserError
 from ..protocols import Answer, Comparison, ImageScore, Question
 from ..world.questions import dsg_answers, questions_for
@@ -47,10 +47,6 @@ if TYPE_CHECKING:
     from ..data import Ledger
 
 Status = Literal["ok", "unparseable", "failed"]
-
-
-class EndpointError(UserError):
-    """The endpoint refused a request in a way retrying cannot fix (bad key, unknown model, bad request)."""
 
 
 class ChatJudgeConfig(Config):

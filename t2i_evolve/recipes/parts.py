@@ -111,8 +111,8 @@ class WriterSpec(Config):
 
 def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]]) -> list[Comparison | None]:
     """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them."""
-    if hasattr(judge, "compare_many"):
-        return list(judge.compare_many(pairs))
+    if hasattr(judge, "compare_many"):  # a verdict that failed or did not parse becomes None
+        return [verdict.comparison() for verdict in judge.compare_many(pairs)]
     return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
 
 
