@@ -32,7 +32,7 @@ from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, gallery_teacher
 from t2i_evolve.world import GrammarPrompts, GrammarSlice
 
-DEFICIT_TEACHERS = ("no-color", "no-count", "no-spatial")
+DEFICIT_TEACHERS = ("no-color", "no-shape", "no-count")  # deficits every prompt of the slice can show
 
 
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
