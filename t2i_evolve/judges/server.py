@@ -187,6 +187,7 @@ class JudgeServer:
 
 class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 256  # listen backlog: the default of 5 drops connections a concurrent client opens at once
+
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up (a timed-out request) is routine here, not worth a traceback."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
