@@ -8,6 +8,7 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -161,6 +162,10 @@ def serve_judge(
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sys.stdout.write(f"serving the pixel judge at {server.url} (Ctrl-C to stop)\n")
     sys.stdout.flush()
+    # Stop cleanly on Ctrl-C and on SIGTERM (process managers), also when started in the background,
+    # where the shell leaves SIGINT ignored.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
