@@ -198,7 +198,7 @@ def _done_keys(ledger_file: Path) -> tuple[set[str], set[str]]:
 
 
 def test_sigkill_mid_batch_then_rerun_resends_no_answered_request(tmp_path):
-    n, concurrency = 160, 4
+    n, concurrency = 500, 4  # the issue: SIGKILL during 500 judge requests
     with JudgeServer(JudgeServerConfig(latency_s=0.01)) as slow:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         command = [sys.executable, str(WORKER), str(tmp_path / "run"), slow.url, "--n", str(n),
