@@ -38,7 +38,7 @@ from pydantic import Field
 from ..config import Config
 from ..data.cache import CallBudget, content_key, encode_png
 from ..endpoints import EndpointConfig, EndpointError, make_async_client, transient
-from ..errors import BudgetExhausted, TransientError, UserError
+from ..errors import BudgetExhausted, TransientError
 from ..protocols import Answer, Comparison, ImageScore, Question
 from ..world.questions import dsg_answers, questions_for
 from . import vlm_format as fmt
