@@ -37,9 +37,9 @@ DEFICIT_TEACHERS = ("no-color", "no-shape", "no-count")  # deficits every prompt
 
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
-    shared = dict(output_dir=str(out), seed=seed, rounds=args.rounds, steps_per_round=args.steps_per_round,
-                  base_model=args.base,
-                  eval_prompts=args.eval_prompts, sample_share=args.sample_share, sample_all_below=args.sample_all_below)
+    shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+                  "base_model": args.base, "lr": args.lr, "warmup_steps": args.warmup_steps,
+                  "eval_prompts": args.eval_prompts, "sample_share": args.sample_share, "sample_all_below": args.sample_all_below}
     return EvolveConfig(**(shared | fields))
 
 
@@ -74,7 +74,7 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
 
 def multi_teacher(args, root: Path, seed: int) -> dict:
     specs = [TeacherSpec(id=tid, p=args.deficit_p) for tid in DEFICIT_TEACHERS]
-    common = dict(evolve=False, seed_prompts=args.multi_prompts, eval_every_round=False)
+    common = {"evolve": False, "seed_prompts": args.multi_prompts, "eval_every_round": False}
     students = {spec.id: arm(base_config(args, root / f"student-{spec.id}", seed, teachers=[spec], **common))["final_score"]
                 for spec in specs}
     picked = arm(base_config(args, root / "student-judged", seed, teachers=specs, **common))
@@ -124,6 +124,11 @@ def main() -> None:
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
     parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny "
                                                      "model per seed); e.g. the demo's trained model.")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Learning rate of every arm (fine-tune a trained "
+                                                                 "--base at about 1e-4 to 3e-4).")
+    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--parts", default=None, help="Comma-separated parts to run (1-3; default: 1,2 with "
+                                                      "--quick, else 1,2,3).")
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -133,6 +138,7 @@ def main() -> None:
                                                                    "100,200,400,800,1600")).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
 
     started = time.perf_counter()
     per_seed = []
@@ -140,8 +146,9 @@ def main() -> None:
         root = Path(args.out or tmp)
         for seed in seeds:
             result = {"seed": seed, **data_efficiency(args, root / f"seed-{seed}", seed)}
-            result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed)
-            if not args.quick:
+            if 2 in parts:
+                result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed)
+            if 3 in parts:
                 result["judge_noise"] = judge_noise(args, root / f"seed-{seed}", seed,
                                                     result["uniform"]["final_score"], result["uniform"]["calls"])
             per_seed.append(result)
@@ -154,22 +161,22 @@ def main() -> None:
 
 def summarize(per_seed: list[dict], wall_s: float) -> dict:
     """The issue's JSON line: means over seeds (per-seed values under `seeds`)."""
-    first = per_seed[0]
-    mt = [r["multi_teacher"] for r in per_seed]
-    return {
+    line = {
         "uniform": {"final_score": mean_or_none([r["uniform"]["final_score"] for r in per_seed]),
                     "calls": mean_or_none([r["uniform"]["calls"] for r in per_seed])},
         "evolve": {"calls_to_uniform_final": mean_or_none([r["evolve"]["calls_to_uniform_final"] for r in per_seed]),
                    "final_score": mean_or_none([r["evolve"]["final_score"] for r in per_seed]),
                    "calls": mean_or_none([r["evolve"]["calls"] for r in per_seed])},
         "saving": mean_or_none([r["saving"] for r in per_seed]),
-        "multi_teacher": {"student": mean_or_none([m["student"] for m in mt]),
-                          "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in first["multi_teacher"]["teachers"]},
-                          "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
-                                                      for t in first["multi_teacher"]["single_teacher_students"]}},
-        "seeds": per_seed,
-        "wall_s": wall_s,
     }
+    if "multi_teacher" in per_seed[0]:
+        mt = [r["multi_teacher"] for r in per_seed]
+        line["multi_teacher"] = {
+            "student": mean_or_none([m["student"] for m in mt]),
+            "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in mt[0]["teachers"]},
+            "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
+                                        for t in mt[0]["single_teacher_students"]}}
+    return line | {"seeds": per_seed, "wall_s": wall_s}
 
 
 def print_table(line: dict, per_seed: list[dict]) -> None:
@@ -181,15 +188,15 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         for calls, score in r["evolve"]["curve"]:
             print(f"| seed {r['seed']} evolve (round) | {calls} | {score:.3f} |", file=out)
     print(f"\nsaving (uniform best calls / evolve calls to reach it): {line['saving']}", file=out)
-    mt = line["multi_teacher"]
-    print("\n| multi-teacher | held-out score |\n|---|---|", file=out)
-    for t, s in mt["teachers"].items():
-        print(f"| teacher {t} | {s:.3f} |", file=out)
-    for t, s in mt["single_teacher_students"].items():
-        print(f"| student of {t} | {s:.3f} |", file=out)
-    print(f"| student of the judge's picks | {mt['student']:.3f} |", file=out)
+    mt = line.get("multi_teacher")
+    if mt:
+        print("\n| multi-teacher | held-out score |\n|---|---|", file=out)
+        for t, s in mt["teachers"].items():
+            print(f"| teacher {t} | {s:.3f} |", file=out)
+        for t, s in mt["single_teacher_students"].items():
+            print(f"| student of {t} | {s:.3f} |", file=out)
+        print(f"| student of the judge's picks | {mt['student']:.3f} |", file=out)
     print(f"\nwall time {line['wall_s']:.0f} s", file=out)
-
 
 if __name__ == "__main__":
     main()
