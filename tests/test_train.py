@@ -50,7 +50,7 @@ def test_loss_falls_and_judge_score_rises(tiny_dir, tmp_path):
         return evaluate(Sampler(T2IModel.from_pretrained(model_dir), sampling), judge, held_out, seed=5000).summary()
 
     before = score(tiny_dir)
-    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=120, batch_size=16, lr=3e-3,
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=160, batch_size=16, lr=3e-3,
                          snr_gamma=5.0, ema_decay=None, warmup_steps=10, log_every=10, checkpoint_every=1000,
                          tracker="none")
     Trainer(config, data).run()
