@@ -38,8 +38,9 @@ DEFICIT_TEACHERS = ("no-color", "no-shape", "no-count")  # deficits every prompt
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-                  "base_model": args.base, "lr": args.lr, "warmup_steps": args.warmup_steps,
-                  "eval_prompts": args.eval_prompts, "sample_share": args.sample_share, "sample_all_below": args.sample_all_below}
+              "base_model": args.base, "lr": args.lr, "warmup_steps": args.warmup_steps,
+              "eval_prompts": args.eval_prompts, "sample_share": args.sample_share,
+              "sample_all_below": args.sample_all_below}
     return EvolveConfig(**(shared | fields))
 
 
@@ -197,6 +198,7 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
             print(f"| student of {t} | {s:.3f} |", file=out)
         print(f"| student of the judge's picks | {mt['student']:.3f} |", file=out)
     print(f"\nwall time {line['wall_s']:.0f} s", file=out)
+
 
 if __name__ == "__main__":
     main()
