@@ -28,9 +28,8 @@ from pathlib import Path
 from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
-from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
+from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, gallery_teacher
-from t2i_evolve.world import GrammarPrompts, GrammarSlice
 
 DEFICIT_TEACHERS = ("no-color", "no-shape", "no-count")  # deficits every prompt of the slice can show
 
@@ -82,8 +81,7 @@ def multi_teacher(args, root: Path, seed: int) -> dict:
     students = {spec.id: arm(base_config(args, root / f"student-{spec.id}", seed, teachers=[spec], **common))["final_score"]
                 for spec in specs}
     picked = arm(base_config(args, root / "student-judged", seed, teachers=specs, **common))
-    held_out = GrammarPrompts(GrammarSlice(max_groups=args.max_groups, p_size=0.0)).sample(args.eval_prompts,
-                                                                                       seed=seed + 10_007)
+    held_out = held_out_prompts(base_config(args, root, seed))  # the prompts every student is scored on
     teachers = {tid: evaluate(gallery_teacher(tid, p=args.deficit_p), PixelJudge(), held_out, seed=10_000).summary()["score"]
                 for tid in DEFICIT_TEACHERS}
     return {"student": picked["final_score"], "teachers": teachers, "single_teacher_students": students,

@@ -4,6 +4,7 @@ The teacher's call log and the judge's call log are the "server side": one line 
 appended before the ledger commits, so a call paid twice shows up twice.
 
     python tests/evolve_worker.py RUN_DIR [--kill-after N]   # SIGKILL itself at the judge's N-th call
+    python tests/evolve_worker.py RUN_DIR --kill-at-draw N   # ... at the teacher's N-th batch of draws
 """
 
 from __future__ import annotations
@@ -50,14 +51,30 @@ class ScriptedJudge:
         return Comparison(winner, 1.0 if winner == "tie" else 0.2, 1.0)
 
 
+class KillingTeacher(ProceduralTeacher):
+    """The strong teacher, SIGKILLing its process when asked for its `kill_at`-th batch of images."""
+
+    def __init__(self, *args, kill_at: int = -1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_at, self.batches = kill_at, 0
+
+    def generate(self, prompts, seeds):
+        self.batches += 1
+        if self.batches == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().generate(prompts, seeds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--kill-after", type=int, default=-1)
+    parser.add_argument("--kill-at-draw", type=int, default=-1)
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    teacher = ProceduralTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl")
+    teacher = KillingTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl",
+                             kill_at=args.kill_at_draw)
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
     run_evolve(small_config(args.run_dir), teachers=[teacher], judge=judge)
 

@@ -74,12 +74,16 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run)
     assert (reference_run / "report.html").stat().st_size > 1000
 
 
-def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_ledger(reference_run, tmp_path):
+@pytest.mark.parametrize("kill", [("--kill-after", "30"),  # round 1 judges the 24 seed records: dies in round 2
+                                  ("--kill-at-draw", "3")],  # after round 1's verdicts, drawing its expansions
+                         ids=["judging", "expanding"])
+def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_ledger(reference_run, tmp_path, kill):
     run_dir = tmp_path / "killed"
-    killed = _worker(run_dir, "--kill-after", "30")  # round 1 judges the 24 seed records: dies in round 2
+    killed = _worker(run_dir, *kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with Ledger(run_dir, create=False) as ledger:
-        assert ledger.calls(caller="scripted", status="pending")  # the call in flight when it died
+        caller = "scripted" if kill[0] == "--kill-after" else "strong"
+        assert ledger.calls(caller=caller, status="pending")  # the call in flight when it died
         assert not (run_dir / "summary.json").exists()
     resumed = _worker(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -104,6 +108,22 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
     assert first["teacher_calls"] <= 30
     second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
     assert 30 < second["teacher_calls"] <= 60
+
+
+def test_teacher_price_budget_stops_the_run_before_it_spends_more(tmp_path):
+    run_dir = tmp_path / "price"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(small_config(str(run_dir), max_teacher_price=1.1), judge=judge)  # 0.04 per image
+    assert summary["stopped"] and "price" in summary["stopped"]
+    assert 24 < summary["teacher_calls"] <= 27 and summary["teacher_price"] <= 1.1 + 1e-9
+
+
+def test_judge_budget_stops_the_run_cleanly(tmp_path):
+    run_dir = tmp_path / "judge-budget"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(small_config(str(run_dir), rounds=3, max_judge_calls=30), judge=judge)
+    assert summary["stopped"] and "judge budget" in summary["stopped"]
+    assert summary["judge_calls"] == 30 and [row["round"] for row in summary["rounds"]] == [1, 2]
 
 
 def test_a_run_against_serve_judge_with_faults_completes(tmp_path):

@@ -76,3 +76,13 @@ def test_blur_and_noise_are_configurable(judge):
     noisy = ProceduralTeacher(TeacherConfig(id="blurry", blur=0.8, noise=10)).draw("a red circle", 0)[0]
     assert np.abs(np.asarray(clean, float) - np.asarray(noisy, float)).mean() > 2
     assert judge.score(noisy, "a red circle").score == 1.0
+
+
+def test_a_fault_in_a_batch_fails_that_request_alone(tmp_path):
+    teacher = ProceduralTeacher(TeacherConfig(transient_error_rate=0.2), call_log=tmp_path / "calls")
+    prompts = [f"{n} red circles" for n in ("two", "three")] * 20
+    images = teacher.generate(prompts, list(range(len(prompts))))
+    failed = [i for i, image in enumerate(images) if image is None]
+    assert 0 < len(failed) < len(prompts) and teacher.faults == len(failed)
+    assert teacher.calls == len(prompts) - len(failed)
+    assert (tmp_path / "calls").read_text().count("\n") == teacher.calls  # only answered requests are billed

@@ -315,12 +315,17 @@ class Ledger(CallCacheMixin):
     def set_judge(self, record_id: int, judge: Any, *, round: int | None = None) -> None:
         """Attach a judge result (a dict, or an `ImageScore`) to a record, replacing any earlier one.
 
-        Logged as op 'judge' in `round` (by default the record's own round).
+        Logged as op 'judge' in `round` (by default the record's own round). Setting the same result
+        again in the same round (a step rerun after a crash) changes nothing and logs nothing.
         """
         with self.transaction() as db:
-            record_round = _column(db, record_id, "round")
-            db.execute("UPDATE records SET judge = ? WHERE id = ?", (_dumps(judge), record_id))
-            self._log(db, record_round if round is None else round, "judge", record_id, None, None)
+            round = _column(db, record_id, "round") if round is None else round
+            value = _dumps(judge)
+            if _column(db, record_id, "judge") == value and db.execute(
+                    "SELECT 1 FROM ops WHERE record_id = ? AND op = 'judge' AND round = ?", (record_id, round)).fetchone():
+                return
+            db.execute("UPDATE records SET judge = ? WHERE id = ?", (value, record_id))
+            self._log(db, round, "judge", record_id, None, None)
 
     def record(self, record_id: int) -> Record:
         with self._read() as db:

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..data import Ledger
-from ..errors import BudgetExhausted
+from ..errors import BudgetExhausted, UserError
 from ..eval import evaluate
 from ..eval.report import image_grid, svg_curve, write_report
 from ..judges import PixelJudge
@@ -65,6 +65,8 @@ class EvolveConfig(Config):
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
+    max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this "
+                                                                     "much (each teacher's price per call).")
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly when the judge answered this many.")
     eval_prompts: int = Field(128, ge=0)
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
@@ -87,14 +89,16 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     (out / "evolve.yaml").write_text(config.to_yaml())
     ledger = Ledger(out)
     base = Path(config.base_model) if config.base_model else out / "base"
+    if config.base_model and not (base / "model_index.json").is_file():
+        raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
     if not (base / "model_index.json").exists():
         init_tiny_model(base, config.tiny_model, seed=config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.from_pretrained(base).resolution)
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
     writer = writer or config.writer.build(config.grammar, ledger)
-    held_out = _held_out_prompts(config)
-    run = Run(config, ledger, teachers, judge, writer, out)
+    held_out = held_out_prompts(config)
+    run = Run(config, ledger, teachers, judge, writer, out, held_out)
 
     stopped = None
     rounds: list[dict] = []
@@ -109,7 +113,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     model_dir = done_file.parent / "model"
                     advance(1)
                     continue
-                if ledger.count() == 0:
+                if ledger.count() == 0 and not run.deleted_in(r):  # (a round that deleted all may not be done)
                     stopped = "every record deleted: the base matches its teachers on the whole set"
                     break
                 tick, calls_seen = time.perf_counter(), run.teacher_calls()
@@ -140,24 +144,38 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
 class Run:
     """The steps of one evolve run, over its ledger. Each step can be repeated after a crash."""
 
-    def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path):
+    def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path,
+                 held_out: list[str]):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = (
             config, ledger, teachers, judge, writer, out)
+        self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
 
     # -- the data set ---------------------------------------------------------------------------------
 
     def seed_set(self) -> None:
-        """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best."""
-        prompts = _seed_prompts(self.config)
-        self.add_drawn(prompts, round=0, op="seed", parents=[None] * len(prompts),
+        """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best.
+        A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
+        prompts = seed_prompts(self.config, self.held_out)
+        seen: dict[str, int] = {}
+        seeds = []
+        for prompt in prompts:
+            k = seen[prompt] = seen.get(prompt, -1) + 1
+            seeds.append(stable_seed(self.config.seed, prompt) if k == 0 else stable_seed(self.config.seed, prompt, k))
+        self.add_drawn(prompts, seeds, round=0, op="seed", parents=[None] * len(prompts),
                        reasons=["seed prompt"] * len(prompts))
 
-    def add_drawn(self, prompts, *, round, op, parents, reasons, teacher_ids=None) -> int:
-        """Draw `prompts` (by `teacher_ids`, or by the tournament's winner) and add them as records."""
-        prompts, parents, reasons = self._within_teacher_budget(prompts, parents, reasons, teacher_ids)
-        seeds = [stable_seed(self.config.seed, prompt) for prompt in prompts]
+    def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:
+        """Draw `prompts` (by `teacher_ids`, or by the tournament's winner) and add them as records.
+        Held-out prompts are skipped: the run is scored on prompts no teacher drew for it."""
+        keep = [i for i, prompt in enumerate(prompts) if prompt not in self.held_out]
+        prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
+        teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
+        n = self._within_teacher_budget(prompts, seeds, teacher_ids)
+        prompts, seeds, parents, reasons = prompts[:n], seeds[:n], parents[:n], reasons[:n]
         if teacher_ids is None:
             teacher_ids, images = self.tournament(prompts, seeds, round)
+            if len(self.teachers) > 1:
+                reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
             teacher_ids = teacher_ids[: len(prompts)]
             images = [None] * len(prompts)
@@ -176,6 +194,9 @@ class Run:
                                    skills=scene_skills(scene) if scene else ())
             added += 1
         return added
+
+    def deleted_in(self, r: int) -> bool:
+        return any(rec.deleted_round == r for rec in self.ledger.records(None))
 
     def tournament(self, prompts, seeds, round) -> tuple[list[str], list]:
         """Every teacher draws every prompt; the judge keeps the better image, teacher by teacher."""
@@ -218,7 +239,7 @@ class Run:
         records = self._sampled(r)
         base_images = Sampler(T2IModel.from_pretrained(model_dir), c.sampler).generate(
             [rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
-        records, base_images = self._within_judge_budget(records, base_images)
+        records, base_images = self._within_judge_budget(records, base_images, r)
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
         ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0}
@@ -245,10 +266,13 @@ class Run:
         """The teacher beat the base: variations of the prompt, drawn by the record's own teacher."""
         prompts, parents, teachers = [], [], []
         for rec in records:
+            if rec.generator not in self.teachers:
+                raise UserError(f"record {rec.id} was drawn by {rec.generator!r}, not one of this run's teachers "
+                                f"({', '.join(self.teachers)}): add it to `teachers` to expand it")
             for prompt in self.writer.variations(rec.prompt, self.config.variations,
                                                  seed=stable_seed(self.config.seed, r, rec.id)):
                 prompts.append(prompt), parents.append(rec.id), teachers.append(rec.generator)
-        return self.add_drawn(prompts, round=r, op="expand", parents=parents,
+        return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="expand", parents=parents,
                               reasons=["teacher better than base"] * len(prompts), teacher_ids=teachers)
 
     def _mutate(self, r: int, records) -> int:
@@ -258,8 +282,12 @@ class Run:
             new = self.writer.new_structures([rec.prompt], 1, seed=stable_seed(self.config.seed, r, rec.id, "new"))
             prompts += new[:1]
             parents += [rec.id] * len(new[:1])
-        return self.add_drawn(prompts, round=r, op="mutate", parents=parents,
+        return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="mutate", parents=parents,
                               reasons=["new structure after a deletion"] * len(prompts))
+
+    def _new_seeds(self, prompts, parents, r: int) -> list[int]:
+        """Seeds of a round's new prompts: a prompt already in the set gets a new image, not a copy."""
+        return [stable_seed(self.config.seed, prompt, r, parent) for prompt, parent in zip(prompts, parents)]
 
     def _sampled(self, r: int):
         """The records the judge looks at in round `r`: a seeded share of those active when it began
@@ -295,46 +323,58 @@ class Run:
     def judge_calls(self) -> int:
         return sum(call.attempts for call in self.ledger.calls(caller=self.judge.id))
 
-    def _within_teacher_budget(self, prompts, parents, reasons, teacher_ids):
-        """Cut a batch of draws to what `max_teacher_calls` still allows (a tournament costs one call per
-        teacher); raise `BudgetExhausted` once nothing more fits, so the run stops cleanly."""
-        limit = self.config.max_teacher_calls
-        if limit is None or not prompts:
-            return prompts, parents, reasons
-        cached = {call.request["prompt"] for tid in self.teachers for call in self.ledger.calls(caller=tid, status="done")}
-        per_prompt = 1 if teacher_ids is not None else len(self.teachers)
-        left = limit - self.teacher_calls()
+    def _within_teacher_budget(self, prompts, seeds, teacher_ids) -> int:
+        """Cut a batch of draws to what `max_teacher_calls` and `max_teacher_price` still allow (a
+        tournament costs one call per teacher, an image a teacher drew before costs nothing); raise
+        `BudgetExhausted` once nothing more fits, so the run stops cleanly. Returns how many fit."""
+        c = self.config
+        if (c.max_teacher_calls is None and c.max_teacher_price is None) or not prompts:
+            return len(prompts)
+        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
+                 for call in self.ledger.calls(caller=tid, status="done")}
+        calls_left = math.inf if c.max_teacher_calls is None else c.max_teacher_calls - self.teacher_calls()
+        price_left = math.inf if c.max_teacher_price is None else c.max_teacher_price - self.teacher_price()
         keep = 0
-        for prompt in prompts:
-            cost = 0 if prompt in cached else per_prompt
-            if cost > left:
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
+                   if (tid, prompt, seed) not in drawn]
+            price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
+            if len(new) > calls_left or price > price_left + 1e-9:
                 break
-            left, keep = left - cost, keep + 1
+            calls_left, price_left, keep = calls_left - len(new), price_left - price, keep + 1
         if keep == 0:
-            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} of {limit} calls")
-        return prompts[:keep], parents[:keep], reasons[:keep]
+            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls "
+                                  f"(max {c.max_teacher_calls}), price {self.teacher_price():g} (max {c.max_teacher_price})")
+        return keep
 
-    def _within_judge_budget(self, records, images):
+    def _within_judge_budget(self, records, images, r: int):
         limit = self.config.max_judge_calls
         if limit is None:
             return records, images
-        left = limit - self.judge_calls()
+        # calls of earlier rounds only: a rerun of this round after a crash must judge the same records
+        left = limit - sum(call.attempts for call in self.ledger.calls(caller=self.judge.id)
+                           if call.round is not None and call.round < r)
         if left <= 0:
             raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {limit} calls")
         return records[:left], images[:left]
 
 
-def _seed_prompts(config: EvolveConfig) -> list[str]:
-    """`seed_prompts` distinct random prompts of the grammar slice (a repeat would be a free cache hit)."""
-    drawn = GrammarPrompts(config.grammar).sample(2 * config.seed_prompts + 50, seed=config.seed)
-    return list(dict.fromkeys(drawn))[: config.seed_prompts]
-
-
-def _held_out_prompts(config: EvolveConfig) -> list[str]:
-    """Grammar prompts of the same slice that the seed set does not contain."""
-    seen = set(_seed_prompts(config))
+def held_out_prompts(config: EvolveConfig) -> list[str]:
+    """`eval_prompts` distinct prompts of the slice. They depend on the seed and the slice only, so
+    runs with other seed sets (the uniform arms of a benchmark, say) are scored on the same prompts."""
     candidates = GrammarPrompts(config.grammar).sample(4 * config.eval_prompts + 50, seed=config.seed + 10_007)
-    return [p for p in candidates if p not in seen][: config.eval_prompts]
+    return list(dict.fromkeys(candidates))[: config.eval_prompts]
+
+
+def seed_prompts(config: EvolveConfig, held_out: set[str]) -> list[str]:
+    """`seed_prompts` independent random prompts of the slice that are not held out (repeats allowed:
+    a set of N teacher images keeps the slice's mix of prompts at every N). Larger sets extend smaller ones."""
+    n = config.seed_prompts
+    drawn = [p for p in GrammarPrompts(config.grammar).sample(4 * n + 100, seed=config.seed) if p not in held_out]
+    if len(drawn) < n:
+        raise UserError(f"the grammar slice is too small for {n} seed prompts beside {len(held_out)} held-out "
+                        "ones: lower eval_prompts or widen the slice")
+    return drawn[:n]
 
 
 def _scene(prompt: str):

@@ -60,19 +60,32 @@ class ProceduralTeacher:
         self.faults = 0
         self._attempts: dict[tuple[str, int], int] = {}
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        for prompt, seed in zip(prompts, seeds):
-            self._maybe_fail(prompt, seed)
-        images = [self.draw(prompt, seed)[0] for prompt, seed in zip(prompts, seeds)]
-        self.calls += len(images)
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | None]:
+        """One image per prompt. A fault on a single request raises; in a batch, each request fails
+        alone (None), as concurrent requests to an API do, so one fault does not sink the batch."""
+        if len(prompts) == 1:
+            self._maybe_fail(prompts[0], seeds[0])
+            answered = [True]
+        else:
+            answered = [self._answers(prompt, seed) for prompt, seed in zip(prompts, seeds)]
+        images = [self.draw(p, s)[0] if ok else None for p, s, ok in zip(prompts, seeds, answered)]
+        drawn = [(p, s) for p, s, ok in zip(prompts, seeds, answered) if ok]
+        self.calls += len(drawn)
         if self.call_log:
-            lines = "".join(json.dumps({"teacher": self.id, "prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds))
+            lines = "".join(json.dumps({"teacher": self.id, "prompt": p, "seed": s}) + "\n" for p, s in drawn)
             fd = os.open(self.call_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, lines.encode())
             finally:
                 os.close(fd)
         return images
+
+    def _answers(self, prompt: str, seed: int) -> bool:
+        try:
+            self._maybe_fail(prompt, seed)
+        except TransientError:
+            return False
+        return True
 
     def _maybe_fail(self, prompt: str, seed: int) -> None:
         """Transient faults drawn per attempt, so a retry of the same request can succeed."""
