@@ -227,7 +227,6 @@ def init_model(
 @app.command("train")
 def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
-    from .data import Ledger
     from .progress import progress_bar
     from .train import TrainConfig, Trainer, TrainingSet
 

@@ -145,3 +145,31 @@ def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
     assert sum(c.attempts for c in judge_calls) == served > len(judge_calls)  # faults were retried, and counted
     judged = sum(row["ops"]["judged"] for row in summary["rounds"])
     assert judged > 0 and {"delete", "expand"} <= {op for row in summary["rounds"] for op, n in row["ops"].items() if n}
+
+
+def test_an_llm_writer_rerun_remembers_what_it_wrote_in_earlier_rounds(tmp_path):
+    """A new process (a rerun) reads the writer's earlier outputs from the ledger, so a reply that repeats
+    them is dropped as a near-copy, as it would have been in the first process."""
+    from fake_openai import FakeOpenAI
+
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.prompts import OpenAIPromptWriter, OpenAIPromptWriterConfig
+
+    same = json.dumps(["two red circles left of a blue square", "three green stars", "a cyan triangle above a red star",
+                       "two yellow squares and a magenta circle", "a blue star below two green circles"])
+    run_dir = tmp_path / "llm"
+    with FakeOpenAI(chat_reply=lambda body: same) as server:
+        def run(rounds: int) -> dict:
+            ledger = Ledger(run_dir)
+            writer = OpenAIPromptWriter(OpenAIPromptWriterConfig(endpoint=EndpointConfig(
+                base_url=server.base_url, model="llm", backoff_s=0.0), max_reasks=0), ledger=ledger)
+            judge = CachedJudge(ScriptedJudge(), ledger, backoff_s=0)
+            return run_evolve(small_config(str(run_dir), rounds=rounds, mutate_rate=0.0), judge=judge, writer=writer)
+
+        first = run(1)
+        second = run(2)  # a new writer, as after a restart
+    assert first["rounds"][0]["ops"]["expand"] > 0
+    assert second["rounds"][1]["ops"]["expand"] == 0  # every reply repeats what round 1 already wrote
+    with Ledger(run_dir, create=False) as ledger:
+        written = [r.prompt for r in ledger.records(None) if r.op == "expand"]
+    assert written and len(written) == len(set(written)) == first["rounds"][0]["ops"]["expand"]

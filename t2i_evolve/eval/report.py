@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -48,6 +49,29 @@ def score_table(columns: dict[str, dict]) -> str:
     rows += ["<tr><td>" + s + "</td>" + "".join(f"<td>{columns[n]['skills'][s]:.3f}</td>" for n in names) + "</tr>"
              for s in skills]
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain table; floats shown with three decimals."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` atomically (a reader, or a rerun after a crash, never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    """Rewrite a JSON-lines file whole and atomically, so a crash between two rows never loses one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
 
 
 def image_grid(prompts: Sequence[str], rows: dict[str, Sequence[Image.Image]], limit: int = 16) -> str:

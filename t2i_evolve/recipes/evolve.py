@@ -30,13 +30,15 @@ from ..config import Config
 from ..data import Ledger
 from ..errors import BudgetExhausted, UserError
 from ..eval import evaluate
-from ..eval.report import image_grid, svg_curve, write_report
+from ..eval.report import html_table, image_grid, svg_curve, write_json, write_jsonl, write_report
 from ..judges import PixelJudge
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
 from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
-from ..world import GrammarPrompts, GrammarSlice, parse, scene_skills
-from .parts import JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs, stable_seed
+from ..world import GrammarSlice, parse, scene_skills
+from ..world.sampling import distinct_prompts, iid_prompts
+from .parts import (JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs, occurrence_seeds,
+                    stable_seed)
 
 
 class EvolveConfig(Config):
@@ -116,9 +118,11 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 if ledger.count() == 0 and not run.deleted_in(r):  # (a round that deleted all may not be done)
                     stopped = "every record deleted: the base matches its teachers on the whole set"
                     break
-                tick, calls_seen = time.perf_counter(), run.teacher_calls()
+                tick, start = time.perf_counter(), done_file.with_name("start.json")
+                if not start.exists():  # what the round started from, kept for a rerun of the round
+                    write_json(start, {"round": r, "teacher_calls": run.teacher_calls(), "active": ledger.count()})
+                row = json.loads(start.read_text())
                 model_dir = run.train(r, model_dir)
-                row = {"round": r, "teacher_calls": calls_seen, "active": ledger.count()}
                 if config.eval_every_round or r == config.rounds:
                     row |= run.held_out_score(model_dir, held_out)
                 if config.evolve:
@@ -126,17 +130,16 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 row |= {"judge_calls": run.judge_calls(), "teacher_calls_after": run.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)
-                _write_json(done_file, row)
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                advance(1, status=f"score {row.get('score', float('nan')):.3f} active {row['active']} "
-                                  f"teacher calls {row['teacher_calls_after']} ops {row.get('ops', {})}")
+                write_json(done_file, row)
+                write_jsonl(out / "metrics.jsonl", rounds)
+                advance(1, status=f"score {row.get('score', float('nan')):.3f} active {row['active']} teacher calls "
+                                  f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
         except BudgetExhausted as e:
             stopped = str(e)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
                "teacher_calls": run.teacher_calls(), "judge_calls": run.judge_calls(),
                "teacher_price": run.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     _write_report(out, summary, held_out, base)
     return summary
 
@@ -155,13 +158,9 @@ class Run:
     def seed_set(self) -> None:
         """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best.
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
-        prompts = seed_prompts(self.config, self.held_out)
-        seen: dict[str, int] = {}
-        seeds = []
-        for prompt in prompts:
-            k = seen[prompt] = seen.get(prompt, -1) + 1
-            seeds.append(stable_seed(self.config.seed, prompt) if k == 0 else stable_seed(self.config.seed, prompt, k))
-        self.add_drawn(prompts, seeds, round=0, op="seed", parents=[None] * len(prompts),
+        prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed,
+                              exclude=self.held_out)
+        self.add_drawn(prompts, list(occurrence_seeds(self.config.seed, prompts)), round=0, op="seed", parents=[None] * len(prompts),
                        reasons=["seed prompt"] * len(prompts))
 
     def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:
@@ -236,6 +235,7 @@ class Run:
     def evolve_set(self, r: int, model_dir: Path) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""
         c = self.config
+        self._prime_writer(r)
         records = self._sampled(r)
         base_images = Sampler(T2IModel.from_pretrained(model_dir), c.sampler).generate(
             [rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
@@ -261,6 +261,15 @@ class Run:
         ops["expand"] = self._expand(r, expand)
         ops["mutate"] = self._mutate(r, mutate)
         return ops
+
+    def _prime_writer(self, r: int) -> None:
+        """An LLM writer drops near-copies of what it wrote before. What it wrote before is read from the
+        ledger (rounds before `r`), not kept in memory, so a rerun after a crash writes what the first run did."""
+        if hasattr(self.writer, "accepted"):
+            self.writer.accepted = [rec.prompt for rec in self.ledger.records(None)
+                                    if 0 < rec.round < r and rec.op in ("expand", "mutate")]
+        if hasattr(self.writer, "round"):
+            self.writer.round = r
 
     def _expand(self, r: int, records) -> int:
         """The teacher beat the base: variations of the prompt, drawn by the record's own teacher."""
@@ -360,21 +369,9 @@ class Run:
 
 
 def held_out_prompts(config: EvolveConfig) -> list[str]:
-    """`eval_prompts` distinct prompts of the slice. They depend on the seed and the slice only, so
-    runs with other seed sets (the uniform arms of a benchmark, say) are scored on the same prompts."""
-    candidates = GrammarPrompts(config.grammar).sample(4 * config.eval_prompts + 50, seed=config.seed + 10_007)
-    return list(dict.fromkeys(candidates))[: config.eval_prompts]
-
-
-def seed_prompts(config: EvolveConfig, held_out: set[str]) -> list[str]:
-    """`seed_prompts` independent random prompts of the slice that are not held out (repeats allowed:
-    a set of N teacher images keeps the slice's mix of prompts at every N). Larger sets extend smaller ones."""
-    n = config.seed_prompts
-    drawn = [p for p in GrammarPrompts(config.grammar).sample(4 * n + 100, seed=config.seed) if p not in held_out]
-    if len(drawn) < n:
-        raise UserError(f"the grammar slice is too small for {n} seed prompts beside {len(held_out)} held-out "
-                        "ones: lower eval_prompts or widen the slice")
-    return drawn[:n]
+    """Distinct prompts of the slice that depend on the seed and slice only, so runs with other seed sets
+    (a benchmark's uniform arms, say) are scored on the same prompts."""
+    return distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
 
 
 def _scene(prompt: str):
@@ -384,25 +381,15 @@ def _scene(prompt: str):
         return None  # a real-world prompt: no scene spec, no skill tags
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def _write_report(out: Path, summary: dict, held_out: list[str], base: Path) -> None:
     rounds = summary["rounds"]
     curve = [(row["teacher_calls"], row["score"]) for row in rounds if "score" in row]
-    header = "<tr><th>round</th><th>score</th><th>active</th><th>teacher calls</th><th>judge calls</th>" \
-             "<th>judged</th><th>delete</th><th>expand</th><th>mutate</th></tr>"
-    body = "".join(
-        f"<tr><td>{row['round']}</td><td>{row.get('score', float('nan')):.3f}</td><td>{row['active']}</td>"
-        f"<td>{row['teacher_calls']}</td><td>{row['judge_calls']}</td>"
-        + "".join(f"<td>{row.get('ops', {}).get(k, '-')}</td>" for k in ("judged", "delete", "expand", "mutate"))
-        + "</tr>" for row in rounds)
+    ops = ("judged", "delete", "expand", "mutate")
+    table = html_table(["round", "score", "active", "teacher calls", "judge calls", *ops],
+                       [[row["round"], row.get("score", "-"), row["active"], row["teacher_calls"], row["judge_calls"],
+                         *(row.get("ops", {}).get(k, "-") for k in ops)] for row in rounds])
     sections = [("Held-out score vs teacher calls", svg_curve(curve, label="teacher calls")),
-                ("Rounds", f"<table>{header}{body}</table>")]
+                ("Operations per round", table)]
     final = out / "rounds" / f"{len(rounds):03d}" / "model"
     if held_out and (final / "model_index.json").exists():
         shown, seeds = held_out[:16], list(range(min(16, len(held_out))))

@@ -14,7 +14,7 @@ Remote parts are imported on demand, so the shapes world never needs their depen
 from __future__ import annotations
 
 import hashlib
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 from PIL import Image
 
@@ -120,6 +120,14 @@ def stable_seed(*parts: object) -> int:
     """A seed that depends only on `parts` (not on Python's hash salt or on call order)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def occurrence_seeds(seed: int, prompts: Sequence[str]) -> Iterator[int]:
+    """A seed per prompt; each repeat of a prompt gets another seed (another image, not a copy)."""
+    seen: dict[str, int] = {}
+    for prompt in prompts:
+        seen[prompt] = seen.get(prompt, -1) + 1
+        yield stable_seed(seed, prompt, seen[prompt])
 
 
 def cached_teachers(teachers: Sequence[Generator], ledger: Ledger) -> dict[str, CachedGenerator]:

@@ -65,3 +65,17 @@ class GrammarPrompts:
             if skill is None or skill in scene_skills(scene):
                 prompts.append(render_prompt(scene))
         raise UserError(f"this grammar slice has (almost) no prompts that exercise {skill!r}: {self.slice}")
+
+
+def distinct_prompts(slice_: GrammarSlice, n: int, *, seed: int) -> list[str]:
+    """Up to `n` distinct random prompts of the slice (e.g. a held-out set)."""
+    return list(dict.fromkeys(GrammarPrompts(slice_).sample(4 * n + 50, seed=seed)))[:n]
+
+
+def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    """`n` independent random prompts of the slice, none in `exclude`. Repeats are kept, so a set of any
+    size has the slice's mix of prompts; a larger `n` extends the list a smaller one gives."""
+    drawn = [p for p in GrammarPrompts(slice_).sample(4 * n + 100, seed=seed) if p not in exclude]
+    if len(drawn) < n:
+        raise UserError(f"the grammar slice is too small for {n} prompts beside {len(exclude)} excluded ones")
+    return drawn[:n]
