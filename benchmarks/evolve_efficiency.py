@@ -183,6 +183,11 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in mt[0]["teachers"]},
             "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
                                         for t in mt[0]["single_teacher_students"]}}
+    mt = line.get("multi_teacher")
+    line["floors"] = {"saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed),
+                      "student_beats_every_teacher": bool(mt) and all(mt["student"] > s for s in mt["teachers"].values()),
+                      "student_beats_every_single_teacher_student":
+                          bool(mt) and all(mt["student"] > s for s in mt["single_teacher_students"].values())}
     return line | {"seeds": per_seed, "wall_s": wall_s}
 
 
@@ -216,7 +221,7 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         for t, s in mt["single_teacher_students"].items():
             print(f"| student of {t} | {s:.3f} |", file=out)
         print(f"| student of the judge's picks | {mt['student']:.3f} |", file=out)
-    print(f"\nwall time {line['wall_s']:.0f} s", file=out)
+    print(f"\nfloors: {line['floors']}\nwall time {line['wall_s']:.0f} s", file=out)
 
 
 if __name__ == "__main__":
