@@ -91,3 +91,11 @@ def test_config_from_yaml_names_the_bad_field(tmp_path):
         TeacherConfig.from_yaml(tmp_path / "broken.yaml")
     with pytest.raises(ConfigError, match="not found"):
         Config.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_evolve_with_a_missing_base_model_says_so_in_one_line(tmp_path, capsys):
+    config = tmp_path / "evolve.yaml"
+    config.write_text(f"base_model: {tmp_path / 'nope'}\nrounds: 1\n")
+    code, out, err = run(capsys, "evolve", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert code == 2 and "base_model" in err and "model_index.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nope").exists()  # not silently filled with a fresh model
