@@ -160,8 +160,8 @@ class Run:
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
         prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed,
                               exclude=self.held_out)
-        self.add_drawn(prompts, list(occurrence_seeds(self.config.seed, prompts)), round=0, op="seed", parents=[None] * len(prompts),
-                       reasons=["seed prompt"] * len(prompts))
+        self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
+                       parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
 
     def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:
         """Draw `prompts` (by `teacher_ids`, or by the tournament's winner) and add them as records.
@@ -171,12 +171,12 @@ class Run:
         teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
         n = self._within_teacher_budget(prompts, seeds, teacher_ids)
         prompts, seeds, parents, reasons = prompts[:n], seeds[:n], parents[:n], reasons[:n]
-        if teacher_ids is None:
+        if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = self.tournament(prompts, seeds, round)
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
-            teacher_ids = teacher_ids[: len(prompts)]
+            teacher_ids = teacher_ids[:n]
             images = [None] * len(prompts)
             for tid in dict.fromkeys(teacher_ids):
                 idx = [i for i, t in enumerate(teacher_ids) if t == tid]

@@ -14,7 +14,7 @@ Remote parts are imported on demand, so the shapes world never needs their depen
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 from PIL import Image
 
@@ -122,12 +122,14 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def occurrence_seeds(seed: int, prompts: Sequence[str]) -> Iterator[int]:
+def occurrence_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
     """A seed per prompt; each repeat of a prompt gets another seed (another image, not a copy)."""
     seen: dict[str, int] = {}
+    seeds = []
     for prompt in prompts:
         seen[prompt] = seen.get(prompt, -1) + 1
-        yield stable_seed(seed, prompt, seen[prompt])
+        seeds.append(stable_seed(seed, prompt, seen[prompt]))
+    return seeds
 
 
 def cached_teachers(teachers: Sequence[Generator], ledger: Ledger) -> dict[str, CachedGenerator]:
