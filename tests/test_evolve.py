@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from t2i_evolve.data import CachedJudge, Ledger
-from t2i_evolve.recipes.evolve import run_evolve
+from t2i_evolve.recipes.evolve import held_out_prompts, run_evolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from evolve_worker import ScriptedJudge, small_config  # noqa: E402
@@ -61,6 +61,8 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run)
                 assert parent.judge["base_vs_teacher"] == "b"
             else:
                 assert parent.status == "deleted" and parent.deleted_round == record.round
+    held_out = set(held_out_prompts(small_config(str(reference_run))))
+    assert held_out and not held_out & {r.prompt for r in records.values()}  # no teacher drew a held-out prompt
     deleted = [r for r in records.values() if r.status == "deleted"]
     assert deleted and all(r.deleted_reason and r.judge["base_vs_teacher"] == "tie" for r in deleted)
     # ledger stats: per-round operation counts and per-round calls of the teacher and the judge
