@@ -171,12 +171,12 @@ class Run:
         teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
         n = self._within_teacher_budget(prompts, seeds, teacher_ids)
         prompts, seeds, parents, reasons = prompts[:n], seeds[:n], parents[:n], reasons[:n]
+        teacher_ids = None if teacher_ids is None else teacher_ids[:n]
         if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = self.tournament(prompts, seeds, round)
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
-            teacher_ids = teacher_ids[:n]
             images = [None] * len(prompts)
             for tid in dict.fromkeys(teacher_ids):
                 idx = [i for i, t in enumerate(teacher_ids) if t == tid]

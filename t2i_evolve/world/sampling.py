@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,9 +73,10 @@ def distinct_prompts(slice_: GrammarSlice, n: int, *, seed: int) -> list[str]:
     return list(dict.fromkeys(GrammarPrompts(slice_).sample(4 * n + 50, seed=seed)))[:n]
 
 
-def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: set[str] = frozenset()) -> list[str]:
+def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: Collection[str] = ()) -> list[str]:
     """`n` independent random prompts of the slice, none in `exclude`. Repeats are kept, so a set of any
     size has the slice's mix of prompts; a larger `n` extends the list a smaller one gives."""
+    exclude = set(exclude)
     drawn = [p for p in GrammarPrompts(slice_).sample(4 * n + 100, seed=seed) if p not in exclude]
     if len(drawn) < n:
         raise UserError(f"the grammar slice is too small for {n} prompts beside {len(exclude)} excluded ones")
