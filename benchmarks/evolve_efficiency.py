@@ -63,12 +63,17 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
     best = max(uniform[n]["final_score"] for n in uniform)
     target = best - args.tolerance
     best_n = min(n for n in uniform if uniform[n]["final_score"] >= target)
+    # A saving in calls is only measurable where more uniform data still raises the score: on a flat curve
+    # the smallest uniform size already reaches the target, and the ratio says nothing about the judge.
+    sizes = sorted(uniform)
+    gain = uniform[sizes[-1]]["final_score"] - uniform[sizes[0]]["final_score"]
     evolved = arm(base_config(args, root / "evolve", seed, seed_prompts=args.evolve_seed_prompts))
     reached = [calls for calls, score in evolved["curve"] if score >= target]
     calls_to_target = reached[0] if reached else None
     return {
         "uniform": {"final_score": best, "calls": best_n, "target": target,
-                    "by_size": {n: uniform[n]["final_score"] for n in uniform}},
+                    "by_size": {n: uniform[n]["final_score"] for n in uniform},
+                    "gain_smallest_to_largest": gain, "rises_with_data": gain > 2 * args.tolerance},
         "evolve": {"calls_to_uniform_final": calls_to_target, "final_score": evolved["final_score"],
                    "calls": evolved["calls"], "curve": evolved["curve"], "rounds": evolved["rounds"]},
         "saving": best_n / calls_to_target if calls_to_target else None,
@@ -184,7 +189,8 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
                                         for t in mt[0]["single_teacher_students"]}}
     mt = line.get("multi_teacher")
-    line["floors"] = {"saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed),
+    line["floors"] = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
+                      "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed),
                       "student_beats_every_teacher": bool(mt) and all(mt["student"] > s for s in mt["teachers"].values()),
                       "student_beats_every_single_teacher_student":
                           bool(mt) and all(mt["student"] > s for s in mt["single_teacher_students"].values())}
@@ -200,6 +206,9 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         for calls, score in r["evolve"]["curve"]:
             print(f"| seed {r['seed']} evolve (round) | {calls} | {score:.3f} |", file=out)
     print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
+    if not line["floors"]["uniform_rises_with_data"]:
+        print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
+              "this training budget there are no teacher calls for the judge to save; train longer", file=out)
     print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |\n|---|---|---|---|---|",
           file=out)
     for r in per_seed:

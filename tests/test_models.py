@@ -181,6 +181,17 @@ def test_bad_folders_are_user_errors(tiny_dir, tmp_path):
         T2IModel.from_pretrained(corrupt)
 
 
+def test_folder_resolution_reads_configs_only(tiny, tiny_dir, sd_dir, tmp_path):
+    assert T2IModel.folder_resolution(tiny_dir) == tiny.resolution == 32
+    assert T2IModel.folder_resolution(sd_dir) == T2IModel.from_pretrained(sd_dir).resolution == 32  # 16 latents x 2
+    no_weights = shutil.copytree(sd_dir, tmp_path / "no-weights")
+    for weights in no_weights.rglob("*.safetensors"):
+        weights.unlink()  # a recipe asking its teachers for a size must not need (or load) the weights
+    assert T2IModel.folder_resolution(no_weights) == 32
+    with pytest.raises(UserError, match="model_index.json"):
+        T2IModel.folder_resolution(tmp_path)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="norm_num_groups"):
         TinyModelConfig.from_dict({"norm_num_groups": 7})

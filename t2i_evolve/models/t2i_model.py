@@ -196,6 +196,25 @@ class T2IModel:
         """The image side the model was built for."""
         return self.unet.config.sample_size * self.latent_scale
 
+    @staticmethod
+    def folder_resolution(path: str | Path) -> int:
+        """`resolution` of a model folder read from its configs alone: no weights loaded (an SDXL folder
+        is gigabytes, and a recipe may only need the size to ask its teachers for)."""
+        root = Path(path)
+        _read_index(root)
+
+        def config(part: str) -> dict | None:
+            file = root / part / "config.json"
+            try:
+                return json.loads(file.read_text()) if file.is_file() else None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{file}: bad JSON ({e})") from None
+
+        unet, vae = config("unet"), config("vae")
+        if unet is None or "sample_size" not in unet:
+            raise UserError(f"{root}: no unet/config.json with a sample_size")
+        return unet["sample_size"] * (1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1))
+
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = (resolution or self.resolution) // self.latent_scale
         return (self.unet.config.in_channels, side, side)

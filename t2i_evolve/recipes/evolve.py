@@ -95,7 +95,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
         raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
     if not (base / "model_index.json").exists():
         init_tiny_model(base, config.tiny_model, seed=config.seed)
-    teachers = cached_teachers(teachers or [spec.build(T2IModel.from_pretrained(base).resolution)
+    teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
     writer = writer or config.writer.build(config.grammar, ledger)
@@ -123,10 +123,13 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     write_json(start, {"round": r, "teacher_calls": run.teacher_calls(), "active": ledger.count()})
                 row = json.loads(start.read_text())
                 model_dir = run.train(r, model_dir)
-                if config.eval_every_round or r == config.rounds:
-                    row |= run.held_out_score(model_dir, held_out)
+                scored = held_out and (config.eval_every_round or r == config.rounds)
+                if scored or config.evolve:  # the round's model, loaded once for both
+                    sampler = Sampler(T2IModel.from_pretrained(model_dir), config.sampler)
+                if scored:
+                    row |= run.held_out_score(sampler, held_out)
                 if config.evolve:
-                    row["ops"] = run.evolve_set(r, model_dir)
+                    row["ops"] = run.evolve_set(r, sampler)
                 row |= {"judge_calls": run.judge_calls(), "teacher_calls_after": run.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)
@@ -232,13 +235,12 @@ class Run:
             Trainer(train, TrainingSet.from_ledger(self.ledger)).run()
         return round_dir / "model"
 
-    def evolve_set(self, r: int, model_dir: Path) -> dict:
+    def evolve_set(self, r: int, base: Sampler) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""
         c = self.config
         self._prime_writer(r)
         records = self._sampled(r)
-        base_images = Sampler(T2IModel.from_pretrained(model_dir), c.sampler).generate(
-            [rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
+        base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
         records, base_images = self._within_judge_budget(records, base_images, r)
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
@@ -314,10 +316,7 @@ class Run:
         self.judge.round = round
         return compare_pairs(self.judge, pairs)
 
-    def held_out_score(self, model_dir: Path, prompts: list[str]) -> dict:
-        if not prompts:
-            return {}
-        sampler = Sampler(T2IModel.from_pretrained(model_dir), self.config.sampler)
+    def held_out_score(self, sampler: Sampler, prompts: list[str]) -> dict:
         summary = evaluate(sampler, PixelJudge(), prompts, seed=10_000).summary()
         return {"score": summary["score"], "skills": summary["skills"]}
 
