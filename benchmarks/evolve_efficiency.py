@@ -28,10 +28,11 @@ from pathlib import Path
 from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
+from t2i_evolve.models import SamplerConfig
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, gallery_teacher
 
-DEFICIT_TEACHERS = ("no-color", "no-shape", "no-count")  # deficits every prompt of the slice can show
+DEFICIT_TEACHERS = "no-color:0.7,no-shape:0.7,no-count:0.7"  # deficits every prompt of the slice can show
 
 
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
@@ -39,7 +40,8 @@ def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
               "base_model": args.base, "lr": args.lr, "warmup_steps": args.warmup_steps,
               "eval_prompts": args.eval_prompts, "sample_share": args.sample_share,
-              "sample_all_below": args.sample_all_below, "max_groups": args.max_groups}
+              "sample_all_below": args.sample_all_below, "max_groups": args.max_groups,
+              "sampler": SamplerConfig(steps=10, guidance=args.guidance)}
     return EvolveConfig(**(shared | fields))
 
 
@@ -67,28 +69,46 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
     # the smallest uniform size already reaches the target, and the ratio says nothing about the judge.
     sizes = sorted(uniform)
     gain = uniform[sizes[-1]]["final_score"] - uniform[sizes[0]]["final_score"]
-    evolved = arm(base_config(args, root / "evolve", seed, seed_prompts=args.evolve_seed_prompts))
-    reached = [calls for calls, score in evolved["curve"] if score >= target]
-    calls_to_target = reached[0] if reached else None
+    runs = {budget: evolve_arm(args, root, seed, budget) for budget in args.evolve_budgets}
+    calls_to_target = calls_to_reach(runs.values(), target)
+    evolved = runs[args.evolve_budgets[-1]]
     return {
         "uniform": {"final_score": best, "calls": best_n, "target": target,
                     "by_size": {n: uniform[n]["final_score"] for n in uniform},
                     "gain_smallest_to_largest": gain, "rises_with_data": gain > 2 * args.tolerance},
         "evolve": {"calls_to_uniform_final": calls_to_target, "final_score": evolved["final_score"],
-                   "calls": evolved["calls"], "curve": evolved["curve"], "rounds": evolved["rounds"]},
+                   "calls": evolved["calls"], "curve": evolved["curve"], "rounds": evolved["rounds"],
+                   "by_budget": {budget or "none": {"final_score": run["final_score"], "calls": run["calls"],
+                                                    "curve": run["curve"]} for budget, run in runs.items()}},
         "saving": best_n / calls_to_target if calls_to_target else None,
     }
 
 
+def evolve_arm(args, root: Path, seed: int, budget: int, **fields) -> dict:
+    """An evolve run that buys at most `budget` teacher images (0: no cap) and then trains on, so it gets
+    the uniform arms' training compute whatever it spent."""
+    cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
+    return arm(base_config(args, root / f"evolve-{budget or 'uncapped'}", seed,
+                           seed_prompts=args.evolve_seed_prompts, **cap, **fields))
+
+
+def calls_to_reach(runs, target: float) -> int | None:
+    """The fewest teacher calls behind a model that reached `target`, over every round of every evolve
+    run (a round is scored on the model trained on the calls made before it, with less training than a
+    uniform arm's final model had, which favours uniform)."""
+    reached = [calls for run in runs for calls, score in run["curve"] if score >= target]
+    return min(reached) if reached else None
+
+
 def multi_teacher(args, root: Path, seed: int) -> dict:
-    specs = [TeacherSpec(id=tid, p=args.deficit_p) for tid in DEFICIT_TEACHERS]
+    specs = [TeacherSpec(id=tid, p=p) for tid, p in args.teachers.items()]
     common = {"evolve": False, "seed_prompts": args.multi_prompts, "eval_every_round": False}
     students = {spec.id: arm(base_config(args, root / f"student-{spec.id}", seed, teachers=[spec], **common))["final_score"]
                 for spec in specs}
     picked = arm(base_config(args, root / "student-judged", seed, teachers=specs, **common))
     held_out = held_out_prompts(base_config(args, root, seed))  # the prompts every student is scored on
-    teachers = {tid: evaluate(gallery_teacher(tid, p=args.deficit_p), PixelJudge(), held_out, seed=10_000).summary()["score"]
-                for tid in DEFICIT_TEACHERS}
+    teachers = {spec.id: evaluate(gallery_teacher(spec.id, p=spec.p), PixelJudge(), held_out, seed=10_000).summary()["score"]
+                for spec in specs}
     return {"student": picked["final_score"], "teachers": teachers, "single_teacher_students": students,
             "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}
 
@@ -102,12 +122,10 @@ def judge_noise(args, root: Path, seed: int, target: float, uniform_calls: int) 
         with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
             endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
             judge = JudgeSpec(kind="openai", endpoint=endpoint)
-            run = arm(base_config(args, root / f"evolve-noise-{rate}", seed, judge=judge,
-                                  seed_prompts=args.evolve_seed_prompts))
-        reached = [calls for calls, score in run["curve"] if score >= target]
+            run = evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1], judge=judge)
+        reached = calls_to_reach([run], target)
         results[str(rate)] = {"final_score": run["final_score"], "calls": run["calls"],
-                              "calls_to_uniform_final": reached[0] if reached else None,
-                              "saving": uniform_calls / reached[0] if reached else None}
+                              "calls_to_uniform_final": reached, "saving": uniform_calls / reached if reached else None}
     return results
 
 
@@ -124,10 +142,16 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=None)
     parser.add_argument("--uniform-sizes", default=None, help="Comma-separated dataset sizes of the uniform arm.")
     parser.add_argument("--evolve-seed-prompts", type=int, default=40)
+    parser.add_argument("--evolve-budgets", default=None,
+                        help="Comma-separated teacher-call caps of the evolve arms, each trained as long as the "
+                             "uniform arms (0: no cap; the last one is also part 3's). Default: 0.")
     parser.add_argument("--sample-share", type=float, default=0.2)
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
-    parser.add_argument("--deficit-p", type=float, default=0.7)
+    parser.add_argument("--teachers", default=DEFICIT_TEACHERS,
+                        help="Part 2's gallery teachers as id:p (the chance its skill breaks), comma-separated.")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="Classifier-free guidance when sampling the base (held-out score, judged samples).")
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--max-groups", type=int, default=2, help="Prompts of 1 to this many object groups.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
@@ -149,15 +173,24 @@ def main() -> None:
     args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
                                                                    "100,200,400,800,1600")).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
+    args.evolve_budgets = [int(b) for b in (args.evolve_budgets or "0").split(",")]
+    try:
+        args.teachers = {tid: float(p) for tid, p in (item.split(":") for item in args.teachers.split(","))}
+    except ValueError:
+        parser.error(f"--teachers: expected id:p,id:p (e.g. no-color:0.9,no-shape:0.7), not {args.teachers!r}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
+    if 3 in parts and 1 not in parts:
+        parser.error("part 3 measures the saving against part 1's uniform arms: add part 1")
 
     started = time.perf_counter()
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         for seed in seeds:
-            result = {"seed": seed, **data_efficiency(args, root / f"seed-{seed}", seed)}
+            result = {"seed": seed}
+            if 1 in parts:
+                result |= data_efficiency(args, root / f"seed-{seed}", seed)
             if 2 in parts:
                 result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed)
             if 3 in parts:
@@ -173,14 +206,18 @@ def main() -> None:
 
 def summarize(per_seed: list[dict], wall_s: float) -> dict:
     """The issue's JSON line: means over seeds (per-seed values under `seeds`)."""
-    line = {
+    line, floors = {}, {}
+    if "uniform" in per_seed[0]:
+        line = {
         "uniform": {"final_score": mean_or_none([r["uniform"]["final_score"] for r in per_seed]),
                     "calls": mean_or_none([r["uniform"]["calls"] for r in per_seed])},
         "evolve": {"calls_to_uniform_final": mean_or_none([r["evolve"]["calls_to_uniform_final"] for r in per_seed]),
                    "final_score": mean_or_none([r["evolve"]["final_score"] for r in per_seed]),
                    "calls": mean_or_none([r["evolve"]["calls"] for r in per_seed])},
         "saving": mean_or_none([r["saving"] for r in per_seed]),
-    }
+        }
+        floors = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
+                  "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed)}
     if "multi_teacher" in per_seed[0]:
         mt = [r["multi_teacher"] for r in per_seed]
         line["multi_teacher"] = {
@@ -188,33 +225,33 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in mt[0]["teachers"]},
             "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
                                         for t in mt[0]["single_teacher_students"]}}
-    mt = line.get("multi_teacher")
-    line["floors"] = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
-                      "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed),
-                      "student_beats_every_teacher": bool(mt) and all(mt["student"] > s for s in mt["teachers"].values()),
-                      "student_beats_every_single_teacher_student":
-                          bool(mt) and all(mt["student"] > s for s in mt["single_teacher_students"].values())}
-    return line | {"seeds": per_seed, "wall_s": wall_s}
+        mt = line["multi_teacher"]
+        floors |= {"student_beats_every_teacher": all(mt["student"] > s for s in mt["teachers"].values()),
+                   "student_beats_every_single_teacher_student":
+                       all(mt["student"] > s for s in mt["single_teacher_students"].values())}
+    return line | {"floors": floors, "seeds": per_seed, "wall_s": wall_s}
 
 
 def print_table(line: dict, per_seed: list[dict]) -> None:
     out = sys.stderr
-    print("\n| arm | teacher calls | held-out score |\n|---|---|---|", file=out)
-    for r in per_seed:
-        for n, score in r["uniform"]["by_size"].items():
-            print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f} |", file=out)
-        for calls, score in r["evolve"]["curve"]:
-            print(f"| seed {r['seed']} evolve (round) | {calls} | {score:.3f} |", file=out)
-    print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
-    if not line["floors"]["uniform_rises_with_data"]:
-        print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
-              "this training budget there are no teacher calls for the judge to save; train longer", file=out)
-    print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |\n|---|---|---|---|---|",
-          file=out)
-    for r in per_seed:
-        for row in r["evolve"]["rounds"]:
-            print(f"| seed {r['seed']} round {row['round']} | {row['judge_calls']} | {row['teacher_calls']} | "
-                  f"{row['ops']} | {row['wall_s']:.0f} |", file=out)
+    if "uniform" in line:
+        print("\n| arm | teacher calls | held-out score |\n|---|---|---|", file=out)
+        for r in per_seed:
+            for n, score in r["uniform"]["by_size"].items():
+                print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f} |", file=out)
+            for budget, run in r["evolve"]["by_budget"].items():
+                for i, (calls, score) in enumerate(run["curve"], 1):
+                    print(f"| seed {r['seed']} evolve, cap {budget}, round {i} | {calls} | {score:.3f} |", file=out)
+        print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
+        if not line["floors"]["uniform_rises_with_data"]:
+            print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
+                  "this training budget there are no teacher calls for the judge to save; train longer", file=out)
+        print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |"
+              "\n|---|---|---|---|---|", file=out)
+        for r in per_seed:
+            for row in r["evolve"]["rounds"]:
+                print(f"| seed {r['seed']} round {row['round']} | {row['judge_calls']} | {row['teacher_calls']} | "
+                      f"{row['ops']} | {row['wall_s']:.0f} |", file=out)
     if "judge_noise" in per_seed[0]:
         print("\n| judge error rate | final score | teacher calls | calls to target | saving |\n|---|---|---|---|---|",
               file=out)

@@ -67,6 +67,9 @@ class EvolveConfig(Config):
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
+    train_past_teacher_budget: bool = Field(
+        False, description="At the teacher budget, stop buying but go on: the set still loses what the base "
+                           "has learned and the rounds still train, so every run gets the same training compute.")
     max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this "
                                                                      "much (each teacher's price per call).")
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly when the judge answered this many.")
@@ -173,6 +176,8 @@ class Run:
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
         teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
         n = self._within_teacher_budget(prompts, seeds, teacher_ids)
+        if n == 0:
+            return 0
         prompts, seeds, parents, reasons = prompts[:n], seeds[:n], parents[:n], reasons[:n]
         teacher_ids = None if teacher_ids is None else teacher_ids[:n]
         if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
@@ -334,7 +339,8 @@ class Run:
     def _within_teacher_budget(self, prompts, seeds, teacher_ids) -> int:
         """Cut a batch of draws to what `max_teacher_calls` and `max_teacher_price` still allow (a
         tournament costs one call per teacher, an image a teacher drew before costs nothing); raise
-        `BudgetExhausted` once nothing more fits, so the run stops cleanly. Returns how many fit."""
+        `BudgetExhausted` once nothing more fits, so the run stops cleanly (or, with
+        `train_past_teacher_budget`, draw nothing more and go on). Returns how many fit."""
         c = self.config
         if (c.max_teacher_calls is None and c.max_teacher_price is None) or not prompts:
             return len(prompts)
@@ -350,7 +356,7 @@ class Run:
             if len(new) > calls_left or price > price_left + 1e-9:
                 break
             calls_left, price_left, keep = calls_left - len(new), price_left - price, keep + 1
-        if keep == 0:
+        if keep == 0 and not c.train_past_teacher_budget:
             raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls "
                                   f"(max {c.max_teacher_calls}), price {self.teacher_price():g} (max {c.max_teacher_price})")
         return keep
