@@ -35,7 +35,7 @@ from ..judges import PixelJudge
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
 from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
-from ..world import GrammarSlice, parse, scene_skills
+from ..world import GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
 from .parts import (JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs, occurrence_seeds,
                     stable_seed)
@@ -173,13 +173,12 @@ class Run:
         """Draw `prompts` (by `teacher_ids`, or by the tournament's winner) and add them as records.
         Held-out prompts are skipped: the run is scored on prompts no teacher drew for it."""
         keep = [i for i, prompt in enumerate(prompts) if prompt not in self.held_out]
+        ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
+        keep = keep[:self._within_teacher_budget([prompts[i] for i in keep], [seeds[i] for i in keep], ids)]
+        if not keep:
+            return 0
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
         teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
-        n = self._within_teacher_budget(prompts, seeds, teacher_ids)
-        if n == 0:
-            return 0
-        prompts, seeds, parents, reasons = prompts[:n], seeds[:n], parents[:n], reasons[:n]
-        teacher_ids = None if teacher_ids is None else teacher_ids[:n]
         if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = self.tournament(prompts, seeds, round)
             if len(self.teachers) > 1:
@@ -195,7 +194,7 @@ class Run:
         for prompt, seed, tid, image, parent, reason in zip(prompts, seeds, teacher_ids, images, parents, reasons):
             if image is None:
                 continue  # the teacher failed after retries: nothing to learn from
-            scene = _scene(prompt)
+            scene = scene_or_none(prompt)
             self.ledger.add_record(prompt=prompt, generator=tid, seed=seed, image=image, round=round, op=op,
                                    parent=parent, reason=reason, spec=scene and scene.to_json(),
                                    skills=scene_skills(scene) if scene else ())
@@ -377,13 +376,6 @@ def held_out_prompts(config: EvolveConfig) -> list[str]:
     """Distinct prompts of the slice that depend on the seed and slice only, so runs with other seed sets
     (a benchmark's uniform arms, say) are scored on the same prompts."""
     return distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
-
-
-def _scene(prompt: str):
-    try:
-        return parse(prompt)
-    except ValueError:
-        return None  # a real-world prompt: no scene spec, no skill tags
 
 
 def _write_report(out: Path, summary: dict, held_out: list[str], base: Path) -> None:
