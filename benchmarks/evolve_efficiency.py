@@ -1,15 +1,17 @@
 """Does the evolve recipe save teacher calls? Shapes world, same model, same training steps, side by side.
 
 1. Data efficiency: held-out score vs teacher calls for uniform data (random grammar prompts, no judge,
-   several dataset sizes) and for evolve. Reports the calls each needs to reach the uniform runs' best
-   score (less `--tolerance`, the noise of that score), and the saving (uniform calls / evolve calls).
+   several dataset sizes) and for evolve (runs capped at several teacher-call budgets, each trained as
+   long as the uniform arms). Reports the calls each needs to reach the uniform runs' best score (less
+   `--tolerance`, the noise of that score), and the saving (uniform calls / evolve calls). `--control`
+   adds evolve with a judge that always prefers the teacher: the growing set without the verdicts.
 2. Best of several teachers: gallery teachers that each lack a different skill. Students trained on
    (a) one teacher's images, (b) the judge's pick per prompt (a tournament), same prompts and steps.
 3. Judge noise (not in --quick): the evolve run again with its judge behind `serve-judge --error-rate e`.
 4. Cost: judge calls and wall time per evolve round.
 
-    python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed
-    python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds
+    python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed, 4,000 image views per arm
+    python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds, 24,000 views per arm
     python benchmarks/evolve_efficiency.py --quick --json    # one JSON line on stdout
 
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
@@ -29,6 +31,7 @@ from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import SamplerConfig
+from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, gallery_teacher
 
@@ -72,7 +75,13 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
     runs = {budget: evolve_arm(args, root, seed, budget) for budget in args.evolve_budgets}
     calls_to_target = calls_to_reach(runs.values(), target)
     evolved = runs[args.evolve_budgets[-1]]
-    return {
+    control = {}
+    if args.control:
+        budget = max(args.evolve_budgets)  # the largest cap (0, no cap, when there is none)
+        run = evolve_arm(args, root / "control", seed, budget, parts={"judge": TeacherAlwaysBetter()})
+        control = {"control_no_judge": {"cap": budget or None, "final_score": run["final_score"], "calls": run["calls"],
+                                        "curve": run["curve"]}}
+    return control | {
         "uniform": {"final_score": best, "calls": best_n, "target": target,
                     "by_size": {n: uniform[n]["final_score"] for n in uniform},
                     "gain_smallest_to_largest": gain, "rises_with_data": gain > 2 * args.tolerance},
@@ -84,12 +93,23 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
     }
 
 
-def evolve_arm(args, root: Path, seed: int, budget: int, **fields) -> dict:
+def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = None, **fields) -> dict:
     """An evolve run that buys at most `budget` teacher images (0: no cap) and then trains on, so it gets
-    the uniform arms' training compute whatever it spent."""
+    the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
     return arm(base_config(args, root / f"evolve-{budget or 'uncapped'}", seed,
-                           seed_prompts=args.evolve_seed_prompts, **cap, **fields))
+                           seed_prompts=args.evolve_seed_prompts, **cap, **fields), **(parts or {}))
+
+
+class TeacherAlwaysBetter:
+    """The control judge: says "teacher better" to every pair, so the set grows by variations of every
+    record judged and nothing is deleted. What evolve gains over this comes from the judge's verdicts;
+    what this gains over uniform comes from the growing set of variations alone."""
+
+    id = "always-teacher"
+
+    def compare(self, image_a, image_b, prompt: str) -> Comparison:
+        return Comparison("b", 0.0, 1.0)
 
 
 def calls_to_reach(runs, target: float) -> int | None:
@@ -121,8 +141,8 @@ def judge_noise(args, root: Path, seed: int, target: float, uniform_calls: int) 
     for rate in args.judge_errors:
         with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
             endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
-            judge = JudgeSpec(kind="openai", endpoint=endpoint)
-            run = evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1], judge=judge)
+            run = evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1],
+                             judge=JudgeSpec(kind="openai", endpoint=endpoint))
         reached = calls_to_reach([run], target)
         results[str(rate)] = {"final_score": run["final_score"], "calls": run["calls"],
                               "calls_to_uniform_final": reached, "saving": uniform_calls / reached if reached else None}
@@ -141,10 +161,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps-per-round", type=int, default=None)
     parser.add_argument("--uniform-sizes", default=None, help="Comma-separated dataset sizes of the uniform arm.")
-    parser.add_argument("--evolve-seed-prompts", type=int, default=40)
+    parser.add_argument("--evolve-seed-prompts", type=int, default=None, help="Default: 40 (--quick), 30.")
+    parser.add_argument("--control", action="store_true",
+                        help="Part 1 also runs evolve with a judge that always says 'teacher better' (the largest "
+                             "cap): the growing set without the judge's verdicts.")
     parser.add_argument("--evolve-budgets", default=None,
                         help="Comma-separated teacher-call caps of the evolve arms, each trained as long as the "
-                             "uniform arms (0: no cap; the last one is also part 3's). Default: 0.")
+                             "uniform arms (0: no cap; the last one is also part 3's). Default: 0 (--quick), 300,150,0.")
     parser.add_argument("--sample-share", type=float, default=0.2)
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
@@ -168,12 +191,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    args.rounds = args.rounds or (5 if args.quick else 8)
-    args.steps_per_round = args.steps_per_round or (50 if args.quick else 100)
+    # --quick: 5 x 50 steps of 16 = 4,000 image views per arm, where the held-out score is set by training,
+    # not data (RESULTS.md). Otherwise 6 x 250 = 24,000 views, where more teacher data still helps.
+    args.rounds = args.rounds or (5 if args.quick else 6)
+    args.steps_per_round = args.steps_per_round or (50 if args.quick else 250)
+    args.evolve_seed_prompts = args.evolve_seed_prompts or (40 if args.quick else 30)
     args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
-                                                                   "100,200,400,800,1600")).split(",")]
+                                                                   "50,150,500,1500")).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
-    args.evolve_budgets = [int(b) for b in (args.evolve_budgets or "0").split(",")]
+    args.evolve_budgets = [int(b) for b in (args.evolve_budgets or ("0" if args.quick else "300,150,0")).split(",")]
     try:
         args.teachers = {tid: float(p) for tid, p in (item.split(":") for item in args.teachers.split(","))}
     except ValueError:
@@ -242,6 +268,9 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
             for budget, run in r["evolve"]["by_budget"].items():
                 for i, (calls, score) in enumerate(run["curve"], 1):
                     print(f"| seed {r['seed']} evolve, cap {budget}, round {i} | {calls} | {score:.3f} |", file=out)
+            if "control_no_judge" in r:
+                for i, (calls, score) in enumerate(r["control_no_judge"]["curve"], 1):
+                    print(f"| seed {r['seed']} control (no judge), round {i} | {calls} | {score:.3f} |", file=out)
         print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
         if not line["floors"]["uniform_rises_with_data"]:
             print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
