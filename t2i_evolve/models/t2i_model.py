@@ -189,7 +189,7 @@ class T2IModel:
     @property
     def latent_scale(self) -> int:
         """Pixels per latent along each side: 1 in pixel space, 8 for Stable Diffusion's VAE."""
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return _latent_scale(self.vae and self.vae.config)
 
     @property
     def resolution(self) -> int:
@@ -213,7 +213,7 @@ class T2IModel:
         unet, vae = config("unet"), config("vae")
         if unet is None or "sample_size" not in unet:
             raise UserError(f"{root}: no unet/config.json with a sample_size")
-        return unet["sample_size"] * (1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1))
+        return unet["sample_size"] * _latent_scale(vae)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = (resolution or self.resolution) // self.latent_scale
@@ -325,6 +325,11 @@ class T2IModel:
         if self.prediction_type == "v_prediction":
             return capped / (snr + 1)
         return capped
+
+
+def _latent_scale(vae_config) -> int:
+    """Pixels per latent along each side for a VAE config (None: pixel space): each level but the last halves."""
+    return 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:

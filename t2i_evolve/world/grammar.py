@@ -158,13 +158,13 @@ def parse(prompt: str) -> Scene:
     return Scene(tuple(groups), tuple(relations))
 
 
-
 def scene_or_none(prompt: str) -> Scene | None:
     """The prompt's scene, or None for a prompt outside the grammar (a real-world prompt: no spec, no skills)."""
     try:
         return parse(prompt)
     except ValueError:  # GrammarError, or a scene the grammar cannot hold
         return None
+
 
 def is_binding_pair(a: Group, b: Group) -> bool:
     """Two groups that test attribute binding: different colors and different shapes."""
