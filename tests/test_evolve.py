@@ -114,13 +114,23 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
 
 def test_past_the_teacher_budget_the_rounds_go_on_without_buying(tmp_path):
     run_dir = tmp_path / "train-on"
+    from t2i_evolve.prompts import GrammarPromptWriter
+
+    class CountingWriter(GrammarPromptWriter):
+        asked = 0
+
+        def variations(self, prompt, k, *, seed):
+            CountingWriter.asked += 1
+            return super().variations(prompt, k, seed=seed)
+
+    config = small_config(str(run_dir), rounds=3, max_teacher_calls=30, train_past_teacher_budget=True)
     judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
-    summary = run_evolve(small_config(str(run_dir), rounds=3, max_teacher_calls=30, train_past_teacher_budget=True),
-                         judge=judge)
+    summary = run_evolve(config, judge=judge, writer=CountingWriter(config.grammar))
     rounds = summary["rounds"]
     assert summary["stopped"] is None and [row["round"] for row in rounds] == [1, 2, 3]
     assert summary["teacher_calls"] <= 30 and rounds[-1]["teacher_calls"] == summary["teacher_calls"]
     assert rounds[0]["ops"]["expand"] == 30 - 24  # the budget ran out in round 1's expansions
+    assert CountingWriter.asked == rounds[0]["ops"]["judged"] - rounds[0]["ops"]["delete"]  # not asked after it
     for row in rounds[1:]:  # later rounds still judge the set (and may delete from it) but buy nothing
         assert row["ops"]["judged"] > 0 and row["ops"]["expand"] == row["ops"]["mutate"] == 0
     assert all((run_dir / "rounds" / f"{r:03d}" / "model" / "model_index.json").exists() for r in (1, 2, 3))

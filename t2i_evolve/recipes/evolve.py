@@ -67,9 +67,8 @@ class EvolveConfig(Config):
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
-    train_past_teacher_budget: bool = Field(
-        False, description="At the teacher budget, stop buying but go on: the set still loses what the base "
-                           "has learned and the rounds still train, so every run gets the same training compute.")
+    train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
+                                            "judging, deleting and training (same compute for every run).")
     max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this "
                                                                      "much (each teacher's price per call).")
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly when the judge answered this many.")
@@ -105,8 +104,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     held_out = held_out_prompts(config)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
 
-    stopped = None
-    rounds: list[dict] = []
+    stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
             run.seed_set()
@@ -264,6 +262,8 @@ class Run:
             ops["delete"] += 1
             if np.random.default_rng(stable_seed(c.seed, r, rec.id, "mutate")).random() < c.mutate_rate:
                 mutate.append(rec)
+        if c.train_past_teacher_budget and min(self._teacher_budget_left()) <= 1e-9:
+            expand, mutate = [], []  # nothing more can be drawn: do not ask the writer (an LLM costs calls)
         ops["expand"] = self._expand(r, expand)
         ops["mutate"] = self._mutate(r, mutate)
         return ops
@@ -337,16 +337,14 @@ class Run:
 
     def _within_teacher_budget(self, prompts, seeds, teacher_ids) -> int:
         """Cut a batch of draws to what `max_teacher_calls` and `max_teacher_price` still allow (a
-        tournament costs one call per teacher, an image a teacher drew before costs nothing); raise
-        `BudgetExhausted` once nothing more fits, so the run stops cleanly (or, with
-        `train_past_teacher_budget`, draw nothing more and go on). Returns how many fit."""
+        tournament costs one call per teacher, an image drawn before costs nothing); raise `BudgetExhausted`
+        once nothing fits, so the run stops cleanly (`train_past_teacher_budget`: go on). Returns how many fit."""
         c = self.config
         if (c.max_teacher_calls is None and c.max_teacher_price is None) or not prompts:
             return len(prompts)
         drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
                  for call in self.ledger.calls(caller=tid, status="done")}
-        calls_left = math.inf if c.max_teacher_calls is None else c.max_teacher_calls - self.teacher_calls()
-        price_left = math.inf if c.max_teacher_price is None else c.max_teacher_price - self.teacher_price()
+        calls_left, price_left = self._teacher_budget_left()
         keep = 0
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
             new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
@@ -359,6 +357,11 @@ class Run:
             raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls "
                                   f"(max {c.max_teacher_calls}), price {self.teacher_price():g} (max {c.max_teacher_price})")
         return keep
+
+    def _teacher_budget_left(self) -> tuple[float, float]:
+        calls, price = self.config.max_teacher_calls, self.config.max_teacher_price
+        return (math.inf if calls is None else calls - self.teacher_calls(),
+                math.inf if price is None else price - self.teacher_price())
 
     def _within_judge_budget(self, records, images, r: int):
         limit = self.config.max_judge_calls
