@@ -104,6 +104,31 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
         Trainer(more, data).run()
 
 
+def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path):
+    """`continue_from` carries weights, AdamW moments, schedule and EMA on: 2 + 2 steps give the weights
+    of 4 straight steps on the same data (a fresh optimizer would not: its first steps are full-size)."""
+    data = _teacher_set(16, seed=6)
+    common = {"model": str(tiny_dir), "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "schedule_steps": 4,
+              "lr_schedule": "cosine", "checkpoint_every": 2, "tracker": "none"}
+    Trainer(TrainConfig(output_dir=str(tmp_path / "straight"), steps=4, **common), data).run()
+    Trainer(TrainConfig(output_dir=str(tmp_path / "first"), steps=2, **common), data).run()
+    second = TrainConfig(output_dir=str(tmp_path / "second"), steps=4, model=str(tmp_path / "first" / "model"),
+                         continue_from=str(tmp_path / "first" / "checkpoints" / "step-0000002"),
+                         **{k: v for k, v in common.items() if k != "model"})
+    Trainer(second, data).run()
+    restarted = TrainConfig(output_dir=str(tmp_path / "restarted"), steps=2, model=str(tmp_path / "first" / "model"),
+                            **{k: v for k, v in common.items() if k != "model"})
+    Trainer(restarted, data).run()
+    part = "unet/diffusion_pytorch_model.safetensors"
+    straight, continued = load_file(tmp_path / "straight" / "model" / part), load_file(tmp_path / "second" / "model" / part)
+    for key in straight:
+        torch.testing.assert_close(straight[key], continued[key], rtol=1e-5, atol=1e-6)
+    fresh = load_file(tmp_path / "restarted" / "model" / part)
+    assert any(not torch.allclose(straight[k], fresh[k], rtol=1e-5, atol=1e-6) for k in straight)
+    logged = [json.loads(line)["step"] for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [4]  # only its own steps: the first run's metrics stay in its own folder
+
+
 def test_lora_trains_only_the_adapters_and_saves_merged_weights(tiny_dir, tmp_path):
     base = T2IModel.from_pretrained(tiny_dir)
     config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-2,

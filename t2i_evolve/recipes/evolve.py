@@ -22,6 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -59,6 +60,8 @@ class EvolveConfig(Config):
     steps_per_round: int = Field(150, ge=1)
     batch_size: int = 16
     lr: float = 2e-3  # paper: 2e-5 for PixArt-alpha
+    lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = Field(
+        "constant_with_warmup", description="Over all rounds' steps (the rounds are one training run).")
     snr_gamma: float | None = 5.0
     warmup_steps: int = 20  # paper: 1000
     ema_decay: float | None = 0.995  # paper: 0.9999
@@ -225,14 +228,19 @@ class Run:
     # -- one round ------------------------------------------------------------------------------------
 
     def train(self, r: int, init: Path) -> Path:
-        """Train `steps_per_round` steps from the last round's weights on the active records."""
+        """Train `steps_per_round` more steps on the active records. The rounds are one training run on
+        changing data: each carries on from the last round's checkpoint (weights, AdamW moments, learning-rate
+        schedule over all rounds, EMA), so no round restarts the optimizer and warms up again."""
         c = self.config
         round_dir = self.out / "rounds" / f"{r:03d}"
         if not (round_dir / "model" / "model_index.json").exists():
+            last = sorted((self.out / "rounds" / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
             train = TrainConfig(
-                model=str(init), output_dir=str(round_dir), steps=c.steps_per_round, batch_size=c.batch_size,
-                lr=c.lr, snr_gamma=c.snr_gamma, warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
-                checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, seed=c.seed + r, tracker="none",
+                model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
+                steps=(r if last else 1) * c.steps_per_round, schedule_steps=c.rounds * c.steps_per_round,
+                batch_size=c.batch_size, lr=c.lr,
+                lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma, warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
+                checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, seed=c.seed, tracker="none",
             )
             Trainer(train, TrainingSet.from_ledger(self.ledger)).run()
         return round_dir / "model"

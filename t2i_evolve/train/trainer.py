@@ -45,6 +45,11 @@ class TrainConfig(Config):
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
     warmup_steps: int = Field(100, ge=0)
+    schedule_steps: int | None = Field(None, ge=1, description="Steps the learning-rate schedule spans (default: "
+                                       "`steps`); a run that is one part of a longer one sets the whole length.")
+    continue_from: str | None = Field(None, description="A checkpoint folder of an earlier run to carry on from: its "
+                                      "weights, optimizer moments, schedule, EMA and step go on, on this run's data "
+                                      "(a checkpoint of this run's own comes first).")
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     ema_decay: float | None = Field(0.995, ge=0, lt=1)
@@ -89,7 +94,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         n = self.accelerator.num_processes
         schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps * n,
-                                 num_training_steps=config.steps * n)
+                                 num_training_steps=(config.schedule_steps or config.steps) * n)
         prepared = self.accelerator.prepare(*self.modules.values(), optimizer, schedule)
         for name, module in zip(self.modules, prepared):
             setattr(self.model, name, module)
@@ -237,10 +242,11 @@ class Trainer:
         return final
 
     def _resume(self) -> None:
+        """From this run's latest checkpoint, else from `continue_from` (whose metrics are not ours)."""
         checkpoints = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
-        if not checkpoints:
+        if not checkpoints and not self.config.continue_from:
             return
-        latest = checkpoints[-1]
+        latest = checkpoints[-1] if checkpoints else Path(self.config.continue_from)
         try:
             state = json.loads((latest / "trainer_state.json").read_text())
             self.accelerator.load_state(str(latest))
@@ -248,7 +254,8 @@ class Trainer:
             raise UserError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'} (delete it to use an earlier one)") from None
         self.step = int(state["step"])
-        self._truncate_metrics()
+        if checkpoints:
+            self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
         """Drop metrics logged after the checkpoint we resumed from (they will be logged again)."""
