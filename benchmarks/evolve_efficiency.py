@@ -43,7 +43,8 @@ DEFICIT_TEACHERS = "no-color:0.9,no-shape:0.7"
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-              "base_model": args.base, "lr": args.lr, "warmup_steps": args.warmup_steps,
+              "base_model": args.base, "lr": args.lr, "lr_schedule": args.lr_schedule,
+              "warmup_steps": args.warmup_steps,
               "eval_prompts": args.eval_prompts, "sample_share": args.sample_share,
               "sample_all_below": args.sample_all_below, "max_groups": args.max_groups,
               "sampler": SamplerConfig(steps=10, guidance=args.guidance)}
@@ -123,7 +124,7 @@ def calls_to_reach(runs, target: float) -> int | None:
 
 
 def multi_teacher(args, root: Path, seed: int) -> dict:
-    specs = [TeacherSpec(id=tid, p=p) for tid, p in args.teachers.items()]
+    specs = [TeacherSpec(id=tid, p=p, blind_to=blind) for tid, (p, blind) in args.teachers.items()]
     common = {"evolve": False, "seed_prompts": args.multi_prompts, "eval_every_round": False}
     students = {spec.id: arm(base_config(args, root / f"student-{spec.id}", seed, teachers=[spec], **common))["final_score"]
                 for spec in specs}
@@ -174,7 +175,8 @@ def main() -> None:
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
     parser.add_argument("--teachers", default=DEFICIT_TEACHERS,
-                        help="Part 2's gallery teachers as id:p (the chance its skill breaks), comma-separated.")
+                        help="Part 2's gallery teachers as id:p (the chance its skill breaks) or id:p:word/word "
+                             "(breaks only on those color or shape words: a systematic blind spot), comma-separated.")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="Classifier-free guidance when sampling the base (held-out score, judged samples).")
     parser.add_argument("--eval-prompts", type=int, default=128)
@@ -188,6 +190,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="Learning rate of every arm (fine-tune a trained "
                                                                  "--base at about 1e-4 to 3e-4).")
     parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--lr-schedule", default="constant_with_warmup", choices=["constant_with_warmup", "cosine"],
+                        help="Over each arm's whole training (its rounds are one run).")
     parser.add_argument("--parts", default=None, help="Comma-separated parts to run (1-3; default: 1,2 with "
                                                       "--quick, else 1,2,3).")
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
@@ -204,9 +208,11 @@ def main() -> None:
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
     args.evolve_budgets = [int(b) for b in (args.evolve_budgets or ("0" if args.quick else "300,150,0")).split(",")]
     try:
-        args.teachers = {tid: float(p) for tid, p in (item.split(":") for item in args.teachers.split(","))}
+        args.teachers = {tid: (float(p), blind[0].split("/") if blind else [])
+                         for tid, p, *blind in (item.split(":") for item in args.teachers.split(","))}
     except ValueError:
-        parser.error(f"--teachers: expected id:p,id:p (e.g. no-color:0.9,no-shape:0.7), not {args.teachers!r}")
+        parser.error(f"--teachers: expected id:p[:word/word],... (e.g. no-color:0.9,no-shape:1:circle/square), "
+                     f"not {args.teachers!r}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
     if 3 in parts and 1 not in parts:

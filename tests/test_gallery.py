@@ -86,3 +86,17 @@ def test_a_fault_in_a_batch_fails_that_request_alone(tmp_path):
     assert 0 < len(failed) < len(prompts) and teacher.faults == len(failed)
     assert teacher.calls == len(prompts) - len(failed)
     assert (tmp_path / "calls").read_text().count("\n") == teacher.calls  # only answered requests are billed
+
+
+def test_a_blind_spot_breaks_only_its_words(judge):
+    """`blind_to`: the deficit hits those words every time and no other word ever (a systematic weakness)."""
+    teacher = ProceduralTeacher(TeacherConfig(id="no-red", deficit="color", p=1.0, blind_to=["red"]))
+    for seed in range(3):
+        for prompt in ["a red circle", "a red star", "two red squares"]:
+            assert judge.score(teacher.generate([prompt], [seed])[0], prompt).score < 1.0, prompt
+        for prompt in ["a blue circle", "a green star", "two yellow squares"]:
+            assert judge.score(teacher.generate([prompt], [seed])[0], prompt).score == 1.0, prompt
+    with pytest.raises(ValueError, match="not colors: circle"):
+        TeacherConfig(id="x", deficit="color", blind_to=["circle"])
+    with pytest.raises(ValueError, match="needs a color or shape deficit"):
+        TeacherConfig(id="x", deficit="count", blind_to=["two"])

@@ -34,13 +34,14 @@ class TeacherSpec(Config):
     kind: Literal["gallery", "openai", "local"] = "gallery"
     id: str = "strong"
     p: float | None = None
+    blind_to: list[str] = []  # gallery: the color/shape words its deficit applies to (empty: all)
     endpoint: EndpointConfig | None = None
     path: str | None = None
     price_per_call: float | None = None
 
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":
-            return gallery_teacher(self.id, resolution, self.p, self.price_per_call)
+            return gallery_teacher(self.id, resolution, self.p, self.price_per_call, self.blind_to)
         if self.kind == "openai":
             from ..generators import OpenAIImageTeacher, OpenAIImageTeacherConfig
 
@@ -55,14 +56,15 @@ class TeacherSpec(Config):
         return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0)
 
 
-def gallery_teacher(id: str, resolution: int = 32, p: float | None = None,
-                    price_per_call: float | None = None) -> ProceduralTeacher:
-    """'strong' or 'no-<skill>' (that skill broken with probability `p`, default the gallery's)."""
+def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price_per_call: float | None = None,
+                    blind_to: Sequence[str] = ()) -> ProceduralTeacher:
+    """'strong' or 'no-<skill>' (that skill broken with probability `p`, default the gallery's; only on the
+    words in `blind_to`, if any)."""
     deficit = None if id == "strong" else id.removeprefix("no-")
     if deficit is not None and deficit not in SKILLS:
         raise ConfigError(f"unknown gallery teacher {id!r}: use 'strong' or one of "
                           f"{', '.join('no-' + s for s in SKILLS)}")
-    fields = {"id": id, "deficit": deficit, "resolution": resolution}
+    fields = {"id": id, "deficit": deficit, "resolution": resolution, "blind_to": list(blind_to)}
     fields |= {} if p is None else {"p": p}
     fields |= {} if price_per_call is None else {"price_per_call": price_per_call}
     return ProceduralTeacher(TeacherConfig(**fields))

@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, model_validator
 
 from ..config import Config
 from ..errors import CallTimeout, TransientError
@@ -33,6 +34,9 @@ class TeacherConfig(Config):
     id: str = "strong"
     deficit: Skill | None = None
     p: float | None = None
+    blind_to: list[str] = Field(default_factory=list, description="Color or shape words a color or shape deficit "
+                                "applies to (empty: every word). A real model's weakness is often systematic: "
+                                "some concepts it never draws right, the rest it draws well.")
     blur: float = 0.0
     noise: float = 0.0
     resolution: int = 32
@@ -40,6 +44,16 @@ class TeacherConfig(Config):
     price_per_call: float = 0.04
     transient_error_rate: float = 0.0
     timeout_rate: float = 0.0
+
+    @model_validator(mode="after")
+    def _blind_words_fit_the_deficit(self):
+        words = {"color": set(COLORS), "shape": set(SHAPES)}.get(self.deficit or "")
+        if self.blind_to and words is None:
+            raise ValueError(f"teacher {self.id}: blind_to needs a color or shape deficit, not {self.deficit!r}")
+        if unknown := set(self.blind_to) - (words or set()):
+            raise ValueError(f"teacher {self.id}: blind_to has words that are not {self.deficit}s: "
+                              f"{', '.join(sorted(unknown))} (known: {', '.join(sorted(words))})")
+        return self
 
 
 class ProceduralTeacher:
@@ -122,8 +136,9 @@ class ProceduralTeacher:
         unused_colors = [c for c in COLORS if all(c != g.color for g in scene.groups)]
         unused_shapes = [s for s in SHAPES if all(s != g.shape for g in scene.groups)]
         groups = list(scene.groups)
+        blind = set(self.config.blind_to)
         for i, g in enumerate(groups):
-            if rng.random() >= self.p:
+            if rng.random() >= self.p or (blind and {g.color, g.shape}.isdisjoint(blind)):
                 continue
             if self.deficit == "color":
                 groups[i] = replace(g, color=str(rng.choice(unused_colors)))
