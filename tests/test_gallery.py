@@ -3,9 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from t2i_evolve.errors import CallTimeout, TransientError
+from t2i_evolve.errors import CallTimeout, ConfigError, TransientError
 from t2i_evolve.eval import evaluate
 from t2i_evolve.protocols import SKILLS, Generator
+from t2i_evolve.recipes.parts import TeacherSpec
 from t2i_evolve.world import MixtureTeacher, ProceduralTeacher, TeacherConfig, default_gallery
 
 
@@ -100,3 +101,5 @@ def test_a_blind_spot_breaks_only_its_words(judge):
         TeacherConfig(id="x", deficit="color", blind_to=["circle"])
     with pytest.raises(ValueError, match="needs a color or shape deficit"):
         TeacherConfig(id="x", deficit="count", blind_to=["two"])
+    with pytest.raises(ConfigError, match="^teacher no-shape: blind_to has words that are not shapes: red"):
+        TeacherSpec(id="no-shape", blind_to=["red"]).build()  # what a recipe's YAML meets: one line

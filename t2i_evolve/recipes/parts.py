@@ -17,6 +17,7 @@ import hashlib
 from typing import Literal, Sequence
 
 from PIL import Image
+from pydantic import ValidationError
 
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
@@ -67,7 +68,10 @@ def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price
     fields = {"id": id, "deficit": deficit, "resolution": resolution, "blind_to": list(blind_to)}
     fields |= {} if p is None else {"p": p}
     fields |= {} if price_per_call is None else {"price_per_call": price_per_call}
-    return ProceduralTeacher(TeacherConfig(**fields))
+    try:
+        return ProceduralTeacher(TeacherConfig(**fields))
+    except ValidationError as e:  # e.g. a blind_to word that is not a color or shape: one line
+        raise ConfigError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 class JudgeSpec(Config):
