@@ -93,3 +93,24 @@ def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]]) ->
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
     return path
+
+
+def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence[str], before: Path, after: Path,
+                        sampler_config, ops: Sequence[str] = ()) -> Path:
+    """`out/report.html` for a run in rounds (`summary["rounds"]`: round, score, active, calls, `ops` counts):
+    held-out score vs teacher calls, a table of the rounds, samples of the `before` and `after` models."""
+    from ..models import Sampler, T2IModel  # only here: the rest of this module needs no model code
+
+    rounds = summary["rounds"]
+    curve = [(row["teacher_calls"], row["score"]) for row in rounds if "score" in row]
+    table = html_table(["round", "score", "active", "teacher calls", "judge calls", *ops],
+                       [[row["round"], row.get("score", "-"), row["active"], row["teacher_calls"], row["judge_calls"],
+                         *(row.get("ops", {}).get(k, "-") for k in ops)] for row in rounds])
+    sections = [("Held-out score vs teacher calls", svg_curve(curve, label="teacher calls")), ("Rounds", table)]
+    if held_out and (after / "model_index.json").exists():
+        shown, seeds = list(held_out[:16]), list(range(min(16, len(held_out))))
+        grid = {label: Sampler(T2IModel.from_pretrained(path), sampler_config).generate(shown, seeds)
+                for label, path in (("before", before), ("after", after))}
+        sections.append(("Held-out samples before and after", image_grid(shown, grid)))
+    sections.append(("Summary", f"<pre>{json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2)}</pre>"))
+    return write_report(out / "report.html", title, sections)

@@ -31,7 +31,7 @@ from ..config import Config
 from ..data import Ledger
 from ..errors import BudgetExhausted, UserError
 from ..eval import evaluate
-from ..eval.report import html_table, image_grid, svg_curve, write_json, write_jsonl, write_report
+from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
 from ..progress import progress_bar
@@ -147,7 +147,9 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                "teacher_calls": run.teacher_calls(), "judge_calls": run.judge_calls(),
                "teacher_price": run.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
     write_json(out / "summary.json", summary)
-    _write_report(out, summary, held_out, base)
+    write_rounds_report(out, "t2i-evolve evolve", summary, held_out, base,
+                        out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler,
+                        ops=("judged", "delete", "expand", "mutate"))
     return summary
 
 
@@ -388,21 +390,3 @@ def held_out_prompts(config: EvolveConfig) -> list[str]:
     (a benchmark's uniform arms, say) are scored on the same prompts."""
     return distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
 
-
-def _write_report(out: Path, summary: dict, held_out: list[str], base: Path) -> None:
-    rounds = summary["rounds"]
-    curve = [(row["teacher_calls"], row["score"]) for row in rounds if "score" in row]
-    ops = ("judged", "delete", "expand", "mutate")
-    table = html_table(["round", "score", "active", "teacher calls", "judge calls", *ops],
-                       [[row["round"], row.get("score", "-"), row["active"], row["teacher_calls"], row["judge_calls"],
-                         *(row.get("ops", {}).get(k, "-") for k in ops)] for row in rounds])
-    sections = [("Held-out score vs teacher calls", svg_curve(curve, label="teacher calls")),
-                ("Operations per round", table)]
-    final = out / "rounds" / f"{len(rounds):03d}" / "model"
-    if held_out and (final / "model_index.json").exists():
-        shown, seeds = held_out[:16], list(range(min(16, len(held_out))))
-        grid = {label: Sampler(T2IModel.from_pretrained(path), SamplerConfig(steps=10)).generate(shown, seeds)
-                for label, path in (("before", base), ("after", final))}
-        sections.append(("Held-out samples before and after", image_grid(shown, grid)))
-    sections.append(("Summary", f"<pre>{json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2)}</pre>"))
-    write_report(out / "report.html", "t2i-evolve evolve", sections)
