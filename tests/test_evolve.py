@@ -73,6 +73,8 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run)
     summary = json.loads((reference_run / "summary.json").read_text())
     assert [row["round"] for row in summary["rounds"]] == [1, 2]
     assert summary["rounds"][1]["teacher_calls"] > summary["rounds"][0]["teacher_calls"]  # expansions were drawn
+    # the rounds are one training run: round 2 carried on from round 1's last step (6) to step 12
+    assert [p.name for p in sorted((reference_run / "rounds" / "002" / "checkpoints").glob("step-*"))][-1] == "step-0000012"
     report = (reference_run / "report.html").read_text()
     assert "<polyline" in report and "Held-out samples before and after" in report and report.count("<img") >= 4
 

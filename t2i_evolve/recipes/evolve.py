@@ -237,11 +237,11 @@ class Run:
         round_dir = self.out / "rounds" / f"{r:03d}"
         if not (round_dir / "model" / "model_index.json").exists():
             last = sorted((self.out / "rounds" / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
+            done = int(last[-1].name.removeprefix("step-")) if last else 0  # steps the run has trained so far
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
-                steps=(r if last else 1) * c.steps_per_round, schedule_steps=c.rounds * c.steps_per_round,
-                batch_size=c.batch_size, lr=c.lr,
-                lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma, warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
+                steps=done + c.steps_per_round, schedule_steps=c.rounds * c.steps_per_round,
+                batch_size=c.batch_size, lr=c.lr, lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma, warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
                 checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, seed=c.seed, tracker="none",
             )
             Trainer(train, TrainingSet.from_ledger(self.ledger)).run()
