@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from t2i_evolve.endpoints import EndpointConfig
@@ -32,6 +35,7 @@ from t2i_evolve.errors import ConfigError
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import SamplerConfig
+from t2i_evolve.progress import progress_bar
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec
@@ -63,10 +67,88 @@ def arm(config: EvolveConfig, **parts) -> dict:
                                                 "wall_s")} for row in rows]}
 
 
-def data_efficiency(args, root: Path, seed: int) -> dict:
-    uniform = {n: arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n,
-                                         eval_every_round=False))
-               for n in args.uniform_sizes}
+def uniform_arm(args, root: Path, seed: int, n: int) -> dict:
+    """n random grammar prompts drawn once by the strong teacher, no judge."""
+    return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False))
+
+
+def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = None, **fields) -> dict:
+    """An evolve run that buys at most `budget` teacher images (0: no cap) and then trains on, so it gets
+    the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config."""
+    cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
+    return arm(base_config(args, root / f"evolve-{budget or 'uncapped'}", seed,
+                           seed_prompts=args.evolve_seed_prompts, **cap, **fields), **(parts or {}))
+
+
+def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]) -> dict:
+    """A student of `specs`' images for the same prompts (several teachers: the judge's tournament picks)."""
+    return arm(base_config(args, root / f"student-{name}", seed, teachers=specs, evolve=False,
+                           seed_prompts=args.multi_prompts, eval_every_round=False))
+
+
+def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
+    """The evolve arm (largest budget) with its judge behind `serve-judge --error-rate rate`."""
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+
+    with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
+        endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
+        return evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1],
+                          judge=JudgeSpec(kind="openai", endpoint=endpoint))
+
+
+def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
+    """Every training run of one seed, as name -> (function, arguments): they are independent, so
+    `run_arms` can run them side by side."""
+    arms = {}
+    if 1 in parts:
+        arms |= {f"uniform-{n}": (uniform_arm, (args, root, seed, n)) for n in args.uniform_sizes}
+        arms |= {f"evolve-{b}": (evolve_arm, (args, root, seed, b)) for b in args.evolve_budgets}
+        if args.control:  # the largest cap (0, no cap, when there is none)
+            arms["control"] = (evolve_arm, (args, root / "control", seed, max(args.evolve_budgets),
+                                            {"judge": TeacherAlwaysBetter()}))
+    if 2 in parts:
+        specs = teacher_specs(args)
+        arms |= {f"student-{spec.id}": (student_arm, (args, root, seed, spec.id, [spec])) for spec in specs}
+        arms["student-judged"] = (student_arm, (args, root, seed, "judged", specs))
+    if 3 in parts:
+        arms |= {f"noise-{rate}": (noise_arm, (args, root, seed, rate)) for rate in args.judge_errors}
+    return arms
+
+
+def run_arms(arms: dict, jobs: int) -> dict:
+    """Run every arm; with jobs > 1 in that many worker processes, each with its share of the CPU cores
+    (on a GPU they share the device). Arms share no state: each is seeded by its own config."""
+    if jobs <= 1:
+        results = {}
+        with progress_bar("arms", len(arms)) as advance:
+            for name, (fn, fn_args) in arms.items():
+                results[name] = fn(*fn_args)
+                advance(status=name)
+        return results
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, *fn_args): name for name, (fn, fn_args) in arms.items()}
+        results = {}
+        with progress_bar(f"arms ({jobs} at a time)", len(arms)) as advance:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                advance(status=futures[future])
+    return {name: results[name] for name in arms}
+
+
+def quiet_worker(threads: int) -> None:
+    """A worker's share of the cores, and no progress bars of its own (the parent draws one for all)."""
+    import torch
+
+    from t2i_evolve import progress
+
+    torch.set_num_threads(threads)
+    progress.console.quiet = True
+
+
+def data_efficiency(args, arms: dict) -> dict:
+    uniform = {n: arms[f"uniform-{n}"] for n in args.uniform_sizes}
     # The target is the best uniform score less the tolerance, for both arms: on a flat, noisy curve the
     # arg-max size is chance, and counting it as what uniform "needs" would credit evolve with noise.
     best = max(uniform[n]["final_score"] for n in uniform)
@@ -76,7 +158,7 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
     # the smallest uniform size already reaches the target, and the ratio says nothing about the judge.
     sizes = sorted(uniform)
     gain = uniform[sizes[-1]]["final_score"] - uniform[sizes[0]]["final_score"]
-    runs = {budget: evolve_arm(args, root, seed, budget) for budget in args.evolve_budgets}
+    runs = {budget: arms[f"evolve-{budget}"] for budget in args.evolve_budgets}
     calls_to_target = calls_to_reach(runs.values(), target)
     evolved = runs[args.evolve_budgets[-1]]
     result = {
@@ -89,20 +171,11 @@ def data_efficiency(args, root: Path, seed: int) -> dict:
                                                     "curve": run["curve"]} for budget, run in runs.items()}},
         "saving": best_n / calls_to_target if calls_to_target else None,
     }
-    if args.control:
-        budget = max(args.evolve_budgets)  # the largest cap (0, no cap, when there is none)
-        run = evolve_arm(args, root / "control", seed, budget, parts={"judge": TeacherAlwaysBetter()})
-        result["control_no_judge"] = {"cap": budget or None, "final_score": run["final_score"], "calls": run["calls"],
-                                      "curve": run["curve"]}
+    if "control" in arms:
+        run = arms["control"]
+        result["control_no_judge"] = {"cap": max(args.evolve_budgets) or None, "final_score": run["final_score"],
+                                      "calls": run["calls"], "curve": run["curve"]}
     return result
-
-
-def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = None, **fields) -> dict:
-    """An evolve run that buys at most `budget` teacher images (0: no cap) and then trains on, so it gets
-    the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config."""
-    cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
-    return arm(base_config(args, root / f"evolve-{budget or 'uncapped'}", seed,
-                           seed_prompts=args.evolve_seed_prompts, **cap, **fields), **(parts or {}))
 
 
 class TeacherAlwaysBetter:
@@ -124,28 +197,25 @@ def calls_to_reach(runs, target: float) -> int | None:
     return min(reached) if reached else None
 
 
-def multi_teacher(args, root: Path, seed: int) -> dict:
-    specs = [TeacherSpec(id=tid, p=p, blind_to=blind) for tid, (p, blind) in args.teachers.items()]
-    common = {"evolve": False, "seed_prompts": args.multi_prompts, "eval_every_round": False}
-    students = {spec.id: arm(base_config(args, root / f"student-{spec.id}", seed, teachers=[spec], **common))["final_score"]
-                for spec in specs}
-    picked = arm(base_config(args, root / "student-judged", seed, teachers=specs, **common))
+def teacher_specs(args) -> list[TeacherSpec]:
+    return [TeacherSpec(id=tid, p=p, blind_to=blind) for tid, (p, blind) in args.teachers.items()]
+
+
+def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
+    specs = teacher_specs(args)
+    picked = arms["student-judged"]
     held_out = held_out_prompts(base_config(args, root, seed))  # the prompts every student is scored on
     teachers = {spec.id: evaluate(spec.build(), PixelJudge(), held_out, seed=10_000).summary()["score"] for spec in specs}
-    return {"student": picked["final_score"], "teachers": teachers, "single_teacher_students": students,
+    return {"student": picked["final_score"], "teachers": teachers,
+            "single_teacher_students": {spec.id: arms[f"student-{spec.id}"]["final_score"] for spec in specs},
             "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}
 
 
-def judge_noise(args, root: Path, seed: int, target: float, uniform_calls: int) -> dict:
-    """Evolve with its judge behind serve-judge at each error rate; the saving against the same uniform."""
-    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
-
+def judge_noise(args, arms: dict, target: float, uniform_calls: int) -> dict:
+    """The saving at each judge error rate, against the same uniform arms."""
     results = {}
     for rate in args.judge_errors:
-        with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
-            endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
-            run = evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1],
-                             judge=JudgeSpec(kind="openai", endpoint=endpoint))
+        run = arms[f"noise-{rate}"]
         reached = calls_to_reach([run], target)
         results[str(rate)] = {"final_score": run["final_score"], "calls": run["calls"],
                               "calls_to_uniform_final": reached, "saving": uniform_calls / reached if reached else None}
@@ -194,6 +264,9 @@ def main() -> None:
                         help="Over each arm's whole training (its rounds are one run).")
     parser.add_argument("--parts", default=None, help="Comma-separated parts to run (1-3; default: 1,2 with "
                                                       "--quick, else 1,2,3).")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Arms run side by side in this many processes, each with its share of the cores "
+                             "(2 on a 2-core CPU: one thread each; 8 or more on a GPU machine).")
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -226,15 +299,18 @@ def main() -> None:
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
+        planned = {(seed, name): job for seed in seeds
+                   for name, job in plan_arms(args, root / f"seed-{seed}", seed, parts).items()}
+        done = run_arms(planned, args.jobs)
         for seed in seeds:
+            arms = {name: result for (s, name), result in done.items() if s == seed}
             result = {"seed": seed}
             if 1 in parts:
-                result |= data_efficiency(args, root / f"seed-{seed}", seed)
+                result |= data_efficiency(args, arms)
             if 2 in parts:
-                result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed)
+                result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed, arms)
             if 3 in parts:
-                result["judge_noise"] = judge_noise(args, root / f"seed-{seed}", seed,
-                                                    result["uniform"]["target"], result["uniform"]["calls"])
+                result["judge_noise"] = judge_noise(args, arms, result["uniform"]["target"], result["uniform"]["calls"])
             per_seed.append(result)
             print(f"seed {seed}: {json.dumps(result)}", file=sys.stderr)
     line = summarize(per_seed, time.perf_counter() - started)
