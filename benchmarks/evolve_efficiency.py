@@ -34,7 +34,7 @@ from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.errors import ConfigError
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
-from t2i_evolve.models import SamplerConfig
+from t2i_evolve.models import SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.progress import progress_bar
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
@@ -205,7 +205,10 @@ def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
     specs = teacher_specs(args)
     picked = arms["student-judged"]
     held_out = held_out_prompts(base_config(args, root, seed))  # the prompts every student is scored on
-    teachers = {spec.id: evaluate(spec.build(), PixelJudge(), held_out, seed=10_000).summary()["score"] for spec in specs}
+    # Teachers draw at the students' size (what the students were taught from), as in run_evolve.
+    resolution = T2IModel.folder_resolution(args.base) if args.base else TinyModelConfig().resolution
+    teachers = {spec.id: evaluate(spec.build(resolution), PixelJudge(), held_out, seed=10_000).summary()["score"]
+                for spec in specs}
     return {"student": picked["final_score"], "teachers": teachers,
             "single_teacher_students": {spec.id: arms[f"student-{spec.id}"]["final_score"] for spec in specs},
             "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}

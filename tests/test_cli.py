@@ -99,3 +99,11 @@ def test_evolve_with_a_missing_base_model_says_so_in_one_line(tmp_path, capsys):
     code, out, err = run(capsys, "evolve", "--config", str(config), "--out", str(tmp_path / "run"))
     assert code == 2 and "base_model" in err and "model_index.json" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "nope").exists()  # not silently filled with a fresh model
+
+
+def test_evolve_on_a_device_this_machine_lacks_says_so_before_any_work(tmp_path, capsys):
+    config = tmp_path / "evolve.yaml"
+    config.write_text("device: gpu\nrounds: 1\n")
+    code, out, err = run(capsys, "evolve", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert code == 2 and "unknown device 'gpu'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from t2i_evolve.models import (
     TinyModelConfig,
     init_tiny_model,
     longest_prompt_tokens,
+    resolve_device,
     sample_pixels,
     to_pil,
     to_pixels,
@@ -179,6 +180,17 @@ def test_bad_folders_are_user_errors(tiny_dir, tmp_path):
     (corrupt / "text_encoder" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(UserError, match="cannot load text_encoder"):
         T2IModel.from_pretrained(corrupt)
+
+
+def test_devices_by_name(tiny_dir):
+    """"auto" takes a GPU when there is one; a device this machine lacks is one clear line, before any work."""
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert T2IModel.from_pretrained(tiny_dir, "auto").device.type == expected
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    with pytest.raises(UserError, match="CUDA devices here"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last
 
 
 def test_folder_resolution_reads_configs_only(tiny, tiny_dir, sd_dir, tmp_path):

@@ -10,7 +10,7 @@ from diffusers.utils import logging as _diffusers_logging
 from transformers.utils import logging as _transformers_logging
 
 from .sampler import Sampler, SamplerConfig, denoise, initial_noise, make_scheduler, sample_pixels
-from .t2i_model import PromptEmbeds, T2IModel, to_pil, to_pixels
+from .t2i_model import PromptEmbeds, T2IModel, resolve_device, to_pil, to_pixels
 from .tiny import TinyModelConfig, build_tokenizer, init_tiny_model, longest_prompt_tokens, tiny_model
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "initial_noise",
     "longest_prompt_tokens",
     "make_scheduler",
+    "resolve_device",
     "sample_pixels",
     "tiny_model",
     "to_pil",

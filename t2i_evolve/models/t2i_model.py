@@ -93,6 +93,23 @@ def _index_entry(part: Any) -> list[str | None]:
     return [type(part).__module__.split(".")[0], type(part).__name__]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from a name; "auto" is the first CUDA device when there is one, else the CPU.
+    A device this machine does not have is a `UserError`, not a failure deep inside the first kernel."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} (try auto, cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda" and not (torch.cuda.is_available()
+                                        and (resolved.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA devices here")
+    return resolved
+
+
 class T2IModel:
     """A text-to-image diffusion model: denoiser + text encoder + tokenizer + noise schedule (+ VAE).
 
@@ -128,7 +145,8 @@ class T2IModel:
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
     ) -> "T2IModel":
-        """Load a diffusers-style folder (model_index.json + one subfolder per part), safetensors only."""
+        """Load a diffusers-style folder (model_index.json + one subfolder per part), safetensors only.
+        `device` may be "auto" (see `resolve_device`)."""
         root = Path(path)
         if not root.is_dir():
             raise UserError(f"model folder not found: {root}")
@@ -145,7 +163,7 @@ class T2IModel:
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
             parts["scheduler"] = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False)
         name = root.resolve().name
-        return cls(**parts, name=name, pipeline_class=index.get("_class_name")).to(device)
+        return cls(**parts, name=name, pipeline_class=index.get("_class_name")).to(resolve_device(device))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""

@@ -33,7 +33,7 @@ from ..errors import BudgetExhausted, UserError
 from ..eval import evaluate
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
-from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
+from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model, resolve_device
 from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import GrammarSlice, scene_or_none, scene_skills
@@ -78,6 +78,8 @@ class EvolveConfig(Config):
     eval_prompts: int = Field(128, ge=0)
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
     sampler: SamplerConfig = SamplerConfig(steps=10)
+    device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
+                        "auto (a GPU when there is one), cpu, cuda, cuda:1. Training goes through accelerate.")
     seed: int = 0
 
     @property
@@ -91,6 +93,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     `teachers` (a list of `Generator`s), `judge` and `writer` replace the ones the config names (wrap a
     judge in `CachedJudge` to keep its calls in the ledger; teachers are always cached).
     """
+    resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evolve.yaml").write_text(config.to_yaml())
@@ -129,7 +132,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 model_dir = run.train(r, model_dir)
                 scored = held_out and (config.eval_every_round or r == config.rounds)
                 if scored or config.evolve:  # the round's model, loaded once for both
-                    sampler = Sampler(T2IModel.from_pretrained(model_dir), config.sampler)
+                    sampler = Sampler(T2IModel.from_pretrained(model_dir, config.device), config.sampler)
                 if scored:
                     row |= run.held_out_score(sampler, held_out)
                 if config.evolve:
