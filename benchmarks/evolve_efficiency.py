@@ -13,6 +13,7 @@
     python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed, 4,000 image views per arm
     python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds, 24,000 views per arm
     python benchmarks/evolve_efficiency.py --quick --json    # one JSON line on stdout
+    python benchmarks/evolve_efficiency.py --jobs 2          # arms side by side, one core each (12+ on a GPU)
 
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
 """
