@@ -11,7 +11,7 @@
 4. Cost: judge calls and wall time per evolve round.
 
     python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed, 4,000 image views per arm
-    python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds, 24,000 views per arm
+    python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds, 48,000 views per arm
     python benchmarks/evolve_efficiency.py --quick --json    # one JSON line on stdout
     python benchmarks/evolve_efficiency.py --jobs 2          # arms side by side, one core each (12+ on a GPU)
 
@@ -251,9 +251,10 @@ def main() -> None:
     parser.add_argument("--teachers", default=DEFICIT_TEACHERS,
                         help="Part 2's gallery teachers as id:p (the chance its skill breaks) or id:p:word/word "
                              "(breaks only on those color or shape words: a systematic blind spot), comma-separated.")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="Classifier-free guidance when sampling the base (held-out score, judged samples).")
-    parser.add_argument("--eval-prompts", type=int, default=128)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="Classifier-free guidance when sampling the base (held-out score, judged samples). "
+                             "Default: 1.0 (--quick), 1.5.")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts. Default: 128 (--quick), 256.")
     parser.add_argument("--max-groups", type=int, default=2, help="Prompts of 1 to this many object groups.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
     parser.add_argument("--tolerance", type=float, default=0.02,
@@ -275,9 +276,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     # --quick: 5 x 50 steps of 16 = 4,000 image views per arm, where the held-out score is set by training,
-    # not data (RESULTS.md). Otherwise 6 x 250 = 24,000 views, where more teacher data still helps.
-    args.rounds = args.rounds or (5 if args.quick else 6)
-    args.steps_per_round = args.steps_per_round or (50 if args.quick else 250)
+    # not data. Otherwise 4 x 750 = 48,000 views: measured (RESULTS.md), more uniform data raises the score
+    # there by about three times its noise; at 24,000 views it does not, and by 72,000 the gap closes again.
+    args.rounds = args.rounds or (5 if args.quick else 4)
+    args.steps_per_round = args.steps_per_round or (50 if args.quick else 750)
+    args.guidance = args.guidance or (1.0 if args.quick else 1.5)
+    args.eval_prompts = args.eval_prompts or (128 if args.quick else 256)
     args.evolve_seed_prompts = args.evolve_seed_prompts or (40 if args.quick else 30)
     args.control = args.control or not args.quick
     args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
