@@ -32,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from t2i_evolve.endpoints import EndpointConfig
-from t2i_evolve.errors import ConfigError
+from t2i_evolve.errors import ConfigError, UserError
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import SamplerConfig, T2IModel, TinyModelConfig
@@ -132,9 +132,13 @@ def run_arms(arms: dict, jobs: int) -> dict:
         futures = {pool.submit(fn, *fn_args): name for name, (fn, fn_args) in arms.items()}
         results = {}
         with progress_bar(f"arms ({jobs} at a time)", len(arms)) as advance:
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                advance(status=futures[future])
+            try:
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    advance(status=futures[future])
+            except BaseException:  # one arm failed (or Ctrl-C): start no more, report it now
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     return {name: results[name] for name in arms}
 
 
@@ -309,7 +313,10 @@ def main() -> None:
         root = Path(args.out or tmp)
         planned = {(seed, name): job for seed in seeds
                    for name, job in plan_arms(args, root / f"seed-{seed}", seed, parts).items()}
-        done = run_arms(planned, args.jobs)
+        try:
+            done = run_arms(planned, args.jobs)
+        except UserError as e:  # a bad --base and the like: one line, as the CLI prints it
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
         for seed in seeds:
             arms = {name: result for (s, name), result in done.items() if s == seed}
             result = {"seed": seed}
