@@ -96,9 +96,10 @@ def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]]) ->
 
 
 def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence[str], before: Path, after: Path,
-                        sampler_config, ops: Sequence[str] = ()) -> Path:
+                        sampler_config, device: str = "cpu", ops: Sequence[str] = ()) -> Path:
     """`out/report.html` for a run in rounds (`summary["rounds"]`: round, score, active, calls, `ops` counts):
-    held-out score vs teacher calls, a table of the rounds, samples of the `before` and `after` models."""
+    held-out score vs teacher calls, a table of the rounds, samples of the `before` and `after` models
+    (sampled on `device`: a Stable-Diffusion-sized base is slow on a CPU)."""
     from ..models import Sampler, T2IModel  # only here: the rest of this module needs no model code
 
     rounds = summary["rounds"]
@@ -109,7 +110,7 @@ def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence
     sections = [("Held-out score vs teacher calls", svg_curve(curve, label="teacher calls")), ("Rounds", table)]
     if held_out and (after / "model_index.json").exists():
         shown, seeds = list(held_out[:16]), list(range(min(16, len(held_out))))
-        grid = {label: Sampler(T2IModel.from_pretrained(path), sampler_config).generate(shown, seeds)
+        grid = {label: Sampler(T2IModel.from_pretrained(path, device), sampler_config).generate(shown, seeds)
                 for label, path in (("before", before), ("after", after))}
         sections.append(("Held-out samples before and after", image_grid(shown, grid)))
     sections.append(("Summary", f"<pre>{json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2)}</pre>"))

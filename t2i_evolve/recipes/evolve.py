@@ -151,7 +151,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                "teacher_price": run.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, held_out, base,
-                        out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler,
+                        out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
                         ops=("judged", "delete", "expand", "mutate"))
     return summary
 
@@ -244,7 +244,8 @@ class Run:
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                 steps=done + c.steps_per_round, schedule_steps=c.rounds * c.steps_per_round,
-                batch_size=c.batch_size, lr=c.lr, lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma, warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
+                batch_size=c.batch_size, lr=c.lr, lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma,
+                warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
                 checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, seed=c.seed, tracker="none",
             )
             Trainer(train, TrainingSet.from_ledger(self.ledger)).run()
