@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from t2i_evolve.data import Ledger
 from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.errors import ConfigError, UserError
 from t2i_evolve.eval import evaluate
@@ -82,9 +83,15 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
 
 
 def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]) -> dict:
-    """A student of `specs`' images for the same prompts (several teachers: the judge's tournament picks)."""
-    return arm(base_config(args, root / f"student-{name}", seed, teachers=specs, evolve=False,
-                           seed_prompts=args.multi_prompts, eval_every_round=False))
+    """A student of `specs`' images for the same prompts (several teachers: the judge's tournament picks).
+    Also scores the images it trained on: how clean its data was, beside how well it learned from it."""
+    out = root / f"student-{name}"
+    result = arm(base_config(args, out, seed, teachers=specs, evolve=False, seed_prompts=args.multi_prompts,
+                             eval_every_round=False))
+    ledger, judge = Ledger(out), PixelJudge()
+    result["data_score"] = statistics.fmean(judge.score(ledger.load_image(rec.image_path), rec.prompt).score
+                                            for rec in ledger.records(None))
+    return result
 
 
 def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
@@ -216,6 +223,8 @@ def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
                 for spec in specs}
     return {"student": picked["final_score"], "teachers": teachers,
             "single_teacher_students": {spec.id: arms[f"student-{spec.id}"]["final_score"] for spec in specs},
+            "training_data": {name.removeprefix("student-"): arms[name]["data_score"] for name in arms
+                              if name.startswith("student-")},
             "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}
 
 
@@ -248,7 +257,8 @@ def main() -> None:
                              "cap): the growing set without the judge's verdicts. On unless --quick.")
     parser.add_argument("--evolve-budgets", default=None,
                         help="Comma-separated teacher-call caps of the evolve arms, each trained as long as the "
-                             "uniform arms (0: no cap; the last one is also part 3's). Default: 0 (--quick), 300,150,0.")
+                             "uniform arms (0: no cap; the last one is also part 3's). "
+                             "Default: 0 (--quick), 300,150,0.")
     parser.add_argument("--sample-share", type=float, default=0.2)
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
@@ -354,7 +364,8 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "student": mean_or_none([m["student"] for m in mt]),
             "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in mt[0]["teachers"]},
             "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
-                                        for t in mt[0]["single_teacher_students"]}}
+                                        for t in mt[0]["single_teacher_students"]},
+            "training_data": {t: mean_or_none([m["training_data"][t] for m in mt]) for t in mt[0]["training_data"]}}
         mt = line["multi_teacher"]
         floors |= {"student_beats_every_teacher": all(mt["student"] > s for s in mt["teachers"].values()),
                    "student_beats_every_single_teacher_student":
@@ -394,12 +405,14 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                       f"{res['calls_to_uniform_final']} | {res['saving']} |", file=out)
     mt = line.get("multi_teacher")
     if mt:
-        print("\n| multi-teacher | held-out score |\n|---|---|", file=out)
+        print("\n| multi-teacher | held-out score | mean judged score of its training images |\n|---|---|---|",
+              file=out)
         for t, s in mt["teachers"].items():
-            print(f"| teacher {t} | {s:.3f} |", file=out)
+            print(f"| teacher {t} | {s:.3f} | |", file=out)
         for t, s in mt["single_teacher_students"].items():
-            print(f"| student of {t} | {s:.3f} |", file=out)
-        print(f"| student of the judge's picks | {mt['student']:.3f} |", file=out)
+            print(f"| student of {t} | {s:.3f} | {mt['training_data'][t]:.3f} |", file=out)
+        print(f"| student of the judge's picks | {mt['student']:.3f} | {mt['training_data']['judged']:.3f} |",
+              file=out)
     print(f"\nfloors: {line['floors']}\nwall time {line['wall_s']:.0f} s", file=out)
 
 
