@@ -16,7 +16,7 @@ import signal
 from pathlib import Path
 
 from t2i_evolve.data import CachedJudge, Ledger
-from t2i_evolve.models import TinyModelConfig
+from t2i_evolve.models import SamplerConfig, TinyModelConfig
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 from t2i_evolve.recipes.parts import stable_seed
@@ -24,10 +24,11 @@ from t2i_evolve.world import ProceduralTeacher, TeacherConfig
 
 
 def small_config(run_dir: str, **overrides) -> EvolveConfig:
-    """Two short rounds of a tiny model: seconds, not minutes."""
+    """Two short rounds of a tiny model: seconds, not minutes (3 sampling steps: these tests check the
+    loop's bookkeeping, not how well the base draws)."""
     fields = dict(output_dir=run_dir, tiny_model=TinyModelConfig(block_out_channels=(16, 16, 32)),
                   seed_prompts=24, rounds=2, steps_per_round=6, batch_size=8, eval_prompts=8,
-                  sample_all_below=100, variations=2, mutate_rate=0.5)
+                  sample_all_below=100, variations=2, mutate_rate=0.5, sampler=SamplerConfig(steps=3))
     return EvolveConfig(**(fields | overrides))
 
 
