@@ -87,10 +87,12 @@ def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]
     Also scores the images it trained on: how clean its data was, beside how well it learned from it."""
     out = root / f"student-{name}"
     result = arm(base_config(args, out, seed, teachers=specs, evolve=False, seed_prompts=args.multi_prompts,
-                             eval_every_round=False))
+                             eval_every_round=False, min_teacher_score=args.min_teacher_score))
     ledger, judge = Ledger(out), PixelJudge()
+    trained_on = ledger.records()  # active: what the judge's gate (--min-teacher-score) let through
     result["data_score"] = statistics.fmean(judge.score(ledger.load_image(rec.image_path), rec.prompt).score
-                                            for rec in ledger.records(None))
+                                            for rec in trained_on)
+    result["data_images"] = len(trained_on)
     return result
 
 
@@ -262,6 +264,9 @@ def main() -> None:
     parser.add_argument("--sample-share", type=float, default=0.2)
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
+    parser.add_argument("--min-teacher-score", type=float, default=None,
+                        help="Part 2's students train only on teacher images the judge scores at least this "
+                             "(the recipe's quality gate; default: every image, as in the paper).")
     parser.add_argument("--teachers", default=DEFICIT_TEACHERS,
                         help="Part 2's gallery teachers as id:p (the chance its skill breaks) or id:p:word/word "
                              "(breaks only on those color or shape words: a systematic blind spot), comma-separated.")

@@ -202,3 +202,41 @@ def test_an_llm_writer_rerun_remembers_what_it_wrote_in_earlier_rounds(tmp_path)
     with Ledger(run_dir, create=False) as ledger:
         written = [r.prompt for r in ledger.records(None) if r.op == "expand"]
     assert written and len(written) == len(set(written)) == first["rounds"][0]["ops"]["expand"]
+
+
+def test_the_quality_gate_rejects_every_wrong_teacher_image_and_trains_on_the_rest(tmp_path):
+    """Two teachers with overlapping blind spots: the tournament's winner is still wrong on prompts both
+    miss. With `min_teacher_score` the judge rejects those (kept, logged with the score), the rest train."""
+    from t2i_evolve.judges import PixelJudge
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    teachers = [TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
+                TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])]
+    run_dir = tmp_path / "gated"
+    summary = run_evolve(small_config(str(run_dir), rounds=1, teachers=teachers, min_teacher_score=1.0))
+    judge = PixelJudge()
+    with Ledger(run_dir, create=False) as ledger:
+        records = ledger.records(None)
+        rejects = [o for o in ledger.ops() if o.op == "reject"]
+        score_calls = [c for c in ledger.calls(caller=judge.id) if c.request["method"] == "score"]
+        scores = {r.id: judge.score(ledger.load_image(r.image_path), r.prompt).score for r in records}
+    rejected = [r for r in records if r.deleted_op == "reject"]
+    kept = [r for r in records if r.status == "active"]
+    assert rejected and kept and {o.record_id for o in rejects} == {r.id for r in rejected}
+    assert all(scores[r.id] < 1.0 and "min_teacher_score 1" in r.deleted_reason for r in rejected)
+    assert all(scores[r.id] == 1.0 for r in kept)
+    assert len(score_calls) == len(records)  # one judged score per teacher image, counted with the judge's calls
+    assert summary["rounds"][0]["ops"]["reject"] == sum(o.round == 1 for o in rejects)
+    assert summary["judge_calls"] >= len(records)
+
+
+def test_the_quality_gate_says_what_is_wrong_in_one_line(tmp_path):
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    blind = small_config(str(tmp_path / "blind"), rounds=1, min_teacher_score=1.0,
+                         teachers=[TeacherSpec(id="no-color", p=1.0)])  # every color wrong: nothing passes
+    with pytest.raises(UserError, match="rejected all 24 seed images"):
+        run_evolve(blind)
+    with pytest.raises(UserError, match="scores one image"):
+        run_evolve(small_config(str(tmp_path / "pairwise"), min_teacher_score=0.5), judge=ScriptedJudge())

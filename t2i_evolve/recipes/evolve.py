@@ -69,6 +69,11 @@ class EvolveConfig(Config):
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
+    min_teacher_score: float | None = Field(
+        None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA) and one below "
+        "this is rejected, kept in the ledger but never trained on. None: keep all (the paper). With several "
+        "teachers that share a blind spot, the tournament's winner can still be wrong; training on it teaches "
+        "the prompt wrong.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
@@ -106,6 +111,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
+    if config.min_teacher_score is not None and not callable(getattr(judge, "score", None)):
+        raise UserError("min_teacher_score needs a judge that scores one image (VQA); this one only compares")
     writer = writer or config.writer.build(config.grammar, ledger)
     held_out = held_out_prompts(config)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
@@ -152,7 +159,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, held_out, base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
-                        ops=("judged", "delete", "expand", "mutate"))
+                        ops=("judged", "delete", "expand", "mutate")
+                        + (("reject",) if config.min_teacher_score is not None else ()))
     return summary
 
 
@@ -174,6 +182,10 @@ class Run:
                               exclude=self.held_out)
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
+        seeds = self.ledger.records(None, round=0)
+        if seeds and all(rec.deleted_op == "reject" for rec in seeds):
+            raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score "
+                            f"{self.config.min_teacher_score:g}): lower it, or use a better teacher")
 
     def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:
         """Draw `prompts` (by `teacher_ids`, or by the tournament's winner) and add them as records.
@@ -201,11 +213,22 @@ class Run:
             if image is None:
                 continue  # the teacher failed after retries: nothing to learn from
             scene = scene_or_none(prompt)
-            self.ledger.add_record(prompt=prompt, generator=tid, seed=seed, image=image, round=round, op=op,
-                                   parent=parent, reason=reason, spec=scene and scene.to_json(),
-                                   skills=scene_skills(scene) if scene else ())
+            record_id = self.ledger.add_record(prompt=prompt, generator=tid, seed=seed, image=image, round=round,
+                                               op=op, parent=parent, reason=reason, spec=scene and scene.to_json(),
+                                               skills=scene_skills(scene) if scene else ())
+            if self.config.min_teacher_score is not None:
+                self._reject_if_wrong(record_id, image, prompt, round)
             added += 1
         return added
+
+    def _reject_if_wrong(self, record_id: int, image, prompt: str, round: int) -> None:
+        """The quality gate: a teacher image the judge scores below `min_teacher_score` is rejected (op
+        'reject', the score in its reason). A judge that fails after retries gives no evidence: kept."""
+        self.judge.round = round
+        verdict = self.judge.score(image, prompt)
+        if verdict is not None and verdict.score < self.config.min_teacher_score:
+            self.ledger.delete_record(record_id, round=round, op="reject", reason=f"teacher image scored "
+                                      f"{verdict.score:.2f} < min_teacher_score {self.config.min_teacher_score:g}")
 
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))
@@ -280,6 +303,8 @@ class Run:
             expand, mutate = [], []  # nothing more can be drawn: do not ask the writer (an LLM costs calls)
         ops["expand"] = self._expand(r, expand)
         ops["mutate"] = self._mutate(r, mutate)
+        if c.min_teacher_score is not None:  # of the expanded and mutated images (counted from the ledger: reruns)
+            ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
         return ops
 
     def _prime_writer(self, r: int) -> None:
