@@ -38,8 +38,8 @@ from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
-from .parts import (JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs, occurrence_seeds,
-                    stable_seed)
+from .parts import (CallBudgets, JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs,
+                    occurrence_seeds, stable_seed)
 
 
 class EvolveConfig(Config):
@@ -73,7 +73,7 @@ class EvolveConfig(Config):
         None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA) and one below "
         "this is rejected, kept in the ledger but never trained on. None: keep all (the paper). With several "
         "teachers that share a blind spot, the tournament's winner can still be wrong; training on it teaches "
-        "the prompt wrong.")
+        "the prompt wrong. Its scores count as judge calls (max_judge_calls is checked as each round starts).")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
@@ -134,7 +134,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     break
                 tick, start = time.perf_counter(), done_file.with_name("start.json")
                 if not start.exists():  # what the round started from, kept for a rerun of the round
-                    write_json(start, {"round": r, "teacher_calls": run.teacher_calls(), "active": ledger.count()})
+                    write_json(start, {"round": r, "teacher_calls": run.spent.teacher_calls(), "active": ledger.count()})
                 row = json.loads(start.read_text())
                 model_dir = run.train(r, model_dir)
                 scored = held_out and (config.eval_every_round or r == config.rounds)
@@ -144,7 +144,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     row |= run.held_out_score(sampler, held_out)
                 if config.evolve:
                     row["ops"] = run.evolve_set(r, sampler)
-                row |= {"judge_calls": run.judge_calls(), "teacher_calls_after": run.teacher_calls(),
+                row |= {"judge_calls": run.spent.judge_calls(), "teacher_calls_after": run.spent.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)
                 write_json(done_file, row)
@@ -154,8 +154,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
         except BudgetExhausted as e:
             stopped = str(e)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
-               "teacher_calls": run.teacher_calls(), "judge_calls": run.judge_calls(),
-               "teacher_price": run.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
+               "teacher_calls": run.spent.teacher_calls(), "judge_calls": run.spent.judge_calls(),
+               "teacher_price": run.spent.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, held_out, base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
@@ -172,6 +172,9 @@ class Run:
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = (
             config, ledger, teachers, judge, writer, out)
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
+        self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
+                                 max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
+                                 train_past_teacher_budget=config.train_past_teacher_budget)
 
     # -- the data set ---------------------------------------------------------------------------------
 
@@ -192,7 +195,7 @@ class Run:
         Held-out prompts are skipped: the run is scored on prompts no teacher drew for it."""
         keep = [i for i, prompt in enumerate(prompts) if prompt not in self.held_out]
         ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
-        keep = keep[:self._within_teacher_budget([prompts[i] for i in keep], [seeds[i] for i in keep], ids)]
+        keep = keep[:self.spent.draws_that_fit([prompts[i] for i in keep], [seeds[i] for i in keep], ids)]
         if not keep:
             return 0
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
@@ -280,7 +283,8 @@ class Run:
         self._prime_writer(r)
         records = self._sampled(r)
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
-        records, base_images = self._within_judge_budget(records, base_images, r)
+        n = self.spent.comparisons_that_fit(len(records), r)
+        records, base_images = records[:n], base_images[:n]
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
         ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0}
@@ -299,7 +303,7 @@ class Run:
             ops["delete"] += 1
             if np.random.default_rng(stable_seed(c.seed, r, rec.id, "mutate")).random() < c.mutate_rate:
                 mutate.append(rec)
-        if c.train_past_teacher_budget and min(self._teacher_budget_left()) <= 1e-9:
+        if c.train_past_teacher_budget and self.spent.teacher_budget_spent():
             expand, mutate = [], []  # nothing more can be drawn: do not ask the writer (an LLM costs calls)
         ops["expand"] = self._expand(r, expand)
         ops["mutate"] = self._mutate(r, mutate)
@@ -362,56 +366,6 @@ class Run:
     def held_out_score(self, sampler: Sampler, prompts: list[str]) -> dict:
         summary = evaluate(sampler, PixelJudge(), prompts, seed=10_000).summary()
         return {"score": summary["score"], "skills": summary["skills"]}
-
-    # -- budgets and accounting -----------------------------------------------------------------------
-
-    def teacher_calls(self) -> int:
-        return sum(call.attempts for tid in self.teachers for call in self.ledger.calls(caller=tid))
-
-    def teacher_price(self) -> float:
-        return sum(call.price for tid in self.teachers for call in self.ledger.calls(caller=tid))
-
-    def judge_calls(self) -> int:
-        return sum(call.attempts for call in self.ledger.calls(caller=self.judge.id))
-
-    def _within_teacher_budget(self, prompts, seeds, teacher_ids) -> int:
-        """Cut a batch of draws to what `max_teacher_calls` and `max_teacher_price` still allow (a
-        tournament costs one call per teacher, an image drawn before costs nothing); raise `BudgetExhausted`
-        once nothing fits, so the run stops cleanly (`train_past_teacher_budget`: go on). Returns how many fit."""
-        c = self.config
-        if (c.max_teacher_calls is None and c.max_teacher_price is None) or not prompts:
-            return len(prompts)
-        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
-                 for call in self.ledger.calls(caller=tid, status="done")}
-        calls_left, price_left = self._teacher_budget_left()
-        keep = 0
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
-                   if (tid, prompt, seed) not in drawn]
-            price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
-            if len(new) > calls_left or price > price_left + 1e-9:
-                break
-            calls_left, price_left, keep = calls_left - len(new), price_left - price, keep + 1
-        if keep == 0 and not c.train_past_teacher_budget:
-            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls "
-                                  f"(max {c.max_teacher_calls}), price {self.teacher_price():g} (max {c.max_teacher_price})")
-        return keep
-
-    def _teacher_budget_left(self) -> tuple[float, float]:
-        calls, price = self.config.max_teacher_calls, self.config.max_teacher_price
-        return (math.inf if calls is None else calls - self.teacher_calls(),
-                math.inf if price is None else price - self.teacher_price())
-
-    def _within_judge_budget(self, records, images, r: int):
-        limit = self.config.max_judge_calls
-        if limit is None:
-            return records, images
-        # calls of earlier rounds only: a rerun of this round after a crash must judge the same records
-        left = limit - sum(call.attempts for call in self.ledger.calls(caller=self.judge.id)
-                           if call.round is not None and call.round < r)
-        if left <= 0:
-            raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {limit} calls")
-        return records[:left], images[:left]
 
 
 def held_out_prompts(config: EvolveConfig) -> list[str]:

@@ -14,6 +14,7 @@ Remote parts are imported on demand, so the shapes world never needs their depen
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Literal, Sequence
 
 from PIL import Image
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from ..endpoints import EndpointConfig
-from ..errors import ConfigError
+from ..errors import BudgetExhausted, ConfigError
 from ..protocols import SKILLS, Comparison, Generator, PromptWriter
 from ..world.sampling import GrammarSlice
 from ..world.teachers import TeacherConfig, ProceduralTeacher
@@ -144,3 +145,65 @@ def cached_teachers(teachers: Sequence[Generator], ledger: Ledger) -> dict[str, 
     if len(set(ids)) != len(ids):
         raise ConfigError(f"teacher ids must differ, got {ids}")
     return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05) for t in teachers}
+
+
+class CallBudgets:
+    """What a run has spent on its teachers and judge, read from the ledger's call cache (so a rerun after a
+    crash counts what the first run paid), and how much of a batch the `max_*` caps still allow."""
+
+    def __init__(self, ledger: Ledger, teachers: dict[str, CachedGenerator], judge_id: str, *,
+                 max_teacher_calls: int | None = None, max_teacher_price: float | None = None,
+                 max_judge_calls: int | None = None, train_past_teacher_budget: bool = False):
+        self.ledger, self.teachers, self.judge_id = ledger, teachers, judge_id
+        self.max_teacher_calls, self.max_teacher_price = max_teacher_calls, max_teacher_price
+        self.max_judge_calls, self.train_past_teacher_budget = max_judge_calls, train_past_teacher_budget
+
+    def teacher_calls(self) -> int:
+        return sum(call.attempts for tid in self.teachers for call in self.ledger.calls(caller=tid))
+
+    def teacher_price(self) -> float:
+        return sum(call.price for tid in self.teachers for call in self.ledger.calls(caller=tid))
+
+    def judge_calls(self) -> int:
+        return sum(call.attempts for call in self.ledger.calls(caller=self.judge_id))
+
+    def teacher_budget_left(self) -> tuple[float, float]:
+        calls, price = self.max_teacher_calls, self.max_teacher_price
+        return (math.inf if calls is None else calls - self.teacher_calls(),
+                math.inf if price is None else price - self.teacher_price())
+
+    def teacher_budget_spent(self) -> bool:
+        return min(self.teacher_budget_left()) <= 1e-9
+
+    def draws_that_fit(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> int:
+        """How many of these draws (in order) the teacher caps still allow: a tournament (`teacher_ids` None)
+        costs one call per teacher, an image drawn before costs nothing. Raises `BudgetExhausted` once
+        nothing fits, so the run stops cleanly (with `train_past_teacher_budget` it goes on buying nothing)."""
+        if (self.max_teacher_calls is None and self.max_teacher_price is None) or not prompts:
+            return len(prompts)
+        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
+                 for call in self.ledger.calls(caller=tid, status="done")}
+        calls_left, price_left = self.teacher_budget_left()
+        fit = 0
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
+                   if (tid, prompt, seed) not in drawn]
+            price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
+            if len(new) > calls_left or price > price_left + 1e-9:
+                break
+            calls_left, price_left, fit = calls_left - len(new), price_left - price, fit + 1
+        if fit == 0 and not self.train_past_teacher_budget:
+            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls (max {self.max_teacher_calls}), "
+                                  f"price {self.teacher_price():g} (max {self.max_teacher_price})")
+        return fit
+
+    def comparisons_that_fit(self, n: int, round: int) -> int:
+        """How many of round `round`'s n comparisons `max_judge_calls` allows. Counts the calls of earlier
+        rounds only, so a rerun of the round after a crash judges the same records."""
+        if self.max_judge_calls is None:
+            return n
+        left = self.max_judge_calls - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
+                                          if call.round is not None and call.round < round)
+        if left <= 0:
+            raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls")
+        return min(n, left)
