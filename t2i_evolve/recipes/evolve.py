@@ -1,7 +1,8 @@
 """Recipe `evolve`: EvolveDirector (arXiv 2410.07133). A judge keeps evaluating the base model against
 its teachers and evolves the training set, so the base learns from far fewer teacher images.
 
-    seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt)
+    seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt;
+                    with `min_teacher_score`, every new teacher image the judge scores below it is rejected)
     for each round:
         train the base on the active records
         sample the base on a share of the active prompts; the judge compares base vs teacher:
