@@ -220,40 +220,55 @@ class Run:
             record_id = self.ledger.add_record(prompt=prompt, generator=tid, seed=seed, image=image, round=round,
                                                op=op, parent=parent, reason=reason, spec=scene and scene.to_json(),
                                                skills=scene_skills(scene) if scene else ())
-            if self.config.min_teacher_score is not None:
-                self._reject_if_wrong(record_id, image, prompt, round)
+            self._reject_if_wrong(record_id, image, prompt, round)
             added += 1
         return added
 
-    def _reject_if_wrong(self, record_id: int, image, prompt: str, round: int) -> None:
-        """The quality gate: a teacher image the judge scores below `min_teacher_score` is rejected (op
-        'reject', the score in its reason). A judge that fails after retries gives no evidence: kept."""
+    def _gate_score(self, image, prompt: str, round: int) -> float | None:
+        """The judge's score of a teacher image for the quality gate (None: gate off, or the judge failed
+        after retries, which gives no evidence). Asked once per image: repeats are read from the cache."""
+        if self.config.min_teacher_score is None:
+            return None
         self.judge.round = round
         verdict = self.judge.score(image, prompt)
-        if verdict is not None and verdict.score < self.config.min_teacher_score:
+        return None if verdict is None else verdict.score
+
+    def _passes_gate(self, image, prompt: str, round: int) -> bool:
+        score = self._gate_score(image, prompt, round)
+        return score is None or score >= self.config.min_teacher_score
+
+    def _reject_if_wrong(self, record_id: int, image, prompt: str, round: int) -> None:
+        """The quality gate: a teacher image the judge scores below `min_teacher_score` is rejected (op
+        'reject', the score in its reason): kept in the ledger, never trained on."""
+        score = self._gate_score(image, prompt, round)
+        if score is not None and score < self.config.min_teacher_score:
             self.ledger.delete_record(record_id, round=round, op="reject", reason=f"teacher image scored "
-                                      f"{verdict.score:.2f} < min_teacher_score {self.config.min_teacher_score:g}")
+                                      f"{score:.2f} < min_teacher_score {self.config.min_teacher_score:g}")
 
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))
 
     def tournament(self, prompts, seeds, round) -> tuple[list[str], list]:
-        """Every teacher draws every prompt; the judge keeps the better image, teacher by teacher."""
+        """Every teacher draws every prompt; the judge keeps the better image, teacher by teacher. With the
+        quality gate, only images that pass it are compared: one that passes beats one that does not (a
+        pairwise verdict can prefer the wrong image), and of two that fail, either will be rejected. Rank:
+        0 no image, 1 drawn but fails the gate, 2 drawn and passes (or no gate). The gate's score is asked
+        once per image; `_reject_if_wrong` reads it from the cache."""
         drawn = {}
         for tid, teacher in self.teachers.items():
             teacher.round = round
             drawn[tid] = teacher.generate(prompts, seeds)
         ids = list(self.teachers)
+        rank = {tid: [0 if image is None else 1 + self._passes_gate(image, prompt, round)
+                      for image, prompt in zip(drawn[tid], prompts)] for tid in ids}
         best = [ids[0]] * len(prompts)
         for challenger in ids[1:]:
-            pairs = [(drawn[challenger][i], drawn[best[i]][i], prompts[i]) for i in range(len(prompts))
-                     if drawn[challenger][i] is not None and drawn[best[i]][i] is not None]
-            verdicts = iter(self.compare(pairs, round))
+            contested = [i for i in range(len(prompts)) if rank[challenger][i] == rank[best[i]][i] == 2]
+            verdicts = dict(zip(contested, self.compare([(drawn[challenger][i], drawn[best[i]][i], prompts[i])
+                                                         for i in contested], round)))
             for i in range(len(prompts)):
-                if drawn[challenger][i] is None:
-                    continue
-                verdict = next(verdicts) if drawn[best[i]][i] is not None else None
-                if drawn[best[i]][i] is None or (verdict is not None and verdict.winner == "a"):
+                verdict = verdicts.get(i)
+                if rank[challenger][i] > rank[best[i]][i] or (verdict is not None and verdict.winner == "a"):
                     best[i] = challenger
         return best, [drawn[tid][i] for i, tid in enumerate(best)]
 
