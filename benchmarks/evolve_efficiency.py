@@ -322,6 +322,8 @@ def main() -> None:
     except ValueError:
         parser.error(f"--teachers: expected id:p[:word/word],... (e.g. no-color:0.9,no-shape:1:circle/square), "
                      f"not {args.teachers!r}")
+    if not 0 <= args.min_teacher_score <= 1:
+        parser.error(f"--min-teacher-score: a judge score in [0, 1], not {args.min_teacher_score}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
     if 3 in parts and 1 not in parts:

@@ -5,6 +5,7 @@ appended before the ledger commits, so a call paid twice shows up twice.
 
     python tests/evolve_worker.py RUN_DIR [--kill-after N]   # SIGKILL itself at the judge's N-th call
     python tests/evolve_worker.py RUN_DIR --kill-at-draw N   # ... at the teacher's N-th batch of draws
+    python tests/evolve_worker.py RUN_DIR --gate ...         # with the quality gate (the judge's calls count)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.models import SamplerConfig, TinyModelConfig
-from t2i_evolve.protocols import Comparison
+from t2i_evolve.protocols import Comparison, ImageScore
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 from t2i_evolve.recipes.parts import stable_seed
 from t2i_evolve.world import ProceduralTeacher, TeacherConfig
@@ -51,6 +52,16 @@ class ScriptedJudge:
                 f.write(json.dumps({"prompt": prompt}) + "\n")
         return Comparison(winner, 1.0 if winner == "tie" else 0.2, 1.0)
 
+    def score(self, image, prompt):
+        """The quality gate's VQA score: a quarter of the teacher images fail it, by prompt hash."""
+        self.calls += 1
+        if self.calls == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.call_log:
+            with open(self.call_log, "a") as f:
+                f.write(json.dumps({"prompt": prompt, "method": "score"}) + "\n")
+        return ImageScore(0.0 if stable_seed(prompt, "gate") % 4 == 0 else 1.0, ())
+
 
 class KillingTeacher(ProceduralTeacher):
     """The strong teacher, SIGKILLing its process when asked for its `kill_at`-th batch of images."""
@@ -71,13 +82,14 @@ def main() -> None:
     parser.add_argument("run_dir")
     parser.add_argument("--kill-after", type=int, default=-1)
     parser.add_argument("--kill-at-draw", type=int, default=-1)
+    parser.add_argument("--gate", action="store_true", help="min_teacher_score 0.5: the judge scores every teacher image")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     teacher = KillingTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl",
                              kill_at=args.kill_at_draw)
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
-    run_evolve(small_config(args.run_dir), teachers=[teacher], judge=judge)
+    run_evolve(small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None), teachers=[teacher], judge=judge)
 
 
 if __name__ == "__main__":

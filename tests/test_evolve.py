@@ -97,6 +97,23 @@ def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_
         assert (run_dir / log).read_text().count("\n") == (reference_run / log).read_text().count("\n"), log
 
 
+def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp_path):
+    """Killed at the judge's 10th call: in round 0, scoring the seed images for the gate."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    assert _worker(reference, "--gate").returncode == 0
+    killed = _worker(run_dir, "--gate", "--kill-after", "10")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with Ledger(run_dir, create=False) as ledger:
+        assert ledger.calls(caller="scripted", status="pending") and not ledger.records(round=1)
+    resumed = _worker(run_dir, "--gate")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records, ops = _ledger_state(run_dir)
+    assert (records, ops) == _ledger_state(reference)
+    assert any(op[1] == "reject" for op in ops) and any(r[5] == "active" for r in records)
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
+        assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+
+
 def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):
     summary = run_evolve(small_config(str(tmp_path / "uniform"), evolve=False, rounds=1))
     with Ledger(tmp_path / "uniform", create=False) as ledger:
@@ -238,8 +255,12 @@ def test_the_quality_gate_says_what_is_wrong_in_one_line(tmp_path):
                          teachers=[TeacherSpec(id="no-color", p=1.0)])  # every color wrong: nothing passes
     with pytest.raises(UserError, match="rejected all 24 seed images"):
         run_evolve(blind)
+
+    class PairwiseOnly:
+        id, compare = "pairwise", ScriptedJudge.compare
+
     with pytest.raises(UserError, match="scores one image"):
-        run_evolve(small_config(str(tmp_path / "pairwise"), min_teacher_score=0.5), judge=ScriptedJudge())
+        run_evolve(small_config(str(tmp_path / "pairwise"), min_teacher_score=0.5), judge=PairwiseOnly())
 
 
 def test_an_image_that_passes_the_gate_wins_the_tournament_whatever_the_pairwise_verdict(tmp_path):
