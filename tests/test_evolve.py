@@ -172,6 +172,23 @@ def test_judge_budget_stops_the_run_cleanly(tmp_path):
     assert summary["judge_calls"] == 30 and [row["round"] for row in summary["rounds"]] == [1, 2]
 
 
+def test_judge_budget_holds_with_the_quality_gate_and_a_tournament(tmp_path):
+    """The gate's scores and the tournament's comparisons count too: a round judges only as many records as
+    their worst case fits, so the run never asks more than max_judge_calls; too small for the seed set, it
+    stops before paying any teacher."""
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    teachers = [TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
+                TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])]
+    gated = dict(rounds=3, teachers=teachers, min_teacher_score=1.0)
+    summary = run_evolve(small_config(str(tmp_path / "capped"), max_judge_calls=100, **gated))
+    rounds = summary["rounds"]  # uncapped, these rounds ask 83, 127 and 191 calls in all
+    assert summary["judge_calls"] <= 100 and rounds[0]["ops"]["judged"] == rounds[0]["active"]
+    assert 0 < rounds[1]["ops"]["judged"] < rounds[1]["active"]  # what fits the cap, worst case, is judged
+    tiny = run_evolve(small_config(str(tmp_path / "tiny"), max_judge_calls=50, **gated))  # 24 seeds x (2 + 1)
+    assert "judge budget too small" in tiny["stopped"] and tiny["teacher_calls"] == tiny["judge_calls"] == 0
+
+
 def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
     from t2i_evolve.endpoints import EndpointConfig
     from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig

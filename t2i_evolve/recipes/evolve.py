@@ -74,13 +74,14 @@ class EvolveConfig(Config):
         None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA) and one below "
         "this is rejected, kept in the ledger but never trained on. None: keep all (the paper). With several "
         "teachers that share a blind spot, the tournament's winner can still be wrong; training on it teaches "
-        "the prompt wrong. Its scores count as judge calls (max_judge_calls is checked as each round starts).")
+        "the prompt wrong. Its scores count as judge calls (and toward max_judge_calls).")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
     max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this "
                                                                      "much (each teacher's price per call).")
-    max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly when the judge answered this many.")
+    max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly before the judge is asked more than "
+                                        "this many times (a round judges only the records whose worst case fits).")
     eval_prompts: int = Field(128, ge=0)
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
     sampler: SamplerConfig = SamplerConfig(steps=10)
@@ -184,6 +185,7 @@ class Run:
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
         prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed,
                               exclude=self.held_out)
+        self.spent.check_judge_room(len(prompts) * self.judge_calls_per_draw(tournament=True), "the seed set")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
         seeds = self.ledger.records(None, round=0)
@@ -245,6 +247,16 @@ class Run:
             self.ledger.delete_record(record_id, round=round, op="reject", reason=f"teacher image scored "
                                       f"{score:.2f} < min_teacher_score {self.config.min_teacher_score:g}")
 
+    def judge_calls_per_draw(self, *, tournament: bool) -> int:
+        """The most judge calls a new prompt costs: a gate score per image, a comparison per challenger."""
+        drawn = len(self.teachers) if tournament else 1
+        return drawn * (self.config.min_teacher_score is not None) + drawn - 1
+
+    def judge_calls_per_judged_record(self) -> int:
+        """The most a judged record costs in its round: its comparison, then its expansions or a mutation."""
+        expand = self.config.variations * self.judge_calls_per_draw(tournament=False)
+        return 1 + max(expand, self.judge_calls_per_draw(tournament=True) * (self.config.mutate_rate > 0))
+
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))
 
@@ -299,7 +311,7 @@ class Run:
         self._prime_writer(r)
         records = self._sampled(r)
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
-        n = self.spent.comparisons_that_fit(len(records), r)
+        n = self.spent.comparisons_that_fit(len(records), r, self.judge_calls_per_judged_record())
         records, base_images = records[:n], base_images[:n]
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)

@@ -197,13 +197,22 @@ class CallBudgets:
                                   f"price {self.teacher_price():g} (max {self.max_teacher_price})")
         return fit
 
-    def comparisons_that_fit(self, n: int, round: int) -> int:
-        """How many of round `round`'s n comparisons `max_judge_calls` allows. Counts the calls of earlier
-        rounds only, so a rerun of the round after a crash judges the same records."""
+    def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1) -> int:
+        """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may
+        cost up to `calls_each` judge calls in all (its comparison, and the quality gate's scores and the
+        tournament's comparisons of what it leads to), so the round cannot overshoot the cap. Counts the calls
+        of earlier rounds only, so a rerun of the round after a crash judges the same records."""
         if self.max_judge_calls is None:
             return n
         left = self.max_judge_calls - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
                                           if call.round is not None and call.round < round)
-        if left <= 0:
-            raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls")
-        return min(n, left)
+        if left < calls_each:
+            raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls"
+                                  + (f" (a judged record may need {calls_each})" if calls_each > 1 else ""))
+        return min(n, left // calls_each)
+
+    def check_judge_room(self, needed: int, what: str) -> None:
+        """Stop before `what` (which may need `needed` judge calls) if `max_judge_calls` cannot pay for it."""
+        if self.max_judge_calls is not None and needed > self.max_judge_calls:
+            raise BudgetExhausted(f"judge budget too small: {what} may need {needed} judge calls, "
+                                  f"max_judge_calls is {self.max_judge_calls}")
