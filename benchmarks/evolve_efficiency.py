@@ -9,7 +9,9 @@
    (a) one teacher's images, (b) the judge's pick per prompt (a tournament), same prompts and steps; every
    student keeps only the images the judge scores at least `--min-teacher-score` (the recipe's quality gate:
    where both teachers miss a prompt, the tournament's winner is still wrong).
-3. Judge noise (not in --quick): the evolve run again with its judge behind `serve-judge --error-rate e`.
+3. Judge noise (not in --quick): with part 1, the evolve run again with its judge behind
+   `serve-judge --error-rate e`; with part 2, the student of the judge's picks again, its tournament and
+   quality gate judged through that noisy server (error 0 is the in-process judge's student of part 2).
 4. Cost: judge calls and wall time per evolve round.
 
     python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed, 4,000 image views per arm
@@ -31,6 +33,8 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from t2i_evolve.data import Ledger
@@ -85,12 +89,18 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
                            seed_prompts=args.evolve_seed_prompts, **cap, **fields), **(parts or {}))
 
 
-def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]) -> dict:
+def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec], judge_error: float = 0.0) -> dict:
     """A student of `specs`' images for the same prompts (several teachers: the judge's tournament picks).
-    Also scores the images it trained on: how clean its data was, beside how well it learned from it."""
+    Also scores the images it trained on with the exact judge: how clean its data was, beside how well it
+    learned from it. `judge_error` > 0: the tournament and gate ask `serve-judge --error-rate judge_error`."""
     out = root / f"student-{name}"
-    result = arm(base_config(args, out, seed, teachers=specs, evolve=False, seed_prompts=args.multi_prompts,
-                             eval_every_round=False, min_teacher_score=args.min_teacher_score or None))
+    config = partial(base_config, args, out, seed, teachers=specs, evolve=False, seed_prompts=args.multi_prompts,
+                     eval_every_round=False, min_teacher_score=args.min_teacher_score or None)
+    if judge_error:
+        with served_judge(judge_error, seed) as judge:
+            result = arm(config(judge=judge))
+    else:
+        result = arm(config())
     ledger, judge = Ledger(out), PixelJudge()
     trained_on = ledger.records()  # active: what the judge's gate (--min-teacher-score) let through
     result["data_score"] = statistics.fmean(judge.score(ledger.load_image(rec.image_path), rec.prompt).score
@@ -99,14 +109,21 @@ def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]
     return result
 
 
-def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
-    """The evolve arm (largest budget) with its judge behind `serve-judge --error-rate rate`."""
+@contextmanager
+def served_judge(rate: float, seed: int):
+    """A `JudgeSpec` for the pixel judge behind `serve-judge --error-rate rate` (each VQA answer flipped, each
+    pairwise verdict replaced at that rate), served while the block runs."""
     from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
 
     with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
         endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
-        return evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1],
-                          judge=JudgeSpec(kind="openai", endpoint=endpoint))
+        yield JudgeSpec(kind="openai", endpoint=endpoint)
+
+
+def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
+    """The evolve arm (largest budget) with its judge behind `serve-judge --error-rate rate`."""
+    with served_judge(rate, seed) as judge:
+        return evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1], judge=judge)
 
 
 def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
@@ -123,8 +140,12 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
         specs = teacher_specs(args)
         arms |= {f"student-{spec.id}": (student_arm, (args, root, seed, spec.id, [spec])) for spec in specs}
         arms["student-judged"] = (student_arm, (args, root, seed, "judged", specs))
-    if 3 in parts:
+    if 3 in parts and 1 in parts:
         arms |= {f"noise-{rate}": (noise_arm, (args, root, seed, rate)) for rate in args.judge_errors}
+    if 3 in parts and 2 in parts:  # error 0 is part 2's own student-judged
+        arms |= {f"student-judged-noise-{rate}": (student_arm, (args, root, seed, f"judged-noise-{rate}",
+                                                                teacher_specs(args), rate))
+                 for rate in args.judge_errors if rate}
     return arms
 
 
@@ -235,6 +256,17 @@ def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
             "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}
 
 
+def multi_teacher_noise(args, arms: dict) -> dict:
+    """The judge's-picks student at each judge error rate: its score, how many images the noisy gate kept,
+    and how right they were (the exact judge's mean score of them; 1.0: no wrong image got through)."""
+    results = {}
+    for rate in args.judge_errors:
+        run = arms["student-judged" if not rate else f"student-judged-noise-{rate}"]
+        results[str(rate)] = {"student": run["final_score"], "training_images": run["data_images"],
+                              "training_data": run["data_score"], "judge_calls": run["judge_calls"]}
+    return results
+
+
 def judge_noise(args, arms: dict, target: float, uniform_calls: int) -> dict:
     """The saving at each judge error rate, against the same uniform arms."""
     results = {}
@@ -326,8 +358,8 @@ def main() -> None:
         parser.error(f"--min-teacher-score: a judge score in [0, 1], not {args.min_teacher_score}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
-    if 3 in parts and 1 not in parts:
-        parser.error("part 3 measures the saving against part 1's uniform arms: add part 1")
+    if 3 in parts and not parts & {1, 2}:
+        parser.error("part 3 reruns part 1's evolve arm or part 2's judged student with a noisy judge: add part 1 or 2")
 
     started = time.perf_counter()
     per_seed = []
@@ -346,8 +378,10 @@ def main() -> None:
                 result |= data_efficiency(args, arms)
             if 2 in parts:
                 result["multi_teacher"] = multi_teacher(args, root / f"seed-{seed}", seed, arms)
-            if 3 in parts:
+            if 3 in parts and 1 in parts:
                 result["judge_noise"] = judge_noise(args, arms, result["uniform"]["target"], result["uniform"]["calls"])
+            if 3 in parts and 2 in parts:
+                result["multi_teacher"]["judge_noise"] = multi_teacher_noise(args, arms)
             per_seed.append(result)
             print(f"seed {seed}: {json.dumps(result)}", file=sys.stderr)
     line = summarize(per_seed, time.perf_counter() - started)
@@ -380,10 +414,17 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "training_data": {t: mean_or_none([m["training_data"][t] for m in mt]) for t in mt[0]["training_data"]},
             "training_images": {t: mean_or_none([m["training_images"][t] for m in mt])
                                 for t in mt[0]["training_images"]}}
+        if "judge_noise" in mt[0]:
+            line["multi_teacher"]["judge_noise"] = {
+                rate: {key: mean_or_none([m["judge_noise"][rate][key] for m in mt])
+                       for key in ("student", "training_images", "training_data")} for rate in mt[0]["judge_noise"]}
         mt = line["multi_teacher"]
         floors |= {"student_beats_every_teacher": all(mt["student"] > s for s in mt["teachers"].values()),
                    "student_beats_every_single_teacher_student":
                        all(mt["student"] > s for s in mt["single_teacher_students"].values())}
+        if "judge_noise" in mt:
+            floors["noisy_judge_student_beats_every_teacher"] = {
+                rate: all(res["student"] > s for s in mt["teachers"].values()) for rate, res in mt["judge_noise"].items()}
     return line | {"floors": floors, "seeds": per_seed, "wall_s": wall_s}
 
 
@@ -417,6 +458,13 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
             for rate, res in r["judge_noise"].items():
                 print(f"| seed {r['seed']} error {rate} | {res['final_score']:.3f} | {res['calls']} | "
                       f"{res['calls_to_uniform_final']} | {res['saving']} |", file=out)
+    if "judge_noise" in per_seed[0].get("multi_teacher", {}):
+        print("\n| judge error rate | student of the judge's picks | images the gate kept | their exact score | "
+              "judge calls |\n|---|---|---|---|---|", file=out)
+        for r in per_seed:
+            for rate, res in r["multi_teacher"]["judge_noise"].items():
+                print(f"| seed {r['seed']} error {rate} | {res['student']:.3f} | {res['training_images']} | "
+                      f"{res['training_data']:.3f} | {res['judge_calls']} |", file=out)
     mt = line.get("multi_teacher")
     if mt:
         print("\n| multi-teacher | held-out score | its training images (kept by the gate) | their mean judged "
