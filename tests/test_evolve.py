@@ -280,6 +280,31 @@ def test_the_quality_gate_says_what_is_wrong_in_one_line(tmp_path):
         run_evolve(small_config(str(tmp_path / "pairwise"), min_teacher_score=0.5), judge=PairwiseOnly())
 
 
+def test_until_pass_tournament_keeps_every_prompt_a_teacher_draws_right_for_fewer_calls(tmp_path):
+    """Teachers draw in order until one's image passes the gate: the same prompts are kept as when every
+    teacher draws every prompt, with fewer teacher calls and no pairwise comparison."""
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    specs = [TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"]),
+             TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"])]
+    runs = {}
+    for mode in ("all", "until_pass"):
+        run_dir = tmp_path / mode
+        summary = run_evolve(small_config(str(run_dir), rounds=1, evolve=False, teachers=specs,
+                                          min_teacher_score=1.0, tournament=mode))
+        with Ledger(run_dir, create=False) as ledger:
+            kept = sorted((r.prompt, r.seed) for r in ledger.records())
+            compares = [c for c in ledger.calls(caller="pixel") if c.request["method"] == "compare"]
+        runs[mode] = summary["teacher_calls"], kept, len(compares)
+    (calls_all, kept_all, compares_all), (calls_lazy, kept_lazy, compares_lazy) = runs["all"], runs["until_pass"]
+    assert kept_lazy == kept_all and kept_all
+    assert calls_all == 48 and 24 < calls_lazy < 48  # second teacher asked only where the first was rejected
+    assert compares_lazy == 0 < compares_all
+    with pytest.raises(UserError, match="set min_teacher_score"):
+        run_evolve(small_config(str(tmp_path / "no-gate"), teachers=specs, tournament="until_pass"))
+
+
 def test_an_image_that_passes_the_gate_wins_the_tournament_whatever_the_pairwise_verdict(tmp_path):
     """A pairwise judge that always keeps the first teacher's image: where that image fails the gate and the
     other teacher's passes, the one that passes is kept, so no prompt a teacher drew right is lost."""

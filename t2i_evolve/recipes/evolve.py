@@ -2,7 +2,8 @@
 its teachers and evolves the training set, so the base learns from far fewer teacher images.
 
     seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt;
-                    with `min_teacher_score`, every new teacher image the judge scores below it is rejected)
+                    with `min_teacher_score`, every new teacher image the judge scores below it is rejected,
+                    and `tournament: until_pass` asks the next teacher only when an image is rejected)
     for each round:
         train the base on the active records
         sample the base on a share of the active prompts; the judge compares base vs teacher:
@@ -75,6 +76,10 @@ class EvolveConfig(Config):
         "this is rejected, kept in the ledger but never trained on. None: keep all (the paper). With several "
         "teachers that share a blind spot, the tournament's winner can still be wrong; training on it teaches "
         "the prompt wrong. Its scores count as judge calls (and toward max_judge_calls).")
+    tournament: Literal["all", "until_pass"] = Field(
+        "all", description="all: every teacher draws every new prompt and the judge picks (the paper). until_pass "
+        "(needs min_teacher_score): teachers draw in their listed order until one's image passes the gate, "
+        "so a prompt the first teacher draws right costs one call, not one per teacher.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
@@ -115,6 +120,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     judge = judge or config.judge.build(ledger)
     if config.min_teacher_score is not None and not callable(getattr(judge, "score", None)):
         raise UserError("min_teacher_score needs a judge that scores one image (VQA); this one only compares")
+    if config.tournament == "until_pass" and config.min_teacher_score is None:
+        raise UserError("tournament: until_pass stops at the first image that passes the gate: set min_teacher_score")
     writer = writer or config.writer.build(config.grammar, ledger)
     held_out = held_out_prompts(config)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
@@ -250,7 +257,8 @@ class Run:
     def judge_calls_per_draw(self, *, tournament: bool) -> int:
         """The most judge calls a new prompt costs: a gate score per image, a comparison per challenger."""
         drawn = len(self.teachers) if tournament else 1
-        return drawn * (self.config.min_teacher_score is not None) + drawn - 1
+        compared = drawn - 1 if self.config.tournament == "all" else 0
+        return drawn * (self.config.min_teacher_score is not None) + compared
 
     def judge_calls_per_judged_record(self) -> int:
         """The most a judged record costs in its round: its comparison, then its expansions or a mutation."""
@@ -265,14 +273,18 @@ class Run:
         quality gate, only images that pass it are compared: one that passes beats one that does not (a
         pairwise verdict can prefer the wrong image), and of two that fail, either will be rejected. Rank:
         0 no image, 1 drawn but fails the gate, 2 drawn and passes (or no gate). The gate's score is asked
-        once per image; `_reject_if_wrong` reads it from the cache."""
-        drawn = {}
+        once per image; `_reject_if_wrong` reads it from the cache. `until_pass`: a teacher draws only the
+        prompts no earlier one drew so that it passes, so no two images pass and nothing is compared."""
+        drawn, rank, ids = {}, {}, list(self.teachers)
         for tid, teacher in self.teachers.items():
+            todo = range(len(prompts))  # until_pass: only prompts no earlier teacher drew so that it passes
+            if self.config.tournament == "until_pass":
+                todo = [i for i in todo if not any(rank[t][i] == 2 for t in drawn)]
             teacher.round = round
-            drawn[tid] = teacher.generate(prompts, seeds)
-        ids = list(self.teachers)
-        rank = {tid: [0 if image is None else 1 + self._passes_gate(image, prompt, round)
-                      for image, prompt in zip(drawn[tid], prompts)] for tid in ids}
+            images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo])))
+            drawn[tid] = [images.get(i) for i in range(len(prompts))]
+            rank[tid] = [0 if image is None else 1 + self._passes_gate(image, prompt, round)
+                         for image, prompt in zip(drawn[tid], prompts)]
         best = [ids[0]] * len(prompts)
         for challenger in ids[1:]:
             contested = [i for i in range(len(prompts)) if rank[challenger][i] == rank[best[i]][i] == 2]
