@@ -41,7 +41,7 @@ from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
 from .parts import (CallBudgets, JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs,
-                    occurrence_seeds, stable_seed)
+                    occurrence_seeds, stable_seed, tournament)
 
 
 class EvolveConfig(Config):
@@ -211,7 +211,9 @@ class Run:
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
         teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
         if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
-            teacher_ids, images = self.tournament(prompts, seeds, round)
+            teacher_ids, images = tournament(
+                self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self._passes_gate(image, p, round),
+                compare=lambda pairs: self.compare(pairs, round), until_pass=self.config.tournament == "until_pass")
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
@@ -267,34 +269,6 @@ class Run:
 
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))
-
-    def tournament(self, prompts, seeds, round) -> tuple[list[str], list]:
-        """Every teacher draws every prompt; the judge keeps the better image, teacher by teacher. With the
-        quality gate, only images that pass it are compared: one that passes beats one that does not (a
-        pairwise verdict can prefer the wrong image), and of two that fail, either will be rejected. Rank:
-        0 no image, 1 drawn but fails the gate, 2 drawn and passes (or no gate). The gate's score is asked
-        once per image; `_reject_if_wrong` reads it from the cache. `until_pass`: a teacher draws only the
-        prompts no earlier one drew so that it passes, so no two images pass and nothing is compared."""
-        drawn, rank, ids = {}, {}, list(self.teachers)
-        for tid, teacher in self.teachers.items():
-            todo = range(len(prompts))  # until_pass: only prompts no earlier teacher drew so that it passes
-            if self.config.tournament == "until_pass":
-                todo = [i for i in todo if not any(rank[t][i] == 2 for t in drawn)]
-            teacher.round = round
-            images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo])))
-            drawn[tid] = [images.get(i) for i in range(len(prompts))]
-            rank[tid] = [0 if image is None else 1 + self._passes_gate(image, prompt, round)
-                         for image, prompt in zip(drawn[tid], prompts)]
-        best = [ids[0]] * len(prompts)
-        for challenger in ids[1:]:
-            contested = [i for i in range(len(prompts)) if rank[challenger][i] == rank[best[i]][i] == 2]
-            verdicts = dict(zip(contested, self.compare([(drawn[challenger][i], drawn[best[i]][i], prompts[i])
-                                                         for i in contested], round)))
-            for i in range(len(prompts)):
-                verdict = verdicts.get(i)
-                if rank[challenger][i] > rank[best[i]][i] or (verdict is not None and verdict.winner == "a"):
-                    best[i] = challenger
-        return best, [drawn[tid][i] for i, tid in enumerate(best)]
 
     # -- one round ------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from PIL import Image
 from pydantic import ValidationError
@@ -121,6 +121,37 @@ def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]]) 
     if hasattr(judge, "compare_many"):  # a verdict that failed or did not parse becomes None
         return [verdict.comparison() for verdict in judge.compare_many(pairs)]
     return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
+
+
+def tournament(teachers: dict[str, Generator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
+               passes_gate: Callable[[Image.Image, str], bool], compare: Callable[[list], list],
+               until_pass: bool = False) -> tuple[list[str], list]:
+    """EvolveDirector's discrimination among teachers: every teacher draws every prompt and the judge keeps
+    the better image, teacher by teacher; returns the winning teacher id and image per prompt.
+
+    With a quality gate (`passes_gate`; always True without one), only images that pass it are compared: one
+    that passes beats one that does not (a pairwise verdict can prefer the wrong image), and of two that fail,
+    either will be rejected. Rank: 0 no image, 1 drawn but fails the gate, 2 drawn and passes. `until_pass`: a
+    teacher draws only the prompts no earlier one drew so that it passes, so nothing is compared and a prompt
+    the first teacher draws right costs one call."""
+    drawn, rank, ids = {}, {}, list(teachers)
+    for tid, teacher in teachers.items():
+        todo = [i for i in range(len(prompts)) if not (until_pass and any(rank[t][i] == 2 for t in drawn))]
+        teacher.round = round
+        images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo])))
+        drawn[tid] = [images.get(i) for i in range(len(prompts))]
+        rank[tid] = [0 if image is None else 1 + passes_gate(image, prompt)
+                     for image, prompt in zip(drawn[tid], prompts)]
+    best = [ids[0]] * len(prompts)
+    for challenger in ids[1:]:
+        contested = [i for i in range(len(prompts)) if rank[challenger][i] == rank[best[i]][i] == 2]
+        verdicts = dict(zip(contested, compare([(drawn[challenger][i], drawn[best[i]][i], prompts[i])
+                                                for i in contested])))
+        for i in range(len(prompts)):
+            verdict = verdicts.get(i)
+            if rank[challenger][i] > rank[best[i]][i] or (verdict is not None and verdict.winner == "a"):
+                best[i] = challenger
+    return best, [drawn[tid][i] for i, tid in enumerate(best)]
 
 
 def stable_seed(*parts: object) -> int:
