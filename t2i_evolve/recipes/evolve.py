@@ -296,9 +296,8 @@ class Run:
         c = self.config
         self._prime_writer(r)
         records = self._sampled(r)
+        records = records[:self.spent.comparisons_that_fit(len(records), r, self.judge_calls_per_judged_record())]
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
-        n = self.spent.comparisons_that_fit(len(records), r, self.judge_calls_per_judged_record())
-        records, base_images = records[:n], base_images[:n]
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
         ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0}
