@@ -79,7 +79,8 @@ class EvolveConfig(Config):
     tournament: Literal["all", "until_pass"] = Field(
         "all", description="all: every teacher draws every new prompt and the judge picks (the paper). until_pass "
         "(needs min_teacher_score): teachers draw in their listed order until one's image passes the gate, "
-        "so a prompt the first teacher draws right costs one call, not one per teacher.")
+        "so a prompt the first teacher draws right costs one call, not one per teacher (max_teacher_calls still "
+        "reserves one per teacher: which will be needed is known only after the gate).")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
