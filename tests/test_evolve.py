@@ -210,6 +210,26 @@ def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
     assert judged > 0 and {"delete", "expand"} <= {op for row in summary["rounds"] for op, n in row["ops"].items() if n}
 
 
+def test_judge_budget_counts_every_vote(tmp_path):
+    """A judge asking 3 votes per verdict (serve-judge, 20% errors, temperature > 0) costs 3 calls a verdict:
+    the gate and the cap count them all, so the run stays inside max_judge_calls."""
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+    from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec
+
+    teachers = [TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
+                TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])]
+    with JudgeServer(JudgeServerConfig(error_rate=0.2, seed=2)) as server:
+        endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
+        judge = JudgeSpec(kind="openai", endpoint=endpoint, votes=3, temperature=0.7)
+        summary = run_evolve(small_config(str(tmp_path / "voted"), teachers=teachers, min_teacher_score=1.0,
+                                          judge=judge, max_judge_calls=250))
+        served = server.stats()["total"]
+    rounds = summary["rounds"]  # uncapped: 273 calls; the seed set alone may need 24 x 3 verdicts x 3 votes
+    assert served == summary["judge_calls"] <= 250 and summary["judge_calls"] % 3 == 0
+    assert 0 < rounds[-1]["ops"]["judged"] < rounds[-1]["active"]  # what fits at 3 x its verdicts, worst case
+
+
 def test_an_llm_writer_rerun_remembers_what_it_wrote_in_earlier_rounds(tmp_path):
     """A new process (a rerun) reads the writer's earlier outputs from the ledger, so a reply that repeats
     them is dropped as a near-copy, as it would have been in the first process."""

@@ -121,6 +121,41 @@ def test_protocol_methods(server, cases, vqa_cases):
         assert judge.answer(image, prompt, []) == []
 
 
+@pytest.fixture(scope="module")
+def noisy_server():
+    with JudgeServer(JudgeServerConfig(error_rate=0.2, seed=3)) as s:
+        yield s
+
+
+def test_votes_outvote_a_noisy_judge(noisy_server, cases, vqa_cases, tmp_path):
+    """serve-judge at a 20% error rate; 3 votes at temperature > 0 (each its own seed) err about half as
+    often as one ask, every vote is a request, and a rerun from the ledger sends none of them again."""
+    pixel = PixelJudge()
+    truth = [a for item in vqa_cases for a in pixel.answer(*item)]
+    pair_truth = [pixel.compare(a, b, p).winner for a, b, p in cases]
+
+    def errors(judge) -> int:
+        answers = [a for v in judge.answer_many(vqa_cases) for a in v.answers]
+        winners = [v.winner for v in judge.compare_many(cases)]
+        return sum(map(bool.__ne__, answers, truth)) + sum(w != t for w, t in zip(winners, pair_truth))
+
+    with make_judge(noisy_server.url, temperature=0.7) as judge:
+        single = errors(judge)
+        assert judge.stats["sent"] == len(vqa_cases) + len(cases)
+    with Ledger(tmp_path / "run") as ledger:
+        with make_judge(noisy_server.url, ledger, temperature=0.7, votes=3) as judge:
+            voted = errors(judge)
+            assert judge.stats["sent"] == 3 * (len(vqa_cases) + len(cases))
+        n = len(truth) + len(cases)
+        assert 0.1 * n < single and voted < 0.7 * single, (single, voted, n)
+        before = server_total(noisy_server)
+        with make_judge(noisy_server.url, ledger, temperature=0.7, votes=3) as judge:
+            assert errors(judge) == voted and judge.stats["sent"] == 0
+        assert server_total(noisy_server) == before
+    with pytest.raises(ConfigError, match="temperature > 0"):
+        make_judge(noisy_server.url, votes=3)  # at temperature 0 every vote is the same answer
+
+
 # --- faults, re-asks, the ledger ---------------------------------------------------------------------------
 
 

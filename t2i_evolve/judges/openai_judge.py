@@ -9,6 +9,10 @@
 - re-asks: a reply the strict parser cannot read is asked again (the bad reply and a reminder of the
   format appended) up to `reasks` times, then the verdict is "unparseable": a status callers can test,
   counted in `judge.stats` and written in the ledger response. It is never an exception.
+- votes: with `votes` > 1 (OpenAIJudge, temperature > 0), each request is asked that many times with its
+  own sampling seed and the verdict is the majority: per question for VQA, of the winners for pairwise
+  (a split is a tie). Independent errors fall (3 votes at a 20% error rate per answer: about 10%);
+  every vote is a request, cached and counted like any other.
 - the ledger: with a `Ledger`, every request (each re-ask too) goes through `Ledger.cached_calls`,
   keyed by its content (prompt, image hashes, questions, template hash, order, ask number and earlier
   replies), so a rerun pays for nothing it already has, a crash repeats at most one chunk, transient
@@ -33,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 from urllib.parse import urlsplit
 
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import Config
 from ..data.cache import CallBudget, content_key, encode_png
@@ -69,6 +73,14 @@ class OpenAIJudgeConfig(ChatJudgeConfig):
     endpoint: EndpointConfig
     structured: bool = Field(False, description="Send a JSON-schema response_format (constrained decoding).")
     temperature: float | None = Field(0.0, ge=0, description="Sampling temperature; None leaves the server's default.")
+    votes: int = Field(1, ge=1, description="Asks per verdict, each with its own sampling seed; the majority "
+                                            "answer wins. Needs temperature > 0 (at 0 every vote is the same).")
+
+    @model_validator(mode="after")
+    def _votes_need_sampling(self) -> "OpenAIJudgeConfig":
+        if self.votes > 1 and self.temperature == 0:
+            raise ValueError(f"votes={self.votes} needs temperature > 0: at temperature 0 every vote is the same answer")
+        return self
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,7 @@ class ChatJudge:
     retries = 0
     backoff_s = 0.0
     batch_size = 8
+    votes = 1  # asks per verdict (`OpenAIJudgeConfig.votes`); greedy local models answer every vote alike
 
     def _complete(self, requests: list[dict], conversations: list[list[dict]], keys: list[str]
                   ) -> list[str | TransientError]:
@@ -162,17 +175,23 @@ class ChatJudge:
     def answer_many(self, items: Sequence[tuple[Image.Image, str, Sequence[Question | str]]]) -> list[VQAVerdict]:
         """VQA for many (image, prompt, questions), sent concurrently; one verdict per item, in order."""
         pngs: dict[str, bytes] = {}
-        jobs = []
+        ballots = []
         for image, prompt, questions in items:
             texts = [q.text if isinstance(q, Question) else str(q) for q in questions]
             request = {"kind": "vqa", "prompt": prompt, "images": [_add_png(pngs, image)], "questions": texts}
-            job = _Job(self._stamp(request))
+            ballot = [_Job(voted) for voted in self._ballot(self._stamp(request))]
             if not texts:  # nothing to ask
-                job.status, job.response = "ok", {"answers": []}
-            jobs.append(job)
-        self._run(jobs, pngs)
-        return [VQAVerdict(None if job.status != "ok" else tuple(job.response["answers"]), job.status,
-                           job.asks, job.error) for job in jobs]
+                for job in ballot:
+                    job.status, job.response = "ok", {"answers": []}
+            ballots.append(ballot)
+        self._run([job for ballot in ballots for job in ballot], pngs)
+        verdicts = []
+        for ballot in ballots:
+            ok, status, asks, error = _count_votes(ballot)
+            answers = None if not ok else tuple(2 * sum(votes) > len(votes)  # a split vote is "no"
+                                                for votes in zip(*(job.response["answers"] for job in ok)))
+            verdicts.append(VQAVerdict(answers, status, asks, error))
+        return verdicts
 
     def score_many(self, items: Sequence[tuple[Image.Image, str]]) -> list[ImageScore | None]:
         """DSG scores with the judge's question lists (`questions(prompt)`); None where there is no verdict."""
@@ -184,18 +203,28 @@ class ChatJudge:
     def compare_many(self, items: Sequence[tuple[Image.Image, Image.Image, str]]) -> list[PairVerdict]:
         """Pairwise verdicts for many (image_a, image_b, prompt), sent concurrently, in order."""
         pngs: dict[str, bytes] = {}
-        jobs = []
+        ballots = []
         for image_a, image_b, prompt in items:
             images = [_add_png(pngs, image_a), _add_png(pngs, image_b)]
-            request = self._stamp({"kind": "pairwise", "prompt": prompt, "images": images})
-            request["order"] = "ab" if int(content_key([self.config.seed, request])[:8], 16) % 2 == 0 else "ba"
-            jobs.append(_Job(request))
-        self._run(jobs, pngs)
-        return [PairVerdict(job.response["winner"] if job.status == "ok" else None, job.status,
-                            job.request["order"], job.asks, job.error)
-                for job in jobs]
+            ballot = []
+            for request in self._ballot(self._stamp({"kind": "pairwise", "prompt": prompt, "images": images})):
+                request["order"] = "ab" if int(content_key([self.config.seed, request])[:8], 16) % 2 == 0 else "ba"
+                ballot.append(_Job(request))
+            ballots.append(ballot)
+        self._run([job for ballot in ballots for job in ballot], pngs)
+        verdicts = []
+        for ballot in ballots:
+            ok, status, asks, error = _count_votes(ballot)
+            tally = Counter(job.response["winner"] for job in ok).most_common()
+            winner = None if not ok else "tie" if len(tally) > 1 and tally[0][1] == tally[1][1] else tally[0][0]
+            verdicts.append(PairVerdict(winner, status, ballot[0].request["order"], asks, error))
+        return verdicts
 
     # asking -------------------------------------------------------------------------------------------------
+
+    def _ballot(self, request: dict) -> list[dict]:
+        """The request once, or once per vote (each marked with its vote: another request, another seed)."""
+        return [request] if self.votes == 1 else [{**request, "vote": vote} for vote in range(self.votes)]
 
     def _stamp(self, request: dict) -> dict:
         """Add what else decides the reply: template, structured output, decoding settings."""
@@ -326,6 +355,15 @@ class ChatJudge:
         self.close()
 
 
+def _count_votes(ballot: list[_Job]) -> tuple[list[_Job], Status, int, str | None]:
+    """The votes that came back readable, the verdict's status (ok if any did; else unparseable if any
+    reply was unreadable, else failed), the asks spent and the first error."""
+    ok = [job for job in ballot if job.status == "ok"]
+    status: Status = "ok" if ok else "unparseable" if any(job.status == "unparseable" for job in ballot) else "failed"
+    error = next((job.error for job in ballot if job.error), None)
+    return ok, status, sum(job.asks for job in ballot), error
+
+
 def image_score(questions: Sequence[Question], answers: Sequence[bool]) -> ImageScore:
     """The DSG score of raw answers (as `PixelJudge.score` computes it)."""
     effective = dsg_answers(questions, answers)
@@ -351,6 +389,7 @@ class OpenAIJudge(ChatJudge):
         self.retries = config.endpoint.retries
         self.backoff_s = config.endpoint.backoff_s
         self.batch_size = config.batch_size or 4 * config.endpoint.max_concurrency
+        self.votes = config.votes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client = None
@@ -380,6 +419,8 @@ class OpenAIJudge(ChatJudge):
                                    "extra_headers": {"X-Client-Request-Id": key}}
         if self.config.temperature is not None:
             options["temperature"] = self.config.temperature
+        if "vote" in request:  # each vote its own sample (vLLM and serve-judge honour per-request seeds)
+            options["seed"] = self.config.seed + request["vote"]
         if self.structured:
             options["response_format"] = (fmt.vqa_response_format(len(request["questions"]))
                                           if request["kind"] == "vqa" else fmt.pairwise_response_format())

@@ -8,6 +8,8 @@ path (HTTP, concurrency, retries, re-asks, the ledger's cache) is tested and mea
 To test the hard parts it can misbehave, all seeded:
 - `error_rate`: a wrong answer (each VQA answer flipped, a pairwise verdict replaced), drawn per request
   content, so asking the same thing again gets the same wrong answer, as from a deterministic model;
+  a request that samples (temperature > 0) with a `seed` draws per content and seed, so votes asked with
+  different seeds err independently;
 - `fault_rate`: per request sent, one of `faults`: HTTP 429, HTTP 500, a hang past the client's timeout
   (`hang_s`, then the connection is closed unanswered), or a malformed 200 reply; drawn per (request,
   how many times it was sent), so a retry can succeed;
@@ -160,7 +162,9 @@ class JudgeServer:
         if prompt is None:
             raise BadRequest('no line of the form Prompt: "..." in the request')
         structured = (body.get("response_format") or {}).get("type") == "json_schema"
-        rng = random.Random(f"{self.config.seed}:error:{content_key([text, images])}")
+        sampled = body.get("temperature", 1.0) != 0 and body.get("seed") is not None
+        drawn_for = [text, images, body["seed"]] if sampled else [text, images]
+        rng = random.Random(f"{self.config.seed}:error:{content_key(drawn_for)}")
         wrong = self.config.error_rate
         try:
             if len(images) == 1:

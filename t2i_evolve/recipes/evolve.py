@@ -182,6 +182,7 @@ class Run:
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = (
             config, ledger, teachers, judge, writer, out)
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
+        self.votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
                                  max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
                                  train_past_teacher_budget=config.train_past_teacher_budget)
@@ -258,15 +259,16 @@ class Run:
                                       f"{score:.2f} < min_teacher_score {self.config.min_teacher_score:g}")
 
     def judge_calls_per_draw(self, *, tournament: bool) -> int:
-        """The most judge calls a new prompt costs: a gate score per image, a comparison per challenger."""
+        """The most judge calls a new prompt costs: a gate score per image, a comparison per challenger
+        (each asked `votes` times by a judge that votes)."""
         drawn = len(self.teachers) if tournament else 1
         compared = drawn - 1 if self.config.tournament == "all" else 0
-        return drawn * (self.config.min_teacher_score is not None) + compared
+        return (drawn * (self.config.min_teacher_score is not None) + compared) * self.votes
 
     def judge_calls_per_judged_record(self) -> int:
         """The most a judged record costs in its round: its comparison, then its expansions or a mutation."""
         expand = self.config.variations * self.judge_calls_per_draw(tournament=False)
-        return 1 + max(expand, self.judge_calls_per_draw(tournament=True) * (self.config.mutate_rate > 0))
+        return self.votes + max(expand, self.judge_calls_per_draw(tournament=True) * (self.config.mutate_rate > 0))
 
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))

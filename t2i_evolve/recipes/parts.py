@@ -83,6 +83,8 @@ class JudgeSpec(Config):
     endpoint: EndpointConfig | None = None
     reasks: int = 2
     seed: int = 0
+    votes: int = 1  # openai: asks per verdict, majority wins (needs temperature > 0); see OpenAIJudgeConfig
+    temperature: float | None = 0.0
 
     def build(self, ledger: Ledger, budget: CallBudget | None = None):
         if self.kind == "pixel":
@@ -93,8 +95,12 @@ class JudgeSpec(Config):
 
         if self.endpoint is None:
             raise ConfigError("judge of kind 'openai' needs an endpoint")
-        config = OpenAIJudgeConfig(endpoint=self.endpoint, reasks=self.reasks, seed=self.seed,
-                                   max_calls=None if budget is None else budget.max_calls)
+        try:
+            config = OpenAIJudgeConfig(endpoint=self.endpoint, reasks=self.reasks, seed=self.seed, votes=self.votes,
+                                       temperature=self.temperature,
+                                       max_calls=None if budget is None else budget.max_calls)
+        except ValidationError as e:  # e.g. votes without sampling: one line
+            raise ConfigError(f"judge: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         return OpenAIJudge(config, ledger=ledger)
 
 
