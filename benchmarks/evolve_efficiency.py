@@ -46,7 +46,7 @@ from t2i_evolve.models import SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.progress import progress_bar
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
-from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, stable_seed
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have:
 # the judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt
@@ -77,16 +77,42 @@ def arm(config: EvolveConfig, **parts) -> dict:
 
 
 def uniform_arm(args, root: Path, seed: int, n: int) -> dict:
-    """n random grammar prompts drawn once by the strong teacher, no judge."""
-    return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False))
+    """n random grammar prompts drawn once, no judge: by the strong teacher, or with `--part1-teachers
+    gallery` each by one of part 2's teachers picked at random (what buying from several APIs without a
+    judge gives)."""
+    parts = {"teachers": [AnyOneTeacher([spec.build() for spec in teacher_specs(args)])]} if args.gallery_part1 else {}
+    return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False),
+               **parts)
 
 
 def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = None, **fields) -> dict:
     """An evolve run that buys at most `budget` teacher images (0: no cap) and then trains on, so it gets
-    the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config."""
+    the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config.
+    With `--part1-teachers gallery` it buys from part 2's teachers through the tournament and quality gate."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
+    if args.gallery_part1:
+        fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
+                  "tournament": "until_pass"} | fields
     return arm(base_config(args, root / f"evolve-{budget or 'uncapped'}", seed,
                            seed_prompts=args.evolve_seed_prompts, **cap, **fields), **(parts or {}))
+
+
+class AnyOneTeacher:
+    """Several teachers as one, no judge: each (prompt, seed) is drawn by one of them, picked by a stable
+    hash, so a rerun pays the same calls. The uniform baseline when the teachers are imperfect."""
+
+    def __init__(self, teachers: list):
+        self.teachers = teachers
+        self.id = "any-of-" + "+".join(t.id for t in teachers)
+
+    def generate(self, prompts, seeds):
+        picks = [stable_seed(prompt, seed) % len(self.teachers) for prompt, seed in zip(prompts, seeds)]
+        images = [None] * len(prompts)
+        for t, teacher in enumerate(self.teachers):
+            idx = [i for i, pick in enumerate(picks) if pick == t]
+            for i, image in zip(idx, teacher.generate([prompts[i] for i in idx], [seeds[i] for i in idx])):
+                images[i] = image
+        return images
 
 
 def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec], judge_error: float = 0.0) -> dict:
@@ -301,6 +327,11 @@ def main() -> None:
     parser.add_argument("--sample-share", type=float, default=0.2)
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
+    parser.add_argument("--part1-teachers", default="strong", choices=["strong", "gallery"],
+                        help="Part 1's teachers. strong: one that draws every prompt right (the judge can only "
+                             "save calls on prompts the base already draws). gallery: part 2's imperfect "
+                             "teachers; uniform buys each prompt from one at random, evolve through the judge's "
+                             "tournament (until_pass) and quality gate (--min-teacher-score).")
     parser.add_argument("--min-teacher-score", type=float, default=1.0,
                         help="Part 2's students train only on teacher images the judge scores at least this "
                              "(the recipe's quality gate; 0: every image, the paper's tournament alone).")
@@ -339,7 +370,10 @@ def main() -> None:
     args.guidance = args.guidance or (1.0 if args.quick else 1.5)
     args.eval_prompts = args.eval_prompts or (128 if args.quick else 256)
     args.evolve_seed_prompts = args.evolve_seed_prompts or (40 if args.quick else 30)
-    args.control = args.control or not args.quick
+    args.gallery_part1 = args.part1_teachers == "gallery"
+    if args.gallery_part1 and args.control:
+        parser.error("--control: the always-'teacher better' judge has no quality gate; not with --part1-teachers gallery")
+    args.control = args.control or not (args.quick or args.gallery_part1)
     args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
                                                                    "50,150,500,1500")).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
@@ -358,6 +392,8 @@ def main() -> None:
         parser.error(f"--min-teacher-score: a judge score in [0, 1], not {args.min_teacher_score}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
+    if args.gallery_part1 and {1, 3} <= parts:
+        parser.error("part 3 with part 1 reruns evolve with the strong teacher: not with --part1-teachers gallery")
     if 3 in parts and not parts & {1, 2}:
         parser.error("part 3 reruns part 1's evolve arm or part 2's judged student with a noisy judge: add part 1 or 2")
 
