@@ -118,12 +118,13 @@ class AnyOneTeacher:
 def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec], judge_error: float = 0.0) -> dict:
     """A student of `specs`' images for the same prompts (several teachers: the judge's tournament picks).
     Also scores the images it trained on with the exact judge: how clean its data was, beside how well it
-    learned from it. `judge_error` > 0: the tournament and gate ask `serve-judge --error-rate judge_error`."""
+    learned from it. `judge_error` > 0: the tournament and gate ask `serve-judge --error-rate judge_error`
+    (`--judge-votes` times per verdict)."""
     out = root / f"student-{name}"
     config = partial(base_config, args, out, seed, teachers=specs, evolve=False, seed_prompts=args.multi_prompts,
                      eval_every_round=False, min_teacher_score=args.min_teacher_score or None)
     if judge_error:
-        with served_judge(judge_error, seed) as judge:
+        with served_judge(judge_error, seed, args.judge_votes) as judge:
             result = arm(config(judge=judge))
     else:
         result = arm(config())
@@ -136,20 +137,26 @@ def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]
 
 
 @contextmanager
-def served_judge(rate: float, seed: int):
+def served_judge(rate: float, seed: int, votes: int = 1):
     """A `JudgeSpec` for the pixel judge behind `serve-judge --error-rate rate` (each VQA answer flipped, each
-    pairwise verdict replaced at that rate), served while the block runs."""
+    pairwise verdict replaced at that rate), served while the block runs. `votes` > 1: each verdict is the
+    majority of that many asks, sampled (temperature > 0, a seed each), so their errors are independent."""
     from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
 
     with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
         endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
-        yield JudgeSpec(kind="openai", endpoint=endpoint)
+        yield JudgeSpec(kind="openai", endpoint=endpoint, votes=votes, temperature=0.7 if votes > 1 else 0.0)
 
 
 def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
     """The evolve arm (largest budget) with its judge behind `serve-judge --error-rate rate`."""
-    with served_judge(rate, seed) as judge:
-        return evolve_arm(args, root / f"noise-{rate}", seed, args.evolve_budgets[-1], judge=judge)
+    with served_judge(rate, seed, args.judge_votes) as judge:
+        return evolve_arm(args, root / noise_name("noise", rate, args), seed, args.evolve_budgets[-1], judge=judge)
+
+
+def noise_name(arm: str, rate: float, args) -> str:
+    """The arm (and run folder) of a noisy judge: its error rate, and its votes when it votes."""
+    return f"{arm}-{rate}" + (f"-votes-{args.judge_votes}" if args.judge_votes > 1 else "")
 
 
 def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
@@ -167,10 +174,10 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
         arms |= {f"student-{spec.id}": (student_arm, (args, root, seed, spec.id, [spec])) for spec in specs}
         arms["student-judged"] = (student_arm, (args, root, seed, "judged", specs))
     if 3 in parts and 1 in parts:
-        arms |= {f"noise-{rate}": (noise_arm, (args, root, seed, rate)) for rate in args.judge_errors}
+        arms |= {noise_name("noise", rate, args): (noise_arm, (args, root, seed, rate)) for rate in args.judge_errors}
     if 3 in parts and 2 in parts:  # error 0 is part 2's own student-judged
-        arms |= {f"student-judged-noise-{rate}": (student_arm, (args, root, seed, f"judged-noise-{rate}",
-                                                                teacher_specs(args), rate))
+        arms |= {noise_name("student-judged-noise", rate, args):
+                 (student_arm, (args, root, seed, noise_name("judged-noise", rate, args), teacher_specs(args), rate))
                  for rate in args.judge_errors if rate}
     return arms
 
@@ -287,7 +294,7 @@ def multi_teacher_noise(args, arms: dict) -> dict:
     and how right they were (the exact judge's mean score of them; 1.0: no wrong image got through)."""
     results = {}
     for rate in args.judge_errors:
-        run = arms["student-judged" if not rate else f"student-judged-noise-{rate}"]
+        run = arms["student-judged" if not rate else noise_name("student-judged-noise", rate, args)]
         results[str(rate)] = {"student": run["final_score"], "training_images": run["data_images"],
                               "training_data": run["data_score"], "judge_calls": run["judge_calls"]}
     return results
@@ -297,7 +304,7 @@ def judge_noise(args, arms: dict, target: float, uniform_calls: int) -> dict:
     """The saving at each judge error rate, against the same uniform arms."""
     results = {}
     for rate in args.judge_errors:
-        run = arms[f"noise-{rate}"]
+        run = arms[noise_name("noise", rate, args)]
         reached = calls_to_reach([run], target)
         results[str(rate)] = {"final_score": run["final_score"], "calls": run["calls"],
                               "calls_to_uniform_final": reached, "saving": uniform_calls / reached if reached else None}
@@ -344,6 +351,9 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts. Default: 128 (--quick), 256.")
     parser.add_argument("--max-groups", type=int, default=2, help="Prompts of 1 to this many object groups.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
+    parser.add_argument("--judge-votes", type=int, default=1,
+                        help="Part 3: the noisy judge asks each verdict this many times (sampled, a seed each) "
+                             "and takes the majority (`votes` of the openai judge).")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="Score both arms must reach: the best uniform score less this (about one standard "
                              "error of the held-out score at 128 prompts).")
@@ -388,6 +398,8 @@ def main() -> None:
     except ValueError:
         parser.error(f"--teachers: expected id:p[:word/word],... (e.g. no-color:0.9,no-shape:1:circle/square), "
                      f"not {args.teachers!r}")
+    if args.judge_votes < 1:
+        parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")
     if not 0 <= args.min_teacher_score <= 1:
         parser.error(f"--min-teacher-score: a judge score in [0, 1], not {args.min_teacher_score}")
     seeds = [int(s) for s in args.seeds.split(",")]
