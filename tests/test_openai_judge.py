@@ -154,6 +154,10 @@ def test_votes_outvote_a_noisy_judge(noisy_server, cases, vqa_cases, tmp_path):
         assert server_total(noisy_server) == before
     with pytest.raises(ConfigError, match="temperature > 0"):
         make_judge(noisy_server.url, votes=3)  # at temperature 0 every vote is the same answer
+    from t2i_evolve.recipes.parts import JudgeSpec
+
+    with pytest.raises(ConfigError, match="pixel judge is exact"):
+        JudgeSpec(votes=3).build(Ledger(tmp_path / "pixel"))
 
 
 # --- faults, re-asks, the ledger ---------------------------------------------------------------------------

@@ -79,7 +79,8 @@ class OpenAIJudgeConfig(ChatJudgeConfig):
     @model_validator(mode="after")
     def _votes_need_sampling(self) -> "OpenAIJudgeConfig":
         if self.votes > 1 and self.temperature == 0:
-            raise ValueError(f"votes={self.votes} needs temperature > 0: at temperature 0 every vote is the same answer")
+            raise ValueError(f"votes={self.votes} needs temperature > 0: at temperature 0 every vote is the "
+                             "same answer")
         return self
 
 

@@ -88,6 +88,8 @@ class JudgeSpec(Config):
 
     def build(self, ledger: Ledger, budget: CallBudget | None = None):
         if self.kind == "pixel":
+            if self.votes > 1:
+                raise ConfigError("judge: votes are for a sampling VLM (kind: openai); the pixel judge is exact")
             from ..judges import PixelJudge
 
             return CachedJudge(PixelJudge(), ledger, budget=budget, backoff_s=0.0)
