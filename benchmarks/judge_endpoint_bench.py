@@ -16,6 +16,9 @@ client each get a core), and judges through a fresh ledger in a temp folder, as 
 3. Throughput (--latency 0.05 s per request): judged pairs per second at concurrency 1, 8 and 32; and
    again at --latency 0.5 s, where the server's CPU (the pixel judge scoring both images of a pair) is
    not the ceiling, so the scaling with concurrency shows in full.
+4. Votes (--error-rate 0.1 and 0.2, temperature 0.7): the evolve recipe's quality gate (keep a teacher
+   image only if the judge scores it 1.0) on images of two blind-spot teachers, asked with 1, 3 and 5
+   votes: the share of the exactly right images it keeps, and how many of those it keeps are right.
 """
 
 from __future__ import annotations
@@ -162,6 +165,32 @@ def throughput(pairs, runs: dict[float, dict[int, int]]) -> list[dict]:
     return rows
 
 
+def votes(n: int, concurrency: int) -> list[dict]:
+    """The quality gate through a noisy judge, by votes per verdict (see the module doc, part 4)."""
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    prompts = GrammarPrompts().sample(n, seed=5)
+    images = []
+    for spec in (TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
+                 TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])):
+        images += list(zip(spec.build().generate(prompts, list(range(n))), prompts))
+    right = [PixelJudge().score(image, prompt).score == 1.0 for image, prompt in images]
+    rows = []
+    for rate in (0.1, 0.2):
+        with serve_judge("--error-rate", str(rate)) as url:
+            for k in (1, 3, 5):
+                with OpenAIJudge(OpenAIJudgeConfig.from_dict({"endpoint": {
+                        "base_url": url, "model": "pixel-judge", "max_concurrency": concurrency},
+                        "votes": k, "temperature": 0.7})) as vlm:
+                    passed = [s is not None and s.score >= 1.0 for s in vlm.score_many(images)]
+                    sent = vlm.stats["sent"]
+                kept_right = sum(p and r for p, r in zip(passed, right))
+                rows.append({"error_rate": rate, "votes": k, "images": len(images), "right": sum(right),
+                             "kept": sum(passed), "right_kept": kept_right / sum(right),
+                             "precision": kept_right / max(sum(passed), 1), "requests": sent})
+    return rows
+
+
 def machine() -> dict:
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
@@ -219,6 +248,15 @@ def tables(result: dict, console: Console, style) -> None:
         t.add_row(f"{r['latency_s']:g}", str(r["concurrency"]), str(r["pairs"]), f"{r['seconds']:.2f}",
                   f"{r['pairs_per_s']:.1f}", f"{r['ideal_per_s']:.0f}", f"{r['client_cpu_ms_per_pair']:.1f}")
     console.print(t)
+    if "votes" in result:
+        t = Table(title="4. Votes: the quality gate (score 1.0) through serve-judge --error-rate e, temperature 0.7",
+                  box=style)
+        for col in ("error rate", "votes", "right images kept %", "kept that are right %", "requests"):
+            t.add_column(col, justify="right")
+        for r in result["votes"]:
+            t.add_row(f"{r['error_rate']:g}", str(r["votes"]), f"{pct(r['right_kept'])} of {r['right']}",
+                      f"{pct(r['precision'])} of {r['kept']}", str(r["requests"]))
+        console.print(t)
 
 
 def main() -> None:
@@ -241,6 +279,7 @@ def main() -> None:
         {LATENCY_S: {1: 60, 8: 300, 32: 600}, 0.5: {1: 10, 8: 80, 32: 256}}
     result["throughput"] = throughput(pairs, {lat: {c: min(k, n) for c, k in levels.items()}
                                               for lat, levels in runs.items()})
+    result["votes"] = votes(max(n // 5, 10), args.concurrency)
     result["runtime_s"] = time.perf_counter() - started
     tables(result, console, box.MARKDOWN if args.markdown else box.SIMPLE_HEAD)
     if args.json:
