@@ -3,7 +3,7 @@
     python benchmarks/judge_endpoint_bench.py                 # 1,000 cases, tables on stdout
     python benchmarks/judge_endpoint_bench.py --markdown      # the same tables as Markdown (RESULTS.md)
     python benchmarks/judge_endpoint_bench.py --json          # one JSON line on stdout, tables on stderr
-    python benchmarks/judge_endpoint_bench.py --quick         # 150 cases, smaller throughput runs
+    python benchmarks/judge_endpoint_bench.py --quick         # 150 cases, smaller throughput runs, 30 vote prompts
 
 Each part starts its own `t2i-evolve serve-judge` process on a free loopback port (so the server and the
 client each get a core), and judges through a fresh ledger in a temp folder, as a recipe would.
@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16, help="for the agreement and fault parts")
     parser.add_argument("--quick", action="store_true", help="150 cases, short throughput runs")
+    parser.add_argument("--vote-prompts", type=int, default=300, help="prompts of part 4 (two images each)")
     parser.add_argument("--json", action="store_true", help="one JSON line on stdout; tables go to stderr")
     parser.add_argument("--markdown", action="store_true", help="tables as Markdown")
     args = parser.parse_args()
@@ -279,7 +280,7 @@ def main() -> None:
         {LATENCY_S: {1: 60, 8: 300, 32: 600}, 0.5: {1: 10, 8: 80, 32: 256}}
     result["throughput"] = throughput(pairs, {lat: {c: min(k, n) for c, k in levels.items()}
                                               for lat, levels in runs.items()})
-    result["votes"] = votes(max(n // 5, 10), args.concurrency)
+    result["votes"] = votes(30 if args.quick else args.vote_prompts, args.concurrency)
     result["runtime_s"] = time.perf_counter() - started
     tables(result, console, box.MARKDOWN if args.markdown else box.SIMPLE_HEAD)
     if args.json:
