@@ -5,6 +5,8 @@
    long as the uniform arms). Reports the calls each needs to reach the uniform runs' best score (less
    `--tolerance`, the noise of that score), and the saving (uniform calls / evolve calls). `--control`
    adds evolve with a judge that always prefers the teacher: the growing set without the verdicts.
+   `--part1-teachers gallery`: part 2's imperfect teachers instead of the strong one (uniform buys each
+   prompt from one at random; evolve through the tournament and the quality gate).
 2. Best of several teachers: gallery teachers that each lack a different skill. Students trained on
    (a) one teacher's images, (b) the judge's pick per prompt (a tournament), same prompts and steps; every
    student keeps only the images the judge scores at least `--min-teacher-score` (the recipe's quality gate:
@@ -80,7 +82,8 @@ def uniform_arm(args, root: Path, seed: int, n: int) -> dict:
     """n random grammar prompts drawn once, no judge: by the strong teacher, or with `--part1-teachers
     gallery` each by one of part 2's teachers picked at random (what buying from several APIs without a
     judge gives)."""
-    parts = {"teachers": [AnyOneTeacher([spec.build() for spec in teacher_specs(args)])]} if args.gallery_part1 else {}
+    teachers = [spec.build(student_resolution(args)) for spec in teacher_specs(args)]
+    parts = {"teachers": [AnyOneTeacher(teachers)]} if args.gallery_part1 else {}
     return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False),
                **parts)
 
@@ -268,6 +271,11 @@ def calls_to_reach(runs, target: float) -> int | None:
     return min(reached) if reached else None
 
 
+def student_resolution(args) -> int:
+    """Teachers draw at the students' size (what the students are taught from), as in run_evolve."""
+    return T2IModel.folder_resolution(args.base) if args.base else TinyModelConfig().resolution
+
+
 def teacher_specs(args) -> list[TeacherSpec]:
     return [TeacherSpec(id=tid, p=p, blind_to=blind) for tid, (p, blind) in args.teachers.items()]
 
@@ -276,10 +284,8 @@ def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
     specs = teacher_specs(args)
     picked = arms["student-judged"]
     held_out = held_out_prompts(base_config(args, root, seed))  # the prompts every student is scored on
-    # Teachers draw at the students' size (what the students were taught from), as in run_evolve.
-    resolution = T2IModel.folder_resolution(args.base) if args.base else TinyModelConfig().resolution
-    teachers = {spec.id: evaluate(spec.build(resolution), PixelJudge(), held_out, seed=10_000).summary()["score"]
-                for spec in specs}
+    teachers = {spec.id: evaluate(spec.build(student_resolution(args)), PixelJudge(), held_out,
+                                  seed=10_000).summary()["score"] for spec in specs}
     return {"student": picked["final_score"], "teachers": teachers,
             "single_teacher_students": {spec.id: arms[f"student-{spec.id}"]["final_score"] for spec in specs},
             "training_data": {name.removeprefix("student-"): arms[name]["data_score"] for name in arms
