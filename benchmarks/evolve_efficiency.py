@@ -82,8 +82,9 @@ def uniform_arm(args, root: Path, seed: int, n: int) -> dict:
     """n random grammar prompts drawn once, no judge: by the strong teacher, or with `--part1-teachers
     gallery` each by one of part 2's teachers picked at random (what buying from several APIs without a
     judge gives)."""
-    teachers = [spec.build(student_resolution(args)) for spec in teacher_specs(args)]
-    parts = {"teachers": [AnyOneTeacher(teachers)]} if args.gallery_part1 else {}
+    parts = {}
+    if args.gallery_part1:
+        parts["teachers"] = [AnyOneTeacher([spec.build(student_resolution(args)) for spec in teacher_specs(args)])]
     return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False),
                **parts)
 
