@@ -358,10 +358,10 @@ class ChatJudge:
 
 def _count_votes(ballot: list[_Job]) -> tuple[list[_Job], Status, int, str | None]:
     """The votes that came back readable, the verdict's status (ok if any did; else unparseable if any
-    reply was unreadable, else failed), the asks spent and the first error."""
+    reply was unreadable, else failed), the asks spent, and the first error when no vote came back."""
     ok = [job for job in ballot if job.status == "ok"]
     status: Status = "ok" if ok else "unparseable" if any(job.status == "unparseable" for job in ballot) else "failed"
-    error = next((job.error for job in ballot if job.error), None)
+    error = None if ok else next((job.error for job in ballot if job.error), None)
     return ok, status, sum(job.asks for job in ballot), error
 
 

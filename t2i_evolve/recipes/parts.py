@@ -18,7 +18,7 @@ import math
 from typing import Callable, Literal, Sequence
 
 from PIL import Image
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
@@ -83,7 +83,8 @@ class JudgeSpec(Config):
     endpoint: EndpointConfig | None = None
     reasks: int = 2
     seed: int = 0
-    votes: int = 1  # openai: asks per verdict, majority wins (needs temperature > 0); see OpenAIJudgeConfig
+    votes: int = Field(1, ge=1, description="openai: asks per verdict, the majority wins (needs temperature "
+                                            "> 0); see OpenAIJudgeConfig.")
     temperature: float | None = 0.0
 
     def build(self, ledger: Ledger, budget: CallBudget | None = None):
