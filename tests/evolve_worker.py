@@ -6,6 +6,7 @@ appended before the ledger commits, so a call paid twice shows up twice.
     python tests/evolve_worker.py RUN_DIR [--kill-after N]   # SIGKILL itself at the judge's N-th call
     python tests/evolve_worker.py RUN_DIR --kill-at-draw N   # ... at the teacher's N-th batch of draws
     python tests/evolve_worker.py RUN_DIR --gate ...         # with the quality gate (the judge's calls count)
+    python tests/evolve_worker.py RUN_DIR --unseen ...       # with the deletion check (the judge scores the base)
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ScriptedJudge:
         return Comparison(winner, 1.0 if winner == "tie" else 0.2, 1.0)
 
     def score(self, image, prompt):
-        """The quality gate's VQA score: a quarter of the teacher images fail it, by prompt hash."""
+        """A VQA score (the quality gate's, the deletion check's): a quarter of the prompts fail, by hash."""
         self.calls += 1
         if self.calls == self.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -83,13 +84,16 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=-1)
     parser.add_argument("--kill-at-draw", type=int, default=-1)
     parser.add_argument("--gate", action="store_true", help="min_teacher_score 0.5: the judge scores every teacher image")
+    parser.add_argument("--unseen", action="store_true", help="min_unseen_score 0.5: the deletion check scores the base")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     teacher = KillingTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl",
                              kill_at=args.kill_at_draw)
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
-    run_evolve(small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None), teachers=[teacher], judge=judge)
+    config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None,
+                          min_unseen_score=0.5 if args.unseen else None)
+    run_evolve(config, teachers=[teacher], judge=judge)
 
 
 if __name__ == "__main__":

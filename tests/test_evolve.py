@@ -114,6 +114,73 @@ def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
 
+def test_sigkill_during_the_deletion_check_then_rerun_pays_no_call_twice(tmp_path):
+    """Killed at the judge's 27th call: round 1 compared the 24 seed records and is scoring the base's
+    drawings of fresh variations of the prompts it tied on."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    assert _worker(reference, "--unseen").returncode == 0
+    killed = _worker(run_dir, "--unseen", "--kill-after", "27")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with Ledger(run_dir, create=False) as ledger:
+        pending = ledger.calls(caller="scripted", status="pending")
+        assert pending and pending[0].request["method"] == "score" and not ledger.records(round=1)
+    resumed = _worker(run_dir, "--unseen")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records, ops = _ledger_state(run_dir)
+    assert (records, ops) == _ledger_state(reference)
+    assert any(op[1] == "expand" and "trained prompt" in op[4] for op in ops)  # the check kept and expanded some
+    assert any(op[1] == "delete" for op in ops)  # and let others go
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
+        assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+
+
+def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_learned(tmp_path):
+    """The judge finds the base as good as its teacher on the prompts it trained on. A base that memorized
+    them (it draws its training prompts right and nothing else) passes that verdict, so the paper's loop
+    deletes its whole set. With `min_unseen_score` the base must also draw a fresh variation of the prompt:
+    the memorizing base's records stay and are expanded, a base that learned the skills has them deleted."""
+    from PIL import Image
+
+    from t2i_evolve.prompts import GrammarPromptWriter
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+
+    class Base:
+        def __init__(self, draws):
+            self.draws = draws
+
+        def generate(self, prompts, seeds):
+            drawn = teacher.generate(prompts, seeds)  # right; a blank canvas where the base cannot draw
+            return [image if self.draws(p) else Image.new("RGB", image.size, "white") for image, p in zip(drawn, prompts)]
+
+    outcomes = {}
+    for base_kind, check in [("memorized", None), ("memorized", 1.0), ("learned", 1.0)]:
+        run_dir = tmp_path / f"{base_kind}-{check}"
+        config = small_config(str(run_dir), min_unseen_score=check, variations=1, mutate_rate=0.0)
+        with Ledger(run_dir) as ledger:
+            run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
+                      GrammarPromptWriter(config.grammar), run_dir, held_out=[])
+            run.seed_set()
+            trained = {rec.prompt for rec in ledger.records()}
+            ops = run.evolve_set(1, Base(lambda p: base_kind == "learned" or p in trained))
+            expanded = [rec for rec in ledger.records(None, round=1) if rec.op == "expand"]
+            judged = [rec for rec in ledger.records(None, round=0) if rec.judge]
+        outcomes[base_kind, check] = ops, expanded, judged
+    ops, expanded, judged = outcomes["memorized", None]
+    assert ops["judged"] == 24 and ops["delete"] >= 20  # ties on its own prompts: the set is deleted
+    ops, expanded, judged = outcomes["memorized", 1.0]
+    assert ops["delete"] == 0 and ops["memorized"] == outcomes["memorized", None][0]["delete"]
+    assert len(expanded) == ops["expand"] == 24 and all("trained prompt but scored" in r.reason for r in expanded)
+    checked = [r for r in judged if "unseen_score" in r.judge]
+    assert len(checked) == ops["memorized"] and all(r.judge["unseen_score"] < 1 and r.judge["unseen_prompt"]
+                                                    not in trained for r in checked)
+    ops, expanded, judged = outcomes["learned", 1.0]
+    assert ops["memorized"] == 0 and ops["delete"] >= 20 and not any("trained prompt" in r.reason for r in expanded)
+
+
 def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):
     summary = run_evolve(small_config(str(tmp_path / "uniform"), evolve=False, rounds=1))
     with Ledger(tmp_path / "uniform", create=False) as ledger:
@@ -170,6 +237,17 @@ def test_judge_budget_stops_the_run_cleanly(tmp_path):
     summary = run_evolve(small_config(str(run_dir), rounds=3, max_judge_calls=30), judge=judge)
     assert summary["stopped"] and "judge budget" in summary["stopped"]
     assert summary["judge_calls"] == 30 and [row["round"] for row in summary["rounds"]] == [1, 2]
+
+
+def test_judge_budget_counts_the_deletion_check(tmp_path):
+    """Each tie costs a second judge call (the base's unseen variation scored): a round judges only the
+    records whose worst case, comparison and check, fits the budget."""
+    run_dir = tmp_path / "check-budget"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(small_config(str(run_dir), max_judge_calls=30, min_unseen_score=0.5), judge=judge)
+    assert summary["judge_calls"] <= 30 and summary["rounds"][0]["ops"]["judged"] == 15  # of 24: 15 x 2 = 30
+    with Ledger(run_dir, create=False) as ledger:
+        assert [c for c in ledger.calls(caller="scripted") if c.request["method"] == "score"]  # checks were made
 
 
 def test_judge_budget_holds_with_the_quality_gate_and_a_tournament(tmp_path):

@@ -9,6 +9,8 @@ its teachers and evolves the training set, so the base learns from far fewer tea
         sample the base on a share of the active prompts; the judge compares base vs teacher:
             base as good as the teacher -> delete the record (no more training compute on it)
                                            and, at `mutate_rate`, add a prompt of a new structure
+                                           (with `min_unseen_score`, only if the base also draws a
+                                           fresh variation of the prompt: else it memorized it; expand)
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
         judge the base on held-out prompts
 
@@ -81,6 +83,12 @@ class EvolveConfig(Config):
         "(needs min_teacher_score): teachers draw in their listed order until one's image passes the gate, "
         "so a prompt the first teacher draws right costs one call, not one per teacher (max_teacher_calls still "
         "reserves one per teacher: which will be needed is known only after the gate).")
+    min_unseen_score: float | None = Field(
+        None, ge=0, le=1, description="Deletion check: before deleting a record the base drew as well as its teacher, "
+        "the base draws a fresh variation of its prompt and the judge scores that image (VQA); below this score the "
+        "base drew the trained prompt from memory, not from skill, so the record stays and is expanded. None: "
+        "delete on the trained prompt's verdict (the paper, whose set is far larger than a base can memorize "
+        "between judgements; a small set is memorized, deleted and trained down to nothing). One judge call each.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
@@ -119,8 +127,9 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
-    if config.min_teacher_score is not None and not callable(getattr(judge, "score", None)):
-        raise UserError("min_teacher_score needs a judge that scores one image (VQA); this one only compares")
+    for name in ("min_teacher_score", "min_unseen_score"):
+        if getattr(config, name) is not None and not callable(getattr(judge, "score", None)):
+            raise UserError(f"{name} needs a judge that scores one image (VQA); this one only compares")
     if config.tournament == "until_pass" and config.min_teacher_score is None:
         raise UserError("tournament: until_pass stops at the first image that passes the gate: set min_teacher_score")
     writer = writer or config.writer.build(config.grammar, ledger)
@@ -170,7 +179,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     write_rounds_report(out, "t2i-evolve evolve", summary, held_out, base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
                         ops=("judged", "delete", "expand", "mutate")
-                        + (("reject",) if config.min_teacher_score is not None else ()))
+                        + (("reject",) if config.min_teacher_score is not None else ())
+                        + (("memorized",) if config.min_unseen_score is not None else ()))
     return summary
 
 
@@ -266,9 +276,10 @@ class Run:
         return (drawn * (self.config.min_teacher_score is not None) + compared) * self.votes
 
     def judge_calls_per_judged_record(self) -> int:
-        """The most a judged record costs in its round: its comparison, then its expansions or a mutation."""
+        """The most a judged record costs in its round: its comparison (and deletion check), then its expansions
+        or a mutation."""
         expand = self.config.variations * self.judge_calls_per_draw(tournament=False)
-        return self.votes + max(expand, self.judge_calls_per_draw(tournament=True) * (self.config.mutate_rate > 0))
+        return self.votes * (1 + (self.config.min_unseen_score is not None)) + max(expand, self.judge_calls_per_draw(tournament=True) * (self.config.mutate_rate > 0))
 
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))
@@ -304,18 +315,31 @@ class Run:
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
         ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0}
-        expand, mutate = [], []
+        expand, as_good, mutate = [], [], []  # expand: (record, why)
         for rec, verdict in zip(records, verdicts):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
                 ops["unjudged"] += 1  # failed or unparseable: no evidence, no change
                 continue
             ops["judged"] += 1
-            self.ledger.set_judge(rec.id, {"base_vs_teacher": verdict.winner, "score_base": verdict.score_a,
-                                           "score_teacher": verdict.score_b}, round=r)
+            row = {"base_vs_teacher": verdict.winner, "score_base": verdict.score_a, "score_teacher": verdict.score_b}
             if verdict.winner == "b":
-                expand.append(rec)
+                self.ledger.set_judge(rec.id, row, round=r)
+                expand.append((rec, "teacher better than base"))
+            else:
+                as_good.append((rec, row))
+        if c.min_unseen_score is not None:
+            ops["memorized"] = 0
+        for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
+            if unseen is not None:
+                row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
+            self.ledger.set_judge(rec.id, row, round=r)
+            if unseen is not None and unseen[1] is None:
+                continue  # the judge failed on the check: no evidence, no change
+            if unseen is not None and unseen[1] < c.min_unseen_score:
+                expand.append((rec, f"base drew its trained prompt but scored {unseen[1]:.2f} on {unseen[0]!r}"))
+                ops["memorized"] += 1
                 continue
-            self.ledger.delete_record(rec.id, round=r, reason=f"base {verdict.winner} vs teacher")
+            self.ledger.delete_record(rec.id, round=r, reason=f"base {row['base_vs_teacher']} vs teacher")
             ops["delete"] += 1
             if np.random.default_rng(stable_seed(c.seed, r, rec.id, "mutate")).random() < c.mutate_rate:
                 mutate.append(rec)
@@ -327,6 +351,23 @@ class Run:
             ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
         return ops
 
+    def _unseen_scores(self, r: int, base: Sampler, records) -> list[tuple[str, float] | None]:
+        """The deletion check: per record, a fresh variation of its prompt and the judge's score of the base's
+        image of it, or None (check off, or no unseen variation written: the verdict stands). A score of None: the
+        judge failed after retries (no evidence: the record stays, unexpanded)."""
+        if self.config.min_unseen_score is None or not records:
+            return [None] * len(records)
+        seeds = [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records]
+        seen = {rec.prompt for rec in self.ledger.records(None)}  # every prompt a teacher drew for the base
+        prompts = [next((p for p in self.writer.variations(rec.prompt, 4, seed=seed) if p not in seen), None)
+                   for rec, seed in zip(records, seeds)]
+        todo = [i for i, prompt in enumerate(prompts) if prompt is not None]
+        images = dict(zip(todo, base.generate([prompts[i] for i in todo], [seeds[i] for i in todo]) if todo else []))
+        self.judge.round = r
+        verdicts = {i: self.judge.score(images[i], prompts[i]) for i in todo}
+        return [None if prompt is None else (prompt, getattr(verdicts[i], "score", None))
+                for i, prompt in enumerate(prompts)]
+
     def _prime_writer(self, r: int) -> None:
         """An LLM writer drops near-copies of what it wrote before. What it wrote before is read from the
         ledger (rounds before `r`), not kept in memory, so a rerun after a crash writes what the first run did."""
@@ -336,18 +377,19 @@ class Run:
         if hasattr(self.writer, "round"):
             self.writer.round = r
 
-    def _expand(self, r: int, records) -> int:
-        """The teacher beat the base: variations of the prompt, drawn by the record's own teacher."""
-        prompts, parents, teachers = [], [], []
-        for rec in records:
+    def _expand(self, r: int, records: list) -> int:
+        """The teacher beat the base (`records`: (record, why)): variations of the prompt, drawn by the
+        record's own teacher."""
+        prompts, parents, teachers, reasons = [], [], [], []
+        for rec, why in records:
             if rec.generator not in self.teachers:
                 raise UserError(f"record {rec.id} was drawn by {rec.generator!r}, not one of this run's teachers "
                                 f"({', '.join(self.teachers)}): add it to `teachers` to expand it")
             for prompt in self.writer.variations(rec.prompt, self.config.variations,
                                                  seed=stable_seed(self.config.seed, r, rec.id)):
-                prompts.append(prompt), parents.append(rec.id), teachers.append(rec.generator)
+                prompts.append(prompt), parents.append(rec.id), teachers.append(rec.generator), reasons.append(why)
         return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="expand", parents=parents,
-                              reasons=["teacher better than base"] * len(prompts), teacher_ids=teachers)
+                              reasons=reasons, teacher_ids=teachers)
 
     def _mutate(self, r: int, records) -> int:
         """Keep the set from collapsing: one prompt of a new structure per picked deletion."""
