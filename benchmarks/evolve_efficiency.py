@@ -94,10 +94,11 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config.
     With `--part1-teachers gallery` it buys from part 2's teachers through the tournament and quality gate."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
+    fields = {"min_unseen_score": args.min_unseen_score} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
                   "tournament": "until_pass"} | fields
-    return arm(base_config(args, root / f"evolve-{budget or 'uncapped'}", seed,
+    return arm(base_config(args, root / evolve_name(args, budget), seed,
                            seed_prompts=args.evolve_seed_prompts, **cap, **fields), **(parts or {}))
 
 
@@ -156,6 +157,12 @@ def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
     """The evolve arm (largest budget) with its judge behind `serve-judge --error-rate rate`."""
     with served_judge(rate, seed, args.judge_votes) as judge:
         return evolve_arm(args, root / noise_name("noise", rate, args), seed, args.evolve_budgets[-1], judge=judge)
+
+
+def evolve_name(args, budget: int) -> str:
+    """The run folder of an evolve arm: its cap, and its deletion check when it has one."""
+    check = "" if args.min_unseen_score is None else f"-unseen-{args.min_unseen_score:g}"
+    return f"evolve-{budget or 'uncapped'}{check}"
 
 
 def noise_name(arm: str, rate: float, args) -> str:
@@ -349,6 +356,9 @@ def main() -> None:
     parser.add_argument("--min-teacher-score", type=float, default=1.0,
                         help="Part 2's students train only on teacher images the judge scores at least this "
                              "(the recipe's quality gate; 0: every image, the paper's tournament alone).")
+    parser.add_argument("--min-unseen-score", type=float, default=None,
+                        help="Evolve's deletion check (`min_unseen_score`): a record is deleted only if the base "
+                             "also draws an unseen variation of its prompt this well (default: off, the paper).")
     parser.add_argument("--teachers", default=DEFICIT_TEACHERS,
                         help="Part 2's gallery teachers as id:p (the chance its skill breaks) or id:p:word/word "
                              "(breaks only on those color or shape words: a systematic blind spot), comma-separated.")
@@ -407,6 +417,8 @@ def main() -> None:
                      f"not {args.teachers!r}")
     if args.judge_votes < 1:
         parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")
+    if args.min_unseen_score is not None and not 0 <= args.min_unseen_score <= 1:
+        parser.error(f"--min-unseen-score: a judge score in [0, 1], not {args.min_unseen_score}")
     if not 0 <= args.min_teacher_score <= 1:
         parser.error(f"--min-teacher-score: a judge score in [0, 1], not {args.min_teacher_score}")
     seeds = [int(s) for s in args.seeds.split(",")]
