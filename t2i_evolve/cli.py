@@ -81,6 +81,9 @@ def judge(
     api_key_env: Optional[str] = typer.Option(None, help="Env var holding the endpoint's API key."),
     timeout: float = typer.Option(60.0, help="Seconds per request to --endpoint."),
     retries: int = typer.Option(4, help="Re-sends after a 429/5xx/timeout from --endpoint."),
+    votes: int = typer.Option(1, help="Asks to --endpoint, each with its own sampling seed; the majority "
+                                      "answer per question wins (needs --temperature > 0)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature of --endpoint's model."),
 ):
     """Judge an image against a prompt: each question's answer and the DSG score."""
     from .images import load_image
@@ -88,8 +91,10 @@ def judge(
 
     parse(prompt)  # a prompt outside the grammar fails before the image is read
     picture = load_image(image)
-    result = _remote_score(picture, prompt, endpoint, model, api_key_env, timeout, retries) if endpoint \
-        else _pixel_score(picture, prompt)
+    if not endpoint and (votes != 1 or temperature != 0):
+        raise UserError("--votes and --temperature are for a sampling VLM at --endpoint; the pixel judge is exact")
+    result = _remote_score(picture, prompt, endpoint, model, api_key_env, timeout, retries, votes, temperature) \
+        if endpoint else _pixel_score(picture, prompt)
     if as_json:
         data = result.to_json()
         for a in data["answers"]:
@@ -112,7 +117,7 @@ def _pixel_score(image, prompt: str):
 
 
 def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_key_env: Optional[str],
-                  timeout: float, retries: int):
+                  timeout: float, retries: int, votes: int = 1, temperature: float = 0.0):
     """The DSG score from an `OpenAIJudge` at --endpoint; every way it can fail is one line (`UserError`)."""
     from urllib.parse import urlsplit
 
@@ -126,7 +131,8 @@ def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_k
         raise UserError(f"bad --endpoint {endpoint!r}: expected a URL like http://127.0.0.1:8000/v1")
     config = OpenAIJudgeConfig.from_dict(
         {"endpoint": {"base_url": endpoint, "model": model, "api_key_env": api_key_env, "timeout_s": timeout,
-                      "retries": retries, "max_concurrency": 1}}, source="judge flags")
+                      "retries": retries, "max_concurrency": 1}, "votes": votes, "temperature": temperature},
+        source="judge flags")
     with OpenAIJudge(config) as vlm:
         questions = vlm.questions(prompt)
         verdict = vlm.answer_many([(image, prompt, questions)])[0]

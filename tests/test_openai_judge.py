@@ -351,6 +351,20 @@ def test_cli_judge_through_endpoint_matches_pixel_output(server, cases, tmp_path
         assert remote == pixel and pixel[0] == 0
 
 
+def test_cli_judge_votes_ask_the_endpoint_once_per_vote(noisy_server, cases, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    cases[3][1].save(image)
+    answers = {}
+    for votes in (1, 3):
+        before = server_total(noisy_server)
+        code, out, err = _run(capsys, "judge", str(image), "--prompt", cases[3][2], "--json", "--endpoint",
+                              noisy_server.url, "--model", "m", "--votes", str(votes), "--temperature", "0.7")
+        assert code == 0, err
+        assert server_total(noisy_server) - before == votes
+        answers[votes] = [a["answer"] for a in json.loads(out)["answers"]]
+    assert len(answers[1]) == len(answers[3]) > 0
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -358,6 +372,8 @@ def test_cli_judge_through_endpoint_matches_pixel_output(server, cases, tmp_path
         (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--retries", "0"], "gave no answer"),
         (["--endpoint", "http://127.0.0.1:9/v1"], "--model is required"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "T2I_UNSET_VAR"], "is not set"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--votes", "3"], "needs temperature > 0"),
+        (["--votes", "3", "--temperature", "0.7"], "the pixel judge is exact"),
     ],
 )
 def test_cli_judge_endpoint_errors_are_one_line(tmp_path, capsys, cases, flags, message):
