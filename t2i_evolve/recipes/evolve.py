@@ -42,8 +42,8 @@ from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
-from .parts import (CallBudgets, JudgeSpec, TeacherSpec, WriterSpec, cached_teachers, compare_pairs,
-                    occurrence_seeds, stable_seed, tournament)
+from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, cached_teachers,
+                    compare_pairs, occurrence_seeds, stable_seed, tournament)
 
 
 class EvolveConfig(Config):
@@ -193,6 +193,7 @@ class Run:
             config, ledger, teachers, judge, writer, out)
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
         self.votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
+        self.gate = QualityGate(judge, config.min_teacher_score)
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
                                  max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
                                  train_past_teacher_budget=config.train_past_teacher_budget)
@@ -224,7 +225,7 @@ class Run:
         teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
         if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = tournament(
-                self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self._passes_gate(image, p, round),
+                self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self.gate.passes(image, p, round),
                 compare=lambda pairs: self.compare(pairs, round), until_pass=self.config.tournament == "until_pass")
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
@@ -243,30 +244,9 @@ class Run:
             record_id = self.ledger.add_record(prompt=prompt, generator=tid, seed=seed, image=image, round=round,
                                                op=op, parent=parent, reason=reason, spec=scene and scene.to_json(),
                                                skills=scene_skills(scene) if scene else ())
-            self._reject_if_wrong(record_id, image, prompt, round)
+            self.gate.reject_if_wrong(self.ledger, record_id, image, prompt, round)
             added += 1
         return added
-
-    def _gate_score(self, image, prompt: str, round: int) -> float | None:
-        """The judge's score of a teacher image for the quality gate (None: gate off, or the judge failed
-        after retries, which gives no evidence). Asked once per image: repeats are read from the cache."""
-        if self.config.min_teacher_score is None:
-            return None
-        self.judge.round = round
-        verdict = self.judge.score(image, prompt)
-        return None if verdict is None else verdict.score
-
-    def _passes_gate(self, image, prompt: str, round: int) -> bool:
-        score = self._gate_score(image, prompt, round)
-        return score is None or score >= self.config.min_teacher_score
-
-    def _reject_if_wrong(self, record_id: int, image, prompt: str, round: int) -> None:
-        """The quality gate: a teacher image the judge scores below `min_teacher_score` is rejected (op
-        'reject', the score in its reason): kept in the ledger, never trained on."""
-        score = self._gate_score(image, prompt, round)
-        if score is not None and score < self.config.min_teacher_score:
-            self.ledger.delete_record(record_id, round=round, op="reject", reason=f"teacher image scored "
-                                      f"{score:.2f} < min_teacher_score {self.config.min_teacher_score:g}")
 
     def judge_calls_per_draw(self, *, tournament: bool) -> int:
         """The most judge calls a new prompt costs: a gate score per image, a comparison per challenger
@@ -276,10 +256,12 @@ class Run:
         return (drawn * (self.config.min_teacher_score is not None) + compared) * self.votes
 
     def judge_calls_per_judged_record(self) -> int:
-        """The most a judged record costs in its round: its comparison (and deletion check), then its expansions
-        or a mutation."""
-        expand = self.config.variations * self.judge_calls_per_draw(tournament=False)
-        return self.votes * (1 + (self.config.min_unseen_score is not None)) + max(expand, self.judge_calls_per_draw(tournament=True) * (self.config.mutate_rate > 0))
+        """The most a judged record costs in its round: its comparison and deletion check, then its
+        expansions or a mutation."""
+        c = self.config
+        verdicts = self.votes * (1 + (c.min_unseen_score is not None))
+        expand = c.variations * self.judge_calls_per_draw(tournament=False)
+        return verdicts + max(expand, self.judge_calls_per_draw(tournament=True) * (c.mutate_rate > 0))
 
     def deleted_in(self, r: int) -> bool:
         return any(rec.deleted_round == r for rec in self.ledger.records(None))

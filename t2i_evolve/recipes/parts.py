@@ -132,6 +132,33 @@ def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]]) 
     return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
 
 
+class QualityGate:
+    """The judge's score of each new teacher image (VQA): one below `min_score` is rejected (op 'reject', the
+    score in its reason), kept in the ledger, never trained on. `min_score` None: the gate is off."""
+
+    def __init__(self, judge, min_score: float | None):
+        self.judge, self.min_score = judge, min_score
+
+    def score(self, image: Image.Image, prompt: str, round: int) -> float | None:
+        """None: gate off, or the judge failed after retries (no evidence). Asked once per image: repeats
+        are read from the call cache."""
+        if self.min_score is None:
+            return None
+        self.judge.round = round
+        verdict = self.judge.score(image, prompt)
+        return None if verdict is None else verdict.score
+
+    def passes(self, image: Image.Image, prompt: str, round: int) -> bool:
+        score = self.score(image, prompt, round)
+        return score is None or score >= self.min_score
+
+    def reject_if_wrong(self, ledger: Ledger, record_id: int, image: Image.Image, prompt: str, round: int) -> None:
+        score = self.score(image, prompt, round)
+        if score is not None and score < self.min_score:
+            ledger.delete_record(record_id, round=round, op="reject",
+                                 reason=f"teacher image scored {score:.2f} < min_teacher_score {self.min_score:g}")
+
+
 def tournament(teachers: dict[str, Generator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
                passes_gate: Callable[[Image.Image, str], bool], compare: Callable[[list], list],
                until_pass: bool = False) -> tuple[list[str], list]:
