@@ -84,11 +84,10 @@ class EvolveConfig(Config):
         "so a prompt the first teacher draws right costs one call, not one per teacher (max_teacher_calls still "
         "reserves one per teacher: which will be needed is known only after the gate).")
     min_unseen_score: float | None = Field(
-        None, ge=0, le=1, description="Deletion check: before deleting a record the base drew as well as its teacher, "
-        "the base draws a fresh variation of its prompt and the judge scores that image (VQA); below this score the "
-        "base drew the trained prompt from memory, not from skill, so the record stays and is expanded. None: "
-        "delete on the trained prompt's verdict (the paper, whose set is far larger than a base can memorize "
-        "between judgements; a small set is memorized, deleted and trained down to nothing). One judge call each.")
+        None, ge=0, le=1, description="Deletion check: before deleting a record, the base draws an unseen variation "
+        "of its prompt and the judge scores it (VQA); below this the base drew the trained prompt from memory, so "
+        "the record stays and is expanded. None: the paper (a small set is memorized, deleted and trained down to "
+        "nothing). One judge call per check.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
                                             "judging, deleting and training (same compute for every run).")
@@ -296,7 +295,8 @@ class Run:
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
-        ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0}
+        ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0} | (
+            {"memorized": 0} if c.min_unseen_score is not None else {})
         expand, as_good, mutate = [], [], []  # expand: (record, why)
         for rec, verdict in zip(records, verdicts):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
@@ -309,17 +309,13 @@ class Run:
                 expand.append((rec, "teacher better than base"))
             else:
                 as_good.append((rec, row))
-        if c.min_unseen_score is not None:
-            ops["memorized"] = 0
         for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
-            if unseen is not None:
-                row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
+            row |= {} if unseen is None else {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
             self.ledger.set_judge(rec.id, row, round=r)
-            if unseen is not None and unseen[1] is None:
-                continue  # the judge failed on the check: no evidence, no change
-            if unseen is not None and unseen[1] < c.min_unseen_score:
-                expand.append((rec, f"base drew its trained prompt but scored {unseen[1]:.2f} on {unseen[0]!r}"))
-                ops["memorized"] += 1
+            if unseen is not None and (unseen[1] is None or unseen[1] < c.min_unseen_score):
+                if unseen[1] is not None:  # (None: the judge failed on the check, no evidence, no change)
+                    expand.append((rec, f"base drew its trained prompt but scored {unseen[1]:.2f} on {unseen[0]!r}"))
+                    ops["memorized"] += 1
                 continue
             self.ledger.delete_record(rec.id, round=r, reason=f"base {row['base_vs_teacher']} vs teacher")
             ops["delete"] += 1
