@@ -43,7 +43,7 @@ from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, cached_teachers,
-                    compare_pairs, occurrence_seeds, stable_seed, tournament)
+                    compare_pairs, occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
 
 
 class EvolveConfig(Config):
@@ -147,7 +147,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     model_dir = done_file.parent / "model"
                     advance(1)
                     continue
-                if ledger.count() == 0 and not run.deleted_in(r):  # (a round that deleted all may not be done)
+                if ledger.count() == 0 and not any(rec.deleted_round == r for rec in ledger.records(None)):
+                    # (every record deleted, and not by round r, which may have died before it was done)
                     stopped = "every record deleted: the base matches its teachers on the whole set"
                     break
                 tick, start = time.perf_counter(), done_file.with_name("start.json")
@@ -262,9 +263,6 @@ class Run:
         expand = c.variations * self.judge_calls_per_draw(tournament=False)
         return verdicts + max(expand, self.judge_calls_per_draw(tournament=True) * (c.mutate_rate > 0))
 
-    def deleted_in(self, r: int) -> bool:
-        return any(rec.deleted_round == r for rec in self.ledger.records(None))
-
     # -- one round ------------------------------------------------------------------------------------
 
     def train(self, r: int, init: Path) -> Path:
@@ -329,22 +327,14 @@ class Run:
             ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
         return ops
 
-    def _unseen_scores(self, r: int, base: Sampler, records) -> list[tuple[str, float] | None]:
-        """The deletion check: per record, a fresh variation of its prompt and the judge's score of the base's
-        image of it, or None (check off, or no unseen variation written: the verdict stands). A score of None: the
-        judge failed after retries (no evidence: the record stays, unexpanded)."""
+    def _unseen_scores(self, r: int, base: Sampler, records) -> list[tuple[str, float | None] | None]:
+        """The deletion check's evidence per record (`unseen_variation_scores`); all None when it is off."""
         if self.config.min_unseen_score is None or not records:
             return [None] * len(records)
-        seeds = [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records]
-        seen = {rec.prompt for rec in self.ledger.records(None)}  # every prompt a teacher drew for the base
-        prompts = [next((p for p in self.writer.variations(rec.prompt, 4, seed=seed) if p not in seen), None)
-                   for rec, seed in zip(records, seeds)]
-        todo = [i for i, prompt in enumerate(prompts) if prompt is not None]
-        images = dict(zip(todo, base.generate([prompts[i] for i in todo], [seeds[i] for i in todo]) if todo else []))
         self.judge.round = r
-        verdicts = {i: self.judge.score(images[i], prompts[i]) for i in todo}
-        return [None if prompt is None else (prompt, getattr(verdicts[i], "score", None))
-                for i, prompt in enumerate(prompts)]
+        seen = {rec.prompt for rec in self.ledger.records(None)}  # every prompt a teacher drew for the base
+        return unseen_variation_scores(self.writer, self.judge, base, [rec.prompt for rec in records],
+                                       [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen)
 
     def _prime_writer(self, r: int) -> None:
         """An LLM writer drops near-copies of what it wrote before. What it wrote before is read from the
@@ -356,8 +346,7 @@ class Run:
             self.writer.round = r
 
     def _expand(self, r: int, records: list) -> int:
-        """The teacher beat the base (`records`: (record, why)): variations of the prompt, drawn by the
-        record's own teacher."""
+        """The teacher beat the base (`records`: (record, why)): variations drawn by the record's teacher."""
         prompts, parents, teachers, reasons = [], [], [], []
         for rec, why in records:
             if rec.generator not in self.teachers:

@@ -132,6 +132,20 @@ def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]]) 
     return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
 
 
+def unseen_variation_scores(writer: PromptWriter, judge, base, prompts: Sequence[str], seeds: Sequence[int],
+                            seen: set[str]) -> list[tuple[str, float | None] | None]:
+    """Does the base draw what a prompt asks, or only the prompt it was trained on? Per prompt: a variation
+    of it not in `seen` (the prompts the base was taught), drawn by `base` (a `Sampler`) and scored by the
+    judge (VQA), as (variation, score); None where the writer gave no unseen variation. A score of None: the
+    judge failed after retries. Seeded per prompt (`seeds`), cached by the judge: a rerun asks nothing again."""
+    variations = [next((v for v in writer.variations(prompt, 4, seed=seed) if v not in seen), None)
+                  for prompt, seed in zip(prompts, seeds)]
+    todo = [i for i, v in enumerate(variations) if v is not None]
+    images = dict(zip(todo, base.generate([variations[i] for i in todo], [seeds[i] for i in todo]) if todo else []))
+    scores = {i: judge.score(images[i], variations[i]) for i in todo}
+    return [None if v is None else (v, getattr(scores[i], "score", None)) for i, v in enumerate(variations)]
+
+
 class QualityGate:
     """The judge's score of each new teacher image (VQA): one below `min_score` is rejected (op 'reject', the
     score in its reason), kept in the ledger, never trained on. `min_score` None: the gate is off."""
