@@ -256,8 +256,7 @@ class Run:
         return (drawn * (self.config.min_teacher_score is not None) + compared) * self.votes
 
     def judge_calls_per_judged_record(self) -> int:
-        """The most a judged record costs in its round: its comparison and deletion check, then its
-        expansions or a mutation."""
+        """A judged record's most judge calls in its round: comparison, deletion check, expansions or mutation."""
         c = self.config
         verdicts = self.votes * (1 + (c.min_unseen_score is not None))
         expand = c.variations * self.judge_calls_per_draw(tournament=False)
@@ -308,12 +307,14 @@ class Run:
             else:
                 as_good.append((rec, row))
         for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
-            row |= {} if unseen is None else {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
+            if unseen is not None:  # (None: check off, or no unseen variation: the verdict stands)
+                row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
             self.ledger.set_judge(rec.id, row, round=r)
-            if unseen is not None and (unseen[1] is None or unseen[1] < c.min_unseen_score):
-                if unseen[1] is not None:  # (None: the judge failed on the check, no evidence, no change)
-                    expand.append((rec, f"base drew its trained prompt but scored {unseen[1]:.2f} on {unseen[0]!r}"))
-                    ops["memorized"] += 1
+            if unseen is not None and unseen[1] is None:
+                continue  # the judge failed on the check: no evidence, no change
+            if unseen is not None and unseen[1] < c.min_unseen_score:
+                expand.append((rec, f"base drew its trained prompt but scored {unseen[1]:.2f} on {unseen[0]!r}"))
+                ops["memorized"] += 1
                 continue
             self.ledger.delete_record(rec.id, round=r, reason=f"base {row['base_vs_teacher']} vs teacher")
             ops["delete"] += 1
