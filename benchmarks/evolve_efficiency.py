@@ -21,6 +21,10 @@
     python benchmarks/evolve_efficiency.py --quick --json    # one JSON line on stdout
     python benchmarks/evolve_efficiency.py --jobs 2          # arms side by side, one core each (12+ on a GPU)
 
+`--pretrain no-color:1:yellow` starts every arm from a base pretrained on a teacher that never draws yellow
+(EvolveDirector's regime: a base that draws most of the world; with `--writer-keeps color` the variations keep
+the color it missed); RESULTS.md has the command with the one-object slice (`--max-groups 1 --max-count 1`).
+
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
 """
 
@@ -48,7 +52,7 @@ from t2i_evolve.models import SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.progress import progress_bar
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
-from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, stable_seed
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have:
 # the judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt
@@ -59,11 +63,11 @@ DEFICIT_TEACHERS = "no-color:1:red/green/blue/yellow,no-shape:1:circle/square"
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-              "base_model": args.base, "lr": args.lr, "lr_schedule": args.lr_schedule,
-              "warmup_steps": args.warmup_steps,
-              "eval_prompts": args.eval_prompts, "sample_share": args.sample_share,
-              "sample_all_below": args.sample_all_below, "max_groups": args.max_groups,
-              "sampler": SamplerConfig(steps=10, guidance=args.guidance)}
+              "base_model": args.base_for.get(seed, args.base), "lr": args.lr, "lr_schedule": args.lr_schedule,
+              "warmup_steps": args.warmup_steps, "eval_prompts": args.eval_prompts, "eval_draws": args.eval_draws,
+              "sample_share": args.sample_share, "sample_all_below": args.sample_all_below,
+              "max_groups": args.max_groups, "max_count": args.max_count, "p_size": args.p_size,
+              "writer": WriterSpec(keep=args.writer_keeps), "sampler": SamplerConfig(steps=10, guidance=args.guidance)}
     return EvolveConfig(**(shared | fields))
 
 
@@ -76,6 +80,21 @@ def arm(config: EvolveConfig, **parts) -> dict:
             "curve": [(row["teacher_calls"], row["score"]) for row in rows if "score" in row],
             "rounds": [{k: row.get(k) for k in ("round", "teacher_calls", "judge_calls", "active", "ops", "score",
                                                 "wall_s")} for row in rows]}
+
+
+def pretrain_arm(args, root: Path, seed: int) -> str:
+    """The base every arm of one seed starts from (`--pretrain`): a fresh tiny model trained on
+    `--pretrain-images` images of the pretrain teacher (one blind to a color, say), never on the seed's
+    held-out prompts. EvolveDirector's regime: a base that already draws most of the world and misses a
+    concept, which the judge can find by deleting the rest. Returns its model folder."""
+    (tid, (p, blind)), = args.pretrain.items()
+    config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, rounds=1, evolve=False,
+                         steps_per_round=args.pretrain_steps, seed_prompts=args.pretrain_images,
+                         teachers=[TeacherSpec(id=tid, p=p, blind_to=blind)])
+    summary = run_evolve(config)
+    print(f"seed {seed}: pretrained base scores {summary['final_score']:.3f} "
+          f"{summary['rounds'][-1].get('skills')}", file=sys.stderr)
+    return str(root / "pretrain" / "rounds" / "001" / "model")
 
 
 def uniform_arm(args, root: Path, seed: int, n: int) -> dict:
@@ -94,7 +113,7 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     the uniform arms' training compute whatever it spent. `parts` go to `run_evolve`, `fields` to the config.
     With `--part1-teachers gallery` it buys from part 2's teachers through the tournament and quality gate."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
-    fields = {"min_unseen_score": args.min_unseen_score} | fields
+    fields = {"min_unseen_score": args.min_unseen_score, "max_epochs_per_round": args.max_epochs_per_round} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
                   "tournament": "until_pass"} | fields
@@ -160,9 +179,10 @@ def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
 
 
 def evolve_name(args, budget: int) -> str:
-    """The run folder of an evolve arm: its cap, and its deletion check when it has one."""
+    """The run folder of an evolve arm: its cap, and its deletion check and epoch cap when it has them."""
     check = "" if args.min_unseen_score is None else f"-unseen-{args.min_unseen_score:g}"
-    return f"evolve-{budget or 'uncapped'}{check}"
+    epochs = "" if args.max_epochs_per_round is None else f"-epochs-{args.max_epochs_per_round:g}"
+    return f"evolve-{budget or 'uncapped'}{check}{epochs}"
 
 
 def noise_name(arm: str, rate: float, args) -> str:
@@ -367,6 +387,22 @@ def main() -> None:
                              "Default: 1.0 (--quick), 1.5.")
     parser.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts. Default: 128 (--quick), 256.")
     parser.add_argument("--max-groups", type=int, default=2, help="Prompts of 1 to this many object groups.")
+    parser.add_argument("--max-count", type=int, default=3, help="Objects per group, at most (1 to 3).")
+    parser.add_argument("--p-size", type=float, default=0.0, help="Share of groups with a size word.")
+    parser.add_argument("--eval-draws", type=int, default=1,
+                        help="Images per held-out prompt (a small slice has few prompts to hold out).")
+    parser.add_argument("--writer-keeps", default="",
+                        help="What evolve's variations keep of each group: color, shape or color,shape (default: "
+                             "redraw both, keeping the structure).")
+    parser.add_argument("--max-epochs-per-round", type=float, default=None,
+                        help="Evolve's `max_epochs_per_round`: a round trains at most this many passes over the "
+                             "active records (default: off, every round trains --steps-per-round).")
+    parser.add_argument("--pretrain", default=None,
+                        help="Start every arm from a base pretrained (per seed) on this teacher's images, as id:p"
+                             "[:word/word] (e.g. no-color:1:yellow: a base that never saw yellow drawn right); "
+                             "then fine-tune with a lower --lr (3e-4).")
+    parser.add_argument("--pretrain-images", type=int, default=1500)
+    parser.add_argument("--pretrain-steps", type=int, default=1500, help="Of batch 16.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
     parser.add_argument("--judge-votes", type=int, default=1,
                         help="Part 3: the noisy judge asks each verdict this many times (sampled, a seed each) "
@@ -405,16 +441,13 @@ def main() -> None:
                                                                    "50,150,500,1500")).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
     args.evolve_budgets = [int(b) for b in (args.evolve_budgets or ("0" if args.quick else "300,150,0")).split(",")]
-    try:
-        args.teachers = {tid: (float(p), blind[0].split("/") if blind else [])
-                         for tid, p, *blind in (item.split(":") for item in args.teachers.split(","))}
-        for tid, (p, blind) in args.teachers.items():
-            TeacherSpec(id=tid, p=p, blind_to=blind).build()
-    except ConfigError as e:
-        parser.error(f"--teachers: {e}")
-    except ValueError:
-        parser.error(f"--teachers: expected id:p[:word/word],... (e.g. no-color:0.9,no-shape:1:circle/square), "
-                     f"not {args.teachers!r}")
+    args.teachers = parse_teachers(parser, "--teachers", args.teachers)
+    args.pretrain = parse_teachers(parser, "--pretrain", args.pretrain) if args.pretrain else None
+    if args.pretrain and len(args.pretrain) > 1:
+        parser.error("--pretrain: one teacher")
+    args.writer_keeps = [word for word in args.writer_keeps.split(",") if word]
+    if set(args.writer_keeps) - {"color", "shape"}:
+        parser.error(f"--writer-keeps: color, shape or color,shape, not {','.join(args.writer_keeps)!r}")
     if args.judge_votes < 1:
         parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")
     if args.min_unseen_score is not None and not 0 <= args.min_unseen_score <= 1:
@@ -432,9 +465,13 @@ def main() -> None:
     per_seed = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
-        planned = {(seed, name): job for seed in seeds
-                   for name, job in plan_arms(args, root / f"seed-{seed}", seed, parts).items()}
+        args.base_for = {}
         try:
+            if args.pretrain:  # every arm of a seed starts from its pretrained base
+                args.base_for = run_arms({seed: (pretrain_arm, (args, root / f"seed-{seed}", seed))
+                                          for seed in seeds}, min(args.jobs, len(seeds)))
+            planned = {(seed, name): job for seed in seeds
+                       for name, job in plan_arms(args, root / f"seed-{seed}", seed, parts).items()}
             done = run_arms(planned, args.jobs)
         except UserError as e:  # a bad --base and the like: one line, as the CLI prints it
             parser.exit(2, f"{parser.prog}: error: {e}\n")
@@ -455,6 +492,20 @@ def main() -> None:
     print_table(line, per_seed)
     if args.json:
         print(json.dumps(line))
+
+
+def parse_teachers(parser, flag: str, text: str) -> dict[str, tuple[float, list[str]]]:
+    """'no-color:0.9,no-shape:1:circle/square' -> {id: (p, blind words)}, each checked by building it."""
+    try:
+        teachers = {tid: (float(p), blind[0].split("/") if blind else [])
+                    for tid, p, *blind in (item.split(":") for item in text.split(","))}
+        for tid, (p, blind) in teachers.items():
+            TeacherSpec(id=tid, p=p, blind_to=blind).build()
+    except ConfigError as e:
+        parser.error(f"{flag}: {e}")
+    except ValueError:
+        parser.error(f"{flag}: expected id:p[:word/word],... (e.g. no-color:0.9,no-shape:1:circle/square), not {text!r}")
+    return teachers
 
 
 def summarize(per_seed: list[dict], wall_s: float) -> dict:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -120,28 +121,59 @@ def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
 
+class FakeBase:
+    """A base that draws a prompt as its teacher does where `draws(prompt)`, and a blank canvas elsewhere."""
+
+    def __init__(self, teacher, draws):
+        self.teacher, self.draws = teacher, draws
+
+    def generate(self, prompts, seeds):
+        from PIL import Image
+
+        drawn = self.teacher.generate(prompts, seeds)
+        return [image if self.draws(p) else Image.new("RGB", image.size, "white") for image, p in zip(drawn, prompts)]
+
+
+def test_the_judge_finds_the_concept_a_pretrained_base_misses_and_buys_only_that(tmp_path):
+    """EvolveDirector's regime: a base that draws the world but one color. The judge deletes the records it
+    draws, expands the ones it misses, and with `writer.keep: [color]` every variation keeps the missed color,
+    so each teacher call after the seed set buys that concept; no held-out prompt is ever drawn."""
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import WriterSpec, cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+    config = small_config(str(tmp_path), max_groups=1, max_count=1, p_size=0.3, seed_prompts=48, mutate_rate=0.0,
+                          variations=3, eval_prompts=12, eval_draws=3, writer=WriterSpec(keep=["color"]))
+    held_out = held_out_prompts(config)
+    assert len(held_out) == 36 and all(held_out.count(p) == 3 for p in held_out)
+    with Ledger(tmp_path) as ledger:
+        run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
+                  config.writer.build(config.grammar, ledger), tmp_path, held_out)
+        run.seed_set()
+        seeds = ledger.records(None, round=0)
+        ops = run.evolve_set(1, FakeBase(teacher, lambda prompt: "yellow" not in prompt))
+        bought = ledger.records(None, round=1)
+        missed = {rec.id for rec in seeds if "yellow" in rec.prompt}
+        assert missed and ops["judged"] == len(seeds) == 48
+        deleted = {rec.id for rec in ledger.records(None, round=0) if rec.status == "deleted"}
+        assert deleted == {rec.id for rec in seeds} - missed
+        assert ops["expand"] == len(bought) > 0 and all("yellow" in rec.prompt and rec.parent in missed for rec in bought)
+        assert not {rec.prompt for rec in bought} & set(held_out)
+
+
 def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_learned(tmp_path):
     """The judge finds the base as good as its teacher on the prompts it trained on. A base that memorized
     them (it draws its training prompts right and nothing else) passes that verdict, so the paper's loop
     deletes its whole set. With `min_unseen_score` the base must also draw a fresh variation of the prompt:
     the memorizing base's records stay and are expanded, a base that learned the skills has them deleted."""
-    from PIL import Image
-
     from t2i_evolve.prompts import GrammarPromptWriter
     from t2i_evolve.recipes.evolve import Run
     from t2i_evolve.recipes.parts import cached_teachers
     from t2i_evolve.world import ProceduralTeacher, TeacherConfig
 
     teacher = ProceduralTeacher(TeacherConfig())
-
-    class Base:
-        def __init__(self, draws):
-            self.draws = draws
-
-        def generate(self, prompts, seeds):
-            drawn = teacher.generate(prompts, seeds)  # right; a blank canvas where the base cannot draw
-            return [image if self.draws(p) else Image.new("RGB", image.size, "white") for image, p in zip(drawn, prompts)]
-
+    Base = partial(FakeBase, teacher)
     outcomes = {}
     for base_kind, check in [("memorized", None), ("memorized", 1.0), ("learned", 1.0)]:
         run_dir = tmp_path / f"{base_kind}-{check}"
@@ -173,6 +205,14 @@ def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):
         assert {o.op for o in ledger.ops()} == {"seed"}
     assert summary["teacher_calls"] == 24 and summary["judge_calls"] == 0
     assert 0 <= summary["final_score"] <= 1
+
+
+def test_an_epoch_cap_trains_a_small_set_for_fewer_steps_and_the_rounds_stay_one_run(tmp_path):
+    """`max_epochs_per_round: 1`: round 1 has 24 records, batch 8, so it trains 3 steps, not 6; the judge then
+    expands the set past 48 records and round 2 trains its full 6, carrying on from step 3."""
+    summary = run_evolve(small_config(str(tmp_path), max_epochs_per_round=1.0, mutate_rate=0.0))
+    steps = [sorted((tmp_path / "rounds" / f"{r:03d}" / "checkpoints").glob("step-*"))[-1].name for r in (1, 2)]
+    assert summary["rounds"][1]["active"] > 48 and steps == ["step-0000003", "step-0000009"]
 
 
 def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_on(tmp_path):

@@ -27,6 +27,7 @@ from t2i_evolve.prompts import (
     structure,
 )
 from t2i_evolve.protocols import SKILLS, PromptWriter
+from t2i_evolve.recipes.parts import WriterSpec
 from t2i_evolve.world import GrammarPrompts, GrammarSlice, parse, scene_skills
 from t2i_evolve.world.render import crowding
 
@@ -183,6 +184,24 @@ def test_grammar_writer_edges():
     assert len(GrammarPromptWriter(GrammarSlice(max_groups=1)).new_structures(["a red circle"], 50, seed=0)) < 50
     # Variations of a prompt outside the slice cannot keep its structure inside it.
     assert GrammarPromptWriter(GrammarSlice(max_count=1)).variations("two red circles", 3, seed=0) == []
+
+
+def test_grammar_writer_variations_keep_the_words_they_are_told_to():
+    prompt = "two yellow circles left of a big red square"
+    for keep in (["color"], ["shape"], ["color", "shape"]):
+        out = GrammarPromptWriter(keep=keep).variations(prompt, 3, seed=0)
+        assert len(out) == 3 and prompt not in out
+        for scene in map(parse, out):
+            assert structure(scene) == structure(parse(prompt))
+            for new, old in zip(scene.groups, parse(prompt).groups):
+                assert ("color" not in keep or new.color == old.color) and ("shape" not in keep or new.shape == old.shape)
+    # Without keep, a variation redraws them (the paper's "replace the nouns").
+    redrawn = [parse(p).groups[0].color for p in GrammarPromptWriter().variations(prompt, 3, seed=0)]
+    assert set(redrawn) != {"yellow"}
+    with pytest.raises(UserError, match="color or shape"):
+        GrammarPromptWriter(keep=["size"])
+    with pytest.raises(ConfigError, match="grammar writer"):  # an LLM writer is told in its prompt
+        WriterSpec(kind="openai", keep=["color"]).build(GrammarSlice())
 
 
 # -- the LLM writer over a fake server ---------------------------------------------------------------

@@ -6,7 +6,9 @@ property of parsed scenes:
 
 - `variations` keep a prompt's *structure* (`structure`: the number of groups, the relations, which
   groups are plural and which carry a size word) and its skills, and redraw the details: colors,
-  shapes, counts of plural groups (two or three) and sizes (small or big);
+  shapes, counts of plural groups (two or three) and sizes (small or big); a writer made with
+  `keep=("color",)` (or shape) also keeps each group's color (shape), as an LLM told to keep the
+  concept a base model missed would;
 - `new_structures` returns prompts whose structure none of the given prompts has (nor each other);
 - `skill_prompts(skill)` returns prompts that exercise `skill` per `scene_skills` (and, for count,
   with a count above one).
@@ -19,7 +21,7 @@ duplicates. Everything is drawn from the seed (and the input), so a call is repr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -58,9 +60,13 @@ def exercises(scene: Scene, skill: str) -> bool:
 class GrammarPromptWriter:
     """`PromptWriter` over the shapes grammar, restricted to a `GrammarSlice`. Offline and seeded."""
 
-    def __init__(self, slice_: GrammarSlice = GrammarSlice(), id: str = "grammar-writer"):
+    def __init__(self, slice_: GrammarSlice = GrammarSlice(), id: str = "grammar-writer",
+                 keep: Collection[str] = ()):
+        if unknown := set(keep) - {"color", "shape"}:
+            raise UserError(f"a variation can keep a group's color or shape, not {', '.join(sorted(unknown))}")
         self.slice = slice_
         self.id = id
+        self.keep = frozenset(keep)
 
     def sample(self, n: int, *, seed: int, skill: str | None = None) -> list[str]:
         """Up to `n` distinct prompts from the slice (exercising `skill` if given)."""
@@ -137,7 +143,8 @@ class GrammarPromptWriter:
         return out
 
     def _redraw(self, scene: Scene, rng: np.random.Generator) -> Scene:
-        """`scene` with new colors, shapes, plural counts and sizes; relations and patterns kept.
+        """`scene` with new colors, shapes (unless `keep` names them), plural counts and sizes;
+        relations and patterns kept.
 
         Groups get distinct (color, shape) pairs, as `sample_scene` gives them, and the scene must fit
         the slice; a draw that does not is returned unchanged, and `_draw` then rejects it.
@@ -146,6 +153,8 @@ class GrammarPromptWriter:
         groups = []
         for g in scene.groups:
             color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            color = g.color if "color" in self.keep else color
+            shape = g.shape if "shape" in self.keep else shape
             plural = g.count > 1 and self.slice.max_count >= 2
             count = int(rng.integers(2, self.slice.max_count + 1)) if plural else g.count
             size = None if g.size is None else str(rng.choice(SIZES))

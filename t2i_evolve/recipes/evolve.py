@@ -7,10 +7,9 @@ its teachers and evolves the training set, so the base learns from far fewer tea
     for each round:
         train the base on the active records
         sample the base on a share of the active prompts; the judge compares base vs teacher:
-            base as good as the teacher -> delete the record (no more training compute on it)
-                                           and, at `mutate_rate`, add a prompt of a new structure
-                                           (with `min_unseen_score`, only if the base also draws a
-                                           fresh variation of the prompt: else it memorized it; expand)
+            base as good as the teacher -> delete the record (no more training compute on it) and, at
+                                           `mutate_rate`, add a prompt of a new structure (`min_unseen_score`:
+                                           only if the base draws a fresh variation too; else expand)
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
         judge the base on held-out prompts
 
@@ -54,6 +53,7 @@ class EvolveConfig(Config):
     tiny_model: TinyModelConfig = TinyModelConfig()
     min_groups: int = 1
     max_groups: int = 2
+    max_count: int = Field(3, ge=1, le=3)
     p_size: float = 0.0
     seed_prompts: int = Field(100, ge=1, description="Random grammar prompts the set starts from.")
     teachers: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()], min_length=1)
@@ -62,6 +62,8 @@ class EvolveConfig(Config):
     evolve: bool = Field(True, description="False: train on the seed set only (the uniform baseline).")
     rounds: int = Field(6, ge=1)
     steps_per_round: int = Field(150, ge=1)
+    max_epochs_per_round: float | None = Field(None, gt=0, description="A round trains at most this many passes over "
+        "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
     batch_size: int = 16
     lr: float = 2e-3  # paper: 2e-5 for PixArt-alpha
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = Field(
@@ -96,6 +98,7 @@ class EvolveConfig(Config):
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly before the judge is asked more than "
                                         "this many times (a round judges only the records whose worst case fits).")
     eval_prompts: int = Field(128, ge=0)
+    eval_draws: int = Field(1, ge=1, description="Images per held-out prompt (a small slice has few to hold out).")
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
     sampler: SamplerConfig = SamplerConfig(steps=10)
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
@@ -104,7 +107,7 @@ class EvolveConfig(Config):
 
     @property
     def grammar(self) -> GrammarSlice:
-        return GrammarSlice(min_groups=self.min_groups, max_groups=self.max_groups, p_size=self.p_size)
+        return GrammarSlice(**self.model_dump(include={"min_groups", "max_groups", "max_count", "p_size"}))
 
 
 def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) -> dict:
@@ -160,7 +163,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 if scored or config.evolve:  # the round's model, loaded once for both
                     sampler = Sampler(T2IModel.from_pretrained(model_dir, config.device), config.sampler)
                 if scored:
-                    row |= run.held_out_score(sampler, held_out)
+                    board = evaluate(sampler, PixelJudge(), held_out, seed=10_000).summary()
+                    row |= {"score": board["score"], "skills": board["skills"]}
                 if config.evolve:
                     row["ops"] = run.evolve_set(r, sampler)
                 row |= {"judge_calls": run.spent.judge_calls(), "teacher_calls_after": run.spent.teacher_calls(),
@@ -176,19 +180,17 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                "teacher_calls": run.spent.teacher_calls(), "judge_calls": run.spent.judge_calls(),
                "teacher_price": run.spent.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
     write_json(out / "summary.json", summary)
-    write_rounds_report(out, "t2i-evolve evolve", summary, held_out, base,
+    write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
-                        ops=("judged", "delete", "expand", "mutate")
-                        + (("reject",) if config.min_teacher_score is not None else ())
-                        + (("memorized",) if config.min_unseen_score is not None else ()))
+                        ops=("judged", "delete", "expand", "mutate") + tuple(  # the gate's and the check's, if on
+                            op for op in ("reject", "memorized") if any(op in row.get("ops", {}) for row in rounds)))
     return summary
 
 
 class Run:
     """The steps of one evolve run, over its ledger. Each step can be repeated after a crash."""
 
-    def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path,
-                 held_out: list[str]):
+    def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = (
             config, ledger, teachers, judge, writer, out)
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
@@ -222,15 +224,14 @@ class Run:
         if not keep:
             return 0
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
-        teacher_ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
-        if teacher_ids is None:  # discriminate: a tournament of the teachers picks each image
+        if ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = tournament(
                 self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self.gate.passes(image, p, round),
                 compare=lambda pairs: self.compare(pairs, round), until_pass=self.config.tournament == "until_pass")
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
-            images = [None] * len(prompts)
+            teacher_ids, images = ids[:len(keep)], [None] * len(prompts)
             for tid in dict.fromkeys(teacher_ids):
                 idx = [i for i, t in enumerate(teacher_ids) if t == tid]
                 self.teachers[tid].round = round
@@ -265,17 +266,19 @@ class Run:
     # -- one round ------------------------------------------------------------------------------------
 
     def train(self, r: int, init: Path) -> Path:
-        """Train `steps_per_round` more steps on the active records. The rounds are one training run on
-        changing data: each carries on from the last round's checkpoint (weights, AdamW moments, learning-rate
-        schedule over all rounds, EMA), so no round restarts the optimizer and warms up again."""
+        """Train `steps_per_round` more steps (fewer at `max_epochs_per_round`) on the active records. The
+        rounds are one training run on changing data: each carries on from the last round's checkpoint
+        (weights, AdamW moments, learning-rate schedule over all rounds, EMA), so no round warms up again."""
         c = self.config
         round_dir = self.out / "rounds" / f"{r:03d}"
         if not (round_dir / "model" / "model_index.json").exists():
             last = sorted((self.out / "rounds" / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
             done = int(last[-1].name.removeprefix("step-")) if last else 0  # steps the run has trained so far
+            steps = c.steps_per_round if c.max_epochs_per_round is None else min(
+                c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * self.ledger.count() / c.batch_size)))
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
-                steps=done + c.steps_per_round, schedule_steps=c.rounds * c.steps_per_round,
+                steps=done + steps, schedule_steps=c.rounds * c.steps_per_round,
                 batch_size=c.batch_size, lr=c.lr, lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma,
                 warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
                 checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, seed=c.seed, tracker="none",
@@ -292,8 +295,8 @@ class Run:
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
-        ops = {"judged": 0, "delete": 0, "expand": 0, "mutate": 0, "unjudged": 0} | (
-            {"memorized": 0} if c.min_unseen_score is not None else {})
+        ops = dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
+                            + ("memorized",) * (c.min_unseen_score is not None), 0)
         expand, as_good, mutate = [], [], []  # expand: (record, why)
         for rec, verdict in zip(records, verdicts):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
@@ -364,8 +367,7 @@ class Run:
         prompts, parents = [], []
         for rec in records:
             new = self.writer.new_structures([rec.prompt], 1, seed=stable_seed(self.config.seed, r, rec.id, "new"))
-            prompts += new[:1]
-            parents += [rec.id] * len(new[:1])
+            prompts, parents = prompts + new, parents + [rec.id] * len(new)
         return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="mutate", parents=parents,
                               reasons=["new structure after a deletion"] * len(prompts))
 
@@ -389,13 +391,10 @@ class Run:
         self.judge.round = round
         return compare_pairs(self.judge, pairs)
 
-    def held_out_score(self, sampler: Sampler, prompts: list[str]) -> dict:
-        summary = evaluate(sampler, PixelJudge(), prompts, seed=10_000).summary()
-        return {"score": summary["score"], "skills": summary["skills"]}
-
 
 def held_out_prompts(config: EvolveConfig) -> list[str]:
     """Distinct prompts of the slice that depend on the seed and slice only, so runs with other seed sets
     (a benchmark's uniform arms, say) are scored on the same prompts."""
-    return distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
+    prompts = distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
+    return [prompt for prompt in prompts for _ in range(config.eval_draws)]
 

@@ -112,12 +112,17 @@ class WriterSpec(Config):
 
     kind: Literal["grammar", "openai"] = "grammar"
     endpoint: EndpointConfig | None = None
+    keep: list[Literal["color", "shape"]] = Field(
+        default_factory=list, description="grammar: what a variation keeps of each group besides the structure "
+        "(color, shape), as an LLM told to keep the concept the base missed would; empty: both are redrawn.")
 
     def build(self, grammar: GrammarSlice, ledger: Ledger | None = None) -> PromptWriter:
         if self.kind == "grammar":
             from ..prompts import GrammarPromptWriter
 
-            return GrammarPromptWriter(grammar)
+            return GrammarPromptWriter(grammar, keep=self.keep)
+        if self.keep:
+            raise ConfigError("writer.keep is for the grammar writer; an LLM writer is told what to keep in its prompt")
         from ..prompts import OpenAIPromptWriter, OpenAIPromptWriterConfig
 
         if self.endpoint is None:
