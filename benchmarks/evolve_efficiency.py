@@ -21,9 +21,8 @@
     python benchmarks/evolve_efficiency.py --quick --json    # one JSON line on stdout
     python benchmarks/evolve_efficiency.py --jobs 2          # arms side by side, one core each (12+ on a GPU)
 
-`--pretrain no-color:1:yellow` starts every arm from a base pretrained on a teacher that never draws yellow
-(EvolveDirector's regime: a base that draws most of the world; with `--writer-keeps color` the variations keep
-the color it missed); RESULTS.md has the command with the one-object slice (`--max-groups 1 --max-count 1`).
+`--pretrain no-color:1:yellow`: every arm starts from a base pretrained on a teacher that never draws yellow
+(EvolveDirector's regime; `--writer-keeps color`: variations keep the color it missed). RESULTS.md has the run.
 
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
 """
@@ -42,6 +41,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from t2i_evolve.data import Ledger
 from t2i_evolve.endpoints import EndpointConfig
@@ -389,18 +390,14 @@ def main() -> None:
     parser.add_argument("--max-groups", type=int, default=2, help="Prompts of 1 to this many object groups.")
     parser.add_argument("--max-count", type=int, default=3, help="Objects per group, at most (1 to 3).")
     parser.add_argument("--p-size", type=float, default=0.0, help="Share of groups with a size word.")
-    parser.add_argument("--eval-draws", type=int, default=1,
-                        help="Images per held-out prompt (a small slice has few prompts to hold out).")
-    parser.add_argument("--writer-keeps", default="",
-                        help="What evolve's variations keep of each group: color, shape or color,shape (default: "
-                             "redraw both, keeping the structure).")
+    parser.add_argument("--eval-draws", type=int, default=1, help="Images per held-out prompt (for a small slice).")
+    parser.add_argument("--writer-keeps", default="", help="What evolve's variations keep of each group: color, "
+                                                           "shape or color,shape (default: neither; `writer.keep`).")
     parser.add_argument("--max-epochs-per-round", type=float, default=None,
-                        help="Evolve's `max_epochs_per_round`: a round trains at most this many passes over the "
-                             "active records (default: off, every round trains --steps-per-round).")
+                        help="Evolve's `max_epochs_per_round`: at most this many passes over the set a round.")
     parser.add_argument("--pretrain", default=None,
-                        help="Start every arm from a base pretrained (per seed) on this teacher's images, as id:p"
-                             "[:word/word] (e.g. no-color:1:yellow: a base that never saw yellow drawn right); "
-                             "then fine-tune with a lower --lr (3e-4).")
+                        help="Every arm starts from a base pretrained per seed on this teacher, id:p[:word/word] "
+                             "(no-color:1:yellow: it never saw yellow drawn right); fine-tune at --lr 3e-4.")
     parser.add_argument("--pretrain-images", type=int, default=1500)
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="Of batch 16.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
@@ -446,14 +443,18 @@ def main() -> None:
     if args.pretrain and len(args.pretrain) > 1:
         parser.error("--pretrain: one teacher")
     args.writer_keeps = [word for word in args.writer_keeps.split(",") if word]
-    if set(args.writer_keeps) - {"color", "shape"}:
-        parser.error(f"--writer-keeps: color, shape or color,shape, not {','.join(args.writer_keeps)!r}")
+    checked = {"max_count": args.max_count, "eval_draws": args.eval_draws, "writer": {"keep": args.writer_keeps},
+               "max_epochs_per_round": args.max_epochs_per_round, "min_unseen_score": args.min_unseen_score,
+               "min_teacher_score": args.min_teacher_score, "steps_per_round": args.pretrain_steps,
+               "seed_prompts": args.pretrain_images}
+    try:  # what every arm's config takes, checked before any arm trains
+        EvolveConfig(**checked)
+    except ValidationError as e:
+        field = e.errors()[0]["loc"][0]
+        flag = {"writer": "writer-keeps", "steps_per_round": "pretrain-steps", "seed_prompts": "pretrain-images"}.get(field, field)
+        parser.error(f"--{flag.replace('_', '-')}: {e.errors()[0]['msg']}")
     if args.judge_votes < 1:
         parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")
-    if args.min_unseen_score is not None and not 0 <= args.min_unseen_score <= 1:
-        parser.error(f"--min-unseen-score: a judge score in [0, 1], not {args.min_unseen_score}")
-    if not 0 <= args.min_teacher_score <= 1:
-        parser.error(f"--min-teacher-score: a judge score in [0, 1], not {args.min_teacher_score}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
     if args.gallery_part1 and {1, 3} <= parts:
