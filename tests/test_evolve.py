@@ -137,7 +137,8 @@ class FakeBase:
 def test_the_judge_finds_the_concept_a_pretrained_base_misses_and_buys_only_that(tmp_path):
     """EvolveDirector's regime: a base that draws the world but one color. The judge deletes the records it
     draws, expands the ones it misses, and with `writer.keep: [color]` every variation keeps the missed color,
-    so each teacher call after the seed set buys that concept; no held-out prompt is ever drawn."""
+    so each teacher call after the seed set buys that concept; no held-out prompt is ever drawn, and a record
+    whose variations are all held out is counted as `unexpanded`."""
     from t2i_evolve.recipes.evolve import Run
     from t2i_evolve.recipes.parts import WriterSpec, cached_teachers
     from t2i_evolve.world import ProceduralTeacher, TeacherConfig
@@ -147,19 +148,29 @@ def test_the_judge_finds_the_concept_a_pretrained_base_misses_and_buys_only_that
                           variations=3, eval_prompts=12, eval_draws=3, writer=WriterSpec(keep=["color"]))
     held_out = held_out_prompts(config)
     assert len(held_out) == 36 and all(held_out.count(p) == 3 for p in held_out)
-    with Ledger(tmp_path) as ledger:
-        run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
-                  config.writer.build(config.grammar, ledger), tmp_path, held_out)
-        run.seed_set()
-        seeds = ledger.records(None, round=0)
-        ops = run.evolve_set(1, FakeBase(teacher, lambda prompt: "yellow" not in prompt))
-        bought = ledger.records(None, round=1)
-        missed = {rec.id for rec in seeds if "yellow" in rec.prompt}
-        assert missed and ops["judged"] == len(seeds) == 48
-        deleted = {rec.id for rec in ledger.records(None, round=0) if rec.status == "deleted"}
-        assert deleted == {rec.id for rec in seeds} - missed
-        assert ops["expand"] == len(bought) > 0 and all("yellow" in rec.prompt and rec.parent in missed for rec in bought)
-        assert not {rec.prompt for rec in bought} & set(held_out)
+
+    class HeldOutWriter:  # a writer with nothing left to offer: its every variation is a held-out prompt
+        def variations(self, prompt, k, *, seed):
+            return held_out[:k]
+
+    for name, writer in [("keep-color", config.writer.build(config.grammar)), ("held-out", HeldOutWriter())]:
+        with Ledger(tmp_path / name) as ledger:
+            run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger), writer,
+                      tmp_path / name, held_out)
+            run.seed_set()
+            seeds = ledger.records(None, round=0)
+            ops = run.evolve_set(1, FakeBase(teacher, lambda prompt: "yellow" not in prompt))
+            bought = ledger.records(None, round=1)
+            missed = {rec.id for rec in seeds if "yellow" in rec.prompt}
+            assert missed and ops["judged"] == len(seeds) == 48
+            deleted = {rec.id for rec in ledger.records(None, round=0) if rec.status == "deleted"}
+            assert deleted == {rec.id for rec in seeds} - missed
+            assert not {rec.prompt for rec in bought} & set(held_out)
+        if name == "keep-color":
+            assert ops["expand"] == len(bought) > 0 and ops["unexpanded"] == 0
+            assert all("yellow" in rec.prompt and rec.parent in missed for rec in bought)
+        else:  # the judge wants more of what the base misses, but no prompt can be bought: said, not silent
+            assert ops["expand"] == len(bought) == 0 and ops["unexpanded"] == len(missed)
 
 
 def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_learned(tmp_path):

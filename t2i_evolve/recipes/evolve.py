@@ -191,8 +191,7 @@ class Run:
     """The steps of one evolve run, over its ledger. Each step can be repeated after a crash."""
 
     def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list):
-        self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = (
-            config, ledger, teachers, judge, writer, out)
+        self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = config, ledger, teachers, judge, writer, out
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
         self.votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
         self.gate = QualityGate(judge, config.min_teacher_score)
@@ -295,8 +294,7 @@ class Run:
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts = self.compare(pairs, r)
-        ops = dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
-                            + ("memorized",) * (c.min_unseen_score is not None), 0)
+        ops = dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged") + ("memorized",) * (c.min_unseen_score is not None), 0)
         expand, as_good, mutate = [], [], []  # expand: (record, why)
         for rec, verdict in zip(records, verdicts):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
@@ -326,6 +324,8 @@ class Run:
         if c.train_past_teacher_budget and self.spent.teacher_budget_spent():
             expand, mutate = [], []  # nothing more can be drawn: do not ask the writer (an LLM costs calls)
         ops["expand"] = self._expand(r, expand)
+        bought = {rec.parent for rec in self.ledger.records(None, round=r) if rec.op == "expand"}
+        ops["unexpanded"] = sum(rec.id not in bought for rec, _ in expand)  # every variation held out or over budget
         ops["mutate"] = self._mutate(r, mutate)
         if c.min_teacher_score is not None:  # of the expanded and mutated images (counted from the ledger: reruns)
             ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
