@@ -173,6 +173,34 @@ def test_the_judge_finds_the_concept_a_pretrained_base_misses_and_buys_only_that
             assert ops["expand"] == len(bought) == 0 and ops["unexpanded"] == len(missed)
 
 
+def test_mutations_find_a_concept_the_long_tailed_seed_set_lacks_and_expansions_buy_it(tmp_path):
+    """Users' long tail: no seed prompt names yellow (`rare_weight: 0`), and the base draws everything but
+    yellow. The judge deletes the whole seed set; each deletion mutates into a prompt of another structure,
+    which the writer draws with any color, so some are yellow; the next round the judge finds the base
+    wrong on exactly those, and every expansion keeps their color: the set grows where the base is weak."""
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import WriterSpec, cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+    config = small_config(str(tmp_path), max_groups=1, max_count=1, p_size=0.3, seed_prompts=40, mutate_rate=1.0,
+                          rare_words=["yellow"], rare_weight=0.0, eval_prompts=12, writer=WriterSpec(keep=["color"]))
+    base = FakeBase(teacher, lambda prompt: "yellow" not in prompt)
+    with Ledger(tmp_path) as ledger:
+        run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
+                  config.writer.build(config.grammar), tmp_path, held_out_prompts(config))
+        run.seed_set()
+        assert len(ledger.records(None, round=0)) == 40 and not any("yellow" in r.prompt for r in ledger.records(None))
+        first = run.evolve_set(1, base)
+        assert first["delete"] == 40 and first["expand"] == 0 and first["mutate"] > 30  # (less any held out)
+        found = {rec.id for rec in ledger.records(None, round=1) if "yellow" in rec.prompt}
+        assert found and all(rec.op == "mutate" for rec in ledger.records(None, round=1))
+        second = run.evolve_set(2, base)
+        bought = [rec for rec in ledger.records(None, round=2) if rec.op == "expand"]
+        assert second["judged"] == first["mutate"] and second["delete"] == first["mutate"] - len(found)
+        assert bought and all("yellow" in rec.prompt and rec.parent in found for rec in bought)
+
+
 def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_learned(tmp_path):
     """The judge finds the base as good as its teacher on the prompts it trained on. A base that memorized
     them (it draws its training prompts right and nothing else) passes that verdict, so the paper's loop

@@ -8,7 +8,7 @@ from t2i_evolve.world import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, par
 from t2i_evolve.world.grammar import scene_skills
 from t2i_evolve.world.questions import answer_checks, dsg_answers, questions_for
 from t2i_evolve.world.render import layout, seeded_rng
-from t2i_evolve.world.sampling import GrammarPrompts, GrammarSlice
+from t2i_evolve.world.sampling import GrammarPrompts, GrammarSlice, iid_prompts
 
 groups = st.builds(
     Group,
@@ -122,3 +122,17 @@ def test_sampler_slice_and_skills():
     assert GrammarPrompts().sample(20, seed=5) == GrammarPrompts().sample(20, seed=5)
     with pytest.raises(UserError, match="binding"):
         GrammarPrompts(GrammarSlice(max_groups=1)).sample(5, seed=0, skill="binding")
+
+
+def test_rare_words_give_the_seed_prompts_a_long_tail():
+    """A prompt naming a rare word is kept at `rare_weight` odds: yellow falls from about one prompt in six
+    to about one in sixty at weight 0.1 and to none at 0; a smaller set is still the start of a larger one,
+    and weight 1 is the plain mix."""
+    slice_ = GrammarSlice(max_groups=1, max_count=1)
+    plain = iid_prompts(slice_, 3000, seed=3)
+    tail = iid_prompts(slice_, 3000, seed=3, rare_words=["yellow"], rare_weight=0.1)
+    share = {name: sum("yellow" in p for p in ps) / len(ps) for name, ps in [("plain", plain), ("tail", tail)]}
+    assert 0.14 < share["plain"] < 0.19 and 0.008 < share["tail"] < 0.03
+    assert iid_prompts(slice_, 500, seed=3, rare_words=["yellow"], rare_weight=0.1) == tail[:500]
+    assert iid_prompts(slice_, 3000, seed=3, rare_words=["yellow"], rare_weight=1.0) == plain
+    assert not any("yellow" in p for p in iid_prompts(slice_, 500, seed=3, rare_words=["yellow"], rare_weight=0.0))

@@ -39,7 +39,7 @@ from ..judges import PixelJudge
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model, resolve_device
 from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
-from ..world import GrammarSlice, scene_or_none, scene_skills
+from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, cached_teachers,
                     compare_pairs, occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
@@ -56,6 +56,9 @@ class EvolveConfig(Config):
     max_count: int = Field(3, ge=1, le=3)
     p_size: float = 0.0
     seed_prompts: int = Field(100, ge=1, description="Random grammar prompts the set starts from.")
+    rare_words: list[Literal[tuple(COLORS) + SHAPES]] = Field(default_factory=list, description="Users' long tail: "
+        "seed prompts naming these are kept at rare_weight odds (writer and held-out prompts weigh words alike).")
+    rare_weight: float = Field(1.0, ge=0, le=1)
     teachers: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()], min_length=1)
     judge: JudgeSpec = JudgeSpec()
     writer: WriterSpec = WriterSpec()
@@ -204,8 +207,8 @@ class Run:
     def seed_set(self) -> None:
         """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best.
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
-        prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed,
-                              exclude=self.held_out)
+        prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed, exclude=self.held_out,
+                              **self.config.model_dump(include={"rare_words", "rare_weight"}))
         self.spent.check_judge_room(len(prompts) * self.judge_calls_per_draw(tournament=True), "the seed set")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from .grammar import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, render_prompt, scene_skills
+from .grammar import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, parse, render_prompt, scene_skills
 from .render import crowding
 
 
@@ -73,11 +73,26 @@ def distinct_prompts(slice_: GrammarSlice, n: int, *, seed: int) -> list[str]:
     return list(dict.fromkeys(GrammarPrompts(slice_).sample(4 * n + 50, seed=seed)))[:n]
 
 
-def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: Collection[str] = ()) -> list[str]:
+def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: Collection[str] = (),
+                rare_words: Collection[str] = (), rare_weight: float = 1.0) -> list[str]:
     """`n` independent random prompts of the slice, none in `exclude`. Repeats are kept, so a set of any
-    size has the slice's mix of prompts; a larger `n` extends the list a smaller one gives."""
+    size has the slice's mix of prompts; a larger `n` extends the list a smaller one gives.
+
+    `rare_words` give the mix a long tail, as users' prompts have: a prompt naming one of them (a color or
+    a shape) is kept at `rare_weight` odds, so "yellow" can be one prompt in fifty where the slice has it in
+    six. Benchmarks (GenEval, and the held-out prompts here) weigh every word alike instead."""
     exclude = set(exclude)
-    drawn = [p for p in GrammarPrompts(slice_).sample(4 * n + 100, seed=seed) if p not in exclude]
+    drawn = GrammarPrompts(slice_).sample(4 * n + 100, seed=seed)
+    if rare_words:  # one coin per drawn prompt, so the stream (and a smaller n's prefix) stays the same
+        coins = np.random.default_rng([seed, 7_919]).random(len(drawn))
+        rare = set(rare_words)
+        drawn = [p for p, coin in zip(drawn, coins) if coin < rare_weight or not rare & _words(p)]
+    drawn = [p for p in drawn if p not in exclude]
     if len(drawn) < n:
         raise UserError(f"the grammar slice is too small for {n} prompts beside {len(exclude)} excluded ones")
     return drawn[:n]
+
+
+def _words(prompt: str) -> set[str]:
+    """The colors and shapes a prompt names."""
+    return {word for group in parse(prompt).groups for word in (group.color, group.shape)}

@@ -1,0 +1,98 @@
+"""The JSON line and tables of `evolve_efficiency.py`: means over seeds, the issue's floors, markdown rows."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+
+def mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(per_seed: list[dict], wall_s: float) -> dict:
+    """The issue's JSON line: means over seeds (per-seed values under `seeds`)."""
+    line, floors = {}, {}
+    if "uniform" in per_seed[0]:
+        line = {
+        "uniform": {"final_score": mean_or_none([r["uniform"]["final_score"] for r in per_seed]),
+                    "calls": mean_or_none([r["uniform"]["calls"] for r in per_seed])},
+        "evolve": {"calls_to_uniform_final": mean_or_none([r["evolve"]["calls_to_uniform_final"] for r in per_seed]),
+                   "final_score": mean_or_none([r["evolve"]["final_score"] for r in per_seed]),
+                   "calls": mean_or_none([r["evolve"]["calls"] for r in per_seed])},
+        "saving": mean_or_none([r["saving"] for r in per_seed]),
+        }
+        floors = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
+                  "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed)}
+    if "multi_teacher" in per_seed[0]:
+        mt = [r["multi_teacher"] for r in per_seed]
+        line["multi_teacher"] = {
+            "student": mean_or_none([m["student"] for m in mt]),
+            "teachers": {t: mean_or_none([m["teachers"][t] for m in mt]) for t in mt[0]["teachers"]},
+            "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
+                                        for t in mt[0]["single_teacher_students"]},
+            "training_data": {t: mean_or_none([m["training_data"][t] for m in mt]) for t in mt[0]["training_data"]},
+            "training_images": {t: mean_or_none([m["training_images"][t] for m in mt])
+                                for t in mt[0]["training_images"]}}
+        if "judge_noise" in mt[0]:
+            line["multi_teacher"]["judge_noise"] = {
+                rate: {key: mean_or_none([m["judge_noise"][rate][key] for m in mt])
+                       for key in ("student", "training_images", "training_data")} for rate in mt[0]["judge_noise"]}
+        mt = line["multi_teacher"]
+        floors |= {"student_beats_every_teacher": all(mt["student"] > s for s in mt["teachers"].values()),
+                   "student_beats_every_single_teacher_student":
+                       all(mt["student"] > s for s in mt["single_teacher_students"].values())}
+        if "judge_noise" in mt:
+            floors["noisy_judge_student_beats_every_teacher"] = {
+                rate: all(res["student"] > s for s in mt["teachers"].values()) for rate, res in mt["judge_noise"].items()}
+    return line | {"floors": floors, "seeds": per_seed, "wall_s": wall_s}
+
+
+def print_table(line: dict, per_seed: list[dict]) -> None:
+    out = sys.stderr
+    if "uniform" in line:
+        print("\n| arm | teacher calls | held-out score |\n|---|---|---|", file=out)
+        for r in per_seed:
+            for n, score in r["uniform"]["by_size"].items():
+                print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f} |", file=out)
+            for budget, run in r["evolve"]["by_budget"].items():
+                for i, (calls, score) in enumerate(run["curve"], 1):
+                    print(f"| seed {r['seed']} evolve, cap {budget}, round {i} | {calls} | {score:.3f} |", file=out)
+            if "control_no_judge" in r:
+                for i, (calls, score) in enumerate(r["control_no_judge"]["curve"], 1):
+                    print(f"| seed {r['seed']} control (no judge), round {i} | {calls} | {score:.3f} |", file=out)
+        print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
+        if not line["floors"]["uniform_rises_with_data"]:
+            print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
+                  "this training budget there are no teacher calls for the judge to save; train longer", file=out)
+        print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |"
+              "\n|---|---|---|---|---|", file=out)
+        for r in per_seed:
+            for row in r["evolve"]["rounds"]:
+                print(f"| seed {r['seed']} round {row['round']} | {row['judge_calls']} | {row['teacher_calls']} | "
+                      f"{row['ops']} | {row['wall_s']:.0f} |", file=out)
+    if "judge_noise" in per_seed[0]:
+        print("\n| judge error rate | final score | teacher calls | calls to target | saving |\n|---|---|---|---|---|",
+              file=out)
+        for r in per_seed:
+            for rate, res in r["judge_noise"].items():
+                print(f"| seed {r['seed']} error {rate} | {res['final_score']:.3f} | {res['calls']} | "
+                      f"{res['calls_to_uniform_final']} | {res['saving']} |", file=out)
+    if "judge_noise" in per_seed[0].get("multi_teacher", {}):
+        print("\n| judge error rate | student of the judge's picks | images the gate kept | their exact score | "
+              "judge calls |\n|---|---|---|---|---|", file=out)
+        for r in per_seed:
+            for rate, res in r["multi_teacher"]["judge_noise"].items():
+                print(f"| seed {r['seed']} error {rate} | {res['student']:.3f} | {res['training_images']} | "
+                      f"{res['training_data']:.3f} | {res['judge_calls']} |", file=out)
+    mt = line.get("multi_teacher")
+    if mt:
+        print("\n| multi-teacher | held-out score | its training images (kept by the gate) | their mean judged "
+              "score |\n|---|---|---|---|", file=out)
+        for t, s in mt["teachers"].items():
+            print(f"| teacher {t} | {s:.3f} | | |", file=out)
+        rows = [(f"student of {t}", s, t) for t, s in mt["single_teacher_students"].items()]
+        for label, s, t in rows + [("student of the judge's picks", mt["student"], "judged")]:
+            print(f"| {label} | {s:.3f} | {mt['training_images'][t]:.0f} | {mt['training_data'][t]:.3f} |", file=out)
+    print(f"\nfloors: {line['floors']}\nwall time {line['wall_s']:.0f} s", file=out)
