@@ -94,7 +94,8 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
     concept, which the judge can find by deleting the rest. Its rate decays (cosine): at a constant 2e-3,
     one seed's 6,000 steps diverged near the end (RESULTS.md). Returns its model folder."""
     (tid, (p, blind)), = args.pretrain.items()
-    config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, lr_schedule="cosine", rounds=1, evolve=False,
+    config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, lr_schedule="cosine", rounds=1,
+                         evolve=False, rare_words=[],  # the blind teacher, not a long tail, makes it miss a word
                          steps_per_round=args.pretrain_steps, seed_prompts=args.pretrain_images,
                          teachers=[TeacherSpec(id=tid, p=p, blind_to=blind)])
     summary = run_evolve(config)

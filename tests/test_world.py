@@ -136,3 +136,5 @@ def test_rare_words_give_the_seed_prompts_a_long_tail():
     assert iid_prompts(slice_, 500, seed=3, rare_words=["yellow"], rare_weight=0.1) == tail[:500]
     assert iid_prompts(slice_, 3000, seed=3, rare_words=["yellow"], rare_weight=1.0) == plain
     assert not any("yellow" in p for p in iid_prompts(slice_, 500, seed=3, rare_words=["yellow"], rare_weight=0.0))
+    with pytest.raises(UserError, match="kept at 0 odds"):  # every color rare and never kept: said, not a hang
+        iid_prompts(slice_, 10, seed=3, rare_words=list(COLORS), rare_weight=0.0)

@@ -89,7 +89,8 @@ def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: Collection[
         drawn = [p for p, coin in zip(drawn, coins) if coin < rare_weight or not rare & _words(p)]
     drawn = [p for p in drawn if p not in exclude]
     if len(drawn) < n:
-        raise UserError(f"the grammar slice is too small for {n} prompts beside {len(exclude)} excluded ones")
+        tail = f" and with {', '.join(rare_words)} kept at {rare_weight:g} odds" if rare_words else ""
+        raise UserError(f"the grammar slice is too small for {n} prompts beside {len(exclude)} excluded ones{tail}")
     return drawn[:n]
 
 
