@@ -201,6 +201,38 @@ def test_mutations_find_a_concept_the_long_tailed_seed_set_lacks_and_expansions_
         assert bought and all("yellow" in rec.prompt and rec.parent in found for rec in bought)
 
 
+def test_a_mutation_the_writer_draws_from_the_held_out_prompts_is_asked_again(tmp_path):
+    """A held-out prompt is never drawn, so a mutation that lands on one is asked for again (a few times),
+    not lost: a small slice holds out most prompts of some structures, and the set would shrink."""
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+    config = small_config(str(tmp_path), max_groups=1, max_count=1, seed_prompts=6, mutate_rate=1.0, eval_prompts=6)
+    held_out = held_out_prompts(config)
+    fresh = [p for p in config.writer.build(config.grammar).sample(40, seed=1) if p not in held_out]
+
+    class Writer:  # every other answer is a held-out prompt; `always_held_out`: every answer
+        def __init__(self, always_held_out):
+            self.asked, self.always_held_out = 0, always_held_out
+
+        def new_structures(self, prompts, k, *, seed):
+            self.asked += 1
+            return [held_out[0] if self.always_held_out or self.asked % 2 else fresh[self.asked]]
+
+    for always in (False, True):
+        writer = Writer(always)
+        with Ledger(tmp_path / str(always)) as ledger:
+            run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger), writer,
+                      tmp_path / str(always), held_out)
+            run.seed_set()
+            ops = run.evolve_set(1, FakeBase(teacher, lambda prompt: True))
+            mutations = [rec.prompt for rec in ledger.records(None, round=1) if rec.op == "mutate"]
+        assert ops["delete"] == 6 and not set(mutations) & set(held_out)
+        assert (ops["mutate"], writer.asked) == ((0, 18) if always else (6, 12))
+
+
 def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_learned(tmp_path):
     """The judge finds the base as good as its teacher on the prompts it trained on. A base that memorized
     them (it draws its training prompts right and nothing else) passes that verdict, so the paper's loop

@@ -366,11 +366,16 @@ class Run:
                               reasons=reasons, teacher_ids=teachers)
 
     def _mutate(self, r: int, records) -> int:
-        """Keep the set from collapsing: one prompt of a new structure per picked deletion."""
+        """Keep the set from collapsing: one prompt of a new structure per picked deletion. A held-out prompt
+        cannot be drawn, so the writer is asked again (a small slice holds out most of some structures)."""
         prompts, parents = [], []
         for rec in records:
-            new = self.writer.new_structures([rec.prompt], 1, seed=stable_seed(self.config.seed, r, rec.id, "new"))
-            prompts, parents = prompts + new, parents + [rec.id] * len(new)
+            for attempt in range(3):
+                new = [p for p in self.writer.new_structures([rec.prompt], 1, seed=stable_seed(
+                    self.config.seed, r, rec.id, "new", *[attempt] * (attempt > 0))) if p not in self.held_out]
+                if new:
+                    prompts, parents = prompts + new, parents + [rec.id] * len(new)
+                    break
         return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="mutate", parents=parents,
                               reasons=["new structure after a deletion"] * len(prompts))
 
