@@ -207,8 +207,8 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
         arms |= {f"uniform-{n}": (uniform_arm, (args, root, seed, n)) for n in args.uniform_sizes}
         arms |= {f"evolve-{b}": (evolve_arm, (args, root, seed, b)) for b in args.evolve_budgets}
         if args.control:  # the largest cap (0, no cap, when there is none)
-            arms["control"] = (evolve_arm, (args, root / "control", seed, max(args.evolve_budgets),
-                                            {"judge": TeacherAlwaysBetter()}))
+            arms["control"] = (partial(evolve_arm, min_unseen_score=None),  # (it never deletes: nothing to check)
+                               (args, root / "control", seed, max(args.evolve_budgets), {"judge": TeacherAlwaysBetter()}))
     if 2 in parts:
         specs = teacher_specs(args)
         arms |= {f"student-{spec.id}": (student_arm, (args, root, seed, spec.id, [spec])) for spec in specs}
