@@ -370,9 +370,9 @@ class Run:
         cannot be drawn, so the writer is asked again (a small slice holds out most of some structures)."""
         prompts, parents = [], []
         for rec in records:
-            for attempt in range(3):
-                new = [p for p in self.writer.new_structures([rec.prompt], 1, seed=stable_seed(
-                    self.config.seed, r, rec.id, "new", *[attempt] * (attempt > 0))) if p not in self.held_out]
+            for attempt in range(3):  # (the first ask has the seed it had before asks were repeated)
+                seed = stable_seed(self.config.seed, r, rec.id, "new", *([attempt] if attempt else []))
+                new = [p for p in self.writer.new_structures([rec.prompt], 1, seed=seed) if p not in self.held_out]
                 if new:
                     prompts, parents = prompts + new, parents + [rec.id] * len(new)
                     break
