@@ -1,9 +1,8 @@
 """Recipe `evolve`: EvolveDirector (arXiv 2410.07133). A judge keeps evaluating the base model against
 its teachers and evolves the training set, so the base learns from far fewer teacher images.
 
-    seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt;
-                    with `min_teacher_score`, every new teacher image the judge scores below it is rejected,
-                    and `tournament: until_pass` asks the next teacher only when an image is rejected)
+    seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt; with
+                    `min_teacher_score` it rejects wrong images, and `until_pass` asks the teachers in turn)
     for each round:
         train the base on the active records
         sample the base on a share of the active prompts; the judge compares base vs teacher:
@@ -79,25 +78,20 @@ class EvolveConfig(Config):
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
     min_teacher_score: float | None = Field(
-        None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA) and one below "
-        "this is rejected, kept in the ledger but never trained on. None: keep all (the paper). With several "
-        "teachers that share a blind spot, the tournament's winner can still be wrong; training on it teaches "
-        "the prompt wrong. Its scores count as judge calls (and toward max_judge_calls).")
+        None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA); one below this "
+        "is rejected (kept in the ledger, never trained on), as teachers sharing a blind spot can all be wrong. "
+        "None: keep all (the paper). Its scores count as judge calls (and toward max_judge_calls).")
     tournament: Literal["all", "until_pass"] = Field(
         "all", description="all: every teacher draws every new prompt and the judge picks (the paper). until_pass "
-        "(needs min_teacher_score): teachers draw in their listed order until one's image passes the gate, "
-        "so a prompt the first teacher draws right costs one call, not one per teacher (max_teacher_calls still "
-        "reserves one per teacher: which will be needed is known only after the gate).")
+        "(needs min_teacher_score): teachers draw in their listed order until one's image passes the gate: one "
+        "call where the first is right (max_teacher_calls still reserves one per teacher).")
     min_unseen_score: float | None = Field(
         None, ge=0, le=1, description="Deletion check: before deleting a record, the base draws an unseen variation "
-        "of its prompt and the judge scores it (VQA); below this the base drew the trained prompt from memory, so "
-        "the record stays and is expanded. None: the paper (a small set is memorized, deleted and trained down to "
-        "nothing). One judge call per check.")
+        "of its prompt and the judge scores it (VQA); below this the record was memorized: kept and expanded. "
+        "None: the paper (a small set is memorized, deleted and trained down to nothing). One judge call each.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
-    train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but go on "
-                                            "judging, deleting and training (same compute for every run).")
-    max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this "
-                                                                     "much (each teacher's price per call).")
+    train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but judge and train on.")
+    max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this much.")
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly before the judge is asked more than "
                                         "this many times (a round judges only the records whose worst case fits).")
     eval_prompts: int = Field(128, ge=0)
@@ -278,13 +272,11 @@ class Run:
             done = int(last[-1].name.removeprefix("step-")) if last else 0  # steps the run has trained so far
             steps = c.steps_per_round if c.max_epochs_per_round is None else min(
                 c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * self.ledger.count() / c.batch_size)))
+            shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay", "seed"})
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
-                steps=done + steps, schedule_steps=c.rounds * c.steps_per_round,
-                batch_size=c.batch_size, lr=c.lr, lr_schedule=c.lr_schedule, snr_gamma=c.snr_gamma,
-                warmup_steps=c.warmup_steps, ema_decay=c.ema_decay,
-                checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, seed=c.seed, tracker="none",
-            )
+                steps=done + steps, schedule_steps=c.rounds * c.steps_per_round, **shared,
+                checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, tracker="none")
             Trainer(train, TrainingSet.from_ledger(self.ledger)).run()
         return round_dir / "model"
 
