@@ -56,7 +56,7 @@ from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
-from evolve_report import mean_or_none, print_table, summarize  # noqa: E402
+from evolve_report import print_table, summarize  # noqa: E402
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have:
 # the judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt
