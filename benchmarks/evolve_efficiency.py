@@ -121,7 +121,7 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     With `--part1-teachers gallery` it buys from part 2's teachers through the tournament and quality gate."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
     fields = {"min_unseen_score": args.min_unseen_score, "max_epochs_per_round": args.max_epochs_per_round,
-              "mutate_rate": args.mutate_rate} | fields
+              "mutate_rate": args.mutate_rate, "replay_share": args.replay_share} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
                   "tournament": "until_pass"} | fields
@@ -191,7 +191,8 @@ def evolve_name(args, budget: int) -> str:
     check = "" if args.min_unseen_score is None else f"-unseen-{args.min_unseen_score:g}"
     epochs = "" if args.max_epochs_per_round is None else f"-epochs-{args.max_epochs_per_round:g}"
     mutate = "" if args.mutate_rate == 0.1 else f"-mutate-{args.mutate_rate:g}"
-    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}"
+    replay = f"-replay-{args.replay_share:g}" if args.replay_share else ""
+    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}"
 
 
 def noise_name(arm: str, rate: float, args) -> str:
@@ -402,6 +403,8 @@ def main() -> None:
                         "odds in every seed set (uniform's data, evolve's seeds): users' long tail; held-out is even.")
     parser.add_argument("--rare-weight", type=float, default=1.0)
     parser.add_argument("--mutate-rate", type=float, default=0.1, help="Evolve's chance of a new prompt per deletion.")
+    parser.add_argument("--replay-share", type=float, default=0.0,
+                        help="Evolve's `replay_share`: the share of its training on deleted records.")
     parser.add_argument("--pretrain", default=None,
                         help="Every arm starts from a base pretrained per seed on this teacher, id:p[:word/word] "
                              "(no-color:1:yellow: it never saw yellow drawn right); fine-tune at --lr 3e-4.")
@@ -455,7 +458,7 @@ def main() -> None:
                "max_epochs_per_round": args.max_epochs_per_round, "min_unseen_score": args.min_unseen_score,
                "min_teacher_score": args.min_teacher_score, "steps_per_round": args.pretrain_steps,
                "seed_prompts": args.pretrain_images, "rare_words": args.rare_words, "rare_weight": args.rare_weight,
-               "mutate_rate": args.mutate_rate}
+               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share}
     try:  # what every arm's config takes, checked before any arm trains
         EvolveConfig(**checked)
     except ValidationError as e:

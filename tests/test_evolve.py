@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -268,6 +269,39 @@ def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_le
                                                     not in trained for r in checked)
     ops, expanded, judged = outcomes["learned", 1.0]
     assert ops["memorized"] == 0 and ops["delete"] >= 20 and not any("trained prompt" in r.reason for r in expanded)
+
+
+def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_ones(tmp_path):
+    """`replay_share: 0.4`: the records the judge deleted make about 0.4 of the round's training rows beside
+    every active record; an image the quality gate rejected (wrong) is never replayed; at 0 (the paper)
+    the round trains on the active records alone."""
+    from t2i_evolve.prompts import GrammarPromptWriter
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.world import ProceduralTeacher
+
+    sets = {}
+    for share in (0.0, 0.4):
+        config = small_config(str(tmp_path / str(share)), replay_share=share)
+        with Ledger(tmp_path / str(share)) as ledger:
+            run = Run(config, ledger, cached_teachers([ProceduralTeacher()], ledger), config.judge.build(ledger),
+                      GrammarPromptWriter(config.grammar), tmp_path, held_out=[])
+            run.seed_set()
+            records = ledger.records()
+            for rec in records[:6]:
+                ledger.delete_record(rec.id, round=1, reason="base as good")
+            ledger.delete_record(records[6].id, round=1, op="reject", reason="wrong image")
+            sets[share] = run.training_set(), [r.prompt for r in records[7:]], [r.prompt for r in records[:6]]
+    data, active, deleted = sets[0.0]
+    assert Counter(data.prompts) == Counter(active)
+    data, active, deleted = sets[0.4]
+    rows = Counter(data.prompts)  # each set repeated whole: some whole copies of each, the rejected image in none
+    combos = [(own, theirs) for own in range(1, 5) for theirs in range(1, 5)
+              if rows == Counter({p: n * own for p, n in Counter(active).items()})
+              + Counter({p: n * theirs for p, n in Counter(deleted).items()})]
+    assert len(combos) == 1, combos
+    own, theirs = combos[0]
+    assert abs(theirs * len(deleted) / len(data) - 0.4) < 0.1 and len(data.images) == len(active) + len(deleted)
 
 
 def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):

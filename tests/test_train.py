@@ -35,6 +35,20 @@ def test_batches_are_a_function_of_position():
     assert not torch.equal(epoch, torch.cat([batch_indices(p, 10, 50, seed=3) for p in range(50, 100, 10)]))
 
 
+def test_a_mixed_set_holds_whole_copies_of_each_set_at_about_the_share():
+    small = TrainingSet(["a"] * 3, torch.zeros(3, 3, 4, 4, dtype=torch.uint8))
+    large = TrainingSet(["b"] * 40, torch.ones(40, 3, 4, 4, dtype=torch.uint8))
+    for own, other, share in [(small, large, 0.5), (large, small, 0.5), (small, large, 0.1), (large, small, 0.3)]:
+        mixed = own.mixed_with(other, share)
+        theirs = mixed.prompts.count(other.prompts[0])
+        assert theirs % len(other) == 0 and (len(mixed) - theirs) % len(own) == 0  # whole copies
+        assert abs(theirs / len(mixed) - share) < 0.15, (len(own), len(other), share, theirs / len(mixed))
+        ones = int((mixed.pixels(torch.arange(len(mixed))).mean(dim=(1, 2, 3)) > -1).sum())  # each row's own image
+        assert ones == (theirs if other is large else len(mixed) - theirs) and len(mixed.images) == 43  # no copies
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        small.mixed_with(large, 1.0)
+
+
 def test_loss_falls_and_judge_score_rises(tiny_dir, tmp_path):
     """A short run on strong-teacher data: the loss falls and the pixel judge sees the prompt drawn.
 

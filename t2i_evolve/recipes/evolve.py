@@ -4,7 +4,7 @@ its teachers and evolves the training set, so the base learns from far fewer tea
     seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt; with
                     `min_teacher_score` it rejects wrong images, and `until_pass` asks the teachers in turn)
     for each round:
-        train the base on the active records
+        train the base on the active records (at `replay_share`, on some deleted ones too)
         sample the base on a share of the active prompts; the judge compares base vs teacher:
             base as good as the teacher -> delete the record (no more training compute on it) and, at
                                            `mutate_rate`, add a prompt of a new structure (`min_unseen_score`:
@@ -35,12 +35,12 @@ from ..errors import BudgetExhausted, UserError
 from ..eval import evaluate
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
-from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model, resolve_device
+from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
-from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, cached_teachers,
+from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
                     compare_pairs, occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
 
 
@@ -66,6 +66,8 @@ class EvolveConfig(Config):
     steps_per_round: int = Field(150, ge=1)
     max_epochs_per_round: float | None = Field(None, gt=0, description="A round trains at most this many passes over "
         "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
+    replay_share: float = Field(0.0, ge=0, lt=1, description="Share of each round's training on deleted records (paper: "
+        "0): a set that deletions keep small is overtrained, and the base forgets what the deleted records taught.")
     batch_size: int = 16
     lr: float = 2e-3  # paper: 2e-5 for PixArt-alpha
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = Field(
@@ -118,11 +120,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "evolve.yaml").write_text(config.to_yaml())
     ledger = Ledger(out)
-    base = Path(config.base_model) if config.base_model else out / "base"
-    if config.base_model and not (base / "model_index.json").is_file():
-        raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
-    if not (base / "model_index.json").exists():
-        init_tiny_model(base, config.tiny_model, seed=config.seed)
+    base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
@@ -196,8 +194,6 @@ class Run:
                                  max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
                                  train_past_teacher_budget=config.train_past_teacher_budget)
 
-    # -- the data set ---------------------------------------------------------------------------------
-
     def seed_set(self) -> None:
         """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best.
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
@@ -259,10 +255,8 @@ class Run:
         expand = c.variations * self.judge_calls_per_draw(tournament=False)
         return verdicts + max(expand, self.judge_calls_per_draw(tournament=True) * (c.mutate_rate > 0))
 
-    # -- one round ------------------------------------------------------------------------------------
-
     def train(self, r: int, init: Path) -> Path:
-        """Train `steps_per_round` more steps (fewer at `max_epochs_per_round`) on the active records. The
+        """Train `steps_per_round` more steps (fewer at `max_epochs_per_round`) on `training_set`. The
         rounds are one training run on changing data: each carries on from the last round's checkpoint
         (weights, AdamW moments, learning-rate schedule over all rounds, EMA), so no round warms up again."""
         c = self.config
@@ -277,8 +271,15 @@ class Run:
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                 steps=done + steps, schedule_steps=c.rounds * c.steps_per_round, **shared,
                 checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, tracker="none")
-            Trainer(train, TrainingSet.from_ledger(self.ledger)).run()
+            Trainer(train, self.training_set()).run()
         return round_dir / "model"
+
+    def training_set(self) -> TrainingSet:
+        """The active records, and at `replay_share` the deleted ones (not the gate's rejects: those are wrong)."""
+        active = TrainingSet.from_ledger(self.ledger)
+        deleted = [rec for rec in self.ledger.records("deleted") if rec.deleted_op == "delete" and rec.image_path]
+        share = self.config.replay_share
+        return active.mixed_with(TrainingSet.from_records(self.ledger, deleted), share) if share and deleted else active
 
     def evolve_set(self, r: int, base: Sampler) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""
@@ -393,8 +394,7 @@ class Run:
 
 
 def held_out_prompts(config: EvolveConfig) -> list[str]:
-    """Distinct prompts of the slice that depend on the seed and slice only, so runs with other seed sets
-    (a benchmark's uniform arms, say) are scored on the same prompts."""
+    """Distinct prompts of the slice, set by its seed only: a benchmark scores every arm on the same ones."""
     prompts = distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
     return [prompt for prompt in prompts for _ in range(config.eval_draws)]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from PIL import Image
@@ -23,7 +24,8 @@ from pydantic import Field, ValidationError
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from ..endpoints import EndpointConfig
-from ..errors import BudgetExhausted, ConfigError
+from ..errors import BudgetExhausted, ConfigError, UserError
+from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import SKILLS, Comparison, Generator, PromptWriter
 from ..world.sampling import GrammarSlice
 from ..world.teachers import TeacherConfig, ProceduralTeacher
@@ -56,6 +58,17 @@ class TeacherSpec(Config):
         if self.path is None:
             raise ConfigError("teacher of kind 'local' needs a path")
         return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0)
+
+
+def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelConfig, seed: int) -> Path:
+    """The model folder a recipe improves: `base_model`, or (none named) a fresh tiny shapes model made once
+    in `out/base`, so a rerun after a crash goes on from the same random init."""
+    base = Path(base_model) if base_model else out / "base"
+    if base_model and not (base / "model_index.json").is_file():
+        raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
+    if not (base / "model_index.json").exists():
+        init_tiny_model(base, tiny_model, seed=seed)
+    return base
 
 
 def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price_per_call: float | None = None,

@@ -20,16 +20,19 @@ from ..errors import UserError
 
 @dataclass
 class TrainingSet:
-    """Prompts and their images, held as uint8 (N, 3, H, W) so a few thousand images cost little memory."""
+    """Prompts and their images, held as uint8 (N, 3, H, W) so a few thousand images cost little memory.
+    `rows` (one image index per prompt; default: prompt i is image i) repeats images without copying them."""
 
     prompts: list[str]
     images: torch.Tensor
+    rows: torch.Tensor | None = None
 
     def __post_init__(self):
         if len(self.prompts) == 0:
             raise UserError("the training set is empty")
-        if len(self.prompts) != len(self.images):
-            raise ValueError(f"{len(self.prompts)} prompts but {len(self.images)} images")
+        rows = len(self.images) if self.rows is None else len(self.rows)
+        if len(self.prompts) != rows:
+            raise ValueError(f"{len(self.prompts)} prompts but {rows} {'images' if self.rows is None else 'rows'}")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -54,11 +57,31 @@ class TrainingSet:
         records = [r for r in ledger.records(status) if r.image_path]
         if not records:
             raise UserError(f"no {status} records with images in the ledger at {ledger.run_dir}")
+        return cls.from_records(ledger, records)
+
+    @classmethod
+    def from_records(cls, ledger, records) -> "TrainingSet":
+        """These ledger records' prompts and images."""
         return cls.from_images([r.prompt for r in records], [ledger.load_image(r.image_path) for r in records])
+
+    def mixed_with(self, other: "TrainingSet", share: float) -> "TrainingSet":
+        """This set and `other`, `other` making about `share` of the rows. Each set is repeated whole, so
+        within a set every image is seen alike (replay: a share of old data keeps a model from forgetting)."""
+        if not 0 < share < 1:
+            raise ValueError(f"share must be between 0 and 1, not {share}")
+        per_own = share * len(self) / ((1 - share) * len(other))  # copies of `other` per copy of this set
+        own, theirs = (1, max(1, round(per_own))) if per_own >= 1 else (max(1, round(1 / per_own)), 1)
+        mine, others = self.image_rows(), other.image_rows() + len(self.images)
+        return TrainingSet(self.prompts * own + other.prompts * theirs,
+                           torch.cat([self.images, other.images]), torch.cat([mine] * own + [others] * theirs))
+
+    def image_rows(self) -> torch.Tensor:
+        """The image index of each prompt."""
+        return torch.arange(len(self.images)) if self.rows is None else self.rows
 
     def pixels(self, indices: torch.Tensor) -> torch.Tensor:
         """Images at `indices` as float pixels in [-1, 1]."""
-        return self.images[indices].float() / 127.5 - 1.0
+        return self.images[indices if self.rows is None else self.rows[indices]].float() / 127.5 - 1.0
 
 
 @lru_cache(maxsize=4)
