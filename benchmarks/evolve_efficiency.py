@@ -49,7 +49,7 @@ from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.errors import ConfigError, UserError
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
-from t2i_evolve.models import SamplerConfig, T2IModel, TinyModelConfig
+from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.progress import progress_bar
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
@@ -85,6 +85,16 @@ def arm(config: EvolveConfig, **parts) -> dict:
             "curve": [(row["teacher_calls"], row["score"]) for row in rows if "score" in row],
             "rounds": [{k: row.get(k) for k in ("round", "teacher_calls", "judge_calls", "active", "ops", "score",
                                                 "wall_s")} for row in rows]}
+
+
+def base_score_arm(args, root: Path, seed: int) -> float | None:
+    """The base's own held-out score, scored as every arm is (none for a fresh base): a target the base
+    already reaches makes any saving vacuous, so the benchmark says so."""
+    config = base_config(args, root, seed)
+    if config.base_model is None:
+        return None
+    sampler = Sampler(T2IModel.from_pretrained(config.base_model, config.device), config.sampler)
+    return evaluate(sampler, PixelJudge(), held_out_prompts(config), seed=10_000).summary()["score"]
 
 
 def pretrain_arm(args, root: Path, seed: int) -> str:
@@ -205,6 +215,7 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
     `run_arms` can run them side by side."""
     arms = {}
     if 1 in parts:
+        arms["base"] = (base_score_arm, (args, root, seed))
         arms |= {f"uniform-{n}": (uniform_arm, (args, root, seed, n)) for n in args.uniform_sizes}
         arms |= {f"evolve-{b}": (evolve_arm, (args, root, seed, b)) for b in args.evolve_budgets}
         if args.control:  # the largest cap (0, no cap, when there is none)
@@ -273,10 +284,13 @@ def data_efficiency(args, arms: dict) -> dict:
     runs = {budget: arms[f"evolve-{budget}"] for budget in args.evolve_budgets}
     calls_to_target = calls_to_reach(runs.values(), target)
     evolved = runs[args.evolve_budgets[-1]]
+    base = arms["base"]  # (a target the base reaches untrained: "saving" what no training needs)
     result = {
+        "base_score": base,
         "uniform": {"final_score": best, "calls": best_n, "target": target,
                     "by_size": {n: uniform[n]["final_score"] for n in uniform},
-                    "gain_smallest_to_largest": gain, "rises_with_data": gain > 2 * args.tolerance},
+                    "gain_smallest_to_largest": gain, "rises_with_data": gain > 2 * args.tolerance,
+                    "target_above_base": base is None or target > base},
         "evolve": {"calls_to_uniform_final": calls_to_target, "final_score": evolved["final_score"],
                    "calls": evolved["calls"], "curve": evolved["curve"], "rounds": evolved["rounds"],
                    "by_budget": {budget or "none": {"final_score": run["final_score"], "calls": run["calls"],

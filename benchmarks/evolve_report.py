@@ -24,7 +24,8 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
         "saving": mean_or_none([r["saving"] for r in per_seed]),
         }
         floors = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
-                  "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed)}
+                  "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed),
+                  "target_above_base": all(r["uniform"]["target_above_base"] for r in per_seed)}
     if "multi_teacher" in per_seed[0]:
         mt = [r["multi_teacher"] for r in per_seed]
         line["multi_teacher"] = {
@@ -54,6 +55,8 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
     if "uniform" in line:
         print("\n| arm | teacher calls | held-out score |\n|---|---|---|", file=out)
         for r in per_seed:
+            if r.get("base_score") is not None:
+                print(f"| seed {r['seed']} base, untrained | 0 | {r['base_score']:.3f} |", file=out)
             for n, score in r["uniform"]["by_size"].items():
                 print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f} |", file=out)
             for budget, run in r["evolve"]["by_budget"].items():
@@ -66,6 +69,11 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         if not line["floors"]["uniform_rises_with_data"]:
             print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
                   "this training budget there are no teacher calls for the judge to save; train longer", file=out)
+        for r in per_seed:
+            if not r["uniform"]["target_above_base"]:
+                print(f"seed {r['seed']}: the base scores {r['base_score']:.3f} untrained, at or above the target "
+                      f"{r['uniform']['target']:.3f}: its saving is vacuous; use a rate at which uniform data teaches it",
+                      file=out)
         print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |"
               "\n|---|---|---|---|---|", file=out)
         for r in per_seed:
