@@ -14,6 +14,7 @@
 3. Judge noise (not in --quick): with part 1, the evolve run again with its judge behind
    `serve-judge --error-rate e`; with part 2, the student of the judge's picks again, its tournament and
    quality gate judged through that noisy server (error 0 is the in-process judge's student of part 2).
+   `--confirm-votes n`: the noisy evolve runs ask a verdict that would buy teacher images again, to n votes.
 4. Cost: judge calls and wall time per evolve round.
 
     python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed, 4,000 image views per arm
@@ -179,21 +180,22 @@ def student_arm(args, root: Path, seed: int, name: str, specs: list[TeacherSpec]
 
 
 @contextmanager
-def served_judge(rate: float, seed: int, votes: int = 1):
+def served_judge(rate: float, seed: int, votes: int = 1, sampled: bool = False):
     """A `JudgeSpec` for the pixel judge behind `serve-judge --error-rate rate` (each VQA answer flipped, each
-    pairwise verdict replaced at that rate), served while the block runs. `votes` > 1: each verdict is the
-    majority of that many asks, sampled (temperature > 0, a seed each), so their errors are independent."""
+    pairwise verdict replaced at that rate), served while the block runs. `votes` > 1 (or `sampled`): the
+    judge samples (temperature > 0, a seed a vote), so the errors of a verdict's votes are independent."""
     from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
 
     with JudgeServer(JudgeServerConfig(error_rate=rate, seed=seed)) as server:
         endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
-        yield JudgeSpec(kind="openai", endpoint=endpoint, votes=votes, temperature=0.7 if votes > 1 else 0.0)
+        yield JudgeSpec(kind="openai", endpoint=endpoint, votes=votes, temperature=0.7 if votes > 1 or sampled else 0.0)
 
 
 def noise_arm(args, root: Path, seed: int, rate: float) -> dict:
     """The evolve arm (largest budget) with its judge behind `serve-judge --error-rate rate`."""
-    with served_judge(rate, seed, args.judge_votes) as judge:
-        return evolve_arm(args, root / noise_name("noise", rate, args), seed, args.evolve_budgets[-1], judge=judge)
+    with served_judge(rate, seed, args.judge_votes, sampled=bool(args.confirm_votes)) as judge:
+        return evolve_arm(args, root / noise_name("noise", rate, args), seed, args.evolve_budgets[-1], judge=judge,
+                          confirm_votes=args.confirm_votes)
 
 
 def evolve_name(args, budget: int) -> str:
@@ -207,7 +209,8 @@ def evolve_name(args, budget: int) -> str:
 
 def noise_name(arm: str, rate: float, args) -> str:
     """The arm (and run folder) of a noisy judge: its error rate, and its votes when it votes."""
-    return f"{arm}-{rate}" + (f"-votes-{args.judge_votes}" if args.judge_votes > 1 else "")
+    confirm = f"-confirm-{args.confirm_votes}" if args.confirm_votes and arm == "noise" else ""
+    return f"{arm}-{rate}" + (f"-votes-{args.judge_votes}" if args.judge_votes > 1 else "") + confirm
 
 
 def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
@@ -428,6 +431,9 @@ def main() -> None:
     parser.add_argument("--judge-votes", type=int, default=1,
                         help="Part 3: the noisy judge asks each verdict this many times (sampled, a seed each) "
                              "and takes the majority (`votes` of the openai judge).")
+    parser.add_argument("--confirm-votes", type=int, default=None,
+                        help="Part 3 with part 1: the noisy evolve runs ask a verdict that buys teacher images "
+                             "again, to this many votes, the majority deciding (`confirm_votes`).")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="Score both arms must reach: the best uniform score less this (about one standard "
                              "error of the held-out score at 128 prompts).")
@@ -481,6 +487,8 @@ def main() -> None:
         parser.error(f"--{flag.replace('_', '-')}: {e.errors()[0]['msg']}")
     if args.judge_votes < 1:
         parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")
+    if args.confirm_votes is not None and args.confirm_votes <= args.judge_votes:
+        parser.error(f"--confirm-votes: more than --judge-votes ({args.judge_votes}), not {args.confirm_votes}")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in (args.parts or ("1,2" if args.quick else "1,2,3")).split(",")}
     if args.gallery_part1 and {1, 3} <= parts:

@@ -271,6 +271,51 @@ def test_the_deletion_check_keeps_what_the_base_memorized_and_deletes_what_it_le
     assert ops["memorized"] == 0 and ops["delete"] >= 20 and not any("trained prompt" in r.reason for r in expanded)
 
 
+def test_a_second_opinion_keeps_a_noisy_judge_from_buying_what_the_base_already_draws(tmp_path):
+    """A base that draws every prompt as its teacher does: each 'teacher better' or 'memorized' verdict is a
+    judge error, and each buys variations. Behind serve-judge at 15% errors, `confirm_votes: 5` asks those
+    verdicts again (sampled, the first ask reused) and the majority overturns most of them: far fewer
+    expansions, and only the costly verdicts asked again."""
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+    from t2i_evolve.prompts import GrammarPromptWriter
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import JudgeSpec, cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+    outcomes = {}
+    with JudgeServer(JudgeServerConfig(error_rate=0.15, seed=5)) as server:
+        endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", backoff_s=0.0, max_concurrency=8)
+        for confirm in (None, 5):
+            run_dir = tmp_path / f"confirm-{confirm}"
+            config = small_config(str(run_dir), min_unseen_score=1.0, variations=1, mutate_rate=0.0, seed_prompts=40,
+                                  confirm_votes=confirm, judge=JudgeSpec(kind="openai", endpoint=endpoint,
+                                                                         temperature=0.7))
+            before = server.stats()["total"]
+            with Ledger(run_dir) as ledger:
+                run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
+                          GrammarPromptWriter(config.grammar), run_dir, held_out=[])
+                run.seed_set()
+                ops = run.evolve_set(1, FakeBase(teacher, lambda p: True))
+            outcomes[confirm] = ops, server.stats()["total"] - before
+    (noisy, noisy_asks), (confirmed, confirmed_asks) = outcomes[None], outcomes[5]
+    assert noisy["judged"] == confirmed["judged"] == 40
+    wrong = noisy["expand"] + noisy["unexpanded"]  # expansions a perfect judge would not have made
+    assert wrong >= 8 and confirmed["expand"] + confirmed["unexpanded"] <= wrong / 2, (noisy, confirmed)
+    assert confirmed["overturned"] > 0 and "overturned" not in noisy
+    # four more asks per costly first verdict (its first ask reused), not five asks per verdict: at most 40
+    # comparisons and 40 checks, then the noisy run's costly verdicts and the checks of the overturned ones
+    assert noisy_asks < confirmed_asks <= 80 + 4 * (wrong + confirmed["overturned"]) < 5 * 80, confirmed_asks
+
+
+def test_confirm_votes_needs_a_judge_that_samples(tmp_path):
+    from t2i_evolve.errors import UserError
+
+    with pytest.raises(UserError, match="confirm_votes needs a judge that samples"):
+        run_evolve(small_config(str(tmp_path / "pixel"), confirm_votes=3))  # the pixel judge is exact
+
+
 def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_ones(tmp_path):
     """`replay_share: 0.4`: the records the judge deleted make about 0.4 of the round's training rows beside
     every active record; an image the quality gate rejected (wrong) is never replayed; at 0 (the paper)
@@ -428,13 +473,13 @@ def test_judge_budget_counts_every_vote(tmp_path):
 
     teachers = [TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
                 TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])]
-    with JudgeServer(JudgeServerConfig(error_rate=0.2, seed=2)) as server:
+    with JudgeServer(JudgeServerConfig(error_rate=0.2, seed=0)) as server:
         endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
         judge = JudgeSpec(kind="openai", endpoint=endpoint, votes=3, temperature=0.7)
         summary = run_evolve(small_config(str(tmp_path / "voted"), teachers=teachers, min_teacher_score=1.0,
                                           judge=judge, max_judge_calls=250))
         served = server.stats()["total"]
-    rounds = summary["rounds"]  # uncapped: 273 calls; the seed set alone may need 24 x 3 verdicts x 3 votes
+    rounds = summary["rounds"]  # uncapped: 279 calls; the seed set alone may need 24 x 3 verdicts x 3 votes
     assert served == summary["judge_calls"] <= 250 and summary["judge_calls"] % 3 == 0
     assert 0 < rounds[-1]["ops"]["judged"] < rounds[-1]["active"]  # what fits at 3 x its verdicts, worst case
 

@@ -351,6 +351,22 @@ def test_cli_judge_through_endpoint_matches_pixel_output(server, cases, tmp_path
         assert remote == pixel and pixel[0] == 0
 
 
+def test_a_second_opinion_reuses_the_first_ask_and_pays_for_the_new_votes_only(noisy_server, cases, vqa_cases,
+                                                                              tmp_path):
+    """`votes=` of a batch: a verdict asked once, then again to 3 votes, sends 2 more requests per verdict
+    (the first vote is the one-vote request, read from the ledger) and ends as the 3-vote judge's verdict."""
+    with Ledger(tmp_path / "run") as ledger:
+        with make_judge(noisy_server.url, ledger, temperature=0.7) as judge:
+            judge.answer_many(vqa_cases), judge.compare_many(cases)
+            first = judge.stats["sent"]
+            again = [v.answers for v in judge.answer_many(vqa_cases, votes=3)], \
+                [v.winner for v in judge.compare_many(cases, votes=3)]
+            assert judge.stats["sent"] - first == 2 * (len(vqa_cases) + len(cases))
+        with make_judge(noisy_server.url, ledger, temperature=0.7, votes=3) as voted:
+            assert ([v.answers for v in voted.answer_many(vqa_cases)], [v.winner for v in voted.compare_many(cases)]) \
+                == again and voted.stats["sent"] == 0
+
+
 def test_cli_judge_votes_ask_the_endpoint_once_per_vote(noisy_server, cases, tmp_path, capsys):
     image = tmp_path / "x.png"
     cases[3][1].save(image)

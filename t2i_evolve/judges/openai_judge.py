@@ -12,7 +12,9 @@
 - votes: with `votes` > 1 (OpenAIJudge, temperature > 0), each request is asked that many times with its
   own sampling seed and the verdict is the majority: per question for VQA, of the winners for pairwise
   (a split is a tie). Independent errors fall (3 votes at a 20% error rate per answer: about 10%);
-  every vote is a request, cached and counted like any other.
+  every vote is a request, cached and counted like any other. The first vote is the very request a
+  one-vote judge sends, so a verdict asked again with more votes (`votes=` of the batch methods: a
+  second opinion before a costly decision) pays only for the new ones.
 - the ledger: with a `Ledger`, every request (each re-ask too) goes through `Ledger.cached_calls`,
   keyed by its content (prompt, image hashes, questions, template hash, order, ask number and earlier
   replies), so a rerun pays for nothing it already has, a crash repeats at most one chunk, transient
@@ -148,6 +150,7 @@ class ChatJudge:
     backoff_s = 0.0
     batch_size = 8
     votes = 1  # asks per verdict (`OpenAIJudgeConfig.votes`); greedy local models answer every vote alike
+    samples = False  # can asking again give another answer (so that votes are worth asking)?
 
     def _complete(self, requests: list[dict], conversations: list[list[dict]], keys: list[str]
                   ) -> list[str | TransientError]:
@@ -173,14 +176,16 @@ class ChatJudge:
 
     # batches ----------------------------------------------------------------------------------------------
 
-    def answer_many(self, items: Sequence[tuple[Image.Image, str, Sequence[Question | str]]]) -> list[VQAVerdict]:
-        """VQA for many (image, prompt, questions), sent concurrently; one verdict per item, in order."""
+    def answer_many(self, items: Sequence[tuple[Image.Image, str, Sequence[Question | str]]],
+                    votes: int | None = None) -> list[VQAVerdict]:
+        """VQA for many (image, prompt, questions), sent concurrently; one verdict per item, in order.
+        `votes`: asks per verdict for this batch (default: the judge's own `votes`)."""
         pngs: dict[str, bytes] = {}
         ballots = []
         for image, prompt, questions in items:
             texts = [q.text if isinstance(q, Question) else str(q) for q in questions]
             request = {"kind": "vqa", "prompt": prompt, "images": [_add_png(pngs, image)], "questions": texts}
-            ballot = [_Job(voted) for voted in self._ballot(self._stamp(request))]
+            ballot = [_Job(voted) for voted in self._ballot(self._stamp(request), votes)]
             if not texts:  # nothing to ask
                 for job in ballot:
                     job.status, job.response = "ok", {"answers": []}
@@ -194,21 +199,23 @@ class ChatJudge:
             verdicts.append(VQAVerdict(answers, status, asks, error))
         return verdicts
 
-    def score_many(self, items: Sequence[tuple[Image.Image, str]]) -> list[ImageScore | None]:
+    def score_many(self, items: Sequence[tuple[Image.Image, str]], votes: int | None = None) -> list[ImageScore | None]:
         """DSG scores with the judge's question lists (`questions(prompt)`); None where there is no verdict."""
         question_lists = [self.questions(prompt) for _, prompt in items]
-        verdicts = self.answer_many([(image, prompt, qs) for (image, prompt), qs in zip(items, question_lists)])
+        verdicts = self.answer_many([(image, prompt, qs) for (image, prompt), qs in zip(items, question_lists)], votes)
         return [None if verdict.answers is None else image_score(questions, verdict.answers)
                 for questions, verdict in zip(question_lists, verdicts)]
 
-    def compare_many(self, items: Sequence[tuple[Image.Image, Image.Image, str]]) -> list[PairVerdict]:
-        """Pairwise verdicts for many (image_a, image_b, prompt), sent concurrently, in order."""
+    def compare_many(self, items: Sequence[tuple[Image.Image, Image.Image, str]],
+                     votes: int | None = None) -> list[PairVerdict]:
+        """Pairwise verdicts for many (image_a, image_b, prompt), sent concurrently, in order (`votes`: as
+        `answer_many`)."""
         pngs: dict[str, bytes] = {}
         ballots = []
         for image_a, image_b, prompt in items:
             images = [_add_png(pngs, image_a), _add_png(pngs, image_b)]
             ballot = []
-            for request in self._ballot(self._stamp({"kind": "pairwise", "prompt": prompt, "images": images})):
+            for request in self._ballot(self._stamp({"kind": "pairwise", "prompt": prompt, "images": images}), votes):
                 request["order"] = "ab" if int(content_key([self.config.seed, request])[:8], 16) % 2 == 0 else "ba"
                 ballot.append(_Job(request))
             ballots.append(ballot)
@@ -223,9 +230,10 @@ class ChatJudge:
 
     # asking -------------------------------------------------------------------------------------------------
 
-    def _ballot(self, request: dict) -> list[dict]:
-        """The request once, or once per vote (each marked with its vote: another request, another seed)."""
-        return [request] if self.votes == 1 else [{**request, "vote": vote} for vote in range(self.votes)]
+    def _ballot(self, request: dict, votes: int | None = None) -> list[dict]:
+        """The request once per vote: the first as a one-vote judge asks it, each other marked with its vote
+        (another request, another sampling seed)."""
+        return [request] + [{**request, "vote": vote} for vote in range(1, votes or self.votes)]
 
     def _stamp(self, request: dict) -> dict:
         """Add what else decides the reply: template, structured output, decoding settings."""
@@ -391,6 +399,7 @@ class OpenAIJudge(ChatJudge):
         self.backoff_s = config.endpoint.backoff_s
         self.batch_size = config.batch_size or 4 * config.endpoint.max_concurrency
         self.votes = config.votes
+        self.samples = config.temperature != 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client = None
@@ -420,7 +429,7 @@ class OpenAIJudge(ChatJudge):
                                    "extra_headers": {"X-Client-Request-Id": key}}
         if self.config.temperature is not None:
             options["temperature"] = self.config.temperature
-        if "vote" in request:  # each vote its own sample (vLLM and serve-judge honour per-request seeds)
+        if "vote" in request:  # each later vote its own sample (vLLM and serve-judge honour per-request seeds)
             options["seed"] = self.config.seed + request["vote"]
         if self.structured:
             options["response_format"] = (fmt.vqa_response_format(len(request["questions"]))

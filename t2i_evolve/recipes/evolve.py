@@ -10,6 +10,7 @@ its teachers and evolves the training set, so the base learns from far fewer tea
                                            `mutate_rate`, add a prompt of a new structure (`min_unseen_score`:
                                            only if the base draws a fresh variation too; else expand)
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
+                                           (`confirm_votes`: only if more votes agree, for both expansions)
         judge the base on held-out prompts
 
 Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the
@@ -41,7 +42,8 @@ from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import distinct_prompts, iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    compare_pairs, occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
+                    compare_pairs, confirm_teacher_better, occurrence_seeds, stable_seed, tournament,
+                    unseen_variation_scores)
 
 
 class EvolveConfig(Config):
@@ -91,6 +93,9 @@ class EvolveConfig(Config):
         None, ge=0, le=1, description="Deletion check: before deleting a record, the base draws an unseen variation "
         "of its prompt and the judge scores it (VQA); below this the record was memorized: kept and expanded. "
         "None: the paper (a small set is memorized, deleted and trained down to nothing). One judge call each.")
+    confirm_votes: int | None = Field(None, ge=2, description="A second opinion: a verdict that buys teacher images "
+        "(teacher better; memorized) is asked again to this many votes, majority deciding, first ask reused, so a noisy "
+        "judge does not spend the budget on what the base draws. Needs a judge that samples. None: one ask (the paper).")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but judge and train on.")
     max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this much.")
@@ -127,6 +132,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     for name in ("min_teacher_score", "min_unseen_score"):
         if getattr(config, name) is not None and not callable(getattr(judge, "score", None)):
             raise UserError(f"{name} needs a judge that scores one image (VQA); this one only compares")
+    if config.confirm_votes and not getattr(judge, "samples", False):
+        raise UserError("confirm_votes needs a judge that samples (kind: openai, temperature > 0); this one answers alike")
     if config.tournament == "until_pass" and config.min_teacher_score is None:
         raise UserError("tournament: until_pass stops at the first image that passes the gate: set min_teacher_score")
     writer = writer or config.writer.build(config.grammar, ledger)
@@ -251,7 +258,7 @@ class Run:
     def judge_calls_per_judged_record(self) -> int:
         """A judged record's most judge calls in its round: comparison, deletion check, expansions or mutation."""
         c = self.config
-        verdicts = self.votes * (1 + (c.min_unseen_score is not None))
+        verdicts = max(self.votes, c.confirm_votes or 0) * (1 + (c.min_unseen_score is not None))
         expand = c.variations * self.judge_calls_per_draw(tournament=False)
         return verdicts + max(expand, self.judge_calls_per_draw(tournament=True) * (c.mutate_rate > 0))
 
@@ -289,8 +296,9 @@ class Run:
         records = records[:self.spent.comparisons_that_fit(len(records), r, self.judge_calls_per_judged_record())]
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
-        verdicts = self.compare(pairs, r)
-        ops = dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged") + ("memorized",) * (c.min_unseen_score is not None), 0)
+        verdicts, overturned = confirm_teacher_better(self.judge, pairs, self.compare(pairs, r), c.confirm_votes)
+        ops = ({"overturned": overturned} if c.confirm_votes else {}) | dict.fromkeys(
+            ("judged", "delete", "expand", "mutate", "unjudged") + ("memorized",) * (c.min_unseen_score is not None), 0)
         expand, as_good, mutate = [], [], []  # expand: (record, why)
         for rec, verdict in zip(records, verdicts):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
@@ -334,7 +342,8 @@ class Run:
         self.judge.round = r
         seen = {rec.prompt for rec in self.ledger.records(None)}  # every prompt a teacher drew for the base
         return unseen_variation_scores(self.writer, self.judge, base, [rec.prompt for rec in records],
-                                       [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen)
+                                       [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen,
+                                       self.config.min_unseen_score, self.config.confirm_votes)
 
     def _prime_writer(self, r: int) -> None:
         """An LLM writer drops near-copies of what it wrote before. What it wrote before is read from the

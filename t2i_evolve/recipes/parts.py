@@ -143,24 +143,42 @@ class WriterSpec(Config):
         return OpenAIPromptWriter(OpenAIPromptWriterConfig(endpoint=self.endpoint), ledger=ledger)
 
 
-def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]]) -> list[Comparison | None]:
-    """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them."""
+def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], votes: int | None = None
+                  ) -> list[Comparison | None]:
+    """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them. `votes`:
+    asks per verdict, majority deciding (a judge that samples; default: its own `votes`)."""
     if hasattr(judge, "compare_many"):  # a verdict that failed or did not parse becomes None
-        return [verdict.comparison() for verdict in judge.compare_many(pairs)]
+        return [verdict.comparison() for verdict in judge.compare_many(pairs, votes)]
     return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
 
 
+def confirm_teacher_better(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,
+                           votes: int | None) -> tuple[list[Comparison | None], int]:
+    """A second opinion where a verdict costs: base-vs-teacher `verdicts` of `pairs` that say "teacher better"
+    (each buys variations) asked again to `votes` asks, the majority deciding; with how many it overturned."""
+    again = [i for i, verdict in enumerate(verdicts) if votes and verdict is not None and verdict.winner == "b"]
+    verdicts = list(verdicts)
+    for i, verdict in zip(again, compare_pairs(judge, [pairs[i] for i in again], votes) if again else []):
+        verdicts[i] = verdict
+    return verdicts, sum(verdicts[i] is None or verdicts[i].winner != "b" for i in again)
+
+
 def unseen_variation_scores(writer: PromptWriter, judge, base, prompts: Sequence[str], seeds: Sequence[int],
-                            seen: set[str]) -> list[tuple[str, float | None] | None]:
+                            seen: set[str], confirm_below: float = 0.0, votes: int | None = None
+                            ) -> list[tuple[str, float | None] | None]:
     """Does the base draw what a prompt asks, or only the prompt it was trained on? Per prompt: a variation
     of it not in `seen` (the prompts the base was taught), drawn by `base` (a `Sampler`) and scored by the
     judge (VQA), as (variation, score); None where the writer gave no unseen variation. A score of None: the
-    judge failed after retries. Seeded per prompt (`seeds`), cached by the judge: a rerun asks nothing again."""
+    judge failed after retries. Seeded per prompt (`seeds`), cached by the judge: a rerun asks nothing again.
+    A score below `confirm_below` is asked again with `votes` asks (a judge that samples), majority deciding."""
     variations = [next((v for v in writer.variations(prompt, 4, seed=seed) if v not in seen), None)
                   for prompt, seed in zip(prompts, seeds)]
     todo = [i for i, v in enumerate(variations) if v is not None]
     images = dict(zip(todo, base.generate([variations[i] for i in todo], [seeds[i] for i in todo]) if todo else []))
     scores = {i: judge.score(images[i], variations[i]) for i in todo}
+    low = [i for i in todo if scores[i] is not None and scores[i].score < confirm_below]
+    if votes and low:
+        scores |= zip(low, judge.score_many([(images[i], variations[i]) for i in low], votes))
     return [None if v is None else (v, getattr(scores[i], "score", None)) for i, v in enumerate(variations)]
 
 
