@@ -40,10 +40,10 @@ from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_
 from ..progress import progress_bar
 from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
-from ..world.sampling import distinct_prompts, iid_prompts
+from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    compare_pairs, confirm_teacher_better, occurrence_seeds, stable_seed, tournament,
-                    unseen_variation_scores)
+                    compare_pairs, confirm_teacher_better, held_out_prompts, occurrence_seeds, stable_seed,
+                    tournament, unseen_variation_scores)
 
 
 class EvolveConfig(Config):
@@ -184,8 +184,9 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
-                        ops=("judged", "delete", "expand", "mutate") + tuple(  # the gate's and the check's, if on
-                            op for op in ("reject", "memorized") if any(op in row.get("ops", {}) for row in rounds)))
+                        ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
+                            op for op in ("reject", "memorized", "overturned")
+                            if any(op in row.get("ops", {}) for row in rounds)))
     return summary
 
 
@@ -400,10 +401,3 @@ class Run:
     def compare(self, pairs, round: int):
         self.judge.round = round
         return compare_pairs(self.judge, pairs)
-
-
-def held_out_prompts(config: EvolveConfig) -> list[str]:
-    """Distinct prompts of the slice, set by its seed only: a benchmark scores every arm on the same ones."""
-    prompts = distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
-    return [prompt for prompt in prompts for _ in range(config.eval_draws)]
-

@@ -27,7 +27,7 @@ from ..endpoints import EndpointConfig
 from ..errors import BudgetExhausted, ConfigError, UserError
 from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import SKILLS, Comparison, Generator, PromptWriter
-from ..world.sampling import GrammarSlice
+from ..world.sampling import GrammarSlice, distinct_prompts
 from ..world.teachers import TeacherConfig, ProceduralTeacher
 
 
@@ -333,3 +333,11 @@ class CallBudgets:
         if self.max_judge_calls is not None and needed > self.max_judge_calls:
             raise BudgetExhausted(f"judge budget too small: {what} may need {needed} judge calls, "
                                   f"max_judge_calls is {self.max_judge_calls}")
+
+
+def held_out_prompts(config) -> list[str]:
+    """A recipe's held-out prompts: distinct prompts of its slice (`config.grammar`, `eval_prompts`, each
+    `eval_draws` times), set by its seed only, so a benchmark scores every arm on the same ones."""
+    prompts = distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
+    return [prompt for prompt in prompts for _ in range(config.eval_draws)]
+
