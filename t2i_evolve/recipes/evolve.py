@@ -42,8 +42,8 @@ from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    compare_pairs, confirm_teacher_better, held_out_prompts, occurrence_seeds, stable_seed,
-                    tournament, unseen_variation_scores)
+                    check_judge_serves, compare_pairs, confirm_teacher_better, held_out_prompts, occurrence_seeds,
+                    stable_seed, tournament, unseen_variation_scores)
 
 
 class EvolveConfig(Config):
@@ -129,11 +129,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
-    for name in ("min_teacher_score", "min_unseen_score"):
-        if getattr(config, name) is not None and not callable(getattr(judge, "score", None)):
-            raise UserError(f"{name} needs a judge that scores one image (VQA); this one only compares")
-    if config.confirm_votes and not getattr(judge, "samples", False):
-        raise UserError("confirm_votes needs a judge that samples (kind: openai, temperature > 0); this one answers alike")
+    check_judge_serves(config, judge)
     if config.tournament == "until_pass" and config.min_teacher_score is None:
         raise UserError("tournament: until_pass stops at the first image that passes the gate: set min_teacher_score")
     writer = writer or config.writer.build(config.grammar, ledger)

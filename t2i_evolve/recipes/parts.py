@@ -143,6 +143,15 @@ class WriterSpec(Config):
         return OpenAIPromptWriter(OpenAIPromptWriterConfig(endpoint=self.endpoint), ledger=ledger)
 
 
+def check_judge_serves(config, judge) -> None:
+    """A one-line error, before any call, for a setting of `config` this judge cannot serve."""
+    for name in ("min_teacher_score", "min_unseen_score"):
+        if getattr(config, name) is not None and not callable(getattr(judge, "score", None)):
+            raise UserError(f"{name} needs a judge that scores one image (VQA); this one only compares")
+    if getattr(config, "confirm_votes", None) and not getattr(judge, "samples", False):
+        raise UserError("confirm_votes needs a judge that samples (kind: openai, temperature > 0); this one answers alike")
+
+
 def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], votes: int | None = None
                   ) -> list[Comparison | None]:
     """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them. `votes`:
