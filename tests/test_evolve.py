@@ -312,8 +312,15 @@ def test_a_second_opinion_keeps_a_noisy_judge_from_buying_what_the_base_already_
 def test_confirm_votes_needs_a_judge_that_samples(tmp_path):
     from t2i_evolve.errors import UserError
 
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.recipes.parts import JudgeSpec
+
     with pytest.raises(UserError, match="confirm_votes needs a judge that samples"):
         run_evolve(small_config(str(tmp_path / "pixel"), confirm_votes=3))  # the pixel judge is exact
+    voting = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"), votes=3,
+                       temperature=0.7)  # (never asked: the check comes before any call)
+    with pytest.raises(UserError, match=r"confirm_votes \(3\) asks again: more than the judge's own votes \(3\)"):
+        run_evolve(small_config(str(tmp_path / "voting"), confirm_votes=3, judge=voting))
 
 
 def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_ones(tmp_path):

@@ -148,8 +148,11 @@ def check_judge_serves(config, judge) -> None:
     for name in ("min_teacher_score", "min_unseen_score"):
         if getattr(config, name) is not None and not callable(getattr(judge, "score", None)):
             raise UserError(f"{name} needs a judge that scores one image (VQA); this one only compares")
-    if getattr(config, "confirm_votes", None) and not getattr(judge, "samples", False):
+    confirm = getattr(config, "confirm_votes", None)
+    if confirm and not getattr(judge, "samples", False):
         raise UserError("confirm_votes needs a judge that samples (kind: openai, temperature > 0); this one answers alike")
+    if confirm and confirm <= getattr(judge, "votes", 1):
+        raise UserError(f"confirm_votes ({confirm}) asks again: more than the judge's own votes ({judge.votes})")
 
 
 def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], votes: int | None = None
