@@ -1,0 +1,132 @@
+"""The evolve recipe's budgets: teacher calls, teacher price and judge calls (every vote, every check, the
+gate and the tournament) stop a run cleanly or cap what a round judges; a served judge with faults completes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from t2i_evolve.data import CachedJudge, Ledger
+from t2i_evolve.recipes.evolve import run_evolve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from evolve_worker import ScriptedJudge, small_config  # noqa: E402
+
+
+def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_on(tmp_path):
+    run_dir = tmp_path / "budget"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    first = run_evolve(small_config(str(run_dir), max_teacher_calls=30), judge=judge)
+    assert first["stopped"] and "teacher budget" in first["stopped"]
+    assert first["teacher_calls"] <= 30
+    second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
+    assert 30 < second["teacher_calls"] <= 60
+
+
+def test_past_the_teacher_budget_the_rounds_go_on_without_buying(tmp_path):
+    run_dir = tmp_path / "train-on"
+    from t2i_evolve.prompts import GrammarPromptWriter
+
+    class CountingWriter(GrammarPromptWriter):
+        asked = 0
+
+        def variations(self, prompt, k, *, seed):
+            CountingWriter.asked += 1
+            return super().variations(prompt, k, seed=seed)
+
+    config = small_config(str(run_dir), rounds=3, max_teacher_calls=30, train_past_teacher_budget=True)
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(config, judge=judge, writer=CountingWriter(config.grammar))
+    rounds = summary["rounds"]
+    assert summary["stopped"] is None and [row["round"] for row in rounds] == [1, 2, 3]
+    assert summary["teacher_calls"] <= 30 and rounds[-1]["teacher_calls"] == summary["teacher_calls"]
+    assert rounds[0]["ops"]["expand"] == 30 - 24  # the budget ran out in round 1's expansions
+    assert CountingWriter.asked == rounds[0]["ops"]["judged"] - rounds[0]["ops"]["delete"]  # not asked after it
+    for row in rounds[1:]:  # later rounds still judge the set (and may delete from it) but buy nothing
+        assert row["ops"]["judged"] > 0 and row["ops"]["expand"] == row["ops"]["mutate"] == 0
+    assert all((run_dir / "rounds" / f"{r:03d}" / "model" / "model_index.json").exists() for r in (1, 2, 3))
+
+
+def test_teacher_price_budget_stops_the_run_before_it_spends_more(tmp_path):
+    run_dir = tmp_path / "price"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(small_config(str(run_dir), max_teacher_price=1.1), judge=judge)  # 0.04 per image
+    assert summary["stopped"] and "price" in summary["stopped"]
+    assert 24 < summary["teacher_calls"] <= 27 and summary["teacher_price"] <= 1.1 + 1e-9
+
+
+def test_judge_budget_stops_the_run_cleanly(tmp_path):
+    run_dir = tmp_path / "judge-budget"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(small_config(str(run_dir), rounds=3, max_judge_calls=30), judge=judge)
+    assert summary["stopped"] and "judge budget" in summary["stopped"]
+    assert summary["judge_calls"] == 30 and [row["round"] for row in summary["rounds"]] == [1, 2]
+
+
+def test_judge_budget_counts_the_deletion_check(tmp_path):
+    """Each tie costs a second judge call (the base's unseen variation scored): a round judges only the
+    records whose worst case, comparison and check, fits the budget."""
+    run_dir = tmp_path / "check-budget"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    summary = run_evolve(small_config(str(run_dir), max_judge_calls=30, min_unseen_score=0.5), judge=judge)
+    assert summary["judge_calls"] <= 30 and summary["rounds"][0]["ops"]["judged"] == 15  # of 24: 15 x 2 = 30
+    with Ledger(run_dir, create=False) as ledger:
+        assert [c for c in ledger.calls(caller="scripted") if c.request["method"] == "score"]  # checks were made
+
+
+def test_judge_budget_holds_with_the_quality_gate_and_a_tournament(tmp_path):
+    """The gate's scores and the tournament's comparisons count too: a round judges only as many records as
+    their worst case fits, so the run never asks more than max_judge_calls; too small for the seed set, it
+    stops before paying any teacher."""
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    teachers = [TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
+                TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])]
+    gated = dict(rounds=3, teachers=teachers, min_teacher_score=1.0)
+    summary = run_evolve(small_config(str(tmp_path / "capped"), max_judge_calls=100, **gated))
+    rounds = summary["rounds"]  # uncapped, these rounds ask 83, 127 and 191 calls in all
+    assert summary["judge_calls"] <= 100 and rounds[0]["ops"]["judged"] == rounds[0]["active"]
+    assert 0 < rounds[1]["ops"]["judged"] < rounds[1]["active"]  # what fits the cap, worst case, is judged
+    tiny = run_evolve(small_config(str(tmp_path / "tiny"), max_judge_calls=50, **gated))  # 24 seeds x (2 + 1)
+    assert "judge budget too small" in tiny["stopped"] and tiny["teacher_calls"] == tiny["judge_calls"] == 0
+
+
+def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+    from t2i_evolve.recipes.parts import JudgeSpec
+
+    faults = JudgeServerConfig(fault_rate=0.3, error_rate=0.1, hang_s=1.0, seed=3)
+    with JudgeServer(faults) as server:
+        endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", timeout_s=0.5, backoff_s=0.0,
+                                  max_concurrency=4)
+        config = small_config(str(tmp_path / "served"), judge=JudgeSpec(kind="openai", endpoint=endpoint, reasks=1))
+        summary = run_evolve(config)
+        served = server.stats()["total"]
+    assert [row["round"] for row in summary["rounds"]] == [1, 2] and summary["stopped"] is None
+    with Ledger(tmp_path / "served", create=False) as ledger:
+        judge_calls = [c for c in ledger.calls() if c.caller not in ("strong",)]
+    assert judge_calls and all(c.status in ("done", "failed") for c in judge_calls)
+    assert sum(c.attempts for c in judge_calls) == served > len(judge_calls)  # faults were retried, and counted
+    judged = sum(row["ops"]["judged"] for row in summary["rounds"])
+    assert judged > 0 and {"delete", "expand"} <= {op for row in summary["rounds"] for op, n in row["ops"].items() if n}
+
+
+def test_judge_budget_counts_every_vote(tmp_path):
+    """A judge asking 3 votes per verdict (serve-judge, 20% errors, temperature > 0) costs 3 calls a verdict:
+    the gate and the cap count them all, so the run stays inside max_judge_calls."""
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+    from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec
+
+    teachers = [TeacherSpec(id="no-color", p=1.0, blind_to=["red", "green", "blue", "yellow"]),
+                TeacherSpec(id="no-shape", p=1.0, blind_to=["circle", "square"])]
+    with JudgeServer(JudgeServerConfig(error_rate=0.2, seed=0)) as server:
+        endpoint = EndpointConfig(base_url=server.url, model="pixel-judge", max_concurrency=8)
+        judge = JudgeSpec(kind="openai", endpoint=endpoint, votes=3, temperature=0.7)
+        summary = run_evolve(small_config(str(tmp_path / "voted"), teachers=teachers, min_teacher_score=1.0,
+                                          judge=judge, max_judge_calls=250))
+        served = server.stats()["total"]
+    rounds = summary["rounds"]  # uncapped: 279 calls; the seed set alone may need 24 x 3 verdicts x 3 votes
+    assert served == summary["judge_calls"] <= 250 and summary["judge_calls"] % 3 == 0
+    assert 0 < rounds[-1]["ops"]["judged"] < rounds[-1]["active"]  # what fits at 3 x its verdicts, worst case
