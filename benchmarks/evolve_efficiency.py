@@ -23,6 +23,7 @@
     python benchmarks/evolve_efficiency.py --jobs 2          # arms side by side, one core each (12+ on a GPU)
 
     python benchmarks/evolve_efficiency.py --preset long-tail --seeds 1,2 --jobs 2   # floor 1's regime (below)
+    python benchmarks/evolve_efficiency.py --preset best-of-teachers --jobs 2       # floor 2's budget
 
 `--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth and sixteenth
 sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on one-object prompts by a
@@ -71,12 +72,15 @@ DEFICIT_TEACHERS = "no-color:1:red/green/blue/yellow,no-shape:1:circle/square"
 
 # Named settings (`--preset`), each a set of flag defaults. long-tail: part 1 in EvolveDirector's regime, a base
 # that draws most of a one-object world and misses yellow, which the seed sets hold at 1 prompt in 30.
+# best-of-teachers: part 2 at the budget where students learn what their data holds.
 PRESETS = {
     "long-tail": {"parts": "1", "max_groups": 1, "max_count": 1, "p_size": 0.3, "eval_prompts": 24, "eval_draws": 8,
                   "writer_keeps": "color", "rounds": 5, "steps_per_round": 150, "uniform_sizes": "100,300,1000",
                   "evolve_budgets": "100", "evolve_seed_prompts": 12, "min_unseen_score": 1.0, "mutate_rate": 1.0,
                   "rare_words": "yellow", "rare_weight": 0.2, "replay_share": 0.5, "lr": 1e-3,
                   "pretrain": "no-color:1:yellow", "pretrain_images": 3000, "pretrain_steps": 6000},
+    # part 2 where floor 2 was measured (RESULTS.md, sixth session): 1,000 prompts, 8 x 750 steps of 16 per student
+    "best-of-teachers": {"parts": "2", "rounds": 8, "multi_prompts": 1000},
 }
 
 
@@ -473,7 +477,7 @@ def main() -> None:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args()
     if preset and args.quick:
-        parser.error(f"--preset {preset} is a full run (about an hour per seed on 2 cores); not with --quick")
+        parser.error(f"--preset {preset} is a full run (an hour or more on 2 cores, RESULTS.md); not with --quick")
     # --quick: 5 x 50 steps of 16 = 4,000 image views per arm, where the held-out score is set by training,
     # not data. Otherwise 4 x 750 = 48,000 views: measured (RESULTS.md), more uniform data raises the score
     # there by about three times its noise; at 24,000 views it does not, and by 72,000 the gap closes again.
