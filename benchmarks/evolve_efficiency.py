@@ -25,11 +25,11 @@
     python benchmarks/evolve_efficiency.py --preset long-tail --seeds 1,2 --jobs 2   # floor 1's regime (below)
     python benchmarks/evolve_efficiency.py --preset best-of-teachers --jobs 2       # floor 2's budget
 
-`--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth and sixteenth
-sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on one-object prompts by a
-teacher that never draws yellow right, the seed sets hold yellow at users' long-tail odds, variations keep the
-color the base missed, and evolve deletes only what the base also draws in an unseen variation. Any flag given
-with it overrides its value.
+`--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth, sixteenth
+and seventeenth sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on
+one-object prompts by a teacher that never draws yellow right, the seed sets hold yellow at users' long-tail
+odds, variations keep the color the base missed, and evolve deletes only what the base also draws in an unseen
+variation. Any flag given with it overrides its value.
 
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
 """
