@@ -164,13 +164,23 @@ def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], 
     return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
 
 
+def score_images(judge, items: Sequence[tuple[Image.Image, str]], votes: int | None = None) -> list:
+    """VQA scores of many (image, prompt): concurrently when the judge can batch them (the same requests,
+    so the same cache keys, as one at a time). `votes`: as `compare_pairs`."""
+    if hasattr(judge, "score_many"):
+        return judge.score_many(items, votes)
+    return [judge.score(image, prompt) for image, prompt in items]
+
+
 def confirm_teacher_better(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,
                            votes: int | None) -> tuple[list[Comparison | None], int]:
     """A second opinion where a verdict costs: base-vs-teacher `verdicts` of `pairs` that say "teacher better"
     (each buys variations) asked again to `votes` asks, the majority deciding; with how many it overturned."""
-    again = [i for i, verdict in enumerate(verdicts) if votes and verdict is not None and verdict.winner == "b"]
+    again = [i for i, verdict in enumerate(verdicts) if verdict is not None and verdict.winner == "b"]
+    if not votes or not again:
+        return verdicts, 0
     verdicts = list(verdicts)
-    for i, verdict in zip(again, compare_pairs(judge, [pairs[i] for i in again], votes) if again else []):
+    for i, verdict in zip(again, compare_pairs(judge, [pairs[i] for i in again], votes)):
         verdicts[i] = verdict
     return verdicts, sum(verdicts[i] is None or verdicts[i].winner != "b" for i in again)
 
@@ -187,10 +197,10 @@ def unseen_variation_scores(writer: PromptWriter, judge, base, prompts: Sequence
                   for prompt, seed in zip(prompts, seeds)]
     todo = [i for i, v in enumerate(variations) if v is not None]
     images = dict(zip(todo, base.generate([variations[i] for i in todo], [seeds[i] for i in todo]) if todo else []))
-    scores = {i: judge.score(images[i], variations[i]) for i in todo}
+    scores = dict(zip(todo, score_images(judge, [(images[i], variations[i]) for i in todo]) if todo else []))
     low = [i for i in todo if scores[i] is not None and scores[i].score < confirm_below]
     if votes and low:
-        scores |= zip(low, judge.score_many([(images[i], variations[i]) for i in low], votes))
+        scores |= zip(low, score_images(judge, [(images[i], variations[i]) for i in low], votes))
     return [None if v is None else (v, getattr(scores[i], "score", None)) for i, v in enumerate(variations)]
 
 
