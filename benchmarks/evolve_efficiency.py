@@ -25,11 +25,13 @@
     python benchmarks/evolve_efficiency.py --preset long-tail --seeds 1,2 --jobs 2   # floor 1's regime (below)
     python benchmarks/evolve_efficiency.py --preset best-of-teachers --jobs 2       # floor 2's budget
 
-`--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth, sixteenth
-and seventeenth sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on
-one-object prompts by a teacher that never draws yellow right, the seed sets hold yellow at users' long-tail
-odds, variations keep the color the base missed, and evolve deletes only what the base also draws in an unseen
-variation. Any flag given with it overrides its value.
+`--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth to nineteenth
+sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on one-object prompts by a
+teacher that never draws yellow right, the seed sets hold yellow at users' long-tail odds, variations keep the
+color the base missed, and evolve deletes only what the base also draws in an unseen variation; evolve runs
+capped at 50 and at 100 teacher calls. `--preset long-tail-12-seeds` is the same regime as the twelfth to
+eighteenth sessions ran it (12 seed prompts, 5 rounds of 150 steps, one cap of 100). Any flag given with a
+preset overrides its value.
 
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
 """
@@ -71,14 +73,21 @@ from evolve_report import print_table, summarize  # noqa: E402
 DEFICIT_TEACHERS = "no-color:1:red/green/blue/yellow,no-shape:1:circle/square"
 
 # Named settings (`--preset`), each a set of flag defaults. long-tail: part 1 in EvolveDirector's regime, a base
-# that draws most of a one-object world and misses yellow, which the seed sets hold at 1 prompt in 30.
+# that draws most of a one-object world and misses yellow, which the seed sets hold at 1 prompt in 30; evolve
+# starts from 24 seed prompts, is judged after every 75 steps and runs capped at 50 and at 100 teacher calls
+# (nineteenth session). long-tail-12-seeds: the same regime as the twelfth to eighteenth sessions ran it (12
+# seed prompts, 5 rounds of 150 steps, one cap of 100), so their numbers stay reproducible by name.
 # best-of-teachers: part 2 at the budget where students learn what their data holds.
+LONG_TAIL_12_SEEDS = {
+    "parts": "1", "max_groups": 1, "max_count": 1, "p_size": 0.3, "eval_prompts": 24, "eval_draws": 8,
+    "writer_keeps": "color", "rounds": 5, "steps_per_round": 150, "uniform_sizes": "100,300,1000",
+    "evolve_budgets": "100", "evolve_seed_prompts": 12, "min_unseen_score": 1.0, "mutate_rate": 1.0,
+    "rare_words": "yellow", "rare_weight": 0.2, "replay_share": 0.5, "lr": 1e-3,
+    "pretrain": "no-color:1:yellow", "pretrain_images": 3000, "pretrain_steps": 6000}
 PRESETS = {
-    "long-tail": {"parts": "1", "max_groups": 1, "max_count": 1, "p_size": 0.3, "eval_prompts": 24, "eval_draws": 8,
-                  "writer_keeps": "color", "rounds": 5, "steps_per_round": 150, "uniform_sizes": "100,300,1000",
-                  "evolve_budgets": "100", "evolve_seed_prompts": 12, "min_unseen_score": 1.0, "mutate_rate": 1.0,
-                  "rare_words": "yellow", "rare_weight": 0.2, "replay_share": 0.5, "lr": 1e-3,
-                  "pretrain": "no-color:1:yellow", "pretrain_images": 3000, "pretrain_steps": 6000},
+    "long-tail": LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "steps_per_round": 75,
+                                       "evolve_budgets": "50,100"},
+    "long-tail-12-seeds": LONG_TAIL_12_SEEDS,
     # part 2 where floor 2 was measured (RESULTS.md, sixth session): 1,000 prompts, 8 x 750 steps of 16 per student
     "best-of-teachers": {"parts": "2", "rounds": 8, "multi_prompts": 1000},
 }
