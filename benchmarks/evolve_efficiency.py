@@ -72,12 +72,9 @@ from evolve_report import print_table, summarize  # noqa: E402
 # at rate p instead; RESULTS.md has both measured.
 DEFICIT_TEACHERS = "no-color:1:red/green/blue/yellow,no-shape:1:circle/square"
 
-# Named settings (`--preset`), each a set of flag defaults. long-tail: part 1 in EvolveDirector's regime, a base
-# that draws most of a one-object world and misses yellow, which the seed sets hold at 1 prompt in 30; evolve
-# starts from 24 seed prompts, is judged after every 75 steps and runs capped at 50 and at 100 teacher calls
-# (nineteenth session). long-tail-12-seeds: the same regime as the twelfth to eighteenth sessions ran it (12
-# seed prompts, 5 rounds of 150 steps, one cap of 100), so their numbers stay reproducible by name.
-# best-of-teachers: part 2 at the budget where students learn what their data holds.
+# Named settings (`--preset`, the module docstring says what each is), each a set of flag defaults; the key
+# of each is a flag's name (`preset_flags_unknown` checks). long-tail is long-tail-12-seeds, the setting of the
+# twelfth to eighteenth sessions, with 24 seed prompts, 10 rounds of 75 steps and caps of 50 and 100 calls.
 LONG_TAIL_12_SEEDS = {
     "parts": "1", "max_groups": 1, "max_count": 1, "p_size": 0.3, "eval_prompts": 24, "eval_draws": 8,
     "writer_keeps": "color", "rounds": 5, "steps_per_round": 150, "uniform_sizes": "100,300,1000",
@@ -400,7 +397,7 @@ def judge_noise(args, arms: dict, target: float, uniform_calls: int) -> dict:
     return results
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Parts 1 and 2 only, one seed, small budgets.")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="Named flag defaults (module docstring); "
@@ -481,8 +478,21 @@ def main() -> None:
                              "(2 on a 2-core CPU: one thread each; 8 or more on a GPU machine).")
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
     parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def preset_flags_unknown(parser: argparse.ArgumentParser, preset: str) -> set[str]:
+    """A preset's keys that name no flag: `set_defaults` would ignore them, and a run that its name says is
+    reproducible would quietly use another setting."""
+    return set(PRESETS[preset]) - set(vars(parser.parse_args([])))
+
+
+def main() -> None:
+    parser = build_parser()
     preset = parser.parse_known_args()[0].preset
     if preset:
+        if unknown := preset_flags_unknown(parser, preset):
+            parser.error(f"--preset {preset}: no such flag {sorted(unknown)}")
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args()
     if preset and args.quick:
