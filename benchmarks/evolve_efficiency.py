@@ -157,7 +157,8 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     With `--part1-teachers gallery` it buys from part 2's teachers through the tournament and quality gate."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
     fields = {"min_unseen_score": args.min_unseen_score, "max_epochs_per_round": args.max_epochs_per_round,
-              "mutate_rate": args.mutate_rate, "replay_share": args.replay_share} | fields
+              "mutate_rate": args.mutate_rate, "replay_share": args.replay_share,
+              "judge_first": args.judge_first} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
                   "tournament": "until_pass"} | fields
@@ -229,7 +230,8 @@ def evolve_name(args, budget: int) -> str:
     epochs = "" if args.max_epochs_per_round is None else f"-epochs-{args.max_epochs_per_round:g}"
     mutate = "" if args.mutate_rate == 0.1 else f"-mutate-{args.mutate_rate:g}"
     replay = f"-replay-{args.replay_share:g}" if args.replay_share else ""
-    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}"
+    first = "-judge-first" if args.judge_first else ""
+    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}{first}"
 
 
 def noise_name(arm: str, rate: float, args) -> str:
@@ -443,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "shape or color,shape (default: neither; `writer.keep`).")
     parser.add_argument("--max-epochs-per-round", type=float, default=None,
                         help="Evolve's `max_epochs_per_round`: at most this many passes over the set a round.")
+    parser.add_argument("--judge-first", action="store_true",
+                        help="Evolve's `judge_first`: each round judges the model it starts from, then trains.")
     parser.add_argument("--rare-words", default="", help="Comma-separated colors or shapes kept at --rare-weight "
                         "odds in every seed set (uniform's data, evolve's seeds): users' long tail; held-out is even.")
     parser.add_argument("--rare-weight", type=float, default=1.0)

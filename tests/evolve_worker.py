@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=-1)
     parser.add_argument("--kill-at-draw", type=int, default=-1)
     parser.add_argument("--gate", action="store_true", help="min_teacher_score 0.5: the judge scores every teacher image")
+    parser.add_argument("--judge-first", action="store_true", help="judge_first: judge, then train, each round")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,8 @@ def main() -> None:
                              kill_at=args.kill_at_draw)
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
     # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail
-    config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5)
+    config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5,
+                          judge_first=args.judge_first)
     run_evolve(config, teachers=[teacher], judge=judge)
 
 

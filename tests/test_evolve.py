@@ -122,6 +122,29 @@ def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
 
+def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_after_sigkill(tmp_path):
+    """`judge_first`: round 1 judges the base and buys before it trains, and nothing is bought after the last
+    round's training. Killed while judging the base (judge call 27, a deletion check: no step trained yet),
+    the rerun pays no call twice and ends with the uninterrupted run's ledger."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    assert _worker(reference, "--judge-first").returncode == 0
+    summary = json.loads((reference / "summary.json").read_text())
+    rows = summary["rounds"]
+    with Ledger(reference, create=False) as ledger:
+        seeds = len(ledger.records(None, round=0))
+        assert ledger.records(None, round=1) and ledger.records(None, round=2)  # each bought before its training
+    assert rows[0]["teacher_calls"] > seeds and rows[0]["ops"]["judged"] == seeds  # bought before round 1 trained
+    assert summary["teacher_calls"] == rows[-1]["teacher_calls"] == rows[-1]["teacher_calls_after"]
+    killed = _worker(run_dir, "--judge-first", "--kill-after", "27")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run_dir / "rounds" / "001" / "checkpoints").exists()
+    resumed = _worker(run_dir, "--judge-first")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _ledger_state(run_dir) == _ledger_state(reference)
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
+        assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+
+
 class FakeBase:
     """A base that draws a prompt as its teacher does where `draws(prompt)`, and a blank canvas elsewhere."""
 

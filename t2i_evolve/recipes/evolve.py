@@ -65,6 +65,9 @@ class EvolveConfig(Config):
     writer: WriterSpec = WriterSpec()
     evolve: bool = Field(True, description="False: train on the seed set only (the uniform baseline).")
     rounds: int = Field(6, ge=1)
+    judge_first: bool = Field(False, description="Each round judges (and evolves the set with) the model it starts "
+        "from, then trains: round 1's verdicts are on the base, not on seed prompts it just memorized, and every image "
+        "bought is trained on. False: train, then judge (the paper; the last round's purchases are never trained on).")
     steps_per_round: int = Field(150, ge=1)
     max_epochs_per_round: float | None = Field(None, gt=0, description="A round trains at most this many passes over "
         "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
@@ -136,6 +139,9 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     held_out = held_out_prompts(config)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
 
+    def load_sampler(folder: Path) -> Sampler:
+        return Sampler(T2IModel.from_pretrained(folder, config.device), config.sampler)
+
     stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
@@ -154,16 +160,23 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     break
                 tick, start = time.perf_counter(), done_file.with_name("start.json")
                 if not start.exists():  # what the round started from, kept for a rerun of the round
-                    write_json(start, {"round": r, "teacher_calls": run.spent.teacher_calls(), "active": ledger.count()})
+                    row = {"round": r}
+                    if config.evolve and config.judge_first:  # judged on the model the round starts from
+                        row["ops"] = run.evolve_set(r, load_sampler(model_dir))
+                        if ledger.count() == 0:
+                            stopped = "every record deleted: the base matches its teachers on the whole set"
+                            break
+                    write_json(start, row | {"teacher_calls": run.spent.teacher_calls(), "active": ledger.count()})
                 row = json.loads(start.read_text())
                 model_dir = run.train(r, model_dir)
                 scored = held_out and (config.eval_every_round or r == config.rounds)
-                if scored or config.evolve:  # the round's model, loaded once for both
-                    sampler = Sampler(T2IModel.from_pretrained(model_dir, config.device), config.sampler)
+                judge_after = config.evolve and not config.judge_first
+                if scored or judge_after:  # the round's model, loaded once for both
+                    sampler = load_sampler(model_dir)
                 if scored:
                     board = evaluate(sampler, PixelJudge(), held_out, seed=10_000).summary()
                     row |= {"score": board["score"], "skills": board["skills"]}
-                if config.evolve:
+                if judge_after:
                     row["ops"] = run.evolve_set(r, sampler)
                 row |= {"judge_calls": run.spent.judge_calls(), "teacher_calls_after": run.spent.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
