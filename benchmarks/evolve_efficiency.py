@@ -25,13 +25,14 @@
     python benchmarks/evolve_efficiency.py --preset long-tail --seeds 1,2 --jobs 2   # floor 1's regime (below)
     python benchmarks/evolve_efficiency.py --preset best-of-teachers --jobs 2       # floor 2's budget
 
-`--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth to nineteenth
+`--preset long-tail` is EvolveDirector's regime, where floor 1 was measured (RESULTS.md, twelfth to twentieth
 sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on one-object prompts by a
 teacher that never draws yellow right, the seed sets hold yellow at users' long-tail odds, variations keep the
 color the base missed, and evolve deletes only what the base also draws in an unseen variation; evolve runs
 capped at 50 and at 100 teacher calls. `--preset long-tail-12-seeds` is the same regime as the twelfth to
 eighteenth sessions ran it (12 seed prompts, 5 rounds of 150 steps, one cap of 100). Any flag given with a
-preset overrides its value.
+preset overrides its value; `--judge-first` (each round judges the model it starts from, then trains) adds to
+any preset (RESULTS.md, twentieth session).
 
 Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
 """

@@ -67,7 +67,8 @@ class EvolveConfig(Config):
     rounds: int = Field(6, ge=1)
     judge_first: bool = Field(False, description="Each round judges (and evolves the set with) the model it starts "
         "from, then trains: round 1's verdicts are on the base, not on seed prompts it just memorized, and every image "
-        "bought is trained on. False: train, then judge (the paper; the last round's purchases are never trained on).")
+        "bought is trained on (with a teacher budget, set train_past_teacher_budget, or the round that runs out stops "
+        "untrained). False: train, then judge (the paper; the last round's purchases are never trained on).")
     steps_per_round: int = Field(150, ge=1)
     max_epochs_per_round: float | None = Field(None, gt=0, description="A round trains at most this many passes over "
         "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
