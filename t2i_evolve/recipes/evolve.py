@@ -12,6 +12,7 @@ its teachers and evolves the training set, so the base learns from far fewer tea
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
                                            (`confirm_votes`: only if more votes agree, for both expansions)
         judge the base on held-out prompts
+    (`judge_first`: each round judges and evolves the set before it trains, round 1 on the base itself)
 
 Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the
 ledger's call cache, and every decision is seeded by (seed, round, record), so a run killed at any
@@ -42,8 +43,8 @@ from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    check_judge_serves, compare_pairs, confirm_teacher_better, held_out_prompts, occurrence_seeds,
-                    stable_seed, tournament, unseen_variation_scores)
+                    check_judge_serves, compare_pairs, confirm_teacher_better, held_out_prompts, judge_call_bounds,
+                    occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
 
 
 class EvolveConfig(Config):
@@ -65,10 +66,9 @@ class EvolveConfig(Config):
     writer: WriterSpec = WriterSpec()
     evolve: bool = Field(True, description="False: train on the seed set only (the uniform baseline).")
     rounds: int = Field(6, ge=1)
-    judge_first: bool = Field(False, description="Each round judges (and evolves the set with) the model it starts "
-        "from, then trains: round 1's verdicts are on the base, not on seed prompts it just memorized, and every image "
-        "bought is trained on (with a teacher budget, set train_past_teacher_budget, or the round that runs out stops "
-        "untrained). False: train, then judge (the paper; the last round's purchases are never trained on).")
+    judge_first: bool = Field(False, description="Each round judges the model it starts from (round 1: the base, not "
+        "what it just memorized), evolves the set, then trains, so every image bought is trained on (with a teacher "
+        "budget, set train_past_teacher_budget). False: train, then judge (the paper).")
     steps_per_round: int = Field(150, ge=1)
     max_epochs_per_round: float | None = Field(None, gt=0, description="A round trains at most this many passes over "
         "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
@@ -206,7 +206,8 @@ class Run:
     def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = config, ledger, teachers, judge, writer, out
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
-        self.votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
+        votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
+        self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), votes)
         self.gate = QualityGate(judge, config.min_teacher_score)
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
                                  max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
@@ -217,7 +218,7 @@ class Run:
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
         prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed, exclude=self.held_out,
                               **self.config.model_dump(include={"rare_words", "rare_weight"}))
-        self.spent.check_judge_room(len(prompts) * self.judge_calls_per_draw(tournament=True), "the seed set")
+        self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw, "the seed set")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
         seeds = self.ledger.records(None, round=0)
@@ -259,20 +260,6 @@ class Run:
             added += 1
         return added
 
-    def judge_calls_per_draw(self, *, tournament: bool) -> int:
-        """The most judge calls a new prompt costs: a gate score per image, a comparison per challenger
-        (each asked `votes` times by a judge that votes)."""
-        drawn = len(self.teachers) if tournament else 1
-        compared = drawn - 1 if self.config.tournament == "all" else 0
-        return (drawn * (self.config.min_teacher_score is not None) + compared) * self.votes
-
-    def judge_calls_per_judged_record(self) -> int:
-        """A judged record's most judge calls in its round: comparison, deletion check, expansions or mutation."""
-        c = self.config
-        verdicts = max(self.votes, c.confirm_votes or 0) * (1 + (c.min_unseen_score is not None))
-        expand = c.variations * self.judge_calls_per_draw(tournament=False)
-        return verdicts + max(expand, self.judge_calls_per_draw(tournament=True) * (c.mutate_rate > 0))
-
     def train(self, r: int, init: Path) -> Path:
         """Train `steps_per_round` more steps (fewer at `max_epochs_per_round`) on `training_set`. The
         rounds are one training run on changing data: each carries on from the last round's checkpoint
@@ -304,7 +291,7 @@ class Run:
         c = self.config
         self._prime_writer(r)
         records = self._sampled(r)
-        records = records[:self.spent.comparisons_that_fit(len(records), r, self.judge_calls_per_judged_record())]
+        records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record)]
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts, overturned = confirm_teacher_better(self.judge, pairs, self.compare(pairs, r), c.confirm_votes)

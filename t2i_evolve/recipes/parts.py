@@ -155,6 +155,20 @@ def check_judge_serves(config, judge) -> None:
         raise UserError(f"confirm_votes ({confirm}) asks again: more than the judge's own votes ({judge.votes})")
 
 
+def judge_call_bounds(config, teachers: int, votes: int) -> tuple[int, int]:
+    """The most judge calls (a) a prompt the tournament draws and (b) a judged record in its round may cost:
+    gate scores per image and a comparison per challenger; the verdict (to `confirm_votes`) and the deletion
+    check, then its expansions or its mutation; each asked `votes` times. A round is sized by these, so
+    `max_judge_calls` holds. `config` is an `EvolveConfig`."""
+    def per_draw(drawn: int) -> int:
+        compared = drawn - 1 if config.tournament == "all" else 0
+        return (drawn * (config.min_teacher_score is not None) + compared) * votes
+
+    verdicts = max(votes, config.confirm_votes or 0) * (1 + (config.min_unseen_score is not None))
+    expand_or_mutate = max(config.variations * per_draw(1), per_draw(teachers) * (config.mutate_rate > 0))
+    return per_draw(teachers), verdicts + expand_or_mutate
+
+
 def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], votes: int | None = None
                   ) -> list[Comparison | None]:
     """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them. `votes`:
