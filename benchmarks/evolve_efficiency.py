@@ -74,8 +74,8 @@ from evolve_report import print_table, summarize  # noqa: E402
 DEFICIT_TEACHERS = "no-color:1:red/green/blue/yellow,no-shape:1:circle/square"
 
 # Named settings (`--preset`, the module docstring says what each is), each a set of flag defaults; the key
-# of each is a flag's name (`preset_flags_unknown` checks). long-tail is long-tail-12-seeds, the setting of the
-# twelfth to eighteenth sessions, with 24 seed prompts, 10 rounds of 75 steps and caps of 50 and 100 calls.
+# of each is a flag's name (`preset_flags_unknown` checks). long-tail is long-tail-12-seeds (the twelfth to
+# eighteenth sessions' setting) changed to 24 seed prompts, 10 rounds of 75 steps and caps of 50 and 100 calls.
 LONG_TAIL_12_SEEDS = {
     "parts": "1", "max_groups": 1, "max_count": 1, "p_size": 0.3, "eval_prompts": 24, "eval_draws": 8,
     "writer_keeps": "color", "rounds": 5, "steps_per_round": 150, "uniform_sizes": "100,300,1000",

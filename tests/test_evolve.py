@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from t2i_evolve.data import CachedJudge, Ledger
+from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import held_out_prompts, run_evolve
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -131,10 +132,12 @@ def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_a
     summary = json.loads((reference / "summary.json").read_text())
     rows = summary["rounds"]
     with Ledger(reference, create=False) as ledger:
-        seeds = len(ledger.records(None, round=0))
-        assert ledger.records(None, round=1) and ledger.records(None, round=2)  # each bought before its training
-    assert rows[0]["teacher_calls"] > seeds and rows[0]["ops"]["judged"] == seeds  # bought before round 1 trained
-    assert summary["teacher_calls"] == rows[-1]["teacher_calls"] == rows[-1]["teacher_calls_after"]
+        seeds = ledger.records(None, round=0)
+        bought = ledger.records(None, round=1)
+        kept = [rec for rec in seeds if rec.deleted_round != 1]
+    # round 1 trained on the seeds its verdicts kept and the images they bought, not on the 24 seeds
+    assert bought and rows[0]["ops"]["judged"] == len(seeds) and rows[0]["active"] == len(kept) + len(bought)
+    assert summary["teacher_calls"] == rows[-1]["teacher_calls"] == rows[-1]["teacher_calls_after"]  # none untrained
     killed = _worker(run_dir, "--judge-first", "--kill-after", "27")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "rounds" / "001" / "checkpoints").exists()
@@ -143,6 +146,30 @@ def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_a
     assert _ledger_state(run_dir) == _ledger_state(reference)
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+
+
+class AlwaysTie:
+    """A judge that finds the base as good as its teacher on every prompt."""
+
+    id = "always-tie"
+
+    def compare(self, image_a, image_b, prompt):
+        return Comparison("tie", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("judge_first", [False, True])
+def test_a_run_stops_cleanly_once_the_judge_has_deleted_every_record_and_a_rerun_stays_stopped(tmp_path, judge_first):
+    """Every record deleted, none mutated: nothing is left to train on, so the run stops (judging first, before
+    round 1 trains at all) with a clear reason, and the same command run again does no more."""
+    config = small_config(str(tmp_path), rounds=3, mutate_rate=0.0, judge_first=judge_first)
+    summary = run_evolve(config, judge=AlwaysTie())
+    assert summary["stopped"].startswith("every record deleted")
+    assert [row["round"] for row in summary["rounds"]] == ([] if judge_first else [1])
+    with Ledger(tmp_path, create=False) as ledger:
+        assert ledger.count() == 0 and len(ledger.records("deleted")) == 24
+    again = run_evolve(config, judge=AlwaysTie())
+    assert again["rounds"] == summary["rounds"] and again["stopped"] == summary["stopped"]
+    assert again["teacher_calls"] == summary["teacher_calls"] == 24
 
 
 class FakeBase:

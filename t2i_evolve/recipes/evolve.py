@@ -155,18 +155,14 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     model_dir = done_file.parent / "model"
                     advance(1)
                     continue
-                if ledger.count() == 0 and not any(rec.deleted_round == r for rec in ledger.records(None)):
-                    # (every record deleted, and not by round r, which may have died before it was done)
-                    stopped = "every record deleted: the base matches its teachers on the whole set"
-                    break
                 tick, start = time.perf_counter(), done_file.with_name("start.json")
                 if not start.exists():  # what the round started from, kept for a rerun of the round
                     row = {"round": r}
                     if config.evolve and config.judge_first:  # judged on the model the round starts from
                         row["ops"] = run.evolve_set(r, load_sampler(model_dir))
-                        if ledger.count() == 0:
-                            stopped = "every record deleted: the base matches its teachers on the whole set"
-                            break
+                    if ledger.count() == 0:  # (a round that started goes on when rerun: its deletions came after)
+                        stopped = "every record deleted: the base matches its teachers on the whole set"
+                        break
                     write_json(start, row | {"teacher_calls": run.spent.teacher_calls(), "active": ledger.count()})
                 row = json.loads(start.read_text())
                 model_dir = run.train(r, model_dir)
