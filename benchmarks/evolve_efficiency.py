@@ -159,7 +159,8 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
     fields = {"min_unseen_score": args.min_unseen_score, "max_epochs_per_round": args.max_epochs_per_round,
               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share,
-              "judge_first": args.judge_first} | fields
+              "judge_first": args.judge_first, "prior_images": args.prior_images,
+              "prior_share": args.prior_share} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
                   "tournament": "until_pass"} | fields
@@ -232,7 +233,8 @@ def evolve_name(args, budget: int) -> str:
     mutate = "" if args.mutate_rate == 0.1 else f"-mutate-{args.mutate_rate:g}"
     replay = f"-replay-{args.replay_share:g}" if args.replay_share else ""
     first = "-judge-first" if args.judge_first else ""
-    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}{first}"
+    prior = f"-prior-{args.prior_images}-{args.prior_share:g}" if args.prior_images else ""
+    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}{first}{prior}"
 
 
 def noise_name(arm: str, rate: float, args) -> str:
@@ -250,7 +252,7 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
         arms |= {f"uniform-{n}": (uniform_arm, (args, root, seed, n)) for n in args.uniform_sizes}
         arms |= {f"evolve-{b}": (evolve_arm, (args, root, seed, b)) for b in args.evolve_budgets}
         if args.control:  # the largest cap (0, no cap, when there is none)
-            arms["control"] = (partial(evolve_arm, min_unseen_score=None),  # (it never deletes: nothing to check)
+            arms["control"] = (partial(evolve_arm, min_unseen_score=None, prior_images=0),  # (its judge cannot score)
                                (args, root / "control", seed, max(args.evolve_budgets), {"judge": TeacherAlwaysBetter()}))
     if 2 in parts:
         specs = teacher_specs(args)
@@ -410,13 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-per-round", type=int, default=None)
     parser.add_argument("--uniform-sizes", default=None, help="Comma-separated dataset sizes of the uniform arm.")
     parser.add_argument("--evolve-seed-prompts", type=int, default=None, help="Default: 40 (--quick), 30.")
-    parser.add_argument("--control", action="store_true",
-                        help="Part 1 also runs evolve with a judge that always says 'teacher better' (the largest "
-                             "cap): the growing set without the judge's verdicts. On unless --quick.")
-    parser.add_argument("--evolve-budgets", default=None,
-                        help="Comma-separated teacher-call caps of the evolve arms, each trained as long as the "
-                             "uniform arms (0: no cap; the last one is also part 3's). "
-                             "Default: 0 (--quick), 300,150,0.")
+    parser.add_argument("--control", action="store_true", help="Part 1 also runs evolve with a judge that always "
+                        "says 'teacher better' (the largest cap): the set without the verdicts. On unless --quick.")
+    parser.add_argument("--evolve-budgets", default=None, help="Comma-separated teacher-call caps of the evolve arms, "
+                        "each trained as long as the uniform arms (0: no cap; the last one is also part 3's). "
+                        "Default: 0 (--quick), 300,150,0.")
     parser.add_argument("--sample-share", type=float, default=0.2)
     parser.add_argument("--sample-all-below", type=int, default=40)
     parser.add_argument("--multi-prompts", type=int, default=300)
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mutate-rate", type=float, default=0.1, help="Evolve's chance of a new prompt per deletion.")
     parser.add_argument("--replay-share", type=float, default=0.0,
                         help="Evolve's `replay_share`: the share of its training on deleted records.")
+    parser.add_argument("--prior-images", type=int, default=0, help="Evolve's `prior_images` (and `prior_share`):")
+    parser.add_argument("--prior-share", type=float, default=0.3, help="the base's own images the judge passed.")
     parser.add_argument("--pretrain", default=None,
                         help="Every arm starts from a base pretrained per seed on this teacher, id:p[:word/word] "
                              "(no-color:1:yellow: it never saw yellow drawn right); fine-tune at --lr 3e-4.")
@@ -528,7 +530,8 @@ def main() -> None:
                "max_epochs_per_round": args.max_epochs_per_round, "min_unseen_score": args.min_unseen_score,
                "min_teacher_score": args.min_teacher_score, "steps_per_round": args.pretrain_steps,
                "seed_prompts": args.pretrain_images, "rare_words": args.rare_words, "rare_weight": args.rare_weight,
-               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share}
+               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share,
+               "prior_images": args.prior_images, "prior_share": args.prior_share}
     try:  # what every arm's config takes, checked before any arm trains
         EvolveConfig(**checked)
     except ValidationError as e:

@@ -6,6 +6,7 @@ appended before the ledger commits, so a call paid twice shows up twice.
     python tests/evolve_worker.py RUN_DIR [--kill-after N]   # SIGKILL itself at the judge's N-th call
     python tests/evolve_worker.py RUN_DIR --kill-at-draw N   # ... at the teacher's N-th batch of draws
     python tests/evolve_worker.py RUN_DIR --gate ...         # with the quality gate (the judge's calls count)
+    python tests/evolve_worker.py RUN_DIR --prior 16 ...     # with 16 prior images (the judge scores them first)
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--kill-at-draw", type=int, default=-1)
     parser.add_argument("--gate", action="store_true", help="min_teacher_score 0.5: the judge scores every teacher image")
     parser.add_argument("--judge-first", action="store_true", help="judge_first: judge, then train, each round")
+    parser.add_argument("--prior", type=int, default=0, help="prior_images: the judge scores the base's own first")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def main() -> None:
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
     # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail
     config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5,
-                          judge_first=args.judge_first)
+                          judge_first=args.judge_first, prior_images=args.prior)
     run_evolve(config, teachers=[teacher], judge=judge)
 
 

@@ -20,6 +20,8 @@ from t2i_evolve.recipes.evolve import held_out_prompts, run_evolve
 sys.path.insert(0, str(Path(__file__).parent))
 from evolve_worker import ScriptedJudge, small_config  # noqa: E402
 
+from t2i_evolve.recipes.parts import stable_seed  # noqa: E402
+
 WORKER = Path(__file__).with_name("evolve_worker.py")
 
 
@@ -144,6 +146,44 @@ def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_a
     resumed = _worker(run_dir, "--judge-first")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _ledger_state(run_dir) == _ledger_state(reference)
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
+        assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+
+
+def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_and_resume_after_sigkill(tmp_path):
+    """`prior_images: 16`: before round 1 the base draws 16 random prompts (none held out) and the judge scores
+    each; the images it passes (its score, by prompt hash, fails a quarter) make about `prior_share` (0.3) of
+    every round's training rows, for no teacher call. Killed while the judge scores them (its 6th call) and
+    rerun, the run pays no call twice and ends with the uninterrupted run's ledger and prior images."""
+    from t2i_evolve.prompts import GrammarPromptWriter
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.world import ProceduralTeacher
+
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    assert _worker(reference, "--prior", "16").returncode == 0
+    prior = json.loads((reference / "prior" / "prior.json").read_text())
+    passed = [row["prompt"] for row in prior["kept"]]
+    config = small_config(str(reference), prior_images=16)
+    judged = [json.loads(line) for line in (reference / "judge_calls.jsonl").read_text().splitlines()][:16]
+    assert prior["judged"] == 16 and [c.get("method") for c in judged] == ["score"] * 16
+    assert Counter(passed) == Counter(c["prompt"] for c in judged if stable_seed(c["prompt"], "gate") % 4)
+    assert 4 <= len(passed) < 16 and not set(passed) & set(held_out_prompts(config))
+    with Ledger(reference) as ledger:  # the prior is read back from the run folder: no base is drawn again
+        run = Run(config, ledger, cached_teachers([ProceduralTeacher()], ledger), config.judge.build(ledger),
+                  GrammarPromptWriter(config.grammar), reference, held_out=held_out_prompts(config))
+        run.prepare_prior(lambda: pytest.fail("the prior was drawn again"))
+        data, active = run.training_set(), [rec.prompt for rec in ledger.records()]
+    from_prior = data.image_rows() >= len(active)  # the prior's images come after the active records'
+    assert Counter(p for p, prior_row in zip(data.prompts, from_prior) if prior_row) == Counter(
+        {p: n * (int(from_prior.sum()) // len(passed)) for p, n in Counter(passed).items()})  # repeated whole
+    assert abs(from_prior.float().mean().item() - 0.3) < 0.1
+    killed = _worker(run_dir, "--prior", "16", "--kill-after", "6")
+    assert killed.returncode == -signal.SIGKILL and not (run_dir / "prior" / "prior.json").exists()
+    resumed = _worker(run_dir, "--prior", "16")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _ledger_state(run_dir) == _ledger_state(reference)
+    assert json.loads((run_dir / "prior" / "prior.json").read_text()) == prior
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
@@ -488,8 +528,9 @@ def test_the_quality_gate_says_what_is_wrong_in_one_line(tmp_path):
     class PairwiseOnly:
         id, compare = "pairwise", ScriptedJudge.compare
 
-    with pytest.raises(UserError, match="scores one image"):
-        run_evolve(small_config(str(tmp_path / "pairwise"), min_teacher_score=0.5), judge=PairwiseOnly())
+    for setting in ({"min_teacher_score": 0.5}, {"prior_images": 8}):  # both need a VQA score, before any call
+        with pytest.raises(UserError, match=f"{next(iter(setting))} needs a judge that scores one image"):
+            run_evolve(small_config(str(tmp_path / "pairwise"), **setting), judge=PairwiseOnly())
 
 
 def test_until_pass_tournament_keeps_every_prompt_a_teacher_draws_right_for_fewer_calls(tmp_path):

@@ -7,7 +7,7 @@ by ROUGE-L, as self-instruct does.
 
 from .dedup import DEFAULT_THRESHOLD, Deduper, dedup, normalize
 from .grammar_writer import GrammarPromptWriter, exercises, structure
-from .openai_writer import OpenAIPromptWriter, OpenAIPromptWriterConfig, load_templates
+from .openai_writer import OpenAIPromptWriter, OpenAIPromptWriterConfig, load_templates, prime_writer
 from .parsing import parse_prompt_list
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "load_templates",
     "normalize",
     "parse_prompt_list",
+    "prime_writer",
     "structure",
 ]

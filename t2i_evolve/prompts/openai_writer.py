@@ -41,6 +41,7 @@ from .parsing import parse_prompt_list
 
 if TYPE_CHECKING:
     from ..data.ledger import Ledger
+    from ..protocols import PromptWriter
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +270,14 @@ def _with_retries(call: Callable[[], dict], retries: int, backoff_s: float) -> d
         except TransientError as e:
             log.warning("transient error (attempt %d of %d): %s", attempt + 1, retries + 1, e)
     return None
+
+
+def prime_writer(writer: PromptWriter, ledger: Ledger, round: int) -> None:
+    """An LLM writer drops near-copies of what it wrote before. What it wrote before is read from the ledger
+    (expansions and mutations of rounds before `round`), not kept in memory, so a rerun after a crash writes
+    what the first run did."""
+    if hasattr(writer, "accepted"):
+        writer.accepted = [rec.prompt for rec in ledger.records(None)
+                           if 0 < rec.round < round and rec.op in ("expand", "mutate")]
+    if hasattr(writer, "round"):
+        writer.round = round

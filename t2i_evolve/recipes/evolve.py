@@ -4,7 +4,7 @@ its teachers and evolves the training set, so the base learns from far fewer tea
     seed prompts -> teacher images (several teachers: the judge's tournament picks one per prompt; with
                     `min_teacher_score` it rejects wrong images, and `until_pass` asks the teachers in turn)
     for each round:
-        train the base on the active records (at `replay_share`, on some deleted ones too)
+        train the base on the active records (`replay_share`: some deleted ones; `prior_share`: its own, judged)
         sample the base on a share of the active prompts; the judge compares base vs teacher:
             base as good as the teacher -> delete the record (no more training compute on it) and, at
                                            `mutate_rate`, add a prompt of a new structure (`min_unseen_score`:
@@ -39,12 +39,13 @@ from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
+from ..prompts import prime_writer
 from ..train import TrainConfig, Trainer, TrainingSet
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
                     check_judge_serves, compare_pairs, confirm_teacher_better, held_out_prompts, judge_call_bounds,
-                    occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
+                    judged_base_images, occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
 
 
 class EvolveConfig(Config):
@@ -74,6 +75,10 @@ class EvolveConfig(Config):
         "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
     replay_share: float = Field(0.0, ge=0, lt=1, description="Share of each round's training on deleted records (paper: "
         "0): a set that deletions keep small is overtrained, and the base forgets what the deleted records taught.")
+    prior_images: int = Field(0, ge=0, description="Prior preservation: the base draws this many prompts (none held out) "
+        "before round 1; those the judge scores min_prior_score make prior_share of all training. 0: off (paper).")
+    prior_share: float = Field(0.3, gt=0, lt=1)
+    min_prior_score: float = Field(1.0, ge=0, le=1)
     batch_size: int = 16
     lr: float = 2e-3  # paper: 2e-5 for PixArt-alpha
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = Field(
@@ -134,8 +139,6 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                                             for spec in config.teachers], ledger)
     judge = judge or config.judge.build(ledger)
     check_judge_serves(config, judge)
-    if config.tournament == "until_pass" and config.min_teacher_score is None:
-        raise UserError("tournament: until_pass stops at the first image that passes the gate: set min_teacher_score")
     writer = writer or config.writer.build(config.grammar, ledger)
     held_out = held_out_prompts(config)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
@@ -147,6 +150,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
             run.seed_set()
+            run.prepare_prior(lambda: load_sampler(base))
             model_dir = base
             for r in range(1, config.rounds + 1):
                 done_file = out / "rounds" / f"{r:03d}" / "round.json"
@@ -204,7 +208,7 @@ class Run:
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
         votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
         self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), votes)
-        self.gate = QualityGate(judge, config.min_teacher_score)
+        self.gate, self.prior = QualityGate(judge, config.min_teacher_score), None
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
                                  max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
                                  train_past_teacher_budget=config.train_past_teacher_budget)
@@ -275,17 +279,26 @@ class Run:
             Trainer(train, self.training_set()).run()
         return round_dir / "model"
 
+    def prepare_prior(self, base) -> None:
+        """`prior_images`: the base's own images that the judge passed (`judged_base_images`), once per run."""
+        c, seed = self.config, stable_seed(self.config.seed, "prior")
+        if c.prior_images:
+            prompts = iid_prompts(c.grammar, c.prior_images, seed=seed, exclude=self.held_out)
+            self.spent.check_judge_room(len(prompts), "the prior images")
+            self.prior = judged_base_images(self.out / "prior", base, self.judge, prompts, seed, c.min_prior_score)
+
     def training_set(self) -> TrainingSet:
-        """The active records, and at `replay_share` the deleted ones (not the gate's rejects: those are wrong)."""
+        """The active records; the deleted ones at `replay_share` (not the gate's rejects: wrong); the prior's."""
         active = TrainingSet.from_ledger(self.ledger)
         deleted = [rec for rec in self.ledger.records("deleted") if rec.deleted_op == "delete" and rec.image_path]
         share = self.config.replay_share
-        return active.mixed_with(TrainingSet.from_records(self.ledger, deleted), share) if share and deleted else active
+        mixed = active.mixed_with(TrainingSet.from_records(self.ledger, deleted), share) if share and deleted else active
+        return mixed.mixed_with(self.prior, self.config.prior_share) if self.prior else mixed
 
     def evolve_set(self, r: int, base: Sampler) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""
         c = self.config
-        self._prime_writer(r)
+        prime_writer(self.writer, self.ledger, r)
         records = self._sampled(r)
         records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record)]
         base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
@@ -338,15 +351,6 @@ class Run:
         return unseen_variation_scores(self.writer, self.judge, base, [rec.prompt for rec in records],
                                        [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen,
                                        self.config.min_unseen_score, self.config.confirm_votes)
-
-    def _prime_writer(self, r: int) -> None:
-        """An LLM writer drops near-copies of what it wrote before. What it wrote before is read from the
-        ledger (rounds before `r`), not kept in memory, so a rerun after a crash writes what the first run did."""
-        if hasattr(self.writer, "accepted"):
-            self.writer.accepted = [rec.prompt for rec in self.ledger.records(None)
-                                    if 0 < rec.round < r and rec.op in ("expand", "mutate")]
-        if hasattr(self.writer, "round"):
-            self.writer.round = r
 
     def _expand(self, r: int, records: list) -> int:
         """The teacher beat the base (`records`: (record, why)): variations drawn by the record's teacher."""

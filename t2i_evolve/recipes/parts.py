@@ -14,6 +14,7 @@ Remote parts are imported on demand, so the shapes world never needs their depen
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -23,10 +24,12 @@ from pydantic import Field, ValidationError
 
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
+from ..judges.batch import compare_pairs, score_images
 from ..endpoints import EndpointConfig
 from ..errors import BudgetExhausted, ConfigError, UserError
 from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import SKILLS, Comparison, Generator, PromptWriter
+from ..train import TrainingSet
 from ..world.sampling import GrammarSlice, distinct_prompts
 from ..world.teachers import TeacherConfig, ProceduralTeacher
 
@@ -145,9 +148,12 @@ class WriterSpec(Config):
 
 def check_judge_serves(config, judge) -> None:
     """A one-line error, before any call, for a setting of `config` this judge cannot serve."""
-    for name in ("min_teacher_score", "min_unseen_score"):
-        if getattr(config, name) is not None and not callable(getattr(judge, "score", None)):
+    scoring = [name for name in ("min_teacher_score", "min_unseen_score") if getattr(config, name) is not None]
+    for name in scoring + ["prior_images"] * bool(getattr(config, "prior_images", 0)):
+        if not callable(getattr(judge, "score", None)):
             raise UserError(f"{name} needs a judge that scores one image (VQA); this one only compares")
+    if getattr(config, "tournament", "all") == "until_pass" and config.min_teacher_score is None:
+        raise UserError("tournament: until_pass stops at the first image that passes the gate: set min_teacher_score")
     confirm = getattr(config, "confirm_votes", None)
     if confirm and not getattr(judge, "samples", False):
         raise UserError("confirm_votes needs a judge that samples (kind: openai, temperature > 0); this one answers alike")
@@ -167,23 +173,6 @@ def judge_call_bounds(config, teachers: int, votes: int) -> tuple[int, int]:
     verdicts = max(votes, config.confirm_votes or 0) * (1 + (config.min_unseen_score is not None))
     expand_or_mutate = max(config.variations * per_draw(1), per_draw(teachers) * (config.mutate_rate > 0))
     return per_draw(teachers), verdicts + expand_or_mutate
-
-
-def compare_pairs(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], votes: int | None = None
-                  ) -> list[Comparison | None]:
-    """Judge many (image_a, image_b, prompt) pairs: concurrently when the judge can batch them. `votes`:
-    asks per verdict, majority deciding (a judge that samples; default: its own `votes`)."""
-    if hasattr(judge, "compare_many"):  # a verdict that failed or did not parse becomes None
-        return [verdict.comparison() for verdict in judge.compare_many(pairs, votes)]
-    return [judge.compare(a, b, prompt) for a, b, prompt in pairs]
-
-
-def score_images(judge, items: Sequence[tuple[Image.Image, str]], votes: int | None = None) -> list:
-    """VQA scores of many (image, prompt): concurrently when the judge can batch them (the same requests,
-    so the same cache keys, as one at a time). `votes`: as `compare_pairs`."""
-    if hasattr(judge, "score_many"):
-        return judge.score_many(items, votes)
-    return [judge.score(image, prompt) for image, prompt in items]
 
 
 def confirm_teacher_better(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,
@@ -216,6 +205,32 @@ def unseen_variation_scores(writer: PromptWriter, judge, base, prompts: Sequence
     if votes and low:
         scores |= zip(low, score_images(judge, [(images[i], variations[i]) for i in low], votes))
     return [None if v is None else (v, getattr(scores[i], "score", None)) for i, v in enumerate(variations)]
+
+
+def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts: Sequence[str], seed: int,
+                       min_score: float) -> TrainingSet | None:
+    """Prior preservation (DreamBooth's, with a judge to filter it): the base's own images of `prompts`,
+    those the judge scores at least `min_score` (VQA); None if it passes none. Trained on beside a small set
+    of teacher images, they keep the base from forgetting what it already drew right; they cost judge
+    calls and no teacher call. Kept in `folder` (`prior.json` written last), so a rerun reads them back;
+    one killed before that draws them again (`base()` loads the sampler; seeded) and the judge's answers
+    come from its cache."""
+    manifest = folder / "prior.json"
+    if not manifest.exists():
+        images = base().generate(list(prompts), occurrence_seeds(seed, prompts))
+        judge.round = 0
+        scores = score_images(judge, list(zip(images, prompts)))
+        kept = [i for i, score in enumerate(scores) if score is not None and score.score >= min_score]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in kept:
+            images[i].save(folder / f"{i:05d}.png")
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"judged": len(prompts), "min_score": min_score,
+                                   "kept": [{"prompt": prompts[i], "image": f"{i:05d}.png"} for i in kept]}, indent=2))
+        tmp.replace(manifest)
+    kept = json.loads(manifest.read_text())["kept"]
+    return TrainingSet.from_images([row["prompt"] for row in kept],
+                                   [Image.open(folder / row["image"]).convert("RGB") for row in kept]) if kept else None
 
 
 class QualityGate:
