@@ -184,6 +184,9 @@ def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _ledger_state(run_dir) == _ledger_state(reference)
     assert json.loads((run_dir / "prior" / "prior.json").read_text()) == prior
+    from t2i_evolve.errors import UserError
+    with pytest.raises(UserError, match="holds 16 prior images judged at 1; this config asks 8"):
+        run_evolve(small_config(str(run_dir), prior_images=8))  # another prior in the same folder: said, not mixed
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 

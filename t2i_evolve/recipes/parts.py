@@ -24,9 +24,9 @@ from pydantic import Field, ValidationError
 
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
-from ..judges.batch import compare_pairs, score_images
 from ..endpoints import EndpointConfig
 from ..errors import BudgetExhausted, ConfigError, UserError
+from ..judges.batch import compare_pairs, score_images
 from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import SKILLS, Comparison, Generator, PromptWriter
 from ..train import TrainingSet
@@ -228,7 +228,11 @@ def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts:
         tmp.write_text(json.dumps({"judged": len(prompts), "min_score": min_score,
                                    "kept": [{"prompt": prompts[i], "image": f"{i:05d}.png"} for i in kept]}, indent=2))
         tmp.replace(manifest)
-    kept = json.loads(manifest.read_text())["kept"]
+    made = json.loads(manifest.read_text())
+    if (made["judged"], made["min_score"]) != (len(prompts), min_score):
+        raise UserError(f"{folder} holds {made['judged']} prior images judged at {made['min_score']:g}; this config asks "
+                        f"{len(prompts)} at {min_score:g}: use a new output_dir")
+    kept = made["kept"]
     return TrainingSet.from_images([row["prompt"] for row in kept],
                                    [Image.open(folder / row["image"]).convert("RGB") for row in kept]) if kept else None
 
