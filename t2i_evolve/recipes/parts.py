@@ -26,6 +26,7 @@ from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from ..endpoints import EndpointConfig
 from ..errors import BudgetExhausted, ConfigError, UserError
+from ..eval.report import write_json
 from ..judges.batch import compare_pairs, score_images
 from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import SKILLS, Comparison, Generator, PromptWriter
@@ -224,10 +225,8 @@ def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts:
         folder.mkdir(parents=True, exist_ok=True)
         for i in kept:
             images[i].save(folder / f"{i:05d}.png")
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"judged": len(prompts), "min_score": min_score,
-                                   "kept": [{"prompt": prompts[i], "image": f"{i:05d}.png"} for i in kept]}, indent=2))
-        tmp.replace(manifest)
+        write_json(manifest, {"judged": len(prompts), "min_score": min_score,
+                              "kept": [{"prompt": prompts[i], "image": f"{i:05d}.png"} for i in kept]})
     made = json.loads(manifest.read_text())
     if (made["judged"], made["min_score"]) != (len(prompts), min_score):
         raise UserError(f"{folder} holds {made['judged']} prior images judged at {made['min_score']:g}; this config asks "
