@@ -12,6 +12,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.protocols import Comparison
@@ -213,6 +215,21 @@ def test_a_run_stops_cleanly_once_the_judge_has_deleted_every_record_and_a_rerun
     again = run_evolve(config, judge=AlwaysTie())
     assert again["rounds"] == summary["rounds"] and again["stopped"] == summary["stopped"]
     assert again["teacher_calls"] == summary["teacher_calls"] == 24
+
+
+def test_a_set_emptied_at_the_teacher_budget_trains_on_what_it_bought_for_the_rounds_left(tmp_path):
+    """With `train_past_teacher_budget` the run was given its rounds whatever it spent: a set the judge empties once
+    the budget is spent does not end it; rounds 2 and 3 train on the deleted records (and judge nothing)."""
+    config = small_config(str(tmp_path), rounds=3, mutate_rate=0.0, max_teacher_calls=24, train_past_teacher_budget=True)
+    summary = run_evolve(config, judge=AlwaysTie())
+    assert summary["stopped"] is None and [row["round"] for row in summary["rounds"]] == [1, 2, 3]
+    assert [row["active"] for row in summary["rounds"]] == [24, 0, 0] and summary["teacher_calls"] == 24
+    assert [row["ops"]["judged"] for row in summary["rounds"]] == [24, 0, 0]
+    weights = [load_file(tmp_path / "rounds" / f"{r:03d}" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+               for r in (1, 3)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # rounds 2 and 3 trained
+    again = run_evolve(config, judge=AlwaysTie())
+    assert again["rounds"] == summary["rounds"] and again["teacher_calls"] == 24
 
 
 class FakeBase:

@@ -40,7 +40,7 @@ from ..judges import PixelJudge
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import prime_writer
-from ..train import TrainConfig, Trainer, TrainingSet
+from ..train import TrainConfig, Trainer, TrainingSet, evolving_set, replayable_records
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
@@ -106,7 +106,8 @@ class EvolveConfig(Config):
         "(teacher better; memorized) is asked again to this many votes, majority deciding, first ask reused, so a noisy "
         "judge does not spend the budget on what the base draws. Needs a judge that samples. None: one ask (the paper).")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
-    train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but judge and train on.")
+    train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but judge and train on "
+                                            "(a set the judge empties then trains on its deleted records).")
     max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this much.")
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly before the judge is asked more than "
                                         "this many times (a round judges only the records whose worst case fits).")
@@ -164,7 +165,10 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     row = {"round": r}
                     if config.evolve and config.judge_first:  # judged on the model the round starts from
                         row["ops"] = run.evolve_set(r, load_sampler(model_dir))
-                    if ledger.count() == 0:  # (a round that started goes on when rerun: its deletions came after)
+                    # Emptied: done, unless told to train past the teacher budget: then the rounds left train
+                    # on the deleted records (`evolving_set`). A round that started goes on when rerun.
+                    at_budget = config.train_past_teacher_budget and run.spent.teacher_budget_spent()
+                    if ledger.count() == 0 and not (at_budget and replayable_records(ledger)):
                         stopped = "every record deleted: the base matches its teachers on the whole set"
                         break
                     write_json(start, row | {"teacher_calls": run.spent.teacher_calls(), "active": ledger.count()})
@@ -269,8 +273,9 @@ class Run:
         if not (round_dir / "model" / "model_index.json").exists():
             last = sorted((self.out / "rounds" / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
             done = int(last[-1].name.removeprefix("step-")) if last else 0  # steps the run has trained so far
+            rows = self.ledger.count() or len(replayable_records(self.ledger))  # none active: `evolving_set`
             steps = c.steps_per_round if c.max_epochs_per_round is None else min(
-                c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * self.ledger.count() / c.batch_size)))
+                c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
             shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay", "seed"})
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
@@ -288,12 +293,7 @@ class Run:
             self.prior = judged_base_images(self.out / "prior", base, self.judge, prompts, seed, c.min_prior_score)
 
     def training_set(self) -> TrainingSet:
-        """The active records; the deleted ones at `replay_share` (not the gate's rejects: wrong); the prior's."""
-        active = TrainingSet.from_ledger(self.ledger)
-        deleted = [rec for rec in self.ledger.records("deleted") if rec.deleted_op == "delete" and rec.image_path]
-        share = self.config.replay_share
-        mixed = active.mixed_with(TrainingSet.from_records(self.ledger, deleted), share) if share and deleted else active
-        return mixed.mixed_with(self.prior, self.config.prior_share) if self.prior else mixed
+        return evolving_set(self.ledger, self.config.replay_share, self.prior, self.config.prior_share)
 
     def evolve_set(self, r: int, base: Sampler) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""

@@ -1,7 +1,8 @@
 """Training: denoising fine-tuning through accelerate, with exact resume, EMA and LoRA."""
 
-from .data import TrainingSet, batch_indices
+from .data import TrainingSet, batch_indices, evolving_set, replayable_records
 from .lora import LoraSettings
 from .trainer import TrainConfig, Trainer
 
-__all__ = ["LoraSettings", "TrainConfig", "Trainer", "TrainingSet", "batch_indices"]
+__all__ = ["LoraSettings", "TrainConfig", "Trainer", "TrainingSet", "batch_indices", "evolving_set",
+           "replayable_records"]

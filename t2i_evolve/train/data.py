@@ -84,6 +84,27 @@ class TrainingSet:
         return self.images[indices if self.rows is None else self.rows[indices]].float() / 127.5 - 1.0
 
 
+def replayable_records(ledger) -> list:
+    """A ledger's deleted records that training may go back to: the judge's deletions (what the base had
+    learned), not the quality gate's rejects (wrong images)."""
+    return [rec for rec in ledger.records("deleted") if rec.deleted_op == "delete" and rec.image_path]
+
+
+def evolving_set(ledger, replay_share: float = 0.0, prior: TrainingSet | None = None,
+                 prior_share: float = 0.3) -> TrainingSet:
+    """What a judged, evolving set trains on: its active records, with the judge's deletions mixed in at
+    `replay_share` (a small set is overtrained, and the base forgets what it deleted) or alone where no
+    record is active, and `prior` (the base's own images) at `prior_share`."""
+    deleted = replayable_records(ledger)
+    if ledger.count() == 0:
+        mixed = TrainingSet.from_records(ledger, deleted)
+    elif replay_share and deleted:
+        mixed = TrainingSet.from_ledger(ledger).mixed_with(TrainingSet.from_records(ledger, deleted), replay_share)
+    else:
+        mixed = TrainingSet.from_ledger(ledger)
+    return mixed.mixed_with(prior, prior_share) if prior else mixed
+
+
 @lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
