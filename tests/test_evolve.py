@@ -454,6 +454,9 @@ def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_o
                 ledger.delete_record(rec.id, round=1, reason="base as good")
             ledger.delete_record(records[6].id, round=1, op="reject", reason="wrong image")
             sets[share] = run.training_set(), [r.prompt for r in records[7:]], [r.prompt for r in records[:6]]
+            for rec in records[7:]:  # none active (`train_past_teacher_budget` trains on): the deleted, once each
+                ledger.delete_record(rec.id, round=2, reason="base as good")
+            assert Counter(run.training_set().prompts) == Counter(r.prompt for r in records[:6] + records[7:])
     data, active, deleted = sets[0.0]
     assert Counter(data.prompts) == Counter(active)
     data, active, deleted = sets[0.4]
@@ -464,6 +467,10 @@ def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_o
     assert len(combos) == 1, combos
     own, theirs = combos[0]
     assert abs(theirs * len(deleted) / len(data) - 0.4) < 0.1 and len(data.images) == len(active) + len(deleted)
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.train import evolving_set
+    with pytest.raises(UserError, match="no active records"), Ledger(tmp_path / "empty") as empty:
+        evolving_set(empty, replay_share=0.4)  # nothing to train on: said, not an empty batch
 
 
 def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):

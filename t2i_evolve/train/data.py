@@ -96,7 +96,7 @@ def evolving_set(ledger, replay_share: float = 0.0, prior: TrainingSet | None = 
     `replay_share` (a small set is overtrained, and the base forgets what it deleted) or alone where no
     record is active, and `prior` (the base's own images) at `prior_share`."""
     deleted = replayable_records(ledger)
-    if ledger.count() == 0:
+    if ledger.count() == 0 and deleted:
         mixed = TrainingSet.from_records(ledger, deleted)
     elif replay_share and deleted:
         mixed = TrainingSet.from_ledger(ledger).mixed_with(TrainingSet.from_records(ledger, deleted), replay_share)
