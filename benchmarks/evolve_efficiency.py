@@ -1,12 +1,12 @@
 """Does the evolve recipe save teacher calls? Shapes world, same model, same training steps, side by side.
 
-1. Data efficiency: held-out score vs teacher calls for uniform data (random grammar prompts, no judge,
-   several dataset sizes) and for evolve (runs capped at several teacher-call budgets, each trained as
-   long as the uniform arms). Reports the calls each needs to reach the uniform runs' best score (less
-   `--tolerance`, the noise of that score), and the saving (uniform calls / evolve calls). `--control`
-   adds evolve with a judge that always prefers the teacher: the growing set without the verdicts.
-   `--part1-teachers gallery`: part 2's imperfect teachers instead of the strong one (uniform buys each
-   prompt from one at random; evolve through the tournament and the quality gate).
+1. Data efficiency: held-out score vs teacher calls for uniform data (random grammar prompts, no judge, several
+   dataset sizes) and for evolve (runs capped at several teacher-call budgets, each trained as long as the uniform
+   arms). Reports the calls each needs to reach the uniform runs' best score (less `--tolerance`, the noise of that
+   score), and the saving (uniform calls / evolve calls). `--control` adds evolve with a judge that always prefers
+   the teacher: the growing set without the verdicts. `--part1-teachers gallery`: part 2's imperfect teachers
+   instead of the strong one (uniform buys each prompt from one at random; evolve through the tournament and the
+   quality gate).
 2. Best of several teachers: gallery teachers that each lack a different skill. Students trained on
    (a) one teacher's images, (b) the judge's pick per prompt (a tournament), same prompts and steps; every
    student keeps only the images the judge scores at least `--min-teacher-score` (the recipe's quality gate:
@@ -160,7 +160,7 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     fields = {"min_unseen_score": args.min_unseen_score, "max_epochs_per_round": args.max_epochs_per_round,
               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share,
               "judge_first": args.judge_first, "prior_images": args.prior_images,
-              "prior_share": args.prior_share} | fields
+              "prior_share": args.prior_share, "base_draws": args.base_draws} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
                   "tournament": "until_pass"} | fields
@@ -234,7 +234,8 @@ def evolve_name(args, budget: int) -> str:
     replay = f"-replay-{args.replay_share:g}" if args.replay_share else ""
     first = "-judge-first" if args.judge_first else ""
     prior = f"-prior-{args.prior_images}-{args.prior_share:g}" if args.prior_images else ""
-    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}{first}{prior}"
+    draws = f"-draws-{args.base_draws}" if args.base_draws > 1 else ""
+    return f"evolve-{budget or 'uncapped'}{check}{epochs}{mutate}{replay}{first}{prior}{draws}"
 
 
 def noise_name(arm: str, rate: float, args) -> str:
@@ -434,9 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teachers", default=DEFICIT_TEACHERS,
                         help="Part 2's gallery teachers as id:p (the chance its skill breaks) or id:p:word/word "
                              "(breaks only on those color or shape words: a systematic blind spot), comma-separated.")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="Classifier-free guidance when sampling the base (held-out score, judged samples). "
-                             "Default: 1.0 (--quick), 1.5.")
+    parser.add_argument("--guidance", type=float, default=None, help="Classifier-free guidance when sampling the "
+                        "base (held-out score, judged samples). Default: 1.0 (--quick), 1.5.")
     parser.add_argument("--eval-prompts", type=int, default=None, help="Held-out prompts. Default: 128 (--quick), 256.")
     parser.add_argument("--max-groups", type=int, default=2, help="Prompts of 1 to this many object groups.")
     parser.add_argument("--max-count", type=int, default=3, help="Objects per group, at most (1 to 3).")
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Evolve's `max_epochs_per_round`: at most this many passes over the set a round.")
     parser.add_argument("--judge-first", action="store_true",
                         help="Evolve's `judge_first`: each round judges the model it starts from, then trains.")
+    parser.add_argument("--base-draws", type=int, default=1, help="Evolve's `base_draws`: a verdict that buys "
+                        "stands only if the base loses on this many draws.")
     parser.add_argument("--rare-words", default="", help="Comma-separated colors or shapes kept at --rare-weight "
                         "odds in every seed set (uniform's data, evolve's seeds): users' long tail; held-out is even.")
     parser.add_argument("--rare-weight", type=float, default=1.0)
@@ -462,12 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-images", type=int, default=1500)
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="Of batch 16.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
-    parser.add_argument("--judge-votes", type=int, default=1,
-                        help="Part 3: the noisy judge asks each verdict this many times (sampled, a seed each) "
-                             "and takes the majority (`votes` of the openai judge).")
-    parser.add_argument("--confirm-votes", type=int, default=None,
-                        help="Part 3 with part 1: the noisy evolve runs ask a verdict that buys teacher images "
-                             "again, to this many votes, the majority deciding (`confirm_votes`).")
+    parser.add_argument("--judge-votes", type=int, default=1, help="Part 3: the noisy judge asks each verdict this "
+                        "many times (sampled, a seed each), the majority deciding (`votes` of the openai judge).")
+    parser.add_argument("--confirm-votes", type=int, default=None, help="Part 3 with part 1: the noisy evolve runs ask "
+                        "a verdict that buys teacher images again, to this many votes (`confirm_votes`).")
     parser.add_argument("--tolerance", type=float, default=0.02,
                         help="Score both arms must reach: the best uniform score less this (about one standard "
                              "error of the held-out score at 128 prompts).")
@@ -516,23 +516,23 @@ def main() -> None:
     if args.gallery_part1 and args.control:
         parser.error("--control: the always-'teacher better' judge has no quality gate; not with --part1-teachers gallery")
     args.control = args.control or not (args.quick or args.gallery_part1)
-    args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
-                                                                   "50,150,500,1500")).split(",")]
+    args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else "50,150,500,1500")
+                                           ).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
     args.evolve_budgets = [int(b) for b in (args.evolve_budgets or ("0" if args.quick else "300,150,0")).split(",")]
     args.teachers = parse_teachers(parser, "--teachers", args.teachers)
     args.pretrain = parse_teachers(parser, "--pretrain", args.pretrain) if args.pretrain else None
     if args.pretrain and len(args.pretrain) > 1:
-        parser.error("--pretrain: one teacher")
+        parser.error("--pretrain: one teacher")  # (below: what every arm's config takes, checked before any trains)
     args.writer_keeps = [word for word in args.writer_keeps.split(",") if word]
     args.rare_words = [word for word in args.rare_words.split(",") if word]
     checked = {"max_count": args.max_count, "eval_draws": args.eval_draws, "writer": {"keep": args.writer_keeps},
                "max_epochs_per_round": args.max_epochs_per_round, "min_unseen_score": args.min_unseen_score,
                "min_teacher_score": args.min_teacher_score, "steps_per_round": args.pretrain_steps,
                "seed_prompts": args.pretrain_images, "rare_words": args.rare_words, "rare_weight": args.rare_weight,
-               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share,
+               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share, "base_draws": args.base_draws,
                "prior_images": args.prior_images, "prior_share": args.prior_share}
-    try:  # what every arm's config takes, checked before any arm trains
+    try:
         EvolveConfig(**checked)
     except ValidationError as e:
         field = e.errors()[0]["loc"][0]

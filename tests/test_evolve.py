@@ -419,6 +419,57 @@ def test_a_second_opinion_keeps_a_noisy_judge_from_buying_what_the_base_already_
     assert noisy_asks < confirmed_asks <= 80 + 4 * (wrong + confirmed["overturned"]) < 5 * 80, confirmed_asks
 
 
+class UnluckyBase:
+    """A base that never draws yellow and, like any diffusion model, draws the rest right on some seeds only
+    (odd ones here): one image of it says "teacher better" about prompts it usually gets right."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def generate(self, prompts, seeds):
+        from PIL import Image
+
+        drawn = self.teacher.generate(prompts, seeds)
+        return [Image.new("RGB", image.size, "white") if "yellow" in p or seed % 2 == 0 else image
+                for image, p, seed in zip(drawn, prompts, seeds)]
+
+
+def test_fresh_draws_of_the_base_spend_the_budget_on_the_skill_it_lacks_not_on_unlucky_images(tmp_path):
+    """With one image per verdict, the unlucky draws of prompts the base gets right on a retry are judged
+    "teacher better" (or, for the deletion check, memorized) and buy variations beside the yellow ones.
+    `base_draws: 3` judges those verdicts again on new draws: the unlucky ones are overturned and deleted,
+    every yellow record still buys its variations, and only the costly verdicts cost more judge calls."""
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import WriterSpec, cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+    outcomes = {}
+    for draws in (1, 3):
+        run_dir = tmp_path / f"draws-{draws}"
+        config = small_config(str(run_dir), max_groups=1, max_count=1, p_size=0.3, seed_prompts=48, mutate_rate=0.0,
+                              variations=2, min_unseen_score=1.0, base_draws=draws, writer=WriterSpec(keep=["color"]))
+        with Ledger(run_dir) as ledger:
+            run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
+                      config.writer.build(config.grammar), run_dir, held_out=[])
+            run.seed_set()
+            ops = run.evolve_set(1, UnluckyBase(teacher))
+            seeds = ledger.records(None, round=0)
+            outcomes[draws] = dict(
+                ops=ops, yellow={rec.id for rec in seeds if "yellow" in rec.prompt},
+                parents={rec.parent for rec in ledger.records(None, round=1) if rec.op == "expand"},
+                deleted={rec.id for rec in seeds if rec.status == "deleted"}, judge_calls=run.spent.judge_calls())
+    one, three = outcomes[1], outcomes[3]
+    yellow = one["yellow"]
+    assert yellow and yellow == three["yellow"] and one["ops"]["judged"] == three["ops"]["judged"] == 48
+    assert one["parents"] > yellow and one["ops"]["memorized"] > 0  # one draw: unlucky images buy too
+    assert "redrawn" not in one["ops"] and three["ops"]["redrawn"] > 0
+    assert three["parents"] == yellow and three["ops"]["memorized"] == 0  # three: the yellow records alone
+    assert len(three["deleted"]) == 48 - len(yellow) > len(one["deleted"])
+    assert three["ops"]["expand"] < one["ops"]["expand"]
+    assert one["judge_calls"] < three["judge_calls"] < 3 * one["judge_calls"]  # fresh draws for costly verdicts only
+
+
 def test_confirm_votes_needs_a_judge_that_samples(tmp_path):
     from t2i_evolve.errors import UserError
 

@@ -10,7 +10,8 @@ its teachers and evolves the training set, so the base learns from far fewer tea
                                            `mutate_rate`, add a prompt of a new structure (`min_unseen_score`:
                                            only if the base draws a fresh variation too; else expand)
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
-                                           (`confirm_votes`: only if more votes agree, for both expansions)
+                                           (`confirm_votes`: only if more votes agree, for both expansions;
+                                           `base_draws`: only if the base loses on fresh draws too)
         judge the base on held-out prompts
     (`judge_first`: each round judges and evolves the set before it trains, round 1 on the base itself)
 
@@ -37,6 +38,8 @@ from ..errors import BudgetExhausted, UserError
 from ..eval import evaluate
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
+from ..judges.batch import compare_pairs
+from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import prime_writer
@@ -44,8 +47,8 @@ from ..train import TrainConfig, Trainer, TrainingSet, evolving_set, replayable_
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    check_judge_serves, compare_pairs, confirm_teacher_better, held_out_prompts, judge_call_bounds,
-                    judged_base_images, occurrence_seeds, stable_seed, tournament, unseen_variation_scores)
+                    check_judge_serves, held_out_prompts, judge_call_bounds, judged_base_images,
+                    occurrence_seeds, sampled_records, stable_seed, tournament)
 
 
 class EvolveConfig(Config):
@@ -105,6 +108,9 @@ class EvolveConfig(Config):
     confirm_votes: int | None = Field(None, ge=2, description="A second opinion: a verdict that buys teacher images "
         "(teacher better; memorized) is asked again to this many votes, majority deciding, first ask reused, so a noisy "
         "judge does not spend the budget on what the base draws. Needs a judge that samples. None: one ask (the paper).")
+    base_draws: int = Field(1, ge=1, description="Images of the base behind a verdict that buys (teacher better; "
+        "memorized): it stands only if the base loses on each of up to this many draws (new seeds), so one unlucky "
+        "image of a skill the base has buys nothing. 1: one draw (the paper). Up to base_draws judge calls each.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
     train_past_teacher_budget: bool = Field(False, description="At the teacher budget, stop buying but judge and train on "
                                             "(a set the judge empties then trains on its deleted records).")
@@ -199,7 +205,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
                         ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
-                            op for op in ("reject", "memorized", "overturned")
+                            op for op in ("reject", "memorized", "overturned", "redrawn")
                             if any(op in row.get("ops", {}) for row in rounds)))
     return summary
 
@@ -299,13 +305,16 @@ class Run:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""
         c = self.config
         prime_writer(self.writer, self.ledger, r)
-        records = self._sampled(r)
+        records = sampled_records(self.ledger, r, c.sample_share, c.sample_all_below, c.seed)
         records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record)]
-        base_images = base.generate([rec.prompt for rec in records], [stable_seed(c.seed, r, rec.id) for rec in records])
+        seeds = [stable_seed(c.seed, r, rec.id) for rec in records]
+        base_images = base.generate([rec.prompt for rec in records], seeds)
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts, overturned = confirm_teacher_better(self.judge, pairs, self.compare(pairs, r), c.confirm_votes)
-        ops = ({"overturned": overturned} if c.confirm_votes else {}) | dict.fromkeys(
-            ("judged", "delete", "expand", "mutate", "unjudged") + ("memorized",) * (c.min_unseen_score is not None), 0)
+        verdicts, redrawn = redraw_teacher_better(self.judge, base, pairs, verdicts, seeds, c.base_draws, c.confirm_votes)
+        ops = ({"overturned": overturned} if c.confirm_votes else {}) | ({"redrawn": redrawn} if c.base_draws > 1 else {})
+        ops |= dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
+                             + ("memorized",) * (c.min_unseen_score is not None), 0)
         expand, as_good, mutate = [], [], []  # expand: (record, why)
         for rec, verdict in zip(records, verdicts):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
@@ -350,7 +359,7 @@ class Run:
         seen = {rec.prompt for rec in self.ledger.records(None)}  # every prompt a teacher drew for the base
         return unseen_variation_scores(self.writer, self.judge, base, [rec.prompt for rec in records],
                                        [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen,
-                                       self.config.min_unseen_score, self.config.confirm_votes)
+                                       self.config.min_unseen_score, self.config.confirm_votes, self.config.base_draws)
 
     def _expand(self, r: int, records: list) -> int:
         """The teacher beat the base (`records`: (record, why)): variations drawn by the record's teacher."""
@@ -382,18 +391,6 @@ class Run:
     def _new_seeds(self, prompts, parents, r: int) -> list[int]:
         """Seeds of a round's new prompts: a prompt already in the set gets a new image, not a copy."""
         return [stable_seed(self.config.seed, prompt, r, parent) for prompt, parent in zip(prompts, parents)]
-
-    def _sampled(self, r: int):
-        """The records the judge looks at in round `r`: a seeded share of those active when it began
-        (records it deleted itself still count, so a rerun of the round picks the same ones)."""
-        c = self.config
-        pool = [rec for rec in self.ledger.records(None) if rec.round < r and rec.image_path
-                and (rec.status == "active" or rec.deleted_round == r)]
-        if len(pool) <= c.sample_all_below:
-            return pool
-        k = math.ceil(c.sample_share * len(pool))
-        picked = np.random.default_rng(stable_seed(c.seed, r, "sample")).choice(len(pool), size=k, replace=False)
-        return [pool[i] for i in sorted(picked)]
 
     def compare(self, pairs, round: int):
         self.judge.round = round

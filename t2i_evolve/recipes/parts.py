@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 from PIL import Image
 from pydantic import Field, ValidationError
 
@@ -27,9 +28,9 @@ from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from ..endpoints import EndpointConfig
 from ..errors import BudgetExhausted, ConfigError, UserError
 from ..eval.report import write_json
-from ..judges.batch import compare_pairs, score_images
+from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
-from ..protocols import SKILLS, Comparison, Generator, PromptWriter
+from ..protocols import SKILLS, Generator, PromptWriter
 from ..train import TrainingSet
 from ..world.sampling import GrammarSlice, distinct_prompts
 from ..world.teachers import TeacherConfig, ProceduralTeacher
@@ -165,47 +166,16 @@ def check_judge_serves(config, judge) -> None:
 def judge_call_bounds(config, teachers: int, votes: int) -> tuple[int, int]:
     """The most judge calls (a) a prompt the tournament draws and (b) a judged record in its round may cost:
     gate scores per image and a comparison per challenger; the verdict (to `confirm_votes`) and the deletion
-    check, then its expansions or its mutation; each asked `votes` times. A round is sized by these, so
+    check, each on up to `base_draws` images of the base, then its expansions or its mutation; each asked
+    `votes` times. A round is sized by these, so
     `max_judge_calls` holds. `config` is an `EvolveConfig`."""
     def per_draw(drawn: int) -> int:
         compared = drawn - 1 if config.tournament == "all" else 0
         return (drawn * (config.min_teacher_score is not None) + compared) * votes
 
-    verdicts = max(votes, config.confirm_votes or 0) * (1 + (config.min_unseen_score is not None))
+    verdicts = max(votes, config.confirm_votes or 0) * (1 + (config.min_unseen_score is not None)) * config.base_draws
     expand_or_mutate = max(config.variations * per_draw(1), per_draw(teachers) * (config.mutate_rate > 0))
     return per_draw(teachers), verdicts + expand_or_mutate
-
-
-def confirm_teacher_better(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,
-                           votes: int | None) -> tuple[list[Comparison | None], int]:
-    """A second opinion where a verdict costs: base-vs-teacher `verdicts` of `pairs` that say "teacher better"
-    (each buys variations) asked again to `votes` asks, the majority deciding; with how many it overturned."""
-    again = [i for i, verdict in enumerate(verdicts) if verdict is not None and verdict.winner == "b"]
-    if not votes or not again:
-        return verdicts, 0
-    verdicts = list(verdicts)
-    for i, verdict in zip(again, compare_pairs(judge, [pairs[i] for i in again], votes)):
-        verdicts[i] = verdict
-    return verdicts, sum(verdicts[i] is None or verdicts[i].winner != "b" for i in again)
-
-
-def unseen_variation_scores(writer: PromptWriter, judge, base, prompts: Sequence[str], seeds: Sequence[int],
-                            seen: set[str], confirm_below: float = 0.0, votes: int | None = None
-                            ) -> list[tuple[str, float | None] | None]:
-    """Does the base draw what a prompt asks, or only the prompt it was trained on? Per prompt: a variation
-    of it not in `seen` (the prompts the base was taught), drawn by `base` (a `Sampler`) and scored by the
-    judge (VQA), as (variation, score); None where the writer gave no unseen variation. A score of None: the
-    judge failed after retries. Seeded per prompt (`seeds`), cached by the judge: a rerun asks nothing again.
-    A score below `confirm_below` is asked again with `votes` asks (a judge that samples), majority deciding."""
-    variations = [next((v for v in writer.variations(prompt, 4, seed=seed) if v not in seen), None)
-                  for prompt, seed in zip(prompts, seeds)]
-    todo = [i for i, v in enumerate(variations) if v is not None]
-    images = dict(zip(todo, base.generate([variations[i] for i in todo], [seeds[i] for i in todo]) if todo else []))
-    scores = dict(zip(todo, score_images(judge, [(images[i], variations[i]) for i in todo]) if todo else []))
-    low = [i for i in todo if scores[i] is not None and scores[i].score < confirm_below]
-    if votes and low:
-        scores |= zip(low, score_images(judge, [(images[i], variations[i]) for i in low], votes))
-    return [None if v is None else (v, getattr(scores[i], "score", None)) for i, v in enumerate(variations)]
 
 
 def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts: Sequence[str], seed: int,
@@ -387,6 +357,18 @@ class CallBudgets:
         if self.max_judge_calls is not None and needed > self.max_judge_calls:
             raise BudgetExhausted(f"judge budget too small: {what} may need {needed} judge calls, "
                                   f"max_judge_calls is {self.max_judge_calls}")
+
+
+def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: int) -> list:
+    """The records the judge looks at in round `r`: a seeded `share` of those active when it began (all of them
+    while there are `all_below` or fewer; records it deleted itself still count, so a rerun picks the same)."""
+    pool = [rec for rec in ledger.records(None) if rec.round < r and rec.image_path
+            and (rec.status == "active" or rec.deleted_round == r)]
+    if len(pool) <= all_below:
+        return pool
+    picked = np.random.default_rng(stable_seed(seed, r, "sample")).choice(len(pool), size=math.ceil(share * len(pool)),
+                                                                          replace=False)
+    return [pool[i] for i in sorted(picked)]
 
 
 def held_out_prompts(config) -> list[str]:
