@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--gate", action="store_true", help="min_teacher_score 0.5: the judge scores every teacher image")
     parser.add_argument("--judge-first", action="store_true", help="judge_first: judge, then train, each round")
     parser.add_argument("--prior", type=int, default=0, help="prior_images: the judge scores the base's own first")
+    parser.add_argument("--draws", type=int, default=1, help="base_draws: buying verdicts judged on fresh draws too")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def main() -> None:
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
     # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail
     config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5,
-                          judge_first=args.judge_first, prior_images=args.prior)
+                          judge_first=args.judge_first, prior_images=args.prior, base_draws=args.draws)
     run_evolve(config, teachers=[teacher], judge=judge)
 
 

@@ -152,6 +152,29 @@ def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_a
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
 
+def test_sigkill_while_the_base_draws_again_then_rerun_pays_no_call_twice(reference_run, tmp_path):
+    """`base_draws: 2`: round 1's "teacher better" verdicts and failed deletion checks are judged again on a
+    fresh draw of the base (the scripted judge answers by prompt, so none is overturned: more calls, the same
+    decisions). Killed at the judge's 30th call, among the fresh draws after round 1's 24 verdicts, the rerun
+    pays no call twice and ends with the uninterrupted run's ledger."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    assert _worker(reference, "--draws", "2").returncode == 0
+    rows = json.loads((reference / "summary.json").read_text())["rounds"]
+    one_draw = json.loads((reference_run / "summary.json").read_text())["rounds"]
+    assert rows[0]["ops"]["redrawn"] == 0 and rows[0]["ops"]["expand"] == one_draw[0]["ops"]["expand"] > 0
+    assert rows[0]["judge_calls"] > one_draw[0]["judge_calls"] + 16  # a fresh look for each costly verdict
+    killed = _worker(run_dir, "--draws", "2", "--kill-after", "30")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with Ledger(run_dir, create=False) as ledger:
+        pending = ledger.calls(caller="scripted", status="pending")
+        assert pending and pending[0].request["method"] == "compare" and not ledger.records(round=1)
+    resumed = _worker(run_dir, "--draws", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _ledger_state(run_dir) == _ledger_state(reference)
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
+        assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+
+
 def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_and_resume_after_sigkill(tmp_path):
     """`prior_images: 16`: before round 1 the base draws 16 random prompts (none held out) and the judge scores
     each; the images it passes (its score, by prompt hash, fails a quarter) make about `prior_share` (0.3) of
