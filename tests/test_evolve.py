@@ -481,13 +481,15 @@ def test_fresh_draws_of_the_base_spend_the_budget_on_the_skill_it_lacks_not_on_u
             outcomes[draws] = dict(
                 ops=ops, yellow={rec.id for rec in seeds if "yellow" in rec.prompt},
                 parents={rec.parent for rec in ledger.records(None, round=1) if rec.op == "expand"},
-                deleted={rec.id for rec in seeds if rec.status == "deleted"}, judge_calls=run.spent.judge_calls())
+                deleted={rec.id for rec in seeds if rec.status == "deleted"}, judge_calls=run.spent.judge_calls(),
+                fresh={rec.id for rec in seeds if rec.judge.get("on_a_fresh_draw")})
     one, three = outcomes[1], outcomes[3]
     yellow = one["yellow"]
     assert yellow and yellow == three["yellow"] and one["ops"]["judged"] == three["ops"]["judged"] == 48
     assert one["parents"] > yellow and one["ops"]["memorized"] > 0  # one draw: unlucky images buy too
     assert "redrawn" not in one["ops"] and three["ops"]["redrawn"] > 0
     assert three["parents"] == yellow and three["ops"]["memorized"] == 0  # three: the yellow records alone
+    assert len(three["fresh"]) == three["ops"]["redrawn"] and three["fresh"] <= three["deleted"] and not one["fresh"]
     assert len(three["deleted"]) == 48 - len(yellow) > len(one["deleted"])
     assert three["ops"]["expand"] < one["ops"]["expand"]
     assert one["judge_calls"] < three["judge_calls"] < 3 * one["judge_calls"]  # fresh draws for costly verdicts only

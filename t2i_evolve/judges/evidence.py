@@ -39,13 +39,13 @@ def confirm_teacher_better(judge, pairs: Sequence[tuple[Image.Image, Image.Image
 
 def redraw_teacher_better(judge, base, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,
                           seeds: Sequence[int], draws: int, votes: int | None = None
-                          ) -> tuple[list[Comparison | None], int]:
+                          ) -> tuple[list[Comparison | None], set[int]]:
     """A fresh look at the base where a verdict costs: each "teacher better" verdict of `pairs` (base image,
     teacher image, prompt; the base image drawn with `seeds[i]`) is judged again on up to `draws - 1` new
     images of the base (`base`: a `Sampler`; seeds `seeds[i] + k`) against the same teacher image, and
     stands only if the teacher wins every time. The first verdict that does not say "teacher better"
-    replaces it (None: the judge failed, no evidence). Returns the verdicts and how many it overturned."""
-    verdicts, overturned = list(verdicts), 0
+    replaces it (None: the judge failed, no evidence). Returns the verdicts and the indices it overturned."""
+    verdicts, overturned = list(verdicts), set()
     for k in range(1, draws):
         again = [i for i, verdict in enumerate(verdicts) if verdict is not None and verdict.winner == "b"]
         if not again:
@@ -54,7 +54,8 @@ def redraw_teacher_better(judge, base, pairs: Sequence[tuple[Image.Image, Image.
         fresh = compare_pairs(judge, [(image, pairs[i][1], pairs[i][2]) for i, image in zip(again, images)], votes)
         for i, verdict in zip(again, fresh):
             if verdict is None or verdict.winner != "b":
-                verdicts[i], overturned = verdict, overturned + 1
+                verdicts[i] = verdict
+                overturned.add(i)
     return verdicts, overturned
 
 

@@ -312,16 +312,18 @@ class Run:
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts, overturned = confirm_teacher_better(self.judge, pairs, self.compare(pairs, r), c.confirm_votes)
         verdicts, redrawn = redraw_teacher_better(self.judge, base, pairs, verdicts, seeds, c.base_draws, c.confirm_votes)
-        ops = ({"overturned": overturned} if c.confirm_votes else {}) | ({"redrawn": redrawn} if c.base_draws > 1 else {})
+        ops = {"overturned": overturned} if c.confirm_votes else {}
+        ops |= {"redrawn": len(redrawn)} if c.base_draws > 1 else {}
         ops |= dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
                              + ("memorized",) * (c.min_unseen_score is not None), 0)
         expand, as_good, mutate = [], [], []  # expand: (record, why)
-        for rec, verdict in zip(records, verdicts):
+        for i, (rec, verdict) in enumerate(zip(records, verdicts)):
             if verdict is None or verdict.winner not in ("a", "b", "tie"):
                 ops["unjudged"] += 1  # failed or unparseable: no evidence, no change
                 continue
             ops["judged"] += 1
             row = {"base_vs_teacher": verdict.winner, "score_base": verdict.score_a, "score_teacher": verdict.score_b}
+            row |= {"on_a_fresh_draw": True} if i in redrawn else {}  # (the first draw lost: `base_draws`)
             if verdict.winner == "b":
                 self.ledger.set_judge(rec.id, row, round=r)
                 expand.append((rec, "teacher better than base"))
