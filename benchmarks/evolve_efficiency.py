@@ -516,14 +516,14 @@ def main() -> None:
     if args.gallery_part1 and args.control:
         parser.error("--control: the always-'teacher better' judge has no quality gate; not with --part1-teachers gallery")
     args.control = args.control or not (args.quick or args.gallery_part1)
-    args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else "50,150,500,1500")
-                                           ).split(",")]
+    args.uniform_sizes = [int(n) for n in (args.uniform_sizes or ("100,300,1000" if args.quick else
+                                                                   "50,150,500,1500")).split(",")]
     args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
     args.evolve_budgets = [int(b) for b in (args.evolve_budgets or ("0" if args.quick else "300,150,0")).split(",")]
     args.teachers = parse_teachers(parser, "--teachers", args.teachers)
     args.pretrain = parse_teachers(parser, "--pretrain", args.pretrain) if args.pretrain else None
     if args.pretrain and len(args.pretrain) > 1:
-        parser.error("--pretrain: one teacher")  # (below: what every arm's config takes, checked before any trains)
+        parser.error("--pretrain: one teacher")
     args.writer_keeps = [word for word in args.writer_keeps.split(",") if word]
     args.rare_words = [word for word in args.rare_words.split(",") if word]
     checked = {"max_count": args.max_count, "eval_draws": args.eval_draws, "writer": {"keep": args.writer_keeps},
@@ -532,7 +532,7 @@ def main() -> None:
                "seed_prompts": args.pretrain_images, "rare_words": args.rare_words, "rare_weight": args.rare_weight,
                "mutate_rate": args.mutate_rate, "replay_share": args.replay_share, "base_draws": args.base_draws,
                "prior_images": args.prior_images, "prior_share": args.prior_share}
-    try:
+    try:  # what every arm's config takes, checked before any arm trains
         EvolveConfig(**checked)
     except ValidationError as e:
         field = e.errors()[0]["loc"][0]
