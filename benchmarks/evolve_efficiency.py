@@ -15,7 +15,7 @@
    `serve-judge --error-rate e`; with part 2, the student of the judge's picks again, its tournament and
    quality gate judged through that noisy server (error 0 is the in-process judge's student of part 2).
    `--confirm-votes n`: the noisy evolve runs ask a verdict that would buy teacher images again, to n votes.
-4. Cost: judge calls and wall time per evolve round.
+4. Cost: judge calls and wall time per evolve round; and every arm's last held-out score per skill.
 
     python benchmarks/evolve_efficiency.py --quick           # 1 and 2, one seed, 4,000 image views per arm
     python benchmarks/evolve_efficiency.py --seeds 0,1,2     # everything, several seeds, 48,000 views per arm
@@ -32,9 +32,8 @@ color the base missed, and evolve deletes only what the base also draws in an un
 capped at 50 and at 100 teacher calls. `--preset long-tail-12-seeds` is the same regime as the twelfth to
 eighteenth sessions ran it (12 seed prompts, 5 rounds of 150 steps, one cap of 100). Any flag given with a
 preset overrides its value; `--judge-first` (each round judges the model it starts from, then trains) adds to
-any preset (RESULTS.md, twentieth session).
-
-Every score is the pixel judge's DSG score on held-out prompts of the same slice (never trained on).
+any preset (RESULTS.md, twentieth session). Every score is the pixel judge's DSG score on held-out prompts of the
+same slice (never trained on).
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
-from evolve_report import print_table, summarize  # noqa: E402
+from evolve_report import final_skills, print_table, summarize  # noqa: E402
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have:
 # the judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt
@@ -111,7 +110,7 @@ def arm(config: EvolveConfig, **parts) -> dict:
             "judge_calls": summary["judge_calls"], "wall_s": time.perf_counter() - started,
             "curve": [(row["teacher_calls"], row["score"]) for row in rows if "score" in row],
             "rounds": [{k: row.get(k) for k in ("round", "teacher_calls", "judge_calls", "active", "ops", "score",
-                                                "wall_s")} for row in rows]}
+                                                "skills", "wall_s")} for row in rows]}
 
 
 def base_score_arm(args, root: Path, seed: int) -> float | None:
@@ -330,6 +329,7 @@ def data_efficiency(args, arms: dict) -> dict:
                    "by_budget": {budget or "none": {"final_score": run["final_score"], "calls": run["calls"],
                                                     "curve": run["curve"]} for budget, run in runs.items()}},
         "saving": best_n / calls_to_target if calls_to_target else None,
+        "skills": {name: final_skills(run["rounds"]) for name, run in arms.items() if isinstance(run, dict)},
     }
     if "control" in arms:
         run = arms["control"]

@@ -11,6 +11,25 @@ def mean_or_none(values):
     return statistics.fmean(values) if values else None
 
 
+def final_skills(rounds: list[dict]) -> dict[str, float] | None:
+    """The per-skill held-out scores of an arm's last evaluation (None if it was never evaluated)."""
+    return next((row["skills"] for row in reversed(rounds) if row.get("skills")), None)
+
+
+def print_skills(per_seed: list[dict], out) -> None:
+    """Each arm's last held-out score per skill: which skills the judge's data bought, and which the arm
+    lost on the way (a skill no held-out prompt asks scores 0 in every arm and is left out)."""
+    for r in per_seed:
+        arms = {name: skills for name, skills in r.get("skills", {}).items() if skills}
+        shown = [s for s in next(iter(arms.values()), {}) if any(skills[s] for skills in arms.values())]
+        if not shown:
+            continue
+        print(f"\n| seed {r['seed']}: arm, last evaluation | " + " | ".join(shown) + " |\n|---|"
+              + "---|" * len(shown), file=out)
+        for name, skills in arms.items():
+            print(f"| {name} | " + " | ".join(f"{skills[s]:.3f}" for s in shown) + " |", file=out)
+
+
 def summarize(per_seed: list[dict], wall_s: float) -> dict:
     """The issue's JSON line: means over seeds (per-seed values under `seeds`)."""
     line, floors = {}, {}
@@ -74,6 +93,7 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                 print(f"seed {r['seed']}: the base scores {r['base_score']:.3f} untrained, at or above the target "
                       f"{r['uniform']['target']:.3f}: its saving is vacuous; use a rate at which uniform data teaches it",
                       file=out)
+        print_skills(per_seed, out)
         print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |"
               "\n|---|---|---|---|---|", file=out)
         for r in per_seed:

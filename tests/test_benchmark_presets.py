@@ -1,5 +1,8 @@
 """The evolve benchmark's presets name real flags: `argparse.set_defaults` ignores a misspelt key, so a run
-reproduced by preset name would quietly use another setting."""
+reproduced by preset name would quietly use another setting. And its per-skill table shows each arm's last
+evaluation, without the skills no held-out prompt asks."""
+
+import io
 
 import sys
 from pathlib import Path
@@ -8,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import evolve_efficiency  # noqa: E402
+from evolve_report import final_skills, print_skills  # noqa: E402
 
 
 @pytest.mark.parametrize("preset", sorted(evolve_efficiency.PRESETS))
@@ -18,3 +22,19 @@ def test_every_preset_key_is_a_flag(preset):
 def test_a_misspelt_preset_key_is_caught(monkeypatch):
     monkeypatch.setitem(evolve_efficiency.PRESETS, "typo", {"evolve_seed_prompt": 24, "rounds": 10})
     assert evolve_efficiency.preset_flags_unknown(evolve_efficiency.build_parser(), "typo") == {"evolve_seed_prompt"}
+
+
+def test_the_skill_table_shows_each_arms_last_evaluation_and_only_asked_skills():
+    evolve_rounds = [{"round": 1, "skills": {"color": 0.5, "spatial": 0.0, "size": 0.9}},
+                     {"round": 2, "skills": {"color": 0.9, "spatial": 0.0, "size": 0.7}},
+                     {"round": 3, "skills": None}]  # trained, not evaluated
+    uniform_rounds = [{"round": 1}, {"round": 2, "skills": {"color": 0.8, "spatial": 0.0, "size": 0.85}}]
+    skills = {"uniform-100": final_skills(uniform_rounds), "evolve-50": final_skills(evolve_rounds),
+              "never-evaluated": final_skills([{"round": 1}])}
+    assert skills["evolve-50"] == {"color": 0.9, "spatial": 0.0, "size": 0.7}
+    assert skills["never-evaluated"] is None
+    out = io.StringIO()
+    print_skills([{"seed": 3, "skills": skills}], out)
+    lines = out.getvalue().strip().splitlines()
+    assert lines[0] == "| seed 3: arm, last evaluation | color | size |"
+    assert lines[2:] == ["| uniform-100 | 0.800 | 0.850 |", "| evolve-50 | 0.900 | 0.700 |"]
