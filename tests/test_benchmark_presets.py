@@ -3,7 +3,6 @@ reproduced by preset name would quietly use another setting. And its per-skill t
 evaluation, without the skills no held-out prompt asks."""
 
 import io
-
 import sys
 from pathlib import Path
 
