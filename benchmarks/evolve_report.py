@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 import sys
 
+from t2i_evolve.protocols import SKILLS
+
 
 def mean_or_none(values):
     values = [v for v in values if v is not None]
@@ -21,7 +23,7 @@ def print_skills(per_seed: list[dict], out) -> None:
     lost on the way (a skill no held-out prompt asks scores 0 in every arm and is left out)."""
     for r in per_seed:
         arms = {name: skills for name, skills in r.get("skills", {}).items() if skills}
-        shown = [s for s in next(iter(arms.values()), {}) if any(skills[s] for skills in arms.values())]
+        shown = [s for s in SKILLS if any(skills.get(s) for skills in arms.values())]
         if not shown:
             continue
         print(f"\n| seed {r['seed']}: arm, last evaluation | " + " | ".join(shown) + " |\n|---|"
