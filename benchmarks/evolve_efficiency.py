@@ -94,8 +94,8 @@ def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     """The settings every arm shares: model, slice, rounds, steps per round, evaluation."""
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
               "base_model": args.base_for.get(seed, args.base), "lr": args.lr, "lr_schedule": args.lr_schedule,
-              "warmup_steps": args.warmup_steps, "eval_prompts": args.eval_prompts, "eval_draws": args.eval_draws,
-              "sample_share": args.sample_share, "sample_all_below": args.sample_all_below,
+              "random_flip": args.random_flip, "warmup_steps": args.warmup_steps, "eval_prompts": args.eval_prompts,
+              "eval_draws": args.eval_draws, "sample_share": args.sample_share, "sample_all_below": args.sample_all_below,
               "max_groups": args.max_groups, "max_count": args.max_count, "p_size": args.p_size,
               "rare_words": args.rare_words, "rare_weight": args.rare_weight,
               "writer": WriterSpec(keep=args.writer_keeps), "sampler": SamplerConfig(steps=10, guidance=args.guidance)}
@@ -448,14 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Evolve's `max_epochs_per_round`: at most this many passes over the set a round.")
     parser.add_argument("--judge-first", action="store_true",
                         help="Evolve's `judge_first`: each round judges the model it starts from, then trains.")
+    parser.add_argument("--random-flip", action="store_true", help="Every arm trains on mirrored images too.")
     parser.add_argument("--base-draws", type=int, default=1, help="Evolve's `base_draws`: a verdict that buys "
                         "stands only if the base loses on this many draws.")
     parser.add_argument("--rare-words", default="", help="Comma-separated colors or shapes kept at --rare-weight "
                         "odds in every seed set (uniform's data, evolve's seeds): users' long tail; held-out is even.")
     parser.add_argument("--rare-weight", type=float, default=1.0)
     parser.add_argument("--mutate-rate", type=float, default=0.1, help="Evolve's chance of a new prompt per deletion.")
-    parser.add_argument("--replay-share", type=float, default=0.0,
-                        help="Evolve's `replay_share`: the share of its training on deleted records.")
+    parser.add_argument("--replay-share", type=float, default=0.0, help="Evolve's share of training on deleted records.")
     parser.add_argument("--prior-images", type=int, default=0, help="Evolve's `prior_images` (and `prior_share`):")
     parser.add_argument("--prior-share", type=float, default=0.3, help="the base's own images the judge passed.")
     parser.add_argument("--pretrain", default=None,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from t2i_evolve.errors import UserError
@@ -15,6 +16,7 @@ from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel
 from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet, batch_indices
+from t2i_evolve.train.trainer import mirror_prompt
 from t2i_evolve.world import GrammarPrompts, GrammarSlice, ProceduralTeacher
 
 HERE = Path(__file__).parent
@@ -73,6 +75,36 @@ def test_loss_falls_and_judge_score_rises(tiny_dir, tmp_path):
     after = score(tmp_path / "model")
     assert after["score"] >= before["score"] + 0.3, (before, after)
     assert after["skills"]["color"] > before["skills"]["color"]
+
+
+def test_random_flip_pairs_each_mirrored_image_with_its_mirrored_prompt(tiny_dir, tmp_path):
+    """Augmentation must keep the data true: a mirrored image of "A left of B" is "A right of B"."""
+    prompt = "a red circle left of a blue square"
+    image = ProceduralTeacher().generate([prompt], [0])[0]
+    mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    judge = PixelJudge()
+    assert mirror_prompt(prompt) == "a red circle right of a blue square" and mirror_prompt("leftover") == "leftover"
+    assert judge.score(mirrored, mirror_prompt(prompt)).score == 1.0 > judge.score(mirrored, prompt).score
+
+    data = TrainingSet.from_images([prompt], [image])
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=3, batch_size=8, random_flip=True,
+                         caption_dropout=0.0, ema_decay=None, checkpoint_every=1000, tracker="none")
+    trainer = Trainer(config, data)
+    seen = {"ids": [], "pixels": []}
+    for name, encode in [("ids", trainer.model.encode_tokens), ("pixels", trainer.model.encode_images)]:
+        def record(x, name=name, encode=encode):
+            seen[name].append(x.detach().clone())
+            return encode(x)
+        setattr(trainer.model, encode.__name__, record)
+    trainer.run()
+    ids, pixels = torch.cat(seen["ids"]), torch.cat(seen["pixels"])
+    own, flipped = data.pixels(torch.zeros(1, dtype=torch.long)), data.pixels(torch.zeros(1, dtype=torch.long)).flip(-1)
+    is_flipped = (pixels == flipped).flatten(1).all(1)
+    assert ((pixels == own).flatten(1).all(1) | is_flipped).all()  # every row is the image or its mirror
+    assert 0 < int(is_flipped.sum()) < len(pixels)  # both, at random
+    expected = torch.where(is_flipped[:, None], trainer.model.tokenize([mirror_prompt(prompt)]),
+                           trainer.model.tokenize([prompt]))
+    assert torch.equal(ids, expected)
 
 
 def _start(tiny_dir, out: Path, steps: int) -> subprocess.Popen:

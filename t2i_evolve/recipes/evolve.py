@@ -84,11 +84,11 @@ class EvolveConfig(Config):
     min_prior_score: float = Field(1.0, ge=0, le=1)
     batch_size: int = 16
     lr: float = 2e-3  # paper: 2e-5 for PixArt-alpha
-    lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = Field(
-        "constant_with_warmup", description="Over all rounds' steps (the rounds are one training run).")
+    lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"  # over all rounds
     snr_gamma: float | None = 5.0
     warmup_steps: int = 20  # paper: 1000
     ema_decay: float | None = 0.995  # paper: 0.9999
+    random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
@@ -282,7 +282,8 @@ class Run:
             rows = self.ledger.count() or len(replayable_records(self.ledger))  # none active: `evolving_set`
             steps = c.steps_per_round if c.max_epochs_per_round is None else min(
                 c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
-            shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay", "seed"})
+            shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
+                                           "seed", "random_flip"})
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                 steps=done + steps, schedule_steps=c.rounds * c.steps_per_round, **shared,

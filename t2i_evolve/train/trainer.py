@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -54,6 +55,8 @@ class TrainConfig(Config):
     max_grad_norm: float = 1.0
     ema_decay: float | None = Field(0.995, ge=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by '' (for CFG).")
+    random_flip: bool = Field(False, description="Mirror half the images left-right, and swap 'left' and 'right' in "
+                              "their prompts so that spatial prompts stay true: twice the views of a small set.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (5 is the usual value).")
     train_unet: bool = True
     train_text_encoder: bool = True
@@ -104,6 +107,8 @@ class Trainer:
             self.accelerator.register_for_checkpointing(self.ema)
         self.empty_prompt_ids = self.model.tokenize([""])
         self.prompt_ids = self.model.tokenize(data.prompts)  # once: the word pieces never change
+        if config.random_flip:  # the prompt of each row's mirrored image
+            self.mirrored_ids = self.model.tokenize([mirror_prompt(p) for p in data.prompts])
         self.step = 0
 
     def _trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -176,6 +181,10 @@ class Trainer:
                 pixels = self.data.pixels(indices)
                 rng = torch.Generator(acc.device).manual_seed(hash((c.seed, self.step, micro, acc.process_index)) % 2**63)
                 ids = self.prompt_ids[indices.to(self.prompt_ids.device)]
+                if c.random_flip:  # (drawn only when on: a run without it sees the same noise as before)
+                    flip = torch.rand(len(ids), generator=rng, device=acc.device) < 0.5
+                    pixels = torch.where(flip.cpu()[:, None, None, None], pixels.flip(-1), pixels)
+                    ids = torch.where(flip[:, None], self.mirrored_ids[indices.to(ids.device)], ids)
                 drop = torch.rand(len(ids), generator=rng, device=acc.device) < c.caption_dropout
                 ids = torch.where(drop[:, None], self.empty_prompt_ids.expand_as(ids), ids)
                 with acc.autocast():
@@ -284,3 +293,11 @@ def _enable_checkpointing(module: torch.nn.Module) -> None:
         if hasattr(module, method):
             getattr(module, method)()
             return
+
+
+_MIRRORED = {"left": "right", "right": "left"}
+
+
+def mirror_prompt(prompt: str) -> str:
+    """The prompt of a left-right mirrored image: 'left' and 'right' swapped, everything else kept."""
+    return re.sub(r"\b(left|right)\b", lambda m: _MIRRORED[m.group(1)], prompt)
