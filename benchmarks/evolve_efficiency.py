@@ -131,7 +131,7 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
     one seed's 6,000 steps diverged near the end (RESULTS.md). Returns its model folder."""
     (tid, (p, blind)), = args.pretrain.items()
     config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, lr_schedule="cosine", rounds=1,
-                         evolve=False, rare_words=[],  # the blind teacher, not a long tail, makes it miss a word
+                         evolve=False, rare_words=[], random_flip=False,  # a blind teacher; no tail, no flips
                          steps_per_round=args.pretrain_steps, seed_prompts=args.pretrain_images,
                          teachers=[TeacherSpec(id=tid, p=p, blind_to=blind)])
     summary = run_evolve(config)
@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Evolve's `max_epochs_per_round`: at most this many passes over the set a round.")
     parser.add_argument("--judge-first", action="store_true",
                         help="Evolve's `judge_first`: each round judges the model it starts from, then trains.")
-    parser.add_argument("--random-flip", action="store_true", help="Every arm trains on mirrored images too.")
+    parser.add_argument("--random-flip", action="store_true", help="Arms (not the pretraining) flip images.")
     parser.add_argument("--base-draws", type=int, default=1, help="Evolve's `base_draws`: a verdict that buys "
                         "stands only if the base loses on this many draws.")
     parser.add_argument("--rare-words", default="", help="Comma-separated colors or shapes kept at --rare-weight "

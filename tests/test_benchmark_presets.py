@@ -1,6 +1,6 @@
 """The evolve benchmark's presets name real flags: `argparse.set_defaults` ignores a misspelt key, so a run
 reproduced by preset name would quietly use another setting. And its per-skill table shows each arm's last
-evaluation, without the skills no held-out prompt asks."""
+evaluation, without the skills no held-out prompt asks. And a fine-tuning flag leaves the shared base alone."""
 
 import io
 import sys
@@ -37,3 +37,22 @@ def test_the_skill_table_shows_each_arms_last_evaluation_and_only_asked_skills()
     lines = out.getvalue().strip().splitlines()
     assert lines[0] == "| seed 3: arm, last evaluation | color | size |"
     assert lines[2:] == ["| uniform-100 | 0.800 | 0.850 |", "| evolve-50 | 0.900 | 0.700 |"]
+
+
+def test_random_flip_reaches_every_arm_but_not_the_bases_pretraining(monkeypatch, tmp_path):
+    """Flipped and unflipped runs of one seed must fine-tune the same base, or they compare two bases."""
+    parser = evolve_efficiency.build_parser()
+    parser.set_defaults(**evolve_efficiency.PRESETS["long-tail"])
+    args = parser.parse_args(["--random-flip", "--guidance", "3"])  # what `main` fills in, by hand:
+    args.pretrain, args.base_for, args.gallery_part1 = {"no-color": (1.0, ["yellow"])}, {}, False
+    args.writer_keeps, args.rare_words = ["color"], ["yellow"]
+    configs = {}
+
+    def run_evolve(config, **parts):
+        configs[Path(config.output_dir).name] = config
+        return {"final_score": 0.5, "teacher_calls": 0, "judge_calls": 0, "rounds": [{}]}
+
+    monkeypatch.setattr(evolve_efficiency, "run_evolve", run_evolve)
+    evolve_efficiency.pretrain_arm(args, tmp_path, seed=1)
+    evolve_efficiency.uniform_arm(args, tmp_path, seed=1, n=100)
+    assert configs["pretrain"].random_flip is False and configs["uniform-100"].random_flip is True
