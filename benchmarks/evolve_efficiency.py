@@ -95,6 +95,7 @@ def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
               "base_model": args.base_for.get(seed, args.base), "lr": args.lr, "lr_schedule": args.lr_schedule,
               "random_flip": args.random_flip, "warmup_steps": args.warmup_steps, "eval_prompts": args.eval_prompts,
+              "lora": {"rank": args.lora_rank} if args.lora_rank else None,
               "eval_draws": args.eval_draws, "sample_share": args.sample_share, "sample_all_below": args.sample_all_below,
               "max_groups": args.max_groups, "max_count": args.max_count, "p_size": args.p_size,
               "rare_words": args.rare_words, "rare_weight": args.rare_weight,
@@ -131,7 +132,7 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
     one seed's 6,000 steps diverged near the end (RESULTS.md). Returns its model folder."""
     (tid, (p, blind)), = args.pretrain.items()
     config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, lr_schedule="cosine", rounds=1,
-                         evolve=False, rare_words=[], random_flip=False,  # a blind teacher; no tail, no flips
+                         evolve=False, rare_words=[], random_flip=False, lora=None,  # blind; no tail, flips, LoRA
                          steps_per_round=args.pretrain_steps, seed_prompts=args.pretrain_images,
                          teachers=[TeacherSpec(id=tid, p=p, blind_to=blind)])
     summary = run_evolve(config)
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-first", action="store_true",
                         help="Evolve's `judge_first`: each round judges the model it starts from, then trains.")
     parser.add_argument("--random-flip", action="store_true", help="Arms (not the pretraining) flip images.")
+    parser.add_argument("--lora-rank", type=int, default=None, help="Arms (not the pretraining) train LoRA adapters.")
     parser.add_argument("--base-draws", type=int, default=1, help="Evolve's `base_draws`: a verdict that buys "
                         "stands only if the base loses on this many draws.")
     parser.add_argument("--rare-words", default="", help="Comma-separated colors or shapes kept at --rare-weight "
@@ -468,9 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "many times (sampled, a seed each), the majority deciding (`votes` of the openai judge).")
     parser.add_argument("--confirm-votes", type=int, default=None, help="Part 3 with part 1: the noisy evolve runs ask "
                         "a verdict that buys teacher images again, to this many votes (`confirm_votes`).")
-    parser.add_argument("--tolerance", type=float, default=0.02,
-                        help="Score both arms must reach: the best uniform score less this (about one standard "
-                             "error of the held-out score at 128 prompts).")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="Score both arms must reach: the best uniform "
+                        "score less this (about one standard error of the held-out score at 128 prompts).")
     parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny "
                                                      "model per seed); e.g. the demo's trained model.")
     parser.add_argument("--lr", type=float, default=2e-3, help="Learning rate of every arm (fine-tune a trained "
@@ -478,8 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--lr-schedule", default="constant_with_warmup", choices=["constant_with_warmup", "cosine"],
                         help="Over each arm's whole training (its rounds are one run).")
-    parser.add_argument("--parts", default=None, help="Comma-separated parts to run (1-3; default: 1,2 with "
-                                                      "--quick, else 1,2,3).")
+    parser.add_argument("--parts", default=None, help="Comma-separated parts to run (1-3; default: 1,2 with --quick).")
     parser.add_argument("--jobs", type=int, default=1,
                         help="Arms run side by side in this many processes, each with its share of the cores "
                              "(2 on a 2-core CPU: one thread each; 8 or more on a GPU machine).")

@@ -39,11 +39,11 @@ def test_the_skill_table_shows_each_arms_last_evaluation_and_only_asked_skills()
     assert lines[2:] == ["| uniform-100 | 0.800 | 0.850 |", "| evolve-50 | 0.900 | 0.700 |"]
 
 
-def test_random_flip_reaches_every_arm_but_not_the_bases_pretraining(monkeypatch, tmp_path):
-    """Flipped and unflipped runs of one seed must fine-tune the same base, or they compare two bases."""
+def test_random_flip_and_lora_reach_every_arm_but_not_the_bases_pretraining(monkeypatch, tmp_path):
+    """Runs of one seed with and without them must fine-tune the same base, or they compare two bases."""
     parser = evolve_efficiency.build_parser()
     parser.set_defaults(**evolve_efficiency.PRESETS["long-tail"])
-    args = parser.parse_args(["--random-flip", "--guidance", "3"])  # what `main` fills in, by hand:
+    args = parser.parse_args(["--random-flip", "--lora-rank", "4", "--guidance", "3"])  # what `main` fills in:
     args.pretrain, args.base_for, args.gallery_part1 = {"no-color": (1.0, ["yellow"])}, {}, False
     args.writer_keeps, args.rare_words = ["color"], ["yellow"]
     configs = {}
@@ -56,3 +56,4 @@ def test_random_flip_reaches_every_arm_but_not_the_bases_pretraining(monkeypatch
     evolve_efficiency.pretrain_arm(args, tmp_path, seed=1)
     evolve_efficiency.uniform_arm(args, tmp_path, seed=1, n=100)
     assert configs["pretrain"].random_flip is False and configs["uniform-100"].random_flip is True
+    assert configs["pretrain"].lora is None and configs["uniform-100"].lora.rank == 4

@@ -684,3 +684,26 @@ def test_an_image_that_passes_the_gate_wins_the_tournament_whatever_the_pairwise
     right_by_no_shape = [r for r in seeds if judge.score(no_shape.generate([r.prompt], [r.seed])[0], r.prompt).score == 1]
     assert right_by_no_shape and all(r.status == "active" for r in right_by_no_shape)  # none lost
     assert any(r.generator == "no-shape" for r in right_by_no_shape)  # won without the pairwise verdict
+
+
+def test_lora_rounds_carry_one_adapter_on_the_base_and_save_it_merged_once(tmp_path):
+    """Every round carries on training the same adapters over the base's own weights (a round's checkpoint
+    holds both, so it does not matter what model folder a round names) and saves base + B @ A: a round
+    that started from the last round's merged model would add the adapters twice."""
+    from t2i_evolve.models import T2IModel
+    summary = run_evolve(small_config(str(tmp_path), evolve=False, lora={"rank": 2}, ema_decay=None))
+    assert len(summary["rounds"]) == 2
+    base = dict(T2IModel.from_pretrained(tmp_path / "base").unet.named_parameters())
+    for r in (1, 2):
+        saved = dict(T2IModel.from_pretrained(tmp_path / "rounds" / f"{r:03d}" / "model").unet.named_parameters())
+        checkpoint = load_file(sorted((tmp_path / "rounds" / f"{r:03d}" / "checkpoints").glob("step-*"))[-1]
+                               / "model.safetensors")  # the UNet's state: base layers and adapters
+        adapted = [k.removesuffix(".lora_A.default.weight") for k in checkpoint if k.endswith(".lora_A.default.weight")]
+        assert adapted
+        for layer in adapted:
+            torch.testing.assert_close(checkpoint[f"{layer}.base_layer.weight"], base[f"{layer}.weight"])
+            delta = checkpoint[f"{layer}.lora_B.default.weight"] @ checkpoint[f"{layer}.lora_A.default.weight"]
+            assert delta.abs().max() > 0
+            torch.testing.assert_close(saved[f"{layer}.weight"], base[f"{layer}.weight"] + delta)
+        untouched = [n for n in base if not any(n.startswith(layer + ".") for layer in adapted)]
+        assert all(torch.equal(saved[n], base[n]) for n in untouched)

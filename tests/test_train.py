@@ -178,22 +178,23 @@ def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path
 def test_lora_trains_only_the_adapters_and_saves_merged_weights(tiny_dir, tmp_path):
     base = T2IModel.from_pretrained(tiny_dir)
     config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-2,
-                         warmup_steps=0, train_text_encoder=False, lora=LoraSettings(rank=4), ema_decay=None,
-                         tracker="none")
+                         warmup_steps=0, lora=LoraSettings(rank=4), ema_decay=None, tracker="none")
     trainer = Trainer(config, _teacher_set(16, seed=3))
-    trainable = {n for n, p in trainer.model.unet.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    targets = {"unet": ("to_q", "to_k", "to_v", "to_out"), "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    for part in targets:  # both parts, as `train_text_encoder` defaults to
+        trainable = {n for n, p in getattr(trainer.model, part).named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable), part
     trainer.run()
-    unet = trainer.model.unet
-    for name, param in base.unet.named_parameters():
-        wrapped = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        tuned = dict(unet.named_parameters()).get(name, dict(unet.named_parameters()).get(wrapped))
-        assert torch.equal(param, tuned), name  # base weights untouched
-    assert any(p.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_B" in n)
     saved = T2IModel.from_pretrained(tmp_path / "model")
-    changed = [n for n, p in saved.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])]
-    assert changed and all(any(t in n for t in ("to_q", "to_k", "to_v", "to_out")) for n in changed)
-    assert all(torch.equal(a, b) for a, b in zip(saved.text_encoder.parameters(), base.text_encoder.parameters()))
+    for part, names in targets.items():
+        tuned, original = dict(getattr(trainer.model, part).named_parameters()), getattr(base, part).named_parameters()
+        for name, param in original:
+            wrapped = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            assert torch.equal(param, tuned.get(name, tuned.get(wrapped))), name  # base weights untouched
+        assert any(p.abs().sum() > 0 for n, p in tuned.items() if "lora_B" in n), part
+        before = dict(getattr(base, part).named_parameters())
+        changed = [n for n, p in getattr(saved, part).named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all(any(t in n for t in names) for n in changed), part  # merged: only the targets moved
 
 
 def test_stable_diffusion_style_folder_trains(sd_dir, tmp_path):

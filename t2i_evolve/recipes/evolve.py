@@ -16,9 +16,8 @@ its teachers and evolves the training set, so the base learns from far fewer tea
     (`judge_first`: each round judges and evolves the set before it trains, round 1 on the base itself)
 
 Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the
-ledger's call cache, and every decision is seeded by (seed, round, record), so a run killed at any
-point and started again with the same command pays for no call twice and ends with the same ledger.
-With `evolve: false` the same loop trains on the seed set alone: the uniform baseline.
+ledger's call cache, and every decision is seeded by (seed, round, record), so a run killed at any point and started
+again with the same command pays for no call twice and ends with the same ledger. `evolve: false`: the uniform baseline.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, uns
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import prime_writer
-from ..train import TrainConfig, Trainer, TrainingSet, evolving_set, replayable_records
+from ..train import LoraSettings, TrainConfig, Trainer, TrainingSet, evolving_set, replayable_records
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
@@ -89,6 +88,7 @@ class EvolveConfig(Config):
     warmup_steps: int = 20  # paper: 1000
     ema_decay: float | None = 0.995  # paper: 0.9999
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
+    lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
@@ -283,7 +283,7 @@ class Run:
             steps = c.steps_per_round if c.max_epochs_per_round is None else min(
                 c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
             shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
-                                           "seed", "random_flip"})
+                                           "seed", "random_flip", "lora"})
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                 steps=done + steps, schedule_steps=c.rounds * c.steps_per_round, **shared,

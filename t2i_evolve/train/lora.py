@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import Field
 
@@ -28,7 +28,9 @@ def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str) -> None
     targets = settings.unet_targets if part == "unet" else settings.text_encoder_targets
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
                         target_modules=targets, init_lora_weights="gaussian")
-    module.add_adapter(config)
+    # peft's own injection, not the libraries' `add_adapter`: transformers 5's demands a newer peft than
+    # the package index has, and this one does the same for any torch module.
+    inject_adapter_in_model(config, module)
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
 
