@@ -9,7 +9,10 @@ with AdamW at the same batch size; runs alternate (ours, reference, ours, ...) s
 Model FLOP utilisation = model FLOPs per training image (counted with torch's FlopCounterMode on one
 forward + backward) x images/s, over the machine's measured dense matmul FLOP/s, all in this run.
 
-    python benchmarks/train_throughput.py [--steps 30] [--batch 32] [--repeats 2] [--json]
+With `--lora-rank N` our trainer also runs with LoRA adapters of that rank on both parts (in the same
+alternation): what a round of `evolve` with `lora` costs against full fine-tuning.
+
+    python benchmarks/train_throughput.py [--steps 30] [--batch 32] [--repeats 2] [--lora-rank 16] [--json]
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, init_tiny_model
-from t2i_evolve.train import TrainConfig, Trainer, TrainingSet
+from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet
 from t2i_evolve.world import GrammarPrompts, GrammarSlice, ProceduralTeacher
 
 
@@ -59,9 +62,11 @@ def flops_per_image(model: T2IModel, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def run_ours(model_dir: str, data: TrainingSet, steps: int, batch: int, out: str) -> float:
+def run_ours(model_dir: str, data: TrainingSet, steps: int, batch: int, out: str,
+             lora_rank: int | None = None) -> float:
     config = TrainConfig(model=model_dir, output_dir=out, steps=steps + 5, batch_size=batch, warmup_steps=0,
-                         checkpoint_every=10**9, log_every=steps + 5, tracker="none")
+                         checkpoint_every=10**9, log_every=steps + 5, tracker="none",
+                         lora=LoraSettings(rank=lora_rank) if lora_rank else None)
     trainer = Trainer(config, data)
     trainer.config = config.model_copy(update={"steps": 5})  # warm-up steps, untimed
     while trainer.step < 5:
@@ -149,6 +154,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--lora-rank", type=int, default=None, help="Also time ours with LoRA of this rank.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -161,10 +167,12 @@ def main() -> None:
         model = T2IModel.from_pretrained(f"{tmp}/base", device=device)
         peak = matmul_flops(device)
         per_image = flops_per_image(model, args.batch)
-        ours, reference = [], []
+        ours, reference, lora = [], [], []
         for r in range(args.repeats):
             ours.append(run_ours(f"{tmp}/base", data, args.steps, args.batch, f"{tmp}/run{r}"))
             reference.append(run_reference(f"{tmp}/base", list(zip(images, prompts)), args.steps, args.batch))
+            if args.lora_rank:
+                lora.append(run_ours(f"{tmp}/base", data, args.steps, args.batch, f"{tmp}/lora{r}", args.lora_rank))
         sample = sampling_rate(model, args.sample_batch)
     best_ours, best_ref = max(ours), max(reference)
     result = {
@@ -180,6 +188,9 @@ def main() -> None:
         "sampling_images_per_s_ddim20": sample,
         "runs": {"ours": ours, "reference": reference},
     }
+    if lora:
+        result |= {"lora_rank": args.lora_rank, "ours_lora_images_per_s": max(lora)}
+        result["runs"]["ours_lora"] = lora
     if args.json:
         print(json.dumps(result))
         return
@@ -188,6 +199,8 @@ def main() -> None:
     print(f"{'loop':<12}{'images/s':>10}{'MFU':>8}")
     print(f"{'ours':<12}{best_ours:>10.1f}{result['ours_mfu']:>8.1%}")
     print(f"{'reference':<12}{best_ref:>10.1f}{result['reference_mfu']:>8.1%}")
+    if lora:
+        print(f"{f'ours, LoRA {args.lora_rank}':<12}{max(lora):>10.1f}{'':>8}  (the adapters only)")
     print(f"speedup {result['speedup']:.2f}x; sampling (DDIM 20 steps, batch {args.sample_batch}): {sample:.1f} images/s")
 
 
