@@ -67,9 +67,8 @@ from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
 from evolve_report import final_skills, print_table, summarize  # noqa: E402
 
-# Systematic blind spots (each teacher never draws some words right, the rest always), as real models have:
-# the judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt
-# at rate p instead; RESULTS.md has both measured.
+# Systematic blind spots (each teacher never draws some words right, the rest always), as real models have: the
+# judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt instead.
 DEFICIT_TEACHERS = "no-color:1:red/green/blue/yellow,no-shape:1:circle/square"
 
 # Named settings (`--preset`, the module docstring says what each is), each a set of flag defaults; the key
@@ -472,17 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "a verdict that buys teacher images again, to this many votes (`confirm_votes`).")
     parser.add_argument("--tolerance", type=float, default=0.02, help="Score both arms must reach: the best uniform "
                         "score less this (about one standard error of the held-out score at 128 prompts).")
-    parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny "
-                                                     "model per seed); e.g. the demo's trained model.")
+    parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny model "
+                        "per seed); e.g. the demo's trained model.")
     parser.add_argument("--lr", type=float, default=2e-3, help="Learning rate of every arm (fine-tune a trained "
                                                                  "--base at about 1e-4 to 3e-4).")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--lr-schedule", default="constant_with_warmup", choices=["constant_with_warmup", "cosine"],
                         help="Over each arm's whole training (its rounds are one run).")
     parser.add_argument("--parts", default=None, help="Comma-separated parts to run (1-3; default: 1,2 with --quick).")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="Arms run side by side in this many processes, each with its share of the cores "
-                             "(2 on a 2-core CPU: one thread each; 8 or more on a GPU machine).")
+    parser.add_argument("--jobs", type=int, default=1, help="Arms run side by side in this many processes, each "
+                        "with its share of the cores (2 on a 2-core CPU: one thread each; 8 or more on a GPU).")
     parser.add_argument("--out", default=None, help="Keep run folders here (default: a temp folder).")
     parser.add_argument("--json", action="store_true")
     return parser
@@ -531,12 +529,14 @@ def main() -> None:
                "min_teacher_score": args.min_teacher_score, "steps_per_round": args.pretrain_steps,
                "seed_prompts": args.pretrain_images, "rare_words": args.rare_words, "rare_weight": args.rare_weight,
                "mutate_rate": args.mutate_rate, "replay_share": args.replay_share, "base_draws": args.base_draws,
-               "prior_images": args.prior_images, "prior_share": args.prior_share}
+               "prior_images": args.prior_images, "prior_share": args.prior_share,
+               "lora": None if args.lora_rank is None else {"rank": args.lora_rank}}
     try:  # what every arm's config takes, checked before any arm trains
         EvolveConfig(**checked)
     except ValidationError as e:
-        field = e.errors()[0]["loc"][0]
-        flag = {"writer": "writer-keeps", "steps_per_round": "pretrain-steps", "seed_prompts": "pretrain-images"}.get(field, field)
+        field, *inner = e.errors()[0]["loc"]  # a nested field's flag names its key: lora.rank -> --lora-rank
+        flag = {"writer": "writer-keeps", "steps_per_round": "pretrain-steps", "seed_prompts": "pretrain-images"}.get(
+            field, "_".join(map(str, [field, *inner])))
         parser.error(f"--{flag.replace('_', '-')}: {e.errors()[0]['msg']}")
     if args.judge_votes < 1:
         parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")

@@ -57,3 +57,15 @@ def test_random_flip_and_lora_reach_every_arm_but_not_the_bases_pretraining(monk
     evolve_efficiency.uniform_arm(args, tmp_path, seed=1, n=100)
     assert configs["pretrain"].random_flip is False and configs["uniform-100"].random_flip is True
     assert configs["pretrain"].lora is None and configs["uniform-100"].lora.rank == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora-rank", "0"], "--lora-rank: Input should be greater than or equal to 1"),
+    (["--base-draws", "0"], "--base-draws: Input should be greater than or equal to 1"),
+    (["--writer-keeps", "hue"], "--writer-keeps: Input should be 'color' or 'shape'"),
+])
+def test_a_bad_flag_is_one_line_naming_the_flag_before_any_arm_trains(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["evolve_efficiency.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        evolve_efficiency.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
