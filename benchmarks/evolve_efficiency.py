@@ -94,7 +94,7 @@ def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
     shared = {"output_dir": str(out), "seed": seed, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
               "base_model": args.base_for.get(seed, args.base), "lr": args.lr, "lr_schedule": args.lr_schedule,
               "random_flip": args.random_flip, "warmup_steps": args.warmup_steps, "eval_prompts": args.eval_prompts,
-              "lora": {"rank": args.lora_rank} if args.lora_rank else None,
+              "lora": None if args.lora_rank is None else {"rank": args.lora_rank},  # as `main` checks it
               "eval_draws": args.eval_draws, "sample_share": args.sample_share, "sample_all_below": args.sample_all_below,
               "max_groups": args.max_groups, "max_count": args.max_count, "p_size": args.p_size,
               "rare_words": args.rare_words, "rare_weight": args.rare_weight,

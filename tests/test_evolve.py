@@ -687,9 +687,8 @@ def test_an_image_that_passes_the_gate_wins_the_tournament_whatever_the_pairwise
 
 
 def test_lora_rounds_carry_one_adapter_on_the_base_and_save_it_merged_once(tmp_path):
-    """Every round carries on training the same adapters over the base's own weights (a round's checkpoint
-    holds both, so it does not matter what model folder a round names) and saves base + B @ A: a round
-    that started from the last round's merged model would add the adapters twice."""
+    """Every round carries on training adapters over the base's own weights (its checkpoint holds both) and
+    saves the base plus exactly its adapters' B @ A, merged once: no other weight moves, in any round."""
     from t2i_evolve.models import T2IModel
     summary = run_evolve(small_config(str(tmp_path), evolve=False, lora={"rank": 2}, ema_decay=None))
     assert len(summary["rounds"]) == 2
