@@ -65,7 +65,7 @@ from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
-from evolve_report import final_skills, print_table, summarize  # noqa: E402
+from evolve_report import calls_to_reach, final_skills, pool_replicates, print_table, summarize  # noqa: E402
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have: the
 # judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt instead.
@@ -140,15 +140,15 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
     return str(root / "pretrain" / "rounds" / "001" / "model")
 
 
-def uniform_arm(args, root: Path, seed: int, n: int) -> dict:
+def uniform_arm(args, root: Path, seed: int, n: int, **fields) -> dict:
     """n random grammar prompts drawn once, no judge: by the strong teacher, or with `--part1-teachers
     gallery` each by one of part 2's teachers picked at random (what buying from several APIs without a
     judge gives)."""
     parts = {}
     if args.gallery_part1:
         parts["teachers"] = [AnyOneTeacher([spec.build(student_resolution(args)) for spec in teacher_specs(args)])]
-    return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False),
-               **parts)
+    return arm(base_config(args, root / f"uniform-{n}", seed, evolve=False, seed_prompts=n, eval_every_round=False,
+                           **fields), **parts)
 
 
 def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = None, **fields) -> dict:
@@ -249,8 +249,10 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
     arms = {}
     if 1 in parts:
         arms["base"] = (base_score_arm, (args, root, seed))
-        arms |= {f"uniform-{n}": (uniform_arm, (args, root, seed, n)) for n in args.uniform_sizes}
-        arms |= {f"evolve-{b}": (evolve_arm, (args, root, seed, b)) for b in args.evolve_budgets}
+        for k in range(args.train_seeds):  # k > 0: the same arm under another training seed, `pool_replicates`
+            at, tag, more = (root, "", {}) if k == 0 else (root / f"train-{k}", f"@{k}", {"train_seed": seed + 1000 * k})
+            arms |= {f"uniform-{n}{tag}": (partial(uniform_arm, **more), (args, at, seed, n)) for n in args.uniform_sizes}
+            arms |= {f"evolve-{b}{tag}": (partial(evolve_arm, **more), (args, at, seed, b)) for b in args.evolve_budgets}
         if args.control:  # the largest cap (0, no cap, when there is none)
             arms["control"] = (partial(evolve_arm, min_unseen_score=None, prior_images=0),  # (its judge cannot score)
                                (args, root / "control", seed, max(args.evolve_budgets), {"judge": TeacherAlwaysBetter()}))
@@ -322,12 +324,14 @@ def data_efficiency(args, arms: dict) -> dict:
         "base_score": base,
         "uniform": {"final_score": best, "calls": best_n, "target": target,
                     "by_size": {n: uniform[n]["final_score"] for n in uniform},
+                    "replicates": {n: uniform[n].get("replicates") for n in uniform},  # with --train-seeds
                     "gain_smallest_to_largest": gain, "rises_with_data": gain > 2 * args.tolerance,
                     "target_above_base": base is None or target > base},
         "evolve": {"calls_to_uniform_final": calls_to_target, "final_score": evolved["final_score"],
                    "calls": evolved["calls"], "curve": evolved["curve"], "rounds": evolved["rounds"],
                    "by_budget": {budget or "none": {"final_score": run["final_score"], "calls": run["calls"],
-                                                    "curve": run["curve"]} for budget, run in runs.items()}},
+                                                    "curve": run["curve"], "replicates": run.get("replicates")}
+                                 for budget, run in runs.items()}},
         "saving": best_n / calls_to_target if calls_to_target else None,
         "skills": {name: final_skills(run["rounds"]) for name, run in arms.items() if isinstance(run, dict)},
     }
@@ -347,14 +351,6 @@ class TeacherAlwaysBetter:
 
     def compare(self, image_a, image_b, prompt: str) -> Comparison:
         return Comparison("b", 0.0, 1.0)
-
-
-def calls_to_reach(runs, target: float) -> int | None:
-    """The fewest teacher calls behind a model that reached `target`, over every round of every evolve
-    run (a round is scored on the model trained on the calls made before it, with less training than a
-    uniform arm's final model had, which favours uniform)."""
-    reached = [calls for run in runs for calls, score in run["curve"] if score >= target]
-    return min(reached) if reached else None
 
 
 def student_resolution(args) -> int:
@@ -469,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "many times (sampled, a seed each), the majority deciding (`votes` of the openai judge).")
     parser.add_argument("--confirm-votes", type=int, default=None, help="Part 3 with part 1: the noisy evolve runs ask "
                         "a verdict that buys teacher images again, to this many votes (`confirm_votes`).")
+    parser.add_argument("--train-seeds", type=int, default=1, help="Part 1's uniform and evolve arms each train "
+                        "this many times (same data, another training seed) and count as their mean: a target and a "
+                        "curve less at the mercy of one training run's luck (RESULTS.md, twenty-seventh session).")
     parser.add_argument("--tolerance", type=float, default=0.02, help="Score both arms must reach: the best uniform "
                         "score less this (about one standard error of the held-out score at 128 prompts).")
     parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny model "
@@ -538,8 +537,9 @@ def main() -> None:
         flag = {"writer": "writer-keeps", "steps_per_round": "pretrain-steps", "seed_prompts": "pretrain-images"}.get(
             field, "_".join(map(str, [field, *inner])))
         parser.error(f"--{flag.replace('_', '-')}: {e.errors()[0]['msg']}")
-    if args.judge_votes < 1:
-        parser.error(f"--judge-votes: at least 1, not {args.judge_votes}")
+    for flag, value in (("train-seeds", args.train_seeds), ("judge-votes", args.judge_votes)):
+        if value < 1:
+            parser.error(f"--{flag}: at least 1, not {value}")
     if args.confirm_votes is not None and args.confirm_votes <= args.judge_votes:
         parser.error(f"--confirm-votes: more than --judge-votes ({args.judge_votes}), not {args.confirm_votes}")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -564,7 +564,7 @@ def main() -> None:
         except UserError as e:  # a bad --base and the like: one line, as the CLI prints it
             parser.exit(2, f"{parser.prog}: error: {e}\n")
         for seed in seeds:
-            arms = {name: result for (s, name), result in done.items() if s == seed}
+            arms = pool_replicates({name: result for (s, name), result in done.items() if s == seed})
             result = {"seed": seed}
             if 1 in parts:
                 result |= data_efficiency(args, arms)

@@ -71,6 +71,45 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
     return line | {"floors": floors, "seeds": per_seed, "wall_s": wall_s}
 
 
+def calls_to_reach(runs, target: float) -> int | None:
+    """The fewest teacher calls behind a model that reached `target`, over every round of every evolve
+    run (a round is scored on the model trained on the calls made before it, with less training than a
+    uniform arm's final model had, which favours uniform)."""
+    reached = [calls for run in runs for calls, score in run["curve"] if score >= target]
+    return min(reached) if reached else None
+
+
+def pool_replicates(arms: dict) -> dict:
+    """Each arm trained under several training seeds (`name`, `name@1`, ...; `--train-seeds`) as one arm
+    under its name: its final score, each round's score and per-skill scores are the replicates' means, and
+    each round's teacher calls the most any replicate had spent (so a pooled curve never claims a score on
+    fewer calls than one of its runs bought). `replicates` keeps each run's final score."""
+    groups = {}
+    for name, result in arms.items():
+        groups.setdefault(name.split("@")[0], []).append(result)
+    return {name: pooled(runs) if len(runs) > 1 else runs[0] for name, runs in groups.items()}
+
+
+def pooled(runs: list[dict]) -> dict:
+    rounds = []
+    for rows in zip(*(run["rounds"] for run in runs)):  # as far as the shortest run went
+        row = rows[0] | {"teacher_calls": max(r["teacher_calls"] for r in rows)}
+        if all(r.get("score") is not None for r in rows):
+            row["score"] = statistics.fmean(r["score"] for r in rows)
+            row["skills"] = {s: statistics.fmean(r["skills"][s] for r in rows) for s in rows[0]["skills"]}
+        rounds.append(row)
+    return {"final_score": statistics.fmean(run["final_score"] for run in runs),
+            "calls": max(run["calls"] for run in runs), "judge_calls": max(run["judge_calls"] for run in runs),
+            "wall_s": sum(run["wall_s"] for run in runs), "rounds": rounds,
+            "curve": [(row["teacher_calls"], row["score"]) for row in rounds if row.get("score") is not None],
+            "replicates": [run["final_score"] for run in runs]}
+
+
+def runs(replicates: list[float] | None) -> str:
+    """Each training replicate's final score, after their mean (`--train-seeds`); nothing for one run."""
+    return f" (runs: {' / '.join(f'{score:.3f}' for score in replicates)})" if replicates else ""
+
+
 def print_table(line: dict, per_seed: list[dict]) -> None:
     out = sys.stderr
     if "uniform" in line:
@@ -79,10 +118,13 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
             if r.get("base_score") is not None:
                 print(f"| seed {r['seed']} base, untrained | 0 | {r['base_score']:.3f} |", file=out)
             for n, score in r["uniform"]["by_size"].items():
-                print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f} |", file=out)
+                print(f"| seed {r['seed']} uniform {n} prompts | {n} | {score:.3f}{runs(r['uniform']['replicates'][n])} |",
+                      file=out)
             for budget, run in r["evolve"]["by_budget"].items():
                 for i, (calls, score) in enumerate(run["curve"], 1):
                     print(f"| seed {r['seed']} evolve, cap {budget}, round {i} | {calls} | {score:.3f} |", file=out)
+                if run["replicates"]:
+                    print(f"| seed {r['seed']} evolve, cap {budget}, last round | | {runs(run['replicates'])} |", file=out)
             if "control_no_judge" in r:
                 for i, (calls, score) in enumerate(r["control_no_judge"]["curve"], 1):
                     print(f"| seed {r['seed']} control (no judge), round {i} | {calls} | {score:.3f} |", file=out)

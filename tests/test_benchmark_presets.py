@@ -1,6 +1,7 @@
 """The evolve benchmark's presets name real flags: `argparse.set_defaults` ignores a misspelt key, so a run
 reproduced by preset name would quietly use another setting. And its per-skill table shows each arm's last
-evaluation, without the skills no held-out prompt asks. And a fine-tuning flag leaves the shared base alone."""
+evaluation, without the skills no held-out prompt asks. And a fine-tuning flag leaves the shared base alone.
+And `--train-seeds` replicates train apart on the same data and count as their mean."""
 
 import io
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import evolve_efficiency  # noqa: E402
-from evolve_report import final_skills, print_skills  # noqa: E402
+from evolve_report import calls_to_reach, final_skills, pool_replicates, print_skills  # noqa: E402
 
 
 @pytest.mark.parametrize("preset", sorted(evolve_efficiency.PRESETS))
@@ -69,3 +70,49 @@ def test_a_bad_flag_is_one_line_naming_the_flag_before_any_arm_trains(monkeypatc
     with pytest.raises(SystemExit) as exit_:
         evolve_efficiency.main()
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_train_seeds_replicate_each_part_1_arm_apart_with_its_own_training_seed(monkeypatch, tmp_path):
+    parser = evolve_efficiency.build_parser()
+    parser.set_defaults(**evolve_efficiency.PRESETS["long-tail"])
+    args = parser.parse_args(["--train-seeds", "3", "--guidance", "1.5"])
+    args.uniform_sizes, args.evolve_budgets, args.control = [100], [50], False  # what `main` fills in:
+    args.base_for, args.gallery_part1, args.writer_keeps, args.rare_words = {}, False, ["color"], ["yellow"]
+    arms = evolve_efficiency.plan_arms(args, tmp_path, seed=4, parts={1})
+    assert set(arms) == {"base", "uniform-100", "uniform-100@1", "uniform-100@2", "evolve-50", "evolve-50@1", "evolve-50@2"}
+    configs = {}
+
+    def run_evolve(config, **parts):
+        configs[str(Path(config.output_dir).relative_to(tmp_path))] = config
+        return {"final_score": 0.5, "teacher_calls": 0, "judge_calls": 0, "rounds": [{}]}
+
+    monkeypatch.setattr(evolve_efficiency, "run_evolve", run_evolve)
+    for name, (fn, fn_args) in arms.items():
+        if name != "base":
+            fn(*fn_args)
+    evolve = "evolve-50-unseen-1-mutate-1-replay-0.5"
+    assert {k: c.train_seed for k, c in configs.items()} == {
+        "uniform-100": None, "train-1/uniform-100": 1004, "train-2/uniform-100": 2004,  # the run's folder is the
+        evolve: None, f"train-1/{evolve}": 1004, f"train-2/{evolve}": 2004}              # first replicate's
+    assert len({c.seed for c in configs.values()}) == 1  # one data seed: the same prompts and draws
+
+
+def test_replicates_count_as_their_mean_and_each_round_as_the_most_calls_any_spent():
+    def run(final, curve, skills):
+        rounds = [{"round": i, "teacher_calls": calls, "score": score, "skills": {"color": s}}
+                  for i, ((calls, score), s) in enumerate(zip(curve, skills), 1)]
+        return {"final_score": final, "calls": curve[-1][0], "judge_calls": 10, "wall_s": 1.0, "rounds": rounds,
+                "curve": curve}
+
+    arms = {"base": 0.7, "uniform-100": run(0.8, [(100, 0.8)], [0.6]), "uniform-100@1": run(0.7, [(100, 0.7)], [0.4]),
+            "evolve-50": run(0.9, [(24, 0.6), (50, 0.9)], [0.5, 0.9]),
+            "evolve-50@1": run(0.7, [(30, 0.8), (48, 0.7)], [0.7, 0.5])}
+    pooled = pool_replicates(arms)
+    assert set(pooled) == {"base", "uniform-100", "evolve-50"} and pooled["base"] == 0.7
+    assert pooled["uniform-100"]["final_score"] == pytest.approx(0.75)
+    assert pooled["uniform-100"]["replicates"] == [0.8, 0.7]
+    evolve = pooled["evolve-50"]
+    assert evolve["curve"] == [(30, pytest.approx(0.7)), (50, pytest.approx(0.8))]
+    assert final_skills(evolve["rounds"]) == {"color": pytest.approx(0.7)} and evolve["calls"] == 50
+    # one lucky replicate no longer sets the calls to a target: 0.9 at 50 calls alone, not in the mean
+    assert calls_to_reach([arms["evolve-50"]], 0.85) == 50 and calls_to_reach([evolve], 0.85) is None

@@ -557,6 +557,24 @@ def test_uniform_baseline_trains_on_the_seed_set_only(tmp_path):
     assert 0 <= summary["final_score"] <= 1
 
 
+def test_a_training_replicate_buys_the_same_images_and_trains_other_weights(tmp_path):
+    """`train_seed` (the benchmark's `--train-seeds`): a replicate's data is the run's (prompts and draws are
+    seeded by `seed`), its batch order and noise are not; `train_seed` equal to `seed` is the run itself."""
+    from t2i_evolve.models import T2IModel
+    names = {"run": None, "same": 0, "replicate": 1000}
+    for name, train_seed in names.items():
+        run_evolve(small_config(str(tmp_path / name), evolve=False, rounds=1, steps_per_round=3, eval_prompts=0,
+                                train_seed=train_seed))
+    data, weights = {}, {}
+    for name in names:
+        with Ledger(tmp_path / name, create=False) as ledger:
+            data[name] = [(r.prompt, r.seed, ledger.load_image(r.image_path).tobytes()) for r in ledger.records(None)]
+        weights[name] = dict(T2IModel.from_pretrained(tmp_path / name / "rounds" / "001" / "model").unet.named_parameters())
+    assert data["run"] == data["same"] == data["replicate"] and len(data["run"]) == 24
+    assert all(torch.equal(weights["run"][k], weights["same"][k]) for k in weights["run"])
+    assert not all(torch.equal(weights["run"][k], weights["replicate"][k]) for k in weights["run"])
+
+
 def test_an_epoch_cap_trains_a_small_set_for_fewer_steps_and_the_rounds_stay_one_run(tmp_path):
     """`max_epochs_per_round: 1`: round 1 has 24 records, batch 8, so it trains 3 steps, not 6; the judge then
     expands the set past 48 records and round 2 trains its full 6, carrying on from step 3."""

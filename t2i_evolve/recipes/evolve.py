@@ -124,6 +124,7 @@ class EvolveConfig(Config):
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
                         "auto (a GPU when there is one), cpu, cuda, cuda:1. Training goes through accelerate.")
     seed: int = 0
+    train_seed: int | None = None  # the trainer's batch order and noise; None: seed. Another: a replicate
 
     @property
     def grammar(self) -> GrammarSlice:
@@ -216,8 +217,7 @@ class Run:
     def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = config, ledger, teachers, judge, writer, out
         self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
-        votes = getattr(judge, "votes", 1)  # requests per verdict, for the judge budget
-        self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), votes)
+        self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), judge)
         self.gate, self.prior = QualityGate(judge, config.min_teacher_score), None
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
                                  max_teacher_price=config.max_teacher_price, max_judge_calls=config.max_judge_calls,
@@ -283,7 +283,7 @@ class Run:
             steps = c.steps_per_round if c.max_epochs_per_round is None else min(
                 c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
             shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
-                                           "seed", "random_flip", "lora"})
+                                           "random_flip", "lora"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
             train = TrainConfig(
                 model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                 steps=done + steps, schedule_steps=c.rounds * c.steps_per_round, **shared,

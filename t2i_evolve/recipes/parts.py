@@ -163,11 +163,14 @@ def check_judge_serves(config, judge) -> None:
         raise UserError(f"confirm_votes ({confirm}) asks again: more than the judge's own votes ({judge.votes})")
 
 
-def judge_call_bounds(config, teachers: int, votes: int) -> tuple[int, int]:
+def judge_call_bounds(config, teachers: int, judge) -> tuple[int, int]:
     """The most judge calls (a) a prompt the tournament draws and (b) a judged record in its round may cost:
     gate scores per image and a comparison per challenger; the verdict (to `confirm_votes`) and the deletion
     check, each on up to `base_draws` images of the base, then its expansions or its mutation; each asked
-    `votes` times. A round is sized by these, so `max_judge_calls` holds. `config` is an `EvolveConfig`."""
+    the judge's `votes` times (requests per verdict; 1 without). A round is sized by these, so
+    `max_judge_calls` holds. `config` is an `EvolveConfig`."""
+    votes = getattr(judge, "votes", 1)
+
     def per_draw(drawn: int) -> int:
         compared = drawn - 1 if config.tournament == "all" else 0
         return (drawn * (config.min_teacher_score is not None) + compared) * votes
