@@ -465,9 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "many times (sampled, a seed each), the majority deciding (`votes` of the openai judge).")
     parser.add_argument("--confirm-votes", type=int, default=None, help="Part 3 with part 1: the noisy evolve runs ask "
                         "a verdict that buys teacher images again, to this many votes (`confirm_votes`).")
-    parser.add_argument("--train-seeds", type=int, default=1, help="Part 1's uniform and evolve arms each train "
-                        "this many times (same data, another training seed) and count as their mean: a target and a "
-                        "curve less at the mercy of one training run's luck (RESULTS.md, twenty-seventh session).")
+    parser.add_argument("--train-seeds", type=int, default=1, help="Part 1's uniform and evolve arms (not the "
+                        "control) each train this many times (same data, another `train_seed`) and count as their "
+                        "mean: a target and a curve less at the mercy of one run's luck (RESULTS.md, 27th session).")
     parser.add_argument("--tolerance", type=float, default=0.02, help="Score both arms must reach: the best uniform "
                         "score less this (about one standard error of the held-out score at 128 prompts).")
     parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny model "

@@ -64,6 +64,7 @@ def test_random_flip_and_lora_reach_every_arm_but_not_the_bases_pretraining(monk
     (["--lora-rank", "0"], "--lora-rank: Input should be greater than or equal to 1"),
     (["--base-draws", "0"], "--base-draws: Input should be greater than or equal to 1"),
     (["--writer-keeps", "hue"], "--writer-keeps: Input should be 'color' or 'shape'"),
+    (["--train-seeds", "0"], "--train-seeds: at least 1, not 0"),
 ])
 def test_a_bad_flag_is_one_line_naming_the_flag_before_any_arm_trains(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sys, "argv", ["evolve_efficiency.py", *argv])
