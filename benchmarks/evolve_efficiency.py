@@ -40,13 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -59,13 +56,13 @@ from t2i_evolve.errors import ConfigError, UserError
 from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, TinyModelConfig
-from t2i_evolve.progress import progress_bar
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
 from evolve_report import calls_to_reach, final_skills, pool_replicates, print_table, summarize  # noqa: E402
+from side_by_side import run_arms  # noqa: E402
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have: the
 # judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt instead.
@@ -267,42 +264,6 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
                  (student_arm, (args, root, seed, noise_name("judged-noise", rate, args), teacher_specs(args), rate))
                  for rate in args.judge_errors if rate}
     return arms
-
-
-def run_arms(arms: dict, jobs: int) -> dict:
-    """Run every arm; with jobs > 1 in that many worker processes, each with its share of the CPU cores
-    (on a GPU they share the device). Arms share no state: each is seeded by its own config."""
-    if jobs <= 1:
-        results = {}
-        with progress_bar("arms", len(arms)) as advance:
-            for name, (fn, fn_args) in arms.items():
-                results[name] = fn(*fn_args)
-                advance(status=name)
-        return results
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=quiet_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, *fn_args): name for name, (fn, fn_args) in arms.items()}
-        results = {}
-        with progress_bar(f"arms ({jobs} at a time)", len(arms)) as advance:
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    advance(status=futures[future])
-            except BaseException:  # one arm failed (or Ctrl-C): start no more, report it now
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    return {name: results[name] for name in arms}
-
-
-def quiet_worker(threads: int) -> None:
-    """A worker's share of the cores, and no progress bars of its own (the parent draws one for all)."""
-    import torch
-
-    from t2i_evolve import progress
-
-    torch.set_num_threads(threads)
-    progress.console.quiet = True
 
 
 def data_efficiency(args, arms: dict) -> dict:

@@ -1,0 +1,61 @@
+"""Independent jobs (a benchmark's arms) run side by side in worker processes, each with its share of the cores.
+
+A worker ends with its parent: a benchmark stopped by SIGTERM or SIGKILL (no Ctrl-C reaching its workers) leaves
+no arm training on, holding the cores the next run or CI would measure on. Killing an arm mid-round loses
+nothing: every arm is an evolve run, and a rerun with the same `--out` resumes it from its ledger.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing.connection import wait
+
+from t2i_evolve.progress import progress_bar
+
+
+def run_arms(arms: dict, jobs: int) -> dict:
+    """Run every arm, name -> (function, arguments); with jobs > 1 in that many worker processes (on a GPU
+    they share the device). Arms share no state: each is seeded by its own config. Returns name -> result,
+    in the order given."""
+    if jobs <= 1:
+        results = {}
+        with progress_bar("arms", len(arms)) as advance:
+            for name, (fn, fn_args) in arms.items():
+                results[name] = fn(*fn_args)
+                advance(status=name)
+        return results
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=start_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, *fn_args): name for name, (fn, fn_args) in arms.items()}
+        results = {}
+        with progress_bar(f"arms ({jobs} at a time)", len(arms)) as advance:
+            try:
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    advance(status=futures[future])
+            except BaseException:  # one arm failed (or Ctrl-C): start no more, report it now
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    return {name: results[name] for name in arms}
+
+
+def start_worker(threads: int) -> None:
+    """A worker's share of the cores, no progress bars of its own (the parent draws one for all), and a
+    watch on its parent that ends the worker when the parent is gone, however it ended."""
+    import torch
+
+    from t2i_evolve import progress
+
+    torch.set_num_threads(threads)
+    progress.console.quiet = True
+    threading.Thread(target=exit_with, args=(multiprocessing.parent_process().sentinel,), daemon=True).start()
+
+
+def exit_with(parent_sentinel: int) -> None:
+    """Block until the parent process ends (its sentinel turns ready), then end this process at once."""
+    wait([parent_sentinel])
+    os._exit(1)
