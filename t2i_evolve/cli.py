@@ -383,7 +383,7 @@ def _open_ledger(run_dir: Path):
 
 @ledger_app.command("stats")
 def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Counts of records, operations per round, and calls per caller."""
+    """Counts of records (active, deleted), and of operations and calls (per caller) per round."""
     stats = _open_ledger(run_dir).stats()
     if as_json:
         _print_json(stats)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.protocols import Comparison
-from t2i_evolve.recipes.evolve import held_out_prompts, run_evolve
+from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from evolve_worker import ScriptedJudge, small_config  # noqa: E402
@@ -238,6 +238,16 @@ def test_a_run_stops_cleanly_once_the_judge_has_deleted_every_record_and_a_rerun
     again = run_evolve(config, judge=AlwaysTie())
     assert again["rounds"] == summary["rounds"] and again["stopped"] == summary["stopped"]
     assert again["teacher_calls"] == summary["teacher_calls"] == 24
+
+
+def test_a_run_stopped_early_is_scored_even_when_only_its_last_round_would_be(tmp_path):
+    """`eval_every_round: false` scores after the last round; a run that stops before it (every record
+    deleted) is scored on the model it ended with, so its summary and metrics have a final score."""
+    config = small_config(str(tmp_path), rounds=3, mutate_rate=0.0, eval_every_round=False)
+    summary = run_evolve(config, judge=AlwaysTie())
+    assert summary["stopped"].startswith("every record deleted") and [row["round"] for row in summary["rounds"]] == [1]
+    assert summary["final_score"] is not None and summary["rounds"][0]["skills"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["score"] == summary["final_score"]
 
 
 def test_a_set_emptied_at_the_teacher_budget_trains_on_what_it_bought_for_the_rounds_left(tmp_path):
@@ -724,3 +734,15 @@ def test_lora_rounds_carry_one_adapter_on_the_base_and_save_it_merged_once(tmp_p
             torch.testing.assert_close(saved[f"{layer}.weight"], base[f"{layer}.weight"] + delta)
         untouched = [n for n in base if not any(n.startswith(layer + ".") for layer in adapted)]
         assert all(torch.equal(saved[n], base[n]) for n in untouched)
+
+
+def test_the_readme_evolve_yaml_loads_and_shows_the_defaults():
+    """README's evolve.yaml says its values are the defaults: a default changed in the code, or a field renamed,
+    fails here rather than misleading a user who copies the file."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```yaml\n# evolve\.yaml[^\n]*\n(.*?)```", readme, re.S).group(1)
+    assert EvolveConfig(**yaml.safe_load(block)) == EvolveConfig()

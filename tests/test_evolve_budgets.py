@@ -44,6 +44,7 @@ def test_past_the_teacher_budget_the_rounds_go_on_without_buying(tmp_path):
     assert CountingWriter.asked == rounds[0]["ops"]["judged"] - rounds[0]["ops"]["delete"]  # not asked after it
     for row in rounds[1:]:  # later rounds still judge the set (and may delete from it) but buy nothing
         assert row["ops"]["judged"] > 0 and row["ops"]["expand"] == row["ops"]["mutate"] == 0
+        assert row["ops"]["unexpanded"] == row["ops"]["judged"] - row["ops"]["delete"] > 0  # the verdicts unbought
     assert all((run_dir / "rounds" / f"{r:03d}" / "model" / "model_index.json").exists() for r in (1, 2, 3))
 
 
@@ -55,12 +56,19 @@ def test_teacher_price_budget_stops_the_run_before_it_spends_more(tmp_path):
     assert 24 < summary["teacher_calls"] <= 27 and summary["teacher_price"] <= 1.1 + 1e-9
 
 
-def test_judge_budget_stops_the_run_cleanly(tmp_path):
+def test_judge_budget_stops_the_run_cleanly_and_reports_the_round_it_trained(tmp_path):
+    """The budget runs out judging round 3, after its training: that round's score is the run's final
+    score, and a rerun with more budget judges it (not trained again) and goes on."""
     run_dir = tmp_path / "judge-budget"
     judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
     summary = run_evolve(small_config(str(run_dir), rounds=3, max_judge_calls=30), judge=judge)
+    rounds = summary["rounds"]
     assert summary["stopped"] and "judge budget" in summary["stopped"]
-    assert summary["judge_calls"] == 30 and [row["round"] for row in summary["rounds"]] == [1, 2]
+    assert summary["judge_calls"] == 30 and [row["round"] for row in rounds] == [1, 2, 3]
+    assert "ops" not in rounds[-1] and summary["final_score"] == rounds[-1]["score"] is not None
+    more = run_evolve(small_config(str(run_dir), rounds=3, max_judge_calls=1000), judge=judge)
+    assert more["stopped"] is None and more["judge_calls"] > 30 and all("ops" in row for row in more["rounds"])
+    assert more["rounds"][-1]["score"] == rounds[-1]["score"]  # the same model: round 3 trained once
 
 
 def test_judge_budget_counts_the_deletion_check(tmp_path):
@@ -89,6 +97,15 @@ def test_judge_budget_holds_with_the_quality_gate_and_a_tournament(tmp_path):
     assert 0 < rounds[1]["ops"]["judged"] < rounds[1]["active"]  # what fits the cap, worst case, is judged
     tiny = run_evolve(small_config(str(tmp_path / "tiny"), max_judge_calls=50, **gated))  # 24 seeds x (2 + 1)
     assert "judge budget too small" in tiny["stopped"] and tiny["teacher_calls"] == tiny["judge_calls"] == 0
+
+
+def test_judge_budget_counts_the_seed_set_before_the_prior_images(tmp_path):
+    """The gate scores each of the 24 seed images (24 calls), then the prior images would ask 30 more: 54
+    calls do not fit a cap of 40, so the run stops before drawing the prior instead of passing the cap."""
+    summary = run_evolve(small_config(str(tmp_path), min_teacher_score=0.5, prior_images=30, max_judge_calls=40),
+                         judge=CachedJudge(ScriptedJudge(), Ledger(tmp_path), backoff_s=0))
+    assert "judge budget too small" in summary["stopped"] and summary["judge_calls"] <= 40
+    assert not (tmp_path / "prior" / "prior.json").exists() and summary["rounds"] == []
 
 
 def test_a_run_against_serve_judge_with_faults_completes(tmp_path):

@@ -102,3 +102,24 @@ def test_skill_scores_are_conditional_on_parents():
     assert skills["shape"] == 1.0 and skills["color"] == 0.0 and skills["count"] == 0.0
     assert board.skill_asked["count"] == 0
     assert board.summary()["score"] == pytest.approx(1 / 3)
+
+
+def test_a_fresh_draw_the_judge_fails_on_leaves_no_verdict_and_is_not_counted_overturned():
+    """`base_draws`: a "teacher better" verdict judged again on fresh draws of the base. A fresh draw the base
+    wins overturns it; one the judge fails on leaves no verdict (unjudged), not an overturned one."""
+    from t2i_evolve.judges.evidence import redraw_teacher_better
+    from t2i_evolve.protocols import Comparison
+
+    class BlankBase:  # a Sampler's `generate`
+        def generate(self, prompts, seeds):
+            return [Image.new("RGB", (8, 8)) for _ in prompts]
+
+    class Judge:  # on the fresh draws: fails on "a", base as good on "b", teacher better again on "c"
+        def compare(self, image_a, image_b, prompt):
+            return {"a": None, "b": Comparison("tie", 1.0, 1.0), "c": Comparison("b", 0.0, 1.0)}[prompt]
+
+    image = Image.new("RGB", (8, 8))
+    verdicts, overturned = redraw_teacher_better(Judge(), BlankBase(), [(image, image, p) for p in "abc"],
+                                                 [Comparison("b", 0.0, 1.0)] * 3, [0, 1, 2], draws=3)
+    assert verdicts[0] is None and verdicts[1].winner == "tie" and verdicts[2].winner == "b"
+    assert overturned == {1}

@@ -44,7 +44,8 @@ def redraw_teacher_better(judge, base, pairs: Sequence[tuple[Image.Image, Image.
     teacher image, prompt; the base image drawn with `seeds[i]`) is judged again on up to `draws - 1` new
     images of the base (`base`: a `Sampler`; seeds `seeds[i] + k`) against the same teacher image, and
     stands only if the teacher wins every time. The first verdict that does not say "teacher better"
-    replaces it (None: the judge failed, no evidence). Returns the verdicts and the indices it overturned."""
+    replaces it (None: the judge failed, no evidence). Returns the verdicts and the indices a fresh draw
+    overturned (one the judge failed on is not among them: it has no verdict at all)."""
     verdicts, overturned = list(verdicts), set()
     for k in range(1, draws):
         again = [i for i, verdict in enumerate(verdicts) if verdict is not None and verdict.winner == "b"]
@@ -55,7 +56,7 @@ def redraw_teacher_better(judge, base, pairs: Sequence[tuple[Image.Image, Image.
         for i, verdict in zip(again, fresh):
             if verdict is None or verdict.winner != "b":
                 verdicts[i] = verdict
-                overturned.add(i)
+                overturned |= set() if verdict is None else {i}
     return verdicts, overturned
 
 

@@ -12,12 +12,12 @@ its teachers and evolves the training set, so the base learns from far fewer tea
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
                                            (`confirm_votes`: only if more votes agree, for both expansions;
                                            `base_draws`: only if the base loses on fresh draws too)
-        judge the base on held-out prompts
+        score the base on held-out prompts (the exact pixel judge, whatever judges the set)
     (`judge_first`: each round judges and evolves the set before it trains, round 1 on the base itself)
 
 Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the
 ledger's call cache, and every decision is seeded by (seed, round, record), so a run killed at any point and started
-again with the same command pays for no call twice and ends with the same ledger. `evolve: false`: the uniform baseline.
+again with the same command pays for no answered call twice and ends with the same ledger. `evolve: false`: the uniform baseline.
 """
 
 from __future__ import annotations
@@ -34,9 +34,7 @@ from pydantic import Field
 from ..config import Config
 from ..data import Ledger
 from ..errors import BudgetExhausted, UserError
-from ..eval import evaluate
 from ..eval.report import write_json, write_jsonl, write_rounds_report
-from ..judges import PixelJudge
 from ..judges.batch import compare_pairs
 from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
@@ -46,8 +44,8 @@ from ..train import LoraSettings, TrainConfig, Trainer, TrainingSet, evolving_se
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    check_judge_serves, held_out_prompts, judge_call_bounds, judged_base_images,
-                    occurrence_seeds, sampled_records, stable_seed, tournament)
+                    check_judge_serves, held_out_prompts, held_out_score, judge_call_bounds, judged_base_images,
+                    new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament)
 
 
 class EvolveConfig(Config):
@@ -185,20 +183,25 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 judge_after = config.evolve and not config.judge_first
                 if scored or judge_after:  # the round's model, loaded once for both
                     sampler = load_sampler(model_dir)
-                if scored:
-                    board = evaluate(sampler, PixelJudge(), held_out, seed=10_000).summary()
-                    row |= {"score": board["score"], "skills": board["skills"]}
-                if judge_after:
-                    row["ops"] = run.evolve_set(r, sampler)
+                row |= held_out_score(sampler, held_out) if scored else {}
+                try:
+                    row |= {"ops": run.evolve_set(r, sampler)} if judge_after else {}
+                except BudgetExhausted as e:  # trained and scored: reported, not done (more budget: judged again)
+                    stopped = str(e)
                 row |= {"judge_calls": run.spent.judge_calls(), "teacher_calls_after": run.spent.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)
-                write_json(done_file, row)
                 write_jsonl(out / "metrics.jsonl", rounds)
+                if stopped:
+                    break
+                write_json(done_file, row)
                 advance(1, status=f"score {row.get('score', float('nan')):.3f} active {row['active']} teacher calls "
                                   f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
         except BudgetExhausted as e:
             stopped = str(e)
+    if rounds and held_out and "score" not in rounds[-1]:  # stopped early, with held-out scoring after the last round
+        rounds[-1] |= held_out_score(load_sampler(out / "rounds" / f"{rounds[-1]['round']:03d}" / "model"), held_out)
+        write_jsonl(out / "metrics.jsonl", rounds)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
                "teacher_calls": run.spent.teacher_calls(), "judge_calls": run.spent.judge_calls(),
                "teacher_price": run.spent.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
@@ -296,7 +299,8 @@ class Run:
         c, seed = self.config, stable_seed(self.config.seed, "prior")
         if c.prior_images:
             prompts = iid_prompts(c.grammar, c.prior_images, seed=seed, exclude=self.held_out)
-            self.spent.check_judge_room(len(prompts), "the prior images")
+            seed_set = c.seed_prompts * self.calls_per_seed_draw  # asked first (`seed_set`): its worst case
+            self.spent.check_judge_room(seed_set + len(prompts) * getattr(self.judge, "votes", 1), "the prior images")
             self.prior = judged_base_images(self.out / "prior", base, self.judge, prompts, seed, c.min_prior_score)
 
     def training_set(self) -> TrainingSet:
@@ -344,12 +348,11 @@ class Run:
             ops["delete"] += 1
             if np.random.default_rng(stable_seed(c.seed, r, rec.id, "mutate")).random() < c.mutate_rate:
                 mutate.append(rec)
-        if c.train_past_teacher_budget and self.spent.teacher_budget_spent():
-            expand, mutate = [], []  # nothing more can be drawn: do not ask the writer (an LLM costs calls)
-        ops["expand"] = self._expand(r, expand)
+        spent = c.train_past_teacher_budget and self.spent.teacher_budget_spent()  # nothing more can be drawn:
+        ops["expand"] = self._expand(r, [] if spent else expand)  # do not ask the writer (an LLM costs calls)
         bought = {rec.parent for rec in self.ledger.records(None, round=r) if rec.op == "expand"}
         ops["unexpanded"] = sum(rec.id not in bought for rec, _ in expand)  # every variation held out or over budget
-        ops["mutate"] = self._mutate(r, mutate)
+        ops["mutate"] = self._mutate(r, [] if spent else mutate)
         if c.min_teacher_score is not None:  # of the expanded and mutated images (counted from the ledger: reruns)
             ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
         return ops
@@ -374,8 +377,8 @@ class Run:
             for prompt in self.writer.variations(rec.prompt, self.config.variations,
                                                  seed=stable_seed(self.config.seed, r, rec.id)):
                 prompts.append(prompt), parents.append(rec.id), teachers.append(rec.generator), reasons.append(why)
-        return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="expand", parents=parents,
-                              reasons=reasons, teacher_ids=teachers)
+        return self.add_drawn(prompts, new_prompt_seeds(self.config.seed, prompts, parents, r), round=r, op="expand",
+                              parents=parents, reasons=reasons, teacher_ids=teachers)
 
     def _mutate(self, r: int, records) -> int:
         """Keep the set from collapsing: one prompt of a new structure per picked deletion. A held-out prompt
@@ -388,12 +391,8 @@ class Run:
                 if new:
                     prompts, parents = prompts + new, parents + [rec.id] * len(new)
                     break
-        return self.add_drawn(prompts, self._new_seeds(prompts, parents, r), round=r, op="mutate", parents=parents,
-                              reasons=["new structure after a deletion"] * len(prompts))
-
-    def _new_seeds(self, prompts, parents, r: int) -> list[int]:
-        """Seeds of a round's new prompts: a prompt already in the set gets a new image, not a copy."""
-        return [stable_seed(self.config.seed, prompt, r, parent) for prompt, parent in zip(prompts, parents)]
+        return self.add_drawn(prompts, new_prompt_seeds(self.config.seed, prompts, parents, r), round=r, op="mutate",
+                              parents=parents, reasons=["new structure after a deletion"] * len(prompts))
 
     def compare(self, pairs, round: int):
         self.judge.round = round

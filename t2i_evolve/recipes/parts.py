@@ -27,7 +27,9 @@ from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from ..endpoints import EndpointConfig
 from ..errors import BudgetExhausted, ConfigError, UserError
+from ..eval import evaluate
 from ..eval.report import write_json
+from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import SKILLS, Generator, PromptWriter
@@ -373,9 +375,21 @@ def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: 
     return [pool[i] for i in sorted(picked)]
 
 
+def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round: int) -> list[int]:
+    """Seeds of a round's new prompts (expanded, mutated): a prompt already in the set gets a new image, not a copy."""
+    return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
+
+
 def held_out_prompts(config) -> list[str]:
     """A recipe's held-out prompts: distinct prompts of its slice (`config.grammar`, `eval_prompts`, each
     `eval_draws` times), set by its seed only, so a benchmark scores every arm on the same ones."""
     prompts = distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
     return [prompt for prompt in prompts for _ in range(config.eval_draws)]
 
+
+def held_out_score(sampler, prompts: Sequence[str]) -> dict:
+    """The pixel judge's DSG score of a model (`sampler`) on held-out shapes-world prompts, overall and per
+    skill. Always the exact judge, whatever judges the run: the score measures the run, not the judge's
+    taste. Fixed seeds, so every model of a run (and every arm of a benchmark) draws the same noise."""
+    board = evaluate(sampler, PixelJudge(), list(prompts), seed=10_000).summary()
+    return {"score": board["score"], "skills": board["skills"]}
