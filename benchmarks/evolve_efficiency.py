@@ -53,12 +53,11 @@ from pydantic import ValidationError
 from t2i_evolve.data import Ledger
 from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.errors import ConfigError, UserError
-from t2i_evolve.eval import evaluate
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
-from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, held_out_score, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
 from evolve_report import calls_to_reach, final_skills, pool_replicates, print_table, summarize  # noqa: E402
@@ -117,7 +116,7 @@ def base_score_arm(args, root: Path, seed: int) -> float | None:
     if config.base_model is None:
         return None
     sampler = Sampler(T2IModel.from_pretrained(config.base_model, config.device), config.sampler)
-    return evaluate(sampler, PixelJudge(), held_out_prompts(config), seed=10_000).summary()["score"]
+    return held_out_score(sampler, held_out_prompts(config))["score"]
 
 
 def pretrain_arm(args, root: Path, seed: int) -> str:
@@ -327,8 +326,7 @@ def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
     specs = teacher_specs(args)
     picked = arms["student-judged"]
     held_out = held_out_prompts(base_config(args, root, seed))  # the prompts every student is scored on
-    teachers = {spec.id: evaluate(spec.build(student_resolution(args)), PixelJudge(), held_out,
-                                  seed=10_000).summary()["score"] for spec in specs}
+    teachers = {spec.id: held_out_score(spec.build(student_resolution(args)), held_out)["score"] for spec in specs}
     return {"student": picked["final_score"], "teachers": teachers,
             "single_teacher_students": {spec.id: arms[f"student-{spec.id}"]["final_score"] for spec in specs},
             "training_data": {name.removeprefix("student-"): arms[name]["data_score"] for name in arms
