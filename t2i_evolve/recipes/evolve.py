@@ -15,9 +15,9 @@ its teachers and evolves the training set, so the base learns from far fewer tea
         score the base on held-out prompts (the exact pixel judge, whatever judges the set)
     (`judge_first`: each round judges and evolves the set before it trains, round 1 on the base itself)
 
-Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the
-ledger's call cache, and every decision is seeded by (seed, round, record), so a run killed at any point and started
-again with the same command pays for no answered call twice and ends with the same ledger. `evolve: false`: the uniform baseline.
+Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the ledger's
+call cache, and every decision is seeded by (seed, round, record), so a run killed at any point and started again
+with the same command pays for no answered call twice and ends with the same ledger. `evolve: false`: uniform data.
 """
 
 from __future__ import annotations
@@ -348,11 +348,11 @@ class Run:
             ops["delete"] += 1
             if np.random.default_rng(stable_seed(c.seed, r, rec.id, "mutate")).random() < c.mutate_rate:
                 mutate.append(rec)
-        spent = c.train_past_teacher_budget and self.spent.teacher_budget_spent()  # nothing more can be drawn:
-        ops["expand"] = self._expand(r, [] if spent else expand)  # do not ask the writer (an LLM costs calls)
+        at_budget = c.train_past_teacher_budget and self.spent.teacher_budget_spent()  # nothing more can be drawn:
+        ops["expand"] = self._expand(r, [] if at_budget else expand)  # do not ask the writer (an LLM costs calls)
         bought = {rec.parent for rec in self.ledger.records(None, round=r) if rec.op == "expand"}
         ops["unexpanded"] = sum(rec.id not in bought for rec, _ in expand)  # every variation held out or over budget
-        ops["mutate"] = self._mutate(r, [] if spent else mutate)
+        ops["mutate"] = self._mutate(r, [] if at_budget else mutate)
         if c.min_teacher_score is not None:  # of the expanded and mutated images (counted from the ledger: reruns)
             ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
         return ops
