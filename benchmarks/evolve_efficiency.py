@@ -29,11 +29,13 @@
 sessions; about an hour per seed on 2 cores): every arm starts from a base pretrained on one-object prompts by a
 teacher that never draws yellow right, the seed sets hold yellow at users' long-tail odds, variations keep the
 color the base missed, and evolve deletes only what the base also draws in an unseen variation; evolve runs
-capped at 50 and at 100 teacher calls. `--preset long-tail-12-seeds` is the same regime as the twelfth to
-eighteenth sessions ran it (12 seed prompts, 5 rounds of 150 steps, one cap of 100). Any flag given with a
-preset overrides its value; `--judge-first` (each round judges the model it starts from, then trains) adds to
-any preset (RESULTS.md, twentieth session). Every score is the pixel judge's DSG score on held-out prompts of the
-same slice (never trained on).
+capped at 50 and at 100 teacher calls. `--preset long-tail-redraw` is long-tail with `base_draws: 3` (a verdict
+that buys stands only if the base loses on three draws), one cap of 200 calls and `--train-seeds 3` (each part-1
+arm the mean of three training runs): about 80 minutes a seed. `--preset long-tail-12-seeds` is the same
+regime as the twelfth to eighteenth sessions ran it (12 seed prompts, 5 rounds of 150 steps, one cap of 100).
+Any flag given with a preset overrides its value; `--judge-first` (each round judges the model it starts from,
+then trains) adds to any preset (RESULTS.md, twentieth session). Every score is the pixel judge's DSG score on
+held-out prompts of the same slice (never trained on).
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ LONG_TAIL_12_SEEDS = {
     "evolve_budgets": "100", "evolve_seed_prompts": 12, "min_unseen_score": 1.0, "mutate_rate": 1.0,
     "rare_words": "yellow", "rare_weight": 0.2, "replay_share": 0.5, "lr": 1e-3,
     "pretrain": "no-color:1:yellow", "pretrain_images": 3000, "pretrain_steps": 6000}
+LONG_TAIL = LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "steps_per_round": 75,
+                                  "evolve_budgets": "50,100"}
 PRESETS = {
-    "long-tail": LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "steps_per_round": 75,
-                                       "evolve_budgets": "50,100"},
+    "long-tail": LONG_TAIL,
+    # where floor 1 was last measured (RESULTS.md, 27th-28th sessions): fresh draws, one cap, three runs an arm
+    "long-tail-redraw": LONG_TAIL | {"base_draws": 3, "evolve_budgets": "200", "train_seeds": 3},
     "long-tail-12-seeds": LONG_TAIL_12_SEEDS,
     # part 2 where floor 2 was measured (RESULTS.md, sixth session): 1,000 prompts, 8 x 750 steps of 16 per student
     "best-of-teachers": {"parts": "2", "rounds": 8, "multi_prompts": 1000},
