@@ -318,13 +318,16 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
 ):
     """Train the tiny model on strong-teacher data and judge it before and after (shapes world)."""
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo, short_training_note
 
     base = DemoConfig.from_yaml(config) if config else DemoConfig()
     cfg = base.model_copy(update={"output_dir": str(out_dir), "minutes": minutes})
     summary = run_demo(DemoConfig.from_dict(cfg.model_dump(), source="demo flags"))
+    note = short_training_note(summary, minutes)  # on stderr, last: what to do about a busy machine
     if as_json:
         _print_json(summary)
+        if note:
+            print(note, file=sys.stderr)
         return
     table = Table(title=f"held-out judge score ({summary['eval_prompts']} prompts, slice {summary['slice']})")
     for name in ("", "before", "after"):
@@ -345,6 +348,8 @@ def demo(
     out.print(table)
     out.print(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
               f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
+    if note:
+        print(note, file=sys.stderr)
 
 
 @app.command("evolve")

@@ -121,6 +121,23 @@ def run_demo(config: DemoConfig) -> dict:
     return summary
 
 
+# Below this many steps the demo's model has barely started learning: the held-out gains in RESULTS.md
+# came from 1,200-2,600 steps on an idle 2-core machine.
+FEW_STEPS = 800
+
+
+def short_training_note(summary: dict, minutes: float) -> str | None:
+    """One line for a demo whose time budget bought too few steps to show a gain (a busy or slow machine;
+    the demo trains for a fixed time, not a fixed number of steps), with the budget that would buy enough at
+    the speed this run measured. None when training had enough steps."""
+    steps, train_s = summary["train_steps"], summary["phases"]["train_s"]
+    if steps >= FEW_STEPS:
+        return None
+    needed = (summary["wall_s"] - train_s + 1.2 * FEW_STEPS * train_s / max(steps, 1)) / 60
+    return (f"note: training fit only {steps} steps into the {minutes:g}-minute budget (a busy or slow machine), "
+            f"too few to show the demo's gain; rerun with a new --out and --minutes {max(needed, minutes + 1):.0f}")
+
+
 def _seconds_per_step(model_dir: Path, batch_size: int) -> float:
     """Time a few forward + backward passes of the model on a dummy batch (a full step measured ~13% faster
     than 1.1x this, so the plain time is the estimate: optimizer and EMA cost about what warm-up saves)."""

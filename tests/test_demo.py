@@ -6,7 +6,7 @@ import yaml
 
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
-from t2i_evolve.demo import DemoConfig, run_demo
+from t2i_evolve.demo import DemoConfig, run_demo, short_training_note
 
 
 def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
@@ -28,9 +28,18 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
     losses = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert ("<svg" in html) == (len(losses) >= 2)  # a loaded machine may fit only one logged step in the budget
 
+    note = short_training_note(summary, config.minutes)  # a 3-second budget: too few steps, and it says so
+    assert f"only {summary['train_steps']} steps" in note and "--minutes" in note
     calls = Ledger(out).stats()["calls"]
     run_demo(config)  # rerun: teacher images come from the ledger's cache, training resumes
     assert Ledger(out).stats()["calls"] == calls
+
+
+def test_the_short_training_note_asks_for_the_budget_this_machine_needs():
+    # 100 steps took 60 s of a 120 s demo: 800 steps and a margin need 9.6 min of training, 10.6 in all
+    slow = {"train_steps": 100, "wall_s": 120.0, "phases": {"train_s": 60.0}}
+    assert short_training_note(slow, 2.0).endswith("--minutes 11")
+    assert short_training_note(slow | {"train_steps": 1500}, 9.5) is None
 
 
 def test_model_commands(tmp_path, capsys):
