@@ -130,13 +130,16 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                     print(f"| seed {r['seed']} control (no judge), round {i} | {calls} | {score:.3f} |", file=out)
         print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
         if not line["floors"]["uniform_rises_with_data"]:
-            print("uniform's score does not rise with its data (largest vs smallest size within 2 x tolerance): at "
+            print("uniform's score does not rise with its data (best vs smallest size within 2 x tolerance): at "
                   "this training budget there are no teacher calls for the judge to save; train longer", file=out)
         for r in per_seed:
             if not r["uniform"]["target_above_base"]:
                 print(f"seed {r['seed']}: the base scores {r['base_score']:.3f} untrained, at or above the target "
                       f"{r['uniform']['target']:.3f}: its saving is vacuous; use a rate at which uniform data teaches it",
                       file=out)
+            if r["uniform"].get("largest_below_target"):
+                print(f"seed {r['seed']}: uniform's largest set scores below the target (the same steps, fewer passes "
+                      f"over it): the calls uniform needs are its best size's, {r['uniform']['calls']}", file=out)
         print_skills(per_seed, out)
         print("\n| cost: evolve round | judge calls (total) | teacher calls (start of round) | ops | wall s |"
               "\n|---|---|---|---|---|", file=out)

@@ -117,3 +117,21 @@ def test_replicates_count_as_their_mean_and_each_round_as_the_most_calls_any_spe
     assert final_skills(evolve["rounds"]) == {"color": pytest.approx(0.7)} and evolve["calls"] == 50
     # one lucky replicate no longer sets the calls to a target: 0.9 at 50 calls alone, not in the mean
     assert calls_to_reach([arms["evolve-50"]], 0.85) == 50 and calls_to_reach([evolve], 0.85) is None
+
+
+@pytest.mark.parametrize("scores, measurable", [
+    ((0.73, 0.79, 0.76), True),   # rises to 300 and falls at 1,000 (fewer passes): uniform needs its 300 calls
+    ((0.73, 0.76, 0.80), True),   # rises all the way
+    ((0.80, 0.81, 0.79), False),  # flat: 100 images already reach the target, nothing for the judge to save
+    ((0.83, 0.80, 0.81), False),  # the smallest set is the best
+])
+def test_a_saving_is_measurable_where_uniform_needs_more_than_its_smallest_set(scores, measurable):
+    args = evolve_efficiency.build_parser().parse_args([])
+    args.uniform_sizes, args.evolve_budgets = [100, 300, 1000], [60]
+    arms = {"base": 0.7, "evolve-60": {"final_score": 0.8, "calls": 60, "curve": [(24, 0.7), (60, 0.8)], "rounds": []}}
+    arms |= {f"uniform-{n}": {"final_score": s, "rounds": []} for n, s in zip(args.uniform_sizes, scores)}
+    result = evolve_efficiency.data_efficiency(args, arms)
+    assert result["uniform"]["rises_with_data"] is measurable
+    if scores == (0.73, 0.79, 0.76):
+        assert result["uniform"]["calls"] == 300 and result["saving"] == 5.0
+        assert result["uniform"]["largest_below_target"] is True
