@@ -56,7 +56,8 @@ def redraw_teacher_better(judge, base, pairs: Sequence[tuple[Image.Image, Image.
         for i, verdict in zip(again, fresh):
             if verdict is None or verdict.winner != "b":
                 verdicts[i] = verdict
-                overturned |= set() if verdict is None else {i}
+                if verdict is not None:  # a failed judge call is no evidence either way
+                    overturned.add(i)
     return verdicts, overturned
 
 
