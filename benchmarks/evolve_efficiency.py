@@ -159,8 +159,8 @@ def evolve_arm(args, root: Path, seed: int, budget: int, parts: dict | None = No
     With `--part1-teachers gallery` it buys from part 2's teachers through the tournament and quality gate."""
     cap = {"max_teacher_calls": budget, "train_past_teacher_budget": True} if budget else {}
     fields = {"min_unseen_score": args.min_unseen_score, "max_epochs_per_round": args.max_epochs_per_round,
-              "mutate_rate": args.mutate_rate, "replay_share": args.replay_share,
-              "judge_first": args.judge_first, "prior_images": args.prior_images,
+              "mutate_rate": args.mutate_rate, "mutate_candidates": args.mutate_candidates,
+              "replay_share": args.replay_share, "judge_first": args.judge_first, "prior_images": args.prior_images,
               "prior_share": args.prior_share, "base_draws": args.base_draws} | fields
     if args.gallery_part1:
         fields = {"teachers": teacher_specs(args), "min_teacher_score": args.min_teacher_score,
@@ -232,6 +232,7 @@ def evolve_name(args, budget: int) -> str:
     check = "" if args.min_unseen_score is None else f"-unseen-{args.min_unseen_score:g}"
     epochs = "" if args.max_epochs_per_round is None else f"-epochs-{args.max_epochs_per_round:g}"
     mutate = "" if args.mutate_rate == 0.1 else f"-mutate-{args.mutate_rate:g}"
+    mutate += f"-least-seen-of-{args.mutate_candidates}" if args.mutate_candidates > 1 else ""
     replay = f"-replay-{args.replay_share:g}" if args.replay_share else ""
     first = "-judge-first" if args.judge_first else ""
     prior = f"-prior-{args.prior_images}-{args.prior_share:g}" if args.prior_images else ""
@@ -420,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "odds in every seed set (uniform's data, evolve's seeds): users' long tail; held-out is even.")
     parser.add_argument("--rare-weight", type=float, default=1.0)
     parser.add_argument("--mutate-rate", type=float, default=0.1, help="Evolve's chance of a new prompt per deletion.")
+    parser.add_argument("--mutate-candidates", type=int, default=1, help="Evolve's `mutate_candidates`: of this many "
+                        "new prompts per mutation, the one naming what the set has seen least.")
     parser.add_argument("--replay-share", type=float, default=0.0, help="Evolve's share of training on deleted records.")
     parser.add_argument("--prior-images", type=int, default=0, help="Evolve's `prior_images` (and `prior_share`):")
     parser.add_argument("--prior-share", type=float, default=0.3, help="the base's own images the judge passed.")
@@ -495,7 +498,8 @@ def main() -> None:
                "max_epochs_per_round": args.max_epochs_per_round, "min_unseen_score": args.min_unseen_score,
                "min_teacher_score": args.min_teacher_score, "steps_per_round": args.pretrain_steps,
                "seed_prompts": args.pretrain_images, "rare_words": args.rare_words, "rare_weight": args.rare_weight,
-               "mutate_rate": args.mutate_rate, "replay_share": args.replay_share, "base_draws": args.base_draws,
+               "mutate_rate": args.mutate_rate, "mutate_candidates": args.mutate_candidates,
+               "replay_share": args.replay_share, "base_draws": args.base_draws,
                "prior_images": args.prior_images, "prior_share": args.prior_share,
                "lora": None if args.lora_rank is None else {"rank": args.lora_rank}}
     try:  # what every arm's config takes, checked before any arm trains

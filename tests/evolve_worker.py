@@ -93,9 +93,10 @@ def main() -> None:
     teacher = KillingTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl",
                              kill_at=args.kill_at_draw)
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
-    # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail
+    # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail;
+    # each mutation the least-seen of three (what the set holds when a rerun mutates again must not change it)
     config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5,
-                          judge_first=args.judge_first, prior_images=args.prior, base_draws=args.draws)
+                          mutate_candidates=3, judge_first=args.judge_first, prior_images=args.prior, base_draws=args.draws)
     run_evolve(config, teachers=[teacher], judge=judge)
 
 

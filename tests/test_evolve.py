@@ -92,8 +92,9 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run)
 
 @pytest.mark.parametrize("kill", [("--kill-after", "40"),  # round 1 judged the 24 seed records: dies in round 2
                                   ("--kill-after", "27"),  # round 1 compared them and checks its ties' variations
-                                  ("--kill-at-draw", "3")],  # after round 1's verdicts, drawing its expansions
-                         ids=["judging", "checking", "expanding"])
+                                  ("--kill-at-draw", "3"),  # after round 1's verdicts, drawing its expansions
+                                  ("--kill-at-draw", "10")],  # drawing round 2's 5 mutations, its expansions drawn
+                         ids=["judging", "checking", "expanding", "mutating"])
 def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_ledger(reference_run, tmp_path, kill):
     run_dir = tmp_path / "killed"
     killed = _worker(run_dir, *kill)
@@ -102,6 +103,8 @@ def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_
         caller = "scripted" if kill[0] == "--kill-after" else "strong"
         pending = ledger.calls(caller=caller, status="pending")  # the call in flight when it died
         assert pending and (kill[1] != "27" or pending[0].request["method"] == "score")
+        drawn = {rec.op for rec in ledger.records(None, round=2)}
+        assert kill[1] != "10" or drawn == {"expand"}  # (the picks are made again from what the set held before)
         assert not (run_dir / "summary.json").exists()
     resumed = _worker(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -343,6 +346,38 @@ def test_mutations_find_a_concept_the_long_tailed_seed_set_lacks_and_expansions_
         bought = [rec for rec in ledger.records(None, round=2) if rec.op == "expand"]
         assert second["judged"] == first["mutate"] and second["delete"] == first["mutate"] - len(found)
         assert bought and all("yellow" in rec.prompt and rec.parent in found for rec in bought)
+
+
+def test_least_seen_mutations_show_the_judge_more_of_what_the_seed_set_never_named(tmp_path):
+    """The same long tail (no yellow seed prompt, a base blind to yellow). Mutations drawn at the writer's odds
+    reach yellow one time in six at best; with `mutate_candidates` each is the least-seen of several, and yellow,
+    never seen, is picked until it is as common as the rest: more mutations the judge then finds the base wrong on
+    (and expands) the round after."""
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import WriterSpec, cached_teachers
+    from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+    teacher = ProceduralTeacher(TeacherConfig())
+    base = FakeBase(teacher, lambda prompt: "yellow" not in prompt)
+    for seed in (0, 1):
+        yellow = {}
+        for m in (1, 8):
+            config = small_config(str(tmp_path), max_groups=1, max_count=1, p_size=0.3, seed_prompts=24, seed=seed,
+                                  mutate_rate=1.0, mutate_candidates=m, rare_words=["yellow"], rare_weight=0.0,
+                                  eval_prompts=24, eval_draws=8, writer=WriterSpec(keep=["color"]))
+            run_dir = tmp_path / f"{seed}-{m}"
+            with Ledger(run_dir) as ledger:
+                run = Run(config, ledger, cached_teachers([teacher], ledger), config.judge.build(ledger),
+                          config.writer.build(config.grammar), run_dir, held_out_prompts(config))
+                run.seed_set()
+                assert run.evolve_set(1, base)["delete"] == 24
+                mutations = [rec for rec in ledger.records(None, round=1) if rec.op == "mutate"]
+                yellow[m] = {rec.id for rec in mutations if "yellow" in rec.prompt}
+                run.evolve_set(2, base)  # the judge finds the base wrong on exactly the yellow ones: expanded
+                lost = {rec.id for rec in mutations if ledger.record(rec.id).judge["base_vs_teacher"] == "b"}
+                bought = {rec.parent for rec in ledger.records(None, round=2) if rec.op == "expand"}
+                assert lost == yellow[m] and bought and bought <= lost
+        assert len(yellow[8]) >= len(yellow[1]) + 3 and len(yellow[8]) >= 0.3 * len(mutations), (seed, yellow)
 
 
 def test_a_mutation_the_writer_draws_from_the_held_out_prompts_is_asked_again(tmp_path):

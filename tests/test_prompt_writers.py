@@ -19,12 +19,15 @@ from t2i_evolve.prompts import (
     GrammarPromptWriter,
     OpenAIPromptWriter,
     OpenAIPromptWriterConfig,
+    content_words,
     dedup,
     exercises,
+    least_seen,
     load_templates,
     normalize,
     parse_prompt_list,
     structure,
+    word_counts,
 )
 from t2i_evolve.protocols import SKILLS, PromptWriter
 from t2i_evolve.recipes.parts import WriterSpec
@@ -202,6 +205,23 @@ def test_grammar_writer_variations_keep_the_words_they_are_told_to():
         GrammarPromptWriter(keep=["size"])
     with pytest.raises(ConfigError, match="grammar writer"):  # an LLM writer is told in its prompt
         WriterSpec(kind="openai", keep=["color"]).build(GrammarSlice())
+
+
+def test_least_seen_picks_the_candidate_naming_what_the_set_has_seen_least():
+    """The mutate step's choice: words are counted once per prompt, filler never counts and plurals fold, so the
+    pick is the prompt with the concept the set lacks, whatever its grammar around it."""
+    assert content_words("Two big RED circles, left of an orange glass") == ["two", "big", "red", "circle", "left",
+                                                                            "orange", "glass"]
+    counts = word_counts(["a red circle", "two red circles", "a big blue square", "an orange glass"])
+    assert (counts["red"], counts["circle"], counts["blue"], counts["an"], counts["a"]) == (2, 2, 1, 0, 0)
+    # "yellow" was never seen: that candidate wins though it repeats the set's most common shape
+    assert least_seen(["a blue square", "a yellow circle", "a red square"], counts) == "a yellow circle"
+    # every candidate names a word seen once: the lower mean decides ("blue square" 1, 1 vs "blue circle" 1, 2)
+    assert least_seen(["a blue circle", "a blue square"], counts) == "a blue square"
+    assert least_seen(["a red circle", "two red circles"], counts) == "two red circles"  # a count named once
+    assert least_seen(["a big square", "a blue square"], counts) == "a big square"  # a full tie: the writer's first
+    with pytest.raises(ValueError, match="no candidate"):
+        least_seen([], counts)
 
 
 # -- the LLM writer over a fake server ---------------------------------------------------------------

@@ -39,13 +39,14 @@ from ..judges.batch import compare_pairs
 from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
-from ..prompts import prime_writer
+from ..prompts import prime_writer, word_counts
 from ..train import LoraSettings, TrainConfig, Trainer, TrainingSet, evolving_set, replayable_records
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
                     check_judge_serves, held_out_prompts, held_out_score, judge_call_bounds, judged_base_images,
-                    new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament)
+                    least_seen_new_structure, new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed,
+                    tournament)
 
 
 class EvolveConfig(Config):
@@ -91,6 +92,8 @@ class EvolveConfig(Config):
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
+    mutate_candidates: int = Field(1, ge=1, description="New-structure prompts asked for per mutation; the one naming "
+        "the word the set has seen least is drawn, so mutations reach what the seed set never named. 1: the paper.")
     min_teacher_score: float | None = Field(
         None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA); one below this "
         "is rejected (kept in the ledger, never trained on), as teachers sharing a blind spot can all be wrong. "
@@ -362,7 +365,7 @@ class Run:
         if self.config.min_unseen_score is None or not records:
             return [None] * len(records)
         self.judge.round = r
-        seen = {rec.prompt for rec in self.ledger.records(None)}  # every prompt a teacher drew for the base
+        seen = {rec.prompt for rec in self.ledger.records(None) if rec.round < r}  # drawn before (a rerun: as then)
         return unseen_variation_scores(self.writer, self.judge, base, [rec.prompt for rec in records],
                                        [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen,
                                        self.config.min_unseen_score, self.config.confirm_votes, self.config.base_draws)
@@ -381,16 +384,14 @@ class Run:
                               parents=parents, reasons=reasons, teacher_ids=teachers)
 
     def _mutate(self, r: int, records) -> int:
-        """Keep the set from collapsing: one prompt of a new structure per picked deletion. A held-out prompt
-        cannot be drawn, so the writer is asked again (a small slice holds out most of some structures)."""
-        prompts, parents = [], []
-        for rec in records:
-            for attempt in range(3):  # (the first ask has the seed it had before asks were repeated)
-                seed = stable_seed(self.config.seed, r, rec.id, "new", *([attempt] if attempt else []))
-                new = [p for p in self.writer.new_structures([rec.prompt], 1, seed=seed) if p not in self.held_out]
-                if new:
-                    prompts, parents = prompts + new, parents + [rec.id] * len(new)
-                    break
+        """Keep the set from collapsing: per picked deletion, a prompt of a new structure, of `mutate_candidates` the
+        one naming what the set (before this round's mutations: a rerun counts the same) has seen least."""
+        m, prompts, parents = self.config.mutate_candidates, [], []
+        counts = word_counts(rec.prompt for rec in self.ledger.records(None) if rec.round < r or rec.op == "expand")
+        for rec in records:  # (the first ask has the seed it had before asks were repeated)
+            seeds = [stable_seed(self.config.seed, r, rec.id, "new", *([ask] if ask else [])) for ask in range(m + 2)]
+            if pick := least_seen_new_structure(self.writer, rec.prompt, m, seeds, self.held_out, counts):
+                prompts, parents = prompts + [pick], parents + [rec.id]
         return self.add_drawn(prompts, new_prompt_seeds(self.config.seed, prompts, parents, r), round=r, op="mutate",
                               parents=parents, reasons=["new structure after a deletion"] * len(prompts))
 
