@@ -30,8 +30,9 @@ sessions; about an hour per seed on 2 cores): every arm starts from a base pretr
 teacher that never draws yellow right, the seed sets hold yellow at users' long-tail odds, variations keep the
 color the base missed, and evolve deletes only what the base also draws in an unseen variation; evolve runs
 capped at 50 and at 100 teacher calls. `--preset long-tail-redraw` is long-tail with `base_draws: 3` (a verdict
-that buys stands only if the base loses on three draws), caps of 60 (a fifth of 300) and 200 calls and
-`--train-seeds 3` (each part-1 arm the mean of three training runs): about 95 minutes a seed. `--preset
+that buys stands only if the base loses on three draws), caps of 60 (a fifth of 300) and 200 calls,
+`--train-seeds 3` (each part-1 arm the mean of three training runs) and, since the thirtieth session,
+`--mutate-candidates 8` (each mutation the least-seen of eight new prompts): about 95 minutes a seed. `--preset
 long-tail-12-seeds` is the same regime as the twelfth to eighteenth sessions ran it (12 seed prompts, 5 rounds of
 150 steps, one cap of 100).
 Any flag given with a preset overrides its value; `--judge-first` (each round judges the model it starts from,
@@ -83,8 +84,10 @@ LONG_TAIL = LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "step
                                   "evolve_budgets": "50,100"}
 PRESETS = {
     "long-tail": LONG_TAIL,
-    # where floor 1 was last measured (RESULTS.md, 27th-29th sessions): fresh draws, two caps, three runs an arm
-    "long-tail-redraw": LONG_TAIL | {"base_draws": 3, "evolve_budgets": "60,200", "train_seeds": 3},
+    # where floor 1 was last measured (RESULTS.md, 27th-30th sessions): fresh draws, two caps, three runs an arm,
+    # mutations aimed at the words the set lacks (30th; --mutate-candidates 1: the 27th-29th sessions' runs)
+    "long-tail-redraw": LONG_TAIL | {"base_draws": 3, "evolve_budgets": "60,200", "train_seeds": 3,
+                                     "mutate_candidates": 8},
     "long-tail-12-seeds": LONG_TAIL_12_SEEDS,
     # part 2 where floor 2 was measured (RESULTS.md, sixth session): 1,000 prompts, 8 x 750 steps of 16 per student
     "best-of-teachers": {"parts": "2", "rounds": 8, "multi_prompts": 1000},
