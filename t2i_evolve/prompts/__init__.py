@@ -5,7 +5,7 @@ distinct prompts only. `parsing` reads an LLM reply as a list of prompts; `dedup
 by ROUGE-L, as self-instruct does; `coverage` picks the new prompt naming what a set has seen least.
 """
 
-from .coverage import content_words, least_seen, word_counts
+from .coverage import content_words, least_seen, least_seen_new_structure, word_counts
 from .dedup import DEFAULT_THRESHOLD, Deduper, dedup, normalize
 from .grammar_writer import GrammarPromptWriter, exercises, structure
 from .openai_writer import OpenAIPromptWriter, OpenAIPromptWriterConfig, load_templates, prime_writer
@@ -21,6 +21,7 @@ __all__ = [
     "dedup",
     "exercises",
     "least_seen",
+    "least_seen_new_structure",
     "load_templates",
     "normalize",
     "parse_prompt_list",

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+
+from ..protocols import PromptWriter
 
 # Words every prompt shares: never what makes one new (a rare "an" is not a rare concept).
 FILLER = frozenset("a an the and of with in on at to is are its their this that".split())
@@ -41,3 +43,21 @@ def least_seen(candidates: Sequence[str], counts: Counter) -> str:
         return min(seen), sum(seen) / len(seen), i
 
     return candidates[min(range(len(candidates)), key=key)]
+
+
+def least_seen_new_structure(writer: PromptWriter, prompt: str, k: int, seeds: Sequence[int], exclude: Collection[str],
+                             counts: Counter) -> str | None:
+    """A prompt of a structure other than `prompt`'s and not in `exclude` (held out): of up to `k` the writer gives
+    (one ask per seed until there are `k`: an excluded answer is asked for again while seeds last), the one naming
+    what `counts`, the set's words, has seen least (`least_seen`); its words are then counted. None: none found.
+    Each ask is one writer call: for an LLM a chat call, cheap beside the teacher image a better pick spends well."""
+    candidates: list[str] = []
+    for seed in seeds:
+        candidates += [p for p in writer.new_structures([prompt], 1, seed=seed) if p not in exclude]
+        if len(candidates) >= k:
+            break
+    if not candidates:
+        return None
+    pick = least_seen(candidates[:k], counts)
+    counts.update(set(content_words(pick)))
+    return pick

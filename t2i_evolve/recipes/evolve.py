@@ -39,14 +39,13 @@ from ..judges.batch import compare_pairs
 from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
-from ..prompts import prime_writer, word_counts
+from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..train import LoraSettings, TrainConfig, Trainer, TrainingSet, evolving_set, replayable_records
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
                     check_judge_serves, held_out_prompts, held_out_score, judge_call_bounds, judged_base_images,
-                    least_seen_new_structure, new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed,
-                    tournament)
+                    new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament)
 
 
 class EvolveConfig(Config):

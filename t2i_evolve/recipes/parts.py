@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -33,7 +32,6 @@ from ..eval.report import write_json
 from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
-from ..prompts import content_words, least_seen
 from ..protocols import SKILLS, Generator, PromptWriter
 from ..train import TrainingSet
 from ..world.sampling import GrammarSlice, distinct_prompts
@@ -380,23 +378,6 @@ def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: 
 def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round: int) -> list[int]:
     """Seeds of a round's new prompts (expanded, mutated): a prompt already in the set gets a new image, not a copy."""
     return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
-
-
-def least_seen_new_structure(writer, prompt: str, k: int, seeds: Sequence[int], exclude, counts: Counter) -> str | None:
-    """A prompt of a structure other than `prompt`'s and not in `exclude` (held out): of up to `k` the writer gives
-    (one ask per seed until there are `k`: an excluded answer is asked for again while seeds last), the one naming
-    what `counts`, the set's words, has seen least (`least_seen`); its words are then counted. None: none found.
-    Each ask is one writer call: for an LLM a chat call, cheap beside the teacher image a better pick spends well."""
-    candidates: list[str] = []
-    for seed in seeds:
-        candidates += [p for p in writer.new_structures([prompt], 1, seed=seed) if p not in exclude]
-        if len(candidates) >= k:
-            break
-    if not candidates:
-        return None
-    pick = least_seen(candidates[:k], counts)
-    counts.update(set(content_words(pick)))
-    return pick
 
 
 def held_out_prompts(config) -> list[str]:
