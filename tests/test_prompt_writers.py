@@ -220,6 +220,7 @@ def test_least_seen_picks_the_candidate_naming_what_the_set_has_seen_least():
     assert least_seen(["a blue circle", "a blue square"], counts) == "a blue square"
     assert least_seen(["a red circle", "two red circles"], counts) == "two red circles"  # a count named once
     assert least_seen(["a big square", "a blue square"], counts) == "a big square"  # a full tie: the writer's first
+    assert least_seen(["a", "the and", "a red circle"], counts) == "a red circle"  # filler alone names nothing
     with pytest.raises(ValueError, match="no candidate"):
         least_seen([], counts)
 

@@ -38,8 +38,8 @@ def least_seen(candidates: Sequence[str], counts: Counter) -> str:
     if not candidates:
         raise ValueError("no candidate prompts to choose from")
 
-    def key(i: int) -> tuple:
-        seen = [counts[w] for w in set(content_words(candidates[i]))] or [0]
+    def key(i: int) -> tuple:  # (a candidate of filler alone names nothing: last)
+        seen = [counts[w] for w in set(content_words(candidates[i]))] or [float("inf")]
         return min(seen), sum(seen) / len(seen), i
 
     return candidates[min(range(len(candidates)), key=key)]
