@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
 from t2i_evolve.data import Ledger
@@ -133,7 +134,9 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
     `--pretrain-images` images of the pretrain teacher (one blind to a color, say), never on the seed's
     held-out prompts. EvolveDirector's regime: a base that already draws most of the world and misses a
     concept, which the judge can find by deleting the rest. Its rate decays (cosine): at a constant 2e-3,
-    one seed's 6,000 steps diverged near the end (RESULTS.md). Returns its model folder."""
+    one seed's 6,000 steps diverged near the end (RESULTS.md). The base depends on the threads it trained with
+    (float sums in another order drift over 6,000 steps): one seed pretrains on every core, several share them,
+    so the line it prints names the count. Returns its model folder."""
     (tid, (p, blind)), = args.pretrain.items()
     config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, lr_schedule="cosine", rounds=1,
                          evolve=False, rare_words=[], random_flip=False, lora=None,  # blind; no tail, flips, LoRA
@@ -141,7 +144,7 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
                          teachers=[TeacherSpec(id=tid, p=p, blind_to=blind)])
     summary = run_evolve(config)
     print(f"seed {seed}: pretrained base scores {summary['final_score']:.3f} "
-          f"{summary['rounds'][-1].get('skills')}", file=sys.stderr)
+          f"{summary['rounds'][-1].get('skills')} ({torch.get_num_threads()} threads)", file=sys.stderr)
     return str(root / "pretrain" / "rounds" / "001" / "model")
 
 
