@@ -135,8 +135,8 @@ def pretrain_arm(args, root: Path, seed: int) -> str:
     held-out prompts. EvolveDirector's regime: a base that already draws most of the world and misses a
     concept, which the judge can find by deleting the rest. Its rate decays (cosine): at a constant 2e-3,
     one seed's 6,000 steps diverged near the end (RESULTS.md). The base depends on the threads it trained with
-    (float sums in another order drift over 6,000 steps): one seed pretrains on every core, several share them,
-    so the line it prints names the count. Returns its model folder."""
+    (float sums in another order drift over 6,000 steps): seeds pretrained one at a time use every core, side by
+    side (`--jobs`) they share them, so the line it prints names the count. Returns its model folder."""
     (tid, (p, blind)), = args.pretrain.items()
     config = base_config(args, root / "pretrain", seed, base_model=None, lr=2e-3, lr_schedule="cosine", rounds=1,
                          evolve=False, rare_words=[], random_flip=False, lora=None,  # blind; no tail, flips, LoRA
