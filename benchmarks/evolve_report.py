@@ -79,6 +79,22 @@ def calls_to_reach(runs, target: float) -> int | None:
     return min(reached) if reached else None
 
 
+def uniform_to_match(by_size: dict[int, float], runs: dict, tolerance: float) -> dict:
+    """The same curves read the other way, as EvolveDirector counts its saving (the data uniform needs to reach
+    what evolve reached): per evolve cap, the fewest uniform calls scoring within `tolerance` of that arm's final
+    score. Where no uniform size gets there, uniform needs more than its largest, and the ratio is a lower bound
+    (`at_least`). At the same training steps, as every arm here; more steps might let uniform get further."""
+    largest = max(by_size)
+    matched = {}
+    for budget, run in runs.items():
+        reached = [n for n, score in by_size.items() if score >= run["final_score"] - tolerance]
+        calls = min(reached) if reached else largest
+        matched[budget or "none"] = {"final_score": run["final_score"], "calls": run["calls"],
+                                     "uniform_calls": min(reached) if reached else None,
+                                     "saving": calls / run["calls"], "at_least": not reached}
+    return matched
+
+
 def pool_replicates(arms: dict) -> dict:
     """Each arm trained under several training seeds (`name`, `name@1`, ...; `--train-seeds`) as one arm
     under its name: its final score, each round's score and per-skill scores are the replicates' means, and
@@ -129,6 +145,12 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                 for i, (calls, score) in enumerate(r["control_no_judge"]["curve"], 1):
                     print(f"| seed {r['seed']} control (no judge), round {i} | {calls} | {score:.3f} |", file=out)
         print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
+        for r in per_seed:
+            for budget, m in r["uniform_to_evolve_final"].items():
+                needs = f"{m['uniform_calls']} calls" if m["uniform_calls"] else f"more than its {max(r['uniform']['by_size'])}"
+                print(f"seed {r['seed']}: evolve capped at {budget} ends at {m['final_score']:.3f} on {m['calls']} "
+                      f"calls; uniform within the tolerance of it needs {needs}: "
+                      f"{'at least ' if m['at_least'] else ''}{m['saving']:.1f}x", file=out)
         if not line["floors"]["uniform_rises_with_data"]:
             print("uniform's score does not rise with its data (best vs smallest size within 2 x tolerance): at "
                   "this training budget there are no teacher calls for the judge to save; train longer", file=out)

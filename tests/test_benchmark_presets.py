@@ -1,7 +1,8 @@
 """The evolve benchmark's presets name real flags: `argparse.set_defaults` ignores a misspelt key, so a run
 reproduced by preset name would quietly use another setting. And its per-skill table shows each arm's last
 evaluation, without the skills no held-out prompt asks. And a fine-tuning flag leaves the shared base alone.
-And `--train-seeds` replicates train apart on the same data and count as their mean."""
+And `--train-seeds` replicates train apart on the same data and count as their mean. And the saving read the
+other way (uniform's calls to evolve's level) is a lower bound where no uniform size gets there."""
 
 import io
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import evolve_efficiency  # noqa: E402
-from evolve_report import calls_to_reach, final_skills, pool_replicates, print_skills  # noqa: E402
+from evolve_report import calls_to_reach, final_skills, pool_replicates, print_skills, uniform_to_match  # noqa: E402
 
 
 @pytest.mark.parametrize("preset", sorted(evolve_efficiency.PRESETS))
@@ -135,3 +136,13 @@ def test_a_saving_is_measurable_where_uniform_needs_more_than_its_smallest_set(s
     if scores == (0.73, 0.79, 0.76):
         assert result["uniform"]["calls"] == 300 and result["saving"] == 5.0
         assert result["uniform"]["largest_below_target"] is True
+
+
+def test_uniform_to_evolves_level_is_a_lower_bound_where_no_uniform_size_reaches_it():
+    by_size = {100: 0.79, 300: 0.83, 1000: 0.85, 10000: 0.81}
+    runs = {100: {"final_score": 0.94, "calls": 100}, 200: {"final_score": 0.86, "calls": 200},
+            0: {"final_score": 0.80, "calls": 50}}
+    matched = uniform_to_match(by_size, runs, tolerance=0.02)
+    assert matched[100] == {"final_score": 0.94, "calls": 100, "uniform_calls": None, "saving": 100.0, "at_least": True}
+    assert matched[200]["uniform_calls"] == 1000 and matched[200]["saving"] == 5.0 and not matched[200]["at_least"]
+    assert matched["none"]["uniform_calls"] == 100 and matched["none"]["saving"] == 2.0  # within the tolerance
