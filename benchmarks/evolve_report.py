@@ -175,7 +175,7 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         for r in per_seed:
             for rate, res in r["judge_noise"].items():
                 print(f"| seed {r['seed']} error {rate} | {res['final_score']:.3f} | {res['calls']} | "
-                      f"{res['calls_to_uniform_final']} | {res['saving']} |", file=out)
+                      f"{res['calls_to_uniform_final']} | {res['saving'] and round(res['saving'], 1)} |", file=out)
     if "judge_noise" in per_seed[0].get("multi_teacher", {}):
         print("\n| judge error rate | student of the judge's picks | images the gate kept | their exact score | "
               "judge calls |\n|---|---|---|---|---|", file=out)
