@@ -87,11 +87,9 @@ def uniform_to_match(by_size: dict[int, float], runs: dict, tolerance: float) ->
     largest = max(by_size)
     matched = {}
     for budget, run in runs.items():
-        reached = [n for n, score in by_size.items() if score >= run["final_score"] - tolerance]
-        calls = min(reached) if reached else largest
-        matched[budget or "none"] = {"final_score": run["final_score"], "calls": run["calls"],
-                                     "uniform_calls": min(reached) if reached else None,
-                                     "saving": calls / run["calls"], "at_least": not reached}
+        needed = min((n for n, score in by_size.items() if score >= run["final_score"] - tolerance), default=None)
+        matched[budget or "none"] = {"final_score": run["final_score"], "calls": run["calls"], "uniform_calls": needed,
+                                     "saving": (needed or largest) / run["calls"], "at_least": needed is None}
     return matched
 
 
@@ -147,10 +145,13 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
         for r in per_seed:
             for budget, m in r["uniform_to_evolve_final"].items():
-                needs = f"{m['uniform_calls']} calls" if m["uniform_calls"] else f"more than its {max(r['uniform']['by_size'])}"
+                largest = max(r["uniform"]["by_size"])
+                needs = f"{m['uniform_calls']} calls" if m["uniform_calls"] else f"more than its {largest}"
+                flagged = not (r["uniform"]["rises_with_data"] and r["uniform"]["target_above_base"])
                 print(f"seed {r['seed']}: evolve capped at {budget} ends at {m['final_score']:.3f} on {m['calls']} "
                       f"calls; uniform within the tolerance of it needs {needs}: "
-                      f"{'at least ' if m['at_least'] else ''}{m['saving']:.1f}x", file=out)
+                      f"{'at least ' if m['at_least'] else ''}{m['saving']:.1f}x"
+                      f"{' (not counted: uniform data does not lift this base, below)' if flagged else ''}", file=out)
         if not line["floors"]["uniform_rises_with_data"]:
             print("uniform's score does not rise with its data (best vs smallest size within 2 x tolerance): at "
                   "this training budget there are no teacher calls for the judge to save; train longer", file=out)
