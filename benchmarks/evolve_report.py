@@ -148,7 +148,8 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                 largest = max(r["uniform"]["by_size"])
                 needs = f"{m['uniform_calls']} calls" if m["uniform_calls"] else f"more than its {largest}"
                 flagged = not (r["uniform"]["rises_with_data"] and r["uniform"]["target_above_base"])
-                print(f"seed {r['seed']}: evolve capped at {budget} ends at {m['final_score']:.3f} on {m['calls']} "
+                cap = "uncapped" if budget == "none" else f"capped at {budget}"
+                print(f"seed {r['seed']}: evolve {cap} ends at {m['final_score']:.3f} on {m['calls']} "
                       f"calls; uniform within the tolerance of it needs {needs}: "
                       f"{'at least ' if m['at_least'] else ''}{m['saving']:.1f}x"
                       f"{' (not counted: uniform data does not lift this base, below)' if flagged else ''}", file=out)
