@@ -143,11 +143,11 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                 for i, (calls, score) in enumerate(r["control_no_judge"]["curve"], 1):
                     print(f"| seed {r['seed']} control (no judge), round {i} | {calls} | {score:.3f} |", file=out)
         print(f"\nsaving (uniform calls / evolve calls to reach the target score): {line['saving']}", file=out)
-        for r in per_seed:
+        for r in per_seed:  # the flag lines below say why a base is not counted
+            largest = max(r["uniform"]["by_size"])
+            flagged = not (r["uniform"]["rises_with_data"] and r["uniform"]["target_above_base"])
             for budget, m in r["uniform_to_evolve_final"].items():
-                largest = max(r["uniform"]["by_size"])
                 needs = f"{m['uniform_calls']} calls" if m["uniform_calls"] else f"more than its {largest}"
-                flagged = not (r["uniform"]["rises_with_data"] and r["uniform"]["target_above_base"])
                 cap = "uncapped" if budget == "none" else f"capped at {budget}"
                 print(f"seed {r['seed']}: evolve {cap} ends at {m['final_score']:.3f} on {m['calls']} "
                       f"calls; uniform within the tolerance of it needs {needs}: "
