@@ -66,6 +66,9 @@ def test_random_flip_and_lora_reach_every_arm_but_not_the_bases_pretraining(monk
     (["--base-draws", "0"], "--base-draws: Input should be greater than or equal to 1"),
     (["--writer-keeps", "hue"], "--writer-keeps: Input should be 'color' or 'shape'"),
     (["--train-seeds", "0"], "--train-seeds: at least 1, not 0"),
+    (["--quick", "--seeds", "0"], "not --seeds 0; other seeds: --preset long-tail-redraw"),
+    (["--quick", "--preset", "long-tail"], "--preset long-tail is a full run (an hour or more on 2 cores, "
+                                           "RESULTS.md); not with --quick"),
 ])
 def test_a_bad_flag_is_one_line_naming_the_flag_before_any_arm_trains(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sys, "argv", ["evolve_efficiency.py", *argv])
@@ -146,3 +149,43 @@ def test_uniform_to_evolves_level_is_a_lower_bound_where_no_uniform_size_reaches
     assert matched[100] == {"final_score": 0.94, "calls": 100, "uniform_calls": None, "saving": 100.0, "at_least": True}
     assert matched[200]["uniform_calls"] == 1000 and matched[200]["saving"] == 5.0 and not matched[200]["at_least"]
     assert matched["none"]["uniform_calls"] == 100 and matched["none"]["saving"] == 2.0  # within the tolerance
+
+
+def test_quick_fine_tunes_the_shipped_base_in_part_1_and_a_fresh_model_in_part_2(monkeypatch, tmp_path):
+    args = evolve_efficiency.parse_args(evolve_efficiency.build_parser(), ["--quick"])
+    assert args.seeds == [6] and args.parts == {1, 2} and args.train_seeds == 1 and args.control is False
+    arms = evolve_efficiency.plan_arms(args, tmp_path, seed=6, parts=args.parts)
+    assert set(arms) == {"base", "uniform-100", "uniform-300", "uniform-1000", "evolve-60",
+                         "student-no-color", "student-no-shape", "student-judged"}
+    configs = {}
+
+    def run_evolve(config, **parts):
+        configs[Path(config.output_dir).name] = config
+        return {"final_score": 0.5, "teacher_calls": 0, "judge_calls": 0, "rounds": [{}]}
+
+    monkeypatch.setattr(evolve_efficiency, "run_evolve", run_evolve)
+    for name in ("uniform-100", "evolve-60"):
+        fn, fn_args = arms[name]
+        fn(*fn_args)
+    for config in configs.values():  # the one-object slice, the rarer tail, from the shipped base
+        assert Path(config.base_model) == evolve_efficiency.QUICK_BASE and config.max_groups == 1
+        assert config.rare_weight == 0.05 and config.rounds * config.steps_per_round == 750
+    student = evolve_efficiency.base_config(arms["student-judged"][1][0], tmp_path, 6)
+    assert student.base_model is None and student.max_groups == 2 and student.rare_words == []
+
+
+def test_the_shipped_quick_base_draws_the_slice_but_not_its_rare_color():
+    """What --quick's saving rests on: a base that already draws most prompts (something for the judge to
+    delete) and misses yellow, the color its pretraining teacher never drew right."""
+    from t2i_evolve.models import Sampler, T2IModel
+    from t2i_evolve.recipes.evolve import held_out_prompts
+    from t2i_evolve.recipes.parts import held_out_score
+
+    args = evolve_efficiency.parse_args(evolve_efficiency.build_parser(), ["--quick"])
+    config = evolve_efficiency.base_config(args, Path("unused"), 6)
+    sampler = Sampler(T2IModel.from_pretrained(config.base_model), config.sampler)
+    prompts = held_out_prompts(config)
+    yellow = held_out_score(sampler, [p for p in prompts if "yellow" in p])
+    rest = held_out_score(sampler, [p for p in prompts if "yellow" not in p])
+    assert rest["score"] > 0.8 and rest["skills"]["shape"] > 0.9
+    assert yellow["skills"]["color"] < 0.5 < rest["skills"]["color"]
