@@ -17,7 +17,7 @@
    `--confirm-votes n`: the noisy evolve runs ask a verdict that would buy teacher images again, to n votes.
 4. Cost: judge calls and wall time per evolve round; and every arm's last held-out score per skill.
 
-    python benchmarks/evolve_efficiency.py --quick --jobs 2 --json  # 1 and 2 in about 13 min (below); JSON line
+    python benchmarks/evolve_efficiency.py --quick --json           # 1 and 2 in about 13 min (below); JSON line
     python benchmarks/evolve_efficiency.py --seeds 0,1,2 --jobs 2     # arms side by side, one core each
     python benchmarks/evolve_efficiency.py --preset long-tail-redraw --seeds 6 --jobs 2  # floor 1's regime (below)
     python benchmarks/evolve_efficiency.py --preset best-of-teachers --jobs 2           # floor 2's budget
@@ -34,9 +34,10 @@ long-tail-12-seeds` is the same regime as the twelfth to eighteenth sessions ran
 150 steps, one cap of 100).
 `--quick` (`--preset quick`) is part 1 of the rarer tail (yellow in one seed prompt in a hundred) from the base
 `--preset long-tail-redraw --seeds 6` pretrained, shipped in `bases/yellow-blind-seed-6` (seed 6 only), one
-training run an arm of 5 x 150 steps, evolve capped at 60 calls; and part 2 on a fresh model at 5 x 50 steps,
-which only shows that it runs (its floors need `--preset best-of-teachers`). Any flag given with a preset overrides its value. Every score is the pixel judge's DSG score on
-held-out prompts of the same slice (never trained on).
+training run an arm of 5 x 150 steps, evolve capped at 60 calls, two arms at a time; and part 2 on a fresh model
+at 5 x 50 steps, which only shows that it runs (its floors need `--preset best-of-teachers`). Any flag given with
+a preset overrides its value. Every score is the pixel judge's DSG score on held-out prompts of the same slice
+(never trained on).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ PRESETS = {
 QUICK_BASE = Path(__file__).parent / "bases" / "yellow-blind-seed-6"
 PRESETS["quick"] = PRESETS["long-tail-redraw"] | {
     "parts": "1,2", "seeds": "6", "base": str(QUICK_BASE), "pretrain": None, "rare_weight": 0.05, "rounds": 5,
-    "steps_per_round": 150, "evolve_budgets": "60", "train_seeds": 1, "control": False}
+    "steps_per_round": 150, "evolve_budgets": "60", "train_seeds": 1, "control": False, "jobs": 2}
 
 
 def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
@@ -482,9 +483,8 @@ def preset_flags_unknown(parser: argparse.ArgumentParser, preset: str) -> set[st
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, a preset's defaults under them, each checked (a bad one exits with one line before any arm
-    trains), as the arms read them: lists and sets, `base_for` (filled by pretraining) and `part2` (part 2's
-    settings: under --quick its own, `QUICK_PART2`)."""
+    """The flags over a preset's defaults, checked (a bad one: one line, before any arm trains), as arms read
+    them: lists, sets, `base_for` (filled by pretraining), `part2` (part 2's settings; --quick: `QUICK_PART2`)."""
     known = parser.parse_known_args(argv)[0]
     if known.quick and known.preset not in (None, "quick"):
         parser.error(f"--preset {known.preset} is a full run (an hour or more on 2 cores, RESULTS.md); not with --quick")

@@ -153,7 +153,7 @@ def test_uniform_to_evolves_level_is_a_lower_bound_where_no_uniform_size_reaches
 
 def test_quick_fine_tunes_the_shipped_base_in_part_1_and_a_fresh_model_in_part_2(monkeypatch, tmp_path):
     args = evolve_efficiency.parse_args(evolve_efficiency.build_parser(), ["--quick"])
-    assert args.seeds == [6] and args.parts == {1, 2} and args.train_seeds == 1 and args.control is False
+    assert args.seeds == [6] and args.parts == {1, 2} and args.train_seeds == 1 and not args.control and args.jobs == 2
     arms = evolve_efficiency.plan_arms(args, tmp_path, seed=6, parts=args.parts)
     assert set(arms) == {"base", "uniform-100", "uniform-300", "uniform-1000", "evolve-60",
                          "student-no-color", "student-no-shape", "student-judged"}
