@@ -167,6 +167,7 @@ def test_quick_fine_tunes_the_shipped_base_in_part_1_and_a_fresh_model_in_part_2
     for name in ("uniform-100", "evolve-60"):
         fn, fn_args = arms[name]
         fn(*fn_args)
+    assert len(configs) == 2
     for config in configs.values():  # the one-object slice, the rarer tail, from the shipped base
         assert Path(config.base_model) == evolve_efficiency.QUICK_BASE and config.max_groups == 1
         assert config.rare_weight == 0.05 and config.rounds * config.steps_per_round == 750
