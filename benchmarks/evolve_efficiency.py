@@ -85,7 +85,7 @@ LONG_TAIL_12_SEEDS = {
 LONG_TAIL = LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "steps_per_round": 75,
                                   "evolve_budgets": "50,100"}
 # --quick's part 2: a fresh model, two-object prompts, 5 x 50 steps (from the shipped base: RESULTS.md, 34th session)
-QUICK_PART2 = {"base": None, "base_for": {}, "rounds": 5, "steps_per_round": 50, "guidance": 1.0, "lr": 2e-3,
+QUICK_PART2 = {"base": None, "rounds": 5, "steps_per_round": 50, "guidance": 1.0, "lr": 2e-3,
                "eval_prompts": 128, "eval_draws": 1, "max_groups": 2, "max_count": 3, "p_size": 0.0,
                "rare_words": [], "rare_weight": 1.0, "writer_keeps": []}
 PRESETS = {
@@ -276,7 +276,7 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
         if args.control:  # the largest cap (0, no cap, when there is none)
             arms["control"] = (partial(evolve_arm, min_unseen_score=None, prior_images=0),  # (its judge cannot score)
                                (args, root / "control", seed, max(args.evolve_budgets), {"judge": TeacherAlwaysBetter()}))
-    if 2 in parts:  # with its own settings under --quick (`QUICK_PART2`)
+    if 2 in parts:  # (and part 3 with it) with part 2's settings: its own under --quick (`QUICK_PART2`)
         specs, p2 = teacher_specs(args), args.part2
         arms |= {f"student-{spec.id}": (student_arm, (p2, root, seed, spec.id, [spec])) for spec in specs}
         arms["student-judged"] = (student_arm, (p2, root, seed, "judged", specs))
@@ -284,7 +284,7 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
         arms |= {noise_name("noise", rate, args): (noise_arm, (args, root, seed, rate)) for rate in args.judge_errors}
     if 3 in parts and 2 in parts:  # error 0 is part 2's own student-judged
         arms |= {noise_name("student-judged-noise", rate, args):
-                 (student_arm, (args.part2, root, seed, noise_name("judged-noise", rate, args), teacher_specs(args), rate))
+                 (student_arm, (p2, root, seed, noise_name("judged-noise", rate, args), specs, rate))
                  for rate in args.judge_errors if rate}
     return arms
 

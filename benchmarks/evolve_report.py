@@ -152,7 +152,7 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
                 print(f"seed {r['seed']}: evolve {cap} ends at {m['final_score']:.3f} on {m['calls']} "
                       f"calls; uniform within the tolerance of it needs {needs}: "
                       f"{'at least ' if m['at_least'] else ''}{m['saving']:.1f}x"
-                      f"{' (not counted: uniform data does not lift this base, below)' if flagged else ''}", file=out)
+                      f"{' (not counted: this base is flagged below)' if flagged else ''}", file=out)
         if not line["floors"]["uniform_rises_with_data"]:
             print("uniform's score does not rise with its data (best vs smallest size within 2 x tolerance): at "
                   "this training budget there are no teacher calls for the judge to save; train longer", file=out)
