@@ -103,3 +103,20 @@ def test_a_blind_spot_breaks_only_its_words(judge):
         TeacherConfig(id="x", deficit="count", blind_to=["two"])
     with pytest.raises(ConfigError, match="^teacher no-shape: blind_to has words that are not shapes: red"):
         TeacherSpec(id="no-shape", blind_to=["red"]).build()  # what a recipe's YAML meets: one line
+
+
+def test_a_compound_teacher_has_each_members_blind_spots(judge):
+    """'no-color+no-shape': blind to its color words and to its shape words at once (a base weaker than
+    each gallery teacher), right on every other word; its calls are counted once per image."""
+    teacher = TeacherSpec(id="no-color+no-shape", p=1.0, blind_to=["red", "circle"]).build()
+    for seed in range(3):
+        for prompt in ["a red star", "a blue circle", "a red circle", "two green squares left of a red triangle"]:
+            assert judge.score(teacher.generate([prompt], [seed])[0], prompt).score < 1.0, prompt
+        for prompt in ["a blue star", "two yellow squares", "a green triangle above a magenta square"]:
+            assert judge.score(teacher.generate([prompt], [seed])[0], prompt).score == 1.0, prompt
+    assert teacher.calls == 21 and teacher.id == "no-color+no-shape"
+    with pytest.raises(ConfigError, match="^teacher no-color\\+no-count: blind_to has words none of its deficits "
+                                          "is about: circle$"):
+        TeacherSpec(id="no-color+no-count", blind_to=["red", "circle"]).build()
+    with pytest.raises(ConfigError, match="unknown gallery teacher 'no-colour'"):
+        TeacherSpec(id="no-colour+no-shape").build()

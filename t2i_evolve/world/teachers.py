@@ -165,6 +165,21 @@ class ProceduralTeacher:
         return [replace(o, color=swap.get(o.group, o.color)) for o in objects]
 
 
+class CompoundTeacher(ProceduralTeacher):
+    """One teacher with several scene deficits at once ('no-color+no-shape': blind to some colors and to some
+    shapes), each applied by its own member in turn: a model that lacks what several others each lack, such
+    as a base weaker than every teacher of a gallery. Members' spatial and binding deficits are not applied."""
+
+    def __init__(self, config: TeacherConfig, members: Sequence[ProceduralTeacher], call_log: str | Path | None = None):
+        super().__init__(config, call_log)
+        self.members = list(members)
+
+    def _damage_scene(self, scene: Scene, rng: np.random.Generator) -> Scene:
+        for member in self.members:
+            scene = member._damage_scene(scene, rng)
+        return scene
+
+
 class MixtureTeacher:
     """Several teachers behind one id: each (prompt, seed) goes to one member, drawn by weight."""
 
