@@ -16,10 +16,11 @@ from multiprocessing.connection import wait
 from t2i_evolve.progress import progress_bar
 
 
-def run_arms(arms: dict, jobs: int) -> dict:
+def run_arms(arms: dict, jobs: int, cost=None) -> dict:
     """Run every arm, name -> (function, arguments); with jobs > 1 in that many worker processes (on a GPU
     they share the device). Arms share no state: each is seeded by its own config. Returns name -> result,
-    in the order given."""
+    in the order given. `cost` (name -> a number): the costliest arms start first, so the workers end about
+    together (the longest arm started last leaves the other cores idle while it runs)."""
     if jobs <= 1:
         results = {}
         with progress_bar("arms", len(arms)) as advance:
@@ -30,7 +31,10 @@ def run_arms(arms: dict, jobs: int) -> dict:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=start_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, *fn_args): name for name, (fn, fn_args) in arms.items()}
+        futures = {}
+        for name in sorted(arms, key=cost, reverse=True) if cost else arms:  # (stable: ties as given)
+            fn, fn_args = arms[name]
+            futures[pool.submit(fn, *fn_args)] = name
         results = {}
         with progress_bar(f"arms ({jobs} at a time)", len(arms)) as advance:
             try:

@@ -68,3 +68,34 @@ def test_arm_workers_end_with_a_killed_benchmark(tmp_path, sig):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+ORDER_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from side_by_side import run_arms
+
+    def arm(log, name):
+        with open(log, "a") as f:
+            f.write(name + "\\n")
+        time.sleep(0.5)
+        return name.upper()
+
+    if __name__ == "__main__":
+        log = os.path.join(sys.argv[2], "started")
+        cost = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 2}
+        results = run_arms({name: (arm, (log, name)) for name in "abcde"}, jobs=2, cost=cost.get)
+        print(",".join(f"{k}={v}" for k, v in results.items()))
+""")
+
+
+def test_the_costliest_arms_start_first_and_results_keep_the_given_order(tmp_path):
+    """With two workers, the longest arms start together; results still come back in the order given."""
+    (tmp_path / "bench.py").write_text(ORDER_SCRIPT)
+    done = subprocess.run([sys.executable, str(tmp_path / "bench.py"), str(BENCHMARKS), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "a=A,b=B,c=C,d=D,e=E"
+    started = (tmp_path / "started").read_text().split()
+    # (two workers may log the arms they took together in either order)
+    assert set(started[:2]) == {"d", "c"} and set(started[2:4]) == {"e", "b"} and started[4] == "a"  # e ties c
