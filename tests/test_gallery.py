@@ -120,3 +120,5 @@ def test_a_compound_teacher_has_each_members_blind_spots(judge):
         TeacherSpec(id="no-color+no-count", blind_to=["red", "circle"]).build()
     with pytest.raises(ConfigError, match="unknown gallery teacher 'no-colour'"):
         TeacherSpec(id="no-colour+no-shape").build()
+    with pytest.raises(ConfigError, match="^teacher no-color\\+no-spatial: no-spatial cannot join others"):
+        TeacherSpec(id="no-color+no-spatial").build()  # not a silent teacher without its spatial deficit

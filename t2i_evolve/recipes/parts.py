@@ -32,11 +32,10 @@ from ..eval.report import write_json
 from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
-from ..protocols import SKILLS, Generator, PromptWriter
+from ..protocols import Generator, PromptWriter
 from ..train import TrainingSet
-from ..world.grammar import COLORS, SHAPES
 from ..world.sampling import GrammarSlice, distinct_prompts
-from ..world.teachers import CompoundTeacher, ProceduralTeacher, TeacherConfig
+from ..world.teachers import gallery_teacher
 
 
 class TeacherSpec(Config):
@@ -77,33 +76,6 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
     if not (base / "model_index.json").exists():
         init_tiny_model(base, tiny_model, seed=seed)
     return base
-
-
-def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price_per_call: float | None = None,
-                    blind_to: Sequence[str] = ()) -> ProceduralTeacher:
-    """'strong' or 'no-<skill>' (that skill broken with probability `p`, default the gallery's; only on the
-    words in `blind_to`, if any), or several deficits joined by '+' ('no-color+no-shape': each member takes
-    the words of `blind_to` that are its kind's, every word of its kind where there are none)."""
-    if "+" in id:
-        kinds = {"no-color": set(COLORS), "no-shape": set(SHAPES)}
-        members = [gallery_teacher(part, resolution, p, None, [w for w in blind_to if w in kinds.get(part, ())])
-                   for part in id.split("+")]
-        if stray := set(blind_to) - {w for part in id.split("+") for w in kinds.get(part, ())}:
-            raise ConfigError(f"teacher {id}: blind_to has words none of its deficits is about: "
-                              f"{', '.join(sorted(stray))}")
-        price = {} if price_per_call is None else {"price_per_call": price_per_call}
-        return CompoundTeacher(TeacherConfig(id=id, resolution=resolution, **price), members)
-    deficit = None if id == "strong" else id.removeprefix("no-")
-    if deficit is not None and deficit not in SKILLS:
-        raise ConfigError(f"unknown gallery teacher {id!r}: use 'strong' or one of "
-                          f"{', '.join('no-' + s for s in SKILLS)}")
-    fields = {"id": id, "deficit": deficit, "resolution": resolution, "blind_to": list(blind_to)}
-    fields |= {} if p is None else {"p": p}
-    fields |= {} if price_per_call is None else {"price_per_call": price_per_call}
-    try:
-        return ProceduralTeacher(TeacherConfig(**fields))
-    except ValidationError as e:  # e.g. a blind_to word that is not a color or shape: one line
-        raise ConfigError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 class JudgeSpec(Config):

@@ -16,10 +16,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..config import Config
-from ..errors import CallTimeout, TransientError
+from ..errors import CallTimeout, ConfigError, TransientError
 from ..protocols import SKILLS
 from .grammar import COLORS, SHAPES, SIZES, Scene, is_binding_pair, parse
 from .render import NoRoom, PlacedObject, crowding, degrade, draw, layout, seeded_rng
@@ -168,7 +168,8 @@ class ProceduralTeacher:
 class CompoundTeacher(ProceduralTeacher):
     """One teacher with several scene deficits at once ('no-color+no-shape': blind to some colors and to some
     shapes), each applied by its own member in turn: a model that lacks what several others each lack, such
-    as a base weaker than every teacher of a gallery. Members' spatial and binding deficits are not applied."""
+    as a base weaker than every teacher of a gallery. Scene deficits only (color, shape, count, size): spatial
+    and binding ones act on the layout, which one teacher draws once."""
 
     def __init__(self, config: TeacherConfig, members: Sequence[ProceduralTeacher], call_log: str | Path | None = None):
         super().__init__(config, call_log)
@@ -199,6 +200,35 @@ class MixtureTeacher:
     @property
     def calls(self) -> int:
         return sum(m.calls for m in self.members)
+
+
+def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price_per_call: float | None = None,
+                    blind_to: Sequence[str] = ()) -> ProceduralTeacher:
+    """'strong' or 'no-<skill>' (that skill broken with probability `p`, default the gallery's; only on the
+    words in `blind_to`, if any), or several deficits joined by '+' ('no-color+no-shape': each member takes
+    the words of `blind_to` that are its kind's, every word of its kind where there are none)."""
+    if "+" in id:
+        kinds = {"no-color": set(COLORS), "no-shape": set(SHAPES)}
+        members = [gallery_teacher(part, resolution, p, None, [w for w in blind_to if w in kinds.get(part, ())])
+                   for part in id.split("+")]
+        if tangled := [m.id for m in members if m.deficit in ("spatial", "binding")]:  # they act on the layout
+            raise ConfigError(f"teacher {id}: {', '.join(tangled)} cannot join others (color, shape, count, size can)")
+        if stray := set(blind_to) - {w for part in id.split("+") for w in kinds.get(part, ())}:
+            raise ConfigError(f"teacher {id}: blind_to has words none of its deficits is about: "
+                              f"{', '.join(sorted(stray))}")
+        price = {} if price_per_call is None else {"price_per_call": price_per_call}
+        return CompoundTeacher(TeacherConfig(id=id, resolution=resolution, **price), members)
+    deficit = None if id == "strong" else id.removeprefix("no-")
+    if deficit is not None and deficit not in SKILLS:
+        raise ConfigError(f"unknown gallery teacher {id!r}: use 'strong' or one of "
+                          f"{', '.join('no-' + s for s in SKILLS)}")
+    fields = {"id": id, "deficit": deficit, "resolution": resolution, "blind_to": list(blind_to)}
+    fields |= {} if p is None else {"p": p}
+    fields |= {} if price_per_call is None else {"price_per_call": price_per_call}
+    try:
+        return ProceduralTeacher(TeacherConfig(**fields))
+    except ValidationError as e:  # e.g. a blind_to word that is not a color or shape: one line
+        raise ConfigError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def default_gallery(resolution: int = 32, **overrides) -> list[ProceduralTeacher]:
