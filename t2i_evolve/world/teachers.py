@@ -26,6 +26,8 @@ from .render import NoRoom, PlacedObject, crowding, degrade, draw, layout, seede
 
 Skill = Literal["color", "shape", "count", "spatial", "binding", "size"]
 DEFAULT_P: dict[str, float] = {"color": 0.7, "shape": 0.7, "count": 0.7, "spatial": 1.0, "binding": 0.8, "size": 0.8}
+# The words a deficit can be blind to (`blind_to`), by deficit.
+BLIND_WORDS: dict[str, set[str]] = {"color": set(COLORS), "shape": set(SHAPES)}
 
 
 class TeacherConfig(Config):
@@ -47,7 +49,7 @@ class TeacherConfig(Config):
 
     @model_validator(mode="after")
     def _blind_words_fit_the_deficit(self):
-        words = {"color": set(COLORS), "shape": set(SHAPES)}.get(self.deficit or "")
+        words = BLIND_WORDS.get(self.deficit or "")
         if self.blind_to and words is None:
             raise ValueError(f"teacher {self.id}: blind_to needs a color or shape deficit, not {self.deficit!r}")
         if unknown := set(self.blind_to) - (words or set()):
@@ -208,14 +210,15 @@ def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price
     words in `blind_to`, if any), or several deficits joined by '+' ('no-color+no-shape': each member takes
     the words of `blind_to` that are its kind's, every word of its kind where there are none)."""
     if "+" in id:
-        kinds = {"no-color": set(COLORS), "no-shape": set(SHAPES)}
-        members = [gallery_teacher(part, resolution, p, None, [w for w in blind_to if w in kinds.get(part, ())])
-                   for part in id.split("+")]
-        if tangled := [m.id for m in members if m.deficit in ("spatial", "binding")]:  # they act on the layout
-            raise ConfigError(f"teacher {id}: {', '.join(tangled)} cannot join others (color, shape, count, size can)")
-        if stray := set(blind_to) - {w for part in id.split("+") for w in kinds.get(part, ())}:
+        parts = id.split("+")
+        words = [BLIND_WORDS.get(part.removeprefix("no-"), set()) for part in parts]
+        if stray := set(blind_to).difference(*words):
             raise ConfigError(f"teacher {id}: blind_to has words none of its deficits is about: "
                               f"{', '.join(sorted(stray))}")
+        members = [gallery_teacher(part, resolution, p, None, [w for w in blind_to if w in kind])
+                   for part, kind in zip(parts, words)]
+        if tangled := [m.id for m in members if m.deficit in ("spatial", "binding")]:  # they act on the layout
+            raise ConfigError(f"teacher {id}: {', '.join(tangled)} cannot join others (color, shape, count, size can)")
         price = {} if price_per_call is None else {"price_per_call": price_per_call}
         return CompoundTeacher(TeacherConfig(id=id, resolution=resolution, **price), members)
     deficit = None if id == "strong" else id.removeprefix("no-")
