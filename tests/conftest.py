@@ -1,9 +1,16 @@
+import os
+
 import pytest
+import torch
 
 from builders import build_tiny_sd
 
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core: one thread each, and so for subprocesses
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
