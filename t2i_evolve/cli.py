@@ -34,12 +34,22 @@ def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
 
 
+def _image_out(path: Path) -> Path:
+    """`--out`, checked before any work: its format is read from the file name, its folder made."""
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions() or path.is_dir():
+        raise UserError(f"--out {path}: name an image file (.png, .jpg, .webp)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @world_app.command("render")
 def world_render(
     prompt: str,
-    seed: int = typer.Option(0, help="Layout seed; the same (prompt, seed) always gives the same image."),
+    seed: int = typer.Option(0, min=0, help="Layout seed; the same (prompt, seed) always gives the same image."),
     out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
-    resolution: int = typer.Option(32, help="Image side in pixels."),
+    resolution: int = typer.Option(32, min=8, max=1024, help="Image side in pixels."),
     teacher: str = typer.Option("strong", help="Gallery teacher that draws it (strong, no-color, ...)."),
 ):
     """Render a prompt as a PNG."""
@@ -48,9 +58,8 @@ def world_render(
     teachers = {t.id: t for t in default_gallery(resolution)}
     if teacher not in teachers:
         raise UserError(f"unknown teacher {teacher!r}; choose from {', '.join(teachers)}")
-    image, _ = teachers[teacher].draw(prompt, seed)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out_path)
+    out_path = _image_out(out_path)
+    teachers[teacher].draw(prompt, seed)[0].save(out_path)
     out.print(f"wrote {out_path}")
 
 
@@ -153,7 +162,7 @@ def serve_judge(
     faults: str = typer.Option("429,500,hang,malformed", help="Which faults --fault-rate draws from."),
     latency: float = typer.Option(0.0, help="Seconds added to every request."),
     hang: float = typer.Option(30.0, "--hang-s", help="Seconds a 'hang' fault holds a request."),
-    seed: int = typer.Option(0, help="Seed of errors and faults."),
+    seed: int = typer.Option(0, min=0, help="Seed of errors and faults."),
 ):
     """Serve the pixel judge as an OpenAI-compatible VLM endpoint (POST /v1/chat/completions)."""
     from .judges.server import JudgeServer, JudgeServerConfig
@@ -184,8 +193,8 @@ def serve_judge(
 @gallery_app.command("eval")
 def gallery_eval(
     prompts: int = typer.Option(200, help="Number of grammar prompts."),
-    seed: int = typer.Option(0, help="Prompt and drawing seed."),
-    resolution: int = typer.Option(32),
+    seed: int = typer.Option(0, min=0, help="Prompt and drawing seed."),
+    resolution: int = typer.Option(32, min=8, max=1024),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Draw N grammar prompts with every gallery teacher and judge them per skill."""
@@ -219,7 +228,7 @@ def gallery_eval(
 @app.command("init-model")
 def init_model(
     out_dir: Path,
-    seed: int = typer.Option(0, help="Initialisation seed."),
+    seed: int = typer.Option(0, min=0, help="Initialisation seed."),
     config: Optional[Path] = typer.Option(None, help="TinyModelConfig YAML."),
 ):
     """Write the tiny shapes-world model (random init) as a diffusers-style folder."""
@@ -263,7 +272,7 @@ def sample(
     model: Path,
     prompt: str,
     out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     steps: int = typer.Option(20, help="Sampling steps."),
     scheduler: str = typer.Option("ddim", help="ddim or dpm++."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
@@ -272,9 +281,8 @@ def sample(
     from .models import Sampler, SamplerConfig, T2IModel
 
     cfg = SamplerConfig.from_dict({"scheduler": scheduler, "steps": steps, "guidance": guidance}, source="flags")
-    image = Sampler(T2IModel.from_pretrained(model), cfg).generate([prompt], [seed])[0]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out_path)
+    out_path = _image_out(out_path)
+    Sampler(T2IModel.from_pretrained(model), cfg).generate([prompt], [seed])[0].save(out_path)
     out.print(f"wrote {out_path}")
 
 
@@ -282,7 +290,7 @@ def sample(
 def eval_model(
     model: Path,
     prompts: int = typer.Option(128, help="Held-out grammar prompts."),
-    seed: int = typer.Option(0, help="Prompt seed."),
+    seed: int = typer.Option(0, min=0, help="Prompt seed."),
     steps: int = typer.Option(20, help="Sampling steps."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -423,7 +431,7 @@ def ledger_import(
     if not source.is_dir():
         raise UserError(f"not a folder: {source}")
     n = import_imagefolder(Ledger(run_dir), source, prompt_column=prompt_column)
-    out.print(f"imported {n} records into {run_dir}")
+    out.print(f"imported {n.summary} into {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (UserError, ValidationError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+        return 2
+    except OSError as e:  # a path that cannot be written or read: a file where a folder should be, no permission
+        sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

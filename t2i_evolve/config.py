@@ -22,9 +22,11 @@ class Config(BaseModel):
     def from_yaml(cls: type[C], path: str | Path) -> C:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"{path} is a folder, not a config file" if path.is_dir() else f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
@@ -39,8 +41,8 @@ class Config(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise ConfigError(f"{source}: field '{field}': {first['msg']}") from None
+            field, message = ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{source}: field '{field}': {message}" if field else f"{source}: {message}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

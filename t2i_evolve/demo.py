@@ -39,18 +39,18 @@ class DemoConfig(Config):
     train_images: int = Field(8000, ge=1)
     eval_prompts: int = Field(160, ge=1)
     geneval_scale: float = Field(0.3, ge=0, description="Share of GenEval's 553 prompts judged after training.")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: TinyModelConfig = TinyModelConfig()
     # Guidance 1.5 measured +0.035 on the demo's trained model (two sampling seeds, 160 prompts) over none;
     # DDIM 20 steps or DPM-Solver++ gave nothing over DDIM 10 (RESULTS.md).
     sampler: SamplerConfig = SamplerConfig(steps=10, guidance=1.5)
-    batch_size: int = 16
-    lr: float = 2e-3
-    snr_gamma: float | None = 5.0
-    warmup_steps: int = 100
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    snr_gamma: float | None = Field(5.0, gt=0)
+    warmup_steps: int = Field(100, ge=0)
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "cosine"
-    ema_decay: float = 0.995
-    caption_dropout: float = 0.1
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
 
     @property
     def slice_name(self) -> str:

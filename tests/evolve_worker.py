@@ -7,6 +7,7 @@ appended before the ledger commits, so a call paid twice shows up twice.
     python tests/evolve_worker.py RUN_DIR --kill-at-draw N   # ... at the teacher's N-th batch of draws
     python tests/evolve_worker.py RUN_DIR --gate ...         # with the quality gate (the judge's calls count)
     python tests/evolve_worker.py RUN_DIR --prior 16 ...     # with 16 prior images (the judge scores them first)
+    python tests/evolve_worker.py RUN_DIR --teacher-budget 30 ...  # 30 teacher calls, then rounds that buy nothing
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--judge-first", action="store_true", help="judge_first: judge, then train, each round")
     parser.add_argument("--prior", type=int, default=0, help="prior_images: the judge scores the base's own first")
     parser.add_argument("--draws", type=int, default=1, help="base_draws: buying verdicts judged on fresh draws too")
+    parser.add_argument("--teacher-budget", type=int, help="max_teacher_calls, and train on past it")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,8 @@ def main() -> None:
     # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail;
     # each mutation the least-seen of three (what the set holds when a rerun mutates again must not change it)
     config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5,
-                          mutate_candidates=3, judge_first=args.judge_first, prior_images=args.prior, base_draws=args.draws)
+                          mutate_candidates=3, judge_first=args.judge_first, prior_images=args.prior, base_draws=args.draws,
+                          max_teacher_calls=args.teacher_budget, train_past_teacher_budget=args.teacher_budget is not None)
     run_evolve(config, teachers=[teacher], judge=judge)
 
 

@@ -56,6 +56,7 @@ def test_gallery_eval_json_contract(capsys):
         (["world", "render", PROMPT, "--out", "x.png", "--teacher", "nobody"], "unknown teacher"),
         (["ledger", "stats", "no-such-run"], "no ledger"),
         (["gallery", "eval", "--prompts", "0"], "at least 1"),
+        (["world", "render", PROMPT, "--out", "no-extension"], "name an image file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -107,3 +108,24 @@ def test_evolve_on_a_device_this_machine_lacks_says_so_before_any_work(tmp_path,
     code, out, err = run(capsys, "evolve", "--config", str(config), "--out", str(tmp_path / "run"))
     assert code == 2 and "unknown device 'gpu'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """A file where a folder should be, a config that is not UTF-8 or is a folder, a grammar slice with no
+    scenes in it, a negative seed: each ends with exit 2 and no traceback, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.png").write_bytes(b"")
+    (tmp_path / "latin1.yaml").write_bytes("rounds: 1  # \xe9t\xe9\n".encode("latin-1"))
+    (tmp_path / "no-scenes.yaml").write_text("min_groups: 3\nmax_groups: 2\n")
+    for args, message in [
+        (["world", "render", PROMPT, "--out", "file.png/x.png"], "File exists"),
+        (["init-model", "file.png/model"], "Not a directory"),
+        (["evolve", "--config", "latin1.yaml"], "not UTF-8 text"),
+        (["evolve", "--config", str(tmp_path)], "is a folder, not a config file"),
+        (["evolve", "--config", "no-scenes.yaml", "--out", "run"], "min_groups <= max_groups"),
+    ]:
+        code, _, err = run(capsys, *args)
+        assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+    code, _, err = run(capsys, "gallery", "eval", "--prompts", "1", "--seed", "-3")
+    assert code == 2 and "--seed" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "ledger.sqlite").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,20 +115,30 @@ def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_
 
 
 def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp_path):
-    """Killed at the judge's 10th call: in round 0, scoring the seed images for the gate."""
-    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
-    assert _worker(reference, "--gate").returncode == 0
-    killed = _worker(run_dir, "--gate", "--kill-after", "10")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    with Ledger(run_dir, create=False) as ledger:
-        assert ledger.calls(caller="scripted", status="pending") and not ledger.records(round=1)
-    resumed = _worker(run_dir, "--gate")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    records, ops = _ledger_state(run_dir)
-    assert (records, ops) == _ledger_state(reference)
-    assert any(op[1] == "reject" for op in ops) and any(r[5] == "active" for r in records)
-    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
-        assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
+    """The gate on, 30 teacher calls, then rounds that buy nothing (`train_past_teacher_budget`). Killed at the
+    judge's 10th call (round 0, scoring the seed images), and again while it scores round 1's expansions, the
+    last images the budget paid for (some recorded, some not): each rerun pays no call twice and ends with the
+    uninterrupted run's ledger, those images all recorded though the budget is spent when it starts again."""
+    reference, flags = tmp_path / "reference", ("--gate", "--teacher-budget", "30")
+    assert _worker(reference, *flags).returncode == 0
+    expanded = {rec.prompt for rec in Ledger(reference, create=False).records(None, round=1) if rec.op == "expand"}
+    judged = [json.loads(line) for line in (reference / "judge_calls.jsonl").read_text().splitlines()]
+    gating = [n for n, call in enumerate(judged, 1) if call.get("method") == "score" and call["prompt"] in expanded]
+    assert len(gating) >= 3 and json.loads((reference / "summary.json").read_text())["teacher_calls"] == 30
+    for kill_after in (10, gating[1]):
+        run_dir = tmp_path / f"killed-{kill_after}"
+        killed = _worker(run_dir, *flags, "--kill-after", str(kill_after))
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        with Ledger(run_dir, create=False) as ledger:
+            assert ledger.calls(caller="scripted", status="pending")
+            assert kill_after != 10 or not ledger.records(round=1)
+        resumed = _worker(run_dir, *flags)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        records, ops = _ledger_state(run_dir)
+        assert (records, ops) == _ledger_state(reference)
+        assert any(op[1] == "reject" for op in ops) and any(r[5] == "active" for r in records)
+        for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
+            assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
 
 def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_after_sigkill(tmp_path):
@@ -213,7 +224,7 @@ def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_
     assert _ledger_state(run_dir) == _ledger_state(reference)
     assert json.loads((run_dir / "prior" / "prior.json").read_text()) == prior
     from t2i_evolve.errors import UserError
-    with pytest.raises(UserError, match="holds 16 prior images judged at 1; this config asks 8"):
+    with pytest.raises(UserError, match=r"was started with another config \(prior_images: 16 -> 8"):
         run_evolve(small_config(str(run_dir), prior_images=8))  # another prior in the same folder: said, not mixed
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
@@ -568,7 +579,7 @@ def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_o
         config = small_config(str(tmp_path / str(share)), replay_share=share)
         with Ledger(tmp_path / str(share)) as ledger:
             run = Run(config, ledger, cached_teachers([ProceduralTeacher()], ledger), config.judge.build(ledger),
-                      GrammarPromptWriter(config.grammar), tmp_path, held_out=[])
+                      GrammarPromptWriter(config.grammar), tmp_path / str(share), held_out=[])
             run.seed_set()
             records = ledger.records()
             for rec in records[:6]:
@@ -781,3 +792,38 @@ def test_the_readme_evolve_yaml_loads_and_shows_the_defaults():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"```yaml\n# evolve\.yaml[^\n]*\n(.*?)```", readme, re.S).group(1)
     assert EvolveConfig(**yaml.safe_load(block)) == EvolveConfig()
+
+
+def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference_run, tmp_path):
+    """Rerun under another config, a run that has spent calls would mix two runs in one ledger: refused in one
+    line naming what changed, the folder untouched. More rounds (or budget) is a resume: it goes on."""
+    from t2i_evolve.errors import UserError
+
+    before = _ledger_state(reference_run)
+    with pytest.raises(UserError, match=r"was started with another config \(variations: 2 -> 3"):
+        run_evolve(small_config(str(reference_run), min_unseen_score=0.5, mutate_candidates=3, variations=3))
+    assert _ledger_state(reference_run) == before
+    longer = tmp_path / "longer"
+    shutil.copytree(reference_run, longer)
+    config = small_config(str(longer), min_unseen_score=0.5, mutate_candidates=3, rounds=3)
+    summary = run_evolve(config, judge=CachedJudge(ScriptedJudge(), Ledger(longer), backoff_s=0))
+    assert [row["round"] for row in summary["rounds"]] == [1, 2, 3]
+    records, ops = _ledger_state(longer)
+    drawn = [[rec[:5] + rec[6:9] for rec in state] for state in (records[:len(before[0])], before[0])]
+    assert drawn[0] == drawn[1] and any(op[0] == 3 for op in ops)  # what rounds 1-2 drew, as it was
+
+
+def test_a_judge_that_answers_nothing_stops_the_run_in_one_line(tmp_path):
+    """Every comparison failed after its retries (a server down, a wrong address): the run stops with the
+    judge's last error, not a round of 'unjudged' that looks like a run."""
+    from t2i_evolve.errors import TransientError, UserError
+
+    class DownJudge:
+        id = "down"
+
+        def compare(self, image_a, image_b, prompt):
+            raise TransientError("connection refused")
+
+    judge = CachedJudge(DownJudge(), Ledger(tmp_path / "run"), retries=1, backoff_s=0)
+    with pytest.raises(UserError, match=r"answered none of round 1's 24 comparisons .*connection refused"):
+        run_evolve(small_config(str(tmp_path / "run"), rounds=1), judge=judge)

@@ -147,3 +147,20 @@ def test_judge_budget_counts_every_vote(tmp_path):
     rounds = summary["rounds"]  # uncapped: 279 calls; the seed set alone may need 24 x 3 verdicts x 3 votes
     assert served == summary["judge_calls"] <= 250 and summary["judge_calls"] % 3 == 0
     assert 0 < rounds[-1]["ops"]["judged"] < rounds[-1]["active"]  # what fits at 3 x its verdicts, worst case
+
+
+def test_a_run_stopped_at_the_teacher_budget_and_launched_again_keeps_its_rounds(tmp_path):
+    """`until_pass`: the second teacher never drew the seed prompts the first drew right. Launched again
+    with the same command after the budget stopped it, the run must not count those undrawn images as
+    still to buy (it once stopped in the seed set and rewrote its summary with no rounds)."""
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    config = small_config(str(tmp_path / "run"), min_teacher_score=0.5, tournament="until_pass", max_teacher_calls=40,
+                          teachers=[TeacherSpec(id="strong"), TeacherSpec(id="no-color", p=1.0)])
+    judge = CachedJudge(ScriptedJudge(), Ledger(tmp_path / "run"), backoff_s=0)
+    first = run_evolve(config, judge=judge)
+    assert first["stopped"] and "teacher budget" in first["stopped"] and first["rounds"]
+    again = run_evolve(config, judge=judge)
+    timeless = [[{k: v for k, v in row.items() if k != "wall_s"} for row in run["rounds"]] for run in (first, again)]
+    assert timeless[0] == timeless[1] and again["stopped"] == first["stopped"]
+    assert again["teacher_calls"] == first["teacher_calls"] <= 40

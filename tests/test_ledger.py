@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from t2i_evolve.data import CachedGenerator, CachedJudge, CallBudget, Ledger
-from t2i_evolve.data.imagefolder import export_imagefolder, import_imagefolder
+from t2i_evolve.data.imagefolder import ImportResult, export_imagefolder, import_imagefolder
 from t2i_evolve.errors import BudgetExhausted, CallTimeout, TransientError, UserError
 from t2i_evolve.protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
 
@@ -418,8 +418,8 @@ def test_export_loads_with_datasets_and_imports_back(ledger, tmp_path, offline):
     assert json.loads(rows[1]["spec"]) == {"i": 1} and rows[1]["skills"] == ["color"]
 
     with Ledger(tmp_path / "fresh") as fresh:
-        assert import_imagefolder(fresh, out) == 3
-        assert import_imagefolder(fresh, out) == 3
+        assert import_imagefolder(fresh, out).added == 3
+        assert import_imagefolder(fresh, out) == ImportResult(added=0, existing=3)
         imported = fresh.records()
         assert len(imported) == 3 and {r.op for r in imported} == {"import"}
         assert {r.seed for r in imported} == {None}
@@ -464,7 +464,7 @@ def write_folder(root, rows, files=None, metadata="metadata.jsonl"):
 def test_import_csv_under_a_split_folder(ledger, tmp_path):
     rows = [{"file_name": "a.png", "caption": "a red circle"}]
     write_folder(tmp_path / "src" / "train", rows, metadata="metadata.csv")
-    assert import_imagefolder(ledger, tmp_path / "src", generator="user", round=2) == 1
+    assert import_imagefolder(ledger, tmp_path / "src", generator="user", round=2).added == 1
     [record] = ledger.records()
     assert (record.prompt, record.generator, record.round, record.op) == ("a red circle", "user", 2, "import")
     assert (pixels(ledger.load_image(record.image_path)) == [1, 2, 3]).all()

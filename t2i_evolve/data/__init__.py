@@ -1,5 +1,6 @@
 """The data of a run: the dataset ledger, the call cache, and Hugging Face imagefolder import/export."""
 
+from .budgets import CallBudgets
 from .cache import CachedGenerator, CachedJudge, Call, CallBudget
 from .imagefolder import export_imagefolder, import_imagefolder
 from .ledger import Ledger, Op, Record
@@ -9,6 +10,7 @@ __all__ = [
     "CachedJudge",
     "Call",
     "CallBudget",
+    "CallBudgets",
     "Ledger",
     "Op",
     "Record",

@@ -14,18 +14,26 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from ..errors import UserError
-from .ledger import Ledger, Status, write_atomically
+from .ledger import Ledger, Record, Status, write_atomically
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 """Where `import_imagefolder` looks for prompts, in order, unless given a column."""
 
-_EXPORTED_NAME = re.compile(r"\d+\.png|metadata\.jsonl|\.metadata\..*\.tmp")
+MANIFEST = ".t2i-evolve-export.json"
+"""The file, in `train/`, where an export lists the files it wrote: the only files a rerun may remove.
+
+Hidden (a leading dot), so `datasets` does not take it for data."""
+
+_MANIFEST_KIND = "t2i-evolve imagefolder export"
+_OUR_TEMP_FILE = re.compile(r"\.(metadata\.jsonl|" + re.escape(MANIFEST) + r")\..+\.tmp")
+"""Temporary files `write_atomically` leaves behind if killed mid-write (never removed, never in the way)."""
 
 
 def export_imagefolder(ledger: Ledger, out_dir: str | os.PathLike, status: Status | None = "active") -> int:
@@ -33,45 +41,125 @@ def export_imagefolder(ledger: Ledger, out_dir: str | os.PathLike, status: Statu
 
     Each image is copied to `<record id>.png`; `metadata.jsonl` holds the prompt and provenance of
     each (skills, generator, seed, round, op, record id, parent, status, the spec as a JSON string and
-    the judge's score). Exporting again into the same folder updates it: images of records that are no
-    longer exported are removed, and the metadata file is replaced in one rename, so a reader never
-    sees it half-written.
+    the judge's score). The metadata file is replaced in one rename, so a reader never sees it
+    half-written.
+
+    `out_dir` must be empty, new, or an earlier export: exporting again into the same folder updates it,
+    removing the images of records no longer exported. An earlier export is recognised only by its
+    manifest (`MANIFEST`), which lists exactly the files it wrote, and only those are ever replaced or
+    removed; a folder holding anything else is refused (a user's own dataset that happens to have
+    numbered images must never be taken for an export and deleted).
     """
-    train = Path(out_dir) / "train"
-    if train.is_dir():
-        strangers = [p.name for p in train.iterdir() if not _EXPORTED_NAME.fullmatch(p.name)]
-        if strangers:
-            raise UserError(f"{train} holds files that no export wrote ({strangers[0]}); pick another folder")
+    out = Path(out_dir)
+    train = out / "train"
+    earlier = _check_export_target(out, train)
     train.mkdir(parents=True, exist_ok=True)
 
-    rows = []
-    for record in ledger.records(status):
-        if record.image_path is None:
-            continue
-        file_name = f"{record.id}.png"
-        shutil.copyfile(ledger.run_dir / record.image_path, train / file_name)
-        rows.append({
-            "file_name": file_name,
-            "prompt": record.prompt,
-            "skills": list(record.skills),
-            "generator": record.generator,
-            "seed": record.seed,
-            "round": record.round,
-            "op": record.op,
-            "record_id": record.id,
-            "parent": record.parent,
-            "status": record.status,
-            "spec": None if record.spec is None else json.dumps(record.spec, ensure_ascii=False),
-            "score": (record.judge or {}).get("score"),
-        })
-
-    exported = {row["file_name"] for row in rows}
-    for path in train.glob("*.png"):
-        if path.name not in exported:
-            path.unlink()
+    records = [record for record in ledger.records(status) if record.image_path is not None]
+    rows = [_export_row(record) for record in records]
+    written = {row["file_name"] for row in rows} | {"metadata.jsonl"}
+    # The manifest lists every file of ours at every moment: the old and the new ones while images
+    # are copied, then only the new ones once the stale ones are gone. A crash at any point leaves a
+    # folder that the next export still recognises, and finishes.
+    _write_manifest(train, earlier | written)
+    for record, row in zip(records, rows):
+        shutil.copyfile(ledger.run_dir / record.image_path, train / row["file_name"])
     metadata = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_atomically(train / "metadata.jsonl", metadata.encode())
+    for name in sorted(earlier - written):
+        (train / name).unlink(missing_ok=True)
+    _write_manifest(train, written)
     return len(rows)
+
+
+def _export_row(record: Record) -> dict:
+    """One line of `metadata.jsonl`: the prompt and provenance of a record."""
+    return {
+        "file_name": f"{record.id}.png",
+        "prompt": record.prompt,
+        "skills": list(record.skills),
+        "generator": record.generator,
+        "seed": record.seed,
+        "round": record.round,
+        "op": record.op,
+        "record_id": record.id,
+        "parent": record.parent,
+        "status": record.status,
+        "spec": None if record.spec is None else json.dumps(record.spec, ensure_ascii=False),
+        "score": (record.judge or {}).get("score"),
+    }
+
+
+def _check_export_target(out: Path, train: Path) -> set[str]:
+    """The files an earlier export wrote to `train` (none for a new or empty folder).
+
+    Raises UserError, naming the folder, if `out` holds anything that no export of ours wrote.
+    """
+    def refuse(what: str) -> UserError:
+        return UserError(
+            f"{out} is not empty and not an earlier t2i-evolve export ({what}); "
+            "choose an empty or new folder to export to"
+        )
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose an empty or new folder to export to")
+    if not out.is_dir():
+        return set()
+    others = sorted(p.name for p in out.iterdir() if p.name != "train")
+    if others:
+        raise refuse(f"it holds {others[0]}")
+    if not train.exists():
+        return set()
+    if not train.is_dir():
+        raise refuse("train is a file")
+    present = {p.name for p in train.iterdir() if not _OUR_TEMP_FILE.fullmatch(p.name)}
+    if not present:
+        return set()
+    if MANIFEST not in present:
+        raise refuse(f"{train} holds {sorted(present)[0]} and no {MANIFEST}")
+    earlier = _read_manifest(train / MANIFEST)
+    if earlier is None:
+        raise refuse(f"{train / MANIFEST} is not a manifest this program wrote")
+    strangers = sorted(present - earlier - {MANIFEST})
+    if strangers:
+        raise refuse(f"{train} holds {strangers[0]}, which no export wrote")
+    return earlier
+
+
+def _read_manifest(path: Path) -> set[str] | None:
+    """The file names a manifest lists, or None if it is not one of ours (or not plain names)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") != _MANIFEST_KIND:
+        return None
+    files = data.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(name, str) and name and name == Path(name).name and name not in (".", "..", MANIFEST)
+        for name in files
+    ):
+        return None
+    return set(files)
+
+
+def _write_manifest(train: Path, files: set[str]) -> None:
+    manifest = {"kind": _MANIFEST_KIND, "files": sorted(files)}
+    write_atomically(train / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did: `added` new records, `existing` ones the ledger already held (a rerun adds none)."""
+
+    added: int
+    existing: int
+
+    @property
+    def summary(self) -> str:
+        """E.g. "4 new records" or "0 new records (4 already in the ledger)"."""
+        text = f"{self.added} new record{'' if self.added == 1 else 's'}"
+        return f"{text} ({self.existing} already in the ledger)" if self.existing else text
 
 
 def import_imagefolder(
@@ -81,7 +169,7 @@ def import_imagefolder(
     prompt_column: str | None = None,
     generator: str = "import",
     round: int = 0,
-) -> int:
+) -> ImportResult:
     """Add the images of an imagefolder as records (op 'import', no seed); returns how many records.
 
     Reads `metadata.jsonl` or `metadata.csv` at the top of `src_dir` and in each split folder under it.
@@ -90,7 +178,8 @@ def import_imagefolder(
 
     Everything is checked before anything is added, and all records are added in one transaction: a
     missing image, a missing column or a corrupt file raises `UserError` naming it, and leaves the
-    ledger as it was. Importing the same folder again adds nothing.
+    ledger as it was (a new ledger is not even created). Importing the same folder again adds
+    nothing, and the result says so (`ImportResult.added`).
     """
     src = Path(src_dir)
     if not src.is_dir():
@@ -107,6 +196,7 @@ def import_imagefolder(
             items.append(_check_row(metadata, line, row, column))
 
     with ledger.transaction():
+        before = ledger.count(None)
         ids = {
             ledger.add_record(
                 prompt=prompt, generator=generator, image=_load(path), skills=skills, spec=spec,
@@ -114,7 +204,8 @@ def import_imagefolder(
             )
             for path, prompt, skills, spec in items
         }
-    return len(ids)
+        added = ledger.count(None) - before
+    return ImportResult(added, len(ids) - added)
 
 
 def _metadata_files(src: Path) -> list[Path]:
@@ -164,7 +255,10 @@ def _prompt_column(path: Path, rows: list[tuple[int, dict]], wanted: str | None)
     for column in PROMPT_COLUMNS:
         if column in columns:
             return column
-    raise UserError(f"{path} has no prompt column ({', '.join(PROMPT_COLUMNS)}); name one with prompt_column")
+    raise UserError(
+        f"{path} has no prompt column ({', '.join(PROMPT_COLUMNS)}; columns: {', '.join(sorted(columns))}); "
+        "name the column that holds prompts with --prompt-column"
+    )
 
 
 def _check_row(metadata: Path, line: int, row: dict, column: str) -> tuple[Path, str, list[str], Any]:

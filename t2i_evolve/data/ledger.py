@@ -144,6 +144,10 @@ class Op:
 class Ledger(CallCacheMixin):
     """The dataset ledger of one run folder (created if missing, unless `create=False`).
 
+    A new ledger's folder and file appear at its first read or write, not in the constructor; an
+    existing file that is not a ledger of ours (not SQLite, or another program's database) is refused
+    with a `UserError` naming it, and left as it was.
+
     Thread-safe: one SQLite connection behind a lock, so an async judge may record results from
     several worker threads. Use one `Ledger` per process; SQLite serialises writers of several processes
     but the call cache assumes that a 'pending' call of another process is a dead one.
@@ -153,22 +157,67 @@ class Ledger(CallCacheMixin):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "ledger.sqlite"
-        if not self.path.exists():
-            if not create:
-                raise UserError(f"no ledger at {self.path}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+        if self.path.exists():
+            self._connect()  # a file that is not a ledger is refused now, not at its first use
+        elif not create:
+            raise UserError(f"no ledger at {self.path}")
+        # Otherwise the folder and file of the new ledger are made at its first use, so that a command
+        # which fails its own checks first (an import of a folder with a bad row) leaves no empty ledger.
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection, opening (and creating) the ledger on first use."""
+        with self._lock:
+            if self._db is None:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed ledger.")
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._connect()
+            return self._db
+
+    def _connect(self) -> None:
+        """Open `self.path`; anything that is not one of our ledgers is refused (UserError), untouched.
+
+        The file is identified with reads only, before anything writes to it: switching another
+        program's database to WAL mode, or adding our tables to it, would change a file that is not ours.
+        """
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.row_factory = sqlite3.Row
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        except sqlite3.Error as e:
+            raise UserError(f"cannot open {self.path} as a t2i-evolve ledger: {e}") from None
+        try:
+            self._identify(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = sqlite3.Row
+            self._db = db
             self._migrate()
-        except BaseException:
-            self._db.close()
+        except BaseException as e:
+            db.close()
+            self._db = None
+            if isinstance(e, sqlite3.DatabaseError):  # e.g. "file is not a database"
+                raise UserError(f"cannot open {self.path} as a t2i-evolve ledger: {e}") from None
             raise
+
+    def _identify(self, db: sqlite3.Connection) -> None:
+        """Raise UserError unless `db` is empty (a new ledger) or holds the tables of a ledger.
+
+        A file that is not SQLite at all fails the first read here with `DatabaseError`.
+        """
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables and version == 0:
+            return
+        if version == 0 or not {"records", "ops", "calls"} <= tables:
+            shown = ", ".join(sorted(tables)[:5]) or "none"
+            raise UserError(
+                f"{self.path} is an SQLite file of another program, not a t2i-evolve ledger "
+                f"(tables: {shown}); move it away or use another run folder"
+            )
 
     def _migrate(self) -> None:
         with self.transaction() as db:
@@ -186,7 +235,9 @@ class Ledger(CallCacheMixin):
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -203,21 +254,22 @@ class Ledger(CallCacheMixin):
         one, since its intent must be committed before a call goes out.
         """
         with self._lock:
+            db = self._connection()
             if self._depth:
                 self._depth += 1
                 try:
-                    yield self._db
+                    yield db
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             self._depth = 1
             try:
-                yield self._db
-                self._db.execute("COMMIT")
+                yield db
+                db.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             finally:
                 self._depth = 0
@@ -225,7 +277,7 @@ class Ledger(CallCacheMixin):
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            yield self._db
+            yield self._connection()
 
     # Images.
 

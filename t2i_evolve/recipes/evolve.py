@@ -32,20 +32,20 @@ import numpy as np
 from pydantic import Field
 
 from ..config import Config
-from ..data import Ledger
+from ..data import CallBudget, CallBudgets, Ledger
 from ..errors import BudgetExhausted, UserError
-from ..eval.report import write_json, write_jsonl, write_rounds_report
+from ..eval.report import write_json, write_jsonl
 from ..judges.batch import compare_pairs
 from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
-from ..train import LoraSettings, TrainConfig, Trainer, TrainingSet, evolving_set, replayable_records
+from ..train import LoraSettings, TrainingSet, evolving_set, replayable_records, train_round
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
-from .parts import (CallBudgets, JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers,
-                    check_judge_serves, held_out_prompts, held_out_score, judge_call_bounds, judged_base_images,
-                    new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament)
+from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_judge_serves,
+                    check_resumed_config, held_out_prompts, held_out_score, judge_call_bounds, judged_base_images,
+                    new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament, write_summary)
 
 
 class EvolveConfig(Config):
@@ -57,7 +57,7 @@ class EvolveConfig(Config):
     min_groups: int = 1
     max_groups: int = 2
     max_count: int = Field(3, ge=1, le=3)
-    p_size: float = 0.0
+    p_size: float = Field(0.0, ge=0, le=1)
     seed_prompts: int = Field(100, ge=1, description="Random grammar prompts the set starts from.")
     rare_words: list[Literal[tuple(COLORS) + SHAPES]] = Field(default_factory=list, description="Users' long tail: "
         "seed prompts naming these are kept at rare_weight odds (writer and held-out prompts weigh words alike).")
@@ -79,12 +79,12 @@ class EvolveConfig(Config):
         "before round 1; those the judge scores min_prior_score make prior_share of all training. 0: off (paper).")
     prior_share: float = Field(0.3, gt=0, lt=1)
     min_prior_score: float = Field(1.0, ge=0, le=1)
-    batch_size: int = 16
-    lr: float = 2e-3  # paper: 2e-5 for PixArt-alpha
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)  # paper: 2e-5 for PixArt-alpha
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"  # over all rounds
-    snr_gamma: float | None = 5.0
-    warmup_steps: int = 20  # paper: 1000
-    ema_decay: float | None = 0.995  # paper: 0.9999
+    snr_gamma: float | None = Field(5.0, gt=0)
+    warmup_steps: int = Field(20, ge=0)  # paper: 1000
+    ema_decay: float | None = Field(0.995, ge=0, lt=1)  # paper: 0.9999
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
     lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
@@ -123,12 +123,17 @@ class EvolveConfig(Config):
     sampler: SamplerConfig = SamplerConfig(steps=10)
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
                         "auto (a GPU when there is one), cpu, cuda, cuda:1. Training goes through accelerate.")
-    seed: int = 0
-    train_seed: int | None = None  # the trainer's batch order and noise; None: seed. Another: a replicate
+    seed: int = Field(0, ge=0)
+    train_seed: int | None = Field(None, ge=0)  # the trainer's batch order and noise; None: seed. Another: a replicate
 
     @property
     def grammar(self) -> GrammarSlice:
         return GrammarSlice(**self.model_dump(include={"min_groups", "max_groups", "max_count", "p_size"}))
+
+
+RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs
+    ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
+     "eval_every_round", "device"), True) | {"judge": {"endpoint"}, "writer": {"endpoint"}, "teachers": {"__all__": {"endpoint"}}}
 
 
 def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) -> dict:
@@ -138,18 +143,21 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     judge in `CachedJudge` to keep its calls in the ledger; teachers are always cached).
     """
     resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
+    held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evolve.yaml").write_text(config.to_yaml())
     ledger = Ledger(out)
+    if ledger.calls():  # it has spent something: a rerun must not mix another config's rounds into its ledger
+        check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
                                             for spec in config.teachers], ledger)
-    judge = judge or config.judge.build(ledger)
+    hard_cap = None if config.max_judge_calls is None else CallBudget(max_calls=config.max_judge_calls)
+    judge = judge or config.judge.build(ledger, hard_cap)  # rounds are sized to fit; this stops re-asks and retries
     check_judge_serves(config, judge)
     writer = writer or config.writer.build(config.grammar, ledger)
-    held_out = held_out_prompts(config)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
+    (out / "evolve.yaml").write_text(config.to_yaml())  # once it passed every check: what a rerun must match
 
     def load_sampler(folder: Path) -> Sampler:
         return Sampler(T2IModel.from_pretrained(folder, config.device), config.sampler)
@@ -183,8 +191,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 model_dir = run.train(r, model_dir)
                 scored = held_out and (config.eval_every_round or r == config.rounds)
                 judge_after = config.evolve and not config.judge_first
-                if scored or judge_after:  # the round's model, loaded once for both
-                    sampler = load_sampler(model_dir)
+                sampler = load_sampler(model_dir) if scored or judge_after else None  # loaded once for both
                 row |= held_out_score(sampler, held_out) if scored else {}
                 try:
                     row |= {"ops": run.evolve_set(r, sampler)} if judge_after else {}
@@ -201,19 +208,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                                   f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
         except BudgetExhausted as e:
             stopped = str(e)
-    if rounds and held_out and "score" not in rounds[-1]:  # stopped early, with held-out scoring after the last round
-        rounds[-1] |= held_out_score(load_sampler(out / "rounds" / f"{rounds[-1]['round']:03d}" / "model"), held_out)
-        write_jsonl(out / "metrics.jsonl", rounds)
-    summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
-               "teacher_calls": run.spent.teacher_calls(), "judge_calls": run.spent.judge_calls(),
-               "teacher_price": run.spent.teacher_price(), "stopped": stopped, "ledger": ledger.stats()}
-    write_json(out / "summary.json", summary)
-    write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
-                        out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
-                        ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
-                            op for op in ("reject", "memorized", "overturned", "redrawn")
-                            if any(op in row.get("ops", {}) for row in rounds)))
-    return summary
+    return write_summary(run, rounds, stopped, base, held_out, load_sampler)
 
 
 class Run:
@@ -231,6 +226,9 @@ class Run:
     def seed_set(self) -> None:
         """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best.
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
+        done = self.out / "rounds" / "000" / "round.json"
+        if done.exists():  # drawn once: relaunched past the teacher budget, it must not count what it skipped
+            return
         prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed, exclude=self.held_out,
                               **self.config.model_dump(include={"rare_words", "rare_weight"}))
         self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw, "the seed set")
@@ -240,6 +238,7 @@ class Run:
         if seeds and all(rec.deleted_op == "reject" for rec in seeds):
             raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score "
                             f"{self.config.min_teacher_score:g}): lower it, or use a better teacher")
+        write_json(done, {"round": 0, "records": len(seeds), "teacher_calls": self.spent.teacher_calls()})
 
     def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:
         """Draw `prompts` (by `teacher_ids`, or by the tournament's winner) and add them as records.
@@ -276,25 +275,16 @@ class Run:
         return added
 
     def train(self, r: int, init: Path) -> Path:
-        """Train `steps_per_round` more steps (fewer at `max_epochs_per_round`) on `training_set`. The
-        rounds are one training run on changing data: each carries on from the last round's checkpoint
-        (weights, AdamW moments, learning-rate schedule over all rounds, EMA), so no round warms up again."""
+        """Train `steps_per_round` more steps (fewer at `max_epochs_per_round`) on `training_set`; the rounds
+        are one training run on changing data (`train_round`)."""
         c = self.config
-        round_dir = self.out / "rounds" / f"{r:03d}"
-        if not (round_dir / "model" / "model_index.json").exists():
-            last = sorted((self.out / "rounds" / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
-            done = int(last[-1].name.removeprefix("step-")) if last else 0  # steps the run has trained so far
-            rows = self.ledger.count() or len(replayable_records(self.ledger))  # none active: `evolving_set`
-            steps = c.steps_per_round if c.max_epochs_per_round is None else min(
-                c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
-            shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
-                                           "random_flip", "lora"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
-            train = TrainConfig(
-                model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
-                steps=done + steps, schedule_steps=c.rounds * c.steps_per_round, **shared,
-                checkpoint_every=max(25, c.steps_per_round // 4), log_every=25, tracker="none")
-            Trainer(train, self.training_set()).run()
-        return round_dir / "model"
+        rows = self.ledger.count() or len(replayable_records(self.ledger))  # none active: `evolving_set`
+        steps = c.steps_per_round if c.max_epochs_per_round is None else min(
+            c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
+        shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
+                                       "random_flip", "lora"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
+        return train_round(self.out / "rounds", r, init, self.training_set, steps, **shared, tracker="none",
+                           schedule_steps=c.rounds * c.steps_per_round, checkpoint_every=max(25, c.steps_per_round // 4))
 
     def prepare_prior(self, base) -> None:
         """`prior_images`: the base's own images that the judge passed (`judged_base_images`), once per run."""
@@ -336,6 +326,10 @@ class Run:
                 expand.append((rec, "teacher better than base"))
             else:
                 as_good.append((rec, row))
+        if records and not ops["judged"]:  # not one verdict: the judge is down or unreadable, not unsure
+            failed = [call.error for call in self.ledger.calls(caller=self.spent.judge_id, status="failed")]
+            raise UserError(f"the judge answered none of round {r}'s {len(records)} comparisons (last error: "
+                            f"{(failed or ['unreadable replies'])[-1]:.200}): fix it, then rerun to go on")
         for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
             if unseen is not None:  # (None: check off, or no unseen variation: the verdict stands)
                 row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
@@ -350,7 +344,7 @@ class Run:
             ops["delete"] += 1
             if np.random.default_rng(stable_seed(c.seed, r, rec.id, "mutate")).random() < c.mutate_rate:
                 mutate.append(rec)
-        at_budget = c.train_past_teacher_budget and self.spent.teacher_budget_spent()  # nothing more can be drawn:
+        at_budget = c.train_past_teacher_budget and self.spent.teacher_budget_spent(before_round=r)  # as a rerun sees it:
         ops["expand"] = self._expand(r, [] if at_budget else expand)  # do not ask the writer (an LLM costs calls)
         bought = {rec.parent for rec in self.ledger.records(None, round=r) if rec.op == "expand"}
         ops["unexpanded"] = sum(rec.id not in bought for rec, _ in expand)  # every variation held out or over budget

@@ -26,9 +26,9 @@ from pydantic import Field, ValidationError
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from ..endpoints import EndpointConfig
-from ..errors import BudgetExhausted, ConfigError, UserError
+from ..errors import ConfigError, UserError
 from ..eval import evaluate
-from ..eval.report import write_json
+from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
@@ -85,7 +85,7 @@ class JudgeSpec(Config):
     kind: Literal["pixel", "openai"] = "pixel"
     endpoint: EndpointConfig | None = None
     reasks: int = 2
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     votes: int = Field(1, ge=1, description="openai: asks per verdict, the majority wins (needs temperature "
                                             "> 0); see OpenAIJudgeConfig.")
     temperature: float | None = 0.0
@@ -275,77 +275,6 @@ def cached_teachers(teachers: Sequence[Generator], ledger: Ledger) -> dict[str, 
     return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05) for t in teachers}
 
 
-class CallBudgets:
-    """What a run has spent on its teachers and judge, read from the ledger's call cache (so a rerun after a
-    crash counts what the first run paid), and how much of a batch the `max_*` caps still allow."""
-
-    def __init__(self, ledger: Ledger, teachers: dict[str, CachedGenerator], judge_id: str, *,
-                 max_teacher_calls: int | None = None, max_teacher_price: float | None = None,
-                 max_judge_calls: int | None = None, train_past_teacher_budget: bool = False):
-        self.ledger, self.teachers, self.judge_id = ledger, teachers, judge_id
-        self.max_teacher_calls, self.max_teacher_price = max_teacher_calls, max_teacher_price
-        self.max_judge_calls, self.train_past_teacher_budget = max_judge_calls, train_past_teacher_budget
-
-    def teacher_calls(self) -> int:
-        return sum(call.attempts for tid in self.teachers for call in self.ledger.calls(caller=tid))
-
-    def teacher_price(self) -> float:
-        return sum(call.price for tid in self.teachers for call in self.ledger.calls(caller=tid))
-
-    def judge_calls(self) -> int:
-        return sum(call.attempts for call in self.ledger.calls(caller=self.judge_id))
-
-    def teacher_budget_left(self) -> tuple[float, float]:
-        calls, price = self.max_teacher_calls, self.max_teacher_price
-        return (math.inf if calls is None else calls - self.teacher_calls(),
-                math.inf if price is None else price - self.teacher_price())
-
-    def teacher_budget_spent(self) -> bool:
-        return min(self.teacher_budget_left()) <= 1e-9
-
-    def draws_that_fit(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> int:
-        """How many of these draws (in order) the teacher caps still allow: a tournament (`teacher_ids` None)
-        costs one call per teacher, an image drawn before costs nothing. Raises `BudgetExhausted` once
-        nothing fits, so the run stops cleanly (with `train_past_teacher_budget` it goes on buying nothing)."""
-        if (self.max_teacher_calls is None and self.max_teacher_price is None) or not prompts:
-            return len(prompts)
-        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
-                 for call in self.ledger.calls(caller=tid, status="done")}
-        calls_left, price_left = self.teacher_budget_left()
-        fit = 0
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
-                   if (tid, prompt, seed) not in drawn]
-            price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
-            if len(new) > calls_left or price > price_left + 1e-9:
-                break
-            calls_left, price_left, fit = calls_left - len(new), price_left - price, fit + 1
-        if fit == 0 and not self.train_past_teacher_budget:
-            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls (max {self.max_teacher_calls}), "
-                                  f"price {self.teacher_price():g} (max {self.max_teacher_price})")
-        return fit
-
-    def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1) -> int:
-        """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may
-        cost up to `calls_each` judge calls in all (its comparison, and the quality gate's scores and the
-        tournament's comparisons of what it leads to), so the round cannot overshoot the cap. Counts the calls
-        of earlier rounds only, so a rerun of the round after a crash judges the same records."""
-        if self.max_judge_calls is None:
-            return n
-        left = self.max_judge_calls - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
-                                          if call.round is not None and call.round < round)
-        if left < calls_each:
-            raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls"
-                                  + (f" (a judged record may need {calls_each})" if calls_each > 1 else ""))
-        return min(n, left // calls_each)
-
-    def check_judge_room(self, needed: int, what: str) -> None:
-        """Stop before `what` (which may need `needed` judge calls) if `max_judge_calls` cannot pay for it."""
-        if self.max_judge_calls is not None and needed > self.max_judge_calls:
-            raise BudgetExhausted(f"judge budget too small: {what} may need {needed} judge calls, "
-                                  f"max_judge_calls is {self.max_judge_calls}")
-
-
 def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: int) -> list:
     """The records the judge looks at in round `r`: a seeded `share` of those active when it began (all of them
     while there are `all_below` or fewer; records it deleted itself still count, so a rerun picks the same)."""
@@ -363,6 +292,23 @@ def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round
     return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
 
 
+def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> None:
+    """A run folder resumed under another config would mix two runs in one ledger: refuse in one line, naming
+    what differs. `may_change` (a pydantic `exclude`): what a rerun may set anew, such as more rounds, a larger
+    budget, another device or endpoint. A config file this version cannot read is not compared."""
+    if not path.is_file():
+        return
+    try:
+        before = type(config).from_yaml(path)
+    except UserError:
+        return
+    old, new = before.model_dump(exclude=may_change), config.model_dump(exclude=may_change)
+    changed = [f"{key}: {old.get(key)!r:.40} -> {new[key]!r:.40}" for key in new if old.get(key) != new[key]]
+    if changed:
+        raise UserError(f"{path.parent} was started with another config ({'; '.join(changed[:3])}): rerun it with "
+                        f"{path}, or set a new output_dir")
+
+
 def held_out_prompts(config) -> list[str]:
     """A recipe's held-out prompts: distinct prompts of its slice (`config.grammar`, `eval_prompts`, each
     `eval_draws` times), set by its seed only, so a benchmark scores every arm on the same ones."""
@@ -376,3 +322,22 @@ def held_out_score(sampler, prompts: Sequence[str]) -> dict:
     taste. Fixed seeds, so every model of a run (and every arm of a benchmark) draws the same noise."""
     board = evaluate(sampler, PixelJudge(), list(prompts), seed=10_000).summary()
     return {"score": board["score"], "skills": board["skills"]}
+
+
+def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, held_out: list[str], load_sampler) -> dict:
+    """An evolve run's `summary.json` and `report.html`: its rounds, what it spent, why it stopped. A run stopped
+    before its last round is scored on held-out prompts here if its last round was not (`eval_every_round`)."""
+    out, config, spent = run.out, run.config, run.spent
+    if rounds and held_out and "score" not in rounds[-1]:
+        rounds[-1] |= held_out_score(load_sampler(out / "rounds" / f"{rounds[-1]['round']:03d}" / "model"), held_out)
+        write_jsonl(out / "metrics.jsonl", rounds)
+    summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
+               "teacher_calls": spent.teacher_calls(), "judge_calls": spent.judge_calls(),
+               "teacher_price": spent.teacher_price(), "stopped": stopped, "ledger": run.ledger.stats()}
+    write_json(out / "summary.json", summary)
+    write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
+                        out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
+                        ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
+                            op for op in ("reject", "memorized", "overturned", "redrawn")
+                            if any(op in row.get("ops", {}) for row in rounds)))
+    return summary

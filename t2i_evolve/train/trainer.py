@@ -67,7 +67,7 @@ class TrainConfig(Config):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
     log_every: int = Field(25, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
 
@@ -256,12 +256,15 @@ class Trainer:
         if not checkpoints and not self.config.continue_from:
             return
         latest = checkpoints[-1] if checkpoints else Path(self.config.continue_from)
+        if not checkpoints and not (latest / "trainer_state.json").is_file():
+            raise UserError(f"continue_from {latest} is not a checkpoint folder (no trainer_state.json)")
         try:
             state = json.loads((latest / "trainer_state.json").read_text())
             self.accelerator.load_state(str(latest))
         except Exception as e:  # any unreadable part: one line, naming the checkpoint
             raise UserError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else 'unreadable'} (delete it to use an earlier one)") from None
+                            f"{str(e).splitlines()[0] if str(e) else 'unreadable'}: was `model` changed since it was saved? (a "
+                            "checkpoint cut short by a crash: delete it to resume from an earlier one)") from None
         self.step = int(state["step"])
         if checkpoints:
             self._truncate_metrics()

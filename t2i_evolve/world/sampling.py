@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
-from .grammar import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, parse, render_prompt, scene_skills
+from ..errors import ConfigError, UserError
+from .grammar import COLORS, MAX_GROUPS, RELATIONS, SHAPES, SIZES, Group, Scene, parse, render_prompt, scene_skills
 from .render import crowding
 
 
@@ -24,6 +24,14 @@ class GrammarSlice:
     resolution: int = 32
     p_size: float = 0.3
     p_relation: float = 0.7
+
+    def __post_init__(self):  # a slice with no scenes in it fails here, in one line, not deep in a sampler
+        if not 1 <= self.min_groups <= self.max_groups <= MAX_GROUPS:
+            raise ConfigError(f"groups: need 1 <= min_groups <= max_groups <= {MAX_GROUPS}, got min_groups "
+                              f"{self.min_groups}, max_groups {self.max_groups}")
+        if self.max_count < 1 or self.max_objects < self.min_groups:
+            raise ConfigError(f"max_count ({self.max_count}) must be at least 1 and max_objects ({self.max_objects}) "
+                              f"at least min_groups ({self.min_groups})")
 
 
 def sample_scene(rng: np.random.Generator, slice_: GrammarSlice = GrammarSlice()) -> Scene:

@@ -1,0 +1,94 @@
+"""What a run has spent on its teachers and judge, and how much of the next batch its caps still allow.
+
+Read from the ledger's call cache, so a rerun after a crash counts what the first run paid. A recipe asks
+before it sends a batch (`draws_that_fit`, `comparisons_that_fit`), so it stops cleanly at a cap instead
+of failing half-way through a round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import BudgetExhausted
+
+if TYPE_CHECKING:
+    from .cache import CachedGenerator
+    from .ledger import Ledger
+
+
+class CallBudgets:
+    """A run's caps over all its teachers (`max_teacher_calls`, `max_teacher_price`) and its judge."""
+
+    def __init__(self, ledger: Ledger, teachers: dict[str, CachedGenerator], judge_id: str, *,
+                 max_teacher_calls: int | None = None, max_teacher_price: float | None = None,
+                 max_judge_calls: int | None = None, train_past_teacher_budget: bool = False):
+        self.ledger, self.teachers, self.judge_id = ledger, teachers, judge_id
+        self.max_teacher_calls, self.max_teacher_price = max_teacher_calls, max_teacher_price
+        self.max_judge_calls, self.train_past_teacher_budget = max_judge_calls, train_past_teacher_budget
+
+    def _teacher_calls(self, before_round: int | None = None) -> list:
+        return [call for tid in self.teachers for call in self.ledger.calls(caller=tid)
+                if before_round is None or (call.round is not None and call.round < before_round)]
+
+    def teacher_calls(self) -> int:
+        return sum(call.attempts for call in self._teacher_calls())
+
+    def teacher_price(self) -> float:
+        return sum(call.price for call in self._teacher_calls())
+
+    def judge_calls(self) -> int:
+        return sum(call.attempts for call in self.ledger.calls(caller=self.judge_id))
+
+    def teacher_budget_left(self, before_round: int | None = None) -> tuple[float, float]:
+        """Calls and price left; `before_round`: as they stood when that round began (a rerun of the round
+        after a crash sees what the first run saw, not what the round itself then spent)."""
+        calls = self._teacher_calls(before_round)
+        return (math.inf if self.max_teacher_calls is None else self.max_teacher_calls - sum(c.attempts for c in calls),
+                math.inf if self.max_teacher_price is None else self.max_teacher_price - sum(c.price for c in calls))
+
+    def teacher_budget_spent(self, before_round: int | None = None) -> bool:
+        return min(self.teacher_budget_left(before_round)) <= 1e-9
+
+    def draws_that_fit(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> int:
+        """How many of these draws (in order) the teacher caps still allow: a tournament (`teacher_ids` None)
+        costs one call per teacher, an image drawn before costs nothing (so a rerun keeps what it paid for,
+        even where retries took the count past the cap). Raises `BudgetExhausted` once nothing fits, so the
+        run stops cleanly (with `train_past_teacher_budget` it goes on buying nothing)."""
+        if (self.max_teacher_calls is None and self.max_teacher_price is None) or not prompts:
+            return len(prompts)
+        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
+                 for call in self.ledger.calls(caller=tid, status="done")}
+        calls_left, price_left = self.teacher_budget_left()
+        fit = 0
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
+                   if (tid, prompt, seed) not in drawn]
+            price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
+            if new and (len(new) > calls_left or price > price_left + 1e-9):
+                break
+            calls_left, price_left, fit = calls_left - len(new), price_left - price, fit + 1
+        if fit == 0 and not self.train_past_teacher_budget:
+            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls (max {self.max_teacher_calls}), "
+                                  f"price {self.teacher_price():g} (max {self.max_teacher_price})")
+        return fit
+
+    def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1) -> int:
+        """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may
+        cost up to `calls_each` judge calls in all (its comparison, and the quality gate's scores and the
+        tournament's comparisons of what it leads to), so the round cannot overshoot the cap. Counts the calls
+        of earlier rounds only, so a rerun of the round after a crash judges the same records."""
+        if self.max_judge_calls is None:
+            return n
+        left = self.max_judge_calls - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
+                                          if call.round is not None and call.round < round)
+        if left < calls_each:
+            raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls"
+                                  + (f" (a judged record may need {calls_each})" if calls_each > 1 else ""))
+        return min(n, left // calls_each)
+
+    def check_judge_room(self, needed: int, what: str) -> None:
+        """Stop before `what` (which may need `needed` judge calls) if `max_judge_calls` cannot pay for it."""
+        if self.max_judge_calls is not None and needed > self.max_judge_calls:
+            raise BudgetExhausted(f"judge budget too small: {what} may need {needed} judge calls, "
+                                  f"max_judge_calls is {self.max_judge_calls}")

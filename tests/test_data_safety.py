@@ -1,0 +1,163 @@
+"""Data safety of the ledger and of imagefolder export/import: never delete or change what is not ours.
+
+Each test reproduces a defect found by an audit: an export that deleted a user's own dataset because its
+images had numeric names, a traceback (and a changed file) on a ledger file of another program, and an
+import that misreported what it added and left an empty ledger behind when it failed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from t2i_evolve.cli import main
+from t2i_evolve.data import Ledger
+from t2i_evolve.data.imagefolder import MANIFEST, export_imagefolder, import_imagefolder
+from t2i_evolve.errors import UserError
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `t2i-evolve ARGS`, with line wrapping undone in stdout."""
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, " ".join(captured.out.split()), captured.err
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_dataset(root, n: int = 6) -> dict[str, bytes]:
+    """A user's own imagefolder at `root/train`: `1.png`..`n.png` and a metadata.jsonl."""
+    train = root / "train"
+    train.mkdir(parents=True)
+    for i in range(1, n + 1):
+        (train / f"{i}.png").write_bytes(png((i * 30, 0, 0)))
+    rows = [{"file_name": f"{i}.png", "prompt": f"my picture {i}"} for i in range(1, n + 1)]
+    (train / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return snapshot(root)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder with two active records and one deleted one."""
+    run = tmp_path / "run"
+    with Ledger(run) as ledger:
+        for i in range(3):
+            ledger.add_record(prompt=f"prompt {i}", generator="teacher", seed=i,
+                              image=Image.new("RGB", (4, 4), (0, i * 40, 0)))
+        ledger.delete_record(3, round=1)
+    return run
+
+
+# 1. Export never deletes files it did not write.
+
+
+def test_export_keeps_a_users_dataset_with_numbered_images(run_dir, tmp_path, capsys):
+    before = user_dataset(tmp_path / "myset")
+    code, out, err = cli(capsys, "ledger", "export", run_dir, "--to", tmp_path / "myset", "--status", "deleted")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "myset") in err and "empty or new folder" in err
+    assert snapshot(tmp_path / "myset") == before
+
+
+def test_export_refuses_other_files_next_to_train(run_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metadata.jsonl").write_text("{}\n")
+    with Ledger(run_dir) as ledger, pytest.raises(UserError, match="empty or new folder"):
+        export_imagefolder(ledger, tmp_path / "out")
+    assert snapshot(tmp_path / "out") == {"metadata.jsonl": b"{}\n"}
+
+
+def test_export_reruns_into_its_own_folder_and_removes_only_its_own_files(run_dir, tmp_path):
+    out = tmp_path / "out"
+    with Ledger(run_dir) as ledger:
+        assert export_imagefolder(ledger, out, status=None) == 3
+        assert export_imagefolder(ledger, out) == 2  # the deleted record's image goes
+        assert sorted(p.name for p in (out / "train").glob("*.png")) == ["1.png", "2.png"]
+        manifest = json.loads((out / "train" / MANIFEST).read_text())
+        assert sorted(manifest["files"]) == ["1.png", "2.png", "metadata.jsonl"]
+
+        (out / "train" / "7.png").write_bytes(png((1, 2, 3)))  # the user's, not ours
+        before = snapshot(out)
+        with pytest.raises(UserError, match="7.png"):
+            export_imagefolder(ledger, out, status=None)
+        assert snapshot(out) == before
+
+
+# 2. A file that is not one of our ledgers is refused in one line, and left as it was.
+
+
+def test_a_corrupt_ledger_file_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "ledger.sqlite").write_bytes(b"junk\n")
+    code, out, err = cli(capsys, "ledger", "stats", tmp_path / "fake")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "fake" / "ledger.sqlite") in err
+    with pytest.raises(UserError, match="not a database"):
+        Ledger(tmp_path / "fake")
+    assert (tmp_path / "fake" / "ledger.sqlite").read_bytes() == b"junk\n"
+
+
+def test_an_sqlite_file_of_another_program_is_refused_untouched(tmp_path):
+    path = tmp_path / "other" / "ledger.sqlite"
+    path.parent.mkdir()
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE records (title TEXT, artist TEXT)")
+    db.execute("INSERT INTO records VALUES ('Blue Train', 'Coltrane')")
+    db.commit()
+    db.close()
+    before = snapshot(path.parent)
+    with pytest.raises(UserError) as error:
+        Ledger(path.parent)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "not a t2i-evolve ledger" in message
+    assert snapshot(path.parent) == before
+
+
+# 3. Import: the flag in its message, what it really added, and no empty ledger when it fails.
+
+
+def source_folder(root, rows: list[dict]) -> None:
+    root.mkdir(parents=True)
+    for i in range(len(rows)):
+        (root / f"{i}.png").write_bytes(png((0, 0, i * 50)))
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_import_rerun_reports_what_it_added(tmp_path, capsys):
+    source_folder(tmp_path / "src", [{"file_name": f"{i}.png", "prompt": f"p {i}"} for i in range(4)])
+    code, out, _ = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
+    assert code == 0 and out.startswith("imported 4 new records")
+    code, out, _ = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
+    assert code == 0 and out.startswith("imported 0 new records"), out
+    with Ledger(tmp_path / "run") as ledger:
+        result = import_imagefolder(ledger, tmp_path / "src")
+        assert (result.added, result.existing) == (0, 4)
+        assert result.summary == "0 new records (4 already in the ledger)"
+        assert ledger.count() == 4
+
+
+def test_failed_import_names_the_flag_and_creates_no_ledger(tmp_path, capsys):
+    source_folder(tmp_path / "src", [{"file_name": "0.png", "label": "no prompt here"}])
+    code, out, err = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
+    assert code == 2 and err.count("\n") == 1
+    assert "--prompt-column" in err and "prompt_column" not in err
+    assert not (tmp_path / "run").exists()
+    ledger = Ledger(tmp_path / "run2")
+    with pytest.raises(UserError):
+        import_imagefolder(ledger, tmp_path / "src")
+    assert not (tmp_path / "run2").exists()
+    assert ledger.count(None) == 0  # the ledger still works; its first use creates it
+    ledger.close()
