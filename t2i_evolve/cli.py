@@ -130,14 +130,15 @@ def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_k
     """The DSG score from an `OpenAIJudge` at --endpoint; every way it can fail is one line (`UserError`)."""
     from urllib.parse import urlsplit
 
+    from .endpoints import base_url_problem
     from .judges import OpenAIJudge, OpenAIJudgeConfig
     from .judges.openai_judge import image_score
 
     if model is None:
         raise UserError("--model is required with --endpoint")
+    if problem := base_url_problem(endpoint):
+        raise UserError(f"bad --endpoint: its base_url {problem}; expected a URL like http://127.0.0.1:8000/v1")
     parts = urlsplit(endpoint)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"bad --endpoint {endpoint!r}: expected a URL like http://127.0.0.1:8000/v1")
     config = OpenAIJudgeConfig.from_dict(
         {"endpoint": {"base_url": endpoint, "model": model, "api_key_env": api_key_env, "timeout_s": timeout,
                       "retries": retries, "max_concurrency": 1}, "votes": votes, "temperature": temperature},
@@ -304,7 +305,7 @@ def eval_model(
     if prompts < 1:
         raise UserError("--prompts must be at least 1")
     texts = GrammarPrompts().sample(prompts, seed=seed)
-    sampler = Sampler(T2IModel.from_pretrained(model), SamplerConfig(steps=steps))
+    sampler = Sampler(T2IModel.from_pretrained(model), SamplerConfig.from_dict({"steps": steps}, source="flags"))
     with progress_bar("judging", prompts) as advance:
         summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
     result = {"score": summary["score"], "skills": summary["skills"]}

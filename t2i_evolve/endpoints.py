@@ -13,8 +13,9 @@ was paid. `transient(exc)` says which client errors are worth retrying.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .config import Config
 from .errors import CallTimeout, ConfigError, TransientError, UserError
@@ -23,6 +24,31 @@ from .errors import CallTimeout, ConfigError, TransientError, UserError
 class EndpointError(UserError):
     """The server refused a request in a way that resending will not fix (bad key, unknown model, a
     rejected request); shown as one line, with the API key never in its text."""
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an endpoint's base URL (http or https, a host, a port in 1..65535), else None.
+
+    The reason never quotes the URL: it may carry a user:password part.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL" for http://[::1/v1
+        return f"cannot be parsed ({e})"
+    if parts.scheme not in ("http", "https"):
+        return "needs an http:// or https:// scheme"
+    if not parts.hostname:
+        return "has no host"
+    hostport = parts.netloc.rpartition("@")[2]
+    port_text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+    port_text = port_text.rpartition(":")[2] if ":" in port_text else ""
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port_text and (port is None or not 1 <= port <= 65535):
+        return f"has port {port_text[:20]!r}, not a number in 1..65535"
+    return None
 
 
 class EndpointConfig(Config):
@@ -37,6 +63,14 @@ class EndpointConfig(Config):
     max_concurrency: int = Field(8, ge=1, description="Requests in flight at once (async client).")
     retries: int = Field(4, ge=0, description="Re-sends of a request after a 429/5xx/timeout.")
     backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles per retry, with jitter.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, url: str) -> str:
+        problem = base_url_problem(url)
+        if problem:
+            raise ValueError(f"base_url {problem}; expected a URL like http://127.0.0.1:8000/v1")
+        return url
 
     def api_key(self) -> str:
         """The key from the environment ('EMPTY' when no variable is named: local vLLM needs none)."""

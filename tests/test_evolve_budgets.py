@@ -120,6 +120,10 @@ def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
         config = small_config(str(tmp_path / "served"), judge=JudgeSpec(kind="openai", endpoint=endpoint, reasks=1))
         summary = run_evolve(config)
         served = server.stats()["total"]
+        capped = run_evolve(config.model_copy(update={"output_dir": str(tmp_path / "capped"), "rounds": 1,
+                                                      "max_judge_calls": 20}))  # retries and re-asks count too
+        served_capped = server.stats()["total"] - served
+    assert capped["judge_calls"] == served_capped <= 20 and "spent" in capped["stopped"]
     assert [row["round"] for row in summary["rounds"]] == [1, 2] and summary["stopped"] is None
     with Ledger(tmp_path / "served", create=False) as ledger:
         judge_calls = [c for c in ledger.calls() if c.caller not in ("strong",)]

@@ -364,7 +364,8 @@ def test_template_overrides_and_their_errors(server, tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_templates({"variations": tmp_path / "missing.txt"})
     with pytest.raises(ConfigError, match="templates"):
-        OpenAIPromptWriterConfig.from_dict({"endpoint": {"base_url": "x", "model": "m"}, "templates": {"typo": "x"}})
+        OpenAIPromptWriterConfig.from_dict({"endpoint": {"base_url": "http://x/v1", "model": "m"},
+                                            "templates": {"typo": "x"}})
 
 
 def test_the_api_key_never_leaks(server, api_key, tmp_path, caplog, capfd):

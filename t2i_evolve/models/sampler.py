@@ -24,6 +24,7 @@ from pydantic import Field
 from torch.utils.checkpoint import checkpoint as checkpointed
 
 from ..config import Config
+from ..errors import UserError
 from .t2i_model import PromptEmbeds, T2IModel, to_pil
 
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
@@ -49,6 +50,10 @@ def make_scheduler(model: T2IModel, name: str, steps: int) -> SchedulerMixin:
     (the default "leading" spacing skips the noisiest steps). Fresh per call: multistep schedulers keep
     state between steps.
     """
+    trained = model.scheduler.config.num_train_timesteps
+    if steps > trained:
+        raise UserError(f"{steps} sampling steps is more than the {trained} timesteps the model was trained with; "
+                        f"use at most {trained}")
     cls, extra = SCHEDULERS[name]
     scheduler = cls.from_config(model.scheduler.config, timestep_spacing="trailing", **extra)
     scheduler.set_timesteps(steps, device=model.device)

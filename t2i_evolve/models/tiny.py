@@ -14,11 +14,11 @@ Differences from Stable Diffusion, each for speed or for a word-level vocabulary
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -67,6 +67,19 @@ def build_tokenizer(max_length: int = longest_prompt_tokens()) -> PreTrainedToke
     )
 
 
+DownBlockType = Literal["DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"]
+"""The diffusers down blocks this `UNet2DConditionModel` builds and samples with; each mirrors (Down -> Up)
+to a real up block: UpBlock2D, CrossAttnUpBlock2D, AttnUpBlock2D, ResnetUpsampleBlock2D. Skip, Encoder and
+K blocks belong to other UNets and fail here; SimpleCrossAttn fails unless the heads divide the channels."""
+PLAIN_BLOCKS = ("DownBlock2D", "ResnetDownsampleBlock2D")
+"""Down blocks without attention, so without a limit on `attention_head_dim`."""
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+"""Schedules that DDPMScheduler (training) and the DDIM and DPM-Solver++ samplers all implement."""
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
 class TinyModelConfig(Config):
     """Architecture and noise schedule of the tiny shapes-world model.
 
@@ -74,28 +87,30 @@ class TinyModelConfig(Config):
     number of heads, not their width. `norm_num_groups` must divide every channel count.
     """
 
-    resolution: int = 32
+    resolution: int = Field(32, ge=1)
     # Measured (benchmarks/learning_curve.py, RESULTS.md): cross-attention at 16x16 and 8x8 learns more per
     # image than attention at 8x8 only; 16 channels at 32x32 (where convolutions are most of a CPU step)
     # trains 1.4x faster than 32 there, so the demo sees more images in its budget and ends higher.
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = 1
-    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    attention_head_dim: int = 4
+    block_out_channels: tuple[PositiveInt, ...] = Field((16, 32, 64), min_length=1)
+    layers_per_block: int = Field(1, ge=1)
+    down_block_types: tuple[DownBlockType, ...] = Field(
+        ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), min_length=1
+    )
+    attention_head_dim: int = Field(4, ge=1)
     # Per down block (mirrored for the up blocks): True makes a transformer block's first attention
     # attend to the text instead of to the image itself. At 16x16, image self-attention over 256
     # positions was a quarter of a CPU training step; without it the model learns as much per image
     # (benchmarks/learning_curve.py) and trains about 18% faster.
     only_cross_attention: bool | tuple[bool, ...] = (False, True, False)
-    norm_num_groups: int = 8
-    text_hidden_size: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate_size: int = 256
+    norm_num_groups: int = Field(8, ge=1)
+    text_hidden_size: int = Field(64, ge=1)
+    text_layers: int = Field(2, ge=0)
+    text_heads: int = Field(4, ge=1)
+    text_intermediate_size: int = Field(256, ge=1)
     max_length: int = longest_prompt_tokens()
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
-    beta_schedule: str = "squaredcos_cap_v2"
-    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "squaredcos_cap_v2"
+    num_train_timesteps: int = Field(1000, ge=1)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "TinyModelConfig":
@@ -105,6 +120,13 @@ class TinyModelConfig(Config):
             raise ValueError("only_cross_attention needs one entry per down block (or one bool for all)")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry")
+        # attention_head_dim is the number of heads; each head needs at least one channel, in every
+        # attention block and in the mid block (which runs at the last block's channels).
+        attended = [c for c, kind in zip(self.block_out_channels, self.down_block_types) if kind not in PLAIN_BLOCKS]
+        narrowest = min([*attended, self.block_out_channels[-1]])
+        if self.attention_head_dim > narrowest:
+            raise ValueError(f"attention_head_dim (the number of heads) must be between 1 and {narrowest}, the "
+                             f"fewest channels of an attention block, not {self.attention_head_dim}")
         if self.text_hidden_size % self.text_heads:
             raise ValueError("text_heads must divide text_hidden_size")
         if self.max_length < longest_prompt_tokens():

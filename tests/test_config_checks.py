@@ -1,0 +1,122 @@
+"""Bad model, sampler and endpoint settings fail at load as one line naming the field, not as a traceback later."""
+
+from types import SimpleNamespace
+
+import pytest
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from t2i_evolve.cli import main
+from t2i_evolve.endpoints import EndpointConfig
+from t2i_evolve.errors import ConfigError, UserError
+from t2i_evolve.models import SamplerConfig, TinyModelConfig, make_scheduler
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"norm_num_groups": 0}, "norm_num_groups"),
+        ({"text_heads": 0}, "text_heads"),
+        ({"attention_head_dim": 0}, "attention_head_dim"),
+        ({"attention_head_dim": 33}, "attention_head_dim"),  # more heads than the 32 channels of an attention block
+        ({"block_out_channels": [], "down_block_types": []}, "block_out_channels"),
+        ({"down_block_types": ["Bogus", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]}, "down_block_types"),
+        ({"down_block_types": ["DownEncoderBlock2D", "DownBlock2D", "DownBlock2D"]}, "down_block_types"),
+        ({"beta_schedule": "bogus"}, "beta_schedule"),
+        ({"beta_schedule": "sigmoid"}, "beta_schedule"),  # DDPM has it, the DDIM sampler does not
+        ({"block_out_channels": [-16, 32, 64]}, "block_out_channels"),
+        ({"resolution": 0}, "resolution"),
+        ({"resolution": -32}, "resolution"),
+        ({"num_train_timesteps": 0}, "num_train_timesteps"),
+        ({"layers_per_block": 0}, "layers_per_block"),
+    ],
+)
+def test_bad_tiny_model_config_is_one_line_naming_the_field(fields, field):
+    with pytest.raises(ConfigError, match=field) as info:
+        TinyModelConfig.from_dict(fields, source="m.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_tiny_model_config_accepts_the_real_diffusers_block_names():
+    config = TinyModelConfig.from_dict({"down_block_types": ["DownBlock2D", "AttnDownBlock2D", "CrossAttnDownBlock2D"],
+                                        "beta_schedule": "linear", "attention_head_dim": 32})
+    assert config.up_block_types == ("CrossAttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert TinyModelConfig().down_block_types[0] == "DownBlock2D"
+
+
+def test_init_model_refuses_a_bad_config_before_writing(tmp_path, capsys):
+    config = tmp_path / "m.yaml"
+    config.write_text("resolution: 0\n")
+    code, _, err = run(capsys, "init-model", str(tmp_path / "m"), "--config", str(config))
+    assert code == 2 and err.count("\n") == 1 and "resolution" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_sampler_steps_below_one_is_one_line_naming_steps():
+    with pytest.raises(ConfigError, match="field 'steps'") as info:
+        SamplerConfig.from_dict({"steps": 0}, source="flags")
+    assert "\n" not in str(info.value)
+
+
+def test_more_sampling_steps_than_training_timesteps_is_a_user_error():
+    model = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=10), device="cpu")
+    with pytest.raises(UserError, match=r"11 sampling steps.*10 timesteps"):
+        make_scheduler(model, "ddim", 11)
+    for name in ("ddim", "dpm++"):
+        assert len(make_scheduler(model, name, 10).timesteps) == 10
+
+
+def test_cli_sample_with_more_steps_than_training_timesteps_is_one_line(tiny_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "sample", str(tiny_dir), "a red circle", "--out", str(tmp_path / "s.png"),
+                       "--steps", "1001")
+    assert code == 2 and err.count("\n") == 1 and "1001" in err and "1000" in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_cli_eval_with_zero_steps_is_one_line_naming_steps(tiny_dir, capsys):
+    code, _, err = run(capsys, "eval", str(tiny_dir), "--steps", "0", "--prompts", "1")
+    assert code == 2 and err.count("\n") == 1 and "steps" in err and "validation error" not in err
+
+
+BAD_URLS = [
+    "http://127.0.0.1:99999/v1",  # port out of range (was an OverflowError deep in the client)
+    "http://127.0.0.1:abc/v1",  # port not a number (was httpx.InvalidURL)
+    "http://[::1/v1",  # unclosed IPv6 bracket (was ValueError: Invalid IPv6 URL)
+    "http://127.0.0.1:0/v1",
+    "localhost:8000",
+    "ftp://127.0.0.1/v1",
+    "http:///v1",
+]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_bad_endpoint_base_url_is_one_line_naming_base_url(url):
+    with pytest.raises(ConfigError, match="base_url") as info:
+        EndpointConfig.from_dict({"base_url": url, "model": "m"})
+    assert "\n" not in str(info.value)
+
+
+def test_bad_base_url_never_echoes_a_password():
+    with pytest.raises(ConfigError) as info:
+        EndpointConfig.from_dict({"base_url": "http://user:secret@127.0.0.1:99999/v1", "model": "m"})
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1", "https://api.example.com/v1", "http://[::1]:8000/v1",
+                                 "http://localhost/v1", "http://127.0.0.1:65535/v1"])
+def test_good_endpoint_base_urls_are_kept(url):
+    assert EndpointConfig.from_dict({"base_url": url, "model": "m"}).base_url == url
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://127.0.0.1:abc/v1"])
+def test_cli_judge_with_a_bad_endpoint_port_is_one_line(url, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    code, _, err = run(capsys, "judge", str(image), "--prompt", "a red circle", "--endpoint", url, "--model", "m")
+    assert code == 2 and err.count("\n") == 1 and "base_url" in err
