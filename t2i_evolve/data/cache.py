@@ -188,6 +188,11 @@ class CallCacheMixin:
         with self._read() as db:
             return db.execute("SELECT coalesce(sum(interrupted), 0) FROM calls").fetchone()[0]
 
+    def call_count(self) -> int:
+        """How many calls the cache holds (answered, failed or in flight): 0 for a run that has spent nothing."""
+        with self._read() as db:
+            return db.execute("SELECT count(*) FROM calls").fetchone()[0]
+
     def calls(self, *, caller: str | None = None, status: str | None = None) -> list[Call]:
         """Rows of the calls table, oldest first."""
         where, args = where_clause(("caller = ?", caller), ("status = ?", status))

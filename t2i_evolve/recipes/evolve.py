@@ -140,14 +140,15 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     """Run (or resume) the loop; returns the summary also written to `summary.json`.
 
     `teachers` (a list of `Generator`s), `judge` and `writer` replace the ones the config names (wrap a
-    judge in `CachedJudge` to keep its calls in the ledger; teachers are always cached).
+    judge in `CachedJudge` to keep its calls in the ledger, with `budget=CallBudget(max_calls=...)` for the hard cap
+    that a judge the config builds gets from `max_judge_calls`; teachers are always cached).
     """
     resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
     held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)
-    if ledger.calls():  # it has spent something: a rerun must not mix another config's rounds into its ledger
+    if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
