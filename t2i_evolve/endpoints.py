@@ -33,21 +33,15 @@ def base_url_problem(url: str) -> str | None:
     """
     try:
         parts = urlsplit(url)
-    except ValueError as e:  # e.g. "Invalid IPv6 URL" for http://[::1/v1
+        port = parts.port  # ValueError for a port that is not a number in 0..65535 (its text, never the rest)
+    except ValueError as e:  # and "Invalid IPv6 URL" for http://[::1/v1
         return f"cannot be parsed ({e})"
     if parts.scheme not in ("http", "https"):
         return "needs an http:// or https:// scheme"
     if not parts.hostname:
         return "has no host"
-    hostport = parts.netloc.rpartition("@")[2]
-    port_text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
-    port_text = port_text.rpartition(":")[2] if ":" in port_text else ""
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port_text and (port is None or not 1 <= port <= 65535):
-        return f"has port {port_text[:20]!r}, not a number in 1..65535"
+    if port == 0:
+        return "has port 0, not one in 1..65535"
     return None
 
 

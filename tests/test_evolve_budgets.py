@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.recipes.evolve import run_evolve
 
@@ -168,3 +170,19 @@ def test_a_run_stopped_at_the_teacher_budget_and_launched_again_keeps_its_rounds
     timeless = [[{k: v for k, v in row.items() if k != "wall_s"} for row in run["rounds"]] for run in (first, again)]
     assert timeless[0] == timeless[1] and again["stopped"] == first["stopped"]
     assert again["teacher_calls"] == first["teacher_calls"] <= 40
+
+
+def test_a_missing_api_key_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """A judge, writer or teacher endpoint whose key variable is unset fails before the seed set is drawn,
+    not when round 1's training is done and the judge is first asked."""
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.errors import ConfigError
+    from t2i_evolve.recipes.parts import JudgeSpec, WriterSpec
+
+    monkeypatch.delenv("T2I_EVOLVE_TEST_KEY", raising=False)
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="T2I_EVOLVE_TEST_KEY")
+    for part in ({"judge": JudgeSpec(kind="openai", endpoint=endpoint)},
+                 {"writer": WriterSpec(kind="openai", endpoint=endpoint)}):
+        with pytest.raises(ConfigError, match="T2I_EVOLVE_TEST_KEY"):
+            run_evolve(small_config(str(tmp_path / "run"), **part))
+        assert not (tmp_path / "run").exists()

@@ -43,9 +43,10 @@ from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..train import LoraSettings, TrainingSet, evolving_set, replayable_records, train_round
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
-from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_judge_serves,
-                    check_resumed_config, held_out_prompts, held_out_score, judge_call_bounds, judged_base_images,
-                    new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament, write_summary)
+from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
+                    check_judge_serves, check_resumed_config, held_out_prompts, held_out_score, judge_call_bounds,
+                    judged_base_images, new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament,
+                    write_summary)
 
 
 class EvolveConfig(Config):
@@ -145,6 +146,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     """
     resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
     held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
+    check_api_keys(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)

@@ -148,6 +148,13 @@ def check_judge_serves(config, judge) -> None:
         raise UserError(f"confirm_votes ({confirm}) asks again: more than the judge's own votes ({judge.votes})")
 
 
+def check_api_keys(config) -> None:
+    """Every endpoint's API key is in the environment before any work, not found missing after round 1 trained."""
+    for part in [config.judge, config.writer, *config.teachers]:
+        if part.kind == "openai" and part.endpoint is not None:
+            part.endpoint.api_key()  # a ConfigError naming the variable
+
+
 def judge_call_bounds(config, teachers: int, judge) -> tuple[int, int]:
     """The most judge calls (a) a prompt the tournament draws and (b) a judged record in its round may cost:
     gate scores per image and a comparison per challenger; the verdict (to `confirm_votes`) and the deletion
