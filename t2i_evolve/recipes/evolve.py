@@ -40,7 +40,8 @@ from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, uns
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
-from ..train import LoraSettings, TrainingSet, evolving_set, replayable_records, train_round
+from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet, WarmupSteps, evolving_set,
+                     replayable_records, train_round)
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
@@ -80,12 +81,12 @@ class EvolveConfig(Config):
         "before round 1; those the judge scores min_prior_score make prior_share of all training. 0: off (paper).")
     prior_share: float = Field(0.3, gt=0, lt=1)
     min_prior_score: float = Field(1.0, ge=0, le=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0)  # paper: 2e-5 for PixArt-alpha
+    batch_size: BatchSize = 16
+    lr: LearningRate = 2e-3  # paper: 2e-5 for PixArt-alpha
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"  # over all rounds
-    snr_gamma: float | None = Field(5.0, gt=0)
-    warmup_steps: int = Field(20, ge=0)  # paper: 1000
-    ema_decay: float | None = Field(0.995, ge=0, lt=1)  # paper: 0.9999
+    snr_gamma: SnrGamma | None = 5.0
+    warmup_steps: WarmupSteps = 20  # paper: 1000
+    ema_decay: EmaDecay | None = 0.995  # paper: 0.9999
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
     lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
@@ -124,8 +125,8 @@ class EvolveConfig(Config):
     sampler: SamplerConfig = SamplerConfig(steps=10)
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
                         "auto (a GPU when there is one), cpu, cuda, cuda:1. Training goes through accelerate.")
-    seed: int = Field(0, ge=0)
-    train_seed: int | None = Field(None, ge=0)  # the trainer's batch order and noise; None: seed. Another: a replicate
+    seed: Seed = 0
+    train_seed: Seed | None = None  # the trainer's batch order and noise; None: seed. Another: a replicate
 
     @property
     def grammar(self) -> GrammarSlice:

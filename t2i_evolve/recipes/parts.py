@@ -33,7 +33,7 @@ from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
 from ..protocols import Generator, PromptWriter
-from ..train import TrainingSet
+from ..train import Seed, TrainingSet
 from ..world.sampling import GrammarSlice, distinct_prompts
 from ..world.teachers import gallery_teacher
 
@@ -85,7 +85,7 @@ class JudgeSpec(Config):
     kind: Literal["pixel", "openai"] = "pixel"
     endpoint: EndpointConfig | None = None
     reasks: int = 2
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     votes: int = Field(1, ge=1, description="openai: asks per verdict, the majority wins (needs temperature "
                                             "> 0); see OpenAIJudgeConfig.")
     temperature: float | None = 0.0

@@ -3,7 +3,7 @@
 from .data import TrainingSet, batch_indices, evolving_set, replayable_records
 from .lora import LoraSettings
 from .rounds import train_round
-from .trainer import TrainConfig, Trainer
+from .trainer import BatchSize, EmaDecay, LearningRate, Seed, SnrGamma, TrainConfig, Trainer, WarmupSteps
 
-__all__ = ["LoraSettings", "TrainConfig", "Trainer", "TrainingSet", "batch_indices", "evolving_set",
-           "replayable_records", "train_round"]
+__all__ = ["BatchSize", "EmaDecay", "LearningRate", "LoraSettings", "Seed", "SnrGamma", "TrainConfig", "Trainer",
+           "TrainingSet", "WarmupSteps", "batch_indices", "evolving_set", "replayable_records", "train_round"]

@@ -19,7 +19,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from accelerate import Accelerator
@@ -34,6 +34,16 @@ from .ema import EMA
 from .lora import LoraSettings, add_lora, merged_copy
 
 
+# What makes a training setting valid, shared by every config that hands one on to `TrainConfig` (a recipe's,
+# the demo's), so a bad value fails when that config loads, before any teacher is paid.
+BatchSize = Annotated[int, Field(ge=1)]
+LearningRate = Annotated[float, Field(gt=0)]
+WarmupSteps = Annotated[int, Field(ge=0)]
+EmaDecay = Annotated[float, Field(ge=0, lt=1)]
+SnrGamma = Annotated[float, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0)]
+
+
 class TrainConfig(Config):
     """Settings of a denoising fine-tuning run (defaults: the shapes-world tiny model on a CPU)."""
 
@@ -41,11 +51,11 @@ class TrainConfig(Config):
     data: str | None = Field(None, description="Run folder whose ledger's active records are the data.")
     output_dir: str = "runs/train"
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: BatchSize = 32
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = 1e-3
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: WarmupSteps = 100
     schedule_steps: int | None = Field(None, ge=1, description="Steps the learning-rate schedule spans (default: "
                                        "`steps`); a run that is one part of a longer one sets the whole length.")
     continue_from: str | None = Field(None, description="A checkpoint folder of an earlier run to carry on from: its "
@@ -53,11 +63,11 @@ class TrainConfig(Config):
                                       "(a checkpoint of this run's own comes first).")
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    ema_decay: float | None = Field(0.995, ge=0, lt=1)
+    ema_decay: EmaDecay | None = 0.995
     caption_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by '' (for CFG).")
     random_flip: bool = Field(False, description="Mirror half the images left-right, and swap 'left' and 'right' in "
                               "their prompts so that spatial prompts stay true: twice the views of a small set.")
-    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (5 is the usual value).")
+    snr_gamma: SnrGamma | None = Field(None, description="Min-SNR loss weighting (5 is the usual value).")
     train_unet: bool = True
     train_text_encoder: bool = True
     lora: LoraSettings | None = None
@@ -67,7 +77,7 @@ class TrainConfig(Config):
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
     log_every: int = Field(25, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
 
