@@ -10,6 +10,7 @@ import pytest
 
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.recipes.evolve import run_evolve
+from t2i_evolve.recipes.parts import stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from evolve_worker import ScriptedJudge, small_config  # noqa: E402
@@ -186,3 +187,31 @@ def test_a_missing_api_key_is_one_line_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match="T2I_EVOLVE_TEST_KEY"):
             run_evolve(small_config(str(tmp_path / "run"), **part))
         assert not (tmp_path / "run").exists()
+
+
+def test_teacher_retries_never_take_the_run_past_its_cap(tmp_path):
+    """A teacher whose first try at every other image fails: the retries count against `max_teacher_calls`
+    as every request sent does, so at the cap the last batch's retries are not sent (those images fail) instead
+    of overshooting it; launched again with the same command, nothing more is sent and the ledger is the same."""
+    from t2i_evolve.world import ProceduralTeacher
+
+    class FlakyTeacher(ProceduralTeacher):
+        sent = 0
+
+        def generate(self, prompts, seeds):
+            FlakyTeacher.sent += len(prompts)
+            images = super().generate(prompts, seeds)
+            return [None if stable_seed(prompt, seed, FlakyTeacher.sent) % 2 else image  # first tries and retries
+                    for prompt, seed, image in zip(prompts, seeds, images)]
+
+    run_dir = tmp_path / "flaky"
+    config = small_config(str(run_dir), max_teacher_calls=45)
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    first = run_evolve(config, teachers=[FlakyTeacher()], judge=judge)
+    assert first["stopped"] and "teacher budget" in first["stopped"]
+    assert FlakyTeacher.sent == first["teacher_calls"] <= 45
+    records = sorted((rec.prompt, rec.seed, rec.status) for rec in Ledger(run_dir).records(None))
+    sent = FlakyTeacher.sent
+    again = run_evolve(config, teachers=[FlakyTeacher()], judge=judge)
+    assert FlakyTeacher.sent == sent and again["teacher_calls"] == first["teacher_calls"]
+    assert sorted((rec.prompt, rec.seed, rec.status) for rec in Ledger(run_dir).records(None)) == records

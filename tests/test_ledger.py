@@ -354,6 +354,46 @@ def test_cached_generator_budget_fills_up_to_the_limit(ledger):
     assert len(gen.generate(["a", "b", "c"], [1, 2, 3])) == 3
 
 
+def test_retries_stay_within_a_shared_cap_and_leave_room_for_first_tries(ledger):
+    """Two teachers under one cap of 6 calls: the first's batch of 4 fails once (4 calls); its retries keep
+    room for the 2 first tries that the second teacher will send (`reserve`), so none is retried and
+    the second teacher's batch is sent; nothing raises, no call passes the cap, the failure says why."""
+    budget = CallBudget(max_calls=6, callers=("color-gen", "other-gen"))
+    first = CachedGenerator(ColorGenerator(failures=1), ledger, backoff_s=0, budget=budget)
+    other_teacher = ColorGenerator()
+    other_teacher.id = "other-gen"
+    other = CachedGenerator(other_teacher, ledger, backoff_s=0, budget=budget)
+    assert first.generate(["a", "b", "c", "d"], [1, 2, 3, 4], reserve=2) == [None] * 4
+    assert all(image is not None for image in other.generate(["a", "b"], [1, 2]))
+    assert sum(call.attempts for call in ledger.calls()) == 6
+    assert {call.error for call in ledger.calls(status="failed")} == {
+        "TransientError: server busy; not retried: the budget is spent"}
+    with pytest.raises(BudgetExhausted, match="color-gen \\+ other-gen"):  # a first try past the cap is refused
+        first.generate(["e"], [5])
+
+    alone = ColorGenerator(failures=1)
+    alone.id = "alone"  # its own cap of 8: the batch of 4 and its 4 retries fit, and it is all drawn
+    images = CachedGenerator(alone, ledger, backoff_s=0, budget=CallBudget(max_calls=8)).generate(["a", "b", "c", "d"],
+                                                                                            [1, 2, 3, 4])
+    assert all(image is not None for image in images) and sum(c.attempts for c in ledger.calls(caller="alone")) == 8
+
+
+def test_draws_drawn_before_fit_past_a_draw_that_does_not(ledger):
+    """A rerun after a crash at the cap: the draw that failed there is new and does not fit, but the draws after
+    it were paid for and still fit (counting them out would lose what the first run bought)."""
+    from t2i_evolve.data import CallBudgets
+
+    teacher = CachedGenerator(ColorGenerator(), ledger, backoff_s=0)
+    teacher.generate(["a", "c", "d"], [1, 3, 4])
+    spent = CallBudgets(ledger, {teacher.id: teacher}, "judge", max_teacher_calls=4)
+    assert spent.draws_that_fit(["a", "b", "x", "c", "d"], [1, 2, 9, 3, 4], None) == [0, 1, 3, 4]
+    assert spent.draws_that_fit(["x", "c"], [9, 3], [teacher.id] * 2) == [0, 1]
+    full = CallBudgets(ledger, {teacher.id: teacher}, "judge", max_teacher_calls=3)
+    assert full.draws_that_fit(["b", "d"], [2, 4], None) == [1]
+    with pytest.raises(BudgetExhausted, match="teacher budget spent: 3 calls"):
+        full.draws_that_fit(["b"], [2], None)
+
+
 def test_cached_judge_serves_repeats_from_cache(ledger):
     judge = CountingJudge()
     cached = CachedJudge(judge, ledger, backoff_s=0)

@@ -50,25 +50,27 @@ class CallBudgets:
     def teacher_budget_spent(self, before_round: int | None = None) -> bool:
         return min(self.teacher_budget_left(before_round)) <= 1e-9
 
-    def draws_that_fit(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> int:
-        """How many of these draws (in order) the teacher caps still allow: a tournament (`teacher_ids` None)
-        costs one call per teacher, an image drawn before costs nothing (so a rerun keeps what it paid for,
-        even where retries took the count past the cap). Raises `BudgetExhausted` once nothing fits, so the
-        run stops cleanly (with `train_past_teacher_budget` it goes on buying nothing)."""
+    def draws_that_fit(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[int]:
+        """Which of these draws (indices) the teacher caps still allow: new ones in order until the first that
+        does not fit (a tournament, `teacher_ids` None, costs one call per teacher), and every one drawn before,
+        wherever it stands: it costs nothing, so a rerun after a crash keeps all that the first run paid for, even
+        past a draw that failed at the cap. Raises `BudgetExhausted` once nothing fits, so the run stops cleanly
+        (with `train_past_teacher_budget` it goes on buying nothing)."""
         if (self.max_teacher_calls is None and self.max_teacher_price is None) or not prompts:
-            return len(prompts)
+            return list(range(len(prompts)))
         drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
                  for call in self.ledger.calls(caller=tid, status="done")}
         calls_left, price_left = self.teacher_budget_left()
-        fit = 0
+        fit, buying = [], True
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
             new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
                    if (tid, prompt, seed) not in drawn]
             price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
-            if new and (len(new) > calls_left or price > price_left + 1e-9):
-                break
-            calls_left, price_left, fit = calls_left - len(new), price_left - price, fit + 1
-        if fit == 0 and not self.train_past_teacher_budget:
+            buying = buying and not (new and (len(new) > calls_left or price > price_left + 1e-9))
+            if buying or not new:
+                calls_left, price_left = calls_left - len(new), price_left - price
+                fit.append(i)
+        if not fit and not self.train_past_teacher_budget:
             raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls (max {self.max_teacher_calls}), "
                                   f"price {self.teacher_price():g} (max {self.max_teacher_price})")
         return fit

@@ -51,13 +51,17 @@ class CallBudget(BaseModel):
 
     `max_calls` counts requests sent, retries included, since each one costs quota; `max_price` sums
     the `price` of answered calls. Both are read from the run's calls table, so a budget holds across
-    restarts, and cached answers never count.
+    restarts, and cached answers never count. A request it cannot pay for is never sent: a first try
+    raises `BudgetExhausted`, a retry is not sent and its request fails (so a cap is never passed, and a
+    batch that fitted the cap does not stop half-way because some of it needed a second try).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_calls: int | None = Field(default=None, ge=0)
     max_price: float | None = Field(default=None, ge=0)
+    callers: tuple[str, ...] = Field(default=(), description="Ids whose calls count together against these caps "
+                                     "(a run's teachers share one); empty: the caller's own calls.")
 
     def allowance(self, calls: int, spent: float, price: float) -> int:
         """How many more calls at `price` each fit, given `calls` sent and `spent` so far."""
@@ -158,13 +162,15 @@ class CallCacheMixin:
         backoff_s: float = 0.5,
         batch_size: int = 16,
         budget: CallBudget | None = None,
+        reserve: int = 0,
     ) -> list[dict | None]:
         """`cached_call` for many requests: the misses go to `call` in chunks of `batch_size`.
 
         `call` gets a list of requests and returns one response per request, or None for an item that
         failed; a chunk that raises `TransientError` is retried whole, items that came back None are
         retried alone. `price` is per request. Each request keeps its own row, so a crash mid-chunk
-        repeats at most that chunk.
+        repeats at most that chunk. Retries leave the budget room for the first tries still to come: this
+        call's later chunks, and `reserve` more that the caller will send next under the same budget.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -178,7 +184,7 @@ class CallCacheMixin:
                 with self._read() as db:
                     n = min(batch_size, _allowance(db, terms, need=1))
                 chunk, misses = misses[:n], misses[n:]
-                results |= self._send(terms, chunk, by_key, call)
+                results |= self._send(terms, chunk, by_key, call, first_tries_after=len(misses) + reserve)
         return [results[key] for key in keys]
 
     def interrupted_calls(self) -> int:
@@ -203,15 +209,19 @@ class CallCacheMixin:
         return [Call._from_row(row) for row in rows]
 
     def _send(
-        self, terms: _Terms, keys: list[str], by_key: dict[str, dict], call: BatchCall
+        self, terms: _Terms, keys: list[str], by_key: dict[str, dict], call: BatchCall, first_tries_after: int = 0
     ) -> dict[str, dict | None]:
-        """Call for `keys` with retries; returns key -> response, None for those that failed."""
+        """Call for `keys` with retries; returns key -> response, None for those that failed. A retry is sent
+        only where the budget can still pay for it and for the `first_tries_after` requests still to come."""
         remaining, results, error = list(keys), {}, ""
         for attempt in range(terms.retries + 1):
             if attempt and terms.backoff_s:
                 time.sleep(terms.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             try:
-                self._start_attempt(terms, remaining, by_key, first=attempt == 0)
+                remaining = self._start_attempt(terms, remaining, by_key, first=attempt == 0, error=error,
+                                                reserve=first_tries_after)
+                if not remaining:
+                    break
                 responses = list(call([by_key[key] for key in remaining]))
                 if len(responses) != len(remaining):
                     raise ValueError(f"{terms.caller}: {len(responses)} answers to {len(remaining)} requests")
@@ -229,10 +239,13 @@ class CallCacheMixin:
                 return results
             error = "no result"
         self._fail(remaining, error)
-        return results | dict.fromkeys(remaining)
+        return {key: results.get(key) for key in keys}
 
-    def _start_attempt(self, terms: _Terms, keys: list[str], by_key: dict[str, dict], first: bool) -> None:
-        """Commit the intent to send `keys` (status 'pending', one more attempt) before sending.
+    def _start_attempt(self, terms: _Terms, keys: list[str], by_key: dict[str, dict], *, first: bool,
+                       error: str = "", reserve: int = 0) -> list[str]:
+        """Commit the intent to send `keys` (status 'pending', one more attempt) before sending; returns the
+        keys to send. A first try the budget cannot pay for raises `BudgetExhausted`; a retry it cannot pay
+        for (keeping `reserve` calls for first tries still to come) is not sent, and its request fails.
 
         On the first attempt of this process, a row that is already 'pending' counts as interrupted.
         """
@@ -240,7 +253,13 @@ class CallCacheMixin:
         with self.transaction() as db:
             if self._depth > 1:
                 raise RuntimeError("the call cache cannot run inside Ledger.transaction()")
-            _allowance(db, terms, need=len(keys))
+            if first:
+                _allowance(db, terms, need=len(keys))
+            else:
+                room = max(0, _allowance(db, terms, need=0) - reserve)
+                keys, unpaid = keys[:room], keys[room:]
+                db.executemany("UPDATE calls SET status = 'failed', error = ?, updated_at = ? WHERE key = ?",
+                               [(f"{error}; not retried: the budget is spent", now, key) for key in unpaid])
             db.executemany(
                 "INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', 1, ?, ?, ?) "
@@ -249,6 +268,7 @@ class CallCacheMixin:
                 "round = coalesce(excluded.round, calls.round), updated_at = excluded.updated_at",
                 [(k, terms.caller, canonical_json(by_key[k]), terms.round, now, now, first) for k in keys],
             )
+        return keys
 
     def _finish(self, responses: dict[str, dict], price: float) -> None:
         now = utc_now()
@@ -312,12 +332,14 @@ def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:
     budget = terms.budget
     if budget is None:
         return sys.maxsize
-    query = "SELECT coalesce(sum(attempts), 0), coalesce(sum(price), 0) FROM calls WHERE caller = ?"
-    calls, spent = db.execute(query, (terms.caller,)).fetchone()
+    callers = budget.callers or (terms.caller,)
+    query = ("SELECT coalesce(sum(attempts), 0), coalesce(sum(price), 0) FROM calls "
+             f"WHERE caller IN ({', '.join('?' * len(callers))})")
+    calls, spent = db.execute(query, callers).fetchone()
     n = budget.allowance(calls, spent, terms.price)
     if n < need:
         raise BudgetExhausted(
-            f"budget of {terms.caller} spent: {calls} calls sent, price {spent:g} "
+            f"budget of {' + '.join(callers)} spent: {calls} calls sent, price {spent:g} "
             f"(max_calls={budget.max_calls}, max_price={budget.max_price})"
         )
     return n
@@ -353,7 +375,9 @@ class CachedGenerator:
         self.budget = budget
         self.round = round
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | None]:
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, reserve: int = 0) -> list[Image.Image | None]:
+        """`reserve`: calls the caller will send next under the same budget (another teacher's draws of these
+        prompts), which this batch's retries must leave room for."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         responses = self.ledger.cached_calls(
@@ -366,6 +390,7 @@ class CachedGenerator:
             backoff_s=self.backoff_s,
             batch_size=self.batch_size,
             budget=self.budget,
+            reserve=reserve,
         )
         return [None if r is None else self.ledger.load_image(r["image"]) for r in responses]
 

@@ -154,8 +154,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
-    teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base))
-                                            for spec in config.teachers], ledger)
+    teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base)) for spec in config.teachers],
+                               ledger, config.max_teacher_calls, config.max_teacher_price)
     hard_cap = None if config.max_judge_calls is None else CallBudget(max_calls=config.max_judge_calls)
     judge = judge or config.judge.build(ledger, hard_cap)  # rounds are sized to fit; this stops re-asks and retries
     check_judge_serves(config, judge)
@@ -249,7 +249,8 @@ class Run:
         Held-out prompts are skipped: the run is scored on prompts no teacher drew for it."""
         keep = [i for i, prompt in enumerate(prompts) if prompt not in self.held_out]
         ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
-        keep = keep[:self.spent.draws_that_fit([prompts[i] for i in keep], [seeds[i] for i in keep], ids)]
+        fit = self.spent.draws_that_fit([prompts[i] for i in keep], [seeds[i] for i in keep], ids)
+        keep, ids = [keep[j] for j in fit], ids and [ids[j] for j in fit]
         if not keep:
             return 0
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
@@ -260,7 +261,7 @@ class Run:
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
-            teacher_ids, images = ids[:len(keep)], [None] * len(prompts)
+            teacher_ids, images = ids, [None] * len(prompts)
             for tid in dict.fromkeys(teacher_ids):
                 idx = [i for i, t in enumerate(teacher_ids) if t == tid]
                 self.teachers[tid].round = round

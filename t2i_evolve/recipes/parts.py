@@ -227,7 +227,7 @@ class QualityGate:
                                  reason=f"teacher image scored {score:.2f} < min_teacher_score {self.min_score:g}")
 
 
-def tournament(teachers: dict[str, Generator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
+def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
                passes_gate: Callable[[Image.Image, str], bool], compare: Callable[[list], list],
                until_pass: bool = False) -> tuple[list[str], list]:
     """EvolveDirector's discrimination among teachers: every teacher draws every prompt and the judge keeps
@@ -239,10 +239,11 @@ def tournament(teachers: dict[str, Generator], prompts: Sequence[str], seeds: Se
     teacher draws only the prompts no earlier one drew so that it passes, so nothing is compared and a prompt
     the first teacher draws right costs one call."""
     drawn, rank, ids = {}, {}, list(teachers)
-    for tid, teacher in teachers.items():
+    for n, (tid, teacher) in enumerate(teachers.items()):
         todo = [i for i in range(len(prompts)) if not (until_pass and any(rank[t][i] == 2 for t in drawn))]
-        teacher.round = round
-        images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo])))
+        teacher.round = round  # its retries leave room under the shared cap for the teachers after it (at most):
+        images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo],
+                                                 reserve=len(todo) * (len(ids) - n - 1))))
         drawn[tid] = [images.get(i) for i in range(len(prompts))]
         rank[tid] = [0 if image is None else 1 + passes_gate(image, prompt)
                      for image, prompt in zip(drawn[tid], prompts)]
@@ -274,12 +275,15 @@ def occurrence_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
     return seeds
 
 
-def cached_teachers(teachers: Sequence[Generator], ledger: Ledger) -> dict[str, CachedGenerator]:
-    """Each teacher behind the ledger's call cache, by id (the recipe holds the total call budget)."""
+def cached_teachers(teachers: Sequence[Generator], ledger: Ledger, max_calls: int | None = None,
+                    max_price: float | None = None) -> dict[str, CachedGenerator]:
+    """Each teacher behind the ledger's call cache, by id, the caps shared by all of them. The recipe sizes
+    each batch to fit (`CallBudgets`); the shared cap is what keeps retries within it."""
     ids = [t.id for t in teachers]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"teacher ids must differ, got {ids}")
-    return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05) for t in teachers}
+    budget = CallBudget(max_calls=max_calls, max_price=max_price, callers=tuple(ids))
+    return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05, budget=budget) for t in teachers}
 
 
 def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: int) -> list:
