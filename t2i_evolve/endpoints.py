@@ -12,18 +12,32 @@ was paid. `transient(exc)` says which client errors are worth retrying.
 
 from __future__ import annotations
 
+import json
 import os
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from .config import Config
-from .errors import CallTimeout, ConfigError, TransientError, UserError
+from .errors import CallTimeout, ConfigError, EndpointError, RequestRefused, TransientError
 
 
-class EndpointError(UserError):
-    """The server refused a request in a way that resending will not fix (bad key, unknown model, a
-    rejected request); shown as one line, with the API key never in its text."""
+ENDPOINT_WIDE = (401, 403, 404)  # statuses that no other request of the run would escape
+
+
+def refused(status: int | None, message: str) -> EndpointError:
+    """The error for a non-transient HTTP `status`: `RequestRefused` unless it refuses every request."""
+    return EndpointError(message) if status is None or status in ENDPOINT_WIDE else RequestRefused(message)
+
+
+def safe_url(url: str) -> str:
+    """scheme://host:port/path of a URL, without any user:password part (for messages, logs and the ledger)."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(an unreadable URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def base_url_problem(url: str) -> str | None:
@@ -92,8 +106,13 @@ def make_async_client(config: EndpointConfig):
                               max_retries=0)
 
 
+RETRIED_STATUSES = (408, 409, 429)  # and every 5xx: what the openai client itself would retry
+
+
 def transient(exc: BaseException) -> TransientError | None:
-    """The `TransientError` to retry `exc` as (429, 5xx, timeout, dropped connection), else None.
+    """The `TransientError` to retry `exc` as, else None: a timeout, a dropped connection, HTTP 408, 409,
+    429 or 5xx (a server's `x-should-retry` header overrides the status, as the openai client honours it),
+    or a reply that is not JSON (a proxy's error page sent with status 200).
 
     The message keeps the error's class and status only: a server's error body can echo request
     headers, and so the key.
@@ -104,6 +123,24 @@ def transient(exc: BaseException) -> TransientError | None:
         return CallTimeout("request timed out")
     if isinstance(exc, openai.APIConnectionError):
         return TransientError("connection failed")
-    if isinstance(exc, openai.APIStatusError) and (exc.status_code == 429 or exc.status_code >= 500):
-        return TransientError(f"HTTP {exc.status_code}")
+    if isinstance(exc, json.JSONDecodeError):
+        return TransientError("malformed reply: not JSON")
+    if isinstance(exc, openai.APIStatusError):
+        hint = exc.response.headers.get("x-should-retry", "").lower() if exc.response is not None else ""
+        if hint == "true" or (hint != "false" and (exc.status_code in RETRIED_STATUSES or exc.status_code >= 500)):
+            return TransientError(f"HTTP {exc.status_code}")
     return None
+
+
+def chat_text(completion: object) -> str:
+    """The text of a chat completion's first choice ('' for a reply with no text). A reply that is not a chat
+    completion at all (a proxy's page sent as text, a `null` message) is a `TransientError`: retried, and
+    the call's error once retries run out."""
+    choices = getattr(completion, "choices", None)
+    if isinstance(choices, list) and not choices:
+        return ""
+    message = getattr(choices[0], "message", None) if isinstance(choices, list) else None
+    if message is None:
+        raise TransientError(f"malformed reply: not a chat completion ({type(completion).__name__})")
+    content = getattr(message, "content", None)
+    return content if isinstance(content, str) else ""

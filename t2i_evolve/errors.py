@@ -22,6 +22,17 @@ class ConfigError(UserError, ValueError):
     """A config file that does not validate; the message names the bad field."""
 
 
+class EndpointError(UserError):
+    """The server refused a request in a way that resending will not fix (bad key, unknown model, a
+    rejected request); shown as one line, with the API key never in its text."""
+
+
+class RequestRefused(EndpointError):
+    """The server refused this one request (HTTP 400, 413, 422: a content policy, an image it cannot read):
+    the request fails alone and the rest of its batch goes on. A bad key, a wrong URL or an unknown model
+    (401, 403, 404) refuse every request, and stay an `EndpointError` that stops the run."""
+
+
 class TransientError(RuntimeError):
     """A failure worth retrying: rate limit, server error, dropped connection."""
 

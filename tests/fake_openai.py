@@ -3,8 +3,10 @@
 It runs `http.server.ThreadingHTTPServer` on 127.0.0.1, port 0, in a thread, so tests talk to it
 through the real `openai` client over loopback. Replies are scripted per endpoint:
 
-- `chat`: a queue of items, each a reply text, an HTTP status (int) to fail with, or a float number
-  of seconds to sleep before answering (to make the client time out); when the queue is empty,
+- `chat`: a queue of items, each a reply text, an HTTP status (int) to fail with (or a tuple of a
+  status and headers to send with it, such as `x-should-retry`), a float number
+  of seconds to sleep before answering (to make the client time out), or bytes sent as the whole body
+  with status 200 (a proxy's page where a completion should be); when the queue is empty,
   `chat_reply(body)` answers (by default a JSON list of grammar prompts drawn from the request).
 - `images`: a queue of HTTP statuses to fail with; when empty, the prompt is drawn by the strong
   `ProceduralTeacher` at the requested size with the seed from the body.
@@ -88,13 +90,17 @@ class FakeOpenAI:
         with self._lock:
             return queue.popleft() if queue else None
 
-    def answer_chat(self, body: dict) -> tuple[int, dict]:
+    def answer_chat(self, body: dict) -> tuple[int, dict | bytes] | tuple[int, dict, dict]:
         item = self._next(self.chat)
         if isinstance(item, float):
             time.sleep(item)
             item = None
         if isinstance(item, int):
             return item, _error(item, "scripted failure")
+        if isinstance(item, tuple):
+            return item[0], _error(item[0], "scripted failure"), item[1]
+        if isinstance(item, bytes):
+            return 200, item
         content = self.chat_reply(body) if item is None else item
         return 200, {
             "id": "chatcmpl-fake",
@@ -158,15 +164,17 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.api_key is not None and auth != f"Bearer {fake.api_key}":
             status, reply = 401, _error(401, f"Incorrect API key provided: {auth}")
         elif self.path.endswith("/chat/completions"):
-            status, reply = fake.answer_chat(body)
+            status, reply, *headers = fake.answer_chat(body)
         elif self.path.endswith("/images/generations"):
             status, reply = fake.answer_images(body)
         else:
             status, reply = 404, _error(404, f"no route {self.path}")
-        data = json.dumps(reply).encode()
+        data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers[0] if self.path.endswith("/chat/completions") and headers else {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 

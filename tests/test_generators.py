@@ -104,6 +104,31 @@ def test_budget_stops_cleanly(server, tmp_path):
     assert sum(c.price for c in ledger.calls(caller=cached.id)) == pytest.approx(1.0)
 
 
+def test_a_request_refused_alone_fails_alone_and_the_others_are_kept(server, tmp_path):
+    """A content policy's 400 for one prompt of a batch: that request fails (not resent, its reason kept), the
+    images of the others are stored; once raised for the whole batch, they were paid for and thrown away."""
+    server.images.extend([400])
+    ledger = Ledger(tmp_path / "run")
+    cached = CachedGenerator(teacher(server), ledger, backoff_s=0)
+    images = cached.generate(PROMPTS[:3], [0, 1, 2])
+    assert sum(image is None for image in images) == 1 and server.count("/images/generations") == 3
+    failed, = ledger.calls(caller=cached.id, status="failed")
+    assert failed.attempts == 1 and failed.error.startswith("RequestRefused") and "HTTP 400" in failed.error
+    assert len(ledger.calls(caller=cached.id, status="done")) == 2
+
+
+def test_a_password_in_the_base_url_never_reaches_an_error_or_the_ledger(api_key, tmp_path):
+    with FakeOpenAI() as server:
+        url = server.base_url.replace("http://", "http://alice:S3CRET-PASSWORD@")
+        endpoint = EndpointConfig(base_url=url, model="fake-images", api_key_env=KEY_ENV)
+        server.images.extend([400, 400])
+        ledger = Ledger(tmp_path / "run")
+        assert CachedGenerator(OpenAIImageTeacher(OpenAIImageTeacherConfig(endpoint=endpoint, size="32x32")),
+                               ledger).generate(PROMPTS[:2], [0, 1]) == [None, None]
+        errors = [call.error for call in ledger.calls(status="failed")]
+    assert len(errors) == 2 and all("127.0.0.1" in e and "S3CRET" not in e and "alice" not in e for e in errors)
+
+
 def test_concurrency_is_bounded():
     with FakeOpenAI(image_delay_s=0.05) as server:
         endpoint = EndpointConfig(base_url=server.base_url, model="m", max_concurrency=2)

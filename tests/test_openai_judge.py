@@ -8,6 +8,7 @@ arbitrary text, templates, the CLI.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import logging
@@ -281,9 +282,10 @@ def test_api_key_never_leaks(faulty_server, server, cases, tmp_path, monkeypatch
         judge.compare_many(cases[:8])
         texts += [repr(judge), repr(judge.config), judge.config.model_dump_json(), judge.config.to_yaml()]
     with make_judge(server.url, key_env="T2I_TEST_KEY", endpoint={"retries": 0}) as judge:
-        with pytest.raises(EndpointError) as error:  # HTTP 400: the prompt is outside the grammar
-            judge.answer(cases[0][0], "a purple circle", ["Is there a circle?"])
-        texts += [str(error.value), repr(error.value)]
+        # HTTP 400 (the prompt is outside the grammar): that request alone fails, with the server's reason
+        verdict, = judge.answer_many([(cases[0][0], "a purple circle", ["Is there a circle?"])])
+        assert verdict.status == "failed" and "HTTP 400" in verdict.error and "purple" in verdict.error
+        texts += [verdict.error, repr(verdict)]
     with make_judge("http://127.0.0.1:9/v1", key_env="T2I_TEST_KEY", endpoint={"retries": 0}) as judge:
         texts.append(str(judge.compare_many(cases[:1])[0]))
     image = tmp_path / "x.png"
@@ -302,6 +304,49 @@ def test_api_key_never_leaks(faulty_server, server, cases, tmp_path, monkeypatch
             assert key.encode() not in path.read_bytes(), path
 
 
+def test_a_request_refused_alone_fails_alone_and_is_not_resent(server, cases, tmp_path):
+    """serve-judge answers HTTP 400 for a prompt outside the grammar: that comparison fails with the server's
+    reason, the others in its batch are judged and kept (once, the whole batch was failed and paid again)."""
+    items = [cases[0], (cases[1][0], cases[1][1], "a purple circle"), cases[2]]
+    before = server_total(server)
+    with Ledger(tmp_path / "run") as ledger, make_judge(server.url, ledger) as judge:
+        verdicts = judge.compare_many(items)
+        assert [v.status for v in verdicts] == ["ok", "failed", "ok"] and "HTTP 400" in verdicts[1].error
+        assert server_total(server) - before == 3  # not retried
+        assert [c.status for c in ledger.calls()] == ["done", "failed", "done"]
+
+
+def test_a_reply_that_is_not_a_chat_completion_is_retried_then_a_failed_verdict(cases):
+    """A proxy's page where a completion should be (text, HTML sent as JSON, a null message), status 200:
+    retried as transient, then a failed verdict that says why; never a traceback."""
+    from fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as fake:
+        fake.chat.extend([b"upstream proxy says hi", b"<html>502 Bad Gateway</html>",
+                          b'{"id": "x", "object": "chat.completion", "created": 0, "model": "m", '
+                          b'"choices": [{"index": 0, "finish_reason": "stop", "message": null}]}'])
+        with make_judge(fake.base_url, endpoint={"retries": 2, "max_concurrency": 1}) as judge:
+            verdict, = judge.compare_many(cases[:1])
+        assert fake.count("/chat/completions") == 3
+    assert verdict.status == "failed" and verdict.error.startswith("malformed reply")
+
+
+def test_which_http_errors_are_worth_resending(cases):
+    """As the openai client itself would (408, 409, 429, 5xx), and a server's `x-should-retry` header first."""
+    from fake_openai import FakeOpenAI
+
+    def sent_for(*failures):
+        with FakeOpenAI() as fake:
+            fake.chat.extend(failures)
+            with make_judge(fake.base_url, endpoint={"retries": 1, "max_concurrency": 1}, reasks=0) as judge:
+                judge.compare_many(cases[:1])
+            return fake.count("/chat/completions")
+
+    assert [sent_for(status) for status in (408, 409, 429, 503)] == [2, 2, 2, 2]  # retried once
+    assert [sent_for(status) for status in (400, 422)] == [1, 1]  # refused: not resent
+    assert sent_for((400, {"x-should-retry": "true"})) == 2 and sent_for((503, {"x-should-retry": "false"})) == 1
+
+
 # --- server -------------------------------------------------------------------------------------------------
 
 
@@ -317,6 +362,17 @@ def test_server_routes_and_bad_requests(server):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"{base}/nothing", timeout=5)
     assert error.value.code == 404
+    # what it did not foresee is answered, never a dropped connection (which a client retries as transient)
+    odd = json.dumps({"messages": [{"role": "user", "content": 'Prompt: "a red circle"'}], "response_format": "json"})
+    for headers, body in [({}, odd.encode()), ({"Content-Length": "abc"}, b"")]:
+        connection = http.client.HTTPConnection(base.split("//")[1].split("/")[0], timeout=5)
+        connection.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
+        for name, value in ({"Content-Length": str(len(body))} | headers).items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        assert response.status == 400 and "error" in json.loads(response.read())
+        connection.close()
 
 
 def test_serve_judge_command(tmp_path):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import BudgetExhausted, TransientError
+from ..errors import BudgetExhausted, RequestRefused, TransientError
 from ..protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
 
 if TYPE_CHECKING:
@@ -95,8 +95,8 @@ class Call:
         return cls(**values)
 
 
-BatchCall = Callable[[list[dict]], Sequence[dict | None]]
-"""What `Ledger.cached_calls` calls: requests in, one response (None for a failed item) per request out."""
+BatchCall = Callable[[list[dict]], Sequence[dict | Exception | None]]
+"""What `Ledger.cached_calls` calls: requests in, one response (None or an exception for a failed item) per request out."""
 
 
 @dataclass(frozen=True)
@@ -142,11 +142,19 @@ class CallCacheMixin:
         """The response to `request`, from the cache or from `call()`; None if it failed after retries.
 
         `request` must be JSON-serialisable and hold everything that determines the answer; `call`
-        must return a JSON-serialisable dict. Non-transient exceptions propagate (the row is marked
-        'failed' with the error); `BudgetExhausted` is raised before a call the budget cannot pay for.
+        must return a JSON-serialisable dict. A `RequestRefused` fails the request (None, the reason kept in
+        its row); other non-transient exceptions propagate (the row is marked 'failed' with the error);
+        `BudgetExhausted` is raised before a call the budget cannot pay for.
         """
+
+        def one(requests: list[dict]) -> list[dict | Exception]:
+            try:
+                return [call()]
+            except RequestRefused as e:  # this request fails alone; other errors (a bad key) propagate
+                return [e]
+
         return self.cached_calls(
-            caller, [request], lambda requests: [call()], price=price, round=round,
+            caller, [request], one, price=price, round=round,
             retries=retries, backoff_s=backoff_s, batch_size=1, budget=budget,
         )[0]
 
@@ -166,9 +174,10 @@ class CallCacheMixin:
     ) -> list[dict | None]:
         """`cached_call` for many requests: the misses go to `call` in chunks of `batch_size`.
 
-        `call` gets a list of requests and returns one response per request, or None for an item that
-        failed; a chunk that raises `TransientError` is retried whole, items that came back None are
-        retried alone. `price` is per request. Each request keeps its own row, so a crash mid-chunk
+        `call` gets a list of requests and returns one response per request: a dict, None for an item that
+        failed (retried alone, as is a `TransientError` in its place), or another exception for an item the
+        server refused (it fails alone, with that reason, and is not retried). A chunk that raises
+        `TransientError` is retried whole; any other exception fails the chunk and propagates. `price` is per request. Each request keeps its own row, so a crash mid-chunk
         repeats at most that chunk. Retries leave the budget room for the first tries still to come: this
         call's later chunks, and `reserve` more that the caller will send next under the same budget.
         """
@@ -225,8 +234,11 @@ class CallCacheMixin:
                 responses = list(call([by_key[key] for key in remaining]))
                 if len(responses) != len(remaining):
                     raise ValueError(f"{terms.caller}: {len(responses)} answers to {len(remaining)} requests")
-                done = {key: r for key, r in zip(remaining, responses) if r is not None}
+                done = {key: r for key, r in zip(remaining, responses) if isinstance(r, dict)}
+                refused = {key: r for key, r in zip(remaining, responses)
+                           if isinstance(r, Exception) and not isinstance(r, TransientError)}
                 self._finish(done, terms.price)
+                self._fail_each(refused)
             except TransientError as e:
                 error = f"{type(e).__name__}: {e}"
                 continue
@@ -234,9 +246,9 @@ class CallCacheMixin:
                 self._fail(remaining, f"{type(e).__name__}: {e}")
                 raise
             results |= done
-            remaining = [key for key in remaining if key not in done]
+            remaining = [key for key in remaining if key not in done and key not in refused]
             if not remaining:
-                return results
+                break
             error = "no result"
         self._fail(remaining, error)
         return {key: results.get(key) for key in keys}
@@ -278,6 +290,13 @@ class CallCacheMixin:
                 "WHERE key = ?",
                 [(canonical_json(response), price, now, key) for key, response in responses.items()],
             )
+
+    def _fail_each(self, errors: dict[str, Exception]) -> None:
+        """Fail the requests the server refused one by one, each with its own reason (not retried)."""
+        now = utc_now()
+        with self.transaction() as db:
+            db.executemany("UPDATE calls SET status = 'failed', error = ?, updated_at = ? WHERE key = ?",
+                           [(f"{type(e).__name__}: {e}", now, key) for key, e in errors.items()])
 
     def _fail(self, keys: list[str], error: str) -> None:
         now = utc_now()
@@ -394,9 +413,14 @@ class CachedGenerator:
         )
         return [None if r is None else self.ledger.load_image(r["image"]) for r in responses]
 
-    def _generate(self, requests: list[dict]) -> list[dict | None]:
-        images = self.generator.generate([r["prompt"] for r in requests], [r["seed"] for r in requests])
-        return [None if image is None else {"image": self.ledger.put_image(image)} for image in images]
+    def _generate(self, requests: list[dict]) -> list[dict | Exception | None]:
+        """The stored images; where the generator can say why an item failed (`outcomes`, as the images endpoint
+        can), that reason, so a request the server refused is not resent."""
+        prompts, seeds = [r["prompt"] for r in requests], [r["seed"] for r in requests]
+        outcomes = getattr(self.generator, "outcomes", None)
+        images = outcomes(prompts, seeds) if callable(outcomes) else self.generator.generate(prompts, seeds)
+        return [image if image is None or isinstance(image, Exception) else {"image": self.ledger.put_image(image)}
+                for image in images]
 
 
 class CachedJudge:

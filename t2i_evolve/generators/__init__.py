@@ -7,8 +7,9 @@ retries, budgets and prices them exactly like the procedural teachers of the sha
 for the images endpoint (or `remote`, which the prompt writers share) stays light.
 """
 
+from ..errors import EndpointError, RequestRefused
 from .openai_images import OpenAIImageTeacher, OpenAIImageTeacherConfig
-from .remote import EndpointError, endpoint_error, endpoint_errors
+from .remote import endpoint_error, endpoint_errors
 
 _LAZY = {"LocalPipelineTeacher", "LocalPipelineTeacherConfig", "pipeline_id"}
 
@@ -16,6 +17,7 @@ __all__ = [
     "EndpointError",
     "OpenAIImageTeacher",
     "OpenAIImageTeacherConfig",
+    "RequestRefused",
     "endpoint_error",
     "endpoint_errors",
     *sorted(_LAZY),

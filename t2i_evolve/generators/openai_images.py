@@ -7,8 +7,10 @@ twice. Within one `generate` call the requests go out concurrently through the a
 
 A failure of one request does not throw away the others that were paid for: an item that failed with
 a transient error (429, 5xx, timeout) comes back as None and the cache retries that item alone; only
-when every item failed transiently is the `TransientError` raised (so the cache records why). An error
-that resending will not fix (a bad key, an unknown model) is raised as `EndpointError`.
+when every item failed transiently is the `TransientError` raised (so the cache records why). An item
+the server refused alone (a content policy's 400, a reply that is not an image) is None too, and
+`outcomes` tells the cache why, so it records that item as failed and does not resend it. An error that
+every request would meet (a bad key, an unknown model) is raised as `EndpointError`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from PIL import Image, ImageOps
 from pydantic import Field
 
 from ..config import Config
-from ..endpoints import EndpointConfig, make_async_client
-from ..errors import TransientError
-from .remote import EndpointError, endpoint_errors
+from ..endpoints import EndpointConfig, make_async_client, safe_url
+from ..errors import RequestRefused, TransientError
+from .remote import endpoint_errors
 
 
 class OpenAIImageTeacherConfig(Config):
@@ -61,18 +63,23 @@ class OpenAIImageTeacher:
         self.price_per_call = config.price_per_call
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | None]:
-        """One image per (prompt, seed); None for an item that failed transiently (see module doc)."""
+        """One image per (prompt, seed); None for an item that failed alone (see module doc)."""
+        return [None if isinstance(outcome, Exception) else outcome for outcome in self.outcomes(prompts, seeds)]
+
+    def outcomes(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | Exception]:
+        """Each item's image, or why it failed alone: a `TransientError` (worth resending) or a
+        `RequestRefused` (not). Raises what every item met: an `EndpointError`, or a `TransientError`."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
             return []
         outcomes = _run(self._generate_all(list(prompts), [int(s) for s in seeds]))
         for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, TransientError):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, (TransientError, RequestRefused)):
                 raise outcome
         if all(isinstance(outcome, TransientError) for outcome in outcomes):
             raise outcomes[0]
-        return [None if isinstance(outcome, TransientError) else outcome for outcome in outcomes]
+        return outcomes
 
     async def _generate_all(self, prompts: list[str], seeds: list[int]) -> list[Any]:
         """Each item's image or exception, with at most `max_concurrency` requests in flight."""
@@ -99,15 +106,16 @@ class OpenAIImageTeacher:
         return options
 
     def _decode(self, response: Any) -> Image.Image:
-        data = getattr(response, "data", None) or []
-        b64 = getattr(data[0], "b64_json", None) if data else None
-        if not b64:
-            raise EndpointError(f"{self.config.endpoint.base_url}: the images reply holds no b64_json image")
+        where = safe_url(self.config.endpoint.base_url)
+        data = getattr(response, "data", None)
+        b64 = getattr(data[0], "b64_json", None) if isinstance(data, list) and data else None
+        if not isinstance(b64, str) or not b64:
+            raise RequestRefused(f"{where}: the images reply holds no b64_json image")
         try:
             image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
             image.load()
-        except (binascii.Error, OSError, ValueError) as e:
-            raise EndpointError(f"{self.config.endpoint.base_url}: the images reply is not an image ({e})") from None
+        except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise RequestRefused(f"{where}: the images reply is not an image we can read ({e})") from None
         image = image.convert("RGB")
         side = self.config.resolution
         if side and image.size != (side, side):

@@ -12,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..endpoints import EndpointConfig, EndpointError, transient
+from ..endpoints import EndpointConfig, refused, safe_url, transient
 from ..errors import UserError
 
 MAX_MESSAGE = 300
 
 
 def endpoint_error(exc: BaseException, config: EndpointConfig) -> Exception | None:
-    """What to raise for a client error `exc`: a `TransientError`, an `EndpointError`, or None when
-    `exc` did not come from the client (it then propagates as it is)."""
+    """What to raise for a client error `exc`: a `TransientError`, a `RequestRefused` (this request only), an
+    `EndpointError` (every request: a bad key, a wrong URL or model), or None when `exc` did not come from the
+    client (it then propagates as it is). The URL in its text never carries a user:password part."""
     import openai
 
     retry = transient(exc)
@@ -30,9 +31,9 @@ def endpoint_error(exc: BaseException, config: EndpointConfig) -> Exception | No
         return None
     status = getattr(exc, "status_code", None)
     detail = getattr(exc, "message", None) or str(exc)
-    where = f"{config.base_url} (model {config.model})"
+    where = f"{safe_url(config.base_url)} (model {config.model})"
     code = f"HTTP {status} " if status is not None else ""
-    return EndpointError(f"{where}: {code}{type(exc).__name__}: {redact(detail, config)}")
+    return refused(status, f"{where}: {code}{type(exc).__name__}: {redact(detail, config)}")
 
 
 @contextmanager

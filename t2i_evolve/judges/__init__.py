@@ -2,8 +2,9 @@
 any OpenAI-compatible endpoint (`serve-judge` plays that endpoint with the pixel judge), and `LocalVLMJudge`
 asks a transformers VLM in-process, with the same requests and parsers."""
 
+from ..errors import EndpointError
 from .local_vlm import LocalVLMConfig, LocalVLMJudge
-from .openai_judge import ChatJudgeConfig, EndpointError, OpenAIJudge, OpenAIJudgeConfig, PairVerdict, VQAVerdict
+from .openai_judge import ChatJudgeConfig, OpenAIJudge, OpenAIJudgeConfig, PairVerdict, VQAVerdict
 from .pixel import PixelJudge
 from .vlm_format import parse_pairwise, parse_vqa
 

@@ -29,6 +29,8 @@ inside that client: it is not on the config, in a request, a ledger row, a log l
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import random
 import threading
@@ -36,15 +38,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
-from urllib.parse import urlsplit
 
 from PIL import Image
 from pydantic import Field, model_validator
 
 from ..config import Config
 from ..data.cache import CallBudget, content_key, encode_png
-from ..endpoints import EndpointConfig, EndpointError, make_async_client, transient
-from ..errors import BudgetExhausted, TransientError
+from ..endpoints import EndpointConfig, chat_text, make_async_client, refused, safe_url, transient
+from ..errors import BudgetExhausted, RequestRefused, TransientError
 from ..protocols import Answer, Comparison, ImageScore, Question
 from ..world.questions import dsg_answers, questions_for
 from . import vlm_format as fmt
@@ -287,47 +288,56 @@ class ChatJudge:
         self._count("cached", len({self._key(r) for r in requests} - sent))
         return responses
 
-    def _uncached(self, requests: list[dict], call: Callable[[list[dict]], list[dict | None]]) -> list[dict | None]:
-        """The ledger's retry loop without a ledger: backoff with jitter, an in-memory call budget."""
+    def _uncached(self, requests: list[dict], call: Callable[[list[dict]], list]) -> list[dict | None]:
+        """The ledger's retry loop without a ledger: backoff with jitter, an in-memory call budget that a first
+        try past it raises at and a retry past it is not sent at (as the ledger's, `CallBudget`)."""
         results: list[dict | None] = [None] * len(requests)
         remaining = list(range(len(requests)))
         for attempt in range(self.retries + 1):
             if attempt and self.backoff_s:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            refused = set()
             for start in range(0, len(remaining), self.batch_size):
                 chunk = remaining[start:start + self.batch_size]
-                if self.config.max_calls is not None and self.stats["sent"] + len(chunk) > self.config.max_calls:
+                room = math.inf if self.config.max_calls is None else self.config.max_calls - self.stats["sent"]
+                if attempt and len(chunk) > room:
+                    chunk = chunk[:max(0, int(room))]
+                elif len(chunk) > room:
                     raise BudgetExhausted(f"budget of {self.id} spent: {self.stats['sent']} calls sent "
                                           f"(max_calls={self.config.max_calls})")
                 try:
-                    responses = call([requests[i] for i in chunk])
+                    responses = call([requests[i] for i in chunk]) if chunk else []
                 except TransientError:
                     continue
                 for i, response in zip(chunk, responses):
-                    results[i] = response
-            remaining = [i for i in remaining if results[i] is None]
+                    if isinstance(response, dict):
+                        results[i] = response
+                    elif isinstance(response, Exception) and not isinstance(response, TransientError):
+                        refused.add(i)
+            remaining = [i for i in remaining if results[i] is None and i not in refused]
             if not remaining:
                 break
         return results
 
-    def _call_batch(self, batch: list[dict], pngs: dict[str, bytes]) -> list[dict | None]:
+    def _call_batch(self, batch: list[dict], pngs: dict[str, bytes]) -> list[dict | Exception | None]:
         """Send a batch; parse each reply into the response the ledger keeps. A transient failure of one
-        item is None (the ledger retries it alone); of every item, the error itself (kept in the row)."""
+        item is None (the ledger retries it alone); of every item, the error itself (kept in the row). A
+        request the server refused alone is its `RequestRefused` (failed, not resent)."""
         keys = [self._key(r) for r in batch]
+        self._count("sent", len(batch))  # counted before: a batch that raises was sent all the same
         replies = self._complete(batch, [self._conversation(r, pngs) for r in batch], keys)
         failures = [reply for reply in replies if isinstance(reply, TransientError)]
-        self._count("sent", len(batch))
         self._count("transient", len(failures))
         with self._lock:
             for key, reply in zip(keys, replies):
-                if isinstance(reply, TransientError):
+                if isinstance(reply, Exception):
                     self._errors[key] = str(reply)
                 else:
                     self._errors.pop(key, None)
         if failures and len(failures) == len(batch):
             raise failures[0]
-        return [None if isinstance(reply, TransientError) else self._read(request, reply)
-                for request, reply in zip(batch, replies)]
+        return [None if isinstance(reply, TransientError) else reply if isinstance(reply, Exception)
+                else self._read(request, reply) for request, reply in zip(batch, replies)]
 
     def _conversation(self, request: dict, pngs: dict[str, bytes]) -> list[dict]:
         previous, structured = request["previous"], request["structured"]
@@ -406,7 +416,7 @@ class OpenAIJudge(ChatJudge):
         self._semaphore: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
-        return f"OpenAIJudge(id={self.id!r}, base_url={_safe_url(self.config.endpoint.base_url)!r})"
+        return f"OpenAIJudge(id={self.id!r}, base_url={safe_url(self.config.endpoint.base_url)!r})"
 
     def _params(self) -> dict:
         return {"max_tokens": self.config.max_tokens, "temperature": self.config.temperature}
@@ -416,12 +426,12 @@ class OpenAIJudge(ChatJudge):
         loop = self._ensure_client()
         jobs = [self._ask(request, messages, key) for request, messages, key in zip(requests, conversations, keys)]
         results = asyncio.run_coroutine_threadsafe(_gather(jobs), loop).result()
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, TransientError):
+        for result in results:  # what every request meets (a bad key) stops the batch; a refusal fails its item
+            if isinstance(result, BaseException) and not isinstance(result, (TransientError, RequestRefused)):
                 raise result
         return results
 
-    async def _ask(self, request: dict, messages: list[dict], key: str) -> str | TransientError:
+    async def _ask(self, request: dict, messages: list[dict], key: str) -> str | TransientError | RequestRefused:
         import openai
 
         endpoint = self.config.endpoint
@@ -438,13 +448,17 @@ class OpenAIJudge(ChatJudge):
             try:
                 completion = await self._client.chat.completions.create(
                     model=endpoint.model, messages=messages, **options)
-            except openai.APIError as e:
+                return chat_text(completion)
+            except TransientError as e:  # a reply that is not a chat completion
+                return e
+            except (openai.APIError, json.JSONDecodeError) as e:
                 retry = transient(e)
                 if retry is not None:
                     return retry
-                raise EndpointError(_describe(e, endpoint)) from None
-        choices = completion.choices or []
-        return (choices[0].message.content or "") if choices else ""
+                error = refused(getattr(e, "status_code", None), _describe(e, endpoint))
+                if isinstance(error, RequestRefused):
+                    return error
+                raise error from None
 
     def _ensure_client(self) -> asyncio.AbstractEventLoop:
         """Start the client and its event loop thread on first use: a rerun answered wholly from the
@@ -482,17 +496,9 @@ async def _gather(jobs):
     return await asyncio.gather(*jobs, return_exceptions=True)
 
 
-def _safe_url(url: str) -> str:
-    """scheme://host:port/path of a URL, without any user:password part."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
 def _describe(error: Exception, endpoint: EndpointConfig) -> str:
     """A one-line reason that never quotes the server's body (it may echo the key)."""
-    where = f"judge endpoint {_safe_url(endpoint.base_url)} (model {endpoint.model!r})"
+    where = f"judge endpoint {safe_url(endpoint.base_url)} (model {endpoint.model!r})"
     status = getattr(error, "status_code", None)
     if status in (401, 403):
         hint = f"; check the key in ${endpoint.api_key_env}" if endpoint.api_key_env else "; it wants an API key"

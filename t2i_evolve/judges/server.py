@@ -84,6 +84,7 @@ class JudgeServer:
         self._warming = threading.Lock()
         self._warm_up(32)
         self._stopping = threading.Event()
+        self._serving = threading.Event()
         self._thread: threading.Thread | None = None
         self.httpd = _HTTPServer((config.host, config.port), _Handler)
         self.httpd.judge_server = self  # type: ignore[attr-defined]
@@ -99,11 +100,13 @@ class JudgeServer:
         return self
 
     def serve_forever(self) -> None:
+        self._serving.set()
         self.httpd.serve_forever(poll_interval=0.1)
 
     def stop(self) -> None:
         self._stopping.set()  # wakes hanging and sleeping requests
-        self.httpd.shutdown()
+        if self._serving.is_set():  # (shutdown waits for a loop that a server never started never runs)
+            self.httpd.shutdown()
         self.httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -161,7 +164,10 @@ class JudgeServer:
         prompt = fmt.read_prompt(text)
         if prompt is None:
             raise BadRequest('no line of the form Prompt: "..." in the request')
-        structured = (body.get("response_format") or {}).get("type") == "json_schema"
+        response_format = body.get("response_format") or {}
+        if not isinstance(response_format, dict):
+            raise BadRequest("response_format must be an object")
+        structured = response_format.get("type") == "json_schema"
         sampled = body.get("temperature", 1.0) != 0 and body.get("seed") is not None
         drawn_for = [text, images, body["seed"]] if sampled else [text, images]
         rng = random.Random(f"{self.config.seed}:error:{content_key(drawn_for)}")
@@ -271,7 +277,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            self._answer_post()
+        except Exception as e:  # a request we did not foresee: an answer (500), never a dropped connection
+            self.close_connection = True
+            self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the judge server failed: {type(e).__name__}")
+
+    def _answer_post(self) -> None:
+        length_header = self.headers.get("Content-Length") or "0"
+        if not length_header.isdigit():
+            self.close_connection = True
+            return self._send_error(HTTPStatus.BAD_REQUEST, "Content-Length is not a whole number")
+        length = int(length_header)
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             return self._send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")

@@ -33,8 +33,8 @@ from pydantic import Field
 
 from ..config import Config
 from ..data.cache import CallBudget
-from ..endpoints import EndpointConfig, make_client
-from ..errors import ConfigError, TransientError
+from ..endpoints import EndpointConfig, chat_text, make_client
+from ..errors import ConfigError, RequestRefused, TransientError
 from ..generators.remote import endpoint_errors
 from .dedup import DEFAULT_THRESHOLD, Deduper
 from .parsing import parse_prompt_list
@@ -188,8 +188,7 @@ class OpenAIPromptWriter:
                 self._client = make_client(endpoint)
             with endpoint_errors(endpoint):
                 completion = self._client.chat.completions.create(**request)
-            content = completion.choices[0].message.content if completion.choices else None
-            return {"content": content or ""}
+            return {"content": chat_text(completion)}
 
         if self.ledger is not None:
             response = self.ledger.cached_call(
@@ -269,6 +268,9 @@ def _with_retries(call: Callable[[], dict], retries: int, backoff_s: float) -> d
             return call()
         except TransientError as e:
             log.warning("transient error (attempt %d of %d): %s", attempt + 1, retries + 1, e)
+        except RequestRefused as e:  # this request only: not worth resending
+            log.warning("request refused: %s", e)
+            return None
     return None
 
 
