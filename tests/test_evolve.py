@@ -827,3 +827,18 @@ def test_a_judge_that_answers_nothing_stops_the_run_in_one_line(tmp_path):
     judge = CachedJudge(DownJudge(), Ledger(tmp_path / "run"), retries=1, backoff_s=0)
     with pytest.raises(UserError, match=r"answered none of round 1's 24 comparisons .*connection refused"):
         run_evolve(small_config(str(tmp_path / "run"), rounds=1), judge=judge)
+
+
+def test_teachers_that_draw_nothing_stop_the_run_in_one_line(tmp_path):
+    """Every seed draw failed (a server refusing the size asked, a server down): the run stops with the
+    teachers' last error, not an empty set that reads as 'every record deleted'."""
+    from t2i_evolve.errors import RequestRefused, UserError
+    from t2i_evolve.world import ProceduralTeacher
+
+    class RefusingTeacher(ProceduralTeacher):
+        def outcomes(self, prompts, seeds):
+            return [RequestRefused("HTTP 400: size 32x32 is not supported") for _ in prompts]
+
+    with pytest.raises(UserError, match=r"drew none of the seed prompts .*size 32x32 is not supported"):
+        run_evolve(small_config(str(tmp_path / "run"), rounds=1), teachers=[RefusingTeacher()],
+                   judge=CachedJudge(ScriptedJudge(), Ledger(tmp_path / "run"), backoff_s=0))

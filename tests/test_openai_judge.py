@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
 from t2i_evolve.errors import BudgetExhausted, ConfigError
-from t2i_evolve.judges import EndpointError, OpenAIJudge, OpenAIJudgeConfig, PixelJudge, parse_pairwise, parse_vqa
+from t2i_evolve.judges import OpenAIJudge, OpenAIJudgeConfig, PixelJudge, parse_pairwise, parse_vqa
 from t2i_evolve.judges import vlm_format as fmt
 from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
 from t2i_evolve.protocols import Judge

@@ -46,8 +46,8 @@ from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_judge_serves, check_resumed_config, held_out_prompts, held_out_score, judge_call_bounds,
-                    judged_base_images, new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed, tournament,
-                    write_summary)
+                    judged_base_images, last_failure, new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed,
+                    tournament, write_summary)
 
 
 class EvolveConfig(Config):
@@ -238,7 +238,9 @@ class Run:
         self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw, "the seed set")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
-        seeds = self.ledger.records(None, round=0)
+        seeds, failure = self.ledger.records(None, round=0), last_failure(self.ledger, self.teachers)
+        if not seeds and failure:  # not one image: a server down or refusing every prompt, not a run to go on with
+            raise UserError(f"the teachers drew none of the seed prompts (last error: {failure}): fix it, then rerun")
         if seeds and all(rec.deleted_op == "reject" for rec in seeds):
             raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score "
                             f"{self.config.min_teacher_score:g}): lower it, or use a better teacher")
@@ -332,9 +334,8 @@ class Run:
             else:
                 as_good.append((rec, row))
         if records and not ops["judged"]:  # not one verdict: the judge is down or unreadable, not unsure
-            failed = [call.error for call in self.ledger.calls(caller=self.spent.judge_id, status="failed")]
             raise UserError(f"the judge answered none of round {r}'s {len(records)} comparisons (last error: "
-                            f"{(failed or ['unreadable replies'])[-1]:.200}): fix it, then rerun to go on")
+                            f"{last_failure(self.ledger, [self.judge.id]) or 'unreadable replies'}): fix it, then rerun")
         for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
             if unseen is not None:  # (None: check off, or no unseen variation: the verdict stands)
                 row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -284,6 +284,13 @@ def cached_teachers(teachers: Sequence[Generator], ledger: Ledger, max_calls: in
         raise ConfigError(f"teacher ids must differ, got {ids}")
     budget = CallBudget(max_calls=max_calls, max_price=max_price, callers=tuple(ids))
     return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05, budget=budget) for t in teachers}
+
+
+def last_failure(ledger: Ledger, callers: Iterable[str]) -> str | None:
+    """The error of the latest failed call of `callers` (teacher or judge ids), shortened; None if none failed."""
+    callers = set(callers)
+    failed = [call.error or "" for call in ledger.calls(status="failed") if call.caller in callers]
+    return failed[-1][:200] if failed else None
 
 
 def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: int) -> list:
