@@ -82,13 +82,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     before, before_grid = _judge_model(T2IModel.from_pretrained(base), judge, held_out, config, "before")
     phases["eval_before_s"], tick = time.perf_counter() - tick, time.perf_counter()
-    # Training gets what is left once the evaluations after it are paid for (estimated from the one before).
-    n_geneval = round(553 * config.geneval_scale)
-    after_cost = phases["eval_before_s"] * (1 + n_geneval / len(held_out)) * 1.15 + 10
-    train_minutes = max(0.1, config.minutes - (time.perf_counter() - started + after_cost) / 60)
-    # Steps the budget buys at this machine's speed, so the learning rate can decay to zero by the end
-    # (a cosine schedule ends short runs better than a constant one); max_minutes stays as the backstop.
-    steps = max(1, int(train_minutes * 60 / _seconds_per_step(base, config.batch_size)))
+    steps, train_minutes = _training_plan(out, config, base, started, phases["eval_before_s"], len(held_out))
     train = TrainConfig(
         model=str(base), output_dir=str(out), steps=steps, lr_schedule=config.lr_schedule,
         batch_size=config.batch_size, lr=config.lr,
@@ -136,6 +130,23 @@ def short_training_note(summary: dict, minutes: float) -> str | None:
     needed = (summary["wall_s"] - train_s + 1.2 * FEW_STEPS * train_s / max(steps, 1)) / 60
     return (f"note: training fit only {steps} steps into the {minutes:g}-minute budget (a busy or slow machine), "
             f"too few to show the demo's gain; rerun with a new --out and --minutes {max(needed, minutes + 1):.0f}")
+
+
+def _training_plan(out: Path, config: DemoConfig, base: Path, started: float, eval_s: float, n_eval: int):
+    """Steps and minutes of training: planned once per run folder and kept in `train_plan.json`, so a rerun
+    after a crash resumes the same training run (the same schedule to the same step), however fast the
+    machine is then. Training gets what is left of `minutes` once the evaluations after it are paid for
+    (estimated from the one before), in steps at this machine's speed, so the learning rate can decay to zero
+    by the end (a cosine schedule ends short runs better than a constant one); the minutes stay as a backstop."""
+    plan_file, asked = out / "train_plan.json", config.model_dump(mode="json")
+    if plan_file.is_file() and json.loads(plan_file.read_text()).get("config") == asked:
+        plan = json.loads(plan_file.read_text())
+        return plan["steps"], plan["train_minutes"]
+    after_cost = eval_s * (1 + round(553 * config.geneval_scale) / n_eval) * 1.15 + 10
+    train_minutes = max(0.1, config.minutes - (time.perf_counter() - started + after_cost) / 60)
+    steps = max(1, int(train_minutes * 60 / _seconds_per_step(base, config.batch_size)))
+    plan_file.write_text(json.dumps({"steps": steps, "train_minutes": train_minutes, "config": asked}))
+    return steps, train_minutes
 
 
 def _seconds_per_step(model_dir: Path, batch_size: int) -> float:

@@ -161,6 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         with fake._lock:
             fake.requests.append({"path": self.path, "body": body, "auth": auth})
+        headers: list[dict] = []  # extra headers, from a scripted chat item
         if fake.api_key is not None and auth != f"Bearer {fake.api_key}":
             status, reply = 401, _error(401, f"Incorrect API key provided: {auth}")
         elif self.path.endswith("/chat/completions"):
@@ -173,7 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers[0] if self.path.endswith("/chat/completions") and headers else {}).items():
+        for name, value in (headers[0] if headers else {}).items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)

@@ -30,9 +30,11 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
 
     note = short_training_note(summary, config.minutes)  # a 3-second budget: too few steps, and it says so
     assert f"only {summary['train_steps']} steps" in note and "--minutes" in note
-    calls = Ledger(out).stats()["calls"]
+    calls, plan = Ledger(out).stats()["calls"], yaml.safe_load((out / "config.yaml").read_text())
     run_demo(config)  # rerun: teacher images come from the ledger's cache, training resumes
     assert Ledger(out).stats()["calls"] == calls
+    # the same training run, however fast the machine is now: steps (and so the schedule) planned once
+    assert yaml.safe_load((out / "config.yaml").read_text()) == plan
 
 
 def test_the_short_training_note_asks_for_the_budget_this_machine_needs():

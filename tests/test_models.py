@@ -175,6 +175,10 @@ def test_bad_folders_are_user_errors(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="unet/ has no .safetensors") as info:
         T2IModel.from_pretrained(pickled)
     assert "\n" not in str(info.value)
+    index = json.loads((pickled / "model_index.json").read_text())  # a factory class is no way past that check
+    (pickled / "model_index.json").write_text(json.dumps(index | {"unet": ["diffusers", "AutoModel"]}))
+    with pytest.raises(UserError, match="names AutoModel for 'unet', which is not a Module class"):
+        T2IModel.from_pretrained(pickled)
 
     corrupt = shutil.copytree(tiny_dir, tmp_path / "corrupt")
     (corrupt / "text_encoder" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")

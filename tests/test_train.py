@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,49 @@ def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path
     assert any(not torch.allclose(straight[k], fresh[k], rtol=1e-5, atol=1e-6) for k in straight)
     logged = [json.loads(line)["step"] for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [4]  # only its own steps: the first run's metrics stay in its own folder
+
+
+def test_checkpoints_hold_the_ema_as_safetensors_and_no_pickle_is_loaded(tiny_dir, tmp_path):
+    """accelerate would pickle a registered EMA (and unpickle it on resume, which can run code): it is saved
+    as safetensors beside the rest; a checkpoint with the old pickle is refused in one line, never loaded.
+    A finished run resumed (its model/ lost) evaluates again without logging that evaluation twice."""
+    data = _teacher_set(16, seed=4)
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=2, batch_size=4, checkpoint_every=1,
+                         ema_decay=0.9, tracker="none")
+    trainer = Trainer(config, data, evaluate=lambda model, step: {"score": 0.5})
+    trainer.run()
+    checkpoint = tmp_path / "checkpoints" / "step-0000002"
+    assert (checkpoint / "ema.safetensors").is_file() and not list(checkpoint.glob("custom_checkpoint_*"))
+    shutil.rmtree(tmp_path / "model")
+    resumed = Trainer(config, data, evaluate=lambda model, step: {"score": 0.5})
+    resumed.run()
+    for a, b in zip(trainer.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(a, b)
+    assert resumed.ema.updates == trainer.ema.updates == 2
+    evals = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 1
+
+    (checkpoint / "ema.safetensors").rename(checkpoint / "custom_checkpoint_0.pkl")
+    with pytest.raises(UserError, match="its EMA is a pickle"):
+        Trainer(config.model_copy(update={"steps": 3}), data).run()
+
+
+def test_lora_adapters_start_from_the_config_seed(tiny_dir, tmp_path):
+    """peft draws an adapter's start from torch's global generator: two trainers of one config start alike
+    (whatever that generator holds), another seed starts elsewhere, and the global generator is left as it was."""
+    def first_adapter(seed: int) -> torch.Tensor:
+        torch.manual_seed(len(str(tmp_path)) + seed * 7)  # what else the process drew before differs
+        config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path / f"lora-{seed}"), steps=1, batch_size=4,
+                             lora=LoraSettings(rank=4), seed=seed, tracker="none")
+        trainer = Trainer(config, _teacher_set(8, seed=1))
+        return next(p for n, p in trainer.model.unet.named_parameters() if "lora_A" in n).detach().clone()
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first_adapter(1)
+    torch.manual_seed(5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first_adapter(1), first_adapter(1)) and not torch.equal(first_adapter(1), first_adapter(2))
 
 
 def test_lora_trains_only_the_adapters_and_saves_merged_weights(tiny_dir, tmp_path):

@@ -71,6 +71,11 @@ def _load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
         # sampling, and the sampler builds its own scheduler from this config.
         cls = DDPMScheduler
     kwargs: dict[str, Any] = {"local_files_only": True}
+    # What a part must be is decided by its name, not by the class the index names: a factory such as
+    # AutoModel is no torch module, and would load a pickled .bin past the check below.
+    wanted = {"tokenizer": transformers.PreTrainedTokenizerBase, "scheduler": DDPMScheduler}.get(name, torch.nn.Module)
+    if not issubclass(cls, wanted):
+        raise UserError(f"{root}: model_index.json names {class_name} for {name!r}, which is not a {wanted.__name__} class")
     if issubclass(cls, torch.nn.Module):
         if not any(folder.glob("*.safetensors")):
             # Pickled weights (.bin, .pt) can run code when loaded, so they are never read.

@@ -1,11 +1,14 @@
-"""Exponential moving average of trainable weights, checkpointed with the rest of the training state."""
+"""Exponential moving average of trainable weights, checkpointed beside the rest of the training state."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class EMA:
@@ -40,11 +43,15 @@ class EMA:
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
 
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
+    def save(self, path: Path) -> None:
+        """The shadow weights as safetensors (a checkpoint holds no pickle), the update count in its metadata."""
+        save_file({str(i): s.contiguous() for i, s in enumerate(self.shadow)}, str(path),
+                  metadata={"updates": str(self.updates)})
 
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"EMA state has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
-        self.shadow = [s.to(p.device).float() for s, p in zip(state["shadow"], self.params)]
-        self.updates = int(state["updates"])
+    def load(self, path: Path) -> None:
+        with safe_open(str(path), framework="pt") as f:
+            updates, shadow = int(f.metadata()["updates"]), [f.get_tensor(str(i)) for i in range(len(f.keys()))]
+        if len(shadow) != len(self.shadow) or any(s.shape != p.shape for s, p in zip(shadow, self.params)):
+            raise ValueError(f"its EMA holds {len(shadow)} tensors that do not match the model's {len(self.shadow)}")
+        self.shadow = [s.to(p.device).float() for s, p in zip(shadow, self.params)]
+        self.updates = updates

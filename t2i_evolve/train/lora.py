@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -23,14 +25,19 @@ class LoraSettings(Config):
     text_encoder_targets: list[str] = DEFAULT_TARGETS["text_encoder"]
 
 
-def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str) -> None:
-    """Inject an adapter into `module` (a diffusers UNet or a transformers text encoder); only it trains."""
+def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str, seed: int = 0) -> None:
+    """Inject an adapter into `module` (a diffusers UNet or a transformers text encoder); only it trains.
+    Its random start is drawn from `seed` (peft draws from torch's global generator, which this leaves as it
+    was), so a config starts from the same adapter in any process, and a run restarted before its first
+    checkpoint starts from the one it began with."""
     targets = settings.unet_targets if part == "unet" else settings.text_encoder_targets
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
                         target_modules=targets, init_lora_weights="gaussian")
     # peft's own injection, not the libraries' `add_adapter`: transformers 5's demands a newer peft than
     # the package index has, and this one does the same for any torch module.
-    inject_adapter_in_model(config, module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{part}".encode()).digest()[:8], "little"))
+        inject_adapter_in_model(config, module)
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
 

@@ -112,9 +112,8 @@ class Trainer:
         for name, module in zip(self.modules, prepared):
             setattr(self.model, name, module)
         self.optimizer, self.schedule = prepared[-2:]
+        # Saved by `save_checkpoint` as safetensors (accelerate would pickle it, and unpickle it on resume).
         self.ema = EMA(self.params, config.ema_decay) if config.ema_decay else None
-        if self.ema:
-            self.accelerator.register_for_checkpointing(self.ema)
         self.empty_prompt_ids = self.model.tokenize([""])
         self.prompt_ids = self.model.tokenize(data.prompts)  # once: the word pieces never change
         if config.random_flip:  # the prompt of each row's mirrored image
@@ -131,7 +130,7 @@ class Trainer:
                 continue
             module = getattr(model, name)
             if c.lora:
-                add_lora(module, c.lora, name)  # only the adapter weights require grad
+                add_lora(module, c.lora, name, c.seed)  # only the adapter weights require grad
             else:
                 module.requires_grad_(True)
             if c.gradient_checkpointing:
@@ -251,6 +250,8 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(staging), safe_serialization=True)
         if acc.is_main_process:
+            if self.ema:
+                self.ema.save(staging / "ema.safetensors")
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "config": self.config.model_dump()}))
             if final.exists():
                 shutil.rmtree(final)
@@ -270,7 +271,11 @@ class Trainer:
             raise UserError(f"continue_from {latest} is not a checkpoint folder (no trainer_state.json)")
         try:
             state = json.loads((latest / "trainer_state.json").read_text())
+            if (latest / "custom_checkpoint_0.pkl").is_file():
+                raise ValueError("its EMA is a pickle (an older t2i-evolve wrote it), which is never loaded")
             self.accelerator.load_state(str(latest))
+            if self.ema and (latest / "ema.safetensors").is_file():  # (else a run without EMA: it starts here)
+                self.ema.load(latest / "ema.safetensors")
         except Exception as e:  # any unreadable part: one line, naming the checkpoint
             raise UserError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}: was `model` changed since it was saved? (a "
@@ -280,11 +285,14 @@ class Trainer:
             self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics logged after the checkpoint we resumed from (they will be logged again)."""
+        """Drop metrics logged after the checkpoint we resumed from (they will be logged again), and the final
+        evaluation when it resumed at the last step (it is run again)."""
         path = self.out / "metrics.jsonl"
         if self.accelerator.is_main_process and path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            final = self.step >= self.config.steps and self.evaluate is not None
+            kept = [json.dumps(row) for row in lines if row.get("step", 0) < self.step or (
+                row.get("step", 0) == self.step and not (final and "eval" in row))]
             path.write_text("".join(line + "\n" for line in kept))
 
     def save_model(self, path: Path) -> Path:
