@@ -175,6 +175,10 @@ def test_local_pipeline_id_follows_settings_and_caches(local_teacher, sd_dir, tm
     weights = next(copy.rglob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
     assert pipeline_id(LocalPipelineTeacherConfig(path=copy, sampler=SMALL)) != copy_id
+    retrained_id, scheduler = pipeline_id(LocalPipelineTeacherConfig(path=copy, sampler=SMALL)), copy / "scheduler"
+    config = next(scheduler.glob("*.json"))
+    config.write_text(config.read_text().replace('"epsilon"', '"v_prediction"'))  # same weights, other images
+    assert pipeline_id(LocalPipelineTeacherConfig(path=copy, sampler=SMALL)) != retrained_id
     by_path = LocalPipelineTeacher(sd_dir, sampler=SMALL, price_per_call=0.5)
     assert by_path.id == local_teacher.id and by_path.price_per_call == 0.5
     with pytest.raises(ConfigError, match="steps"):

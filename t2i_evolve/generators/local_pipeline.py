@@ -3,7 +3,8 @@
 An open model on one's own GPU is often the cheapest strong teacher. Behind `CachedGenerator` it is
 used exactly like a paid API: each (prompt, seed) is drawn once per setting and kept in the ledger.
 The cache key is the teacher's id, so the id names everything that changes the images: the folder,
-a fingerprint of its weight files (retraining into the same folder must not serve the old images),
+a fingerprint of its weight and config files (retraining into the same folder, or editing a config, must
+not serve the old images),
 the sampler settings and the dtype.
 """
 
@@ -19,7 +20,9 @@ from pydantic import Field
 from ..config import Config
 from ..models.sampler import SamplerConfig
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+# What the images depend on besides the settings: the weights, and the configs and tokenizer files beside them
+# (an edited scheduler_config.json, say another prediction_type, must not serve the old images).
+FINGERPRINTED_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt", ".model")
 
 
 class LocalPipelineTeacherConfig(Config):
@@ -67,10 +70,10 @@ def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
 
 
 def weights_fingerprint(root: Path) -> str:
-    """A short hash of the weight files' names, sizes and modification times (cheap for a 10 GB model;
+    """A short hash of the weight and config files' names, sizes and modification times (cheap for a 10 GB model;
     a copied folder gets a new fingerprint, which costs a cache miss, never a wrong image)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in FINGERPRINTED_SUFFIXES and p.is_file()):
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:12]
