@@ -8,6 +8,7 @@ calls come from the ledger's cache and training from its last checkpoint.
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from pathlib import Path
@@ -209,5 +210,5 @@ def _write_report(out: Path, prompts: list[str], before, after, summary: dict) -
         ("GenEval-style tasks (after)", f"<table>{tasks}<tr><td>overall</td>"
                                         f"<td>{geneval.get('overall', 0):.3f}</td></tr></table>"),
         ("Training loss", svg_curve(losses, label="step")),
-        ("Run", f"<pre>{json.dumps({k: v for k, v in summary.items() if k not in ('before', 'after')}, indent=2)}</pre>"),
+        ("Run", f"<pre>{html.escape(json.dumps({k: v for k, v in summary.items() if k not in ('before', 'after')}, indent=2))}</pre>"),
     ])

@@ -161,3 +161,62 @@ def test_failed_import_names_the_flag_and_creates_no_ledger(tmp_path, capsys):
     assert not (tmp_path / "run2").exists()
     assert ledger.count(None) == 0  # the ledger still works; its first use creates it
     ledger.close()
+
+
+# 4. What a review found: a CSV row with a stray comma, markup in a report, a re-export, a retried call's round.
+
+
+def test_a_csv_row_with_more_fields_than_its_header_is_one_line_not_a_cut_prompt(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "0.png").write_bytes(png((9, 9, 9)))
+    (src / "metadata.csv").write_text("file_name,prompt\n0.png,two red circles, left of a blue square\n")
+    code, _, err = cli(capsys, "ledger", "import", tmp_path / "run", "--from", src)
+    assert code == 2 and "metadata.csv:2: 3 fields where the header has 2" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    (src / "metadata.csv").write_text('file_name,prompt\n0.png,"two red circles, left of a blue square"\n')
+    assert cli(capsys, "ledger", "import", tmp_path / "run", "--from", src)[0] == 0
+    with Ledger(tmp_path / "run") as ledger:
+        assert [rec.prompt for rec in ledger.records()] == ["two red circles, left of a blue square"]
+
+
+def test_markup_in_a_run_summary_is_escaped_in_report_html(tmp_path):
+    from t2i_evolve.eval.report import write_rounds_report
+
+    script = "</pre><script>alert(1)</script>"  # a skill name from an imported metadata.jsonl, say
+    write_rounds_report(tmp_path, "run", {"ledger": {"skills": {script: 1}}, "rounds": []}, [], tmp_path, tmp_path,
+                        sampler_config=None)
+    page = (tmp_path / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_a_re_export_writes_no_image_over_an_unchanged_one(run_dir, tmp_path):
+    """Images are written aside and renamed (a kill mid-copy cannot cut one short), and only when missing."""
+    out = tmp_path / "out"
+    with Ledger(run_dir) as ledger:
+        export_imagefolder(ledger, out)
+        first = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.png")}
+        (out / "train" / "2.png").unlink()
+        export_imagefolder(ledger, out)
+        again = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.png")}
+    assert again.keys() == first.keys() and again["1.png"] == first["1.png"]
+    assert snapshot(out)["train/2.png"] == (run_dir / Ledger(run_dir).record(2).image_path).read_bytes()
+
+
+def test_a_call_retried_in_a_later_round_stays_in_its_first(tmp_path):
+    """`ledger stats` per round and the judge budget of a round rerun count a call where it was first sent."""
+    from t2i_evolve.errors import TransientError
+
+    answers = iter([TransientError("503")] * 5 + [{"ok": 1}])
+
+    def call():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with Ledger(tmp_path / "run") as ledger:
+        assert ledger.cached_call("judge", {"q": 1}, call, round=1, backoff_s=0) is None
+        assert ledger.cached_call("judge", {"q": 1}, call, round=2, backoff_s=0) == {"ok": 1}
+        (row,) = ledger.calls()
+        assert (row.round, row.attempts, row.status) == (1, 6, "done")

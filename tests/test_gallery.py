@@ -122,3 +122,18 @@ def test_a_compound_teacher_has_each_members_blind_spots(judge):
         TeacherSpec(id="no-colour+no-shape").build()
     with pytest.raises(ConfigError, match="^teacher no-color\\+no-spatial: no-spatial cannot join others"):
         TeacherSpec(id="no-color+no-spatial").build()  # not a silent teacher without its spatial deficit
+
+
+def test_a_mixture_fails_a_faulty_request_alone_and_keeps_the_images_paid_for(tmp_path):
+    """As a procedural teacher: in a batch, a transient fault is that item's None, not the batch's exception
+    (which made the call cache resend, and pay again for, every image of the batch)."""
+    from t2i_evolve.data import CachedGenerator, Ledger
+
+    config = TeacherConfig(id="m1", transient_error_rate=0.2)
+    members = [ProceduralTeacher(config), ProceduralTeacher(config.model_copy(update={"id": "m2"}))]
+    prompts = [f"{n} {c} {s}s" for n in ("two", "three") for c in ("red", "blue", "green") for s in ("circle", "square")]
+    ledger = Ledger(tmp_path / "run")
+    images = CachedGenerator(MixtureTeacher("mix", members), ledger, backoff_s=0).generate(prompts, range(12))
+    assert all(image is not None for image in images)
+    assert sum(m.calls for m in members) == 12  # each image drawn (paid) once
+    assert sum(c.attempts for c in ledger.calls()) == 12 + sum(m.faults for m in members) > 12

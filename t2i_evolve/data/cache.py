@@ -177,9 +177,10 @@ class CallCacheMixin:
         `call` gets a list of requests and returns one response per request: a dict, None for an item that
         failed (retried alone, as is a `TransientError` in its place), or another exception for an item the
         server refused (it fails alone, with that reason, and is not retried). A chunk that raises
-        `TransientError` is retried whole; any other exception fails the chunk and propagates. `price` is per request. Each request keeps its own row, so a crash mid-chunk
-        repeats at most that chunk. Retries leave the budget room for the first tries still to come: this
-        call's later chunks, and `reserve` more that the caller will send next under the same budget.
+        `TransientError` is retried whole; any other exception fails the chunk and propagates. `price` is per
+        request. Each request keeps its own row, so a crash mid-chunk repeats at most that chunk. Retries leave
+        the budget room for the first tries still to come: this call's later chunks, and `reserve` more that
+        the caller will send next under the same budget.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -235,10 +236,9 @@ class CallCacheMixin:
                 if len(responses) != len(remaining):
                     raise ValueError(f"{terms.caller}: {len(responses)} answers to {len(remaining)} requests")
                 done = {key: r for key, r in zip(remaining, responses) if isinstance(r, dict)}
-                refused = {key: r for key, r in zip(remaining, responses)
-                           if isinstance(r, Exception) and not isinstance(r, TransientError)}
-                self._finish(done, terms.price)
-                self._fail_each(refused)
+                errors = {key: f"{type(r).__name__}: {r}" for key, r in zip(remaining, responses) if isinstance(r, Exception)}
+                refused = {key: error for key, error in errors.items() if not error.startswith(TransientError.__name__)}
+                self._finish(done, terms.price, refused)
             except TransientError as e:
                 error = f"{type(e).__name__}: {e}"
                 continue
@@ -249,7 +249,7 @@ class CallCacheMixin:
             remaining = [key for key in remaining if key not in done and key not in refused]
             if not remaining:
                 break
-            error = "no result"
+            error = next((errors[key] for key in remaining if key in errors), "no result")
         self._fail(remaining, error)
         return {key: results.get(key) for key in keys}
 
@@ -270,42 +270,31 @@ class CallCacheMixin:
             else:
                 room = max(0, _allowance(db, terms, need=0) - reserve)
                 keys, unpaid = keys[:room], keys[room:]
-                db.executemany("UPDATE calls SET status = 'failed', error = ?, updated_at = ? WHERE key = ?",
-                               [(f"{error}; not retried: the budget is spent", now, key) for key in unpaid])
+                _mark_failed(db, dict.fromkeys(unpaid, f"{error}; not retried: the budget is spent"))
             db.executemany(
                 "INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', 1, ?, ?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET status = 'pending', attempts = calls.attempts + 1, "
                 "interrupted = calls.interrupted + (? AND calls.status = 'pending'), "
-                "round = coalesce(excluded.round, calls.round), updated_at = excluded.updated_at",
+                "round = coalesce(calls.round, excluded.round), updated_at = excluded.updated_at",
                 [(k, terms.caller, canonical_json(by_key[k]), terms.round, now, now, first) for k in keys],
             )
         return keys
 
-    def _finish(self, responses: dict[str, dict], price: float) -> None:
+    def _finish(self, responses: dict[str, dict], price: float, refused: dict[str, str] | None = None) -> None:
+        """Commit the answers, and the requests refused alone (with their reasons), at once."""
         now = utc_now()
         with self.transaction() as db:
+            _mark_failed(db, refused or {})
             db.executemany(
                 "UPDATE calls SET status = 'done', response = ?, error = NULL, price = ?, updated_at = ? "
                 "WHERE key = ?",
                 [(canonical_json(response), price, now, key) for key, response in responses.items()],
             )
 
-    def _fail_each(self, errors: dict[str, Exception]) -> None:
-        """Fail the requests the server refused one by one, each with its own reason (not retried)."""
-        now = utc_now()
-        with self.transaction() as db:
-            db.executemany("UPDATE calls SET status = 'failed', error = ?, updated_at = ? WHERE key = ?",
-                           [(f"{type(e).__name__}: {e}", now, key) for key, e in errors.items()])
-
     def _fail(self, keys: list[str], error: str) -> None:
-        now = utc_now()
         with self.transaction() as db:
-            db.executemany(
-                "UPDATE calls SET status = 'failed', error = ?, updated_at = ? "
-                "WHERE key = ? AND status = 'pending'",
-                [(error, now, key) for key in keys],
-            )
+            _mark_failed(db, dict.fromkeys(keys, error))
 
     def _done_responses(self, keys: Iterable[str]) -> dict[str, dict]:
         results = {}
@@ -344,6 +333,12 @@ class CallCacheMixin:
 
 
 _CALL_COLUMNS = ", ".join(f.name for f in fields(Call))
+
+
+def _mark_failed(db: sqlite3.Connection, errors: dict[str, str]) -> None:
+    """Mark the calls in flight among `errors`' keys failed, each with its reason (an answered one stays)."""
+    db.executemany("UPDATE calls SET status = 'failed', error = ?, updated_at = ? WHERE key = ? AND status = 'pending'",
+                   [(error, utc_now(), key) for key, error in errors.items()])
 
 
 def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:
@@ -400,16 +395,9 @@ class CachedGenerator:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         responses = self.ledger.cached_calls(
-            self.id,
-            [{"prompt": prompt, "seed": int(seed)} for prompt, seed in zip(prompts, seeds)],
-            self._generate,
-            price=getattr(self.generator, "price_per_call", 0.0),
-            round=self.round,
-            retries=self.retries,
-            backoff_s=self.backoff_s,
-            batch_size=self.batch_size,
-            budget=self.budget,
-            reserve=reserve,
+            self.id, [{"prompt": prompt, "seed": int(seed)} for prompt, seed in zip(prompts, seeds)], self._generate,
+            price=getattr(self.generator, "price_per_call", 0.0), round=self.round, retries=self.retries,
+            backoff_s=self.backoff_s, batch_size=self.batch_size, budget=self.budget, reserve=reserve,
         )
         return [None if r is None else self.ledger.load_image(r["image"]) for r in responses]
 

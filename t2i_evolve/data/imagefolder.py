@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +61,10 @@ def export_imagefolder(ledger: Ledger, out_dir: str | os.PathLike, status: Statu
     # are copied, then only the new ones once the stale ones are gone. A crash at any point leaves a
     # folder that the next export still recognises, and finishes.
     _write_manifest(train, earlier | written)
-    for record, row in zip(records, rows):
-        shutil.copyfile(ledger.run_dir / record.image_path, train / row["file_name"])
+    for record, row in zip(records, rows):  # never over a file in place: a kill mid-copy would leave it cut short
+        source, target = ledger.run_dir / record.image_path, train / row["file_name"]
+        if not (target.is_file() and target.stat().st_size == source.stat().st_size):  # (same id, same content)
+            write_atomically(target, source.read_bytes())
     metadata = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_atomically(train / "metadata.jsonl", metadata.encode())
     for name in sorted(earlier - written):
@@ -229,9 +230,15 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
     if path.suffix == ".csv":
         try:
             reader = csv.DictReader(io.StringIO(text, newline=""))
-            return [(reader.line_num, row) for row in reader]
+            rows = [(reader.line_num, row) for row in reader]
         except csv.Error as e:
             raise UserError(f"{path}: cannot read CSV ({e})") from None
+        for line, row in rows:  # DictReader files extra fields under None and fills missing ones with None
+            if None in row or None in row.values():
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise UserError(f"{path}:{line}: {fields} fields where the header has {len(reader.fieldnames or [])}"
+                                " (quote a prompt that holds a comma)")
+        return rows
     rows = []
     for line, row_text in enumerate(text.split("\n"), start=1):
         if not row_text.strip():

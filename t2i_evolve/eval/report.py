@@ -113,5 +113,5 @@ def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence
         grid = {label: Sampler(T2IModel.from_pretrained(path, device), sampler_config).generate(shown, seeds)
                 for label, path in (("before", before), ("after", after))}
         sections.append(("Held-out samples before and after", image_grid(shown, grid)))
-    sections.append(("Summary", f"<pre>{json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2)}</pre>"))
+    sections.append(("Summary", f"<pre>{html.escape(json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2))}</pre>"))
     return write_report(out / "report.html", title, sections)

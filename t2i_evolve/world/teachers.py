@@ -196,8 +196,18 @@ class MixtureTeacher:
     def member_for(self, prompt: str, seed: int) -> ProceduralTeacher:
         return self.members[int(seeded_rng("mixture", self.id, prompt, seed).choice(len(self.members), p=self.weights))]
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        return [self.member_for(p, s).generate([p], [s])[0] for p, s in zip(prompts, seeds)]
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | None]:
+        """As `ProceduralTeacher.generate`: a fault on a single request raises, in a batch it fails that item
+        alone (None), so the images of the others, paid for, are kept."""
+        if len(prompts) == 1:
+            return self.member_for(prompts[0], seeds[0]).generate(prompts, seeds)
+        images: list[Image.Image | None] = []
+        for p, s in zip(prompts, seeds):
+            try:
+                images.append(self.member_for(p, s).generate([p], [s])[0])
+            except TransientError:
+                images.append(None)
+        return images
 
     @property
     def calls(self) -> int:
