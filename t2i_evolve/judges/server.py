@@ -237,7 +237,7 @@ def _decode(url: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
             return image.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError) as e:
+    except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise BadRequest(f"cannot read an image: {type(e).__name__}") from None
 
 
