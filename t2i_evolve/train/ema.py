@@ -44,7 +44,8 @@ class EMA:
                     p.copy_(s)
 
     def save(self, path: Path) -> None:
-        """The shadow weights as safetensors (a checkpoint holds no pickle), the update count in its metadata."""
+        """The shadow weights as safetensors (accelerate would pickle them, and unpickle them freely on resume),
+        the update count in its metadata."""
         save_file({str(i): s.contiguous() for i, s in enumerate(self.shadow)}, str(path),
                   metadata={"updates": str(self.updates)})
 
