@@ -204,19 +204,14 @@ def test_a_re_export_writes_no_image_over_an_unchanged_one(run_dir, tmp_path):
 
 
 def test_a_call_retried_in_a_later_round_stays_in_its_first(tmp_path):
-    """`ledger stats` per round and the judge budget of a round rerun count a call where it was first sent."""
-    from t2i_evolve.errors import TransientError
-
-    answers = iter([TransientError("503")] * 5 + [{"ok": 1}])
-
-    def call():
-        answer = next(answers)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+    """`ledger stats` per round and the judge budget of a round rerun count a call where it was first sent
+    (here: killed mid-call in round 1, sent again by the rerun of round 2)."""
+    from t2i_evolve.data.cache import content_key
 
     with Ledger(tmp_path / "run") as ledger:
-        assert ledger.cached_call("judge", {"q": 1}, call, round=1, backoff_s=0) is None
-        assert ledger.cached_call("judge", {"q": 1}, call, round=2, backoff_s=0) == {"ok": 1}
+        with ledger.transaction() as db:  # what a process killed mid-call leaves: its row pending
+            db.execute("INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
+                       "VALUES (?, 'judge', '{\"q\": 1}', 'pending', 1, 1, '', '')", (content_key(["judge", {"q": 1}]),))
+        assert ledger.cached_call("judge", {"q": 1}, lambda: {"ok": 1}, round=2, backoff_s=0) == {"ok": 1}
         (row,) = ledger.calls()
-        assert (row.round, row.attempts, row.status) == (1, 6, "done")
+        assert (row.round, row.attempts, row.interrupted, row.status) == (1, 2, 1, "done")

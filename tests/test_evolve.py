@@ -842,3 +842,45 @@ def test_teachers_that_draw_nothing_stop_the_run_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"drew none of the seed prompts .*size 32x32 is not supported"):
         run_evolve(small_config(str(tmp_path / "run"), rounds=1), teachers=[RefusingTeacher()],
                    judge=CachedJudge(ScriptedJudge(), Ledger(tmp_path / "run"), backoff_s=0))
+
+
+def test_with_random_flips_the_mirror_of_a_held_out_prompt_is_held_out_too(tmp_path):
+    """A record of "A left of B" is also trained as its mirror image, "A right of B": a right picture of that
+    prompt. Were it held out, the run would be scored on a prompt it trained on."""
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.train import mirror_prompt
+    from t2i_evolve.world import ProceduralTeacher
+
+    for flip in (False, True):
+        config = small_config(str(tmp_path / "run"), random_flip=flip, eval_prompts=64)
+        held_out = held_out_prompts(config)
+        mirrored = {mirror_prompt(p) for p in held_out} - set(held_out)
+        assert mirrored  # the slice has spatial prompts
+        with Ledger(tmp_path / "run") as ledger:
+            run = Run(config, ledger, cached_teachers([ProceduralTeacher()], ledger), config.judge.build(ledger),
+                      config.writer.build(config.grammar), tmp_path / "run", held_out)
+        assert (mirrored <= run.held_out) == flip and set(held_out) <= run.held_out
+
+
+def test_a_base_left_by_a_start_that_failed_a_check_is_not_reused_by_another_config(tmp_path):
+    """A first start made `out/base` and then failed a config check; the corrected config, with another
+    model size, trains a base of that size (it silently trained the first one)."""
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.models import TinyModelConfig
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="confirm_votes"):
+        run_evolve(small_config(str(out), confirm_votes=3))
+    fixed = small_config(str(out), rounds=1, tiny_model=TinyModelConfig(block_out_channels=(8, 8, 16)))
+    run_evolve(fixed, judge=CachedJudge(ScriptedJudge(), Ledger(out), backoff_s=0))
+    for folder in (out / "base", out / "rounds" / "001" / "model"):
+        assert json.loads((folder / "unet" / "config.json").read_text())["block_out_channels"] == [8, 8, 16]
+
+
+def test_a_seed_too_large_for_torch_is_refused_before_any_call(tmp_path):
+    from t2i_evolve.errors import ConfigError
+
+    for field in ("seed", "train_seed"):
+        with pytest.raises(ConfigError, match=field):
+            EvolveConfig.from_dict({"output_dir": str(tmp_path), field: 35184372088832})

@@ -215,3 +215,28 @@ def test_teacher_retries_never_take_the_run_past_its_cap(tmp_path):
     again = run_evolve(config, teachers=[FlakyTeacher()], judge=judge)
     assert FlakyTeacher.sent == sent and again["teacher_calls"] == first["teacher_calls"]
     assert sorted((rec.prompt, rec.seed, rec.status) for rec in Ledger(run_dir).records(None)) == records
+
+
+class AlwaysTie:
+    """The base always as good as the teacher: round 1 deletes the whole set."""
+
+    id = "tie"
+
+    def compare(self, image_a, image_b, prompt):
+        from t2i_evolve.protocols import Comparison
+
+        return Comparison("tie", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("caps", [{"max_teacher_price": 24.5}, {"max_teacher_calls": 24, "max_judge_calls": 24}])
+def test_past_a_spent_budget_an_emptied_set_trains_on(tmp_path, caps):
+    """Past the teacher budget, a set the judge emptied trains on (`train_past_teacher_budget`): a price left
+    below one image's price is a spent budget (it stopped the run as 'every record deleted'), and a spent judge
+    budget does not stop a round that has nothing to judge (it stopped the run before round 3 trained)."""
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    config = small_config(str(tmp_path / "run"), rounds=3, mutate_rate=0.0, train_past_teacher_budget=True,
+                          teachers=[TeacherSpec(price_per_call=1.0)], **caps)
+    summary = run_evolve(config, judge=CachedJudge(AlwaysTie(), Ledger(tmp_path / "run"), backoff_s=0))
+    assert summary["stopped"] is None and [row["round"] for row in summary["rounds"]] == [1, 2, 3]
+    assert summary["rounds"][0]["ops"]["delete"] == 24 and summary["teacher_calls"] == 24

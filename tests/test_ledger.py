@@ -245,7 +245,9 @@ def test_transient_errors_are_retried_and_counted(ledger):
     assert (row.status, row.attempts, row.price, row.response) == ("done", 3, 0.1, {"ok": True})
 
 
-def test_exhausted_retries_record_failure_then_retry_later(ledger):
+def test_a_failure_is_the_answer_until_it_is_forgotten(ledger):
+    """Retries spent, the failure is kept and is what a rerun gets, without sending (a rerun after a crash
+    pays nothing twice and ends as the first run did); `forget_failed_calls` makes it askable again."""
     def fail():
         raise TransientError("503 from server")
 
@@ -253,9 +255,13 @@ def test_exhausted_retries_record_failure_then_retry_later(ledger):
     [row] = ledger.calls()
     assert (row.status, row.attempts) == ("failed", 3)
     assert "503 from server" in row.error
+    sent = []
+    assert ledger.cached_call("api", {"q": 1}, lambda: sent.append(1) or {"ok": 1}, backoff_s=0) is None and not sent
+    assert ledger.forget_failed_calls(["other"]) == 0 and ledger.forget_failed_calls(["api"], round=3) == 0
+    assert ledger.forget_failed_calls(["api"]) == 1
     assert ledger.cached_call("api", {"q": 1}, lambda: {"ok": 1}, backoff_s=0) == {"ok": 1}
     [row] = ledger.calls()
-    assert (row.status, row.attempts, row.error) == ("done", 4, None)
+    assert (row.status, row.attempts, row.error) == ("done", 1, None)
 
 
 def test_non_transient_errors_propagate(ledger):

@@ -48,7 +48,10 @@ class CallBudgets:
                 math.inf if self.max_teacher_price is None else self.max_teacher_price - sum(c.price for c in calls))
 
     def teacher_budget_spent(self, before_round: int | None = None) -> bool:
-        return min(self.teacher_budget_left(before_round)) <= 1e-9
+        """Whether not one more teacher call fits (a price left below every teacher's price buys nothing)."""
+        calls_left, price_left = self.teacher_budget_left(before_round)
+        cheapest = min(getattr(t.generator, "price_per_call", 0.0) for t in self.teachers.values())
+        return calls_left < 1 or price_left <= 1e-9 or price_left < cheapest - 1e-9
 
     def draws_that_fit(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[int]:
         """Which of these draws (indices) the teacher caps still allow: new ones in order until the first that
@@ -58,8 +61,8 @@ class CallBudgets:
         (with `train_past_teacher_budget` it goes on buying nothing)."""
         if (self.max_teacher_calls is None and self.max_teacher_price is None) or not prompts:
             return list(range(len(prompts)))
-        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
-                 for call in self.ledger.calls(caller=tid, status="done")}
+        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers  # (or failed for good)
+                 for call in self.ledger.calls(caller=tid) if call.settled}
         calls_left, price_left = self.teacher_budget_left()
         fit, buying = [], True
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
@@ -80,7 +83,7 @@ class CallBudgets:
         cost up to `calls_each` judge calls in all (its comparison, and the quality gate's scores and the
         tournament's comparisons of what it leads to), so the round cannot overshoot the cap. Counts the calls
         of earlier rounds only, so a rerun of the round after a crash judges the same records."""
-        if self.max_judge_calls is None:
+        if self.max_judge_calls is None or n == 0:  # (nothing to judge: a spent budget does not stop the round)
             return n
         left = self.max_judge_calls - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
                                           if call.round is not None and call.round < round)

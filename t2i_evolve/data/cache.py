@@ -88,12 +88,22 @@ class Call:
     price: float
     round: int | None
 
+    @property
+    def settled(self) -> bool:
+        """Answered, or failed for good: a rerun gets this outcome without sending the request again (so it
+        pays nothing twice and ends as the first run did). A retry the budget could not pay for was never
+        sent, so it is not settled: a rerun with a larger budget asks again."""
+        return self.status == "done" or (self.status == "failed" and not (self.error or "").endswith(UNPAID))
+
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> Call:
         values = dict(row)
         values["request"], values["response"] = json.loads(values["request"]), from_json(values["response"])
         return cls(**values)
 
+
+UNPAID = "not retried: the budget is spent"
+"""How the error of a request whose retry the budget could not pay for ends (see `Call.settled`)."""
 
 BatchCall = Callable[[list[dict]], Sequence[dict | Exception | None]]
 """What `Ledger.cached_calls` calls: requests in, one response (None or an exception for a failed item) per request out."""
@@ -188,7 +198,7 @@ class CallCacheMixin:
         keys = [content_key([caller, request]) for request in requests]
         by_key = dict(zip(keys, requests))
         with self._claim(by_key):
-            results = self._done_responses(by_key)
+            results = self._settled_responses(by_key)
             misses = [key for key in by_key if key not in results]
             while misses:
                 with self._read() as db:
@@ -270,7 +280,7 @@ class CallCacheMixin:
             else:
                 room = max(0, _allowance(db, terms, need=0) - reserve)
                 keys, unpaid = keys[:room], keys[room:]
-                _mark_failed(db, dict.fromkeys(unpaid, f"{error}; not retried: the budget is spent"))
+                _mark_failed(db, dict.fromkeys(unpaid, f"{error}; {UNPAID}"))
             db.executemany(
                 "INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', 1, ?, ?, ?) "
@@ -296,15 +306,26 @@ class CallCacheMixin:
         with self.transaction() as db:
             _mark_failed(db, dict.fromkeys(keys, error))
 
-    def _done_responses(self, keys: Iterable[str]) -> dict[str, dict]:
-        results = {}
+    def _settled_responses(self, keys: Iterable[str]) -> dict[str, dict | None]:
+        """The outcome of each of `keys` already settled (`Call.settled`): its response, None for a failure."""
+        results: dict[str, dict | None] = {}
         with self._read() as db:
             for key in keys:
-                query = "SELECT response FROM calls WHERE key = ? AND status = 'done'"
-                row = db.execute(query, (key,)).fetchone()
-                if row is not None:
-                    results[key] = json.loads(row[0])
+                row = db.execute(f"SELECT {_CALL_COLUMNS} FROM calls WHERE key = ?", (key,)).fetchone()
+                call = Call._from_row(row) if row is not None else None
+                if call is not None and call.settled:
+                    results[key] = call.response if call.status == "done" else None
         return results
+
+    def forget_failed_calls(self, callers: Iterable[str], round: int | None = None) -> int:
+        """Delete the failed calls of `callers` (of `round` only, if given), so that they are asked again: for
+        a run stopped because an endpoint failed every request, once the endpoint is fixed. Returns how many."""
+        callers = list(callers)
+        where, args = f"status = 'failed' AND caller IN ({', '.join('?' * len(callers))})", callers
+        if round is not None:
+            where, args = where + " AND round = ?", [*callers, round]
+        with self.transaction() as db:
+            return db.execute(f"DELETE FROM calls WHERE {where}", args).rowcount
 
     @staticmethod
     def _call_stats(db: sqlite3.Connection) -> list[dict]:

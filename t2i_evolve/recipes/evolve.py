@@ -41,13 +41,13 @@ from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet, WarmupSteps, evolving_set,
-                     replayable_records, train_round)
+                     mirror_prompt, replayable_records, train_round)
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, check_resumed_config, held_out_prompts, held_out_score, judge_call_bounds,
-                    judged_base_images, last_failure, new_prompt_seeds, occurrence_seeds, sampled_records, stable_seed,
-                    tournament, write_summary)
+                    check_judge_serves, check_resumed_config, every_request_failed, held_out_prompts, held_out_score,
+                    judge_call_bounds, judged_base_images, last_failure, new_prompt_seeds, occurrence_seeds,
+                    sampled_records, stable_seed, tournament, write_summary)
 
 
 class EvolveConfig(Config):
@@ -220,7 +220,8 @@ class Run:
 
     def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = config, ledger, teachers, judge, writer, out
-        self.held_out = set(held_out)  # never drawn by a teacher, so the score is on unseen prompts
+        self.held_out = set(held_out) | {mirror_prompt(p) for p in held_out if config.random_flip}  # never drawn by
+        # a teacher (nor, with random flips, the mirror image of one, a right picture of it), so it scores unseen prompts
         self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), judge)
         self.gate, self.prior = QualityGate(judge, config.min_teacher_score), None
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
@@ -238,9 +239,9 @@ class Run:
         self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw, "the seed set")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
-        seeds, failure = self.ledger.records(None, round=0), last_failure(self.ledger, self.teachers)
-        if not seeds and failure:  # not one image: a server down or refusing every prompt, not a run to go on with
-            raise UserError(f"the teachers drew none of the seed prompts (last error: {failure}): fix it, then rerun")
+        seeds = self.ledger.records(None, round=0)
+        if not seeds and last_failure(self.ledger, self.teachers):  # a server down or refusing all: not a run
+            raise every_request_failed(self.ledger, self.teachers, 0, "the teachers drew none of the seed prompts")
         if seeds and all(rec.deleted_op == "reject" for rec in seeds):
             raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score "
                             f"{self.config.min_teacher_score:g}): lower it, or use a better teacher")
@@ -334,8 +335,8 @@ class Run:
             else:
                 as_good.append((rec, row))
         if records and not ops["judged"]:  # not one verdict: the judge is down or unreadable, not unsure
-            raise UserError(f"the judge answered none of round {r}'s {len(records)} comparisons (last error: "
-                            f"{last_failure(self.ledger, [self.judge.id]) or 'unreadable replies'}): fix it, then rerun")
+            raise every_request_failed(self.ledger, [self.judge.id], r,
+                                       f"the judge answered none of round {r}'s {len(records)} comparisons")
         for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
             if unseen is not None:  # (None: check off, or no unseen variation: the verdict stands)
                 row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}

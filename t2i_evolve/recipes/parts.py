@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -73,8 +74,14 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
     base = Path(base_model) if base_model else out / "base"
     if base_model and not (base / "model_index.json").is_file():
         raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
+    made_from, marker = {"tiny_model": tiny_model.model_dump(mode="json"), "seed": seed}, base / ".made-from.json"
+    if not base_model and marker.is_file() and json.loads(marker.read_text()) != made_from:
+        # Made by a start that then failed a check, from another config (a run that spent calls has had its
+        # config compared already): the config that passes gets its own base, not that one.
+        shutil.rmtree(base)
     if not (base / "model_index.json").exists():
         init_tiny_model(base, tiny_model, seed=seed)
+        marker.write_text(json.dumps(made_from))
     return base
 
 
@@ -291,6 +298,16 @@ def last_failure(ledger: Ledger, callers: Iterable[str]) -> str | None:
     callers = set(callers)
     failed = [call.error or "" for call in ledger.calls(status="failed") if call.caller in callers]
     return failed[-1][:200] if failed else None
+
+
+def every_request_failed(ledger: Ledger, callers: Iterable[str], round: int, what: str) -> UserError:
+    """The one-line error for an endpoint that failed every request of `what` (a server down, or refusing them
+    all). Failed calls are final answers in a run folder (`Call.settled`), but these are forgotten, so the
+    rerun after the fix asks again."""
+    callers = list(callers)
+    error = last_failure(ledger, callers) or "unreadable replies"
+    ledger.forget_failed_calls(callers, round)
+    return UserError(f"{what} (last error: {error}): fix it, then rerun")
 
 
 def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: int) -> list:

@@ -41,7 +41,7 @@ LearningRate = Annotated[float, Field(gt=0)]
 WarmupSteps = Annotated[int, Field(ge=0)]
 EmaDecay = Annotated[float, Field(ge=0, lt=1)]
 SnrGamma = Annotated[float, Field(gt=0)]
-Seed = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # (torch seeds are 64-bit, and seeds are mixed into larger ones)
 
 
 class TrainConfig(Config):
