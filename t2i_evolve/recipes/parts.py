@@ -248,7 +248,7 @@ def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], see
     drawn, rank, ids = {}, {}, list(teachers)
     for n, (tid, teacher) in enumerate(teachers.items()):
         todo = [i for i in range(len(prompts)) if not (until_pass and any(rank[t][i] == 2 for t in drawn))]
-        teacher.round = round  # its retries leave room under the shared cap for the teachers after it (at most):
+        teacher.round = round  # (`reserve`: what the teachers after it may send; its retries leave that room)
         images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo],
                                                  reserve=len(todo) * (len(ids) - n - 1))))
         drawn[tid] = [images.get(i) for i in range(len(prompts))]
