@@ -80,7 +80,6 @@ class JudgeServer:
         self.faults: Counter[str] = Counter()
         self.answered = 0
         self._lock = threading.Lock()
-        self._warm: set[int] = set()
         self._warming = threading.Lock()
         self._warm_up(32)
         self._stopping = threading.Event()
@@ -146,16 +145,14 @@ class JudgeServer:
     def _warm_up(self, resolution: int) -> None:
         """Build the pixel judge's shape prototypes for a resolution once (about a second), before any
         request needs them: computed in several request threads at once, they made every early request
-        time out."""
-        if resolution in self._warm:
-            return
+        time out. Asked under the lock every time (a cache hit is a lookup): the cache keeps a few resolutions,
+        so one asked again after others may need building again."""
         with self._warming:
             shape_prototypes(resolution)
-            self._warm.add(resolution)
 
     def _image(self, url: str) -> Image.Image:
         image = _decode(url)
-        self._warm_up(image.width)
+        self._warm_up(image.height)  # (the segmenter reads the resolution off the rows)
         return image
 
     def completion(self, body: dict) -> dict:
