@@ -140,8 +140,8 @@ def _training_plan(out: Path, config: DemoConfig, base: Path, started: float, ev
     (estimated from the one before), in steps at this machine's speed, so the learning rate can decay to zero
     by the end (a cosine schedule ends short runs better than a constant one); the minutes stay as a backstop."""
     plan_file, asked = out / "train_plan.json", config.model_dump(mode="json")
-    if plan_file.is_file() and json.loads(plan_file.read_text()).get("config") == asked:
-        plan = json.loads(plan_file.read_text())
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    if plan.get("config") == asked:
         return plan["steps"], plan["train_minutes"]
     after_cost = eval_s * (1 + round(553 * config.geneval_scale) / n_eval) * 1.15 + 10
     train_minutes = max(0.1, config.minutes - (time.perf_counter() - started + after_cost) / 60)

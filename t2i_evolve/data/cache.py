@@ -204,7 +204,7 @@ class CallCacheMixin:
                 with self._read() as db:
                     n = min(batch_size, _allowance(db, terms, need=1))
                 chunk, misses = misses[:n], misses[n:]
-                results |= self._send(terms, chunk, by_key, call, first_tries_after=len(misses) + reserve)
+                results |= self._send(terms, chunk, by_key, call, reserve=len(misses) + reserve)
         return [results[key] for key in keys]
 
     def interrupted_calls(self) -> int:
@@ -229,17 +229,17 @@ class CallCacheMixin:
         return [Call._from_row(row) for row in rows]
 
     def _send(
-        self, terms: _Terms, keys: list[str], by_key: dict[str, dict], call: BatchCall, first_tries_after: int = 0
+        self, terms: _Terms, keys: list[str], by_key: dict[str, dict], call: BatchCall, reserve: int = 0
     ) -> dict[str, dict | None]:
         """Call for `keys` with retries; returns key -> response, None for those that failed. A retry is sent
-        only where the budget can still pay for it and for the `first_tries_after` requests still to come."""
+        only where the budget can still pay for it and for the `reserve` first tries still to come."""
         remaining, results, error = list(keys), {}, ""
         for attempt in range(terms.retries + 1):
             if attempt and terms.backoff_s:
                 time.sleep(terms.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             try:
                 remaining = self._start_attempt(terms, remaining, by_key, first=attempt == 0, error=error,
-                                                reserve=first_tries_after)
+                                                reserve=reserve)
                 if not remaining:
                     break
                 responses = list(call([by_key[key] for key in remaining]))

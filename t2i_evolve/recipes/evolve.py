@@ -46,7 +46,7 @@ from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_judge_serves, check_resumed_config, every_request_failed, held_out_prompts, held_out_score,
-                    judge_call_bounds, judged_base_images, last_failure, new_prompt_seeds, occurrence_seeds,
+                    judge_call_bounds, judged_base_images, new_prompt_seeds, occurrence_seeds,
                     sampled_records, stable_seed, tournament, write_summary)
 
 
@@ -240,7 +240,7 @@ class Run:
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
         seeds = self.ledger.records(None, round=0)
-        if not seeds and last_failure(self.ledger, self.teachers):  # a server down or refusing all: not a run
+        if not seeds and self.spent.teacher_calls():  # every draw failed: a server down or refusing all, not a run
             raise every_request_failed(self.ledger, self.teachers, 0, "the teachers drew none of the seed prompts")
         if seeds and all(rec.deleted_op == "reject" for rec in seeds):
             raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score "
