@@ -84,9 +84,12 @@ class EndpointConfig(Config):
         """The key from the environment ('EMPTY' when no variable is named: local vLLM needs none)."""
         if self.api_key_env is None:
             return "EMPTY"
-        value = os.environ.get(self.api_key_env)
+        value = (os.environ.get(self.api_key_env) or "").strip()  # a secret file's trailing newline is not the key
         if not value:
             raise ConfigError(f"environment variable {self.api_key_env} (the API key) is not set")
+        if not (value.isascii() and value.isprintable() and " " not in value):  # (never quoted: it is a secret)
+            raise ConfigError(f"environment variable {self.api_key_env} (the API key) holds a space, a control or "
+                              "a non-ASCII character, which no HTTP header can carry: check what was pasted into it")
         return value
 
 
@@ -112,7 +115,7 @@ RETRIED_STATUSES = (408, 409, 429)  # and every 5xx: what the openai client itse
 def transient(exc: BaseException) -> TransientError | None:
     """The `TransientError` to retry `exc` as, else None: a timeout, a dropped connection, HTTP 408, 409,
     429 or 5xx (a server's `x-should-retry` header overrides the status, as the openai client honours it),
-    or a reply that is not JSON (a proxy's error page sent with status 200).
+    or a reply that is not JSON (a proxy's error page sent with status 200, as JSON or not UTF-8).
 
     The message keeps the error's class and status only: a server's error body can echo request
     headers, and so the key.
@@ -123,7 +126,7 @@ def transient(exc: BaseException) -> TransientError | None:
         return CallTimeout("request timed out")
     if isinstance(exc, openai.APIConnectionError):
         return TransientError("connection failed")
-    if isinstance(exc, json.JSONDecodeError):
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError, RecursionError)):  # (too deeply nested)
         return TransientError("malformed reply: not JSON")
     if isinstance(exc, openai.APIStatusError):
         hint = exc.response.headers.get("x-should-retry", "").lower() if exc.response is not None else ""
@@ -143,4 +146,18 @@ def chat_text(completion: object) -> str:
     if message is None:
         raise TransientError(f"malformed reply: not a chat completion ({type(completion).__name__})")
     content = getattr(message, "content", None)
-    return content if isinstance(content, str) else ""
+    # JSON may hold half a UTF-16 pair ("\\ud83d", an emoji cut off): not text the ledger can store or hash
+    return content.encode("utf-8", "replace").decode("utf-8") if isinstance(content, str) else ""
+
+
+def redact(text: object, config: EndpointConfig, limit: int = 300) -> str:
+    """`text` with the API key (if one is set) replaced by '***', then cut to `limit` characters (in that
+    order: a cut first could leave a prefix of the key that no longer matches it)."""
+    text = str(text)
+    try:
+        key = config.api_key()
+    except ConfigError:
+        key = None
+    if key and key != "EMPTY":
+        text = text.replace(key, "***")
+    return text[:limit]

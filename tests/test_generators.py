@@ -129,6 +129,19 @@ def test_a_password_in_the_base_url_never_reaches_an_error_or_the_ledger(api_key
     assert len(errors) == 2 and all("127.0.0.1" in e and "S3CRET" not in e and "alice" not in e for e in errors)
 
 
+def test_a_key_with_a_trailing_newline_is_trimmed_and_one_no_header_can_carry_is_a_config_error(monkeypatch):
+    """A secret file's newline is not part of the key; a pasted dash or line break is a one-line ConfigError naming
+    the variable (sent, it failed as "connection failed" on every retry, or as a traceback), never quoting it."""
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=KEY_ENV)
+    monkeypatch.setenv(KEY_ENV, "sk-abc123\n")
+    assert endpoint.api_key() == "sk-abc123"
+    for bad in ("sk-abc123\u2013x", "sk-abc123\r\nX-Other: 1", "sk-abc 123"):
+        monkeypatch.setenv(KEY_ENV, bad)
+        with pytest.raises(ConfigError, match=KEY_ENV) as info:
+            endpoint.api_key()
+        assert "abc" not in str(info.value)
+
+
 def test_concurrency_is_bounded():
     with FakeOpenAI(image_delay_s=0.05) as server:
         endpoint = EndpointConfig(base_url=server.base_url, model="m", max_concurrency=2)

@@ -8,8 +8,10 @@ arbitrary text, templates, the CLI.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -328,7 +331,42 @@ def test_a_reply_that_is_not_a_chat_completion_is_retried_then_a_failed_verdict(
         with make_judge(fake.base_url, endpoint={"retries": 2, "max_concurrency": 1}) as judge:
             verdict, = judge.compare_many(cases[:1])
         assert fake.count("/chat/completions") == 3
+        # a body sent as JSON that is not UTF-8 (a proxy's latin-1 page), and one nested past the parser's depth
+        fake.chat.extend([b'{"error": "d\xe9faillance"}', b"[" * 100_000 + b"]" * 100_000])
+        with make_judge(fake.base_url, endpoint={"retries": 1, "max_concurrency": 1}) as judge:
+            undecodable, = judge.compare_many(cases[1:2])
+        assert fake.count("/chat/completions") == 5
     assert verdict.status == "failed" and verdict.error.startswith("malformed reply")
+    assert undecodable.status == "failed" and undecodable.error == "malformed reply: not JSON"
+
+
+def test_a_reply_holding_half_a_utf16_pair_is_kept_as_text(cases, tmp_path):
+    """JSON may carry a lone surrogate ("\\ud83d", an emoji cut off): no text the ledger can store, so it is
+    replaced, and the reply is read (or re-asked) like any other, never a traceback."""
+    from fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as fake, Ledger(tmp_path / "run") as ledger:
+        fake.chat.extend(['{"verdict": "first", "why": "\ud83d"}', "\ud83d"])
+        with make_judge(fake.base_url, ledger, endpoint={"max_concurrency": 1}, reasks=1) as judge:
+            read, unread = judge.compare_many(cases[:2])
+        assert read.winner in ("a", "b") and unread.status == "unparseable"
+        assert [call.status for call in ledger.calls()] == ["done"] * 3
+
+
+def test_a_key_echoed_where_the_message_is_cut_leaves_no_prefix_of_it(monkeypatch):
+    """A server's reason is cut to 200 characters after the key is blanked, not before (a cut through the
+    key would leave a prefix that no longer matches it)."""
+    from types import SimpleNamespace
+
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.judges.openai_judge import _server_message
+
+    key = f"sk-test-{uuid.uuid4().hex}"
+    monkeypatch.setenv("T2I_TEST_KEY", key)
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="T2I_TEST_KEY")
+    error = SimpleNamespace(body={"error": {"message": "x" * 170 + f" headers received: Bearer {key} (end)"}})
+    message = _server_message(error, endpoint)
+    assert message.startswith(": xxx") and "***" in message and key[:12] not in message
 
 
 def test_which_http_errors_are_worth_resending(cases):
@@ -364,7 +402,15 @@ def test_server_routes_and_bad_requests(server):
     assert error.value.code == 404
     # what it did not foresee is answered, never a dropped connection (which a client retries as transient)
     odd = json.dumps({"messages": [{"role": "user", "content": 'Prompt: "a red circle"'}], "response_format": "json"})
-    for headers, body in [({}, odd.encode()), ({"Content-Length": "abc"}, b"")]:
+    big = Image.new("RGB", (1024, 1024), "white")
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    too_big = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": 'Prompt: "a red circle"\n1. Is there a red circle?'},
+        {"type": "image_url", "image_url": {"url": url}}]}]})  # (its segmenter set-up would stall the server)
+    for headers, body in [({}, odd.encode()), ({"Content-Length": "abc"}, b""), ({"Content-Length": "\u00b2"}, b""),
+                          ({}, b'{"messages": "\\ud83d"}'), ({}, too_big.encode())]:
         connection = http.client.HTTPConnection(base.split("//")[1].split("/")[0], timeout=5)
         connection.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
         for name, value in ({"Content-Length": str(len(body))} | headers).items():

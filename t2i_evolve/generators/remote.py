@@ -12,10 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..endpoints import EndpointConfig, refused, safe_url, transient
-from ..errors import UserError
-
-MAX_MESSAGE = 300
+from ..endpoints import EndpointConfig, redact, refused, safe_url, transient
 
 
 def endpoint_error(exc: BaseException, config: EndpointConfig) -> Exception | None:
@@ -47,14 +44,3 @@ def endpoint_errors(config: EndpointConfig) -> Iterator[None]:
             raise
         raise error from None
 
-
-def redact(text: str, config: EndpointConfig) -> str:
-    """`text`, shortened, with the API key (if one is set) replaced by '***'."""
-    text = str(text)
-    try:
-        key = config.api_key()
-    except UserError:
-        key = None
-    if key and key != "EMPTY":
-        text = text.replace(key, "***")
-    return text[:MAX_MESSAGE]

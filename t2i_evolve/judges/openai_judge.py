@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import threading
 import time
@@ -44,7 +43,7 @@ from pydantic import Field, model_validator
 
 from ..config import Config
 from ..data.cache import CallBudget, content_key, encode_png
-from ..endpoints import EndpointConfig, chat_text, make_async_client, refused, safe_url, transient
+from ..endpoints import EndpointConfig, chat_text, make_async_client, redact, refused, safe_url, transient
 from ..errors import BudgetExhausted, RequestRefused, TransientError
 from ..protocols import Answer, Comparison, ImageScore, Question
 from ..world.questions import dsg_answers, questions_for
@@ -451,7 +450,7 @@ class OpenAIJudge(ChatJudge):
                 return chat_text(completion)
             except TransientError as e:  # a reply that is not a chat completion
                 return e
-            except (openai.APIError, json.JSONDecodeError) as e:
+            except (openai.APIError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 retry = transient(e)
                 if retry is not None:
                     return retry
@@ -519,7 +518,5 @@ def _server_message(error: Exception, endpoint: EndpointConfig) -> str:
         body = inner.get("message") if isinstance(inner, dict) else body.get("message")
     if not isinstance(body, str) or not body.strip():
         return ""
-    text = " ".join(body.split())[:200]
-    key = os.environ.get(endpoint.api_key_env or "")
-    return f": {text.replace(key, '***') if key else text}"
+    return f": {redact(' '.join(body.split()), endpoint, limit=200)}"
 

@@ -84,7 +84,7 @@ def soft_extent(ink: np.ndarray) -> float:
     return float(max(ink.max(0).sum(), ink.max(1).sum()))
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def shape_prototypes(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Class means and spread of `shape_features` per (shape, size), and measured-over-true extent.
 

@@ -50,6 +50,7 @@ from .segment import shape_prototypes
 
 Fault = Literal["429", "500", "hang", "malformed"]
 MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_IMAGE_SIDE = 256  # shapes-world scenes are 32-128 px; the segmenter's set-up grows with a side's square (~10 s here)
 MALFORMED_REPLY = "Looking at the picture, I would say it mostly matches what was asked for."
 
 
@@ -80,7 +81,7 @@ class JudgeServer:
         self.faults: Counter[str] = Counter()
         self.answered = 0
         self._lock = threading.Lock()
-        self._warming = threading.Lock()
+        self._warming: dict[int, threading.Lock] = {}  # one lock per resolution (under `_lock`)
         self._warm_up(32)
         self._stopping = threading.Event()
         self._serving = threading.Event()
@@ -145,9 +146,12 @@ class JudgeServer:
     def _warm_up(self, resolution: int) -> None:
         """Build the pixel judge's shape prototypes for a resolution once (about a second), before any
         request needs them: computed in several request threads at once, they made every early request
-        time out. Asked under the lock every time (a cache hit is a lookup): the cache keeps a few resolutions,
-        so one asked again after others may need building again."""
-        with self._warming:
+        time out. Asked under the resolution's lock every time (a cache hit is a lookup): the cache keeps a few
+        resolutions, so one asked again after others may need building again; a request at another resolution
+        does not wait for it."""
+        with self._lock:
+            lock = self._warming.setdefault(resolution, threading.Lock())
+        with lock:
             shape_prototypes(resolution)
 
     def _image(self, url: str) -> Image.Image:
@@ -233,6 +237,9 @@ def _decode(url: str) -> Image.Image:
         raise BadRequest("images must be base64 data URLs (data:image/...;base64,...)")
     try:
         with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise BadRequest(f"a {image.width}x{image.height} image: serve-judge reads shapes-world scenes of at "
+                                 f"most {MAX_IMAGE_SIDE} px a side")
             return image.convert("RGB")
     except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise BadRequest(f"cannot read an image: {type(e).__name__}") from None
@@ -282,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer_post(self) -> None:
         length_header = self.headers.get("Content-Length") or "0"
-        if not length_header.isdigit():
+        if not (length_header.isascii() and length_header.isdigit()):  # ("²" is a digit to isdigit)
             self.close_connection = True
             return self._send_error(HTTPStatus.BAD_REQUEST, "Content-Length is not a whole number")
         length = int(length_header)
@@ -298,6 +305,10 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             return self._send_error(HTTPStatus.BAD_REQUEST, "the body is not a JSON object")
+        try:
+            content_key(body)  # hashed below: JSON may hold half a UTF-16 pair ("\\ud83d"), which is not text
+        except UnicodeEncodeError:
+            return self._send_error(HTTPStatus.BAD_REQUEST, "the body holds a lone UTF-16 surrogate, not text")
         server = self.owner
         key = self.headers.get("X-Client-Request-Id") or content_key(body)
         fault = server.draw_fault(key, server.count(key))
