@@ -15,7 +15,7 @@ from PIL import Image
 
 from t2i_evolve.data import CachedGenerator, CachedJudge, CallBudget, Ledger
 from t2i_evolve.data.imagefolder import ImportResult, export_imagefolder, import_imagefolder
-from t2i_evolve.errors import BudgetExhausted, CallTimeout, TransientError, UserError
+from t2i_evolve.errors import BudgetExhausted, CallTimeout, EndpointError, TransientError, UserError
 from t2i_evolve.protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
 
 
@@ -245,9 +245,10 @@ def test_transient_errors_are_retried_and_counted(ledger):
     assert (row.status, row.attempts, row.price, row.response) == ("done", 3, 0.1, {"ok": True})
 
 
-def test_a_failure_is_the_answer_until_it_is_forgotten(ledger):
+def test_a_failure_is_the_answer_until_it_is_asked_again(ledger):
     """Retries spent, the failure is kept and is what a rerun gets, without sending (a rerun after a crash
-    pays nothing twice and ends as the first run did); `forget_failed_calls` makes it askable again."""
+    pays nothing twice and ends as the first run did); `ask_failed_calls_again` makes it askable again, and
+    the requests it sent still count against a budget."""
     def fail():
         raise TransientError("503 from server")
 
@@ -257,11 +258,25 @@ def test_a_failure_is_the_answer_until_it_is_forgotten(ledger):
     assert "503 from server" in row.error
     sent = []
     assert ledger.cached_call("api", {"q": 1}, lambda: sent.append(1) or {"ok": 1}, backoff_s=0) is None and not sent
-    assert ledger.forget_failed_calls(["other"]) == 0 and ledger.forget_failed_calls(["api"], round=3) == 0
-    assert ledger.forget_failed_calls(["api"]) == 1
+    assert ledger.ask_failed_calls_again(["other"]) == 0 and ledger.ask_failed_calls_again(["api"], round=3) == 0
+    assert ledger.ask_failed_calls_again(["api"]) == 1 and ledger.ask_failed_calls_again(["api"]) == 0
+    with pytest.raises(BudgetExhausted):  # its 3 requests were sent: a cap of 3 has no room for a 4th
+        ledger.cached_call("api", {"q": 1}, lambda: {"ok": 1}, backoff_s=0, budget=CallBudget(max_calls=3))
     assert ledger.cached_call("api", {"q": 1}, lambda: {"ok": 1}, backoff_s=0) == {"ok": 1}
     [row] = ledger.calls()
-    assert (row.status, row.attempts, row.error) == ("done", 1, None)
+    assert (row.status, row.attempts, row.error) == ("done", 4, None)
+
+
+def test_a_call_in_flight_when_the_run_stops_at_an_error_is_asked_again_by_the_rerun(ledger):
+    """An error the run cannot go on after (a bad key, a full GPU) stops it; the requests it was sending are
+    not answers, so the rerun after the fix sends them instead of skipping them for good."""
+    def bad_key(requests):
+        raise EndpointError("HTTP 401: invalid API key")
+
+    with pytest.raises(EndpointError):
+        ledger.cached_calls("api", [{"q": 1}, {"q": 2}], bad_key, backoff_s=0)
+    assert [row.status for row in ledger.calls()] == ["failed", "failed"]
+    assert ledger.cached_calls("api", [{"q": 1}, {"q": 2}], lambda rs: [{"a": r["q"]} for r in rs]) == [{"a": 1}, {"a": 2}]
 
 
 def test_non_transient_errors_propagate(ledger):
@@ -322,6 +337,27 @@ def test_concurrent_identical_calls_are_sent_once(ledger):
         results = list(pool.map(lambda _: ledger.cached_call("api", {"q": 1}, slow), range(4)))
     assert results == [{"ok": 1}] * 4
     assert len(calls) == 1 and ledger.interrupted_calls() == 0
+
+
+def test_a_price_cap_holds_for_threads_sending_at_once(ledger):
+    """A price is known once a call is answered: four threads each sending one call of price 1 under a cap of 2
+    send two, not four (each checked the cap while the others were still in flight)."""
+    sent = []
+
+    def paid(q):
+        def call():
+            sent.append(q)
+            time.sleep(0.05)
+            return {"ok": q}
+        try:
+            return ledger.cached_call("api", {"q": q}, call, price=1.0, budget=CallBudget(max_price=2.0))
+        except BudgetExhausted:
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(paid, range(4)))
+    assert len(sent) == 2 and sum(r is not None for r in results) == 2
+    assert sum(call.price for call in ledger.calls()) == 2.0
 
 
 def test_cached_generator_batches_and_caches(ledger):
@@ -528,8 +564,9 @@ TRUNCATED_PNG = png_bytes(solid((9, 9, 9), (64, 64)))[:60]
         ({"file_name": "gone.png", "prompt": "y"}, {}, "missing image .*gone.png"),
         ({"file_name": "bad.png", "prompt": "y"}, {"bad.png": NOT_A_PNG}, "corrupt image .*bad.png"),
         ({"file_name": "cut.png", "prompt": "y"}, {"cut.png": TRUNCATED_PNG}, "corrupt image .*cut.png"),
+        ({"file_name": "a.png", "prompt": "a red circle \ud83d"}, {}, "metadata.jsonl:2: holds half a UTF-16 pair"),
     ],
-    ids=["empty-prompt", "missing-image", "corrupt-png", "truncated-png"],
+    ids=["empty-prompt", "missing-image", "corrupt-png", "truncated-png", "half-an-emoji"],
 )
 def test_import_rejects_a_bad_row_without_adding_anything(ledger, tmp_path, row, files, message):
     write_folder(tmp_path / "src", [GOOD_ROW, row], files)

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -91,9 +91,11 @@ class Call:
     @property
     def settled(self) -> bool:
         """Answered, or failed for good: a rerun gets this outcome without sending the request again (so it
-        pays nothing twice and ends as the first run did). A retry the budget could not pay for was never
-        sent, so it is not settled: a rerun with a larger budget asks again."""
-        return self.status == "done" or (self.status == "failed" and not (self.error or "").endswith(UNPAID))
+        pays nothing twice and ends as the first run did). Not settled, so a rerun asks again: a retry the
+        budget could not pay for (never sent), and a request in flight when the run stopped at an error it
+        could not go on after (a bad key, a full GPU), or that the run marked to be asked again once its cause
+        is fixed (`ask_failed_calls_again`)."""
+        return self.status == "done" or (self.status == "failed" and not (self.error or "").endswith(ASKED_AGAIN))
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> Call:
@@ -104,6 +106,9 @@ class Call:
 
 UNPAID = "not retried: the budget is spent"
 """How the error of a request whose retry the budget could not pay for ends (see `Call.settled`)."""
+STOPPED = "asked again on a rerun"
+"""How the error of a request that a rerun must ask again ends (see `Call.settled`)."""
+ASKED_AGAIN = (UNPAID, STOPPED)
 
 BatchCall = Callable[[list[dict]], Sequence[dict | Exception | None]]
 """What `Ledger.cached_calls` calls: requests in, one response (None or an exception for a failed item) per request out."""
@@ -136,6 +141,7 @@ class CallCacheMixin:
     def __init__(self) -> None:
         self._in_flight: set[str] = set()
         self._in_flight_changed = threading.Condition()
+        self._paying = threading.Lock()  # a price cap is checked and paid in one step (price is written on answer)
 
     def cached_call(
         self,
@@ -190,7 +196,8 @@ class CallCacheMixin:
         `TransientError` is retried whole; any other exception fails the chunk and propagates. `price` is per
         request. Each request keeps its own row, so a crash mid-chunk repeats at most that chunk. Retries leave
         the budget room for the first tries still to come: this call's later chunks, and `reserve` more that
-        the caller will send next under the same budget.
+        the caller will send next under the same budget. Under a price cap, threads send one chunk at a time
+        (a price is known once a call is answered, so two chunks in flight could together pass the cap).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -200,11 +207,13 @@ class CallCacheMixin:
         with self._claim(by_key):
             results = self._settled_responses(by_key)
             misses = [key for key in by_key if key not in results]
+            priced = budget is not None and budget.max_price is not None
             while misses:
-                with self._read() as db:
-                    n = min(batch_size, _allowance(db, terms, need=1))
-                chunk, misses = misses[:n], misses[n:]
-                results |= self._send(terms, chunk, by_key, call, reserve=len(misses) + reserve)
+                with self._paying if priced else nullcontext():
+                    with self._read() as db:
+                        n = min(batch_size, _allowance(db, terms, need=1))
+                    chunk, misses = misses[:n], misses[n:]
+                    results |= self._send(terms, chunk, by_key, call, reserve=len(misses) + reserve)
         return [results[key] for key in keys]
 
     def interrupted_calls(self) -> int:
@@ -252,8 +261,8 @@ class CallCacheMixin:
             except TransientError as e:
                 error = f"{type(e).__name__}: {e}"
                 continue
-            except Exception as e:
-                self._fail(remaining, f"{type(e).__name__}: {e}")
+            except Exception as e:  # the run stops here: its fix is the user's, and then these are asked again
+                self._fail(remaining, f"{type(e).__name__}: {e}; {STOPPED}")
                 raise
             results |= done
             remaining = [key for key in remaining if key not in done and key not in refused]
@@ -317,15 +326,19 @@ class CallCacheMixin:
                     results[key] = call.response if call.status == "done" else None
         return results
 
-    def forget_failed_calls(self, callers: Iterable[str], round: int | None = None) -> int:
-        """Delete the failed calls of `callers` (of `round` only, if given), so that they are asked again: for
-        a run stopped because an endpoint failed every request, once the endpoint is fixed. Returns how many."""
+    def ask_failed_calls_again(self, callers: Iterable[str], round: int | None = None) -> int:
+        """Unsettle the failed calls of `callers` (of `round` only, if given), so that a rerun asks them again:
+        for a run stopped because an endpoint failed every request, once the endpoint is fixed. Their attempts
+        still count against budgets (each was a request sent). Returns how many."""
         callers = list(callers)
         where, args = f"status = 'failed' AND caller IN ({', '.join('?' * len(callers))})", callers
         if round is not None:
             where, args = where + " AND round = ?", [*callers, round]
         with self.transaction() as db:
-            return db.execute(f"DELETE FROM calls WHERE {where}", args).rowcount
+            rows = db.execute(f"SELECT key, error FROM calls WHERE {where}", args).fetchall()
+            again = {key: f"{error}; {STOPPED}" for key, error in rows if not (error or "").endswith(ASKED_AGAIN)}
+            db.executemany("UPDATE calls SET error = ? WHERE key = ?", [(e, key) for key, e in again.items()])
+            return len(again)
 
     @staticmethod
     def _call_stats(db: sqlite3.Connection) -> list[dict]:
@@ -528,6 +541,16 @@ def canonical_json(value: Any) -> str:
 
 def content_key(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def is_text(value: Any) -> bool:
+    """Whether `value`'s strings are all text UTF-8 can encode: JSON's "\\ud83d" (half a UTF-16 pair, an emoji
+    cut off) decodes to a str that is not, and that no key can hash nor the ledger store."""
+    try:
+        canonical_json(value).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def where_clause(*pairs: tuple[str, Any]) -> tuple[str, list]:

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import UserError
+from .cache import is_text
 from .ledger import Ledger, Record, Status, write_atomically
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
@@ -249,6 +250,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
             row = None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{line}: not a JSON object")
+        if not is_text(row):
+            raise UserError(f"{path}:{line}: holds half a UTF-16 pair (a lone \\ud800-\\udfff escape), which is not text")
         rows.append((line, row))
     return rows
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from ..errors import UserError
-from .cache import CallCacheMixin, content_key, encode_png, from_json, utc_now, where_clause
+from .cache import CallCacheMixin, content_key, encode_png, from_json, is_text, utc_now, where_clause
 
 SCHEMA_VERSION = 1
 
@@ -328,6 +328,8 @@ class Ledger(CallCacheMixin):
         """
         if image is not None and image_path is not None:
             raise ValueError("pass image or image_path, not both")
+        if not is_text(prompt):
+            raise UserError(f"the prompt {prompt!r} holds half a UTF-16 pair, which is not text")
         if image is not None:
             image_path = self.put_image(image)
         elif image_path is not None and not (self.run_dir / image_path).is_file():

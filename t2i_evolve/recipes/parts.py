@@ -302,11 +302,11 @@ def last_failure(ledger: Ledger, callers: Iterable[str]) -> str | None:
 
 def every_request_failed(ledger: Ledger, callers: Iterable[str], round: int, what: str) -> UserError:
     """The one-line error for an endpoint that failed every request of `what` (a server down, or refusing them
-    all). Failed calls are final answers in a run folder (`Call.settled`), but these are forgotten, so the
-    rerun after the fix asks again."""
+    all). Failed calls are final answers in a run folder (`Call.settled`), but these are marked to be asked
+    again, so the rerun after the fix does; what they were sent still counts against the call budgets."""
     callers = list(callers)
     error = last_failure(ledger, callers) or "unreadable replies"
-    ledger.forget_failed_calls(callers, round)
+    ledger.ask_failed_calls_again(callers, round)
     return UserError(f"{what} (last error: {error}): fix it, then rerun")
 
 
