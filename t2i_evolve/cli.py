@@ -19,6 +19,8 @@ from rich.table import Table
 
 from .errors import UserError
 
+MAX_SEED = 2**32 - 1  # as a config's `Seed`: torch seeds are 64-bit, and seeds are mixed into larger ones
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Improve text-to-image models with automated feedback.")
 world_app = typer.Typer(no_args_is_help=True, help="The built-in shapes world.")
@@ -47,7 +49,7 @@ def _image_out(path: Path) -> Path:
 @world_app.command("render")
 def world_render(
     prompt: str,
-    seed: int = typer.Option(0, min=0, help="Layout seed; the same (prompt, seed) always gives the same image."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Layout seed; the same (prompt, seed) always gives the same image."),
     out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
     resolution: int = typer.Option(32, min=8, max=1024, help="Image side in pixels."),
     teacher: str = typer.Option("strong", help="Gallery teacher that draws it (strong, no-color, ...)."),
@@ -163,7 +165,7 @@ def serve_judge(
     faults: str = typer.Option("429,500,hang,malformed", help="Which faults --fault-rate draws from."),
     latency: float = typer.Option(0.0, help="Seconds added to every request."),
     hang: float = typer.Option(30.0, "--hang-s", help="Seconds a 'hang' fault holds a request."),
-    seed: int = typer.Option(0, min=0, help="Seed of errors and faults."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of errors and faults."),
 ):
     """Serve the pixel judge as an OpenAI-compatible VLM endpoint (POST /v1/chat/completions)."""
     from .judges.server import JudgeServer, JudgeServerConfig
@@ -194,7 +196,7 @@ def serve_judge(
 @gallery_app.command("eval")
 def gallery_eval(
     prompts: int = typer.Option(200, help="Number of grammar prompts."),
-    seed: int = typer.Option(0, min=0, help="Prompt and drawing seed."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Prompt and drawing seed."),
     resolution: int = typer.Option(32, min=8, max=1024),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -229,7 +231,7 @@ def gallery_eval(
 @app.command("init-model")
 def init_model(
     out_dir: Path,
-    seed: int = typer.Option(0, min=0, help="Initialisation seed."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Initialisation seed."),
     config: Optional[Path] = typer.Option(None, help="TinyModelConfig YAML."),
 ):
     """Write the tiny shapes-world model (random init) as a diffusers-style folder."""
@@ -273,7 +275,7 @@ def sample(
     model: Path,
     prompt: str,
     out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED),
     steps: int = typer.Option(20, help="Sampling steps."),
     scheduler: str = typer.Option("ddim", help="ddim or dpm++."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
@@ -291,7 +293,7 @@ def sample(
 def eval_model(
     model: Path,
     prompts: int = typer.Option(128, help="Held-out grammar prompts."),
-    seed: int = typer.Option(0, min=0, help="Prompt seed."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Prompt seed."),
     steps: int = typer.Option(20, help="Sampling steps."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
@@ -322,17 +324,20 @@ def eval_model(
 @app.command("demo")
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (rerun to resume)."),
-    minutes: float = typer.Option(9.5, help="Wall-clock budget of the whole demo."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole demo [default: the config's, "
+                                            "else 9.5]."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
 ):
     """Train the tiny model on strong-teacher data and judge it before and after (shapes world)."""
     from .demo import DemoConfig, run_demo, short_training_note
+    from .eval.report import skill_cell
 
     base = DemoConfig.from_yaml(config) if config else DemoConfig()
-    cfg = base.model_copy(update={"output_dir": str(out_dir), "minutes": minutes})
-    summary = run_demo(DemoConfig.from_dict(cfg.model_dump(), source="demo flags"))
-    note = short_training_note(summary, minutes)  # on stderr, last: what to do about a busy machine
+    cfg = base.model_copy(update={"output_dir": str(out_dir)} | ({} if minutes is None else {"minutes": minutes}))
+    cfg = DemoConfig.from_dict(cfg.model_dump(), source="demo flags")
+    summary = run_demo(cfg)
+    note = short_training_note(summary, cfg.minutes)  # on stderr, last: what to do about a busy machine
     if as_json:
         _print_json(summary)
         if note:
@@ -342,13 +347,8 @@ def demo(
     for name in ("", "before", "after"):
         table.add_column(name, no_wrap=True)
     table.add_row("score", f"{summary['before']['score']:.3f}", f"{summary['after']['score']:.3f}")
-    def cell(side: dict, skill: str) -> str:
-        # A skill score over a handful of questions (an untrained model rarely draws the parents) means little.
-        asked = side["asked"][skill]
-        return f"{side['skills'][skill]:.3f}" if asked >= 20 else f"- ({asked} asked)"
-
     for skill in summary["before"]["skills"]:
-        table.add_row(skill, cell(summary["before"], skill), cell(summary["after"], skill))
+        table.add_row(skill, skill_cell(summary["before"], skill), skill_cell(summary["after"], skill))
     geneval = summary["after"].get("geneval") or {}
     for task, value in geneval.get("tasks", {}).items():
         table.add_row(f"GenEval {task}", "", f"{value:.3f}")

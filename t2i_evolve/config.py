@@ -8,7 +8,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 C = TypeVar("C", bound="Config")
 
@@ -46,3 +46,21 @@ class Config(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> None:
+    """A run folder resumed under another config would mix two runs in one folder (a ledger, a checkpoint):
+    refuse in one line, naming what differs. `path`: the config the folder was started with; `may_change` (a
+    pydantic `exclude`): what a rerun may set anew, such as more rounds or steps, a larger budget, another
+    device or endpoint. A config file this version cannot read is not compared."""
+    if not path.is_file():
+        return
+    try:
+        before = type(config).from_yaml(path)
+    except UserError:
+        return
+    old, new = before.model_dump(exclude=may_change), config.model_dump(exclude=may_change)
+    changed = [f"{key}: {old.get(key)!r:.40} -> {new[key]!r:.40}" for key in new if old.get(key) != new[key]]
+    if changed:
+        raise UserError(f"{path.parent} was started with another config ({'; '.join(changed[:3])}): rerun it with "
+                        f"the config in {path}, or start a new run folder")

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .config import Config
+from .config import Config, check_resumed_config
 from .data import CachedGenerator, Ledger
 from .eval import ScoreBoard, evaluate, suite_prompts
 from .eval.report import image_grid, score_table, svg_curve, write_report
@@ -33,7 +33,8 @@ class DemoConfig(Config):
     """The demo's settings; defaults chosen by measurement (benchmarks/learning_curve.py, RESULTS.md)."""
 
     output_dir: str = "runs/demo"
-    minutes: float = Field(9.5, gt=0, description="Wall-clock budget of the whole demo; training gets the rest.")
+    minutes: float = Field(9.5, gt=0, allow_inf_nan=False, description="Wall-clock budget of the whole demo; "
+                                                                       "training gets the rest.")
     min_groups: int = 1
     max_groups: int = 2
     p_size: float = Field(0.0, ge=0, le=1, description="Share of groups with a size word (0: none).")
@@ -59,9 +60,14 @@ class DemoConfig(Config):
         return f"{self.min_groups}-{self.max_groups} groups, {sizes}"
 
 
+RESUMABLE_CHANGES = {"output_dir", "eval_prompts", "geneval_scale", "sampler"}  # what only the evaluations read
+
+
 def run_demo(config: DemoConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.output_dir)
+    if (out / "base" / "model_index.json").exists():  # a folder a demo started: resumed only by the same demo
+        check_resumed_config(out / "demo.yaml", config, RESUMABLE_CHANGES)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.yaml").write_text(config.to_yaml())
     prompts_source = GrammarPrompts(GrammarSlice(min_groups=config.min_groups, max_groups=config.max_groups,
@@ -139,7 +145,7 @@ def _training_plan(out: Path, config: DemoConfig, base: Path, started: float, ev
     machine is then. Training gets what is left of `minutes` once the evaluations after it are paid for
     (estimated from the one before), in steps at this machine's speed, so the learning rate can decay to zero
     by the end (a cosine schedule ends short runs better than a constant one); the minutes stay as a backstop."""
-    plan_file, asked = out / "train_plan.json", config.model_dump(mode="json")
+    plan_file, asked = out / "train_plan.json", config.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     if plan.get("config") == asked:
         return plan["steps"], plan["train_minutes"]
@@ -207,8 +213,8 @@ def _write_report(out: Path, prompts: list[str], before, after, summary: dict) -
     write_report(out / "report.html", "t2i-evolve demo", [
         ("Held-out prompts", image_grid(prompts, {"before": before, "after": after})),
         ("Judge score per skill", score_table({"before": summary["before"], "after": summary["after"]})),
-        ("GenEval-style tasks (after)", f"<table>{tasks}<tr><td>overall</td>"
-                                        f"<td>{geneval.get('overall', 0):.3f}</td></tr></table>"),
+        *([("GenEval-style tasks (after)", f"<table>{tasks}<tr><td>overall</td><td>{geneval['overall']:.3f}</td>"
+                                           "</tr></table>")] if geneval else []),  # (none with geneval_scale 0)
         ("Training loss", svg_curve(losses, label="step")),
         ("Run", f"<pre>{html.escape(json.dumps({k: v for k, v in summary.items() if k not in ('before', 'after')}, indent=2))}</pre>"),
     ])

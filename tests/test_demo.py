@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import yaml
 
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
 from t2i_evolve.demo import DemoConfig, run_demo, short_training_note
+from t2i_evolve.errors import UserError
 
 
 def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
@@ -25,6 +27,7 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
     html = (out / "report.html").read_text()
     assert html.count("<img") >= 12 and "Training loss" in html and "GenEval" in html
+    assert "<tr><td>size</td><td>- (0 asked)</td><td>- (0 asked)</td></tr>" in html  # no size words: no score
     losses = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert ("<svg" in html) == (len(losses) >= 2)  # a loaded machine may fit only one logged step in the budget
 
@@ -35,6 +38,10 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
     assert Ledger(out).stats()["calls"] == calls
     # the same training run, however fast the machine is now: steps (and so the schedule) planned once
     assert yaml.safe_load((out / "config.yaml").read_text()) == plan
+    other = config.model_copy(update={"train_images": 32, "minutes": 0.1})  # its data and model would mix with ours
+    with pytest.raises(UserError, match=r"started with another config \(minutes: 0.05 -> 0.1; train_images: 48 -> 32"):
+        run_demo(other)
+    assert yaml.safe_load((out / "demo.yaml").read_text())["train_images"] == 48
 
 
 def test_the_short_training_note_asks_for_the_budget_this_machine_needs():
@@ -60,12 +67,22 @@ def test_train_command_from_yaml(tmp_path, capsys):
     run = tmp_path / "run"
     demo = DemoConfig(output_dir=str(run), minutes=0.02, train_images=16, eval_prompts=4, geneval_scale=0)
     run_demo(demo)
+    assert "GenEval" not in (run / "report.html").read_text()  # geneval_scale 0: no section of zeros
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"model": str(run / "base"), "data": str(run), "output_dir": str(tmp_path / "t"),
-                                      "steps": 2, "batch_size": 4, "log_every": 1}))
+    settings = {"model": str(run / "base"), "data": str(run), "output_dir": str(tmp_path / "t"), "steps": 2,
+                "batch_size": 4, "log_every": 1}
+    config.write_text(yaml.safe_dump(settings))
+    (tmp_path / "t").mkdir()  # as an attempt killed before its first checkpoint leaves it: rows logged again
+    (tmp_path / "t" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
     assert main(["train", "--config", str(config)]) == 0
     assert (tmp_path / "t" / "model" / "model_index.json").exists()
     assert list((tmp_path / "t").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
+    logged = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2] and 9.0 not in [row["loss"] for row in logged]
+    capsys.readouterr()
+    config.write_text(yaml.safe_dump(settings | {"steps": 3, "lr": 0.05}))  # more steps resume; another lr does not
+    assert main(["train", "--config", str(config)]) == 2
+    assert "started with another config (lr: 0.001 -> 0.05)" in capsys.readouterr().err
     config.write_text("model: x\nsteps: lots\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "field 'steps'" in capsys.readouterr().err

@@ -175,6 +175,10 @@ def test_local_pipeline_is_deterministic_per_prompt_and_seed(local_teacher, sd_d
     b = pixels(local_teacher.generate(prompts, seeds))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert a[0].shape == (16, 16, 3) and not np.array_equal(a[0], a[2])
+    # a recipe's base is trained and judged at its own size: its teachers' images are resized to it
+    assert LocalPipelineTeacher(sd_dir, sampler=SMALL, resolution=16).id == local_teacher.id  # drawn at 16 already
+    to_32 = LocalPipelineTeacher(sd_dir, sampler=SMALL, resolution=32)
+    assert to_32.id == local_teacher.id + "->32px" and pixels(to_32.generate(prompts[:1], seeds[:1]))[0].shape == (32, 32, 3)
 
 
 def test_local_pipeline_id_follows_settings_and_caches(local_teacher, sd_dir, tmp_path):

@@ -40,13 +40,23 @@ def svg_curve(points: Sequence[tuple[float, float]], width: int = 520, height: i
     )
 
 
+FEW_QUESTIONS = 20
+"""A skill score over fewer questions than this means little (an untrained model rarely draws what they ask about)."""
+
+
+def skill_cell(summary: dict, skill: str) -> str:
+    """A skill's score in a `ScoreBoard` summary, or "- (n asked)" over too few questions (0: none, not a 0 score)."""
+    asked = summary.get("asked", {}).get(skill, FEW_QUESTIONS)
+    return f"{summary['skills'][skill]:.3f}" if asked >= FEW_QUESTIONS else f"- ({asked} asked)"
+
+
 def score_table(columns: dict[str, dict]) -> str:
-    """Rows: overall score and every skill; columns: e.g. before / after."""
+    """Rows: overall score and every skill (`skill_cell`); columns: e.g. before / after (`ScoreBoard` summaries)."""
     names = list(columns)
     skills = list(next(iter(columns.values()))["skills"])
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     rows = ["<tr><td>score (DSG)</td>" + "".join(f"<td>{columns[n]['score']:.3f}</td>" for n in names) + "</tr>"]
-    rows += ["<tr><td>" + s + "</td>" + "".join(f"<td>{columns[n]['skills'][s]:.3f}</td>" for n in names) + "</tr>"
+    rows += ["<tr><td>" + s + "</td>" + "".join(f"<td>{skill_cell(columns[n], s)}</td>" for n in names) + "</tr>"
              for s in skills]
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
 

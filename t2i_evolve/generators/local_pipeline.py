@@ -34,6 +34,8 @@ class LocalPipelineTeacherConfig(Config):
     dtype: str = "float32"
     price_per_call: float = Field(0.0, ge=0, description="Assumed price of one image (compute), for budgets.")
     id: str | None = Field(None, description="Cache id; by default derived from the folder and the settings.")
+    resolution: int | None = Field(None, ge=8, description="Side its images are resized to (a recipe sets its base "
+                                   "model's, which it trains and judges at); None: as drawn.")
 
 
 class LocalPipelineTeacher:
@@ -48,13 +50,18 @@ class LocalPipelineTeacher:
         elif fields:
             raise TypeError("pass settings in the config or as keywords with a path, not both")
         self.config = config
-        self.id = config.id or pipeline_id(config)
-        self.price_per_call = config.price_per_call
         model = T2IModel.from_pretrained(config.path, config.device, config.dtype)
+        drawn = config.sampler.resolution or model.resolution
+        self.resize = config.resolution if config.resolution not in (None, drawn) else None
+        self.id = config.id or pipeline_id(config) + (f"->{self.resize}px" if self.resize else "")
+        self.price_per_call = config.price_per_call
         self.sampler = Sampler(model, config.sampler, id=self.id)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        return self.sampler.generate(prompts, seeds)
+        images = self.sampler.generate(prompts, seeds)
+        if self.resize:  # (as an images endpoint's are: the student trains, and is judged, at its own size)
+            images = [image.resize((self.resize, self.resize), Image.Resampling.LANCZOS) for image in images]
+        return images
 
 
 def pipeline_id(config: LocalPipelineTeacherConfig) -> str:

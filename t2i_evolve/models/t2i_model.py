@@ -162,7 +162,12 @@ class T2IModel:
         index = _read_index(root)
         if "unet" not in index and "transformer" in index:
             raise UserError(f"{root}: transformer-based models (PixArt, SD3, ...) are not supported yet")
+        sdxl = f"{root}: SDXL-style models (a second text encoder, size and crop conditioning) are not supported yet"
+        if "text_encoder_2" in index:
+            raise UserError(sdxl)
         parts = {name: _load_part(root, name, index.get(name), dtype) for name in PARTS}
+        if parts["unet"].config.get("addition_embed_type"):  # conditioning that `predict` does not pass
+            raise UserError(sdxl)
         if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..config import Config
+from ..config import Config, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger
 from ..errors import BudgetExhausted, UserError
 from ..eval.report import write_json, write_jsonl
@@ -45,7 +45,7 @@ from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrG
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, check_resumed_config, every_request_failed, held_out_prompts, held_out_score,
+                    check_judge_serves, every_request_failed, held_out_prompts, held_out_score,
                     judge_call_bounds, judged_base_images, new_prompt_seeds, occurrence_seeds,
                     sampled_records, stable_seed, tournament, write_summary)
 

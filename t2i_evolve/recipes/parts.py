@@ -65,7 +65,7 @@ class TeacherSpec(Config):
 
         if self.path is None:
             raise ConfigError("teacher of kind 'local' needs a path")
-        return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0)
+        return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0, resolution=resolution)
 
 
 def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelConfig, seed: int) -> Path:
@@ -325,23 +325,6 @@ def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: 
 def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round: int) -> list[int]:
     """Seeds of a round's new prompts (expanded, mutated): a prompt already in the set gets a new image, not a copy."""
     return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
-
-
-def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> None:
-    """A run folder resumed under another config would mix two runs in one ledger: refuse in one line, naming
-    what differs. `may_change` (a pydantic `exclude`): what a rerun may set anew, such as more rounds, a larger
-    budget, another device or endpoint. A config file this version cannot read is not compared."""
-    if not path.is_file():
-        return
-    try:
-        before = type(config).from_yaml(path)
-    except UserError:
-        return
-    old, new = before.model_dump(exclude=may_change), config.model_dump(exclude=may_change)
-    changed = [f"{key}: {old.get(key)!r:.40} -> {new[key]!r:.40}" for key in new if old.get(key) != new[key]]
-    if changed:
-        raise UserError(f"{path.parent} was started with another config ({'; '.join(changed[:3])}): rerun it with "
-                        f"{path}, or set a new output_dir")
 
 
 def held_out_prompts(config) -> list[str]:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from pydantic import Field
 
-from ..config import Config
+from ..config import Config, check_resumed_config
 from ..errors import UserError
 from ..models import T2IModel
 from .data import TrainingSet, batch_indices
@@ -81,6 +81,11 @@ class TrainConfig(Config):
     tracker: Literal["tensorboard", "none"] = "tensorboard"
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
 
+
+RESUMABLE_CHANGES = {"output_dir", "steps", "schedule_steps", "continue_from", "max_minutes", "checkpoint_every",
+                     "keep_checkpoints", "eval_every", "log_every", "tracker", "gradient_checkpointing"}
+"""What a rerun of a training run may change and still resume its checkpoint: how long, how often it saves and logs.
+The rest (model, data, learning rate, batch, seed...) would carry a checkpoint on as another run."""
 
 Evaluate = Callable[[T2IModel, int], dict]
 
@@ -264,7 +269,10 @@ class Trainer:
     def _resume(self) -> None:
         """From this run's latest checkpoint, else from `continue_from` (whose metrics are not ours)."""
         checkpoints = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+        if checkpoints:
+            check_resumed_config(self.out / "config.yaml", self.config, RESUMABLE_CHANGES)
         if not checkpoints and not self.config.continue_from:
+            self._truncate_metrics()  # what an attempt killed before its first checkpoint logged
             return
         latest = checkpoints[-1] if checkpoints else Path(self.config.continue_from)
         if not checkpoints and not (latest / "trainer_state.json").is_file():
@@ -281,11 +289,10 @@ class Trainer:
                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}: was `model` changed since it was saved? (a "
                             "checkpoint cut short by a crash: delete it to resume from an earlier one)") from None
         self.step = int(state["step"])
-        if checkpoints:
-            self._truncate_metrics()
+        self._truncate_metrics()  # (from `continue_from`: rows of an attempt killed before this run's checkpoint)
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics logged after the checkpoint we resumed from (they will be logged again), and the final
+        """Drop metrics logged after the step we start from (they will be logged again), and the final
         evaluation when it resumed at the last step (it is run again)."""
         path = self.out / "metrics.jsonl"
         if self.accelerator.is_main_process and path.exists():
