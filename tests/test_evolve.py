@@ -565,6 +565,37 @@ def test_confirm_votes_needs_a_judge_that_samples(tmp_path):
         run_evolve(small_config(str(tmp_path / "voting"), confirm_votes=3, judge=voting))
 
 
+def test_a_split_second_opinion_keeps_the_record_and_buys_nothing(tmp_path):
+    """`confirm_votes: 2`: the first ask says the teacher draws better, the second says the base does; no
+    majority either way is no evidence to buy variations on, nor to delete the record on."""
+    from t2i_evolve.judges.openai_judge import ChatJudge, ChatJudgeConfig
+    from t2i_evolve.prompts import GrammarPromptWriter
+    from t2i_evolve.recipes.evolve import Run
+    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.world import ProceduralTeacher
+
+    class SplitJudge(ChatJudge):  # the first ask favours the teacher's image (b), the re-ask the base's (a)
+        id, samples, votes = "split", True, 1
+
+        def _complete(self, requests, conversations, keys):
+            wanted = ["b" if request.get("vote", 0) == 0 else "a" for request in requests]
+            return ["first" if r["order"][0] == w else "second" for r, w in zip(requests, wanted)]
+
+    class OtherSeeds:  # the base: the teacher's drawing on other seeds
+        def generate(self, prompts, seeds):
+            return teacher.generate(prompts, [seed + 1 for seed in seeds])
+
+    run_dir, teacher = tmp_path / "run", ProceduralTeacher()
+    config = small_config(str(run_dir), seed_prompts=12, variations=1, confirm_votes=2, eval_prompts=0)
+    with Ledger(run_dir) as ledger:
+        run = Run(config, ledger, cached_teachers([teacher], ledger), SplitJudge(ChatJudgeConfig(), ledger),
+                  GrammarPromptWriter(config.grammar), run_dir, held_out=[])
+        run.seed_set()
+        ops = run.evolve_set(1, OtherSeeds())
+        assert (ops["overturned"], ops["judged"], ops["delete"], ops["expand"]) == (12, 12, 0, 0)
+        assert ledger.count() == 12 and all(rec.judge["base_vs_teacher"] == "tie" for rec in ledger.records())
+
+
 def test_replay_trains_on_deleted_records_at_their_share_and_never_on_rejected_ones(tmp_path):
     """`replay_share: 0.4`: the records the judge deleted make about 0.4 of the round's training rows beside
     every active record; an image the quality gate rejected (wrong) is never replayed; at 0 (the paper)
@@ -802,6 +833,8 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     before = _ledger_state(reference_run)
     with pytest.raises(UserError, match=r"was started with another config \(variations: 2 -> 3"):
         run_evolve(small_config(str(reference_run), min_unseen_score=0.5, mutate_candidates=3, variations=3))
+    with pytest.raises(UserError, match=r"has started 2 rounds: rerun it with rounds >= 2"):  # its ledger has round 2's
+        run_evolve(small_config(str(reference_run), min_unseen_score=0.5, mutate_candidates=3, rounds=1))
     assert _ledger_state(reference_run) == before
     longer = tmp_path / "longer"
     shutil.copytree(reference_run, longer)

@@ -4,6 +4,7 @@ gate and the tournament) stop a run cleanly or cap what a round judges; a served
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,11 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
     first = run_evolve(small_config(str(run_dir), max_teacher_calls=30), judge=judge)
     assert first["stopped"] and "teacher budget" in first["stopped"]
     assert first["teacher_calls"] <= 30
+    # it ran out while round 1 expanded: what the round changed until then is reported, as the ledger holds it
+    stopped_round, = first["rounds"]
+    with Ledger(run_dir) as ledger:
+        assert stopped_round["ops"] == dict(Counter(op.op for op in ledger.ops(round=1)))
+    assert stopped_round["ops"]["delete"] > 0 and stopped_round["ops"]["expand"] > 0
     second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
     assert 30 < second["teacher_calls"] <= 60
 

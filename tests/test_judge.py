@@ -123,3 +123,9 @@ def test_a_fresh_draw_the_judge_fails_on_leaves_no_verdict_and_is_not_counted_ov
                                                  [Comparison("b", 0.0, 1.0)] * 3, [0, 1, 2], draws=3)
     assert verdicts[0] is None and verdicts[1].winner == "tie" and verdicts[2].winner == "b"
     assert overturned == {1}
+    # the second opinion of `confirm_votes` the same way: a re-ask the judge failed on overturns nothing
+    from t2i_evolve.judges.evidence import confirm_teacher_better
+
+    verdicts, overturned = confirm_teacher_better(Judge(), [(image, image, p) for p in "abc"],
+                                                  [Comparison("b", 0.0, 1.0)] * 3, votes=1)
+    assert verdicts[0] is None and overturned == {1}

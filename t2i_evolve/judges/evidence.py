@@ -25,16 +25,17 @@ from .batch import compare_pairs, score_images
 
 
 def confirm_teacher_better(judge, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,
-                           votes: int | None) -> tuple[list[Comparison | None], int]:
+                           votes: int | None) -> tuple[list[Comparison | None], set[int]]:
     """A second opinion where a verdict costs: base-vs-teacher `verdicts` of `pairs` that say "teacher better"
-    (each buys variations) asked again to `votes` asks, the majority deciding; with how many it overturned."""
+    (each buys variations) asked again to `votes` asks, the majority deciding; with the indices it overturned
+    (one the judge failed on is not among them: no evidence either way, and it has no verdict at all)."""
     again = [i for i, verdict in enumerate(verdicts) if verdict is not None and verdict.winner == "b"]
     if not votes or not again:
-        return verdicts, 0
+        return verdicts, set()
     verdicts = list(verdicts)
     for i, verdict in zip(again, compare_pairs(judge, [pairs[i] for i in again], votes)):
         verdicts[i] = verdict
-    return verdicts, sum(verdicts[i] is None or verdicts[i].winner != "b" for i in again)
+    return verdicts, {i for i in again if verdicts[i] is not None and verdicts[i].winner != "b"}
 
 
 def redraw_teacher_better(judge, base, pairs: Sequence[tuple[Image.Image, Image.Image, str]], verdicts: list,

@@ -45,8 +45,8 @@ from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrG
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, every_request_failed, held_out_prompts, held_out_score,
-                    judge_call_bounds, judged_base_images, new_prompt_seeds, occurrence_seeds,
+                    check_judge_serves, check_rounds_kept, every_request_failed, held_out_prompts, held_out_score,
+                    judge_call_bounds, judged_base_images, new_prompt_seeds, occurrence_seeds, ops_so_far,
                     sampled_records, stable_seed, tournament, write_summary)
 
 
@@ -108,8 +108,8 @@ class EvolveConfig(Config):
         "of its prompt and the judge scores it (VQA); below this the record was memorized: kept and expanded. "
         "None: the paper (a small set is memorized, deleted and trained down to nothing). One judge call each.")
     confirm_votes: int | None = Field(None, ge=2, description="A second opinion: a verdict that buys teacher images "
-        "(teacher better; memorized) is asked again to this many votes, majority deciding, first ask reused, so a noisy "
-        "judge does not spend the budget on what the base draws. Needs a judge that samples. None: one ask (the paper).")
+        "(teacher better; memorized) is asked again to this many votes, majority deciding (a split: kept, nothing bought), "
+        "first ask reused: a noisy judge spends no budget on what the base draws. Needs a sampling judge. None: the paper.")
     base_draws: int = Field(1, ge=1, description="Images of the base behind a verdict that buys (teacher better; "
         "memorized): it stands only if the base loses on each of up to this many draws (new seeds), so one unlucky "
         "image of a skill the base has buys nothing. 1: one draw (the paper). Up to base_draws judge calls each.")
@@ -153,6 +153,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     ledger = Ledger(out)
     if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
+        check_rounds_kept(out / "rounds", config.rounds)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base)) for spec in config.teachers],
                                ledger, config.max_teacher_calls, config.max_teacher_price)
@@ -165,7 +166,6 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
 
     def load_sampler(folder: Path) -> Sampler:
         return Sampler(T2IModel.from_pretrained(folder, config.device), config.sampler)
-
     stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
@@ -200,7 +200,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 try:
                     row |= {"ops": run.evolve_set(r, sampler)} if judge_after else {}
                 except BudgetExhausted as e:  # trained and scored: reported, not done (more budget: judged again)
-                    stopped = str(e)
+                    stopped, row["ops"] = str(e), ops_so_far(ledger, r)  # what it changed before the budget ran out
                 row |= {"judge_calls": run.spent.judge_calls(), "teacher_calls_after": run.spent.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)
@@ -317,7 +317,7 @@ class Run:
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
         verdicts, overturned = confirm_teacher_better(self.judge, pairs, self.compare(pairs, r), c.confirm_votes)
         verdicts, redrawn = redraw_teacher_better(self.judge, base, pairs, verdicts, seeds, c.base_draws, c.confirm_votes)
-        ops = {"overturned": overturned} if c.confirm_votes else {}
+        ops = {"overturned": len(overturned)} if c.confirm_votes else {}
         ops |= {"redrawn": len(redrawn)} if c.base_draws > 1 else {}
         ops |= dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
                              + ("memorized",) * (c.min_unseen_score is not None), 0)
@@ -329,9 +329,9 @@ class Run:
             ops["judged"] += 1
             row = {"base_vs_teacher": verdict.winner, "score_base": verdict.score_a, "score_teacher": verdict.score_b}
             row |= {"on_a_fresh_draw": True} if i in redrawn else {}  # (the first draw lost: `base_draws`)
-            if verdict.winner == "b":
-                self.ledger.set_judge(rec.id, row, round=r)
-                expand.append((rec, "teacher better than base"))
+            if verdict.winner == "b" or (i in overturned and verdict.winner == "tie"):  # (a split second opinion:
+                self.ledger.set_judge(rec.id, row, round=r)                            # buys nothing, keeps it)
+                expand += [(rec, "teacher better than base")] if verdict.winner == "b" else []
             else:
                 as_good.append((rec, row))
         if records and not ops["judged"]:  # not one verdict: the judge is down or unreadable, not unsure

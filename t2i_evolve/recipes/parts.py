@@ -327,6 +327,23 @@ def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round
     return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
 
 
+def check_rounds_kept(rounds_dir: Path, rounds: int) -> None:
+    """A rerun may add rounds, not drop started ones: their records and ops are in the ledger for good, and a
+    summary of fewer rounds would report a model that is not the one the ledger was evolved with."""
+    started = max((int(p.parent.name) for p in rounds_dir.glob("[0-9][0-9][0-9]/start.json")), default=0)
+    if rounds < started:
+        raise UserError(f"{rounds_dir.parent} has started {started} rounds: rerun it with rounds >= {started} (its "
+                        "ledger holds their changes), or set a new output_dir")
+
+
+def ops_so_far(ledger: Ledger, round: int) -> dict[str, int]:
+    """The operations of `round` the ledger holds (a round stopped part-way, at a budget), by name."""
+    counts: dict[str, int] = {}
+    for op in ledger.ops(round=round):
+        counts[op.op] = counts.get(op.op, 0) + 1
+    return counts
+
+
 def held_out_prompts(config) -> list[str]:
     """A recipe's held-out prompts: distinct prompts of its slice (`config.grammar`, `eval_prompts`, each
     `eval_draws` times), set by its seed only, so a benchmark scores every arm on the same ones."""
