@@ -3,8 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from t2i_evolve.errors import GrammarError, UserError
-from t2i_evolve.world import COLORS, RELATIONS, SHAPES, SIZES, Group, Scene, parse, render, render_prompt
+from t2i_evolve.errors import ConfigError, GrammarError, UserError
+from t2i_evolve.world import (COLORS, RELATIONS, SHAPES, SIZES, Group, ProceduralTeacher, Scene, parse, render, render_prompt,
+                              scene_or_none)
 from t2i_evolve.world.grammar import scene_skills
 from t2i_evolve.world.questions import answer_checks, dsg_answers, questions_for
 from t2i_evolve.world.render import layout, seeded_rng
@@ -20,7 +21,7 @@ groups = st.builds(
 scenes = st.integers(1, 3).flatmap(
     lambda n: st.builds(
         Scene,
-        groups=st.tuples(*[groups] * n),
+        groups=st.tuples(*[groups] * n).filter(lambda gs: len({(g.color, g.shape) for g in gs}) == len(gs)),
         relations=st.tuples(*[st.sampled_from([None, *RELATIONS])] * (n - 1)),
     )
 )
@@ -60,6 +61,31 @@ def test_parse_error_names_the_word(prompt, word):
         parse(prompt)
     assert info.value.word == word
     assert repr(word) in str(info.value)
+
+
+@pytest.mark.parametrize("prompt", ["a red circle left of a red circle", "a small red circle above two big red circles",
+                                    "a red circle and a blue square and two red circles"])
+def test_two_groups_a_judge_cannot_tell_apart_are_not_in_the_grammar(prompt):
+    """Each group's questions are answered on the objects of its color and shape: with two such groups, a
+    right picture would fail "exactly one red circle" and any relation between them (it scored 0.44-0.86)."""
+    with pytest.raises(GrammarError, match="two groups of red circles .* 'two red circles'") as info:
+        parse(prompt)
+    assert info.value.word == ("circles" if prompt.endswith("s") else "circle")
+    assert scene_or_none(prompt) is None
+
+
+def test_a_shapes_teacher_refuses_a_prompt_outside_the_grammar_alone(tmp_path):
+    """As an images endpoint refuses a prompt it cannot draw: that request fails, with why, and the others
+    of its batch are drawn (an LLM writer's prompt outside the grammar no longer stops a run)."""
+    from t2i_evolve.data import CachedGenerator, Ledger
+
+    prompts = ["a red circle", "a dog on a skateboard", "a red circle left of a red circle", "two blue stars"]
+    with Ledger(tmp_path) as ledger:
+        images = CachedGenerator(ProceduralTeacher(), ledger, backoff_s=0).generate(prompts, [0, 1, 2, 3])
+        assert [image is None for image in images] == [False, True, True, False]
+        refused = {call.request["prompt"]: call.error for call in ledger.calls(status="failed")}
+    assert set(refused) == set(prompts[1:3]) and all("cannot draw" in e for e in refused.values())
+    assert [call.attempts for call in Ledger(tmp_path).calls()] == [1, 1, 1, 1]  # refused: not resent
 
 
 def test_questions_follow_dsg_dependencies():
@@ -122,6 +148,10 @@ def test_sampler_slice_and_skills():
     assert GrammarPrompts().sample(20, seed=5) == GrammarPrompts().sample(20, seed=5)
     with pytest.raises(UserError, match="binding"):
         GrammarPrompts(GrammarSlice(max_groups=1)).sample(5, seed=0, skill="binding")
+    # a slice whose crowding cap no scene fits is one line when made, not a sampler that never returns
+    with pytest.raises(ConfigError, match="max_crowding 0.25 admits no scene: 3 single medium"):
+        GrammarSlice(min_groups=3, p_size=0.0, max_crowding=0.25)
+    assert GrammarPrompts(GrammarSlice(min_groups=3, p_size=0.5, max_crowding=0.25)).sample(3, seed=0)  # small ones fit
 
 
 def test_rare_words_give_the_seed_prompts_a_long_tail():

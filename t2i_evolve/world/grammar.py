@@ -9,7 +9,8 @@ A prompt is one to three object groups; consecutive groups are joined by a relat
     size     := small | big
 
 "A left of B above C" means A is left of B and B is above C (relations chain between neighbours).
-`parse(render_prompt(spec)) == spec` for every spec (property-tested).
+`parse(render_prompt(spec)) == spec` for every spec whose groups differ in color or shape (property-tested): two
+groups of red circles would be one to the judge, so a prompt that has them is not in the grammar.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ def parse(prompt: str) -> Scene:
         if (shape_word != shape) != (count > 1):
             fail(shape_word, f"{'plural' if count > 1 else 'singular'} for count {count}")
         pos += 1
+        if any((g.color, g.shape) == (color, shape) for g in groups):  # (the judge could not tell the groups apart)
+            raise GrammarError(f"two groups of {color} {shape}s in {prompt!r}: a judge cannot tell them apart (one "
+                               f"group of them, 'two {color} {shape}s', can be told)", shape_word)
         groups.append(Group(count, color, shape, size))
         if pos == len(words):
             break

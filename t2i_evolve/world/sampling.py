@@ -32,6 +32,12 @@ class GrammarSlice:
         if self.max_count < 1 or self.max_objects < self.min_groups:
             raise ConfigError(f"max_count ({self.max_count}) must be at least 1 and max_objects ({self.max_objects}) "
                               f"at least min_groups ({self.min_groups})")
+        size = "small" if self.p_size > 0 else None  # the least crowded scene: min_groups single objects at that size
+        least = crowding(Scene(tuple(Group(1, color, "circle", size) for color in list(COLORS)[:self.min_groups]),
+                               (None,) * (self.min_groups - 1)), self.resolution)
+        if least > self.max_crowding:
+            raise ConfigError(f"max_crowding {self.max_crowding:g} admits no scene: {self.min_groups} single "
+                              f"{size or 'medium'} object(s) at {self.resolution} px already need {least:.2f}")
 
 
 def sample_scene(rng: np.random.Generator, slice_: GrammarSlice = GrammarSlice()) -> Scene:

@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
 from ..config import Config
-from ..errors import CallTimeout, ConfigError, TransientError
+from ..errors import CallTimeout, ConfigError, GrammarError, RequestRefused, TransientError
 from ..protocols import SKILLS
 from .grammar import COLORS, SHAPES, SIZES, Scene, is_binding_pair, parse
 from .render import NoRoom, PlacedObject, crowding, degrade, draw, layout, seeded_rng
@@ -96,6 +96,9 @@ class ProceduralTeacher:
                 os.close(fd)
         return images
 
+    def outcomes(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | Exception | None]:
+        return drawable_outcomes(self, prompts, seeds)
+
     def _answers(self, prompt: str, seed: int) -> bool:
         try:
             self._maybe_fail(prompt, seed)
@@ -156,9 +159,13 @@ class ProceduralTeacher:
         return Scene(tuple(groups), scene.relations)
 
     def _swap_colors(self, scene: Scene, objects: list[PlacedObject], rng) -> list[PlacedObject]:
-        """Swap the colors of a binding pair: every color is present, but on the wrong shape."""
-        pairs = [(i, j) for i in range(len(scene.groups)) for j in range(i + 1, len(scene.groups))
-                 if is_binding_pair(scene.groups[i], scene.groups[j])]
+        """Swap the colors of a binding pair: every color is present, but on the wrong shape. Not onto a third
+        group's color and shape: that would add to its count (a count error, not a binding one)."""
+        groups = scene.groups
+        taken = {(g.color, g.shape) for g in groups}
+        pairs = [(i, j) for i in range(len(groups)) for j in range(i + 1, len(groups))
+                 if is_binding_pair(groups[i], groups[j])
+                 and not taken & {(groups[j].color, groups[i].shape), (groups[i].color, groups[j].shape)}]
         if not pairs or rng.random() >= self.p:
             return objects
         i, j = pairs[int(rng.integers(len(pairs)))]
@@ -209,9 +216,27 @@ class MixtureTeacher:
                 images.append(None)
         return images
 
+    def outcomes(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | Exception | None]:
+        return drawable_outcomes(self, prompts, seeds)
+
     @property
     def calls(self) -> int:
         return sum(m.calls for m in self.members)
+
+
+def drawable_outcomes(teacher, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image | Exception | None]:
+    """`teacher.generate`, where a prompt outside the grammar (an LLM writer's, an import's) is refused alone, as an
+    images endpoint refuses a prompt it cannot draw, instead of stopping the run at it (`CachedGenerator` reads
+    these outcomes)."""
+    refused = {}
+    for i, prompt in enumerate(prompts):
+        try:
+            parse(prompt)
+        except GrammarError as e:
+            refused[i] = RequestRefused(f"teacher {teacher.id} cannot draw {prompt!r}: {e}")
+    drawable = [i for i in range(len(prompts)) if i not in refused]
+    images = iter(teacher.generate([prompts[i] for i in drawable], [seeds[i] for i in drawable]) if drawable else [])
+    return [refused[i] if i in refused else next(images) for i in range(len(prompts))]
 
 
 def gallery_teacher(id: str, resolution: int = 32, p: float | None = None, price_per_call: float | None = None,
