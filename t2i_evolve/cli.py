@@ -106,16 +106,12 @@ def judge(
         raise UserError("--votes and --temperature are for a sampling VLM at --endpoint; the pixel judge is exact")
     result = _remote_score(picture, prompt, endpoint, model, api_key_env, timeout, retries, votes, temperature) \
         if endpoint else _pixel_score(picture, prompt)
-    if as_json:
-        data = result.to_json()
-        for a in data["answers"]:
-            a.pop("parents")
-        _print_json(data)
+    if as_json:  # ("parent": the first of "parents", for readers of one parent per question)
+        _print_json(result.to_json())
         return
-    table = Table("#", "question", "skill", "parent", "answer")
+    table = Table("#", "question", "skill", "parents", "answer")
     for i, a in enumerate(result.answers):
-        parent = a.question.parent
-        table.add_row(str(i), a.question.text, a.question.skill, "-" if parent is None else str(parent),
+        table.add_row(str(i), a.question.text, a.question.skill, ", ".join(map(str, a.question.parents)) or "-",
                       "[green]yes[/]" if a.answer else "[red]no[/]")
     out.print(table)
     out.print(f"score: {result.score:.3f}")
@@ -238,6 +234,8 @@ def init_model(
     from .models import TinyModelConfig, init_tiny_model
 
     cfg = TinyModelConfig.from_yaml(config) if config else TinyModelConfig()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder: choose a folder for the model")
     init_tiny_model(out_dir, cfg, seed=seed)
     out.print(f"wrote {out_dir}")
 
@@ -256,7 +254,8 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     with progress_bar("training", cfg.steps) as advance:
         advance(trainer.step)
         last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
-    out.print(f"step {trainer.step}: {json.dumps(last)}; model in {Path(cfg.output_dir) / 'model'}")
+    done = f"step {trainer.step}: {json.dumps(last)}" if last else f"trained to step {trainer.step} before (nothing to do)"
+    out.print(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
 
 
 def _shapes_evaluator(model_path: str, prompts: int = 128):
@@ -310,14 +309,16 @@ def eval_model(
     sampler = Sampler(T2IModel.from_pretrained(model), SamplerConfig.from_dict({"steps": steps}, source="flags"))
     with progress_bar("judging", prompts) as advance:
         summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
-    result = {"score": summary["score"], "skills": summary["skills"]}
+    result = {"score": summary["score"], "skills": summary["skills"], "asked": summary["asked"]}  # (0 asked: 0.0)
     if as_json:
         _print_json(result)
         return
+    from .eval.report import skill_cell
+
     table = Table("skill", "score")
     table.add_row("overall", f"{result['score']:.3f}")
-    for skill, value in result["skills"].items():
-        table.add_row(skill, f"{value:.3f}")
+    for skill in result["skills"]:
+        table.add_row(skill, skill_cell(result, skill))
     out.print(table)
 
 
@@ -402,7 +403,22 @@ def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", he
     if as_json:
         _print_json(stats)
         return
-    out.print_json(data=stats)
+    records = stats["records"]
+    out.print(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
+              f"{'; ' + str(stats['interrupted_calls']) + ' calls interrupted' if stats['interrupted_calls'] else ''}")
+    ops = sorted({row["op"] for row in stats["ops"]})
+    callers = sorted({row["caller"] for row in stats["calls"]})
+    rounds = sorted({row["round"] for row in stats["ops"] + stats["calls"]}, key=lambda r: (r is None, r))
+    table = Table("round", *ops, *(f"{caller} calls (price)" for caller in callers),
+                  title="operations, and calls sent (retries included), per round")
+    for r in rounds:
+        cells = [str(sum(row["count"] for row in stats["ops"] if (row["round"], row["op"]) == (r, op))) for op in ops]
+        for caller in callers:
+            rows = [row for row in stats["calls"] if (row["round"], row["caller"]) == (r, caller)]
+            sent, failed, price = (sum(row[key] or 0 for row in rows) for key in ("attempts", "failed", "price"))
+            cells.append(f"{sent}" + (f", {failed} failed" if failed else "") + (f" ({price:.2f})" if price else ""))
+        table.add_row("-" if r is None else str(r), *cells)
+    out.print(table)
 
 
 @ledger_app.command("export")

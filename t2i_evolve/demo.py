@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from .config import Config, check_resumed_config
-from .data import CachedGenerator, Ledger
+from .data import CachedGenerator, Ledger, check_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
 from .eval.report import image_grid, score_table, svg_curve, write_report
 from .judges import PixelJudge
@@ -65,7 +65,7 @@ RESUMABLE_CHANGES = {"output_dir", "eval_prompts", "geneval_scale", "sampler"}  
 
 def run_demo(config: DemoConfig) -> dict:
     started = time.perf_counter()
-    out = Path(config.output_dir)
+    out = check_run_folder(config.output_dir, "demo.yaml", "demo")  # (not an evolve run's, nor an import's)
     if (out / "base" / "model_index.json").exists():  # a folder a demo started: resumed only by the same demo
         check_resumed_config(out / "demo.yaml", config, RESUMABLE_CHANGES)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ def test_render_then_judge_json(tmp_path, capsys):
     assert code == 0
     data = json.loads(out)
     assert data["score"] == 1.0
-    assert set(data["answers"][0]) == {"question", "skill", "parent", "answer"}
+    assert set(data["answers"][0]) == {"question", "skill", "parent", "parents", "answer"}
     assert data["answers"][0]["parent"] is None and data["answers"][2]["parent"] == 0
+    assert data["answers"][2]["parents"] == [0, 1]  # "Is there a red circle?" (binding): the shape's and the color's
     code, out, _ = run(capsys, "judge", str(image), "--prompt", "three green stars", "--json")
     assert json.loads(out)["score"] == 0.0
 
@@ -120,6 +121,9 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
     for args, message in [
         (["world", "render", PROMPT, "--out", "file.png/x.png"], "File exists"),
         (["init-model", "file.png/model"], "Not a directory"),
+        (["init-model", "file.png"], "file.png is a file, not a folder"),
+        (["evolve", "--out", "file.png"], "file.png is a file, not a folder"),
+        (["demo", "--out", "file.png"], "file.png is a file, not a folder"),
         (["evolve", "--config", "latin1.yaml"], "not UTF-8 text"),
         (["evolve", "--config", str(tmp_path)], "is a folder, not a config file"),
         (["evolve", "--config", "no-scenes.yaml", "--out", "run"], "min_groups <= max_groups"),

@@ -59,7 +59,7 @@ def test_model_commands(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(model), "--prompts", "4", "--steps", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"score", "skills"} and 0 <= result["score"] <= 1
+    assert set(result) == {"score", "skills", "asked"} and 0 <= result["score"] <= 1
     assert main(["sample", str(tmp_path / "nowhere"), "a red circle", "--out", str(tmp_path / "y.png")]) == 2
 
 

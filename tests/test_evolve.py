@@ -51,7 +51,7 @@ def reference_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run):
+def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run, capsys):
     with Ledger(reference_run, create=False) as ledger:
         records = {r.id: r for r in ledger.records(None)}
         ops = ledger.ops()
@@ -82,6 +82,13 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run)
     assert by_round[(1, "expand")] == sum(1 for r in records.values() if r.round == 1 and r.op == "expand")
     callers = {(row["caller"], row["round"]) for row in stats["calls"]}
     assert {("strong", 0), ("strong", 1), ("scripted", 1), ("scripted", 2)} <= callers
+    from t2i_evolve.cli import main  # without --json: a table of them, a row per round
+
+    capsys.readouterr()
+    assert main(["ledger", "stats", str(reference_run)]) == 0
+    shown = capsys.readouterr().out
+    row_1 = next(line for line in shown.splitlines() if line.startswith("│ 1 "))
+    assert f"│ {by_round[(1, 'expand')]} " in row_1 and "delete" in shown and "strong" in shown
     summary = json.loads((reference_run / "summary.json").read_text())
     assert [row["round"] for row in summary["rounds"]] == [1, 2]
     assert summary["rounds"][1]["teacher_calls"] > summary["rounds"][0]["teacher_calls"]  # expansions were drawn
@@ -844,6 +851,26 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     records, ops = _ledger_state(longer)
     drawn = [[rec[:5] + rec[6:9] for rec in state] for state in (records[:len(before[0])], before[0])]
     assert drawn[0] == drawn[1] and any(op[0] == 3 for op in ops)  # what rounds 1-2 drew, as it was
+
+
+def test_a_folder_another_command_filled_is_refused_not_taken_over(reference_run, tmp_path):
+    """An imported set, or a finished evolve run given to the demo: the command would take those records for its
+    own set and write its summary and report over the other run's. One line, before anything is written."""
+    from PIL import Image
+
+    from t2i_evolve.demo import DemoConfig, run_demo
+    from t2i_evolve.errors import UserError
+
+    imported = tmp_path / "imported"
+    with Ledger(imported) as ledger:
+        ledger.add_record(prompt="a red circle", generator="import", image=Image.new("RGB", (32, 32)), op="import")
+    with pytest.raises(UserError, match="holds 1 records that no evolve run made"):
+        run_evolve(small_config(str(imported)))
+    assert sorted(p.name for p in imported.iterdir()) == ["images", "ledger.sqlite"]
+    before = sorted(p.name for p in reference_run.iterdir())
+    with pytest.raises(UserError, match="records that no demo run made"):
+        run_demo(DemoConfig(output_dir=str(reference_run), minutes=0.05, train_images=8, eval_prompts=2))
+    assert sorted(p.name for p in reference_run.iterdir()) == before
 
 
 def test_a_judge_that_answers_nothing_stops_the_run_in_one_line(tmp_path):

@@ -3,7 +3,7 @@
 from .budgets import CallBudgets
 from .cache import CachedGenerator, CachedJudge, Call, CallBudget
 from .imagefolder import export_imagefolder, import_imagefolder
-from .ledger import Ledger, Op, Record
+from .ledger import Ledger, Op, Record, check_run_folder
 
 __all__ = [
     "CachedGenerator",
@@ -14,6 +14,7 @@ __all__ = [
     "Ledger",
     "Op",
     "Record",
+    "check_run_folder",
     "export_imagefolder",
     "import_imagefolder",
 ]

@@ -349,7 +349,7 @@ class CallCacheMixin:
             "sum(attempts) AS attempts, sum(interrupted) AS interrupted, sum(price) AS price "
             "FROM calls GROUP BY caller, round ORDER BY caller, round"
         ).fetchall()
-        return [dict(row) for row in rows]
+        return [dict(row) | {"price": round(row["price"] or 0.0, 9)} for row in rows]  # (sums of 0.04s: 8.000000000000005)
 
     @contextmanager
     def _claim(self, keys: Iterable[str]) -> Iterator[None]:

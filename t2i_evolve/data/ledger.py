@@ -513,3 +513,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_run_folder(run_dir: str | os.PathLike, marker: str, command: str) -> Path:
+    """`run_dir`, if `command` may start or resume a run there: not a file, and no ledger that another command
+    filled (a demo's, an evolve run's, an import), whose records it would take for its own set and whose results
+    it would write over. `marker`: the file `command` writes into a folder it starts. Else a one-line UserError."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a folder: choose a folder for the run")
+    if (run_dir / marker).exists() or not (run_dir / "ledger.sqlite").exists():
+        return run_dir
+    with Ledger(run_dir, create=False) as ledger:
+        records = ledger.count(None)
+    if records:
+        raise UserError(f"{run_dir} holds {records} records that no {command} run made (another command's run, or an "
+                        "import): choose a new output folder")
+    return run_dir

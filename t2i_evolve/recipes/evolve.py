@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from ..config import Config, check_resumed_config
-from ..data import CallBudget, CallBudgets, Ledger
+from ..data import CallBudget, CallBudgets, Ledger, check_run_folder
 from ..errors import BudgetExhausted, UserError
 from ..eval.report import write_json, write_jsonl
 from ..judges.batch import compare_pairs
@@ -148,7 +148,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
     held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
     check_api_keys(config)
-    out = Path(config.output_dir)
+    out = check_run_folder(config.output_dir, "evolve.yaml", "evolve")  # (not a demo's, nor an import's)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)
     if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
@@ -200,7 +200,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 try:
                     row |= {"ops": run.evolve_set(r, sampler)} if judge_after else {}
                 except BudgetExhausted as e:  # trained and scored: reported, not done (more budget: judged again)
-                    stopped, row["ops"] = str(e), ops_so_far(ledger, r)  # what it changed before the budget ran out
+                    stopped, row = str(e), row | ops_so_far(ledger, r)  # what it changed before the budget ran out
                 row |= {"judge_calls": run.spent.judge_calls(), "teacher_calls_after": run.spent.teacher_calls(),
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)

@@ -336,12 +336,13 @@ def check_rounds_kept(rounds_dir: Path, rounds: int) -> None:
                         "ledger holds their changes), or set a new output_dir")
 
 
-def ops_so_far(ledger: Ledger, round: int) -> dict[str, int]:
-    """The operations of `round` the ledger holds (a round stopped part-way, at a budget), by name."""
+def ops_so_far(ledger: Ledger, round: int) -> dict:
+    """`{"ops": counts}` of the operations of `round` the ledger holds (a round stopped part-way, at a budget), by
+    the ledger's names; `{}` when it holds none (stopped before it changed anything)."""
     counts: dict[str, int] = {}
     for op in ledger.ops(round=round):
         counts[op.op] = counts.get(op.op, 0) + 1
-    return counts
+    return {"ops": counts} if counts else {}
 
 
 def held_out_prompts(config) -> list[str]:
@@ -356,7 +357,7 @@ def held_out_score(sampler, prompts: Sequence[str]) -> dict:
     skill. Always the exact judge, whatever judges the run: the score measures the run, not the judge's
     taste. Fixed seeds, so every model of a run (and every arm of a benchmark) draws the same noise."""
     board = evaluate(sampler, PixelJudge(), list(prompts), seed=10_000).summary()
-    return {"score": board["score"], "skills": board["skills"]}
+    return {key: board[key] for key in ("score", "skills", "asked")}  # (a skill asked 0 times scores 0.0)
 
 
 def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, held_out: list[str], load_sampler) -> dict:
@@ -368,7 +369,7 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, held
         write_jsonl(out / "metrics.jsonl", rounds)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
                "teacher_calls": spent.teacher_calls(), "judge_calls": spent.judge_calls(),
-               "teacher_price": spent.teacher_price(), "stopped": stopped, "ledger": run.ledger.stats()}
+               "teacher_price": round(spent.teacher_price(), 9), "stopped": stopped, "ledger": run.ledger.stats()}
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
