@@ -245,10 +245,12 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .progress import progress_bar
     from .train import TrainConfig, Trainer, TrainingSet
+    from .train.trainer import check_resumable
 
     cfg = TrainConfig.from_yaml(config)
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
+    check_resumable(cfg)
     data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))
     trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
     with progress_bar("training", cfg.steps) as advance:

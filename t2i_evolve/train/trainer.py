@@ -87,6 +87,15 @@ RESUMABLE_CHANGES = {"output_dir", "steps", "schedule_steps", "continue_from", "
 """What a rerun of a training run may change and still resume its checkpoint: how long, how often it saves and logs.
 The rest (model, data, learning rate, batch, seed...) would carry a checkpoint on as another run."""
 
+
+def check_resumable(config: TrainConfig) -> None:
+    """A training run a user reruns (`t2i-evolve train`) resumes its checkpoints only under the config it started
+    with, but for `RESUMABLE_CHANGES`: one line otherwise. (A recipe checks its own config, which sets its trainers':
+    a recipe's run folder moved elsewhere names its base model by another path, and resumes.)"""
+    out = Path(config.output_dir)
+    if any((out / "checkpoints").glob("step-*")):
+        check_resumed_config(out / "config.yaml", config, RESUMABLE_CHANGES)
+
 Evaluate = Callable[[T2IModel, int], dict]
 
 
@@ -269,8 +278,6 @@ class Trainer:
     def _resume(self) -> None:
         """From this run's latest checkpoint, else from `continue_from` (whose metrics are not ours)."""
         checkpoints = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
-        if checkpoints:
-            check_resumed_config(self.out / "config.yaml", self.config, RESUMABLE_CHANGES)
         if not checkpoints and not self.config.continue_from:
             self._truncate_metrics()  # what an attempt killed before its first checkpoint logged
             return
