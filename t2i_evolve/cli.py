@@ -411,16 +411,20 @@ def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", he
     ops = sorted({row["op"] for row in stats["ops"]})
     callers = sorted({row["caller"] for row in stats["calls"]})
     rounds = sorted({row["round"] for row in stats["ops"] + stats["calls"]}, key=lambda r: (r is None, r))
-    table = Table("round", *ops, *(f"{caller} calls (price)" for caller in callers),
-                  title="operations, and calls sent (retries included), per round")
+    table = Table("round", *ops, *(f"{caller} calls" for caller in callers),
+                  title="operations, and requests sent (each retry one) and failed, per round")
     for r in rounds:
         cells = [str(sum(row["count"] for row in stats["ops"] if (row["round"], row["op"]) == (r, op))) for op in ops]
         for caller in callers:
             rows = [row for row in stats["calls"] if (row["round"], row["caller"]) == (r, caller)]
             sent, failed, price = (sum(row[key] or 0 for row in rows) for key in ("attempts", "failed", "price"))
-            cells.append(f"{sent}" + (f", {failed} failed" if failed else "") + (f" ({price:.2f})" if price else ""))
+            cells.append(", ".join([f"{sent} sent"] + [f"{failed} failed"] * bool(failed) + [f"price {price:.2f}"] * bool(price)))
         table.add_row("-" if r is None else str(r), *cells)
     out.print(table)
+    for what in ("generators", "skills"):  # records by status
+        out.print(f"records by {what[:-1]}: " + "; ".join(f"{name} " + ", ".join(f"{n} {status}" for status, n in counts.items())
+                                                          for name, counts in stats[what].items()))
+    out.print("(--json: all of it, as JSON)")
 
 
 @ledger_app.command("export")

@@ -147,7 +147,7 @@ def _training_plan(out: Path, config: DemoConfig, base: Path, started: float, ev
     by the end (a cosine schedule ends short runs better than a constant one); the minutes stay as a backstop."""
     plan_file, asked = out / "train_plan.json", config.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-    if plan.get("config") == asked:
+    if {k: v for k, v in plan.get("config", {}).items() if k not in RESUMABLE_CHANGES} == asked:  # (older plans: all)
         return plan["steps"], plan["train_minutes"]
     after_cost = eval_s * (1 + round(553 * config.geneval_scale) / n_eval) * 1.15 + 10
     train_minutes = max(0.1, config.minutes - (time.perf_counter() - started + after_cost) / 60)

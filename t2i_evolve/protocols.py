@@ -82,11 +82,13 @@ class ImageScore:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A pairwise verdict for one prompt: which image follows it better."""
+    """A pairwise verdict for one prompt: which image follows it better. `split`: a "tie" of votes split evenly
+    (no majority either way), not a majority finding the two alike."""
 
     winner: Literal["a", "b", "tie"]
     score_a: float | None = None
     score_b: float | None = None
+    split: bool = False
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
     # it ran out while round 1 expanded: what the round changed until then is reported, as the ledger holds it
     stopped_round, = first["rounds"]
     with Ledger(run_dir) as ledger:
-        assert stopped_round["ops"] == dict(Counter(op.op for op in ledger.ops(round=1)))
+        assert stopped_round["ops"] == dict(Counter(op.op.replace("judge", "judged") for op in ledger.ops(round=1)))
     assert stopped_round["ops"]["delete"] > 0 and stopped_round["ops"]["expand"] > 0
     second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
     assert 30 < second["teacher_calls"] <= 60

@@ -245,6 +245,22 @@ def test_transient_errors_are_retried_and_counted(ledger):
     assert (row.status, row.attempts, row.price, row.response) == ("done", 3, 0.1, {"ok": True})
 
 
+def test_an_item_that_timed_out_is_retried_alone_and_one_refused_is_not(ledger):
+    """A batch's per-item outcomes: a `CallTimeout` (a `TransientError`) is sent again, a refusal fails for good."""
+    from t2i_evolve.errors import RequestRefused
+
+    sent = []
+
+    def batch(requests):
+        sent.extend(r["q"] for r in requests)
+        first = len(sent) <= 3
+        return [CallTimeout("slow") if r["q"] == 1 and first else RequestRefused("HTTP 400") if r["q"] == 2
+                else {"ok": r["q"]} for r in requests]
+
+    assert ledger.cached_calls("api", [{"q": 0}, {"q": 1}, {"q": 2}], batch, backoff_s=0) == [{"ok": 0}, {"ok": 1}, None]
+    assert sent == [0, 1, 2, 1]
+
+
 def test_a_failure_is_the_answer_until_it_is_asked_again(ledger):
     """Retries spent, the failure is kept and is what a rerun gets, without sending (a rerun after a crash
     pays nothing twice and ends as the first run did); `ask_failed_calls_again` makes it askable again, and

@@ -149,8 +149,10 @@ def test_sampler_slice_and_skills():
     with pytest.raises(UserError, match="binding"):
         GrammarPrompts(GrammarSlice(max_groups=1)).sample(5, seed=0, skill="binding")
     # a slice whose crowding cap no scene fits is one line when made, not a sampler that never returns
-    with pytest.raises(ConfigError, match="max_crowding 0.25 admits no scene: 3 single medium"):
+    with pytest.raises(ConfigError, match="max_crowding 0.25 admits no scene of 3 groups: as many single medium"):
         GrammarSlice(min_groups=3, p_size=0.0, max_crowding=0.25)
+    with pytest.raises(ConfigError, match="admits no scene of 3 groups"):  # a 1-group scene fits, a 3-group one not
+        GrammarSlice(min_groups=1, max_groups=3, max_crowding=0.12)
     assert GrammarPrompts(GrammarSlice(min_groups=3, p_size=0.5, max_crowding=0.25)).sample(3, seed=0)  # small ones fit
 
 

@@ -256,7 +256,8 @@ class CallCacheMixin:
                     raise ValueError(f"{terms.caller}: {len(responses)} answers to {len(remaining)} requests")
                 done = {key: r for key, r in zip(remaining, responses) if isinstance(r, dict)}
                 errors = {key: f"{type(r).__name__}: {r}" for key, r in zip(remaining, responses) if isinstance(r, Exception)}
-                refused = {key: error for key, error in errors.items() if not error.startswith(TransientError.__name__)}
+                refused = {key: errors[key] for key, r in zip(remaining, responses)  # (a CallTimeout is retried too)
+                           if isinstance(r, Exception) and not isinstance(r, TransientError)}
                 self._finish(done, terms.price, refused)
             except TransientError as e:
                 error = f"{type(e).__name__}: {e}"

@@ -105,9 +105,10 @@ class PairVerdict:
     order: Literal["ab", "ba"]
     asks: int
     error: str | None = None
+    split: bool = False  # "tie" as the votes split evenly, no majority (`Comparison.split`)
 
     def comparison(self) -> Comparison | None:
-        return None if self.winner is None else Comparison(self.winner)
+        return None if self.winner is None else Comparison(self.winner, split=self.split)
 
 
 @dataclass
@@ -224,8 +225,9 @@ class ChatJudge:
         for ballot in ballots:
             ok, status, asks, error = _count_votes(ballot)
             tally = Counter(job.response["winner"] for job in ok).most_common()
-            winner = None if not ok else "tie" if len(tally) > 1 and tally[0][1] == tally[1][1] else tally[0][0]
-            verdicts.append(PairVerdict(winner, status, ballot[0].request["order"], asks, error))
+            split = len(tally) > 1 and tally[0][1] == tally[1][1]
+            winner = None if not ok else "tie" if split else tally[0][0]
+            verdicts.append(PairVerdict(winner, status, ballot[0].request["order"], asks, error, split))
         return verdicts
 
     # asking -------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class EvolveConfig(Config):
         "of its prompt and the judge scores it (VQA); below this the record was memorized: kept and expanded. "
         "None: the paper (a small set is memorized, deleted and trained down to nothing). One judge call each.")
     confirm_votes: int | None = Field(None, ge=2, description="A second opinion: a verdict that buys teacher images "
-        "(teacher better; memorized) is asked again to this many votes, majority deciding (a split: kept, nothing bought), "
+        "(teacher better; memorized) is asked again to this many votes, majority deciding (an even split: kept, unbought), "
         "first ask reused: a noisy judge spends no budget on what the base draws. Needs a sampling judge. None: the paper.")
     base_draws: int = Field(1, ge=1, description="Images of the base behind a verdict that buys (teacher better; "
         "memorized): it stands only if the base loses on each of up to this many draws (new seeds), so one unlucky "
@@ -327,10 +327,10 @@ class Run:
                 ops["unjudged"] += 1  # failed or unparseable: no evidence, no change
                 continue
             ops["judged"] += 1
-            row = {"base_vs_teacher": verdict.winner, "score_base": verdict.score_a, "score_teacher": verdict.score_b}
-            row |= {"on_a_fresh_draw": True} if i in redrawn else {}  # (the first draw lost: `base_draws`)
-            if verdict.winner == "b" or (i in overturned and verdict.winner == "tie"):  # (a split second opinion:
-                self.ledger.set_judge(rec.id, row, round=r)                            # buys nothing, keeps it)
+            row = {"base_vs_teacher": "split vote" if verdict.split else verdict.winner, "score_base": verdict.score_a,
+                   "score_teacher": verdict.score_b} | ({"on_a_fresh_draw": True} if i in redrawn else {})  # (`base_draws`)
+            if verdict.winner == "b" or verdict.split:  # (votes split evenly: no evidence to buy or delete on)
+                self.ledger.set_judge(rec.id, row, round=r)
                 expand += [(rec, "teacher better than base")] if verdict.winner == "b" else []
             else:
                 as_good.append((rec, row))

@@ -337,11 +337,12 @@ def check_rounds_kept(rounds_dir: Path, rounds: int) -> None:
 
 
 def ops_so_far(ledger: Ledger, round: int) -> dict:
-    """`{"ops": counts}` of the operations of `round` the ledger holds (a round stopped part-way, at a budget), by
-    the ledger's names; `{}` when it holds none (stopped before it changed anything)."""
+    """`{"ops": counts}` of the operations of `round` the ledger holds (a round stopped part-way, at a budget), named
+    as a finished round's ("judged" for the ledger's "judge"); `{}` when it holds none (it stopped before any)."""
     counts: dict[str, int] = {}
     for op in ledger.ops(round=round):
-        counts[op.op] = counts.get(op.op, 0) + 1
+        name = "judged" if op.op == "judge" else op.op
+        counts[name] = counts.get(name, 0) + 1
     return {"ops": counts} if counts else {}
 
 

@@ -29,15 +29,16 @@ class GrammarSlice:
         if not 1 <= self.min_groups <= self.max_groups <= MAX_GROUPS:
             raise ConfigError(f"groups: need 1 <= min_groups <= max_groups <= {MAX_GROUPS}, got min_groups "
                               f"{self.min_groups}, max_groups {self.max_groups}")
-        if self.max_count < 1 or self.max_objects < self.min_groups:
+        # Every group count the sampler may draw must have scenes (it draws the count once, then scenes of it).
+        if self.max_count < 1 or self.max_objects < self.max_groups:
             raise ConfigError(f"max_count ({self.max_count}) must be at least 1 and max_objects ({self.max_objects}) "
-                              f"at least min_groups ({self.min_groups})")
-        size = "small" if self.p_size > 0 else None  # the least crowded scene: min_groups single objects at that size
-        least = crowding(Scene(tuple(Group(1, color, "circle", size) for color in list(COLORS)[:self.min_groups]),
-                               (None,) * (self.min_groups - 1)), self.resolution)
+                              f"at least max_groups ({self.max_groups})")
+        size = "small" if self.p_size > 0 else None  # the least crowded scene: max_groups single objects at that size
+        least = crowding(Scene(tuple(Group(1, color, "circle", size) for color in list(COLORS)[:self.max_groups]),
+                               (None,) * (self.max_groups - 1)), self.resolution)
         if least > self.max_crowding:
-            raise ConfigError(f"max_crowding {self.max_crowding:g} admits no scene: {self.min_groups} single "
-                              f"{size or 'medium'} object(s) at {self.resolution} px already need {least:.2f}")
+            raise ConfigError(f"max_crowding {self.max_crowding:g} admits no scene of {self.max_groups} groups: as "
+                              f"many single {size or 'medium'} objects at {self.resolution} px already need {least:.2f}")
 
 
 def sample_scene(rng: np.random.Generator, slice_: GrammarSlice = GrammarSlice()) -> Scene:
