@@ -49,7 +49,8 @@ def _image_out(path: Path) -> Path:
 @world_app.command("render")
 def world_render(
     prompt: str,
-    seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Layout seed; the same (prompt, seed) always gives the same image."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED,
+                             help="Layout seed; the same (prompt, seed) always gives the same image."),
     out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
     resolution: int = typer.Option(32, min=8, max=1024, help="Image side in pixels."),
     teacher: str = typer.Option("strong", help="Gallery teacher that draws it (strong, no-color, ...)."),
@@ -256,7 +257,7 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     with progress_bar("training", cfg.steps) as advance:
         advance(trainer.step)
         last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
-    done = f"step {trainer.step}: {json.dumps(last)}" if last else f"trained to step {trainer.step} before (nothing to do)"
+    done = f"step {trainer.step}: {json.dumps(last)}" if last else f"at step {trainer.step} already: nothing to train"
     out.print(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
 
 
@@ -405,25 +406,35 @@ def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", he
     if as_json:
         _print_json(stats)
         return
-    records = stats["records"]
+    _print_stats(run_dir, stats)
+
+
+def _print_stats(run_dir: Path, stats: dict) -> None:
+    """`Ledger.stats()` as a person reads it: a row per round of its operations and of each caller's requests."""
+    records, interrupted = stats["records"], stats["interrupted_calls"]
     out.print(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
-              f"{'; ' + str(stats['interrupted_calls']) + ' calls interrupted' if stats['interrupted_calls'] else ''}")
+              + (f"; {interrupted} calls interrupted" if interrupted else ""))
     ops = sorted({row["op"] for row in stats["ops"]})
     callers = sorted({row["caller"] for row in stats["calls"]})
     rounds = sorted({row["round"] for row in stats["ops"] + stats["calls"]}, key=lambda r: (r is None, r))
+
+    def calls_cell(rows: list[dict]) -> str:
+        sent, failed, price = (sum(row[key] or 0 for row in rows) for key in ("attempts", "failed", "price"))
+        parts = [f"{sent} sent"] + ([f"{failed} failed"] if failed else []) + ([f"price {price:.2f}"] if price else [])
+        return ", ".join(parts)
+
     table = Table("round", *ops, *(f"{caller} calls" for caller in callers),
                   title="operations, and requests sent (each retry one) and failed, per round")
     for r in rounds:
         cells = [str(sum(row["count"] for row in stats["ops"] if (row["round"], row["op"]) == (r, op))) for op in ops]
-        for caller in callers:
-            rows = [row for row in stats["calls"] if (row["round"], row["caller"]) == (r, caller)]
-            sent, failed, price = (sum(row[key] or 0 for row in rows) for key in ("attempts", "failed", "price"))
-            cells.append(", ".join([f"{sent} sent"] + [f"{failed} failed"] * bool(failed) + [f"price {price:.2f}"] * bool(price)))
+        cells += [calls_cell([row for row in stats["calls"] if (row["round"], row["caller"]) == (r, caller)])
+                  for caller in callers]
         table.add_row("-" if r is None else str(r), *cells)
     out.print(table)
-    for what in ("generators", "skills"):  # records by status
-        out.print(f"records by {what[:-1]}: " + "; ".join(f"{name} " + ", ".join(f"{n} {status}" for status, n in counts.items())
-                                                          for name, counts in stats[what].items()))
+    for what in ("generator", "skill"):
+        counts = "; ".join(f"{name} " + ", ".join(f"{n} {status}" for status, n in by_status.items())
+                           for name, by_status in stats[what + "s"].items())
+        out.print(f"records by {what}: {counts}")
     out.print("(--json: all of it, as JSON)")
 
 
