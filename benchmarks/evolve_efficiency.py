@@ -61,9 +61,9 @@ from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, held_out_score, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
-from evolve_report import (calls_to_reach, final_skills, pool_replicates, print_table, summarize,  # noqa: E402
-                           uniform_to_match)
-from side_by_side import run_arms  # noqa: E402
+from evolve_report import (calls_to_reach, final_skills, finite_json, pool_replicates, print_table,  # noqa: E402
+                           summarize, uniform_to_match)
+from side_by_side import finite, numbers, run_arms  # noqa: E402
 
 # Systematic blind spots (each teacher never draws some words right, the rest always), as real models have: the
 # judge can route each prompt to a teacher that knows its words. Random deficits (`id:p`) hit every prompt instead.
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-seeds", type=int, default=1, help="Part 1's uniform and evolve arms (not the "
                         "control) each train this many times (same data, another `train_seed`) and count as their "
                         "mean: a target and a curve less at the mercy of one run's luck (RESULTS.md, 27th session).")
-    parser.add_argument("--tolerance", type=float, default=0.02, help="Score both arms must reach: the best uniform "
+    parser.add_argument("--tolerance", type=finite, default=0.02, help="Score both arms must reach: the best uniform "
                         "score less this (about one standard error of the held-out score at 128 prompts).")
     parser.add_argument("--base", default=None, help="Model folder every arm starts from (default: a fresh tiny model "
                         "per seed); e.g. the demo's trained model.")
@@ -503,9 +503,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     if args.gallery_part1 and args.control:
         parser.error("--control: the always-'teacher better' judge has no quality gate; not with --part1-teachers gallery")
     args.control = not args.gallery_part1 if args.control is None else args.control
-    args.uniform_sizes = [int(n) for n in args.uniform_sizes.split(",")]
-    args.judge_errors = [float(e) for e in args.judge_errors.split(",")]
-    args.evolve_budgets = [int(b) for b in args.evolve_budgets.split(",")]
+    args.uniform_sizes = numbers(parser, "--uniform-sizes", args.uniform_sizes, int, low=1)
+    args.judge_errors = numbers(parser, "--judge-errors", args.judge_errors, float, high=1)
+    args.evolve_budgets = numbers(parser, "--evolve-budgets", args.evolve_budgets, int)
     args.teachers = parse_teachers(parser, "--teachers", args.teachers)
     args.pretrain = parse_teachers(parser, "--pretrain", args.pretrain) if args.pretrain else None
     if args.pretrain and len(args.pretrain) > 1:
@@ -527,13 +527,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         flag = {"writer": "writer-keeps", "steps_per_round": "pretrain-steps", "seed_prompts": "pretrain-images"}.get(
             field, "_".join(map(str, [field, *inner])))
         parser.error(f"--{flag.replace('_', '-')}: {e.errors()[0]['msg']}")
-    for flag, value in (("train-seeds", args.train_seeds), ("judge-votes", args.judge_votes)):
+    for flag, value in (("train-seeds", args.train_seeds), ("judge-votes", args.judge_votes), ("eval-prompts", args.eval_prompts)):
         if value < 1:
             parser.error(f"--{flag}: at least 1, not {value}")
     if args.confirm_votes is not None and args.confirm_votes <= args.judge_votes:
         parser.error(f"--confirm-votes: more than --judge-votes ({args.judge_votes}), not {args.confirm_votes}")
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.parts = parts = {int(p) for p in args.parts.split(",")}
+    args.seeds = numbers(parser, "--seeds", args.seeds, int)
+    args.parts = parts = set(numbers(parser, "--parts", args.parts, int, low=1, high=4))
     if args.gallery_part1 and {1, 3} <= parts:
         parser.error("part 3 with part 1 reruns evolve with the strong teacher: not with --part1-teachers gallery")
     if 3 in parts and not parts & {1, 2}:
@@ -579,7 +579,7 @@ def main() -> None:
         print("--quick: part 2 only runs end to end: at its budget training, not data, sets its scores (floor 2: "
               "--preset best-of-teachers; README, RESULTS.md)", file=sys.stderr)
     if args.json:
-        print(json.dumps(line))
+        print(json.dumps(finite_json(line), allow_nan=False))
 
 
 def parse_teachers(parser, flag: str, text: str) -> dict[str, tuple[float, list[str]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 
@@ -11,6 +12,28 @@ from t2i_evolve.protocols import SKILLS
 def mean_or_none(values):
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def mean_of_all(values):
+    """The mean, or None unless every value is there (a seed that never reached the target has no saving: a mean
+    of the others would read as the saving of all)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
+def mean_count(values) -> int | None:
+    """A mean of call or image counts, as a count."""
+    mean = mean_or_none(values)
+    return None if mean is None else round(mean)
+
+
+def finite_json(value):
+    """`value` with every NaN or infinity replaced by None: JSON has no such numbers (`json.dumps` would write
+    `NaN`, which a strict parser refuses)."""
+    if isinstance(value, dict):
+        return {key: finite_json(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def final_skills(rounds: list[dict]) -> dict[str, float] | None:
@@ -33,17 +56,21 @@ def print_skills(per_seed: list[dict], out) -> None:
 
 
 def summarize(per_seed: list[dict], wall_s: float) -> dict:
-    """The issue's JSON line: means over seeds (per-seed values under `seeds`)."""
-    line, floors = {}, {}
+    """The issue's JSON line: means over seeds (per-seed values under `seeds`). Every key of the issue's line is
+    there: null for a part not run, and `saving` and `calls_to_uniform_final` null unless every counted seed (one
+    whose uniform arms rise with data above its base: the table flags the others) reached uniform's best."""
+    line, floors = {"uniform": None, "evolve": None, "saving": None, "multi_teacher": None}, {}
     if "uniform" in per_seed[0]:
+        counted = [r for r in per_seed if r["uniform"]["rises_with_data"] and r["uniform"]["target_above_base"]]
         line = {
         "uniform": {"final_score": mean_or_none([r["uniform"]["final_score"] for r in per_seed]),
-                    "calls": mean_or_none([r["uniform"]["calls"] for r in per_seed])},
-        "evolve": {"calls_to_uniform_final": mean_or_none([r["evolve"]["calls_to_uniform_final"] for r in per_seed]),
+                    "calls": mean_count([r["uniform"]["calls"] for r in per_seed])},
+        "evolve": {"calls_to_uniform_final": mean_count([mean_of_all([r["evolve"]["calls_to_uniform_final"]
+                                                                      for r in counted])]),
                    "final_score": mean_or_none([r["evolve"]["final_score"] for r in per_seed]),
-                   "calls": mean_or_none([r["evolve"]["calls"] for r in per_seed])},
-        "saving": mean_or_none([r["saving"] for r in per_seed]),
-        }
+                   "calls": mean_count([r["evolve"]["calls"] for r in per_seed])},
+        "saving": mean_of_all([r["saving"] for r in counted]),
+        "multi_teacher": None}
         floors = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
                   "saving_at_least_5": all(r["saving"] is not None and r["saving"] >= 5 for r in per_seed),
                   "target_above_base": all(r["uniform"]["target_above_base"] for r in per_seed)}
@@ -55,7 +82,7 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
                                         for t in mt[0]["single_teacher_students"]},
             "training_data": {t: mean_or_none([m["training_data"][t] for m in mt]) for t in mt[0]["training_data"]},
-            "training_images": {t: mean_or_none([m["training_images"][t] for m in mt])
+            "training_images": {t: mean_count([m["training_images"][t] for m in mt])
                                 for t in mt[0]["training_images"]}}
         if "judge_noise" in mt[0]:
             line["multi_teacher"]["judge_noise"] = {
@@ -126,7 +153,7 @@ def runs(replicates: list[float] | None) -> str:
 
 def print_table(line: dict, per_seed: list[dict]) -> None:
     out = sys.stderr
-    if "uniform" in line:
+    if line["uniform"]:
         print("\n| arm | teacher calls | held-out score |\n|---|---|---|", file=out)
         for r in per_seed:
             if r.get("base_score") is not None:

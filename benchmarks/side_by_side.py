@@ -7,12 +7,17 @@ nothing: every arm is an evolve run, and a rerun with the same `--out` resumes i
 
 from __future__ import annotations
 
+import argparse
+import math
 import multiprocessing
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing.connection import wait
 
+from t2i_evolve.errors import UserError
 from t2i_evolve.progress import progress_bar
 
 
@@ -25,7 +30,8 @@ def run_arms(arms: dict, jobs: int, cost=None) -> dict:
         results = {}
         with progress_bar("arms", len(arms)) as advance:
             for name, (fn, fn_args) in arms.items():
-                results[name] = fn(*fn_args)
+                with naming_the_arm(name):
+                    results[name] = fn(*fn_args)
                 advance(status=name)
         return results
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -39,12 +45,44 @@ def run_arms(arms: dict, jobs: int, cost=None) -> dict:
         with progress_bar(f"arms ({jobs} at a time)", len(arms)) as advance:
             try:
                 for future in as_completed(futures):
-                    results[futures[future]] = future.result()
+                    with naming_the_arm(futures[future]):
+                        results[futures[future]] = future.result()
                     advance(status=futures[future])
             except BaseException:  # one arm failed (or Ctrl-C): start no more, report it now
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     return {name: results[name] for name in arms}
+
+
+@contextmanager
+def naming_the_arm(name) -> Iterator[None]:
+    """An arm's one-line error (a config its data cannot serve, say) names the arm: the others' results are lost
+    with the run, and a rerun with the same `--out` resumes them from their ledgers."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"arm {name}: {e}") from None
+
+
+def numbers(parser: argparse.ArgumentParser, flag: str, text: str, kind=int, low: float = 0,
+            high: float = math.inf) -> list:
+    """A comma-separated list flag, each item a finite `kind` in [low, high): else one line, exit 2 (before any arm
+    trains), not a traceback."""
+    try:
+        values = [kind(item) for item in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag}: expected comma-separated {kind.__name__}s, not {text!r}")
+    if bad := [v for v in values if not (math.isfinite(v) and low <= v < high)]:
+        parser.error(f"{flag}: each in [{low:g}, {high:g}), not {bad[0]}")
+    return values
+
+
+def finite(text: str) -> float:
+    """An argparse `type` for a float flag that must be a number (not nan, not inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a finite number, not {text}")
+    return value
 
 
 def start_worker(threads: int) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import evolve_efficiency  # noqa: E402
-from evolve_report import calls_to_reach, final_skills, pool_replicates, print_skills, uniform_to_match  # noqa: E402
+from evolve_report import (calls_to_reach, final_skills, finite_json, pool_replicates, print_skills,  # noqa: E402
+                           summarize, uniform_to_match)
 
 
 @pytest.mark.parametrize("preset", sorted(evolve_efficiency.PRESETS))
@@ -69,12 +70,34 @@ def test_random_flip_and_lora_reach_every_arm_but_not_the_bases_pretraining(monk
     (["--quick", "--seeds", "0"], "not --seeds 0; other seeds: --preset long-tail-redraw"),
     (["--quick", "--preset", "long-tail"], "--preset long-tail is a full run (an hour or more on 2 cores, "
                                            "RESULTS.md); not with --quick"),
+    (["--parts", "1,x"], "--parts: expected comma-separated ints, not '1,x'"),
+    (["--parts", "4"], "--parts: each in [1, 4), not 4"),
+    (["--judge-errors", "0,1.5"], "--judge-errors: each in [0, 1), not 1.5"),
+    (["--evolve-budgets", "-5"], "--evolve-budgets: each in [0, inf), not -5"),
+    (["--eval-prompts", "0"], "--eval-prompts: at least 1, not 0"),
+    (["--tolerance", "nan"], "argument --tolerance: a finite number, not nan"),
 ])
 def test_a_bad_flag_is_one_line_naming_the_flag_before_any_arm_trains(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sys, "argv", ["evolve_efficiency.py", *argv])
     with pytest.raises(SystemExit) as exit_:
         evolve_efficiency.main()
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_the_json_line_has_every_key_of_the_issue_and_a_saving_only_where_every_counted_seed_reached():
+    """A seed that never reached uniform's best has no saving: the line's is null, not the others' mean; a seed the
+    table flags (uniform does not rise with data) is not counted; counts are ints; a part not run is null; no NaN."""
+    def seed(saving, calls_to, rises=True, score=0.5):
+        return {"seed": 0, "saving": saving, "uniform": {"final_score": score, "calls": 300, "rises_with_data": rises,
+                                                         "target_above_base": True},
+                "evolve": {"calls_to_uniform_final": calls_to, "final_score": 0.6, "calls": 61}}
+
+    line = summarize([seed(5.0, 60), seed(None, None)], 1.0)
+    assert line["saving"] is None and line["evolve"]["calls_to_uniform_final"] is None
+    line = summarize([seed(5.0, 60), seed(None, None, rises=False), seed(3.0, 101)], 1.0)
+    assert line["saving"] == 4.0 and line["evolve"]["calls_to_uniform_final"] == 80
+    assert isinstance(line["uniform"]["calls"], int) and line["multi_teacher"] is None
+    assert finite_json({"a": [float("nan"), 1.0], "b": float("inf")}) == {"a": [None, 1.0], "b": None}
 
 
 def test_train_seeds_replicate_each_part_1_arm_apart_with_its_own_training_seed(monkeypatch, tmp_path):
