@@ -328,8 +328,8 @@ def eval_model(
 @app.command("demo")
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (rerun to resume)."),
-    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole demo [default: the config's, "
-                                            "else 9.5]."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole demo (default: the config's, "
+                                            "else 9.5)."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
 ):
