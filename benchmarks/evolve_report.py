@@ -20,9 +20,8 @@ def mean_of_all(values):
     return None if not values or any(v is None for v in values) else statistics.fmean(values)
 
 
-def mean_count(values) -> int | None:
+def as_count(mean: float | None) -> int | None:
     """A mean of call or image counts, as a count."""
-    mean = mean_or_none(values)
     return None if mean is None else round(mean)
 
 
@@ -64,11 +63,11 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
         counted = [r for r in per_seed if r["uniform"]["rises_with_data"] and r["uniform"]["target_above_base"]]
         line = {
         "uniform": {"final_score": mean_or_none([r["uniform"]["final_score"] for r in per_seed]),
-                    "calls": mean_count([r["uniform"]["calls"] for r in per_seed])},
-        "evolve": {"calls_to_uniform_final": mean_count([mean_of_all([r["evolve"]["calls_to_uniform_final"]
-                                                                      for r in counted])]),
+                    "calls": as_count(mean_or_none([r["uniform"]["calls"] for r in per_seed]))},
+        "evolve": {"calls_to_uniform_final": as_count(mean_of_all([r["evolve"]["calls_to_uniform_final"]
+                                                                   for r in counted])),
                    "final_score": mean_or_none([r["evolve"]["final_score"] for r in per_seed]),
-                   "calls": mean_count([r["evolve"]["calls"] for r in per_seed])},
+                   "calls": as_count(mean_or_none([r["evolve"]["calls"] for r in per_seed]))},
         "saving": mean_of_all([r["saving"] for r in counted]),
         "multi_teacher": None}
         floors = {"uniform_rises_with_data": all(r["uniform"]["rises_with_data"] for r in per_seed),
@@ -82,7 +81,7 @@ def summarize(per_seed: list[dict], wall_s: float) -> dict:
             "single_teacher_students": {t: mean_or_none([m["single_teacher_students"][t] for m in mt])
                                         for t in mt[0]["single_teacher_students"]},
             "training_data": {t: mean_or_none([m["training_data"][t] for m in mt]) for t in mt[0]["training_data"]},
-            "training_images": {t: mean_count([m["training_images"][t] for m in mt])
+            "training_images": {t: as_count(mean_or_none([m["training_images"][t] for m in mt]))
                                 for t in mt[0]["training_images"]}}
         if "judge_noise" in mt[0]:
             line["multi_teacher"]["judge_noise"] = {
