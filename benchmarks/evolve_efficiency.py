@@ -559,7 +559,7 @@ def main() -> None:
                        for name, job in plan_arms(args, root / f"seed-{seed}", seed, parts).items()}
             done = run_arms(planned, args.jobs, cost=arm_cost)
         except UserError as e:  # a bad --base and the like: one line, as the CLI prints it
-            parser.exit(2, f"{parser.prog}: error: {e}\n")
+            parser.exit(2, f"{parser.prog}: error: {e}{'' if args.out else ' (with --out, a rerun keeps the arms that finished)'}\n")
         for seed in seeds:
             arms = pool_replicates({name: result for (s, name), result in done.items() if s == seed})
             result = {"seed": seed}
