@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from t2i_evolve.data import CachedGenerator, CachedJudge, CallBudget, Ledger
+from t2i_evolve.data.cache import content_key
 from t2i_evolve.data.imagefolder import ImportResult, export_imagefolder, import_imagefolder
 from t2i_evolve.errors import BudgetExhausted, CallTimeout, EndpointError, TransientError, UserError
 from t2i_evolve.protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
@@ -199,11 +200,32 @@ def test_transaction_commits_all_or_nothing(ledger):
     assert ledger.count() == 1
 
 
+def test_a_version_1_ledger_is_brought_up_to_date_and_keeps_what_it_meant(tmp_path):
+    """Version 1 said in a failure's error text that a rerun asks it again (a retry the budget did not pay for);
+    version 2 says it in `ask_again`. Opened by this version, the old ledger gets the column, and the same
+    failures are asked again; the others stay the answer a rerun gets."""
+    with Ledger(tmp_path) as ledger:
+        ledger.cached_call("api", {"q": 0}, lambda: {"ok": 0})
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    db.execute("ALTER TABLE calls DROP COLUMN ask_again")  # as version 1 wrote it
+    for q, error in ((1, "TransientError: busy; not retried: the budget is spent"), (2, "RequestRefused: HTTP 400")):
+        db.execute("INSERT INTO calls (key, caller, request, status, error, attempts, created_at, updated_at) "
+                   "VALUES (?, 'api', ?, 'failed', ?, 1, '', '')", (content_key(["api", {"q": q}]), f'{{"q": {q}}}', error))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Ledger(tmp_path) as ledger:
+        assert [(call.request["q"], call.settled) for call in ledger.calls()] == [(0, True), (1, False), (2, True)]
+        assert ledger.cached_call("api", {"q": 1}, lambda: {"ok": 1}, backoff_s=0) == {"ok": 1}
+        assert ledger.cached_call("api", {"q": 2}, lambda: {"ok": 2}, backoff_s=0) is None  # refused: final
+    assert sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def test_schema_version_and_reopen(tmp_path):
     with Ledger(tmp_path / "run") as ledger:
         rid = ledger.add_record(prompt="a red circle", generator="teacher")
     db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with Ledger(tmp_path / "run") as ledger:
         assert ledger.record(rid).prompt == "a red circle"

@@ -87,28 +87,27 @@ class Call:
     interrupted: int
     price: float
     round: int | None
+    ask_again: bool
 
     @property
     def settled(self) -> bool:
         """Answered, or failed for good: a rerun gets this outcome without sending the request again (so it
-        pays nothing twice and ends as the first run did). Not settled, so a rerun asks again: a retry the
-        budget could not pay for (never sent), and a request in flight when the run stopped at an error it
-        could not go on after (a bad key, a full GPU), or that the run marked to be asked again once its cause
-        is fixed (`ask_failed_calls_again`)."""
-        return self.status == "done" or (self.status == "failed" and not (self.error or "").endswith(ASKED_AGAIN))
+        pays nothing twice and ends as the first run did). A failure marked `ask_again` is not settled, and a
+        rerun asks again: a retry the budget could not pay for (never sent), a request in flight when the run
+        stopped at an error it could not go on after (a bad key, a full GPU), and one the run marked to be asked
+        again once its cause is fixed (`ask_failed_calls_again`)."""
+        return self.status == "done" or (self.status == "failed" and not self.ask_again)
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> Call:
         values = dict(row)
         values["request"], values["response"] = json.loads(values["request"]), from_json(values["response"])
+        values["ask_again"] = bool(values["ask_again"])
         return cls(**values)
 
 
 UNPAID = "not retried: the budget is spent"
-"""How the error of a request whose retry the budget could not pay for ends (see `Call.settled`)."""
-STOPPED = "asked again on a rerun"
-"""How the error of a request that a rerun must ask again ends (see `Call.settled`)."""
-ASKED_AGAIN = (UNPAID, STOPPED)
+"""How the error of a request whose retry the budget could not pay for ends."""
 
 BatchCall = Callable[[list[dict]], Sequence[dict | Exception | None]]
 """What `Ledger.cached_calls` calls: requests in, one response (None or an exception for a failed item) per request out."""
@@ -255,15 +254,15 @@ class CallCacheMixin:
                 if len(responses) != len(remaining):
                     raise ValueError(f"{terms.caller}: {len(responses)} answers to {len(remaining)} requests")
                 done = {key: r for key, r in zip(remaining, responses) if isinstance(r, dict)}
-                errors = {key: f"{type(r).__name__}: {r}" for key, r in zip(remaining, responses) if isinstance(r, Exception)}
-                refused = {key: errors[key] for key, r in zip(remaining, responses)  # (a CallTimeout is retried too)
-                           if isinstance(r, Exception) and not isinstance(r, TransientError)}
+                failed = {key: r for key, r in zip(remaining, responses) if isinstance(r, Exception)}
+                errors = {key: f"{type(r).__name__}: {r}" for key, r in failed.items()}
+                refused = {key: errors[key] for key, r in failed.items() if not isinstance(r, TransientError)}
                 self._finish(done, terms.price, refused)
             except TransientError as e:
                 error = f"{type(e).__name__}: {e}"
                 continue
             except Exception as e:  # the run stops here: its fix is the user's, and then these are asked again
-                self._fail(remaining, f"{type(e).__name__}: {e}; {STOPPED}")
+                self._fail(remaining, f"{type(e).__name__}: {e}", ask_again=True)
                 raise
             results |= done
             remaining = [key for key in remaining if key not in done and key not in refused]
@@ -290,11 +289,11 @@ class CallCacheMixin:
             else:
                 room = max(0, _allowance(db, terms, need=0) - reserve)
                 keys, unpaid = keys[:room], keys[room:]
-                _mark_failed(db, dict.fromkeys(unpaid, f"{error}; {UNPAID}"))
+                _mark_failed(db, dict.fromkeys(unpaid, f"{error}; {UNPAID}"), ask_again=True)
             db.executemany(
                 "INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', 1, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET status = 'pending', attempts = calls.attempts + 1, "
+                "ON CONFLICT (key) DO UPDATE SET status = 'pending', ask_again = 0, attempts = calls.attempts + 1, "
                 "interrupted = calls.interrupted + (? AND calls.status = 'pending'), "
                 "round = coalesce(calls.round, excluded.round), updated_at = excluded.updated_at",
                 [(k, terms.caller, canonical_json(by_key[k]), terms.round, now, now, first) for k in keys],
@@ -312,9 +311,9 @@ class CallCacheMixin:
                 [(canonical_json(response), price, now, key) for key, response in responses.items()],
             )
 
-    def _fail(self, keys: list[str], error: str) -> None:
+    def _fail(self, keys: list[str], error: str, ask_again: bool = False) -> None:
         with self.transaction() as db:
-            _mark_failed(db, dict.fromkeys(keys, error))
+            _mark_failed(db, dict.fromkeys(keys, error), ask_again)
 
     def _settled_responses(self, keys: Iterable[str]) -> dict[str, dict | None]:
         """The outcome of each of `keys` already settled (`Call.settled`): its response, None for a failure."""
@@ -336,10 +335,7 @@ class CallCacheMixin:
         if round is not None:
             where, args = where + " AND round = ?", [*callers, round]
         with self.transaction() as db:
-            rows = db.execute(f"SELECT key, error FROM calls WHERE {where}", args).fetchall()
-            again = {key: f"{error}; {STOPPED}" for key, error in rows if not (error or "").endswith(ASKED_AGAIN)}
-            db.executemany("UPDATE calls SET error = ? WHERE key = ?", [(e, key) for key, e in again.items()])
-            return len(again)
+            return db.execute(f"UPDATE calls SET ask_again = 1 WHERE {where} AND NOT ask_again", args).rowcount
 
     @staticmethod
     def _call_stats(db: sqlite3.Connection) -> list[dict]:
@@ -370,10 +366,12 @@ class CallCacheMixin:
 _CALL_COLUMNS = ", ".join(f.name for f in fields(Call))
 
 
-def _mark_failed(db: sqlite3.Connection, errors: dict[str, str]) -> None:
-    """Mark the calls in flight among `errors`' keys failed, each with its reason (an answered one stays)."""
-    db.executemany("UPDATE calls SET status = 'failed', error = ?, updated_at = ? WHERE key = ? AND status = 'pending'",
-                   [(error, utc_now(), key) for key, error in errors.items()])
+def _mark_failed(db: sqlite3.Connection, errors: dict[str, str], ask_again: bool = False) -> None:
+    """Mark the calls in flight among `errors`' keys failed, each with its reason (an answered one stays); with
+    `ask_again`, a failure a rerun asks again (`Call.settled`)."""
+    db.executemany("UPDATE calls SET status = 'failed', error = ?, ask_again = ?, updated_at = ? "
+                   "WHERE key = ? AND status = 'pending'",
+                   [(error, ask_again, utc_now(), key) for key, error in errors.items()])
 
 
 def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:

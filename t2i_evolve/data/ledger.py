@@ -34,7 +34,7 @@ from PIL import Image
 from ..errors import UserError
 from .cache import CallCacheMixin, content_key, encode_png, from_json, is_text, utc_now, where_clause
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE records (
@@ -80,10 +80,16 @@ CREATE TABLE calls (
     price REAL NOT NULL DEFAULT 0,
     round INTEGER,
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    ask_again INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX calls_caller ON calls(caller);
 """
+
+_MIGRATIONS = {  # version -> the statements that bring a ledger of that version to the next
+    1: ["ALTER TABLE calls ADD COLUMN ask_again INTEGER NOT NULL DEFAULT 0",  # (version 1 said it in the error text)
+        "UPDATE calls SET ask_again = 1 WHERE status = 'failed' AND error LIKE '%not retried: the budget is spent'"],
+}
 
 Status = Literal["active", "deleted"]
 
@@ -231,7 +237,11 @@ class Ledger(CallCacheMixin):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+            for step in range(version, SCHEMA_VERSION):  # an older ledger, brought up to date in place
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
