@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .errors import UserError, is_disk_full
 
 MAX_SEED = 2**32 - 1  # as a config's `Seed`: torch seeds are 64-bit, and seeds are mixed into larger ones
 
@@ -479,7 +479,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValidationError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
         return 2
-    except OSError as e:  # a path that cannot be written or read: a file where a folder should be, no permission
+    except Exception as e:
+        if is_disk_full(e):  # what was written is kept (files are renamed into place, the ledger is SQLite)
+            sys.stderr.write(f"error: the disk is full ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                             "free some space and rerun the same command; it resumes where it stopped\n")
+            return 2
+        if not isinstance(e, OSError):
+            raise
+        # a path that cannot be written or read: a file where a folder should be, no permission
         sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:

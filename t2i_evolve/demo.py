@@ -20,7 +20,7 @@ from pydantic import Field
 from .config import Config, check_resumed_config
 from .data import CachedGenerator, Ledger, check_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
-from .eval.report import image_grid, score_table, svg_curve, write_report
+from .eval.report import image_grid, read_jsonl, score_table, svg_curve, write_report
 from .judges import PixelJudge
 from .models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
 from .progress import progress_bar
@@ -206,7 +206,7 @@ def _geneval(model: T2IModel, judge: PixelJudge, config: DemoConfig) -> dict:
 
 
 def _write_report(out: Path, prompts: list[str], before, after, summary: dict) -> None:
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_jsonl(out / "metrics.jsonl")
     losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     geneval = summary["after"].get("geneval") or {}
     tasks = "".join(f"<tr><td>{t}</td><td>{v:.3f}</td></tr>" for t, v in geneval.get("tasks", {}).items())

@@ -5,6 +5,8 @@
 when the same request may succeed if sent again (a 429, a 5xx, a timeout); the call cache retries it.
 """
 
+import errno
+
 
 class UserError(Exception):
     """Bad input that a user can fix; shown as one line, never as a traceback."""
@@ -43,3 +45,19 @@ class CallTimeout(TransientError, TimeoutError):
 
 class BudgetExhausted(RuntimeError):
     """A per-run budget of calls or money is spent; callers stop cleanly."""
+
+
+class DiskFull(UserError):
+    """No room left where the run writes: raised before paying for images that could not be stored."""
+
+
+DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded")
+"""How a full disk reads in the exceptions of libraries that do not raise `OSError` for it: safetensors
+(`SafetensorError`), SQLite (`sqlite3.OperationalError`)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full, whichever library raised it."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error).lower() for text in DISK_FULL_TEXTS)

@@ -678,9 +678,14 @@ def test_a_training_replicate_buys_the_same_images_and_trains_other_weights(tmp_
 def test_an_epoch_cap_trains_a_small_set_for_fewer_steps_and_the_rounds_stay_one_run(tmp_path):
     """`max_epochs_per_round: 1`: round 1 has 24 records, batch 8, so it trains 3 steps, not 6; the judge then
     expands the set past 48 records and round 2 trains its full 6, carrying on from step 3."""
+    from t2i_evolve.eval.report import read_jsonl
+
     summary = run_evolve(small_config(str(tmp_path), max_epochs_per_round=1.0, mutate_rate=0.0))
-    steps = [sorted((tmp_path / "rounds" / f"{r:03d}" / "checkpoints").glob("step-*"))[-1].name for r in (1, 2)]
-    assert summary["rounds"][1]["active"] > 48 and steps == ["step-0000003", "step-0000009"]
+    steps = [max(row["step"] for row in read_jsonl(tmp_path / "rounds" / f"{r:03d}" / "metrics.jsonl")) for r in (1, 2)]
+    assert summary["rounds"][1]["active"] > 48 and steps == [3, 9]
+    # spent checkpoints are gone (round 1's, and round 2's but its last, which a third round would carry on from)
+    assert not (tmp_path / "rounds" / "001" / "checkpoints").exists()
+    assert [p.name for p in (tmp_path / "rounds" / "002" / "checkpoints").glob("step-*")] == ["step-0000009"]
 
 
 def test_an_llm_writer_rerun_remembers_what_it_wrote_in_earlier_rounds(tmp_path):
@@ -808,11 +813,16 @@ def test_lora_rounds_carry_one_adapter_on_the_base_and_save_it_merged_once(tmp_p
     """Every round carries on training adapters over the base's own weights (its checkpoint holds both) and
     saves the base plus exactly its adapters' B @ A, merged once: no other weight moves, in any round."""
     from t2i_evolve.models import T2IModel
+    from t2i_evolve.train.lora import DEFAULT_TARGETS
     summary = run_evolve(small_config(str(tmp_path), evolve=False, lora={"rank": 2}, ema_decay=None))
     assert len(summary["rounds"]) == 2
     base = dict(T2IModel.from_pretrained(tmp_path / "base").unet.named_parameters())
     for r in (1, 2):
         saved = dict(T2IModel.from_pretrained(tmp_path / "rounds" / f"{r:03d}" / "model").unet.named_parameters())
+        if r == 1:  # its checkpoints are deleted once round 2's model is saved: its model moved only adapted layers
+            changed = [n for n in base if not torch.equal(saved[n], base[n])]
+            assert changed and all(any(f".{t}.weight" in n for t in DEFAULT_TARGETS["unet"]) for n in changed)
+            continue
         checkpoint = load_file(sorted((tmp_path / "rounds" / f"{r:03d}" / "checkpoints").glob("step-*"))[-1]
                                / "model.safetensors")  # the UNet's state: base layers and adapters
         adapted = [k.removesuffix(".lora_A.default.weight") for k in checkpoint if k.endswith(".lora_A.default.weight")]

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import random
+import shutil
 import sqlite3
 import sys
 import threading
@@ -34,12 +35,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import BudgetExhausted, RequestRefused, TransientError
+from ..errors import BudgetExhausted, DiskFull, RequestRefused, TransientError
 from ..protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
 
 if TYPE_CHECKING:
@@ -208,6 +210,7 @@ class CallCacheMixin:
             misses = [key for key in by_key if key not in results]
             priced = budget is not None and budget.max_price is not None
             while misses:
+                check_room(self.run_dir)
                 with self._paying if priced else nullcontext():
                     with self._read() as db:
                         n = min(batch_size, _allowance(db, terms, need=1))
@@ -364,6 +367,18 @@ class CallCacheMixin:
 
 
 _CALL_COLUMNS = ", ".join(f.name for f in fields(Call))
+
+
+MIN_FREE_BYTES = 64 * 2**20
+"""Room a run folder's disk must have before a call is sent: else its answer (an image paid for) may not fit."""
+
+
+def check_room(folder: Path) -> None:
+    """Refuse to send a call on a disk too full to keep its answer, before it is paid for or counted."""
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise DiskFull(f"the disk is full ({free / 2**20:.0f} MB left for {folder}, too little to keep the answers "
+                       "of the calls it would send next): free some space and rerun the same command")
 
 
 def _mark_failed(db: sqlite3.Connection, errors: dict[str, str], ask_again: bool = False) -> None:

@@ -84,6 +84,20 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     tmp.replace(path)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file that an appending writer fills, less a last line cut short (by a kill or a
+    full disk) or any other line that is not a JSON object."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def image_grid(prompts: Sequence[str], rows: dict[str, Sequence[Image.Image]], limit: int = 16) -> str:
     """One column per prompt, one row per named image list (e.g. before / after / teacher)."""
     cells = "".join(f"<th class='p'>{html.escape(p)}</th>" for p in prompts[:limit])

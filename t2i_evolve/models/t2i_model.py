@@ -12,6 +12,7 @@ on (the pixels themselves for a pixel-space model). Weights are read and written
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -187,7 +188,9 @@ class T2IModel:
                 part.save_pretrained(root / name, safe_serialization=True)
             elif part is not None:
                 part.save_pretrained(root / name)  # transformers writes safetensors by default
-        (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        # Last, and renamed into place: its presence says every part is whole (a save cut short has none).
+        (root / "model_index.json.tmp").write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(root / "model_index.json.tmp", root / "model_index.json")
         return root
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "T2IModel":

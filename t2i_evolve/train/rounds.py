@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -23,4 +24,16 @@ def train_round(rounds_dir: Path, r: int, init: Path, data: Callable[[], Trainin
         config = TrainConfig(model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                              steps=done + steps, **settings)
         Trainer(config, data()).run()
+    drop_spent_checkpoints(rounds_dir, r)
     return round_dir / "model"
+
+
+def drop_spent_checkpoints(rounds_dir: Path, r: int) -> None:
+    """Once round `r`'s model is saved, only its last checkpoint is read again (round r+1 carries on from it):
+    delete its earlier ones and round r-1's. Each holds weights, AdamW moments and EMA: about 14 GB for an
+    SD1.5 UNet, so kept over every round they would fill a disk. Run by every process after the round's last
+    barrier, and idempotent, so a kill between saving and deleting is made good by the rerun."""
+    spent = [rounds_dir / f"{r - 1:03d}" / "checkpoints"]
+    spent += sorted((rounds_dir / f"{r:03d}" / "checkpoints").glob("step-*"))[:-1]
+    for folder in spent:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from ..config import Config, check_resumed_config
 from ..errors import UserError
+from ..eval.report import read_jsonl
 from ..models import T2IModel
 from .data import TrainingSet, batch_indices
 from .ema import EMA
@@ -262,11 +263,18 @@ class Trainer:
         if acc.is_main_process and staging.exists():
             shutil.rmtree(staging)
         acc.wait_for_everyone()
-        acc.save_state(str(staging), safe_serialization=True)
+        try:
+            acc.save_state(str(staging), safe_serialization=True)
+            if acc.is_main_process:
+                if self.ema:
+                    self.ema.save(staging / "ema.safetensors")
+                (staging / "trainer_state.json").write_text(
+                    json.dumps({"step": self.step, "config": self.config.model_dump()}))
+        except BaseException:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if acc.is_main_process:
-            if self.ema:
-                self.ema.save(staging / "ema.safetensors")
-            (staging / "trainer_state.json").write_text(json.dumps({"step": self.step, "config": self.config.model_dump()}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -303,7 +311,7 @@ class Trainer:
         evaluation when it resumed at the last step (it is run again)."""
         path = self.out / "metrics.jsonl"
         if self.accelerator.is_main_process and path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = read_jsonl(path)
             final = self.step >= self.config.steps and self.evaluate is not None
             kept = [json.dumps(row) for row in lines if row.get("step", 0) < self.step or (
                 row.get("step", 0) == self.step and not (final and "eval" in row))]

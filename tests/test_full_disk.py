@@ -1,0 +1,119 @@
+"""A full disk: no call is paid for without room to keep its answer, a checkpoint cut short leaves nothing
+behind, a metrics line cut short does not stop the resume, and whatever library hits the full disk, the CLI
+says it in one line (and that a rerun resumes).
+
+CI once failed on a full disk (pytest's folders of three runs kept); a real run fills one faster: an SD1.5
+checkpoint is ~14 GB.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+import pytest
+
+from t2i_evolve.cli import main
+from t2i_evolve.data import Ledger
+from t2i_evolve.data import cache as call_cache
+from t2i_evolve.data.cache import CachedGenerator
+from t2i_evolve.errors import DiskFull, is_disk_full
+from t2i_evolve.eval.report import read_jsonl
+from t2i_evolve.train import TrainConfig, Trainer, TrainingSet
+from t2i_evolve.train.ema import EMA
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+
+
+class CountingTeacher(ProceduralTeacher):
+    """The strong procedural teacher, counting the images it is asked for (each one a paid call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn = 0
+
+    def generate(self, prompts, seeds):
+        self.drawn += len(prompts)
+        return super().generate(prompts, seeds)
+
+
+def test_no_call_is_sent_or_counted_on_a_disk_too_full_to_keep_its_answer(tmp_path, monkeypatch):
+    teacher, prompts = CountingTeacher(), GrammarPrompts().sample(6, seed=0)
+    with Ledger(tmp_path) as ledger:
+        generator = CachedGenerator(teacher, ledger)
+        monkeypatch.setattr(call_cache, "MIN_FREE_BYTES", 2**62)  # more than any disk has free
+        with pytest.raises(DiskFull, match="free some space and rerun the same command"):
+            generator.generate(prompts, list(range(6)))
+        assert teacher.drawn == 0 and ledger.call_count() == 0  # nothing paid, nothing counted against a budget
+        monkeypatch.undo()
+        assert all(image is not None for image in generator.generate(prompts, list(range(6))))
+        assert teacher.drawn == 6 and [c.attempts for c in ledger.calls()] == [1] * 6
+        monkeypatch.setattr(call_cache, "MIN_FREE_BYTES", 2**62)
+        assert all(image is not None for image in generator.generate(prompts, list(range(6))))  # cached: no room needed
+        assert teacher.drawn == 6
+
+
+def test_a_checkpoint_cut_short_by_a_full_disk_leaves_nothing_and_the_rerun_resumes(tiny_dir, tmp_path, monkeypatch):
+    """The disk fills while step 2's checkpoint is written: its half-written folder is removed (the room it took
+    given back), step 1's stays, and after a metrics line cut short too, the rerun ends as an uninterrupted run."""
+    prompts = GrammarPrompts().sample(8, seed=1)
+    data = TrainingSet.from_generator(ProceduralTeacher(), prompts)
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=3, batch_size=4, checkpoint_every=1,
+                         log_every=1, ema_decay=0.9, tracker="none")
+    saves = []
+    real_save = EMA.save
+
+    def save_until_the_disk_fills(ema, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(ema, path)
+
+    monkeypatch.setattr(EMA, "save", save_until_the_disk_fills)
+    with pytest.raises(OSError) as raised:
+        Trainer(config, data).run()
+    assert is_disk_full(raised.value)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000001"]  # no .staging-0000002 left
+    with open(tmp_path / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 2, "lo')  # the line being appended when the disk filled
+    monkeypatch.undo()
+    Trainer(config, data).run()
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000003"]
+
+
+class SafetensorError(Exception):
+    """What safetensors raises (not an `OSError`) when its file does not fit."""
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device", "rounds/001/model.safetensors"),
+    sqlite3.OperationalError("database or disk is full"),
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+], ids=["oserror", "sqlite", "safetensors"])
+def test_a_full_disk_is_one_line_that_says_a_rerun_resumes(error, tmp_path, monkeypatch, capsys):
+    import t2i_evolve.recipes.evolve as evolve_recipe
+
+    def fill_the_disk(config):
+        raise error
+
+    monkeypatch.setattr(evolve_recipe, "run_evolve", fill_the_disk)
+    assert main(["evolve", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the disk is full (") and "rerun the same command" in err
+    assert "Traceback" not in err
+
+
+def test_other_errors_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
+    import t2i_evolve.recipes.evolve as evolve_recipe
+
+    assert not is_disk_full(sqlite3.OperationalError("database is locked"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+    def fail(config):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(evolve_recipe, "run_evolve", fail)
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug stays a traceback, to be reported
+        main(["evolve", "--out", str(tmp_path / "run")])
