@@ -52,12 +52,21 @@ class DiskFull(UserError):
 
 
 DISK_FULL_TEXTS = ("no space left on device", "database or disk is full", "disk quota exceeded")
-"""How a full disk reads in the exceptions of libraries that do not raise `OSError` for it: safetensors
-(`SafetensorError`), SQLite (`sqlite3.OperationalError`)."""
+"""How a full disk reads in the errors of libraries that do not raise `OSError` for it: SQLite
+(`sqlite3.OperationalError`), safetensors (`SafetensorError`)."""
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` says the disk (or the user's quota) is full, whichever library raised it."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return any(text in str(error).lower() for text in DISK_FULL_TEXTS)
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, says the disk (or the user's quota) is full. Text is
+    read only from SQLite's and safetensors' errors: a server's quoted message is not our disk."""
+    while error is not None:
+        if isinstance(error, DiskFull):
+            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        library = type(error).__module__.split(".")[0]
+        if library in ("sqlite3", "safetensors") or type(error).__name__ == "SafetensorError":
+            if any(text in str(error).lower() for text in DISK_FULL_TEXTS):
+                return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -9,6 +9,7 @@ checkpoint is ~14 GB.
 from __future__ import annotations
 
 import errno
+import shutil
 import sqlite3
 
 import pytest
@@ -83,6 +84,28 @@ def test_a_checkpoint_cut_short_by_a_full_disk_leaves_nothing_and_the_rerun_resu
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000003"]
 
 
+def test_a_full_disk_torch_save_reports_as_unexpected_pos_is_told_by_the_room_left(tiny_dir, tmp_path, monkeypatch):
+    """torch.save (AdamW moments, schedule, RNG states) says a full disk as "unexpected pos", with no errno: with
+    the disk out of room it is `DiskFull`; with room to spare the same error stays itself (a bug to report)."""
+    from accelerate import Accelerator
+
+    data = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(4, seed=2))
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=1, batch_size=4, tracker="none")
+
+    def save_state(self, folder, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=4096))
+    with pytest.raises(DiskFull, match="writing checkpoint step-0000001: RuntimeError: .* unexpected pos"):
+        Trainer(config, data).run()
+    assert not list(tmp_path.glob("checkpoints/*"))
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        Trainer(config, data).run()
+
+
 class SafetensorError(Exception):
     """What safetensors raises (not an `OSError`) when its file does not fit."""
 
@@ -110,6 +133,14 @@ def test_other_errors_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
 
     assert not is_disk_full(sqlite3.OperationalError("database is locked"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(RuntimeError("the server said: No space left on device"))  # not our disk
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("could not save the model") from cause
+    except RuntimeError as wrapped:
+        assert is_disk_full(wrapped)  # a library's own error raised from the full disk
 
     def fail(config):
         raise RuntimeError("a bug")

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import UserError, is_disk_full
 from .cache import CallCacheMixin, content_key, encode_png, from_json, is_text, utc_now, where_clause
 
 SCHEMA_VERSION = 2
@@ -205,7 +205,7 @@ class Ledger(CallCacheMixin):
         except BaseException as e:
             db.close()
             self._db = None
-            if isinstance(e, sqlite3.DatabaseError):  # e.g. "file is not a database"
+            if isinstance(e, sqlite3.DatabaseError) and not is_disk_full(e):  # e.g. "file is not a database"
                 raise UserError(f"cannot open {self.path} as a t2i-evolve ledger: {e}") from None
             raise
 

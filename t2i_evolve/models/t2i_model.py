@@ -180,6 +180,7 @@ class T2IModel:
         """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
+        (root / "model_index.json").unlink(missing_ok=True)  # an earlier save's: not to vouch for parts cut short
         index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
         for name in PARTS:
             part = getattr(self, name)

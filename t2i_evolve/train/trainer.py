@@ -27,8 +27,9 @@ from diffusers.optimization import get_scheduler
 from pydantic import Field
 
 from ..config import Config, check_resumed_config
-from ..errors import UserError
-from ..eval.report import read_jsonl
+from ..data.cache import MIN_FREE_BYTES
+from ..errors import DiskFull, UserError, is_disk_full
+from ..eval.report import read_jsonl, write_jsonl
 from ..models import T2IModel
 from .data import TrainingSet, batch_indices
 from .ema import EMA
@@ -270,9 +271,15 @@ class Trainer:
                     self.ema.save(staging / "ema.safetensors")
                 (staging / "trainer_state.json").write_text(
                     json.dumps({"step": self.step, "config": self.config.model_dump()}))
-        except BaseException:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
+        except BaseException as e:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
+            # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
+            full = isinstance(e, Exception) and shutil.disk_usage(self.out).free < MIN_FREE_BYTES
             if acc.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
+            if full and not is_disk_full(e):
+                raise DiskFull(f"the disk is full (writing checkpoint {final.name}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}): free some space and rerun the same "
+                               "command") from e
             raise
         if acc.is_main_process:
             if final.exists():
@@ -313,9 +320,9 @@ class Trainer:
         if self.accelerator.is_main_process and path.exists():
             lines = read_jsonl(path)
             final = self.step >= self.config.steps and self.evaluate is not None
-            kept = [json.dumps(row) for row in lines if row.get("step", 0) < self.step or (
+            kept = [row for row in lines if row.get("step", 0) < self.step or (
                 row.get("step", 0) == self.step and not (final and "eval" in row))]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_jsonl(path, kept)
 
     def save_model(self, path: Path) -> Path:
         """The trained model (EMA weights if any, LoRA merged) as a loadable safetensors folder."""
