@@ -92,18 +92,40 @@ def test_a_full_disk_torch_save_reports_as_unexpected_pos_is_told_by_the_room_le
     data = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(4, seed=2))
     config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=1, batch_size=4, tracker="none")
 
-    def save_state(self, folder, **kwargs):
+    real_usage, disk_room = shutil.disk_usage, {"left": None, "fills": True}
+
+    def save_state(self, folder, **kwargs):  # the disk fills with the checkpoint (the first time)
+        disk_room["left"] = 4096 if disk_room["fills"] else None
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
-    real_usage = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=4096))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(
+        free=disk_room["left"] or real_usage(path).free))
     with pytest.raises(DiskFull, match="writing checkpoint step-0000001: RuntimeError: .* unexpected pos"):
         Trainer(config, data).run()
     assert not list(tmp_path.glob("checkpoints/*"))
-    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    disk_room["left"], disk_room["fills"] = None, False
     with pytest.raises(RuntimeError, match="unexpected pos"):
         Trainer(config, data).run()
+
+
+def test_training_that_could_not_save_its_first_checkpoint_does_not_start(tiny_dir, tmp_path, monkeypatch):
+    """The estimate of a checkpoint's size is within a fifth of the real one (full tuning with EMA, and LoRA);
+    with less room than that, the run stops before its first step, in one line, and nothing is written."""
+    data = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(4, seed=3))
+    for name, settings in [("full", {"ema_decay": 0.9}), ("lora", {"lora": {"rank": 4}})]:
+        config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path / name), steps=1, batch_size=4,
+                             tracker="none", **settings)
+        trainer = Trainer(config, data)
+        trainer.run()
+        written = sum(f.stat().st_size for f in (tmp_path / name / "checkpoints").rglob("*") if f.is_file())
+        assert abs(trainer.checkpoint_bytes() / written - 1) < 0.2, (name, trainer.checkpoint_bytes(), written)
+    real_usage, fresh = shutil.disk_usage, tmp_path / "no-room" / "train"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=written))
+    trainer = Trainer(config.model_copy(update={"output_dir": str(fresh)}), data)
+    with pytest.raises(DiskFull, match=r"a checkpoint of it takes about 0\.\d+ GB"):
+        trainer.run()
+    assert trainer.step == 0 and not fresh.exists()
 
 
 class SafetensorError(Exception):

@@ -161,6 +161,8 @@ class Trainer:
         """Train to `config.steps`; returns the last logged metrics. `progress(steps_done, metrics)`."""
         c, acc = self.config, self.accelerator
         self._resume()
+        if self.step < c.steps:
+            self._check_room()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(c.to_yaml())
@@ -255,6 +257,24 @@ class Trainer:
     @property
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoints"
+
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk: the trained modules' weights, AdamW's two moments of each
+        trainable weight and the EMA's copy of it (an SD1.5 UNet: about 14 GB)."""
+        weights = sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.state_dict().values())
+        trainable = sum(p.numel() * p.element_size() for p in self.params)
+        return weights + trainable * (3 if self.ema else 2)
+
+    def _check_room(self) -> None:
+        """Refuse to start training that could not save its first checkpoint: told now, not after the hours of
+        steps before it (every process checks, so none waits at a barrier for one that stopped)."""
+        need, folder = self.checkpoint_bytes(), self.out
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if free < need + MIN_FREE_BYTES:
+            raise DiskFull(f"the disk is full for this run: a checkpoint of it takes about {need / 2**30:.2f} GB, "
+                           f"{free / 2**30:.2f} GB free for {self.out}: free some space and rerun the same command")
 
     def save_checkpoint(self) -> Path:
         """Model, optimizer, schedule, RNG and EMA states plus the step; written aside, then renamed."""
