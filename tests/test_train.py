@@ -176,6 +176,22 @@ def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path
     assert logged == [4]  # only its own steps: the first run's metrics stay in its own folder
 
 
+def test_a_step_the_fp16_loss_scaler_skipped_is_no_ema_update(tiny_dir, tmp_path, monkeypatch):
+    """With fp16 the loss scaler skips the optimizer step on overflowing gradients (often the first steps, while
+    it finds its scale); the EMA must not count such a step (CPU has no fp16 scaler: the skip is simulated)."""
+    from accelerate import Accelerator
+
+    data = _teacher_set(8, seed=5)
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=3, batch_size=4, ema_decay=0.9,
+                         tracker="none")
+    skipped = {2}  # the second step overflows
+    trainer = Trainer(config, data)
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped",
+                        property(lambda acc: trainer.step + 1 in skipped))
+    trainer.run()
+    assert trainer.ema.updates == 2
+
+
 def test_checkpoints_hold_the_ema_as_safetensors_and_no_pickle_is_loaded(tiny_dir, tmp_path):
     """accelerate would pickle a registered EMA (and unpickle it on resume, which can run code): it is saved
     as safetensors beside the rest; a checkpoint with the old pickle is refused in one line, never loaded.

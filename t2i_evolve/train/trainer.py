@@ -226,7 +226,7 @@ class Trainer:
                 self.schedule.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 total += loss.detach() / c.grad_accum
-        if self.ema:
+        if self.ema and not acc.optimizer_step_was_skipped:  # fp16: a step the loss scaler skipped moved nothing
             self.ema.update()
         return total
 
