@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError, is_disk_full
@@ -30,6 +31,12 @@ app.add_typer(world_app, name="world")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(ledger_app, name="ledger")
 out = Console()
+
+
+def say(text: str) -> None:
+    """A plain line on stdout: never wrapped (it stays one greppable line when piped) and never read as rich
+    markup (a path like `runs/exp[lr=1e-3]` would lose its brackets, and `[/x]` would raise)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_json(data) -> None:
@@ -63,7 +70,7 @@ def world_render(
         raise UserError(f"unknown teacher {teacher!r}; choose from {', '.join(teachers)}")
     out_path = _image_out(out_path)
     teachers[teacher].draw(prompt, seed)[0].save(out_path)
-    out.print(f"wrote {out_path}")
+    say(f"wrote {out_path}")
 
 
 @world_app.command("questions")
@@ -115,7 +122,7 @@ def judge(
         table.add_row(str(i), a.question.text, a.question.skill, ", ".join(map(str, a.question.parents)) or "-",
                       "[green]yes[/]" if a.answer else "[red]no[/]")
     out.print(table)
-    out.print(f"score: {result.score:.3f}")
+    say(f"score: {result.score:.3f}")
 
 
 def _pixel_score(image, prompt: str):
@@ -238,7 +245,7 @@ def init_model(
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder: choose a folder for the model")
     init_tiny_model(out_dir, cfg, seed=seed)
-    out.print(f"wrote {out_dir}")
+    say(f"wrote {out_dir}")
 
 
 @app.command("train")
@@ -258,7 +265,7 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
         advance(trainer.step)
         last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
     done = f"step {trainer.step}: {json.dumps(last)}" if last else f"at step {trainer.step} already: nothing to train"
-    out.print(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
+    say(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
 
 
 def _shapes_evaluator(model_path: str, prompts: int = 128):
@@ -288,7 +295,7 @@ def sample(
     cfg = SamplerConfig.from_dict({"scheduler": scheduler, "steps": steps, "guidance": guidance}, source="flags")
     out_path = _image_out(out_path)
     Sampler(T2IModel.from_pretrained(model), cfg).generate([prompt], [seed])[0].save(out_path)
-    out.print(f"wrote {out_path}")
+    say(f"wrote {out_path}")
 
 
 @app.command("eval")
@@ -359,7 +366,7 @@ def demo(
     if geneval:
         table.add_row("GenEval overall", "", f"{geneval['overall']:.3f}")
     out.print(table)
-    out.print(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
+    say(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
               f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
     if note:
         print(note, file=sys.stderr)
@@ -384,11 +391,11 @@ def evolve(
     for row in summary["rounds"]:
         ops = " ".join(f"{k} {v}" for k, v in row.get("ops", {}).items())
         score = f"{row['score']:.3f}" if "score" in row else "-"
-        out.print(f"round {row['round']}: score {score}  active {row['active']}  teacher calls "
+        say(f"round {row['round']}: score {score}  active {row['active']}  teacher calls "
                   f"{row['teacher_calls_after']}  judge calls {row['judge_calls']}  {ops}")
     if summary["stopped"]:
-        out.print(f"stopped early: {summary['stopped']}")
-    out.print(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")
+        say(f"stopped early: {summary['stopped']}")
+    say(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")
 
 
 def _open_ledger(run_dir: Path):
@@ -412,7 +419,7 @@ def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", he
 def _print_stats(run_dir: Path, stats: dict) -> None:
     """`Ledger.stats()` as a person reads it: a row per round of its operations and of each caller's requests."""
     records, interrupted = stats["records"], stats["interrupted_calls"]
-    out.print(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
+    say(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
               + (f"; {interrupted} calls interrupted" if interrupted else ""))
     ops = sorted({row["op"] for row in stats["ops"]})
     callers = sorted({row["caller"] for row in stats["calls"]})
@@ -423,7 +430,7 @@ def _print_stats(run_dir: Path, stats: dict) -> None:
         parts = [f"{sent} sent"] + ([f"{failed} failed"] if failed else []) + ([f"price {price:.2f}"] if price else [])
         return ", ".join(parts)
 
-    table = Table("round", *ops, *(f"{caller} calls" for caller in callers),
+    table = Table("round", *ops, *(f"{escape(caller)} calls" for caller in callers),  # an id may hold '['
                   title="operations, and requests sent (each retry one) and failed, per round")
     for r in rounds:
         cells = [str(sum(row["count"] for row in stats["ops"] if (row["round"], row["op"]) == (r, op))) for op in ops]
@@ -434,8 +441,8 @@ def _print_stats(run_dir: Path, stats: dict) -> None:
     for what in ("generator", "skill"):
         counts = "; ".join(f"{name} " + ", ".join(f"{n} {status}" for status, n in by_status.items())
                            for name, by_status in stats[what + "s"].items())
-        out.print(f"records by {what}: {counts}")
-    out.print("(--json: all of it, as JSON)")
+        say(f"records by {what}: {counts}")
+    say("(--json: all of it, as JSON)")
 
 
 @ledger_app.command("export")
@@ -450,7 +457,7 @@ def ledger_export(
     if status not in ("active", "deleted", "all"):
         raise UserError(f"--status must be active, deleted or all, not {status!r}")
     n = export_imagefolder(_open_ledger(run_dir), to, status=None if status == "all" else status)
-    out.print(f"exported {n} records to {to}")
+    say(f"exported {n} records to {to}")
 
 
 @ledger_app.command("import")
@@ -465,7 +472,7 @@ def ledger_import(
     if not source.is_dir():
         raise UserError(f"not a folder: {source}")
     n = import_imagefolder(Ledger(run_dir), source, prompt_column=prompt_column)
-    out.print(f"imported {n.summary} into {run_dir}")
+    say(f"imported {n.summary} into {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

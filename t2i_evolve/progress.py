@@ -15,12 +15,12 @@ console = Console(stderr=True)
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
     """Yields `advance(n=1, **fields)`; the bar disappears when done (a table usually follows)."""
     columns = [
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
     ]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total, status="")
