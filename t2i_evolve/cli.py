@@ -8,6 +8,7 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -252,6 +253,7 @@ def init_model(
 def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .progress import progress_bar
+    from .data import claim_run_folder
     from .train import TrainConfig, Trainer, TrainingSet
     from .train.trainer import check_resumable
 
@@ -259,6 +261,8 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     check_resumable(cfg)
+    if os.environ.get("RANK", "0") == "0":  # (under `accelerate launch`, its processes share the folder)
+        claim_run_folder(cfg.output_dir, "train")
     data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))
     trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
     with progress_bar("training", cfg.steps) as advance:

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from .config import Config, check_resumed_config
-from .data import CachedGenerator, Ledger, check_run_folder
+from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
 from .eval.report import image_grid, read_jsonl, score_table, svg_curve, write_report
 from .judges import PixelJudge
@@ -68,7 +68,7 @@ def run_demo(config: DemoConfig) -> dict:
     out = check_run_folder(config.output_dir, "demo.yaml", "demo")  # (not an evolve run's, nor an import's)
     if (out / "base" / "model_index.json").exists():  # a folder a demo started: resumed only by the same demo
         check_resumed_config(out / "demo.yaml", config, RESUMABLE_CHANGES)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out, "demo")
     (out / "demo.yaml").write_text(config.to_yaml())
     prompts_source = GrammarPrompts(GrammarSlice(min_groups=config.min_groups, max_groups=config.max_groups,
                                                  p_size=config.p_size))

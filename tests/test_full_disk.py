@@ -170,3 +170,30 @@ def test_other_errors_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(evolve_recipe, "run_evolve", fail)
     with pytest.raises(RuntimeError, match="a bug"):  # a bug stays a traceback, to be reported
         main(["evolve", "--out", str(tmp_path / "run")])
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused_and_freed_when_it_dies(tmp_path, capsys):
+    """A command started twice on one folder (or a requeued job) would pay again for the other's calls in flight:
+    the second stops in one line naming the first; once the first is gone, even by SIGKILL, the folder is free."""
+    import signal
+    import subprocess
+    import sys
+
+    from t2i_evolve.data import claim_run_folder
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from t2i_evolve.data import claim_run_folder; "
+         "claim_run_folder(sys.argv[1], 'evolve'); print('claimed', flush=True); time.sleep(120)", str(folder)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        assert main(["evolve", "--out", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {folder} is in use by t2i-evolve evolve (pid {holder.pid}): let it finish or stop it, then rerun\n"
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing else written, nothing paid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert claim_run_folder(folder, "evolve") == folder
+    assert claim_run_folder(folder, "demo") == folder  # this process holds it: claiming again is a no-op

@@ -2,6 +2,7 @@
 
 from .budgets import CallBudgets
 from .cache import CachedGenerator, CachedJudge, Call, CallBudget
+from .claim import claim_run_folder
 from .imagefolder import export_imagefolder, import_imagefolder
 from .ledger import Ledger, Op, Record, check_run_folder
 
@@ -15,6 +16,7 @@ __all__ = [
     "Op",
     "Record",
     "check_run_folder",
+    "claim_run_folder",
     "export_imagefolder",
     "import_imagefolder",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from ..config import Config, check_resumed_config
-from ..data import CallBudget, CallBudgets, Ledger, check_run_folder
+from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..errors import BudgetExhausted, UserError
 from ..eval.report import write_json, write_jsonl
 from ..judges.batch import compare_pairs
@@ -149,7 +149,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
     check_api_keys(config)
     out = check_run_folder(config.output_dir, "evolve.yaml", "evolve")  # (not a demo's, nor an import's)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out, "evolve")  # no other process in it: it would pay again for this one's calls in flight
     ledger = Ledger(out)
     if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)

@@ -1,0 +1,54 @@
+"""One process at a time in a run folder.
+
+Two processes in one run folder (a command started twice, a scheduler that requeues a job still running) would
+each take the other's calls in flight for dead ones and pay for them again, and write over each other's
+checkpoints. A command that writes a run folder claims it first: an exclusive `flock` on `<folder>/.lock`, which
+the kernel drops when the process exits however it ends (SIGKILL included), so a rerun after a crash resumes.
+A process keeps the folders it claimed until it exits, and claiming one again is a no-op (a notebook may rerun
+a recipe). Where there is no `flock` (Windows, some network file systems) nothing is locked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO
+
+from ..errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_FILE = ".lock"
+
+_claimed: dict[Path, IO[str]] = {}
+"""Folder -> its open lock file: the claim lasts as long as the file stays open, so it is never closed."""
+
+
+def claim_run_folder(folder: str | os.PathLike, command: str) -> Path:
+    """Make `folder` if needed and hold it for this process; a one-line UserError naming the process that holds
+    it already (its `command` and pid, written into the lock file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    if fcntl is None or key in _claimed:
+        return folder
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{folder} is in use by {holder}: let it finish or stop it, then rerun") from None
+    except OSError:  # the file system has no flock: run unlocked, as before claims existed
+        handle.close()
+        return folder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"t2i-evolve {command} (pid {os.getpid()})\n")
+    handle.flush()
+    _claimed[key] = handle
+    return folder
