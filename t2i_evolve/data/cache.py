@@ -370,15 +370,18 @@ _CALL_COLUMNS = ", ".join(f.name for f in fields(Call))
 
 
 MIN_FREE_BYTES = 64 * 2**20
-"""Room a run folder's disk must have before a call is sent: else its answer (an image paid for) may not fit."""
+"""Room a run folder's disk must keep to spare: a call's answer (an image paid for), a metrics line, SQLite's journal."""
 
 
-def check_room(folder: Path) -> None:
-    """Refuse to send a call on a disk too full to keep its answer, before it is paid for or counted."""
+def check_room(folder: Path, need: int = 0, needed_for: str = "the answers of the calls it would send next") -> None:
+    """Refuse work whose results could not be kept, before it is paid for or done: `need` bytes, and
+    `MIN_FREE_BYTES` to spare, on the disk of `folder` (or of its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     free = shutil.disk_usage(folder).free
-    if free < MIN_FREE_BYTES:
-        raise DiskFull(f"the disk is full ({free / 2**20:.0f} MB left for {folder}, too little to keep the answers "
-                       "of the calls it would send next): free some space and rerun the same command")
+    if free < need + MIN_FREE_BYTES:
+        raise DiskFull(f"the disk is full ({free / 2**20:,.0f} MB left for {folder}, too little for {needed_for}): "
+                       "free some space and rerun the same command")
 
 
 def _mark_failed(db: sqlite3.Connection, errors: dict[str, str], ask_again: bool = False) -> None:

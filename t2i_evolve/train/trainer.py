@@ -27,7 +27,7 @@ from diffusers.optimization import get_scheduler
 from pydantic import Field
 
 from ..config import Config, check_resumed_config
-from ..data.cache import MIN_FREE_BYTES
+from ..data.cache import MIN_FREE_BYTES, check_room
 from ..errors import DiskFull, UserError, is_disk_full
 from ..eval.report import read_jsonl, write_jsonl
 from ..models import T2IModel
@@ -268,13 +268,8 @@ class Trainer:
     def _check_room(self) -> None:
         """Refuse to start training that could not save its first checkpoint: told now, not after the hours of
         steps before it (every process checks, so none waits at a barrier for one that stopped)."""
-        need, folder = self.checkpoint_bytes(), self.out
-        while not folder.exists():
-            folder = folder.parent
-        free = shutil.disk_usage(folder).free
-        if free < need + MIN_FREE_BYTES:
-            raise DiskFull(f"the disk is full for this run: a checkpoint of it takes about {need / 2**30:.2f} GB, "
-                           f"{free / 2**30:.2f} GB free for {self.out}: free some space and rerun the same command")
+        need = self.checkpoint_bytes()
+        check_room(self.out, need, f"a checkpoint of this run, about {need / 2**20:,.0f} MB")
 
     def save_checkpoint(self) -> Path:
         """Model, optimizer, schedule, RNG and EMA states plus the step; written aside, then renamed."""
