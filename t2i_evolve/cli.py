@@ -8,7 +8,6 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ ledger_app = typer.Typer(no_args_is_help=True, help="The dataset ledger of a run
 app.add_typer(world_app, name="world")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(ledger_app, name="ledger")
-out = Console()
+out = Console(emoji=False)  # a path like runs/lr:100: is printed as it is, not with an emoji
 
 
 def say(text: str) -> None:
@@ -253,6 +252,8 @@ def init_model(
 def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .progress import progress_bar
+    from accelerate import PartialState
+
     from .data import claim_run_folder
     from .train import TrainConfig, Trainer, TrainingSet
     from .train.trainer import check_resumable
@@ -261,7 +262,7 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     check_resumable(cfg)
-    if os.environ.get("RANK", "0") == "0":  # (under `accelerate launch`, its processes share the folder)
+    if PartialState().is_main_process:  # (under `accelerate launch`, its processes share the folder)
         claim_run_folder(cfg.output_dir, "train")
     data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))
     trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)

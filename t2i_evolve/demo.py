@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from .config import Config, check_resumed_config
-from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder
+from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder, release_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
 from .eval.report import image_grid, read_jsonl, score_table, svg_curve, write_report
 from .judges import PixelJudge
@@ -119,6 +119,7 @@ def run_demo(config: DemoConfig) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _write_report(out, held_out, before_grid, after_grid, summary)
+    release_run_folder(out)
     return summary
 
 

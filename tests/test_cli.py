@@ -30,7 +30,7 @@ def test_render_then_judge_json(tmp_path, capsys):
     assert json.loads(out)["score"] == 0.0
 
 
-@pytest.mark.parametrize("folder", ["exp[lr=1e-3]", "[/x]", "a" * 90])
+@pytest.mark.parametrize("folder", ["exp[lr=1e-3]", "[/x]", "lr:100:", "a" * 90])
 def test_a_path_is_printed_as_it_is_on_one_line(folder, tmp_path, capsys):
     """Brackets are common in experiment names: a path is never read as rich markup (which dropped
     `[lr=1e-3]` from it, and raised on `[/x]` after the work was done), nor wrapped when stdout is piped."""

@@ -179,7 +179,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused_and_freed_when_it_die
     import subprocess
     import sys
 
-    from t2i_evolve.data import claim_run_folder
+    from t2i_evolve.data import claim_run_folder, release_run_folder
 
     folder = tmp_path / "run"
     holder = subprocess.Popen(
@@ -197,3 +197,21 @@ def test_a_run_folder_in_use_by_another_process_is_refused_and_freed_when_it_die
         holder.wait()
     assert claim_run_folder(folder, "evolve") == folder
     assert claim_run_folder(folder, "demo") == folder  # this process holds it: claiming again is a no-op
+    assert _claimed_elsewhere(folder)  # held from another process's view, until released
+    release_run_folder(folder)
+    assert not _claimed_elsewhere(folder)
+    claim_run_folder(folder, "evolve")
+    shutil.rmtree(folder)  # deleted with its lock file, and made again: this process claims it afresh
+    claim_run_folder(folder, "evolve")
+    assert _claimed_elsewhere(folder)
+    release_run_folder(folder)
+
+
+def _claimed_elsewhere(folder) -> bool:
+    """Whether a new process is refused `folder`."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import sys; from t2i_evolve.data import claim_run_folder; "
+                            "claim_run_folder(sys.argv[1], 'probe')", str(folder)], capture_output=True, text=True)
+    return probe.returncode != 0 and "is in use by" in probe.stderr

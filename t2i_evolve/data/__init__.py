@@ -2,7 +2,7 @@
 
 from .budgets import CallBudgets
 from .cache import CachedGenerator, CachedJudge, Call, CallBudget
-from .claim import claim_run_folder
+from .claim import claim_run_folder, release_run_folder
 from .imagefolder import export_imagefolder, import_imagefolder
 from .ledger import Ledger, Op, Record, check_run_folder
 
@@ -19,4 +19,5 @@ __all__ = [
     "claim_run_folder",
     "export_imagefolder",
     "import_imagefolder",
+    "release_run_folder",
 ]

@@ -376,9 +376,10 @@ MIN_FREE_BYTES = 64 * 2**20
 def check_room(folder: Path, need: int = 0, needed_for: str = "the answers of the calls it would send next") -> None:
     """Refuse work whose results could not be kept, before it is paid for or done: `need` bytes, and
     `MIN_FREE_BYTES` to spare, on the disk of `folder` (or of its nearest existing parent)."""
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < need + MIN_FREE_BYTES:
         raise DiskFull(f"the disk is full ({free / 2**20:,.0f} MB left for {folder}, too little for {needed_for}): "
                        "free some space and rerun the same command")

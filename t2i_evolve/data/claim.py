@@ -4,8 +4,9 @@ Two processes in one run folder (a command started twice, a scheduler that reque
 each take the other's calls in flight for dead ones and pay for them again, and write over each other's
 checkpoints. A command that writes a run folder claims it first: an exclusive `flock` on `<folder>/.lock`, which
 the kernel drops when the process exits however it ends (SIGKILL included), so a rerun after a crash resumes.
-A process keeps the folders it claimed until it exits, and claiming one again is a no-op (a notebook may rerun
-a recipe). Where there is no `flock` (Windows, some network file systems) nothing is locked.
+A run releases its folder when it finishes; one stopped by an error keeps it until its process exits (a CLI
+command at once) or reruns it there (a notebook: claiming a folder this process holds is a no-op). Where there is
+no `flock` (Windows, some network file systems) nothing is locked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ except ImportError:  # Windows
 LOCK_FILE = ".lock"
 
 _claimed: dict[Path, IO[str]] = {}
-"""Folder -> its open lock file: the claim lasts as long as the file stays open, so it is never closed."""
+"""Folder -> its open lock file: the claim lasts as long as the file stays open."""
 
 
 def claim_run_folder(folder: str | os.PathLike, command: str) -> Path:
@@ -33,7 +34,11 @@ def claim_run_folder(folder: str | os.PathLike, command: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
-    if fcntl is None or key in _claimed:
+    if key in _claimed:
+        if _still_ours(folder, _claimed[key]):
+            return folder
+        _claimed.pop(key).close()  # the folder was deleted (and made again) since: claim it afresh
+    if fcntl is None:
         return folder
     handle = open(folder / LOCK_FILE, "a+")
     try:
@@ -52,3 +57,18 @@ def claim_run_folder(folder: str | os.PathLike, command: str) -> Path:
     handle.flush()
     _claimed[key] = handle
     return folder
+
+
+def release_run_folder(folder: str | os.PathLike) -> None:
+    """Let other processes run in `folder` again (its run is done); a folder this process does not hold is a no-op."""
+    handle = _claimed.pop(Path(folder).resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file drops its flock
+
+
+def _still_ours(folder: Path, handle: IO[str]) -> bool:
+    """Whether the lock file we hold is still the folder's (not deleted, with its folder, since we took it)."""
+    try:
+        return os.stat(folder / LOCK_FILE).st_ino == os.fstat(handle.fileno()).st_ino
+    except OSError:
+        return False

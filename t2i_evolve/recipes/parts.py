@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import Field, ValidationError
 
 from ..config import Config
-from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger
+from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run_folder
 from ..endpoints import EndpointConfig
 from ..errors import ConfigError, UserError
 from ..eval import evaluate
@@ -377,4 +377,5 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, held
                         ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
                             op for op in ("reject", "memorized", "overturned", "redrawn")
                             if any(op in row.get("ops", {}) for row in rounds)))
+    release_run_folder(out)  # done: claimed by `run_evolve`, so no other process ran in it meanwhile
     return summary
