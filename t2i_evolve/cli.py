@@ -251,10 +251,10 @@ def init_model(
 @app.command("train")
 def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
-    from .progress import progress_bar
     from accelerate import PartialState
 
     from .data import claim_run_folder
+    from .progress import progress_bar
     from .train import TrainConfig, Trainer, TrainingSet
     from .train.trainer import check_resumable
 
@@ -372,7 +372,7 @@ def demo(
         table.add_row("GenEval overall", "", f"{geneval['overall']:.3f}")
     out.print(table)
     say(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
-              f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
+        f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
     if note:
         print(note, file=sys.stderr)
 
@@ -397,7 +397,7 @@ def evolve(
         ops = " ".join(f"{k} {v}" for k, v in row.get("ops", {}).items())
         score = f"{row['score']:.3f}" if "score" in row else "-"
         say(f"round {row['round']}: score {score}  active {row['active']}  teacher calls "
-                  f"{row['teacher_calls_after']}  judge calls {row['judge_calls']}  {ops}")
+            f"{row['teacher_calls_after']}  judge calls {row['judge_calls']}  {ops}")
     if summary["stopped"]:
         say(f"stopped early: {summary['stopped']}")
     say(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")
@@ -425,7 +425,7 @@ def _print_stats(run_dir: Path, stats: dict) -> None:
     """`Ledger.stats()` as a person reads it: a row per round of its operations and of each caller's requests."""
     records, interrupted = stats["records"], stats["interrupted_calls"]
     say(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
-              + (f"; {interrupted} calls interrupted" if interrupted else ""))
+        + (f"; {interrupted} calls interrupted" if interrupted else ""))
     ops = sorted({row["op"] for row in stats["ops"]})
     callers = sorted({row["caller"] for row in stats["calls"]})
     rounds = sorted({row["round"] for row in stats["ops"] + stats["calls"]}, key=lambda r: (r is None, r))
