@@ -64,8 +64,7 @@ def is_disk_full(error: BaseException | None) -> bool:
             return True
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        library = type(error).__module__.split(".")[0]
-        if library in ("sqlite3", "safetensors") or type(error).__name__ == "SafetensorError":
+        if type(error).__module__.split(".")[0] in ("sqlite3", "safetensors"):
             if any(text in str(error).lower() for text in DISK_FULL_TEXTS):
                 return True
         error = error.__cause__ or error.__context__

@@ -27,8 +27,8 @@ from diffusers.optimization import get_scheduler
 from pydantic import Field
 
 from ..config import Config, check_resumed_config
-from ..data.cache import MIN_FREE_BYTES, check_room
-from ..errors import DiskFull, UserError, is_disk_full
+from ..data.cache import check_room
+from ..errors import UserError, is_disk_full
 from ..eval.report import read_jsonl, write_jsonl
 from ..models import T2IModel
 from .data import TrainingSet, batch_indices
@@ -287,14 +287,13 @@ class Trainer:
                 (staging / "trainer_state.json").write_text(
                     json.dumps({"step": self.step, "config": self.config.model_dump()}))
         except BaseException as e:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
-            # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
-            full = isinstance(e, Exception) and shutil.disk_usage(self.out).free < MIN_FREE_BYTES
-            if acc.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-            if full and not is_disk_full(e):
-                raise DiskFull(f"the disk is full (writing checkpoint {final.name}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}): free some space and rerun the same "
-                               "command") from e
+            try:  # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
+                if isinstance(e, Exception) and not is_disk_full(e):
+                    line = str(e).splitlines()[0] if str(e) else ""
+                    check_room(self.out, needed_for=f"checkpoint {final.name} ({type(e).__name__}: {line})")
+            finally:
+                if acc.is_main_process:
+                    shutil.rmtree(staging, ignore_errors=True)
             raise
         if acc.is_main_process:
             if final.exists():
