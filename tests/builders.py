@@ -5,7 +5,7 @@ import string
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 
 def write_clip_tokenizer(folder):
@@ -19,16 +19,19 @@ def write_clip_tokenizer(folder):
     return vocab
 
 
+def clip_text_config(vocab, **extra):
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"], **extra,
+    )
+
+
 def build_tiny_sd(root):
     """A random-init Stable-Diffusion-style folder (UNet, VAE, CLIP text encoder and tokenizer, scheduler)."""
     vocab = write_clip_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )
-    CLIPTextModel(text_config).save_pretrained(root / "text_encoder")
+    CLIPTextModel(clip_text_config(vocab)).save_pretrained(root / "text_encoder")
     AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
@@ -52,5 +55,25 @@ def build_tiny_sd(root):
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
     }
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def build_tiny_sdxl(root):
+    """A random-init SDXL-style folder: the tiny SD folder's VAE, scheduler and first text encoder, a second
+    CLIP encoder with a projection (the pooled vector) and a UNet with SDXL's size conditioning."""
+    build_tiny_sd(root)
+    vocab = write_clip_tokenizer(root / "tokenizer_2")
+    torch.manual_seed(1)
+    CLIPTextModelWithProjection(clip_text_config(vocab, projection_dim=16)).save_pretrained(root / "text_encoder_2")
+    UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+    ).save_pretrained(root / "unet")
+    index = json.loads((root / "model_index.json").read_text())
+    index |= {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+              "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True}
     (root / "model_index.json").write_text(json.dumps(index))
     return root

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from builders import build_tiny_sd
+from builders import build_tiny_sd, build_tiny_sdxl
 
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
@@ -28,6 +28,12 @@ def judge() -> PixelJudge:
 def sd_dir(tmp_path_factory):
     """A tiny random-init Stable-Diffusion-style model folder."""
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """A tiny random-init SDXL-style model folder (two text encoders, size conditioning)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

@@ -186,26 +186,6 @@ def test_bad_folders_are_user_errors(tiny_dir, tmp_path):
         T2IModel.from_pretrained(corrupt)
 
 
-def test_an_sdxl_style_folder_is_one_line_not_a_traceback_at_its_first_step(sd_dir, tmp_path):
-    """SDXL's UNet wants size and crop conditioning (`added_cond_kwargs`) that the model does not pass."""
-    from diffusers import UNet2DConditionModel
-
-    sdxl = shutil.copytree(sd_dir, tmp_path / "sdxl")
-    shutil.rmtree(sdxl / "unet")
-    UNet2DConditionModel(
-        sample_size=16, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    ).save_pretrained(sdxl / "unet")
-    with pytest.raises(UserError, match="SDXL-style models .* are not supported yet"):
-        T2IModel.from_pretrained(sdxl)
-    index = json.loads((sd_dir / "model_index.json").read_text())
-    (sdxl / "model_index.json").write_text(json.dumps(index | {"text_encoder_2": index["text_encoder"]}))
-    with pytest.raises(UserError, match="SDXL-style models"):
-        T2IModel.from_pretrained(sdxl)
-
-
 def test_devices_by_name(tiny_dir):
     """"auto" takes a GPU when there is one; a device this machine lacks is one clear line, before any work."""
     expected = "cuda" if torch.cuda.is_available() else "cpu"

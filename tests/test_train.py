@@ -93,9 +93,9 @@ def test_random_flip_pairs_each_mirrored_image_with_its_mirrored_prompt(tiny_dir
     trainer = Trainer(config, data)
     seen = {"ids": [], "pixels": []}
     for name, encode in [("ids", trainer.model.encode_tokens), ("pixels", trainer.model.encode_images)]:
-        def record(x, name=name, encode=encode):
+        def record(x, name=name, encode=encode, **options):
             seen[name].append(x.detach().clone())
-            return encode(x)
+            return encode(x, **options)
         setattr(trainer.model, encode.__name__, record)
     trainer.run()
     ids, pixels = torch.cat(seen["ids"]), torch.cat(seen["pixels"])

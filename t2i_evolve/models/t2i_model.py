@@ -2,8 +2,9 @@
 
 Recipes never touch a UNet, a VAE or a tokenizer directly; they call `encode_prompts`, `encode_images`,
 `predict`, `decode` and `denoising_loss`. This class is therefore the only place that knows the
-architecture, so the tiny pixel-space model and a Stable Diffusion 1.x/2.x folder share every code path,
-and another family (SDXL, PixArt, SD3) later means another branch here, not changes in the recipes.
+architecture, so the tiny pixel-space model and Stable Diffusion 1.x/2.x and SDXL folders share every code
+path (SDXL is a branch here: two text encoders, and size and crop conditioning), and another family
+(PixArt, SD3) later means another branch here, not changes in the recipes.
 
 Conventions: images are float tensors (B, 3, H, W) in [-1, 1]; "latents" are what the denoiser works
 on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only.
@@ -31,6 +32,8 @@ from ..errors import UserError
 PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The folder parts this adapter reads; other entries of model_index.json (a safety checker) are ignored."""
 OPTIONAL_PARTS: frozenset[str] = frozenset({"vae"})
+SDXL_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
+"""SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither."""
 LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
@@ -74,7 +77,8 @@ def _load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
     kwargs: dict[str, Any] = {"local_files_only": True}
     # What a part must be is decided by its name, not by the class the index names: a factory such as
     # AutoModel is no torch module, and would load a pickled .bin past the check below.
-    wanted = {"tokenizer": transformers.PreTrainedTokenizerBase, "scheduler": DDPMScheduler}.get(name, torch.nn.Module)
+    wanted = {"tokenizer": transformers.PreTrainedTokenizerBase, "tokenizer_2": transformers.PreTrainedTokenizerBase,
+              "scheduler": DDPMScheduler}.get(name, torch.nn.Module)
     if not issubclass(cls, wanted):
         raise UserError(f"{root}: model_index.json names {class_name} for {name!r}, which is not a {wanted.__name__} class")
     if issubclass(cls, torch.nn.Module):
@@ -121,8 +125,10 @@ class T2IModel:
 
     `scheduler` is the training noise schedule (DDPM); its `config.prediction_type` says whether the
     denoiser predicts the noise ("epsilon") or the velocity ("v_prediction"). `vae` is None for a
-    pixel-space model. The parts are plain diffusers/transformers modules, so LoRA (peft), EMA and
-    optimizers apply to them directly.
+    pixel-space model. `text_encoder_2` and `tokenizer_2` make it SDXL; `zeros_for_empty_prompt` (SDXL's
+    `force_zeros_for_empty_prompt`) makes the unconditional embedding zeros rather than the empty prompt's, as
+    diffusers' SDXL pipeline samples it. The parts are plain diffusers/transformers modules, so LoRA (peft),
+    EMA and optimizers apply to them directly.
     """
 
     def __init__(
@@ -134,16 +140,25 @@ class T2IModel:
         vae: AutoencoderKL | None = None,
         name: str = "t2i-model",
         pipeline_class: str | None = None,
+        text_encoder_2: transformers.PreTrainedModel | None = None,
+        tokenizer_2: transformers.PreTrainedTokenizerBase | None = None,
+        zeros_for_empty_prompt: bool = False,
     ):
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL) or not at all")
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.vae = vae
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.zeros_for_empty_prompt = zeros_for_empty_prompt
         self.name = name
-        self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else "StableDiffusionPipeline")
+        default = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+        self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else default)
         if vae is not None:
-            vae.requires_grad_(False)  # recipes tune the denoiser and the text encoder, never the VAE
+            vae.requires_grad_(False)  # recipes tune the denoiser and the text encoders, never the VAE
 
     # -- loading and saving --------------------------------------------------------------------------
 
@@ -163,18 +178,19 @@ class T2IModel:
         index = _read_index(root)
         if "unet" not in index and "transformer" in index:
             raise UserError(f"{root}: transformer-based models (PixArt, SD3, ...) are not supported yet")
-        sdxl = f"{root}: SDXL-style models (a second text encoder, size and crop conditioning) are not supported yet"
-        if "text_encoder_2" in index:
-            raise UserError(sdxl)
-        parts = {name: _load_part(root, name, index.get(name), dtype) for name in PARTS}
-        if parts["unet"].config.get("addition_embed_type"):  # conditioning that `predict` does not pass
-            raise UserError(sdxl)
+        sdxl = any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
+        parts = {name: _load_part(root, name, index.get(name), dtype) for name in PARTS + SDXL_PARTS * sdxl}
+        _check_added_conditioning(root, parts)
+        if sdxl and dtype == torch.float16 and parts["vae"] is not None and parts["vae"].config.get("force_upcast"):
+            parts["vae"].to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' SDXL pipeline upcasts it too)
         if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
             parts["scheduler"] = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False)
         name = root.resolve().name
-        return cls(**parts, name=name, pipeline_class=index.get("_class_name")).to(resolve_device(device))
+        zeros = sdxl and bool(index.get("force_zeros_for_empty_prompt", True))  # (the SDXL pipeline's default)
+        return cls(**parts, name=name, pipeline_class=index.get("_class_name"),
+                   zeros_for_empty_prompt=zeros).to(resolve_device(device))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""
@@ -182,7 +198,9 @@ class T2IModel:
         root.mkdir(parents=True, exist_ok=True)
         (root / "model_index.json").unlink(missing_ok=True)  # an earlier save's: not to vouch for parts cut short
         index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
-        for name in PARTS:
+        if self.is_sdxl:
+            index["force_zeros_for_empty_prompt"] = self.zeros_for_empty_prompt
+        for name in PARTS + SDXL_PARTS * self.is_sdxl:
             part = getattr(self, name)
             index[name] = _index_entry(part)
             if isinstance(part, diffusers.ModelMixin):
@@ -202,11 +220,17 @@ class T2IModel:
         return self
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder, self.vae) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae) if m is not None]
 
     def trainable_parts(self) -> dict[str, torch.nn.Module]:
-        """The parts recipes may tune (full fine-tuning or LoRA); the VAE stays frozen."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+        """The parts recipes may tune (full fine-tuning or LoRA): the UNet and the text encoders; the VAE stays
+        frozen."""
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     # -- shapes ---------------------------------------------------------------------------------------
 
@@ -259,31 +283,47 @@ class T2IModel:
 
     @property
     def max_length(self) -> int:
-        """Tokens per prompt: the tokenizer's limit, capped by the text encoder's positions."""
-        return min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        """Tokens per prompt: the tokenizers' limit, capped by the text encoders' positions."""
+        pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+        return min(min(tok.model_max_length, enc.config.max_position_embeddings) for tok, enc in pairs if tok)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids (B, max_length), always padded to the full length.
+        """Token ids (B, max_length), always padded to the full length; SDXL: (B, 2, max_length), a row of ids
+        per tokenizer (each pads with its own token).
 
         Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
         (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs.
         """
-        tokens = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        )
-        return tokens.input_ids.to(self.device)
+        ids = [tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                   return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2) if tok]
+        return (torch.stack(ids, 1) if self.is_sdxl else ids[0]).to(self.device)
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         return self.encode_tokens(self.tokenize(prompts))
 
-    def encode_tokens(self, input_ids: torch.Tensor) -> PromptEmbeds:
-        """Token ids from `tokenize` -> embeddings (trainers tokenize once and edit ids, e.g. for dropout)."""
-        out = self.text_encoder(input_ids.to(self.device))
-        return PromptEmbeds(out.last_hidden_state, out.pooler_output)
+    def encode_tokens(self, input_ids: torch.Tensor, drop: torch.Tensor | None = None) -> PromptEmbeds:
+        """Token ids from `tokenize` -> embeddings (trainers tokenize once). Rows where `drop` (B,) is true get
+        the unconditional embedding of `encode_empty` (caption dropout teaches the branch guidance samples)."""
+        input_ids = input_ids.to(self.device)
+        keep = None if drop is None else ~drop.to(self.device).view(-1, *(1,) * (input_ids.dim() - 1))
+        if keep is not None and not self.zeros_for_empty_prompt:
+            input_ids = torch.where(keep, input_ids, self.tokenize([""]))
+        if not self.is_sdxl:
+            out = self.text_encoder(input_ids)
+            text = PromptEmbeds(out.last_hidden_state, out.pooler_output)
+        else:  # both encoders' penultimate states side by side; the pooled vector is the second's projection
+            first = self.text_encoder(input_ids[:, 0], output_hidden_states=True)
+            second = self.text_encoder_2(input_ids[:, 1], output_hidden_states=True)
+            text = PromptEmbeds(torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1), second.text_embeds)
+        if keep is not None and self.zeros_for_empty_prompt:
+            text = PromptEmbeds(*(t * keep.view(-1, *(1,) * (t.dim() - 1)) for t in text))
+        return text
 
     def encode_empty(self, n: int) -> PromptEmbeds:
-        """The unconditional embedding for classifier-free guidance and caption dropout: the empty prompt."""
-        return self.encode_prompts([""] * n)
+        """The unconditional embedding for classifier-free guidance and caption dropout: the empty prompt's,
+        or zeros for an SDXL folder that says `force_zeros_for_empty_prompt` (its pipeline's default)."""
+        empty = self.encode_prompts([""] * n)
+        return PromptEmbeds(*map(torch.zeros_like, empty)) if self.zeros_for_empty_prompt else empty
 
     # -- images ---------------------------------------------------------------------------------------
 
@@ -309,9 +349,13 @@ class T2IModel:
     def predict(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds) -> torch.Tensor:
         """The denoiser's output for noisy latents at timestep(s) `t` (noise or velocity, see prediction_type)."""
         class_labels = text.pooled.to(self.dtype) if self.unet.config.class_embed_type == "projection" else None
-        return self.unet(
-            noisy.to(self.dtype), t, encoder_hidden_states=text.hidden.to(self.dtype), class_labels=class_labels
-        ).sample
+        added = None
+        if self.is_sdxl:  # size and crop conditioning: drawn whole at this size (original = target, no crop)
+            height, width = (side * self.latent_scale for side in noisy.shape[-2:])
+            sizes = torch.tensor([height, width, 0, 0, height, width], device=noisy.device, dtype=self.dtype)
+            added = {"text_embeds": text.pooled.to(self.dtype), "time_ids": sizes.expand(len(noisy), 6)}
+        return self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text.hidden.to(self.dtype),
+                         class_labels=class_labels, added_cond_kwargs=added).sample
 
     def denoising_loss(
         self,
@@ -357,6 +401,25 @@ class T2IModel:
         if self.prediction_type == "v_prediction":
             return capped / (snr + 1)
         return capped
+
+
+def _check_added_conditioning(root: Path, parts: dict[str, Any]) -> None:
+    """A UNet's extra conditioning must be what `predict` passes: none, or SDXL's pooled text and sizes from a
+    second text encoder of the width its config expects (one line here, not a shape error at the first step)."""
+    unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
+    added = unet.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
+    if (added == "text_time") != (encoder is not None):
+        has = "no text_encoder_2" if encoder is None else "a text_encoder_2 but no size conditioning in its UNet"
+        raise UserError(f"{root}: an SDXL-style model needs both a second text encoder and a UNet with size "
+                        f"conditioning (addition_embed_type: text_time); this folder has {has}")
+    if encoder is not None:
+        pooled = getattr(encoder.config, "projection_dim", None)
+        expected = unet.get("projection_class_embeddings_input_dim")
+        if pooled is None or expected != pooled + 6 * unet.addition_time_embed_dim:
+            raise UserError(f"{root}: the UNet expects {expected} added features, text_encoder_2's pooled vector "
+                            f"({pooled}) plus six sizes of {unet.addition_time_embed_dim} make another number")
 
 
 def _latent_scale(vae_config) -> int:

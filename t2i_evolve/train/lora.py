@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
+from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import Field
@@ -61,11 +63,12 @@ def has_lora(module: torch.nn.Module) -> bool:
 
 def merged_copy(model: T2IModel) -> T2IModel:
     """`model` itself when it has no adapters; otherwise a copy with plain modules and merged weights."""
-    if not (has_lora(model.unet) or has_lora(model.text_encoder)):
+    adapted = {name: module for name, module in model.trainable_parts().items() if has_lora(module)}
+    if not adapted:
         return model
-    unet = type(model.unet).from_config(model.unet.config)
-    unet.load_state_dict(merged_state_dict(model.unet))
-    text_encoder = type(model.text_encoder)(model.text_encoder.config)
-    text_encoder.load_state_dict(merged_state_dict(model.text_encoder))
-    return T2IModel(unet, text_encoder, model.tokenizer, model.scheduler, model.vae,
-                    name=model.name, pipeline_class=model.pipeline_class)
+    merged = copy.copy(model)  # the same frozen parts (VAE, tokenizers, schedule); new modules where adapted
+    for name, module in adapted.items():
+        plain = type(module).from_config(module.config) if isinstance(module, ModelMixin) else type(module)(module.config)
+        plain.load_state_dict(merged_state_dict(module))
+        setattr(merged, name, plain)
+    return merged

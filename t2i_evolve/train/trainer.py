@@ -130,21 +130,18 @@ class Trainer:
         self.optimizer, self.schedule = prepared[-2:]
         # Saved by `save_checkpoint` as safetensors (accelerate would pickle it, and unpickle it on resume).
         self.ema = EMA(self.params, config.ema_decay) if config.ema_decay else None
-        self.empty_prompt_ids = self.model.tokenize([""])
         self.prompt_ids = self.model.tokenize(data.prompts)  # once: the word pieces never change
         if config.random_flip:  # the prompt of each row's mirrored image
             self.mirrored_ids = self.model.tokenize([mirror_prompt(p) for p in data.prompts])
         self.step = 0
 
     def _trainable_modules(self) -> dict[str, torch.nn.Module]:
-        c, model = self.config, self.model
-        model.unet.requires_grad_(False)
-        model.text_encoder.requires_grad_(False)
+        c = self.config
         modules = {}
-        for name, wanted in (("unet", c.train_unet), ("text_encoder", c.train_text_encoder)):
-            if not wanted:
+        for name, module in self.model.trainable_parts().items():  # the UNet, the text encoder (SDXL: two)
+            module.requires_grad_(False)
+            if not (c.train_unet if name == "unet" else c.train_text_encoder):
                 continue
-            module = getattr(model, name)
             if c.lora:
                 add_lora(module, c.lora, name, c.seed)  # only the adapter weights require grad
             else:
@@ -211,12 +208,12 @@ class Trainer:
                 if c.random_flip:  # (drawn only when on: a run without it sees the same noise as before)
                     flip = torch.rand(len(ids), generator=rng, device=acc.device) < 0.5
                     pixels = torch.where(flip.cpu()[:, None, None, None], pixels.flip(-1), pixels)
-                    ids = torch.where(flip[:, None], self.mirrored_ids[indices.to(ids.device)], ids)
+                    per_row = flip.view(-1, *(1,) * (ids.dim() - 1))  # (SDXL's ids have a row per tokenizer)
+                    ids = torch.where(per_row, self.mirrored_ids[indices.to(ids.device)], ids)
                 drop = torch.rand(len(ids), generator=rng, device=acc.device) < c.caption_dropout
-                ids = torch.where(drop[:, None], self.empty_prompt_ids.expand_as(ids), ids)
                 with acc.autocast():
                     with torch.set_grad_enabled(c.train_text_encoder):
-                        text = self.model.encode_tokens(ids)
+                        text = self.model.encode_tokens(ids, drop=drop)
                     latents = self.model.encode_images(pixels.to(acc.device))
                     loss = self.model.denoising_loss(latents, text, generator=rng, snr_gamma=c.snr_gamma)
                 acc.backward(loss)
