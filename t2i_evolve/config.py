@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError, UserError
+from .files import write_atomically
 
 C = TypeVar("C", bound="Config")
 
@@ -47,6 +48,11 @@ class Config(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def save(self, path: str | Path) -> None:
+        """Write as YAML, atomically: a run folder's config is what a rerun is checked against, so a kill
+        mid-write must not leave half of one."""
+        write_atomically(path, self.to_yaml())
+
 
 def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> None:
     """A run folder resumed under another config would mix two runs in one folder (a ledger, a checkpoint):
@@ -59,8 +65,20 @@ def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> 
         before = type(config).from_yaml(path)
     except UserError:
         return
-    old, new = before.model_dump(exclude=may_change), config.model_dump(exclude=may_change)
-    changed = [f"{key}: {old.get(key)!r:.40} -> {new[key]!r:.40}" for key in new if old.get(key) != new[key]]
+    changed = list(_differences(before.model_dump(exclude=may_change), config.model_dump(exclude=may_change)))
     if changed:
         raise UserError(f"{path.parent} was started with another config ({'; '.join(changed[:3])}): rerun it with "
                         f"the config in {path}, or start a new run folder")
+
+
+def _differences(old, new, where: str = ""):
+    """'field.sub[0].leaf: old -> new' for each value that differs, down to the leaves (an endpoint's model, not
+    the whole judge spec cut at 40 characters)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*new, *(key for key in old if key not in new)]:
+            yield from _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            yield from _differences(a, b, f"{where}[{i}]")
+    elif old != new:
+        yield f"{where}: {old!r:.40} -> {new!r:.40}"

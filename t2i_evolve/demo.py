@@ -20,6 +20,7 @@ from pydantic import Field
 from .config import Config, check_resumed_config
 from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder, release_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
+from .files import write_atomically
 from .eval.report import image_grid, read_jsonl, score_table, svg_curve, write_report
 from .judges import PixelJudge
 from .models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
@@ -69,7 +70,7 @@ def run_demo(config: DemoConfig) -> dict:
     if (out / "base" / "model_index.json").exists():  # a folder a demo started: resumed only by the same demo
         check_resumed_config(out / "demo.yaml", config, RESUMABLE_CHANGES)
     claim_run_folder(out, "demo")
-    (out / "demo.yaml").write_text(config.to_yaml())
+    config.save(out / "demo.yaml")
     prompts_source = GrammarPrompts(GrammarSlice(min_groups=config.min_groups, max_groups=config.max_groups,
                                                  p_size=config.p_size))
     train_prompts = prompts_source.sample(config.train_images, seed=config.seed)
@@ -81,7 +82,7 @@ def run_demo(config: DemoConfig) -> dict:
     tick = time.perf_counter()
     base = out / "base"
     if not (base / "model_index.json").exists():
-        init_tiny_model(base, config.model, seed=config.seed)
+        init_tiny_model(base, config.model, seed=config.seed, overwrite=True)  # (a save a kill cut short)
     ledger = Ledger(out)
     _draw_teacher_data(ledger, train_prompts)
     phases["teacher_data_s"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -117,7 +118,7 @@ def run_demo(config: DemoConfig) -> dict:
         "eval_prompts": len(held_out),
         "phases": phases,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomically(out / "summary.json", json.dumps(summary, indent=2))
     _write_report(out, held_out, before_grid, after_grid, summary)
     release_run_folder(out)
     return summary
@@ -153,7 +154,7 @@ def _training_plan(out: Path, config: DemoConfig, base: Path, started: float, ev
     after_cost = eval_s * (1 + round(553 * config.geneval_scale) / n_eval) * 1.15 + 10
     train_minutes = max(0.1, config.minutes - (time.perf_counter() - started + after_cost) / 60)
     steps = max(1, int(train_minutes * 60 / _seconds_per_step(base, config.batch_size)))
-    plan_file.write_text(json.dumps({"steps": steps, "train_minutes": train_minutes, "config": asked}))
+    write_atomically(plan_file, json.dumps({"steps": steps, "train_minutes": train_minutes, "config": asked}))
     return steps, train_minutes
 
 

@@ -59,6 +59,11 @@ def base_url_problem(url: str) -> str | None:
     return None
 
 
+HOW_TO_REACH = frozenset({"base_url", "api_key_env", "timeout_s", "max_concurrency", "retries", "backoff_s"})
+"""The `EndpointConfig` fields that say how to reach a model, not which one: a resumed run may change them (another
+port, key or patience). Not `model`: it names what answers, and calls are cached and counted under it."""
+
+
 class EndpointConfig(Config):
     """Where a remote model lives and how hard to push it."""
 

@@ -1,5 +1,6 @@
 """Bad model, sampler and endpoint settings fail at load as one line naming the field, not as a traceback later."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -120,3 +121,40 @@ def test_cli_judge_with_a_bad_endpoint_port_is_one_line(url, tmp_path, capsys):
     Image.new("RGB", (32, 32), "white").save(image)
     code, _, err = run(capsys, "judge", str(image), "--prompt", "a red circle", "--endpoint", url, "--model", "m")
     assert code == 2 and err.count("\n") == 1 and "base_url" in err
+
+
+def test_a_resumed_run_may_move_its_endpoints_but_not_swap_their_models(tmp_path):
+    """Calls are cached and counted under the endpoint's model: another model on a rerun would find none spent,
+    and pay its budgets again. Another address, key or patience is the same model reached another way."""
+    from t2i_evolve.config import check_resumed_config
+    from t2i_evolve.recipes.evolve import RESUMABLE_CHANGES, EvolveConfig
+
+    def config(part: str, **endpoint) -> EvolveConfig:
+        spec = {"kind": "openai", "endpoint": {"base_url": "http://127.0.0.1:8000/v1", "model": "m-1"} | endpoint}
+        return EvolveConfig.from_dict({part: [spec] if part == "teachers" else spec})
+
+    for part in ("judge", "writer", "teachers"):
+        config(part).save(tmp_path / "evolve.yaml")
+        moved = config(part, base_url="http://10.0.0.2:9000/v1", api_key_env="KEY", timeout_s=5, max_concurrency=64)
+        check_resumed_config(tmp_path / "evolve.yaml", moved, RESUMABLE_CHANGES)
+        where = re.escape("teachers[0]" if part == "teachers" else part)
+        with pytest.raises(UserError, match=f"another config \\({where}.endpoint.model: 'm-1' -> 'm-2'\\)"):
+            check_resumed_config(tmp_path / "evolve.yaml", config(part, model="m-2"), RESUMABLE_CHANGES)
+    assert [p.name for p in tmp_path.iterdir()] == ["evolve.yaml"]  # (saved whole, through a temp file)
+
+
+def test_a_base_cut_short_by_a_kill_is_made_again(tmp_path):
+    """Killed while the fresh tiny base was saved (parts, no model_index.json) or before its marker: the rerun
+    makes it again rather than refuse a folder it made itself, or reuse one another config made."""
+    from t2i_evolve.models import T2IModel, TinyModelConfig
+    from t2i_evolve.recipes.parts import base_model_folder
+
+    (tmp_path / "base" / "unet").mkdir(parents=True)
+    (tmp_path / "base" / "unet" / "config.json").write_text("{}")
+    base = base_model_folder(None, tmp_path, TinyModelConfig(), seed=0)
+    assert T2IModel.from_pretrained(base).unet.config.block_out_channels == [16, 32, 64]
+
+    (base / ".made-from.json").unlink()  # killed between the save and the marker, then started with another size
+    smaller = TinyModelConfig(block_out_channels=(8, 8, 16))
+    base_model_folder(None, tmp_path, smaller, seed=0)
+    assert T2IModel.from_pretrained(base).unet.config.block_out_channels == [8, 8, 16]

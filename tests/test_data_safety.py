@@ -215,3 +215,47 @@ def test_a_call_retried_in_a_later_round_stays_in_its_first(tmp_path):
         assert ledger.cached_call("judge", {"q": 1}, lambda: {"ok": 1}, round=2, backoff_s=0) == {"ok": 1}
         (row,) = ledger.calls()
         assert (row.round, row.attempts, row.interrupted, row.status) == (1, 2, 1, "done")
+
+
+# 5. What a second review found: a temp image a kill left, another run's export, pixels that do not decode.
+
+
+def test_an_export_killed_mid_copy_is_finished_by_the_next(run_dir, tmp_path):
+    """A kill while an image was written aside leaves `write_atomically`'s temp file: ours, not a stranger."""
+    out = tmp_path / "out"
+    with Ledger(run_dir) as ledger:
+        export_imagefolder(ledger, out)
+        (out / "train" / ".2.png.k3x9q1.tmp").write_bytes(b"half an image")
+        assert export_imagefolder(ledger, out) == 2
+        (out / "train" / ".notes.txt.k3x9q1.tmp").write_bytes(b"a user's")  # not a name of ours
+        with pytest.raises(UserError, match="holds .notes.txt.k3x9q1.tmp, which no export wrote"):
+            export_imagefolder(ledger, out)
+
+
+def test_another_runs_export_into_the_folder_writes_its_own_images(tmp_path):
+    """Record ids start at 1 in every ledger: an image of the same id and size is not the same image."""
+    out = tmp_path / "out"
+    for name, color, prompt in [("a", (10, 20, 30), "a navy square"), ("b", (30, 20, 10), "a brown square")]:
+        with Ledger(tmp_path / name) as ledger:
+            ledger.add_record(prompt=prompt, generator="teacher", seed=0, image=Image.new("RGB", (4, 4), color))
+            export_imagefolder(ledger, out)
+    assert len(png((10, 20, 30))) == len(png((30, 20, 10)))  # (what made the two look alike)
+    assert Image.open(out / "train" / "1.png").getpixel((0, 0)) == (30, 20, 10)
+    assert json.loads((out / "train" / "metadata.jsonl").read_text())["prompt"] == "a brown square"
+
+
+def test_an_image_whose_pixels_do_not_decode_fails_the_import_before_anything_is_stored(tmp_path, capsys):
+    """Its chunks' checksums hold (a verify passes) but its compressed pixels are not zlib data."""
+    import struct
+    import zlib
+
+    good = png((200, 0, 0))
+    start = good.index(b"IDAT") - 4
+    length = struct.unpack(">I", good[start:start + 4])[0]
+    garbage = b"\x00" * length
+    bad = good[:start + 8] + garbage + struct.pack(">I", zlib.crc32(b"IDAT" + garbage)) + good[start + 12 + length:]
+    source_folder(tmp_path / "src", [{"file_name": "0.png", "prompt": "p 0"}, {"file_name": "1.png", "prompt": "p 1"}])
+    (tmp_path / "src" / "1.png").write_bytes(bad)
+    code, _, err = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
+    assert code == 2 and "corrupt image" in err and "1.png" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # no ledger, and no image of the good row stored

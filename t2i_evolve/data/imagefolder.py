@@ -21,7 +21,8 @@ from PIL import Image
 
 from ..errors import UserError
 from .cache import is_text
-from .ledger import Ledger, Record, Status, write_atomically
+from ..files import write_atomically
+from .ledger import Ledger, Record, Status
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 """Where `import_imagefolder` looks for prompts, in order, unless given a column."""
@@ -32,7 +33,7 @@ MANIFEST = ".t2i-evolve-export.json"
 Hidden (a leading dot), so `datasets` does not take it for data."""
 
 _MANIFEST_KIND = "t2i-evolve imagefolder export"
-_OUR_TEMP_FILE = re.compile(r"\.(metadata\.jsonl|" + re.escape(MANIFEST) + r")\..+\.tmp")
+_OUR_TEMP_FILE = re.compile(r"\.(\d+\.png|metadata\.jsonl|" + re.escape(MANIFEST) + r")\..+\.tmp")
 """Temporary files `write_atomically` leaves behind if killed mid-write (never removed, never in the way)."""
 
 
@@ -63,9 +64,10 @@ def export_imagefolder(ledger: Ledger, out_dir: str | os.PathLike, status: Statu
     # folder that the next export still recognises, and finishes.
     _write_manifest(train, earlier | written)
     for record, row in zip(records, rows):  # never over a file in place: a kill mid-copy would leave it cut short
-        source, target = ledger.run_dir / record.image_path, train / row["file_name"]
-        if not (target.is_file() and target.stat().st_size == source.stat().st_size):  # (same id, same content)
-            write_atomically(target, source.read_bytes())
+        target, data = train / row["file_name"], (ledger.run_dir / record.image_path).read_bytes()
+        # Kept only if it is this image: another run's export into this folder has its own record 1.
+        if not (target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data):
+            write_atomically(target, data)
     metadata = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_atomically(train / "metadata.jsonl", metadata.encode())
     for name in sorted(earlier - written):
@@ -284,7 +286,9 @@ def _check_row(metadata: Path, line: int, row: dict, column: str) -> tuple[Path,
         raise UserError(f"{where}: missing image {path}")
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.verify()  # the chunks' checksums
+        with Image.open(path) as image:
+            image.load()  # and every pixel decodes: no image fails inside the transaction, after others were stored
     except Exception as e:
         raise UserError(f"corrupt image {path} ({e})") from None
     skills = _json_field(row.get("skills"), where, "skills") or []

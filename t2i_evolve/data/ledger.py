@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from ..errors import UserError, is_disk_full
+from ..files import write_atomically
 from .cache import CallCacheMixin, content_key, encode_png, from_json, is_text, utc_now, where_clause
 
 SCHEMA_VERSION = 2
@@ -492,37 +492,6 @@ def _dumps(value: Any) -> str | None:
     if hasattr(value, "to_json"):
         value = value.to_json()
     return json.dumps(value, ensure_ascii=False)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` holds either nothing or all of it, even after a crash.
-
-    The bytes go to a temporary file in the same folder (named `.<name>.<random>.tmp`, so nothing
-    mistakes it for the real file), are fsynced, and only then renamed over `path`; the folder is fsynced
-    too, so the rename itself survives a power cut.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (POSIX needs the directory itself fsynced; Windows cannot)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_run_folder(run_dir: str | os.PathLike, marker: str, command: str) -> Path:

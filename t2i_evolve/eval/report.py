@@ -15,6 +15,8 @@ from typing import Sequence
 
 from PIL import Image
 
+from ..files import write_atomically
+
 
 def png_data_uri(image: Image.Image, scale: int = 3) -> str:
     buffer = io.BytesIO()
@@ -72,16 +74,12 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def write_json(path: Path, data: dict) -> None:
     """Write `data` atomically (a reader, or a rerun after a crash, never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(data, indent=2))
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     """Rewrite a JSON-lines file whole and atomically, so a crash between two rows never loses one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

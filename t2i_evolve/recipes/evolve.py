@@ -47,7 +47,7 @@ from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_judge_serves, check_rounds_kept, every_request_failed, held_out_prompts, held_out_score,
                     judge_call_bounds, judged_base_images, new_prompt_seeds, occurrence_seeds, ops_so_far,
-                    sampled_records, stable_seed, tournament, write_summary)
+                    sampled_records, stable_seed, tournament, write_summary, ENDPOINT_ADDRESSES)
 
 
 class EvolveConfig(Config):
@@ -135,7 +135,7 @@ class EvolveConfig(Config):
 
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
-     "eval_every_round", "device"), True) | {"judge": {"endpoint"}, "writer": {"endpoint"}, "teachers": {"__all__": {"endpoint"}}}
+     "eval_every_round", "device"), True) | ENDPOINT_ADDRESSES  # (of the judge, writer, teachers; not their models)
 
 
 def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) -> dict:
@@ -162,7 +162,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     check_judge_serves(config, judge)
     writer = writer or config.writer.build(config.grammar, ledger)
     run = Run(config, ledger, teachers, judge, writer, out, held_out)
-    (out / "evolve.yaml").write_text(config.to_yaml())  # once it passed every check: what a rerun must match
+    config.save(out / "evolve.yaml")  # once it passed every check: what a rerun must match
 
     def load_sampler(folder: Path) -> Sampler:
         return Sampler(T2IModel.from_pretrained(folder, config.device), config.sampler)

@@ -26,9 +26,10 @@ from pydantic import Field, ValidationError
 
 from ..config import Config
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run_folder
-from ..endpoints import EndpointConfig
+from ..endpoints import HOW_TO_REACH, EndpointConfig
 from ..errors import ConfigError, UserError
 from ..eval import evaluate
+from ..files import write_atomically
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
 from ..judges.batch import score_images
@@ -68,6 +69,11 @@ class TeacherSpec(Config):
         return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0, resolution=resolution)
 
 
+ENDPOINT_ADDRESSES = {"judge": {"endpoint": HOW_TO_REACH}, "writer": {"endpoint": HOW_TO_REACH},
+                      "teachers": {"__all__": {"endpoint": HOW_TO_REACH}}}
+"""What a rerun may change in the specs below (a pydantic `exclude`): how their endpoints are reached."""
+
+
 def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelConfig, seed: int) -> Path:
     """The model folder a recipe improves: `base_model`, or (none named) a fresh tiny shapes model made once
     in `out/base`, so a rerun after a crash goes on from the same random init."""
@@ -75,14 +81,20 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
     if base_model and not (base / "model_index.json").is_file():
         raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
     made_from, marker = {"tiny_model": tiny_model.model_dump(mode="json"), "seed": seed}, base / ".made-from.json"
-    if not base_model and marker.is_file() and json.loads(marker.read_text()) != made_from:
-        # Made by a start that then failed a check, from another config (a run that spent calls has had its
-        # config compared already): the config that passes gets its own base, not that one.
-        shutil.rmtree(base)
-    if not (base / "model_index.json").exists():
+    if not base_model and (_read_json(marker) != made_from or not (base / "model_index.json").is_file()):
+        # None yet; or made by a start that then failed a check, from another config (a run that spent calls has
+        # had its config compared already); or cut short by a kill: made again (the same seed, the same weights).
+        shutil.rmtree(base, ignore_errors=True)
         init_tiny_model(base, tiny_model, seed=seed)
-        marker.write_text(json.dumps(made_from))
+        write_atomically(marker, json.dumps(made_from))  # last: it vouches for a whole folder
     return base
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class JudgeSpec(Config):
@@ -377,5 +389,6 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, held
                         ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
                             op for op in ("reject", "memorized", "overturned", "redrawn")
                             if any(op in row.get("ops", {}) for row in rounds)))
+    run.ledger.close()  # (opened by `run_evolve`)
     release_run_folder(out)  # done: claimed by `run_evolve`, so no other process ran in it meanwhile
     return summary

@@ -162,7 +162,7 @@ class Trainer:
             self._check_room()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(c.to_yaml())
+            c.save(self.out / "config.yaml")
         if c.tracker != "none":
             acc.init_trackers("train", config={k: v for k, v in c.model_dump().items() if not isinstance(v, dict)})
         last: dict = {}
