@@ -472,11 +472,19 @@ def ledger_import(
     prompt_column: Optional[str] = typer.Option(None, help="Column holding prompts (default: prompt/text/caption)."),
 ):
     """Import a user's own prompt/image set into a run's ledger."""
-    from .data import Ledger, import_imagefolder
+    from .data import Ledger, claim_run_folder, import_imagefolder, release_run_folder
 
     if not source.is_dir():
         raise UserError(f"not a folder: {source}")
-    n = import_imagefolder(Ledger(run_dir), source, prompt_column=prompt_column)
+    for marker, command in (("evolve.yaml", "evolve"), ("demo.yaml", "demo")):
+        if (run_dir / marker).is_file():  # its ledger is that run's set: records it did not make stop its resume
+            raise UserError(f"{run_dir} is a {command} run's folder, whose ledger is that run's own set (records it "
+                            "did not make would stop it resuming): import into a new folder, for `train`")
+    if run_dir.is_dir():  # (a new folder: made only once the import has passed its checks)
+        claim_run_folder(run_dir, "ledger import")  # not while a run writes its own records into it
+    with Ledger(run_dir) as ledger:
+        n = import_imagefolder(ledger, source, prompt_column=prompt_column)
+    release_run_folder(run_dir)
     say(f"imported {n.summary} into {run_dir}")
 
 
@@ -487,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="t2i-evolve")
     except SystemExit as e:
+        if e.code == 130:  # typer's answer to Ctrl-C (a KeyboardInterrupt never reaches the clause below)
+            sys.stderr.write("interrupted: rerun the same command to resume (train, evolve and demo go on where they "
+                             "stopped)\n")
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (UserError, ValidationError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")

@@ -13,7 +13,11 @@ console = Console(stderr=True, emoji=False)
 
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """Yields `advance(n=1, **fields)`; the bar disappears when done (a table usually follows)."""
+    """Yields `advance(n=1, **fields)`; the bar disappears when done (a table usually follows). Drawn only on a
+    terminal (or a notebook): in a log file a bar is no help, and would leave a blank line where it stood."""
+    if not (console.is_terminal or console.is_jupyter):
+        yield lambda n=1, status=None: None
+        return
     columns = [
         TextColumn("{task.description}", markup=False),
         BarColumn(),

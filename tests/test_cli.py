@@ -84,6 +84,20 @@ def test_corrupt_png_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and err.startswith("error: cannot read image")
 
 
+def test_an_image_too_small_to_segment_is_one_line(tmp_path, capsys):
+    """A 6-pixel scene with a blob in it raised deep in the segmenter's set-up (its renders of shapes vanish)."""
+    from PIL import Image, ImageDraw
+
+    tiny = Image.new("RGB", (6, 6), "white")
+    ImageDraw.Draw(tiny).rectangle([1, 1, 4, 4], fill="red")
+    tiny.save(tmp_path / "d6.png")
+    code, _, err = run(capsys, "judge", str(tmp_path / "d6.png"), "--prompt", "a red circle")
+    assert code == 2 and err == "error: a 6x6 image: the pixel judge reads scenes of at least 8 px a side\n"
+    (tmp_path / "tiny.yaml").write_text("resolution: 4\n")
+    code, _, err = run(capsys, "init-model", str(tmp_path / "m"), "--config", str(tmp_path / "tiny.yaml"))
+    assert code == 2 and "resolution" in err and not (tmp_path / "m").exists()
+
+
 def test_usage_errors_exit_2(capsys):
     assert run(capsys, "world", "render")[0] == 2
 
@@ -143,3 +157,26 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
     code, _, err = run(capsys, "gallery", "eval", "--prompts", "1", "--seed", "-3")
     assert code == 2 and "--seed" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "ledger.sqlite").exists()
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Typer turns Ctrl-C into exit code 130 and nothing else: the user was left with a blank line."""
+    import t2i_evolve.world
+
+    def interrupted(resolution):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(t2i_evolve.world, "default_gallery", interrupted)
+    code, out, err = run(capsys, "world", "render", PROMPT, "--out", str(tmp_path / "x.png"))
+    assert code == 130 and out == "" and err.startswith("interrupted: rerun the same command to resume")
+    assert err.count("\n") == 1
+
+
+def test_a_progress_bar_writes_nothing_to_a_log_file(capsys):
+    """Off a terminal a bar is no help, and rich left a blank line where it stood (two lines for one error)."""
+    from t2i_evolve.progress import progress_bar
+
+    with progress_bar("rounds", 3) as advance:
+        for _ in range(3):
+            advance(1, status="score 0.5")
+    assert capsys.readouterr().err == ""

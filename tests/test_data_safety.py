@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -259,3 +261,29 @@ def test_an_image_whose_pixels_do_not_decode_fails_the_import_before_anything_is
     code, _, err = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
     assert code == 2 and "corrupt image" in err and "1.png" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()  # no ledger, and no image of the good row stored
+
+
+def test_an_import_into_a_runs_folder_is_refused_and_waits_for_no_run(tmp_path, capsys):
+    """An evolve run cannot resume past records it did not make (it would expand them with no teacher of its own),
+    and a demo would count them as its teacher's: the import is refused, the folder untouched. A folder another
+    process holds is refused too."""
+    from t2i_evolve.data import claim_run_folder, release_run_folder
+
+    source_folder(tmp_path / "src", [{"file_name": "0.png", "prompt": "p 0"}])
+    for marker in ("evolve.yaml", "demo.yaml"):
+        run = tmp_path / marker.split(".")[0]
+        run.mkdir()
+        (run / marker).write_text("{}\n")
+        code, _, err = cli(capsys, "ledger", "import", run, "--from", tmp_path / "src")
+        assert code == 2 and f"is a {marker.split('.')[0]} run's folder" in err and err.count("\n") == 1
+        assert [p.name for p in run.iterdir()] == [marker]
+    busy = tmp_path / "busy"
+    claim_run_folder(busy, "evolve")
+    try:
+        script = ("import sys; from t2i_evolve.cli import main; "
+                  f"sys.exit(main(['ledger', 'import', {str(busy)!r}, '--from', {str(tmp_path / 'src')!r}]))")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "is in use by t2i-evolve evolve" in done.stderr
+    finally:
+        release_run_folder(busy)
+    assert cli(capsys, "ledger", "import", busy, "--from", tmp_path / "src")[0] == 0

@@ -603,8 +603,10 @@ TRUNCATED_PNG = png_bytes(solid((9, 9, 9), (64, 64)))[:60]
         ({"file_name": "bad.png", "prompt": "y"}, {"bad.png": NOT_A_PNG}, "corrupt image .*bad.png"),
         ({"file_name": "cut.png", "prompt": "y"}, {"cut.png": TRUNCATED_PNG}, "corrupt image .*cut.png"),
         ({"file_name": "a.png", "prompt": "a red circle \ud83d"}, {}, "metadata.jsonl:2: holds half a UTF-16 pair"),
+        ({"file_name": "../a.png", "prompt": "y"}, {}, "file_name '../a.png' points outside .*src; give a path inside"),
+        ({"file_name": "/etc/hostname", "prompt": "y"}, {}, "file_name '/etc/hostname' points outside"),
     ],
-    ids=["empty-prompt", "missing-image", "corrupt-png", "truncated-png", "half-an-emoji"],
+    ids=["empty-prompt", "missing-image", "corrupt-png", "truncated-png", "half-an-emoji", "up-and-out", "absolute"],
 )
 def test_import_rejects_a_bad_row_without_adding_anything(ledger, tmp_path, row, files, message):
     write_folder(tmp_path / "src", [GOOD_ROW, row], files)

@@ -281,6 +281,8 @@ def _check_row(metadata: Path, line: int, row: dict, column: str) -> tuple[Path,
         raise UserError(f"{where}: no prompt in column {column!r}")
     if not isinstance(file_name, str) or not file_name:
         raise UserError(f"{where}: no file_name")
+    if Path(file_name).is_absolute() or ".." in Path(file_name).parts:  # an imagefolder's images are its own
+        raise UserError(f"{where}: file_name {file_name!r} points outside {metadata.parent}; give a path inside it")
     path = metadata.parent / file_name
     if not path.is_file():
         raise UserError(f"{where}: missing image {path}")

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..errors import UserError
 from ..world.grammar import COLORS, SHAPES
 from ..world.render import EXTENT, PlacedObject, degrade, draw, seeded_rng
 
@@ -84,6 +85,14 @@ def soft_extent(ink: np.ndarray) -> float:
     return float(max(ink.max(0).sum(), ink.max(1).sum()))
 
 
+MIN_IMAGE_SIDE = 8
+"""Below this a shape is a few pixels, and the shape classes cannot be measured (the renders they come from vanish)."""
+
+
+class ImageTooSmall(UserError, ValueError):
+    """An image the segmenter cannot read (a ValueError too: `serve-judge` answers it with a 400)."""
+
+
 @lru_cache(maxsize=16)
 def shape_prototypes(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Class means and spread of `shape_features` per (shape, size), and measured-over-true extent.
@@ -115,6 +124,9 @@ def shape_prototypes(resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def find_objects(image: Image.Image, classify: bool = True, min_share: float = 0.004) -> list:
     """Segment an image into `PlacedObject`s (with `classify=False`: their raw shape features)."""
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise ImageTooSmall(f"a {image.width}x{image.height} image: the pixel judge reads scenes of at least "
+                            f"{MIN_IMAGE_SIDE} px a side")
     pixels = white_balanced(np.asarray(image.convert("RGB")))
     resolution = pixels.shape[0]
     ink, color = ink_and_color(pixels)

@@ -46,7 +46,7 @@ from ..data.cache import content_key
 from ..protocols import Question
 from . import vlm_format as fmt
 from .pixel import PixelJudge
-from .segment import shape_prototypes
+from .segment import MIN_IMAGE_SIDE, shape_prototypes
 
 Fault = Literal["429", "500", "hang", "malformed"]
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -237,9 +237,9 @@ def _decode(url: str) -> Image.Image:
         raise BadRequest("images must be base64 data URLs (data:image/...;base64,...)")
     try:
         with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
-            if max(image.size) > MAX_IMAGE_SIDE:
-                raise BadRequest(f"a {image.width}x{image.height} image: serve-judge reads shapes-world scenes of at "
-                                 f"most {MAX_IMAGE_SIDE} px a side")
+            if max(image.size) > MAX_IMAGE_SIDE or min(image.size) < MIN_IMAGE_SIDE:
+                raise BadRequest(f"a {image.width}x{image.height} image: serve-judge reads shapes-world scenes of "
+                                 f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} px a side")
             return image.convert("RGB")
     except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise BadRequest(f"cannot read an image: {type(e).__name__}") from None

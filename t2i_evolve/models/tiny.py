@@ -87,7 +87,7 @@ class TinyModelConfig(Config):
     number of heads, not their width. `norm_num_groups` must divide every channel count.
     """
 
-    resolution: int = Field(32, ge=1)
+    resolution: int = Field(32, ge=8)  # (the pixel judge reads scenes of at least 8 px a side)
     # Measured (benchmarks/learning_curve.py, RESULTS.md): cross-attention at 16x16 and 8x8 learns more per
     # image than attention at 8x8 only; 16 channels at 32x32 (where convolutions are most of a CPU step)
     # trains 1.4x faster than 32 there, so the demo sees more images in its budget and ends higher.

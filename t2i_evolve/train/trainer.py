@@ -77,7 +77,8 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0, description="Steps between evaluations (0: only at the end).")
+    eval_every: int = Field(0, ge=0, description="Steps between held-out evaluations, and one at the end; 0: none "
+                            "between (`t2i-evolve train` then evaluates not at all; a recipe's evaluator at the end).")
     log_every: int = Field(25, ge=1)
     seed: Seed = 0
     tracker: Literal["tensorboard", "none"] = "tensorboard"
