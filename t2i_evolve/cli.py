@@ -144,7 +144,6 @@ def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_k
         raise UserError("--model is required with --endpoint")
     if problem := base_url_problem(endpoint):
         raise UserError(f"bad --endpoint: its base_url {problem}; expected a URL like http://127.0.0.1:8000/v1")
-    parts = urlsplit(endpoint)
     config = OpenAIJudgeConfig.from_dict(
         {"endpoint": {"base_url": endpoint, "model": model, "api_key_env": api_key_env, "timeout_s": timeout,
                       "retries": retries, "max_concurrency": 1}, "votes": votes, "temperature": temperature},
@@ -153,8 +152,11 @@ def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_k
         questions = vlm.questions(prompt)
         verdict = vlm.answer_many([(image, prompt, questions)])[0]
     if verdict.status == "failed":
-        raise UserError(f"judge endpoint {parts.scheme}://{parts.netloc.rpartition('@')[2]} gave no answer "
-                        f"after {retries} retries: {verdict.error}")
+        parts = urlsplit(endpoint)  # (the error names it where the server answered; not where none did)
+        host = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        where = "" if "judge endpoint" in verdict.error else f"judge endpoint {host}: "
+        raise UserError(f"no answer: {where}{verdict.error} (a timeout, a dropped connection, a 429 or a 5xx is "
+                        f"retried {retries} times; a 4xx is not)")
     if verdict.status == "unparseable":
         raise UserError(f"the judge's reply could not be read after {verdict.asks} asks")
     return image_score(questions, verdict.answers)
@@ -237,6 +239,7 @@ def init_model(
     out_dir: Path,
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Initialisation seed."),
     config: Optional[Path] = typer.Option(None, help="TinyModelConfig YAML."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the folder holds (a trained model too)."),
 ):
     """Write the tiny shapes-world model (random init) as a diffusers-style folder."""
     from .models import TinyModelConfig, init_tiny_model
@@ -244,7 +247,9 @@ def init_model(
     cfg = TinyModelConfig.from_yaml(config) if config else TinyModelConfig()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder: choose a folder for the model")
-    init_tiny_model(out_dir, cfg, seed=seed)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} is not empty: pick a new folder, or add --overwrite to replace what it holds")
+    init_tiny_model(out_dir, cfg, seed=seed, overwrite=overwrite)
     say(f"wrote {out_dir}")
 
 
@@ -261,6 +266,7 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     cfg = TrainConfig.from_yaml(config)
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
+    _check_train_output(config, cfg)
     check_resumable(cfg)
     if PartialState().is_main_process:  # (under `accelerate launch`, its processes share the folder)
         claim_run_folder(cfg.output_dir, "train")
@@ -271,6 +277,19 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
         last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
     done = f"step {trainer.step}: {json.dumps(last)}" if last else f"at step {trainer.step} already: nothing to train"
     say(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
+
+
+def _check_train_output(config: Path, cfg) -> None:
+    """`train` writes checkpoints/, metrics.jsonl and model/ into output_dir: never into its own data or model
+    folder, nor into another command's run folder (whose next run would rewrite that metrics.jsonl)."""
+    out = Path(cfg.output_dir).resolve()
+    for field in ("data", "model"):
+        if Path(getattr(cfg, field)).resolve() == out:
+            raise UserError(f"{config}: output_dir is the {field} folder ({cfg.output_dir}): name a folder of its own")
+    for marker in ("ledger.sqlite", "evolve.yaml", "demo.yaml", "model_index.json"):
+        if (out / marker).is_file():
+            raise UserError(f"{config}: output_dir {cfg.output_dir} holds {marker}, another command's run or a model: "
+                            "name a folder of its own")
 
 
 def _shapes_evaluator(model_path: str, prompts: int = 128):
@@ -339,7 +358,7 @@ def eval_model(
 
 @app.command("demo")
 def demo(
-    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (rerun to resume)."),
+    out_dir: str = typer.Option("runs/demo", "--out", help="Run folder (rerun to resume)."),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole demo (default: the config's, "
                                             "else 9.5)."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
@@ -350,8 +369,7 @@ def demo(
     from .eval.report import skill_cell
 
     base = DemoConfig.from_yaml(config) if config else DemoConfig()
-    cfg = base.model_copy(update={"output_dir": str(out_dir)} | ({} if minutes is None else {"minutes": minutes}))
-    cfg = DemoConfig.from_dict(cfg.model_dump(), source="demo flags")
+    cfg = base.updated("demo flags", output_dir=out_dir, **({} if minutes is None else {"minutes": minutes}))
     summary = run_demo(cfg)
     note = short_training_note(summary, cfg.minutes)  # on stderr, last: what to do about a busy machine
     if as_json:
@@ -372,7 +390,7 @@ def demo(
         table.add_row("GenEval overall", "", f"{geneval['overall']:.3f}")
     out.print(table)
     say(f"{summary['train_steps']} steps on {summary['train_images']} teacher images in "
-        f"{summary['wall_s'] / 60:.1f} min; report: {out_dir / 'report.html'}")
+        f"{summary['wall_s'] / 60:.1f} min; report: {Path(cfg.output_dir) / 'report.html'}")
     if note:
         print(note, file=sys.stderr)
 
@@ -380,7 +398,7 @@ def demo(
 @app.command("evolve")
 def evolve(
     config: Path = typer.Option(None, help="EvolveConfig YAML; default: the shapes world on a CPU."),
-    output_dir: Path = typer.Option(None, "--out", help="Run folder (overrides the config's output_dir)."),
+    output_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (overrides the config's output_dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """EvolveDirector: train on teacher images while a judge deletes, expands and mutates the set."""
@@ -388,7 +406,7 @@ def evolve(
 
     cfg = EvolveConfig.from_yaml(config) if config else EvolveConfig()
     if output_dir is not None:
-        cfg = cfg.model_copy(update={"output_dir": str(output_dir)})
+        cfg = cfg.updated("evolve flags", output_dir=output_dir)
     summary = run_evolve(cfg)
     if as_json:
         _print_json({k: v for k, v in summary.items() if k != "ledger"})

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError, UserError
 from .files import write_atomically
 
 C = TypeVar("C", bound="Config")
+
+
+def _checked_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty: name a folder (an empty path is the current folder, where a run would write its "
+                         "files among yours)")
+    return os.path.expanduser(value)
+
+
+PathText = Annotated[str, AfterValidator(_checked_path)]
+"""A file or folder path in a config: `~` expanded (a YAML value passes no shell), and never empty."""
 
 
 class Config(BaseModel):
@@ -44,6 +56,10 @@ class Config(BaseModel):
             first = e.errors()[0]
             field, message = ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
             raise ConfigError(f"{source}: field '{field}': {message}" if field else f"{source}: {message}") from None
+
+    def updated(self: C, source: str = "flags", **changes) -> C:
+        """A copy with `changes` (a command's flags over its config file), checked as the file's fields are."""
+        return type(self).from_dict(self.model_dump() | changes, source=source)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

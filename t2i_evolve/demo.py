@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .config import Config, check_resumed_config
+from .config import Config, PathText, check_resumed_config
 from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder, release_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
 from .files import write_atomically
@@ -33,7 +33,7 @@ from .world.suites import geneval_suite
 class DemoConfig(Config):
     """The demo's settings; defaults chosen by measurement (benchmarks/learning_curve.py, RESULTS.md)."""
 
-    output_dir: str = "runs/demo"
+    output_dir: PathText = "runs/demo"
     minutes: float = Field(9.5, gt=0, allow_inf_nan=False, description="Wall-clock budget of the whole demo; "
                                                                        "training gets the rest.")
     min_groups: int = 1

@@ -159,6 +159,39 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
     assert not (tmp_path / "run" / "ledger.sqlite").exists()
 
 
+def test_an_empty_path_is_refused_and_a_tilde_is_home(tmp_path, capsys, monkeypatch):
+    """An empty --out or output_dir was the current folder (a run wrote its ledger, report and summary among the
+    user's files); `~/x` in a YAML file was a folder named '~'."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["evolve", "--out", ""], ["demo", "--out", " "]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "field 'output_dir': is empty" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    from t2i_evolve.recipes.evolve import EvolveConfig
+
+    config = EvolveConfig.from_dict({"output_dir": "~/runs/a", "base_model": "~/models/b"})
+    assert (config.output_dir, config.base_model) == (f"{tmp_path}/home/runs/a", f"{tmp_path}/home/models/b")
+
+
+def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from t2i_evolve.data import Ledger
+
+    with Ledger(tmp_path / "data") as ledger:
+        ledger.add_record(prompt="a red circle", generator="import", image=Image.new("RGB", (32, 32)), op="import")
+    (tmp_path / "evolve-run").mkdir()
+    (tmp_path / "evolve-run" / "evolve.yaml").write_text("{}\n")
+    for output_dir, message in [(tmp_path / "data", "output_dir is the data folder"),
+                                (tiny_dir, "output_dir is the model folder"),
+                                (tmp_path / "evolve-run", "holds evolve.yaml, another command's run")]:
+        (tmp_path / "train.yaml").write_text(f"model: {tiny_dir}\ndata: {tmp_path / 'data'}\noutput_dir: {output_dir}\n")
+        code, _, err = run(capsys, "train", "--config", str(tmp_path / "train.yaml"))
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "evolve-run").iterdir()) == ["evolve.yaml"]
+
+
 def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, capsys, monkeypatch):
     """Typer turns Ctrl-C into exit code 130 and nothing else: the user was left with a blank line."""
     import t2i_evolve.world
@@ -180,3 +213,14 @@ def test_a_progress_bar_writes_nothing_to_a_log_file(capsys):
         for _ in range(3):
             advance(1, status="score 0.5")
     assert capsys.readouterr().err == ""
+
+
+def test_init_model_over_a_model_is_refused_unless_told_to_overwrite(tmp_path, capsys):
+    """The refusal named an `overwrite` the command had no flag for."""
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert run(capsys, "init-model", str(tmp_path / "m"))[0] == 0
+    first = weights.read_bytes()
+    code, _, err = run(capsys, "init-model", str(tmp_path / "m"), "--seed", "1")
+    assert code == 2 and "add --overwrite to replace what it holds" in err and weights.read_bytes() == first
+    assert run(capsys, "init-model", str(tmp_path / "m"), "--seed", "1", "--overwrite")[0] == 0
+    assert weights.read_bytes() != first

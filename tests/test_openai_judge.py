@@ -484,7 +484,8 @@ def test_cli_judge_votes_ask_the_endpoint_once_per_vote(noisy_server, cases, tmp
     "flags, message",
     [
         (["--endpoint", "localhost:8000", "--model", "m"], "bad --endpoint"),
-        (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--retries", "0"], "gave no answer"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--retries", "0"],
+         "no answer: judge endpoint http://127.0.0.1:9: connection failed"),
         (["--endpoint", "http://127.0.0.1:9/v1"], "--model is required"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "T2I_UNSET_VAR"], "is not set"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--votes", "3"], "needs temperature > 0"),

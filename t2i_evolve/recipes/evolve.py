@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..config import Config, check_resumed_config
+from ..config import Config, PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..errors import BudgetExhausted, UserError
 from ..eval.report import write_json, write_jsonl
@@ -53,8 +53,8 @@ from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_
 class EvolveConfig(Config):
     """EvolveDirector's loop. Defaults: the shapes world on a CPU (paper's values in the comments)."""
 
-    output_dir: str = "runs/evolve"
-    base_model: str | None = Field(None, description="Model folder to improve; none: a fresh tiny shapes model.")
+    output_dir: PathText = "runs/evolve"
+    base_model: PathText | None = Field(None, description="Model folder to improve; none: a fresh tiny shapes model.")
     tiny_model: TinyModelConfig = TinyModelConfig()
     min_groups: int = 1
     max_groups: int = 2

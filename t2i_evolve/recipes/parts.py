@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, ValidationError
 
-from ..config import Config
+from ..config import Config, PathText
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run_folder
 from ..endpoints import HOW_TO_REACH, EndpointConfig
 from ..errors import ConfigError, UserError
@@ -49,7 +49,7 @@ class TeacherSpec(Config):
     p: float | None = None
     blind_to: list[str] = []  # gallery: the color/shape words its deficit applies to (empty: all)
     endpoint: EndpointConfig | None = None
-    path: str | None = None
+    path: PathText | None = None
     price_per_call: float | None = None
 
     def build(self, resolution: int = 32) -> Generator:

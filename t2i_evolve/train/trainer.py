@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from pydantic import Field
 
-from ..config import Config, check_resumed_config
+from ..config import Config, PathText, check_resumed_config
 from ..data.cache import check_room
 from ..errors import UserError, is_disk_full
 from ..eval.report import read_jsonl, write_jsonl
@@ -49,9 +49,9 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # (torch seeds are 64-bit, and
 class TrainConfig(Config):
     """Settings of a denoising fine-tuning run (defaults: the shapes-world tiny model on a CPU)."""
 
-    model: str = Field(description="Model folder (diffusers layout, safetensors weights).")
-    data: str | None = Field(None, description="Run folder whose ledger's active records are the data.")
-    output_dir: str = "runs/train"
+    model: PathText = Field(description="Model folder (diffusers layout, safetensors weights).")
+    data: PathText | None = Field(None, description="Run folder whose ledger's active records are the data.")
+    output_dir: PathText = "runs/train"
     steps: int = Field(1000, ge=1)
     batch_size: BatchSize = 32
     grad_accum: int = Field(1, ge=1)
@@ -60,7 +60,7 @@ class TrainConfig(Config):
     warmup_steps: WarmupSteps = 100
     schedule_steps: int | None = Field(None, ge=1, description="Steps the learning-rate schedule spans (default: "
                                        "`steps`); a run that is one part of a longer one sets the whole length.")
-    continue_from: str | None = Field(None, description="A checkpoint folder of an earlier run to carry on from: its "
+    continue_from: PathText | None = Field(None, description="A checkpoint folder of an earlier run to carry on from: its "
                                       "weights, optimizer moments, schedule, EMA and step go on, on this run's data "
                                       "(a checkpoint of this run's own comes first).")
     weight_decay: float = 0.01
