@@ -426,7 +426,7 @@ def _open_ledger(run_dir: Path):
 
     if not (run_dir / "ledger.sqlite").is_file():
         raise UserError(f"no ledger in {run_dir} (expected {run_dir / 'ledger.sqlite'})")
-    return Ledger(run_dir)
+    return Ledger(run_dir, read_only=True)  # (read only: a colleague's run folder, say, that this user cannot write)
 
 
 @ledger_app.command("stats")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -287,3 +288,39 @@ def test_an_import_into_a_runs_folder_is_refused_and_waits_for_no_run(tmp_path, 
     finally:
         release_run_folder(busy)
     assert cli(capsys, "ledger", "import", busy, "--from", tmp_path / "src")[0] == 0
+
+
+def _unwritable(folder) -> bool:
+    """Make `folder` one this user cannot write (chmod; for root, whom chmod does not stop, chattr +i)."""
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return True
+    (folder / "probe").unlink()
+    return False
+
+
+def test_a_run_folder_this_user_cannot_write_is_read_and_never_written(run_dir, tmp_path, capsys):
+    """A colleague's run on a shared disk: `ledger stats` and `export` read it (they said 'unable to open
+    database file'), and a read command never writes a ledger (a 0-byte one was given a schema)."""
+    before = (run_dir / "ledger.sqlite").read_bytes()
+    try:
+        if not _unwritable(run_dir):
+            pytest.skip("this file system lets this user write any folder")
+        code, out, _ = cli(capsys, "ledger", "stats", run_dir, "--json")
+        assert code == 0 and json.loads(out)["records"] == {"total": 3, "active": 2, "deleted": 1}
+        code, out, _ = cli(capsys, "ledger", "export", run_dir, "--to", tmp_path / "out")
+        assert code == 0 and len(list((tmp_path / "out" / "train").glob("*.png"))) == 2
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(run_dir)], capture_output=True)
+        run_dir.chmod(0o755)
+    assert (run_dir / "ledger.sqlite").read_bytes() == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "ledger.sqlite").write_bytes(b"")
+    code, _, err = cli(capsys, "ledger", "stats", empty)
+    assert code == 2 and "is empty, not a ledger yet" in err and (empty / "ledger.sqlite").stat().st_size == 0

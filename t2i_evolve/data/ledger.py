@@ -159,17 +159,20 @@ class Ledger(CallCacheMixin):
     but the call cache assumes that a 'pending' call of another process is a dead one.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, create: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, create: bool = True, read_only: bool = False):
+        """`read_only`: for commands that only read (stats, export, a training set): opens a ledger in a folder
+        this user may not write (a colleague's run), and never changes the file."""
         super().__init__()
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "ledger.sqlite"
+        self.read_only = read_only
         self._lock = threading.RLock()
         self._depth = 0
         self._db: sqlite3.Connection | None = None
         self._closed = False
         if self.path.exists():
             self._connect()  # a file that is not a ledger is refused now, not at its first use
-        elif not create:
+        elif not create or read_only:
             raise UserError(f"no ledger at {self.path}")
         # Otherwise the folder and file of the new ledger are made at its first use, so that a command
         # which fails its own checks first (an import of a folder with a bad row) leaves no empty ledger.
@@ -190,6 +193,9 @@ class Ledger(CallCacheMixin):
         The file is identified with reads only, before anything writes to it: switching another
         program's database to WAL mode, or adding our tables to it, would change a file that is not ours.
         """
+        if self.read_only:
+            self._db = self._connect_read_only()
+            return
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         except sqlite3.Error as e:
@@ -208,6 +214,34 @@ class Ledger(CallCacheMixin):
             if isinstance(e, sqlite3.DatabaseError) and not is_disk_full(e):  # e.g. "file is not a database"
                 raise UserError(f"cannot open {self.path} as a t2i-evolve ledger: {e}") from None
             raise
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A connection that cannot write: shared with a run still writing where the folder lets SQLite keep its
+        WAL index there; else (a folder we may not write) the file read as it is, which is the whole ledger once
+        its run has closed it."""
+        uri, error = self.path.resolve().as_uri(), None
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            db = sqlite3.connect(uri + query, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
+            try:
+                self._identify(db)
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError as e:  # no WAL index it may make: try the file as it is
+                db.close()
+                error = e
+                continue
+            except BaseException as e:
+                db.close()
+                if isinstance(e, sqlite3.DatabaseError):
+                    raise UserError(f"cannot open {self.path} as a t2i-evolve ledger: {e}") from None
+                raise
+            if version != SCHEMA_VERSION:
+                db.close()
+                raise UserError(f"{self.path} is empty, not a ledger yet" if version == 0 else
+                                f"{self.path} has schema version {version}; this t2i-evolve reads {SCHEMA_VERSION} "
+                                "(a command that writes the ledger, with write access, brings an older one up to date)")
+            db.row_factory = sqlite3.Row
+            return db
+        raise UserError(f"cannot open {self.path} to read it: {error}")
 
     def _identify(self, db: sqlite3.Connection) -> None:
         """Raise UserError unless `db` is empty (a new ledger) or holds the tables of a ledger.
