@@ -528,12 +528,21 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, OSError):
             raise
         # a path that cannot be written or read: a file where a folder should be, no permission
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {_path_problem(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     return 0
+
+
+def _path_problem(e: OSError) -> str:
+    """An OSError about a path, said as what is wrong with it ("[Errno 17] File exists: 'x'" did not say)."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+        return f"{e.filename}: a file stands where a folder is needed (in that path): choose another path"
+    if isinstance(e, PermissionError) and e.filename:
+        return f"{e.filename}: no permission to write or read it"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,26 @@ from .files import write_atomically
 
 C = TypeVar("C", bound="Config")
 
+FLAG_NAMES = {"output_dir": "--out", "base_url": "--endpoint", "timeout_s": "--timeout", "latency_s": "--latency"}
+"""The config fields a command's flag sets under another name (else the flag is the field's name with dashes)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently: two
+    `lr:` lines, and the run trains at the one the user did not mean)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys written after it override those
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
 
 def _checked_path(value: str) -> str:
     if not value.strip():
@@ -37,7 +57,7 @@ class Config(BaseModel):
         if not path.is_file():
             raise ConfigError(f"{path} is a folder, not a config file" if path.is_dir() else f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from None
         except yaml.YAMLError as e:
@@ -55,6 +75,9 @@ class Config(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             field, message = ".".join(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")
+            if source.endswith("flags") and first["loc"]:  # a command's flags: named as the user typed them
+                name = str(first["loc"][-1])
+                raise ConfigError(f"{source}: {FLAG_NAMES.get(name, '--' + name.replace('_', '-'))}: {message}") from None
             raise ConfigError(f"{source}: field '{field}': {message}" if field else f"{source}: {message}") from None
 
     def updated(self: C, source: str = "flags", **changes) -> C:

@@ -13,7 +13,7 @@ def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image as RGB; a missing or corrupt file raises `UserError`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"image not found: {path}")
+        raise UserError(f"{path} is a folder, not an image" if path.is_dir() else f"image not found: {path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")

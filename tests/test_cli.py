@@ -142,9 +142,13 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
     (tmp_path / "file.png").write_bytes(b"")
     (tmp_path / "latin1.yaml").write_bytes("rounds: 1  # \xe9t\xe9\n".encode("latin-1"))
     (tmp_path / "no-scenes.yaml").write_text("min_groups: 3\nmax_groups: 2\n")
+    (tmp_path / "twice.yaml").write_text("rounds: 2\nrounds: 3\n")
     for args, message in [
-        (["world", "render", PROMPT, "--out", "file.png/x.png"], "File exists"),
-        (["init-model", "file.png/model"], "Not a directory"),
+        (["world", "render", PROMPT, "--out", "file.png/x.png"], "file.png: a file stands where a folder is needed"),
+        (["init-model", "file.png/model"], "file.png/model: a file stands where a folder is needed"),
+        (["judge", ".", "--prompt", PROMPT], ". is a folder, not an image"),
+        (["evolve", "--config", "twice.yaml"], "(line 2): the key 'rounds' is given twice"),
+        (["sample", "m", PROMPT, "--out", "x.png", "--steps", "0"], "flags: --steps: Input should be greater"),
         (["init-model", "file.png"], "file.png is a file, not a folder"),
         (["evolve", "--out", "file.png"], "file.png is a file, not a folder"),
         (["demo", "--out", "file.png"], "file.png is a file, not a folder"),
@@ -165,7 +169,7 @@ def test_an_empty_path_is_refused_and_a_tilde_is_home(tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     for args in (["evolve", "--out", ""], ["demo", "--out", " "]):
         code, _, err = run(capsys, *args)
-        assert code == 2 and "field 'output_dir': is empty" in err and err.count("\n") == 1, err
+        assert code == 2 and "flags: --out: is empty" in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     from t2i_evolve.recipes.evolve import EvolveConfig

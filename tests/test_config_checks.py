@@ -60,7 +60,7 @@ def test_init_model_refuses_a_bad_config_before_writing(tmp_path, capsys):
 
 
 def test_sampler_steps_below_one_is_one_line_naming_steps():
-    with pytest.raises(ConfigError, match="field 'steps'") as info:
+    with pytest.raises(ConfigError, match="flags: --steps: ") as info:
         SamplerConfig.from_dict({"steps": 0}, source="flags")
     assert "\n" not in str(info.value)
 

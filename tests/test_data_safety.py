@@ -324,3 +324,10 @@ def test_a_run_folder_this_user_cannot_write_is_read_and_never_written(run_dir, 
     (empty / "ledger.sqlite").write_bytes(b"")
     code, _, err = cli(capsys, "ledger", "stats", empty)
     assert code == 2 and "is empty, not a ledger yet" in err and (empty / "ledger.sqlite").stat().st_size == 0
+
+
+def test_an_export_of_no_records_imports_as_one_line_saying_so(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "metadata.jsonl").write_text("")
+    code, _, err = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
+    assert code == 2 and "metadata.jsonl lists no images" in err and "--prompt-column" not in err

@@ -381,8 +381,8 @@ def check_room(folder: Path, need: int = 0, needed_for: str = "the answers of th
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < need + MIN_FREE_BYTES:
-        raise DiskFull(f"the disk is full ({free / 2**20:,.0f} MB left for {folder}, too little for {needed_for}): "
-                       "free some space and rerun the same command")
+        raise DiskFull(f"the disk is full ({free / 2**20:,.0f} MB left for {folder}, too little for {needed_for} and "
+                       f"the {MIN_FREE_BYTES / 2**20:,.0f} MB kept free): free some space and rerun the same command")
 
 
 def _mark_failed(db: sqlite3.Connection, errors: dict[str, str], ask_again: bool = False) -> None:

@@ -259,6 +259,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 
 
 def _prompt_column(path: Path, rows: list[tuple[int, dict]], wanted: str | None) -> str:
+    if not rows:
+        raise UserError(f"{path} lists no images (an export of a run with no records, say)")
     columns = {key for _, row in rows for key in row}
     if wanted is not None:
         if wanted not in columns:
