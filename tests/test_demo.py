@@ -34,7 +34,7 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
     note = short_training_note(summary, config.minutes)  # a 3-second budget: too few steps, and it says so
     assert f"only {summary['train_steps']} steps" in note and "--minutes" in note
     calls, plan = Ledger(out).stats()["calls"], yaml.safe_load((out / "config.yaml").read_text())
-    run_demo(config)  # rerun: teacher images come from the ledger's cache, training resumes
+    again = run_demo(config)  # rerun: teacher images come from the ledger's cache, training resumes
     assert Ledger(out).stats()["calls"] == calls
     # the same training run, however fast the machine is now: steps (and so the schedule) planned once
     assert yaml.safe_load((out / "config.yaml").read_text()) == plan
@@ -42,6 +42,12 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
     with pytest.raises(UserError, match=r"started with another config \(minutes: 0.05 -> 0.1; train_images: 48 -> 32"):
         run_demo(other)
     assert yaml.safe_load((out / "demo.yaml").read_text())["train_images"] == 48
+
+    plan = json.loads((out / "train_plan.json").read_text())  # its planned steps all trained (not cut by time)
+    (out / "train_plan.json").write_text(json.dumps(plan | {"steps": again["train_steps"]}))
+    last = run_demo(config)  # nothing left to train: the run's timings stand (they were this rerun's, advice and all)
+    assert (last["wall_s"], last["phases"], last["train_steps"]) == (again["wall_s"], again["phases"],
+                                                                    again["train_steps"])
 
 
 def test_the_short_training_note_asks_for_the_budget_this_machine_needs():

@@ -29,8 +29,8 @@ from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run
 from ..endpoints import HOW_TO_REACH, EndpointConfig
 from ..errors import ConfigError, UserError
 from ..eval import evaluate
+from ..eval.report import read_json, write_json, write_jsonl, write_rounds_report
 from ..files import write_atomically
-from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import TinyModelConfig, init_tiny_model
@@ -81,7 +81,7 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
     if base_model and not (base / "model_index.json").is_file():
         raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
     made_from, marker = {"tiny_model": tiny_model.model_dump(mode="json"), "seed": seed}, base / ".made-from.json"
-    if not base_model and (_read_json(marker) != made_from or not (base / "model_index.json").is_file()):
+    if not base_model and (read_json(marker) != made_from or not (base / "model_index.json").is_file()):
         # None yet; or made by a start that then failed a check, from another config (a run that spent calls has
         # had its config compared already); or cut short by a kill: made again (the same seed, the same weights).
         shutil.rmtree(base, ignore_errors=True)
@@ -89,12 +89,6 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
         write_atomically(marker, json.dumps(made_from))  # last: it vouches for a whole folder
     return base
 
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class JudgeSpec(Config):
