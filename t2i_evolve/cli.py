@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _path_problem(e: OSError) -> str:
     """An OSError about a path, said as what is wrong with it ("[Errno 17] File exists: 'x'" did not say)."""
-    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+    if e.filename and (isinstance(e, NotADirectoryError) or isinstance(e, FileExistsError) and Path(e.filename).is_file()):
         return f"{e.filename}: a file stands where a folder is needed (in that path): choose another path"
     if isinstance(e, PermissionError) and e.filename:
         return f"{e.filename}: no permission to write or read it"

@@ -7,6 +7,15 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # (read by setting it: there is no other way; set back at once, before any thread starts)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` to `path` so that `path` holds either what it held before or all of `data`, even after a crash.
 
@@ -17,6 +26,8 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if os.name == "posix":  # mkstemp's file is the owner's alone: give it the mode any new file gets here
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()

@@ -220,9 +220,18 @@ class Ledger(CallCacheMixin):
         WAL index there; else (a folder we may not write) the file read as it is, which is the whole ledger once
         its run has closed it."""
         uri, error = self.path.resolve().as_uri(), None
-        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+        wal = self.path.with_name(self.path.name + "-wal")
+        writable = os.access(self.run_dir, os.W_OK) and os.access(self.path, os.W_OK)
+        # Where this user may write, a plain connection told to change nothing: it leaves the folder as it found
+        # it (one opened `mode=ro` leaves its WAL index files behind in a folder that is not ours).
+        for query in ("?mode=rw", "?mode=ro", "?mode=ro&immutable=1")[0 if writable else 1:]:
+            if "immutable" in query and wal.is_file() and wal.stat().st_size:  # the file alone is not the whole ledger
+                raise UserError(f"cannot open {self.path} to read it ({error}): its last writes are in {wal.name}, "
+                                "which only a process that may write the folder can read (its run, still going or "
+                                "killed; rerun it, or copy the folder somewhere writable)")
             db = sqlite3.connect(uri + query, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
             try:
+                db.execute("PRAGMA query_only = ON")
                 self._identify(db)
                 version = db.execute("PRAGMA user_version").fetchone()[0]
             except sqlite3.OperationalError as e:  # no WAL index it may make: try the file as it is
@@ -535,11 +544,15 @@ def check_run_folder(run_dir: str | os.PathLike, marker: str, command: str) -> P
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a folder: choose a folder for the run")
-    if (run_dir / marker).exists() or not (run_dir / "ledger.sqlite").exists():
+    if (run_dir / marker).exists():
         return run_dir
-    with Ledger(run_dir, create=False) as ledger:
-        records = ledger.count(None)
-    if records:
-        raise UserError(f"{run_dir} holds {records} records that no {command} run made (another command's run, or an "
-                        "import): choose a new output folder")
+    if (run_dir / "ledger.sqlite").exists():
+        with Ledger(run_dir, read_only=True) as ledger:
+            records = ledger.count(None)
+        if records:
+            raise UserError(f"{run_dir} holds {records} records that no {command} run made (another command's run, or "
+                            "an import): choose a new output folder")
+    for theirs, what in (("model_index.json", "a model folder"), ("config.yaml", "a `train` run's folder")):
+        if (run_dir / theirs).is_file():
+            raise UserError(f"{run_dir} is {what} (it holds {theirs}): choose a new output folder")
     return run_dir

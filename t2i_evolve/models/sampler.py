@@ -40,7 +40,7 @@ class SamplerConfig(Config):
     steps: int = Field(20, ge=1)
     guidance: float = 1.0
     batch_size: int = Field(64, ge=1)
-    resolution: int | None = None  # None: the model's own
+    resolution: int | None = Field(None, ge=8)  # None: the model's own (the pixel judge reads 8 px and up)
 
 
 def make_scheduler(model: T2IModel, name: str, steps: int) -> SchedulerMixin:

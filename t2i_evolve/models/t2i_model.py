@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -179,10 +180,12 @@ class T2IModel:
         if "unet" not in index and "transformer" in index:
             raise UserError(f"{root}: transformer-based models (PixArt, SD3, ...) are not supported yet")
         sdxl = any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
-        parts = {name: _load_part(root, name, index.get(name), dtype) for name in PARTS + SDXL_PARTS * sdxl}
+        # SDXL's VAE overflows in float16 (its config says `force_upcast`): read in float32, as diffusers' SDXL
+        # pipeline upcasts it to decode.
+        upcast = sdxl and dtype == torch.float16 and _json_or_empty(root / "vae" / "config.json").get("force_upcast", True)
+        parts = {name: _load_part(root, name, index.get(name), torch.float32 if name == "vae" and upcast else dtype)
+                 for name in PARTS + SDXL_PARTS * sdxl}
         _check_added_conditioning(root, parts)
-        if sdxl and dtype == torch.float16 and parts["vae"] is not None and parts["vae"].config.get("force_upcast"):
-            parts["vae"].to(torch.float32)  # SDXL's VAE overflows in float16 (diffusers' SDXL pipeline upcasts it too)
         if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
@@ -285,7 +288,7 @@ class T2IModel:
     def max_length(self) -> int:
         """Tokens per prompt: the tokenizers' limit, capped by the text encoders' positions."""
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
-        return min(min(tok.model_max_length, enc.config.max_position_embeddings) for tok, enc in pairs if tok)
+        return min(min(tok.model_max_length, enc.config.max_position_embeddings) for tok, enc in pairs if tok is not None)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, max_length), always padded to the full length; SDXL: (B, 2, max_length), a row of ids
@@ -295,7 +298,7 @@ class T2IModel:
         (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs.
         """
         ids = [tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
-                   return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2) if tok]
+                   return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2) if tok is not None]
         return (torch.stack(ids, 1) if self.is_sdxl else ids[0]).to(self.device)
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
@@ -305,7 +308,7 @@ class T2IModel:
         """Token ids from `tokenize` -> embeddings (trainers tokenize once). Rows where `drop` (B,) is true get
         the unconditional embedding of `encode_empty` (caption dropout teaches the branch guidance samples)."""
         input_ids = input_ids.to(self.device)
-        keep = None if drop is None else ~drop.to(self.device).view(-1, *(1,) * (input_ids.dim() - 1))
+        keep = None if drop is None else ~drop.to(self.device, torch.bool).view(-1, *(1,) * (input_ids.dim() - 1))
         if keep is not None and not self.zeros_for_empty_prompt:
             input_ids = torch.where(keep, input_ids, self.tokenize([""]))
         if not self.is_sdxl:
@@ -332,7 +335,8 @@ class T2IModel:
         pixels = pixels.to(self.device)
         if self.vae is None:
             return pixels
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+        with self._vae_precision():
+            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
@@ -342,7 +346,13 @@ class T2IModel:
             return latents
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents).sample
+        with self._vae_precision():
+            return self.vae.decode(latents).sample
+
+    def _vae_precision(self):
+        """SDXL's VAE overflows in float16: kept out of a trainer's fp16 autocast, as it is kept in float32."""
+        upcast = self.is_sdxl and self.vae.config.get("force_upcast")
+        return torch.autocast(self.device.type, enabled=False) if upcast else nullcontext()
 
     # -- denoising ------------------------------------------------------------------------------------
 
@@ -403,6 +413,13 @@ class T2IModel:
         return capped
 
 
+def _json_or_empty(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # (a part that cannot be read is told by its loader)
+
+
 def _check_added_conditioning(root: Path, parts: dict[str, Any]) -> None:
     """A UNet's extra conditioning must be what `predict` passes: none, or SDXL's pooled text and sizes from a
     second text encoder of the width its config expects (one line here, not a shape error at the first step)."""
@@ -415,6 +432,9 @@ def _check_added_conditioning(root: Path, parts: dict[str, Any]) -> None:
         raise UserError(f"{root}: an SDXL-style model needs both a second text encoder and a UNet with size "
                         f"conditioning (addition_embed_type: text_time); this folder has {has}")
     if encoder is not None:
+        if not hasattr(encoder, "text_projection"):
+            raise UserError(f"{root}: text_encoder_2 is a {type(encoder).__name__}; SDXL's pooled vector comes from a "
+                            "text encoder with a projection (CLIPTextModelWithProjection)")
         pooled = getattr(encoder.config, "projection_dim", None)
         expected = unet.get("projection_class_embeddings_input_dim")
         if pooled is None or expected != pooled + 6 * unet.addition_time_embed_dim:
