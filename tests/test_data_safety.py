@@ -331,3 +331,15 @@ def test_an_export_of_no_records_imports_as_one_line_saying_so(tmp_path, capsys)
     (tmp_path / "src" / "metadata.jsonl").write_text("")
     code, _, err = cli(capsys, "ledger", "import", tmp_path / "run", "--from", tmp_path / "src")
     assert code == 2 and "metadata.jsonl lists no images" in err and "--prompt-column" not in err
+
+
+def test_what_a_run_writes_others_may_read_as_the_umask_allows(run_dir, tmp_path):
+    """Files were written through mkstemp, which makes them the owner's alone (0600): a colleague given a run
+    folder or an export could list it and read none of it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with Ledger(run_dir) as ledger:
+        export_imagefolder(ledger, tmp_path / "out")
+        image = run_dir / ledger.record(1).image_path
+    for path in (image, tmp_path / "out" / "train" / "metadata.jsonl", tmp_path / "out" / "train" / "1.png"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

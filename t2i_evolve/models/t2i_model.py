@@ -155,6 +155,9 @@ class T2IModel:
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.zeros_for_empty_prompt = zeros_for_empty_prompt
+        # The scheduler a folder came with (its model_index.json entry and config), written back by `save_pretrained`:
+        # training reads the noise schedule as DDPM's, but a pipeline loading a saved folder samples as the original.
+        self.scheduler_as_saved: tuple[list, dict] | None = None
         self.name = name
         default = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
         self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else default)
@@ -192,8 +195,11 @@ class T2IModel:
             parts["scheduler"] = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False)
         name = root.resolve().name
         zeros = sdxl and bool(index.get("force_zeros_for_empty_prompt", True))  # (the SDXL pipeline's default)
-        return cls(**parts, name=name, pipeline_class=index.get("_class_name"),
-                   zeros_for_empty_prompt=zeros).to(resolve_device(device))
+        model = cls(**parts, name=name, pipeline_class=index.get("_class_name"), zeros_for_empty_prompt=zeros)
+        scheduler_config = _json_or_empty(root / "scheduler" / "scheduler_config.json")
+        if scheduler_config and isinstance(index.get("scheduler"), list):
+            model.scheduler_as_saved = (index["scheduler"], scheduler_config)
+        return model.to(resolve_device(device))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""
@@ -206,7 +212,11 @@ class T2IModel:
         for name in PARTS + SDXL_PARTS * self.is_sdxl:
             part = getattr(self, name)
             index[name] = _index_entry(part)
-            if isinstance(part, diffusers.ModelMixin):
+            if name == "scheduler" and self.scheduler_as_saved:  # the folder's own, for pipelines that load it
+                index[name], config = self.scheduler_as_saved
+                (root / name).mkdir(exist_ok=True)
+                (root / name / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            elif isinstance(part, diffusers.ModelMixin):
                 part.save_pretrained(root / name, safe_serialization=True)
             elif part is not None:
                 part.save_pretrained(root / name)  # transformers writes safetensors by default
