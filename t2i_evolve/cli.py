@@ -311,14 +311,16 @@ def sample(
     seed: int = typer.Option(0, min=0, max=MAX_SEED),
     steps: int = typer.Option(20, help="Sampling steps."),
     scheduler: str = typer.Option("ddim", help="ddim or dpm++."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off; 5-7.5 for SD and SDXL)."),
+    device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
 ):
     """Draw one image of a prompt with a model folder."""
     from .models import Sampler, SamplerConfig, T2IModel
 
     cfg = SamplerConfig.from_dict({"scheduler": scheduler, "steps": steps, "guidance": guidance}, source="flags")
     out_path = _image_out(out_path)
-    Sampler(T2IModel.from_pretrained(model), cfg).generate([prompt], [seed])[0].save(out_path)
+    Sampler(T2IModel.from_pretrained(model, device, dtype), cfg).generate([prompt], [seed])[0].save(out_path)
     say(f"wrote {out_path}")
 
 
@@ -328,6 +330,8 @@ def eval_model(
     prompts: int = typer.Option(128, help="Held-out grammar prompts."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Prompt seed."),
     steps: int = typer.Option(20, help="Sampling steps."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
+    device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Judge a model on held-out shapes-world prompts: overall and per-skill scores."""
@@ -340,7 +344,8 @@ def eval_model(
     if prompts < 1:
         raise UserError("--prompts must be at least 1")
     texts = GrammarPrompts().sample(prompts, seed=seed)
-    sampler = Sampler(T2IModel.from_pretrained(model), SamplerConfig.from_dict({"steps": steps}, source="flags"))
+    config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
+    sampler = Sampler(T2IModel.from_pretrained(model, device), config)
     with progress_bar("judging", prompts) as advance:
         summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
     result = {"score": summary["score"], "skills": summary["skills"], "asked": summary["asked"]}  # (0 asked: 0.0)

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from fake_openai import KEY_ENV, FakeOpenAI, api_key, server  # noqa: F401 (fixtures)
 
 from t2i_evolve.data import CachedGenerator, CallBudget, Ledger
@@ -205,3 +206,21 @@ def test_local_pipeline_id_follows_settings_and_caches(local_teacher, sd_dir, tm
     again = CachedGenerator(local_teacher, ledger).generate(["a red circle"], [0])
     assert np.array_equal(pixels(first)[0], pixels(again)[0])
     assert [c.attempts for c in ledger.calls(caller=local_teacher.id)] == [1]
+
+
+def test_a_local_teacher_in_a_recipe_config_draws_as_its_spec_says(sd_dir, tmp_path, capsys):
+    """A real SD/SDXL teacher wants guidance and a GPU: the recipe's spec took neither (CPU, float32, no guidance)."""
+    from t2i_evolve.cli import main
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    spec = TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir), "sampler": {"steps": 2, "guidance": 5},
+                                  "device": "cpu", "dtype": "bfloat16"})
+    teacher = spec.build(32)
+    assert teacher.id.endswith(":ddim-2-cfg5:bfloat16")
+    assert (teacher.sampler.model.device.type, teacher.sampler.model.dtype) == ("cpu", torch.bfloat16)
+    assert TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir)}).device == "auto"
+    out = tmp_path / "x.png"
+    assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--steps", "2", "--guidance", "3",
+                 "--device", "cpu", "--dtype", "bfloat16"]) == 0 and out.is_file()
+    assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--dtype", "float8"]) == 2
+    assert "unknown dtype 'float8'" in capsys.readouterr().err

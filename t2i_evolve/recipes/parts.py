@@ -33,7 +33,7 @@ from ..eval.report import read_json, write_json, write_jsonl, write_rounds_repor
 from ..files import write_atomically
 from ..judges import PixelJudge
 from ..judges.batch import score_images
-from ..models import TinyModelConfig, init_tiny_model
+from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
 from ..protocols import Generator, PromptWriter
 from ..train import Seed, TrainingSet
 from ..world.sampling import GrammarSlice, distinct_prompts
@@ -51,6 +51,9 @@ class TeacherSpec(Config):
     endpoint: EndpointConfig | None = None
     path: PathText | None = None
     price_per_call: float | None = None
+    sampler: SamplerConfig = SamplerConfig()  # local: how it draws (a real SD/SDXL teacher: guidance 5-7.5, 30 steps)
+    device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
+    dtype: str = "float32"  # local: e.g. float16 on a GPU
 
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":
@@ -66,7 +69,8 @@ class TeacherSpec(Config):
 
         if self.path is None:
             raise ConfigError("teacher of kind 'local' needs a path")
-        return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0, resolution=resolution)
+        return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0, resolution=resolution,
+                                    sampler=self.sampler, device=self.device, dtype=self.dtype)
 
 
 ENDPOINT_ADDRESSES = {"judge": {"endpoint": HOW_TO_REACH}, "writer": {"endpoint": HOW_TO_REACH},
