@@ -158,6 +158,7 @@ class T2IModel:
         # The scheduler a folder came with (its model_index.json entry and config), written back by `save_pretrained`:
         # training reads the noise schedule as DDPM's, but a pipeline loading a saved folder samples as the original.
         self.scheduler_as_saved: tuple[list, dict] | None = None
+        self._empty: torch.Tensor | None = None  # `_empty_ids`' cache
         self.name = name
         default = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
         self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else default)
@@ -320,7 +321,7 @@ class T2IModel:
         input_ids = input_ids.to(self.device)
         keep = None if drop is None else ~drop.to(self.device, torch.bool).view(-1, *(1,) * (input_ids.dim() - 1))
         if keep is not None and not self.zeros_for_empty_prompt:
-            input_ids = torch.where(keep, input_ids, self.tokenize([""]))
+            input_ids = torch.where(keep, input_ids, self._empty_ids())
         if not self.is_sdxl:
             out = self.text_encoder(input_ids)
             text = PromptEmbeds(out.last_hidden_state, out.pooler_output)
@@ -331,6 +332,12 @@ class T2IModel:
         if keep is not None and self.zeros_for_empty_prompt:
             text = PromptEmbeds(*(t * keep.view(-1, *(1,) * (t.dim() - 1)) for t in text))
         return text
+
+    def _empty_ids(self) -> torch.Tensor:
+        """The empty prompt's ids, tokenized once (a trainer asks every step; a tokenizer call is about 1 ms)."""
+        if self._empty is None or self._empty.device != self.device:
+            self._empty = self.tokenize([""])
+        return self._empty
 
     def encode_empty(self, n: int) -> PromptEmbeds:
         """The unconditional embedding for classifier-free guidance and caption dropout: the empty prompt's,
