@@ -268,9 +268,9 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     _check_train_output(config, cfg)
     check_resumable(cfg)
+    data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))  # (read, and checked, before any folder is made)
     if PartialState().is_main_process:  # (under `accelerate launch`, its processes share the folder)
         claim_run_folder(cfg.output_dir, "train")
-    data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))
     trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
     with progress_bar("training", cfg.steps) as advance:
         advance(trainer.step)

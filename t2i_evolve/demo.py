@@ -124,6 +124,7 @@ def run_demo(config: DemoConfig) -> dict:
         summary |= {key: earlier[key] for key in ("wall_s", "phases") if key in earlier}
     write_atomically(out / "summary.json", json.dumps(summary, indent=2))
     _write_report(out, held_out, before_grid, after_grid, summary)
+    ledger.close()
     release_run_folder(out)
     return summary
 

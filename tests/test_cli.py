@@ -228,3 +228,18 @@ def test_init_model_over_a_model_is_refused_unless_told_to_overwrite(tmp_path, c
     assert code == 2 and "add --overwrite to replace what it holds" in err and weights.read_bytes() == first
     assert run(capsys, "init-model", str(tmp_path / "m"), "--seed", "1", "--overwrite")[0] == 0
     assert weights.read_bytes() != first
+
+
+def test_images_of_another_size_are_named_by_a_prompt_and_no_folder_is_made(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from t2i_evolve.data import Ledger
+
+    with Ledger(tmp_path / "data") as ledger:
+        for i in range(3):
+            ledger.add_record(prompt=f"a red circle {i}", generator="import", image=Image.new("RGB", (32, 32)), op="import")
+        ledger.add_record(prompt="a wide one", generator="import", image=Image.new("RGB", (64, 48)), op="import")
+    (tmp_path / "train.yaml").write_text(f"model: {tiny_dir}\ndata: {tmp_path / 'data'}\noutput_dir: {tmp_path / 'out'}\n")
+    code, _, err = run(capsys, "train", "--config", str(tmp_path / "train.yaml"))
+    assert code == 2 and "3 at 32x32, 1 at 64x48 (e.g. 'a wide one'); resize them" in err
+    assert not (tmp_path / "out").exists()

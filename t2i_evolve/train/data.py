@@ -7,6 +7,7 @@ processes of a multi-GPU run take disjoint slices by their rank.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -39,9 +40,13 @@ class TrainingSet:
 
     @classmethod
     def from_images(cls, prompts: Sequence[str], images: Sequence[Image.Image]) -> "TrainingSet":
-        sizes = {image.size for image in images}
-        if len(sizes) > 1:
-            raise UserError(f"training images differ in size: {sorted(sizes)[:3]}; resize them first")
+        sizes = Counter(image.size for image in images)
+        if len(sizes) > 1:  # the rarer sizes, with a prompt of each, so the odd images can be found
+            odd = [f"{n} at {w}x{h} (e.g. {prompts[[i.size for i in images].index((w, h))]!r})"
+                   for (w, h), n in sizes.most_common()[1:4]]
+            (w, h), n = sizes.most_common(1)[0]
+            raise UserError(f"training images differ in size: {n} at {w}x{h}, {', '.join(odd)}; resize them to one "
+                            "size (the model's) first")
         array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
         return cls(list(prompts), torch.from_numpy(array).permute(0, 3, 1, 2).contiguous())
 
