@@ -31,6 +31,8 @@ app.add_typer(world_app, name="world")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(ledger_app, name="ledger")
 out = Console(emoji=False)  # a path like runs/lr:100: is printed as it is, not with an emoji
+if not out.is_terminal:  # a log file or a pipe: rich's 80 columns cut a table's titles and cells to "sha…"
+    out.width = 160
 
 
 def say(text: str) -> None:
