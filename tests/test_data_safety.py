@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -293,7 +294,7 @@ def test_an_import_into_a_runs_folder_is_refused_and_waits_for_no_run(tmp_path, 
 def _unwritable(folder) -> bool:
     """Make `folder` one this user cannot write (chmod; for root, whom chmod does not stop, chattr +i)."""
     folder.chmod(0o555)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and shutil.which("chattr"):
         subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
     try:
         (folder / "probe").touch()
@@ -315,7 +316,7 @@ def test_a_run_folder_this_user_cannot_write_is_read_and_never_written(run_dir, 
         code, out, _ = cli(capsys, "ledger", "export", run_dir, "--to", tmp_path / "out")
         assert code == 0 and len(list((tmp_path / "out" / "train").glob("*.png"))) == 2
     finally:
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and shutil.which("chattr"):
             subprocess.run(["chattr", "-i", str(run_dir)], capture_output=True)
         run_dir.chmod(0o755)
     assert (run_dir / "ledger.sqlite").read_bytes() == before
