@@ -59,7 +59,9 @@ class Config(BaseModel):
     def from_yaml(cls: type[C], path: str | Path) -> C:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path} is a folder, not a config file" if path.is_dir() else f"config file not found: {path}")
+            raise ConfigError(f"{path} is a folder, not a config file" if path.is_dir() else
+                              f"{path} is not a regular file (a YAML config is)" if path.exists() else
+                              f"config file not found: {path}")
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError as e:
