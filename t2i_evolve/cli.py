@@ -249,8 +249,6 @@ def init_model(
     cfg = TinyModelConfig.from_yaml(config) if config else TinyModelConfig()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder: choose a folder for the model")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir} is not empty: pick a new folder, or add --overwrite to replace what it holds")
     init_tiny_model(out_dir, cfg, seed=seed, overwrite=overwrite)
     say(f"wrote {out_dir}")
 
@@ -284,14 +282,14 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
 def _check_train_output(config: Path, cfg) -> None:
     """`train` writes checkpoints/, metrics.jsonl and model/ into output_dir: never into its own data or model
     folder, nor into another command's run folder (whose next run would rewrite that metrics.jsonl)."""
+    from .data import describe_owner, folder_owner
+
     out = Path(cfg.output_dir).resolve()
     for field in ("data", "model"):
         if Path(getattr(cfg, field)).resolve() == out:
             raise UserError(f"{config}: output_dir is the {field} folder ({cfg.output_dir}): name a folder of its own")
-    for marker in ("ledger.sqlite", "evolve.yaml", "demo.yaml", "model_index.json"):
-        if (out / marker).is_file():
-            raise UserError(f"{config}: output_dir {cfg.output_dir} holds {marker}, another command's run or a model: "
-                            "name a folder of its own")
+    if (owner := folder_owner(out)) not in (None, "train"):  # (its own: a resume)
+        raise UserError(f"{config}: output_dir {cfg.output_dir} is {describe_owner(owner)}: name a folder of its own")
 
 
 def _shapes_evaluator(model_path: str, prompts: int = 128):
@@ -497,14 +495,13 @@ def ledger_import(
     prompt_column: Optional[str] = typer.Option(None, help="Column holding prompts (default: prompt/text/caption)."),
 ):
     """Import a user's own prompt/image set into a run's ledger."""
-    from .data import Ledger, claim_run_folder, import_imagefolder, release_run_folder
+    from .data import Ledger, claim_run_folder, describe_owner, folder_owner, import_imagefolder, release_run_folder
 
     if not source.is_dir():
         raise UserError(f"not a folder: {source}")
-    for marker, command in (("evolve.yaml", "evolve"), ("demo.yaml", "demo")):
-        if (run_dir / marker).is_file():  # its ledger is that run's set: records it did not make stop its resume
-            raise UserError(f"{run_dir} is a {command} run's folder, whose ledger is that run's own set (records it "
-                            "did not make would stop it resuming): import into a new folder, for `train`")
+    if (owner := folder_owner(run_dir)) not in (None, "import"):  # records a run did not make stop it resuming
+        raise UserError(f"{run_dir} is {describe_owner(owner)}: import into a new folder (or an earlier import's), "
+                        "for `train`")
     if run_dir.is_dir():  # (a new folder: made only once the import has passed its checks)
         claim_run_folder(run_dir, "ledger import")  # not while a run writes its own records into it
     with Ledger(run_dir) as ledger:

@@ -20,8 +20,8 @@ from pydantic import Field
 from .config import Config, PathText, check_resumed_config
 from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder, release_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
-from .eval.report import image_grid, read_json, read_jsonl, score_table, svg_curve, write_report
-from .files import write_atomically
+from .eval.report import image_grid, read_jsonl, score_table, svg_curve, write_report
+from .files import read_json, write_atomically
 from .judges import PixelJudge
 from .models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, init_tiny_model
 from .progress import progress_bar
@@ -66,7 +66,7 @@ RESUMABLE_CHANGES = {"output_dir", "eval_prompts", "geneval_scale", "sampler"}  
 
 def run_demo(config: DemoConfig) -> dict:
     started = time.perf_counter()
-    out = check_run_folder(config.output_dir, "demo.yaml", "demo")  # (not an evolve run's, nor an import's)
+    out = check_run_folder(config.output_dir, "demo")  # (not an evolve run's, nor an import's)
     if (out / "base" / "model_index.json").exists():  # a folder a demo started: resumed only by the same demo
         check_resumed_config(out / "demo.yaml", config, RESUMABLE_CHANGES)
     claim_run_folder(out, "demo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +38,14 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_json(path: str | os.PathLike):
+    """What a JSON file holds; None for a file that is missing or not JSON (never written whole)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -189,7 +189,7 @@ def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_d
     (tmp_path / "evolve-run" / "evolve.yaml").write_text("{}\n")
     for output_dir, message in [(tmp_path / "data", "output_dir is the data folder"),
                                 (tiny_dir, "output_dir is the model folder"),
-                                (tmp_path / "evolve-run", "holds evolve.yaml, another command's run")]:
+                                (tmp_path / "evolve-run", "is an evolve run's folder: name a folder of its own")]:
         (tmp_path / "train.yaml").write_text(f"model: {tiny_dir}\ndata: {tmp_path / 'data'}\noutput_dir: {output_dir}\n")
         code, _, err = run(capsys, "train", "--config", str(tmp_path / "train.yaml"))
         assert code == 2 and message in err and err.count("\n") == 1, err
@@ -225,7 +225,7 @@ def test_init_model_over_a_model_is_refused_unless_told_to_overwrite(tmp_path, c
     assert run(capsys, "init-model", str(tmp_path / "m"))[0] == 0
     first = weights.read_bytes()
     code, _, err = run(capsys, "init-model", str(tmp_path / "m"), "--seed", "1")
-    assert code == 2 and "add --overwrite to replace what it holds" in err and weights.read_bytes() == first
+    assert code == 2 and "`init-model --overwrite`" in err and weights.read_bytes() == first
     assert run(capsys, "init-model", str(tmp_path / "m"), "--seed", "1", "--overwrite")[0] == 0
     assert weights.read_bytes() != first
 

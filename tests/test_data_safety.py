@@ -277,7 +277,7 @@ def test_an_import_into_a_runs_folder_is_refused_and_waits_for_no_run(tmp_path, 
         run.mkdir()
         (run / marker).write_text("{}\n")
         code, _, err = cli(capsys, "ledger", "import", run, "--from", tmp_path / "src")
-        assert code == 2 and f"is a {marker.split('.')[0]} run's folder" in err and err.count("\n") == 1
+        assert code == 2 and f"{marker.split('.')[0]} run's folder: import into a new folder" in err and err.count("\n") == 1
         assert [p.name for p in run.iterdir()] == [marker]
     busy = tmp_path / "busy"
     claim_run_folder(busy, "evolve")

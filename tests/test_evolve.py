@@ -880,11 +880,11 @@ def test_a_folder_another_command_filled_is_refused_not_taken_over(reference_run
     imported = tmp_path / "imported"
     with Ledger(imported) as ledger:
         ledger.add_record(prompt="a red circle", generator="import", image=Image.new("RGB", (32, 32)), op="import")
-    with pytest.raises(UserError, match="holds 1 records that no evolve run made"):
+    with pytest.raises(UserError, match=r"is a ledger of records that no run made \(an import\)"):
         run_evolve(small_config(str(imported)))
     assert sorted(p.name for p in imported.iterdir()) == ["images", "ledger.sqlite"]
     before = sorted(p.name for p in reference_run.iterdir())
-    with pytest.raises(UserError, match="records that no demo run made"):
+    with pytest.raises(UserError, match="is an evolve run's folder: choose a new output folder"):
         run_demo(DemoConfig(output_dir=str(reference_run), minutes=0.05, train_images=8, eval_prompts=2))
     assert sorted(p.name for p in reference_run.iterdir()) == before
 

@@ -4,7 +4,7 @@ from .budgets import CallBudgets
 from .cache import CachedGenerator, CachedJudge, Call, CallBudget
 from .claim import claim_run_folder, release_run_folder
 from .imagefolder import export_imagefolder, import_imagefolder
-from .ledger import Ledger, Op, Record, check_run_folder
+from .ledger import Ledger, Op, Record, check_run_folder, describe_owner, folder_owner
 
 __all__ = [
     "CachedGenerator",
@@ -16,6 +16,8 @@ __all__ = [
     "Op",
     "Record",
     "check_run_folder",
+    "describe_owner",
+    "folder_owner",
     "claim_run_folder",
     "export_imagefolder",
     "import_imagefolder",

@@ -537,22 +537,38 @@ def _dumps(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def check_run_folder(run_dir: str | os.PathLike, marker: str, command: str) -> Path:
-    """`run_dir`, if `command` may start or resume a run there: not a file, and no ledger that another command
-    filled (a demo's, an evolve run's, an import), whose records it would take for its own set and whose results
-    it would write over. `marker`: the file `command` writes into a folder it starts. Else a one-line UserError."""
+RUN_MARKERS = {"evolve.yaml": "evolve", "demo.yaml": "demo", "config.yaml": "train", "model_index.json": "model"}
+"""The file each command leaves in a folder it writes, in the order that tells them apart (a demo's run folder holds
+its trainer's config.yaml too)."""
+
+
+def folder_owner(folder: str | os.PathLike) -> str | None:
+    """Whose folder this is: 'evolve', 'demo' or 'train' (a run of that command), 'model' (a model folder),
+    'import' (a ledger with records and no run's marker), or None (new, empty, or nothing of ours)."""
+    folder = Path(folder)
+    for marker, owner in RUN_MARKERS.items():
+        if (folder / marker).is_file():
+            return owner
+    if (folder / "ledger.sqlite").exists():
+        with Ledger(folder, read_only=True) as ledger:
+            return "import" if ledger.count(None) else None
+    return None
+
+
+def check_run_folder(run_dir: str | os.PathLike, command: str) -> Path:
+    """`run_dir`, if `command` may start or resume a run there: not a file, and nothing another command wrote (a
+    ledger whose records it would take for its own set, results it would write over). Else a one-line UserError."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a folder: choose a folder for the run")
-    if (run_dir / marker).exists():
-        return run_dir
-    if (run_dir / "ledger.sqlite").exists():
-        with Ledger(run_dir, read_only=True) as ledger:
-            records = ledger.count(None)
-        if records:
-            raise UserError(f"{run_dir} holds {records} records that no {command} run made (another command's run, or "
-                            "an import): choose a new output folder")
-    for theirs, what in (("model_index.json", "a model folder"), ("config.yaml", "a `train` run's folder")):
-        if (run_dir / theirs).is_file():
-            raise UserError(f"{run_dir} is {what} (it holds {theirs}): choose a new output folder")
+    owner = folder_owner(run_dir)
+    if owner not in (None, command):
+        raise UserError(f"{run_dir} is {describe_owner(owner)}: choose a new output folder")
     return run_dir
+
+
+def describe_owner(owner: str) -> str:
+    """'an evolve run's folder', 'a model folder', ... for `folder_owner`'s answer."""
+    if owner == "import":
+        return "a ledger of records that no run made (an import)"
+    return "a model folder" if owner == "model" else f"{'an' if owner == 'evolve' else 'a'} {owner} run's folder"

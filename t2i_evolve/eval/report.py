@@ -82,14 +82,6 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def read_json(path: Path):
-    """What a JSON file holds; None for a file that is missing or not JSON (never written whole)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSON-lines file that an appending writer fills, less a last line cut short (by a kill or a
     full disk) or any other line that is not a JSON object."""

@@ -13,7 +13,6 @@ on (the pixels themselves for a pixel-space model). Weights are read and written
 from __future__ import annotations
 
 import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
@@ -29,6 +28,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ..errors import UserError
+from ..files import read_json, write_atomically
 
 PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The folder parts this adapter reads; other entries of model_index.json (a safety checker) are ignored."""
@@ -186,7 +186,9 @@ class T2IModel:
         sdxl = any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
         # SDXL's VAE overflows in float16 (its config says `force_upcast`): read in float32, as diffusers' SDXL
         # pipeline upcasts it to decode.
-        upcast = sdxl and dtype == torch.float16 and _json_or_empty(root / "vae" / "config.json").get("force_upcast", True)
+        vae_config = read_json(root / "vae" / "config.json")  # (one that cannot be read: its loader says why)
+        upcast = sdxl and dtype == torch.float16 and not (isinstance(vae_config, dict) and
+                                                           vae_config.get("force_upcast") is False)
         parts = {name: _load_part(root, name, index.get(name), torch.float32 if name == "vae" and upcast else dtype)
                  for name in PARTS + SDXL_PARTS * sdxl}
         _check_added_conditioning(root, parts)
@@ -197,8 +199,8 @@ class T2IModel:
         name = root.resolve().name
         zeros = sdxl and bool(index.get("force_zeros_for_empty_prompt", True))  # (the SDXL pipeline's default)
         model = cls(**parts, name=name, pipeline_class=index.get("_class_name"), zeros_for_empty_prompt=zeros)
-        scheduler_config = _json_or_empty(root / "scheduler" / "scheduler_config.json")
-        if scheduler_config and isinstance(index.get("scheduler"), list):
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+        if isinstance(scheduler_config, dict) and isinstance(index.get("scheduler"), list):
             model.scheduler_as_saved = (index["scheduler"], scheduler_config)
         return model.to(resolve_device(device))
 
@@ -222,8 +224,7 @@ class T2IModel:
             elif part is not None:
                 part.save_pretrained(root / name)  # transformers writes safetensors by default
         # Last, and renamed into place: its presence says every part is whole (a save cut short has none).
-        (root / "model_index.json.tmp").write_text(json.dumps(index, indent=2) + "\n")
-        os.replace(root / "model_index.json.tmp", root / "model_index.json")
+        write_atomically(root / "model_index.json", json.dumps(index, indent=2) + "\n")
         return root
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "T2IModel":
@@ -430,13 +431,6 @@ class T2IModel:
         if self.prediction_type == "v_prediction":
             return capped / (snr + 1)
         return capped
-
-
-def _json_or_empty(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # (a part that cannot be read is told by its loader)
 
 
 def _check_added_conditioning(root: Path, parts: dict[str, Any]) -> None:

@@ -193,6 +193,7 @@ def init_tiny_model(
     """
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} is not empty; pick a new folder or pass overwrite")
+        raise UserError(f"{path} is not empty: pick a new folder, or overwrite it (`init-model --overwrite`, "
+                        "`overwrite=True`) to replace what it holds")
     tiny_model(config, seed).save_pretrained(path)
     return path

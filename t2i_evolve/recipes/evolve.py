@@ -148,7 +148,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
     held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
     check_api_keys(config)
-    out = check_run_folder(config.output_dir, "evolve.yaml", "evolve")  # (not a demo's, nor an import's)
+    out = check_run_folder(config.output_dir, "evolve")  # (not a demo's, nor an import's)
     claim_run_folder(out, "evolve")  # no other process in it: it would pay again for this one's calls in flight
     ledger = Ledger(out)
     if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger

@@ -29,8 +29,8 @@ from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run
 from ..endpoints import HOW_TO_REACH, EndpointConfig
 from ..errors import ConfigError, UserError
 from ..eval import evaluate
-from ..eval.report import read_json, write_json, write_jsonl, write_rounds_report
-from ..files import write_atomically
+from ..eval.report import write_json, write_jsonl, write_rounds_report
+from ..files import read_json, write_atomically
 from ..judges import PixelJudge
 from ..judges.batch import score_images
 from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
