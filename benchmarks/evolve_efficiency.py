@@ -57,8 +57,10 @@ from t2i_evolve.errors import ConfigError, UserError
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.protocols import Comparison
-from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
-from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, held_out_score, stable_seed
+from t2i_evolve.eval.held_out import held_out_prompts
+from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
+from t2i_evolve.eval.held_out import held_out_score
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
 from evolve_report import (calls_to_reach, final_skills, finite_json, pool_replicates, print_table,  # noqa: E402

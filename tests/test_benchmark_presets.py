@@ -202,8 +202,7 @@ def test_the_shipped_quick_base_draws_the_slice_but_not_its_rare_color():
     """What --quick's saving rests on: a base that already draws most prompts (something for the judge to
     delete) and misses yellow, the color its pretraining teacher never drew right."""
     from t2i_evolve.models import Sampler, T2IModel
-    from t2i_evolve.recipes.evolve import held_out_prompts
-    from t2i_evolve.recipes.parts import held_out_score
+    from t2i_evolve.eval.held_out import held_out_prompts, held_out_score
 
     args = evolve_efficiency.parse_args(evolve_efficiency.build_parser(), ["--quick"])
     config = evolve_efficiency.base_config(args, Path("unused"), 6)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.protocols import Comparison
-from t2i_evolve.recipes.evolve import EvolveConfig, held_out_prompts, run_evolve
+from t2i_evolve.eval.held_out import held_out_prompts
+from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from evolve_worker import ScriptedJudge, small_config  # noqa: E402
@@ -203,7 +204,7 @@ def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_
     rerun, the run pays no call twice and ends with the uninterrupted run's ledger and prior images."""
     from t2i_evolve.prompts import GrammarPromptWriter
     from t2i_evolve.recipes.evolve import Run
-    from t2i_evolve.recipes.parts import cached_teachers
+    from t2i_evolve.recipes.parts import cached_teachers, prior_images
     from t2i_evolve.world import ProceduralTeacher
 
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
@@ -218,7 +219,7 @@ def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_
     with Ledger(reference) as ledger:  # the prior is read back from the run folder: no base is drawn again
         run = Run(config, ledger, cached_teachers([ProceduralTeacher()], ledger), config.judge.build(ledger),
                   GrammarPromptWriter(config.grammar), reference, held_out=held_out_prompts(config))
-        run.prepare_prior(lambda: pytest.fail("the prior was drawn again"))
+        run.prior = prior_images(run, lambda: pytest.fail("the prior was drawn again"))
         data, active = run.training_set(), [rec.prompt for rec in ledger.records()]
     from_prior = data.image_rows() >= len(active)  # the prior's images come after the active records'
     assert Counter(p for p, prior_row in zip(data.prompts, from_prior) if prior_row) == Counter(

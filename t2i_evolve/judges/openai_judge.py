@@ -46,6 +46,7 @@ from ..data.cache import CallBudget, content_key, encode_png
 from ..endpoints import EndpointConfig, chat_text, make_async_client, redact, refused, safe_url, transient
 from ..errors import BudgetExhausted, RequestRefused, TransientError
 from ..protocols import Answer, Comparison, ImageScore, Question
+from ..world.grammar import scene_or_none
 from ..world.questions import dsg_answers, questions_for
 from . import vlm_format as fmt
 
@@ -133,11 +134,11 @@ class ChatJudge:
     structured = False
 
     def __init__(self, config: ChatJudgeConfig, ledger: Ledger | None = None, *, round: int | None = None,
-                 questions: Callable[[str], list[Question]] = questions_for):
+                 questions: Callable[[str], list[Question]] | None = None):
         self.config = config
         self.ledger = ledger
         self.round = round
-        self.questions = questions
+        self.questions = questions or prompt_questions
         self.templates = {kind: fmt.load_template(kind, getattr(config, f"{kind}_template"))
                           for kind in ("vqa", "pairwise")}
         self.stats: Counter[str] = Counter()
@@ -382,6 +383,14 @@ def _count_votes(ballot: list[_Job]) -> tuple[list[_Job], Status, int, str | Non
     status: Status = "ok" if ok else "unparseable" if any(job.status == "unparseable" for job in ballot) else "failed"
     error = None if ok else next((job.error for job in ballot if job.error), None)
     return ok, status, sum(job.asks for job in ballot), error
+
+
+def prompt_questions(prompt: str) -> list[Question]:
+    """What a VLM is asked about an image of `prompt` (VQA): the shapes world's DSG questions where the grammar
+    reads the prompt; any other prompt (a real-world one): one question about the whole prompt, TIFA's coarsest
+    form, until a question writer is configured (pass `questions=` for one)."""
+    scene = scene_or_none(prompt)
+    return questions_for(scene) if scene is not None else [Question(f'Does this image show "{prompt}"?', "overall")]
 
 
 def image_score(questions: Sequence[Question], answers: Sequence[bool]) -> ImageScore:

@@ -12,7 +12,7 @@ its teachers and evolves the training set, so the base learns from far fewer tea
             teacher better              -> expand: `variations` new prompts like it, drawn by its teacher
                                            (`confirm_votes`: only if more votes agree, for both expansions;
                                            `base_draws`: only if the base loses on fresh draws too)
-        score the base on held-out prompts (the exact pixel judge, whatever judges the set)
+        score the base on held-out prompts (the exact pixel judge; other prompts: the judge, base vs teacher)
     (`judge_first`: each round judges and evolves the set before it trains, round 1 on the base itself)
 
 Every change is a ledger row with its round, parent and reason. Teacher and judge calls go through the ledger's
@@ -34,19 +34,20 @@ from pydantic import Field
 from ..config import Config, PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..errors import BudgetExhausted, UserError
+from ..eval.held_out import HeldOutScore, Metric
 from ..eval.report import write_json, write_jsonl
 from ..judges.batch import compare_pairs
 from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
+from ..prompts.sets import keep_prompts_copy, set_prompts
 from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet, WarmupSteps, evolving_set,
                      mirror_prompt, replayable_records, train_round)
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
-from ..world.sampling import iid_prompts
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, check_rounds_kept, every_request_failed, held_out_prompts, held_out_score,
-                    judge_call_bounds, judged_base_images, new_prompt_seeds, occurrence_seeds, ops_so_far,
+                    check_judge_serves, check_rounds_kept, every_request_failed, judge_call_bounds, new_prompt_seeds,
+                    occurrence_seeds, ops_so_far, prior_images, run_prompts,
                     sampled_records, stable_seed, tournament, write_summary, ENDPOINT_ADDRESSES)
 
 
@@ -64,6 +65,8 @@ class EvolveConfig(Config):
     rare_words: list[Literal[tuple(COLORS) + SHAPES]] = Field(default_factory=list, description="Users' long tail: "
         "seed prompts naming these are kept at rare_weight odds (writer and held-out prompts weigh words alike).")
     rare_weight: float = Field(1.0, ge=0, le=1)
+    prompts_file: PathText | None = Field(None, description="Your prompts, one per line: eval_prompts of them (a seeded "
+        "pick) are held out, the seed set is seed_prompts of the rest. None: the shapes grammar's slice, above.")
     teachers: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()], min_length=1)
     judge: JudgeSpec = JudgeSpec()
     writer: WriterSpec = WriterSpec()
@@ -120,6 +123,8 @@ class EvolveConfig(Config):
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly before the judge is asked more than "
                                         "this many times (a round judges only the records whose worst case fits).")
     eval_prompts: int = Field(128, ge=0)
+    held_out_metric: Metric = Field("auto", description="pixel: the exact DSG score (shapes-world prompts); win_rate: "
+        "the run's judge, base vs the first teacher (any prompts; costs calls). auto: pixel where it can.")
     eval_draws: int = Field(1, ge=1, description="Images per held-out prompt (a small slice has few to hold out).")
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
     sampler: SamplerConfig = SamplerConfig(steps=10)
@@ -133,9 +138,10 @@ class EvolveConfig(Config):
         return GrammarSlice(**self.model_dump(include={"min_groups", "max_groups", "max_count", "p_size"}))
 
 
-RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs
+RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
-     "eval_every_round", "device"), True) | ENDPOINT_ADDRESSES  # (of the judge, writer, teachers; not their models)
+     "eval_every_round", "device", "prompts_file"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+# `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 
 def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) -> dict:
@@ -146,10 +152,11 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     that a judge the config builds gets from `max_judge_calls`; teachers are always cached).
     """
     resolve_device(config.device)  # a device this machine lacks fails now, not after round 1's training
-    held_out = held_out_prompts(config)  # (a grammar slice with no scenes in it fails here, before any file)
+    held_out, pool = run_prompts(config, given=(teachers, judge, writer))  # (a bad prompts_file: before any file)
     check_api_keys(config)
     out = check_run_folder(config.output_dir, "evolve")  # (not a demo's, nor an import's)
     claim_run_folder(out, "evolve")  # no other process in it: it would pay again for this one's calls in flight
+    keep_prompts_copy(out, config.prompts_file)
     ledger = Ledger(out)
     if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
@@ -161,7 +168,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     judge = judge or config.judge.build(ledger, hard_cap)  # rounds are sized to fit; this stops re-asks and retries
     check_judge_serves(config, judge)
     writer = writer or config.writer.build(config.grammar, ledger)
-    run = Run(config, ledger, teachers, judge, writer, out, held_out)
+    run = Run(config, ledger, teachers, judge, writer, out, held_out, pool)
     config.save(out / "evolve.yaml")  # once it passed every check: what a rerun must match
 
     def load_sampler(folder: Path) -> Sampler:
@@ -170,7 +177,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
             run.seed_set()
-            run.prepare_prior(lambda: load_sampler(base))
+            run.prior = prior_images(run, lambda: load_sampler(base))
             model_dir = base
             for r in range(1, config.rounds + 1):
                 done_file = out / "rounds" / f"{r:03d}" / "round.json"
@@ -184,8 +191,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                     row = {"round": r}
                     if config.evolve and config.judge_first:  # judged on the model the round starts from
                         row["ops"] = run.evolve_set(r, load_sampler(model_dir))
-                    # Emptied: done, unless told to train past the teacher budget: then the rounds left train
-                    # on the deleted records (`evolving_set`). A round that started goes on when rerun.
+                    # Emptied: done, unless told to train on past the teacher budget (on deleted records)
                     at_budget = config.train_past_teacher_budget and run.spent.teacher_budget_spent()
                     if ledger.count() == 0 and not (at_budget and replayable_records(ledger)):
                         stopped = "every record deleted: the base matches its teachers on the whole set"
@@ -196,7 +202,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 scored = held_out and (config.eval_every_round or r == config.rounds)
                 judge_after = config.evolve and not config.judge_first
                 sampler = load_sampler(model_dir) if scored or judge_after else None  # loaded once for both
-                row |= held_out_score(sampler, held_out) if scored else {}
+                row |= run.scorer.score(sampler, r) if scored else {}
                 try:
                     row |= {"ops": run.evolve_set(r, sampler)} if judge_after else {}
                 except BudgetExhausted as e:  # trained and scored: reported, not done (more budget: judged again)
@@ -212,14 +218,16 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                                   f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
         except BudgetExhausted as e:
             stopped = str(e)
-    return write_summary(run, rounds, stopped, base, held_out, load_sampler)
+    return write_summary(run, rounds, stopped, base, load_sampler)
 
 
 class Run:
     """The steps of one evolve run, over its ledger. Each step can be repeated after a crash."""
 
-    def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list):
+    def __init__(self, config: EvolveConfig, ledger: Ledger, teachers: dict, judge, writer, out: Path, held_out: list,
+                 pool: list | None = None):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = config, ledger, teachers, judge, writer, out
+        self.scorer, self.pool = HeldOutScore(held_out, config.held_out_metric, judge=judge, teachers=teachers), pool
         self.held_out = set(held_out) | {mirror_prompt(p) for p in held_out if config.random_flip}  # never drawn by
         # a teacher (nor, with random flips, the mirror image of one, a right picture of it), so it scores unseen prompts
         self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), judge)
@@ -229,12 +237,12 @@ class Run:
                                  train_past_teacher_budget=config.train_past_teacher_budget)
 
     def seed_set(self) -> None:
-        """Round 0: random prompts from the grammar, each drawn by the teacher the judge likes best.
+        """Round 0: random prompts from the grammar (or `prompts_file`), each drawn by the teacher the judge likes best.
         A prompt that comes up again is drawn again with another seed: uniform data has repeats."""
         done = self.out / "rounds" / "000" / "round.json"
         if done.exists():  # drawn once: relaunched past the teacher budget, it must not count what it skipped
             return
-        prompts = iid_prompts(self.config.grammar, self.config.seed_prompts, seed=self.config.seed, exclude=self.held_out,
+        prompts = set_prompts(self.config, self.pool, self.config.seed_prompts, self.config.seed, self.held_out,
                               **self.config.model_dump(include={"rare_words", "rare_weight"}))
         self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw, "the seed set")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
@@ -293,15 +301,6 @@ class Run:
                                        "random_flip", "lora"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
         return train_round(self.out / "rounds", r, init, self.training_set, steps, **shared, tracker="none",
                            schedule_steps=c.rounds * c.steps_per_round, checkpoint_every=max(25, c.steps_per_round // 4))
-
-    def prepare_prior(self, base) -> None:
-        """`prior_images`: the base's own images that the judge passed (`judged_base_images`), once per run."""
-        c, seed = self.config, stable_seed(self.config.seed, "prior")
-        if c.prior_images:
-            prompts = iid_prompts(c.grammar, c.prior_images, seed=seed, exclude=self.held_out)
-            seed_set = c.seed_prompts * self.calls_per_seed_draw  # asked first (`seed_set`): its worst case
-            self.spent.check_judge_room(seed_set + len(prompts) * getattr(self.judge, "votes", 1), "the prior images")
-            self.prior = judged_base_images(self.out / "prior", base, self.judge, prompts, seed, c.min_prior_score)
 
     def training_set(self) -> TrainingSet:
         return evolving_set(self.ledger, self.config.replay_share, self.prior, self.config.prior_share)

@@ -28,15 +28,14 @@ from ..config import Config, PathText
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run_folder
 from ..endpoints import HOW_TO_REACH, EndpointConfig
 from ..errors import ConfigError, UserError
-from ..eval import evaluate
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
-from ..judges import PixelJudge
-from ..judges.batch import score_images
 from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
+from ..prompts.sets import open_prompts, prompt_split, set_prompts
 from ..protocols import Generator, PromptWriter
 from ..train import Seed, TrainingSet
-from ..world.sampling import GrammarSlice, distinct_prompts
+from ..train.prior import judged_base_images
+from ..world.sampling import GrammarSlice
 from ..world.teachers import gallery_teacher
 
 
@@ -165,6 +164,30 @@ def check_judge_serves(config, judge) -> None:
         raise UserError(f"confirm_votes ({confirm}) asks again: more than the judge's own votes ({judge.votes})")
 
 
+def run_prompts(config, given: Sequence[object]) -> tuple[list[str], list[str] | None]:
+    """A run's (held-out prompts, the pool its sets draw from: `prompt_split`). Prompts outside the shapes grammar
+    (a `prompts_file` of real-world prompts) need parts that read any prompt: a VLM judge, teachers that draw any
+    prompt, an LLM writer; one line naming the part, before any call. `given`: the (teachers, judge, writer) passed
+    in place of the config's (None: built from it)."""
+    if config.prompts_file is not None and config.rare_words:
+        raise ConfigError("rare_words weighs grammar prompts: with a prompts_file, the file's mix is the set's mix")
+    held_out, pool = prompt_split(config)
+    if not (others := open_prompts(held_out + (pool or []))):
+        return held_out, pool
+    teachers, judge, writer = given
+    unfit = [("the pixel judge reads", "judge kind openai (a VLM)", judge is None and config.judge.kind == "pixel"),
+             ("gallery teachers draw", "teachers of kind openai or local",
+              teachers is None and any(spec.kind == "gallery" for spec in config.teachers)),
+             ("the grammar writer varies", "writer kind openai (an LLM)",
+              writer is None and config.evolve and config.writer.kind == "grammar"),
+             ("held_out_metric pixel scores", "win_rate", config.held_out_metric == "pixel")]
+    for what, instead, applies in unfit:
+        if applies:
+            raise UserError(f"prompts_file has {len(others)} prompts outside the shapes grammar (e.g. {others[0]!r}): "
+                            f"{what} shapes-world prompts only; use {instead}")
+    return held_out, pool
+
+
 def check_api_keys(config) -> None:
     """Every endpoint's API key is in the environment before any work, not found missing after round 1 trained."""
     for part in [config.judge, config.writer, *config.teachers]:
@@ -187,34 +210,6 @@ def judge_call_bounds(config, teachers: int, judge) -> tuple[int, int]:
     verdicts = max(votes, config.confirm_votes or 0) * (1 + (config.min_unseen_score is not None)) * config.base_draws
     expand_or_mutate = max(config.variations * per_draw(1), per_draw(teachers) * (config.mutate_rate > 0))
     return per_draw(teachers), verdicts + expand_or_mutate
-
-
-def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts: Sequence[str], seed: int,
-                       min_score: float) -> TrainingSet | None:
-    """Prior preservation (DreamBooth's, with a judge to filter it): the base's own images of `prompts`,
-    those the judge scores at least `min_score` (VQA); None if it passes none. Trained on beside a small set
-    of teacher images, they keep the base from forgetting what it already drew right; they cost judge
-    calls and no teacher call. Kept in `folder` (`prior.json` written last), so a rerun reads them back;
-    one killed before that draws them again (`base()` loads the sampler; seeded) and the judge's answers
-    come from its cache."""
-    manifest = folder / "prior.json"
-    if not manifest.exists():
-        images = base().generate(list(prompts), occurrence_seeds(seed, prompts))
-        judge.round = 0
-        scores = score_images(judge, list(zip(images, prompts)))
-        kept = [i for i, score in enumerate(scores) if score is not None and score.score >= min_score]
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in kept:
-            images[i].save(folder / f"{i:05d}.png")
-        write_json(manifest, {"judged": len(prompts), "min_score": min_score,
-                              "kept": [{"prompt": prompts[i], "image": f"{i:05d}.png"} for i in kept]})
-    made = json.loads(manifest.read_text())
-    if (made["judged"], made["min_score"]) != (len(prompts), min_score):
-        raise UserError(f"{folder} holds {made['judged']} prior images judged at {made['min_score']:g}; this config asks "
-                        f"{len(prompts)} at {min_score:g}: use a new output_dir")
-    kept = made["kept"]
-    return TrainingSet.from_images([row["prompt"] for row in kept],
-                                   [Image.open(folder / row["image"]).convert("RGB") for row in kept]) if kept else None
 
 
 class QualityGate:
@@ -242,6 +237,18 @@ class QualityGate:
         if score is not None and score < self.min_score:
             ledger.delete_record(record_id, round=round, op="reject",
                                  reason=f"teacher image scored {score:.2f} < min_teacher_score {self.min_score:g}")
+
+
+def prior_images(run, base: Callable[[], object]) -> TrainingSet | None:
+    """`prior_images`: the base's own images that the judge passed (`judged_base_images`), once per run; None: off."""
+    c, seed = run.config, stable_seed(run.config.seed, "prior")
+    if not c.prior_images:
+        return None
+    prompts = set_prompts(c, run.pool, c.prior_images, seed, run.held_out)
+    seed_set = c.seed_prompts * run.calls_per_seed_draw  # asked first (`seed_set`): its worst case
+    run.spent.check_judge_room(seed_set + len(prompts) * getattr(run.judge, "votes", 1), "the prior images")
+    return judged_base_images(run.out / "prior", base, run.judge, prompts, occurrence_seeds(seed, prompts),
+                              c.min_prior_score)
 
 
 def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
@@ -356,27 +363,13 @@ def ops_so_far(ledger: Ledger, round: int) -> dict:
     return {"ops": counts} if counts else {}
 
 
-def held_out_prompts(config) -> list[str]:
-    """A recipe's held-out prompts: distinct prompts of its slice (`config.grammar`, `eval_prompts`, each
-    `eval_draws` times), set by its seed only, so a benchmark scores every arm on the same ones."""
-    prompts = distinct_prompts(config.grammar, config.eval_prompts, seed=config.seed + 10_007)
-    return [prompt for prompt in prompts for _ in range(config.eval_draws)]
-
-
-def held_out_score(sampler, prompts: Sequence[str]) -> dict:
-    """The pixel judge's DSG score of a model (`sampler`) on held-out shapes-world prompts, overall and per
-    skill. Always the exact judge, whatever judges the run: the score measures the run, not the judge's
-    taste. Fixed seeds, so every model of a run (and every arm of a benchmark) draws the same noise."""
-    board = evaluate(sampler, PixelJudge(), list(prompts), seed=10_000).summary()
-    return {key: board[key] for key in ("score", "skills", "asked")}  # (a skill asked 0 times scores 0.0)
-
-
-def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, held_out: list[str], load_sampler) -> dict:
+def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, load_sampler) -> dict:
     """An evolve run's `summary.json` and `report.html`: its rounds, what it spent, why it stopped. A run stopped
     before its last round is scored on held-out prompts here if its last round was not (`eval_every_round`)."""
-    out, config, spent = run.out, run.config, run.spent
+    out, config, spent, held_out = run.out, run.config, run.spent, run.scorer.prompts
     if rounds and held_out and "score" not in rounds[-1]:
-        rounds[-1] |= held_out_score(load_sampler(out / "rounds" / f"{rounds[-1]['round']:03d}" / "model"), held_out)
+        last = rounds[-1]["round"]
+        rounds[-1] |= run.scorer.score(load_sampler(out / "rounds" / f"{last:03d}" / "model"), last)
         write_jsonl(out / "metrics.jsonl", rounds)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
                "teacher_calls": spent.teacher_calls(), "judge_calls": spent.judge_calls(),

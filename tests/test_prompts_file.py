@@ -1,0 +1,212 @@
+"""Users' own prompts in `evolve` (`prompts_file`): the held-out split, the seed set, the run's copy of the file,
+one-line refusals for parts that cannot read real-world prompts, and the win-rate score that a real base on open
+prompts is measured by (the run's judge, base vs teacher, every call cached)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from t2i_evolve.cli import main
+from t2i_evolve.data import CachedJudge, Ledger
+from t2i_evolve.endpoints import EndpointConfig
+from t2i_evolve.errors import ConfigError, UserError
+from t2i_evolve.eval.held_out import held_out_prompts
+from t2i_evolve.judges import OpenAIJudge, OpenAIJudgeConfig
+from t2i_evolve.prompts.sets import read_prompt_file
+from t2i_evolve.protocols import Comparison
+from t2i_evolve.recipes.evolve import run_evolve
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, stable_seed
+from t2i_evolve.world import GrammarPrompts, GrammarSlice
+
+sys.path.insert(0, str(Path(__file__).parent))
+from evolve_worker import ScriptedJudge, small_config  # noqa: E402
+from fake_openai import FakeOpenAI  # noqa: E402
+
+OPEN = [f"a {adj} {thing} on a {place}" for adj in ("sleepy", "striped", "tiny") for thing in ("cat", "teapot", "robot")
+        for place in ("sofa", "beach")]  # 18 real-world prompts
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_prompt_file_is_read_as_distinct_prompts_and_bad_ones_are_one_line_errors(tmp_path):
+    path = _write(tmp_path / "p.txt", ["# my prompts", "", "  a red circle  ", "a blue square", "a red circle", "\t"])
+    assert read_prompt_file(path) == ["a red circle", "a blue square"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\na blue square\r\n".encode())
+    assert read_prompt_file(tmp_path / "bom.txt") == ["a red circle", "a blue square"]  # Windows-saved
+    (tmp_path / "latin.txt").write_bytes(b"a red circle\na caf\xe9 table\n")
+    bad = {tmp_path / "missing.txt": "not found", tmp_path: "a folder", tmp_path / "latin.txt": r"not UTF-8 text \(line 2\)",
+           _write(tmp_path / "empty.txt", ["# nothing", ""]): "holds no prompts"}
+    for path, message in bad.items():
+        with pytest.raises(UserError, match=message) as error:
+            read_prompt_file(path)
+        assert "\n" not in str(error.value)
+
+
+def test_evolve_on_a_file_of_grammar_prompts_holds_some_out_draws_the_rest_and_keeps_a_copy(tmp_path):
+    prompts = list(dict.fromkeys(GrammarPrompts(GrammarSlice(max_groups=2)).sample(60, seed=5)))[:32]
+    path = _write(tmp_path / "mine.txt", ["# ours"] + prompts)
+    run_dir = tmp_path / "run"
+    config = small_config(str(run_dir), prompts_file=str(path), rounds=1, seed_prompts=40)
+    summary = run_evolve(config)
+    held_out = set(held_out_prompts(config))
+    with Ledger(run_dir, create=False) as ledger:
+        seeds = [rec.prompt for rec in ledger.records(None, round=0)]
+        calls = ledger.call_count()
+    assert len(held_out) == 8 and held_out < set(prompts)
+    assert sorted(seeds) == sorted(set(prompts) - held_out)  # all the rest, once each (fewer than seed_prompts)
+    assert "skills" in summary["rounds"][0]  # shapes-world prompts: the exact pixel score
+    assert read_prompt_file(run_dir / "prompts.txt") == prompts
+
+    _write(path, ["# ours"] + prompts + ["a green star"])  # changed under the run: its split would change
+    with pytest.raises(UserError, match="has changed since") as error:
+        run_evolve(config.updated(None, rounds=2))
+    assert "prompts.txt" in str(error.value)
+    with Ledger(run_dir, create=False) as ledger:
+        assert ledger.call_count() == calls  # refused before any call
+    again = run_evolve(config.updated(None, prompts_file=str(run_dir / "prompts.txt")))  # the copy resumes it
+    assert again["teacher_calls"] == summary["teacher_calls"] and again["final_score"] == summary["final_score"]
+
+
+def test_open_prompts_are_refused_in_one_line_by_parts_that_read_shapes_only(tmp_path):
+    path = _write(tmp_path / "open.txt", OPEN)
+    vlm = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m"))
+    drawing = [TeacherSpec(kind="openai", endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="t"))]
+    cases = {"the pixel judge": {}, "gallery teachers": {"judge": vlm}, "grammar writer": {"judge": vlm, "teachers": drawing},
+             "held_out_metric pixel": {"judge": vlm, "teachers": drawing, "evolve": False, "held_out_metric": "pixel"}}
+    for part, fields in cases.items():
+        run_dir = tmp_path / part.replace(" ", "_")
+        with pytest.raises(UserError, match=part) as error:
+            run_evolve(small_config(str(run_dir), prompts_file=str(path), **fields))
+        assert "18 prompts outside the shapes grammar" in str(error.value)
+        assert any(f"(e.g. {prompt!r})" in str(error.value) for prompt in OPEN)
+        assert not run_dir.exists()  # before any file
+    with pytest.raises(ConfigError, match="rare_words"):
+        run_evolve(small_config(str(tmp_path / "rare"), prompts_file=str(path), rare_words=["yellow"]))
+    with pytest.raises(UserError, match="would hold out all of them"):
+        run_evolve(small_config(str(tmp_path / "few"), prompts_file=str(path), eval_prompts=18))
+
+
+def test_cli_names_a_missing_prompts_file_in_one_line(tmp_path, capsys):
+    config = tmp_path / "evolve.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nprompts_file: {tmp_path / 'nope.txt'}\n")
+    code = main(["evolve", "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "nope.txt: not found" in err and "\n" not in err
+
+
+class OpenTeacher:
+    """Draws any prompt: a flat color set by the prompt's hash; logs every call (the 'server side')."""
+
+    id = "open-teacher"
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def generate(self, prompts, seeds):
+        with open(self.log, "a") as f:
+            f.writelines(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds))
+        return [Image.new("RGB", (32, 32), tuple(stable_seed(p, s, c) % 256 for c in "rgb")) for p, s in zip(prompts, seeds)]
+
+
+class OpenWriter:
+    """An LLM's stand-in: variations and new structures of any prompt, seeded."""
+
+    id = "open-writer"
+
+    def variations(self, prompt, k, *, seed):
+        return [f"{prompt} at dusk, take {seed % 97 + i}" for i in range(k)]
+
+    def new_structures(self, prompts, k, *, seed):
+        return [f"two lighthouses and a kite, take {seed % 89 + i}" for i in range(k)]
+
+
+def test_open_prompts_run_end_to_end_scored_by_the_judge_against_the_teacher_and_resume_paying_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    teacher_log, judge_log = run_dir / "teacher.jsonl", run_dir / "judge.jsonl"
+    config = small_config(str(run_dir), prompts_file=str(_write(tmp_path / "open.txt", OPEN)), eval_prompts=6,
+                          seed_prompts=12)
+
+    def go():
+        with Ledger(run_dir) as ledger:
+            judge = CachedJudge(ScriptedJudge(judge_log), ledger, backoff_s=0)
+            return run_evolve(config, teachers=[OpenTeacher(teacher_log)], judge=judge, writer=OpenWriter())
+
+    summary = go()
+    held_out = held_out_prompts(config)
+    expected = sum(0.5 for p in held_out if stable_seed(p) % 3 == 0) / len(held_out)  # ScriptedJudge: tie or teacher
+    assert [row["score"] for row in summary["rounds"]] == [expected, expected]  # win rate, every round
+    assert all(sum(row["verdicts"].values()) == 6 for row in summary["rounds"])
+    drawn = [json.loads(line)["prompt"] for line in teacher_log.read_text().splitlines()]
+    assert sorted(p for p in drawn if p in held_out) == sorted(held_out)  # the references: drawn once each
+    with Ledger(run_dir, create=False) as ledger:
+        records = ledger.records(None)
+        assert not {rec.prompt for rec in records} & set(held_out)  # and never trained on
+        assert {"expand", "delete"} <= {op.op for op in ledger.ops()}  # the set evolved on open prompts
+    judged = [json.loads(line)["prompt"] for line in judge_log.read_text().splitlines()]
+    assert sum(p in held_out for p in judged) == 2 * len(held_out)  # one comparison per prompt per round
+    assert summary["judge_calls"] == len(judged)  # the held-out comparisons count as judge calls
+
+    again = go()  # a rerun: every round done, nothing asked or drawn again
+    assert again["rounds"] == summary["rounds"]
+    assert len(teacher_log.read_text().splitlines()) == len(drawn)
+    assert len(judge_log.read_text().splitlines()) == len(judged)
+
+
+def test_a_vlm_judge_asks_one_whole_prompt_question_about_an_open_prompt(tmp_path):
+    with FakeOpenAI(chat_reply=lambda body: "1: yes") as server:
+        judge = OpenAIJudge(OpenAIJudgeConfig(endpoint=EndpointConfig(base_url=server.base_url, model="vlm")))
+        score = judge.score(Image.new("RGB", (32, 32)), "a sleepy cat on a sofa")
+        sent = json.dumps(server.requests[-1]["body"])
+    assert score.score == 1.0 and [a.question.text for a in score.answers] == ['Does this image show "a sleepy cat on '
+                                                                               'a sofa"?']
+    assert "a sleepy cat on a sofa" in sent
+
+
+class _Drawer:
+    def __init__(self, color):
+        self.color, self.round = color, None
+
+    def generate(self, prompts, seeds):
+        return [Image.new("RGB", (32, 32), self.color) for _ in prompts]
+
+
+class _Judge:
+    """Prefers the redder image; `fail`: an exception to raise, or 'silent' for no verdict at all."""
+
+    id, round = "redness", None
+
+    def __init__(self, fail=None):
+        self.fail = fail
+
+    def compare(self, image_a, image_b, prompt):
+        if isinstance(self.fail, Exception):
+            raise self.fail
+        if self.fail == "silent":
+            return None
+        a, b = image_a.getpixel((0, 0))[0], image_b.getpixel((0, 0))[0]
+        return Comparison("a" if a > b else "b" if b > a else "tie")
+
+
+def test_the_win_rate_counts_wins_and_half_ties_and_a_spent_budget_leaves_the_round_unscored():
+    from t2i_evolve.errors import BudgetExhausted
+    from t2i_evolve.eval.held_out import HeldOutScore
+
+    prompts = OPEN[:4]
+    for base, teacher, expected in [((200, 0, 0), (10, 0, 0), 1.0), ((10, 0, 0), (200, 0, 0), 0.0),
+                                    ((50, 0, 0), (50, 0, 0), 0.5)]:
+        row = HeldOutScore(prompts, judge=_Judge(), teachers={"t": _Drawer(teacher)}).score(_Drawer(base), 1)
+        assert row["score"] == expected and sum(row["verdicts"].values()) == 4
+    for fail in (BudgetExhausted("the judge budget (10 calls) is spent"), "silent"):
+        row = HeldOutScore(prompts, judge=_Judge(fail), teachers={"t": _Drawer((1, 0, 0))}).score(_Drawer((2, 0, 0)), 1)
+        assert "score" not in row and row["unscored"].startswith("held-out prompts:")
+    with pytest.raises(UserError, match="pixel scores shapes-world prompts only"):
+        HeldOutScore(prompts, "pixel")
