@@ -18,7 +18,7 @@ from t2i_evolve.errors import ConfigError, UserError
 from t2i_evolve.eval.held_out import held_out_prompts
 from t2i_evolve.judges import OpenAIJudge, OpenAIJudgeConfig
 from t2i_evolve.prompts.sets import read_prompt_file
-from t2i_evolve.protocols import Comparison
+from t2i_evolve.protocols import Comparison, ImageScore
 from t2i_evolve.recipes.evolve import run_evolve
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, stable_seed
 from t2i_evolve.world import GrammarPrompts, GrammarSlice
@@ -195,8 +195,13 @@ class _Judge:
         a, b = image_a.getpixel((0, 0))[0], image_b.getpixel((0, 0))[0]
         return Comparison("a" if a > b else "b" if b > a else "tie")
 
+    def score(self, image, prompt):
+        if isinstance(self.fail, Exception):
+            raise self.fail
+        return None if self.fail == "silent" else ImageScore(image.getpixel((0, 0))[0] / 200, ())
 
-def test_the_win_rate_counts_wins_and_half_ties_and_a_spent_budget_leaves_the_round_unscored():
+
+def test_the_win_rate_counts_wins_and_half_ties_vqa_averages_scores_and_a_spent_budget_leaves_the_round_unscored():
     from t2i_evolve.errors import BudgetExhausted
     from t2i_evolve.eval.held_out import HeldOutScore
 
@@ -205,8 +210,12 @@ def test_the_win_rate_counts_wins_and_half_ties_and_a_spent_budget_leaves_the_ro
                                     ((50, 0, 0), (50, 0, 0), 0.5)]:
         row = HeldOutScore(prompts, judge=_Judge(), teachers={"t": _Drawer(teacher)}).score(_Drawer(base), 1)
         assert row["score"] == expected and sum(row["verdicts"].values()) == 4
+    vqa = HeldOutScore(prompts, "vqa", judge=_Judge())  # absolute: no teacher drawn
+    assert vqa.score(_Drawer((50, 0, 0)), 1)["score"] == 0.25 and vqa.score(_Drawer((150, 0, 0)), 2)["score"] == 0.75
     for fail in (BudgetExhausted("the judge budget (10 calls) is spent"), "silent"):
-        row = HeldOutScore(prompts, judge=_Judge(fail), teachers={"t": _Drawer((1, 0, 0))}).score(_Drawer((2, 0, 0)), 1)
-        assert "score" not in row and row["unscored"].startswith("held-out prompts:")
+        for metric in ("win_rate", "vqa"):
+            scorer = HeldOutScore(prompts, metric, judge=_Judge(fail), teachers={"t": _Drawer((1, 0, 0))})
+            row = scorer.score(_Drawer((2, 0, 0)), 1)
+            assert "score" not in row and row["unscored"].startswith("held-out prompts:")
     with pytest.raises(UserError, match="pixel scores shapes-world prompts only"):
         HeldOutScore(prompts, "pixel")

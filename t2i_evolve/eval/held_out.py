@@ -11,6 +11,9 @@ share of it: `prompts.sets`). Two metrics:
   the ledger's call cache like every teacher call (so counted in the teacher budget and never paid twice),
   and the judge's verdicts are cached too: a rerun re-asks nothing. Both cost calls: `eval_prompts` judge
   calls (times its votes) per scored round, and `eval_prompts` teacher calls once.
+- `vqa` (any prompts, no teacher call): the run's judge scores the base's image of each held-out prompt with
+  its questions (DSG: the grammar's, an LLM writer's, or one about the whole prompt; `prompts.questions`), an
+  absolute score where `win_rate` is relative to a teacher; `eval_prompts` judge calls (times votes) a round.
 `auto` is `pixel` where every held-out prompt is a shapes-world prompt, else `win_rate`.
 """
 
@@ -20,11 +23,11 @@ from typing import Literal, Sequence
 
 from ..errors import BudgetExhausted, UserError
 from ..judges import PixelJudge
-from ..judges.batch import compare_pairs
+from ..judges.batch import compare_pairs, score_images
 from ..prompts.sets import open_prompts, prompt_split
 from .scoring import evaluate
 
-Metric = Literal["auto", "pixel", "win_rate"]
+Metric = Literal["auto", "pixel", "win_rate", "vqa"]
 BASE_SEED, TEACHER_SEED = 10_000, 20_000  # fixed noise: every model of a run, every arm of a benchmark, alike
 
 
@@ -53,6 +56,8 @@ class HeldOutScore:
         self.teacher = next(iter(teachers.values())) if teachers else None
         if self.metric == "win_rate" and (judge is None or self.teacher is None):
             raise UserError("held_out_metric win_rate needs the run's judge and a teacher to compare with")
+        if self.metric == "vqa" and not callable(getattr(judge, "score", None)):
+            raise UserError("held_out_metric vqa needs a judge that scores one image (VQA); this one only compares")
         self.references: list | None = None
 
     def __bool__(self) -> bool:
@@ -62,9 +67,18 @@ class HeldOutScore:
         if self.metric == "pixel":
             return held_out_score(sampler, self.prompts)
         try:
-            return self._win_rate(sampler, round)
+            return self._win_rate(sampler, round) if self.metric == "win_rate" else self._vqa(sampler, round)
         except BudgetExhausted as e:  # scored later (a rerun with more budget: the calls made are cached)
             return {"unscored": f"held-out prompts: {e}"}
+
+    def _vqa(self, sampler, round: int) -> dict:
+        images = sampler.generate(self.prompts, [BASE_SEED + i for i in range(len(self.prompts))])
+        self.judge.round = round
+        drawn = [(image, prompt) for image, prompt in zip(images, self.prompts) if image is not None]
+        scores = [score.score for score in score_images(self.judge, drawn) if score is not None]
+        if not scores:
+            return {"unscored": f"held-out prompts: no verdict on {len(self.prompts)} images"}
+        return {"score": sum(scores) / len(scores), "asked": len(self.prompts), "judged": len(scores)}
 
     def _win_rate(self, sampler, round: int) -> dict:
         seeds = [BASE_SEED + i for i in range(len(self.prompts))]

@@ -46,8 +46,8 @@ from ..data.cache import CallBudget, content_key, encode_png
 from ..endpoints import EndpointConfig, chat_text, make_async_client, redact, refused, safe_url, transient
 from ..errors import BudgetExhausted, RequestRefused, TransientError
 from ..protocols import Answer, Comparison, ImageScore, Question
-from ..world.grammar import scene_or_none
-from ..world.questions import dsg_answers, questions_for
+from ..prompts.questions import prompt_questions
+from ..world.questions import dsg_answers
 from . import vlm_format as fmt
 
 if TYPE_CHECKING:
@@ -383,14 +383,6 @@ def _count_votes(ballot: list[_Job]) -> tuple[list[_Job], Status, int, str | Non
     status: Status = "ok" if ok else "unparseable" if any(job.status == "unparseable" for job in ballot) else "failed"
     error = None if ok else next((job.error for job in ballot if job.error), None)
     return ok, status, sum(job.asks for job in ballot), error
-
-
-def prompt_questions(prompt: str) -> list[Question]:
-    """What a VLM is asked about an image of `prompt` (VQA): the shapes world's DSG questions where the grammar
-    reads the prompt; any other prompt (a real-world one): one question about the whole prompt, TIFA's coarsest
-    form, until a question writer is configured (pass `questions=` for one)."""
-    scene = scene_or_none(prompt)
-    return questions_for(scene) if scene is not None else [Question(f'Does this image show "{prompt}"?', "overall")]
 
 
 def image_score(questions: Sequence[Question], answers: Sequence[bool]) -> ImageScore:

@@ -36,8 +36,11 @@ from ..data.cache import CallBudget
 from ..endpoints import EndpointConfig, chat_text, make_client
 from ..errors import ConfigError, RequestRefused, TransientError
 from ..generators.remote import endpoint_errors
+from ..protocols import Question
+from ..world.grammar import scene_or_none
 from .dedup import DEFAULT_THRESHOLD, Deduper
 from .parsing import parse_prompt_list
+from .questions import parse_question_list, prompt_questions, whole_prompt_question
 
 if TYPE_CHECKING:
     from ..data.ledger import Ledger
@@ -45,13 +48,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TemplateName = Literal["system", "sample", "variations", "new_structures", "skill_prompts"]
+TemplateName = Literal["system", "sample", "variations", "new_structures", "skill_prompts", "questions"]
 TEMPLATE_FIELDS: dict[str, tuple[str, ...]] = {
     "system": (),
     "sample": ("k", "examples"),
     "variations": ("k", "prompt"),
     "new_structures": ("k", "prompts"),
     "skill_prompts": ("k", "skill", "skill_description", "examples"),
+    "questions": ("k", "prompt"),
 }
 """The placeholders each template may use."""
 
@@ -81,6 +85,7 @@ class OpenAIPromptWriterConfig(Config):
     templates: dict[TemplateName, Path] = Field(
         default_factory=dict, description="Template files replacing the packaged ones, by template name."
     )
+    max_questions: int = Field(12, ge=1, description="questions(): at most this many questions about one prompt.")
     price_per_call: float = Field(0.0, ge=0, description="Price of one request, for budgets and `ledger stats`.")
     id: str | None = Field(None, description="Caller id in the ledger; by default 'llm-writer:<model>'.")
 
@@ -112,6 +117,7 @@ class OpenAIPromptWriter:
         self.templates = load_templates(config.templates)
         self.accepted: list[str] = []
         self.by_skill: dict[str, list[str]] = {}
+        self.written_questions: dict[str, list[Question]] = {}
         self.unparsed_replies = 0
         self.failed_requests = 0
         self.rejected = 0
@@ -140,6 +146,30 @@ class OpenAIPromptWriter:
         )
         self.by_skill.setdefault(skill, []).extend(written)
         return written
+
+    def questions(self, prompt: str) -> list[Question]:
+        """DSG questions about an image of `prompt`, for a VQA judge (`prompts.questions`): the grammar's exact
+        list for a shapes-world prompt; for any other, the LLM's (asked at temperature 0, re-asked at the writer's
+        when a reply holds no valid list), or one question about the whole prompt when no reply does. Kept per
+        prompt, and each request cached in the ledger like every other: a rerun asks nothing again."""
+        if scene_or_none(prompt) is not None:
+            return prompt_questions(prompt)
+        if prompt not in self.written_questions:
+            content = self.templates["questions"].substitute(k=self.config.max_questions, prompt=prompt).strip()
+            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little") >> 1
+            for attempt in range(self.config.max_reasks + 1):
+                request = self._request([{"role": "user", "content": content}], reask_seed(seed, attempt))
+                reply = self._ask(request | ({"temperature": 0.0} if attempt == 0 else {}))
+                if reply is None:
+                    return whole_prompt_question(prompt)  # failed after retries: not kept, so asked again later
+                if parsed := parse_question_list(reply, self.config.max_questions):
+                    self.written_questions[prompt] = parsed
+                    break
+                self.unparsed_replies += 1
+                log.warning("%s: a questions reply held no valid JSON list of questions (attempt %d)", self.id, attempt + 1)
+            else:
+                self.written_questions[prompt] = whole_prompt_question(prompt)
+        return self.written_questions[prompt]
 
     # -- one request, its re-asks and what is kept ---------------------------------------------------
 

@@ -30,14 +30,14 @@ def parse_prompt_list(reply: Any) -> list[str]:
     """The prompts in `reply` (whitespace-normalised, empty ones dropped), or [] when there are none."""
     if not isinstance(reply, str):
         return []
-    for value in _candidates(reply):
+    for value in json_values(reply):
         prompts = _strings(value, _MAX_DEPTH)
         if prompts:
             return prompts
     return []
 
 
-def _candidates(reply: str) -> Iterator[Any]:
+def json_values(reply: str) -> Iterator[Any]:
     """JSON values the reply may mean, most likely first: all of it, a fenced block, a value inside."""
     yield from _whole(reply)
     for fence in _FENCE.finditer(reply):

@@ -124,7 +124,8 @@ class EvolveConfig(Config):
                                         "this many times (a round judges only the records whose worst case fits).")
     eval_prompts: int = Field(128, ge=0)
     held_out_metric: Metric = Field("auto", description="pixel: the exact DSG score (shapes-world prompts); win_rate: "
-        "the run's judge, base vs the first teacher (any prompts; costs calls). auto: pixel where it can.")
+        "the run's judge, base vs the first teacher; vqa: the run's judge's DSG score (any prompts; both cost calls). "
+        "auto: pixel where it can, else win_rate.")
     eval_draws: int = Field(1, ge=1, description="Images per held-out prompt (a small slice has few to hold out).")
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
     sampler: SamplerConfig = SamplerConfig(steps=10)
@@ -164,10 +165,10 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base)) for spec in config.teachers],
                                ledger, config.max_teacher_calls, config.max_teacher_price)
-    hard_cap = None if config.max_judge_calls is None else CallBudget(max_calls=config.max_judge_calls)
-    judge = judge or config.judge.build(ledger, hard_cap)  # rounds are sized to fit; this stops re-asks and retries
-    check_judge_serves(config, judge)
     writer = writer or config.writer.build(config.grammar, ledger)
+    hard_cap = None if config.max_judge_calls is None else CallBudget(max_calls=config.max_judge_calls)
+    judge = judge or config.judge.build(ledger, hard_cap, getattr(writer, "questions", None))  # (an LLM writes them)
+    check_judge_serves(config, judge)  # (rounds are sized to fit `max_judge_calls`; `hard_cap` stops re-asks, retries)
     run = Run(config, ledger, teachers, judge, writer, out, held_out, pool)
     config.save(out / "evolve.yaml")  # once it passed every check: what a rerun must match
 

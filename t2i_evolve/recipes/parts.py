@@ -106,7 +106,9 @@ class JudgeSpec(Config):
                                             "> 0); see OpenAIJudgeConfig.")
     temperature: float | None = 0.0
 
-    def build(self, ledger: Ledger, budget: CallBudget | None = None):
+    def build(self, ledger: Ledger, budget: CallBudget | None = None, questions: Callable | None = None):
+        """`questions(prompt)`: what a VLM asks about an image of a prompt (an LLM writer's; default
+        `prompts.questions.prompt_questions`)."""
         if self.kind == "pixel":
             if self.votes > 1:
                 raise ConfigError("judge: votes are for a sampling VLM (kind: openai); the pixel judge is exact")
@@ -123,7 +125,7 @@ class JudgeSpec(Config):
                                        max_calls=None if budget is None else budget.max_calls)
         except ValidationError as e:  # e.g. votes without sampling: one line
             raise ConfigError(f"judge: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-        return OpenAIJudge(config, ledger=ledger)
+        return OpenAIJudge(config, ledger=ledger, questions=questions)
 
 
 class WriterSpec(Config):
