@@ -219,3 +219,54 @@ def test_the_win_rate_counts_wins_and_half_ties_vqa_averages_scores_and_a_spent_
             assert "score" not in row and row["unscored"].startswith("held-out prompts:")
     with pytest.raises(UserError, match="pixel scores shapes-world prompts only"):
         HeldOutScore(prompts, "pixel")
+
+
+WORDS = (("sleepy", "striped", "tiny", "golden", "muddy", "paper"), ("fox", "kettle", "drone", "owl", "tram", "cactus"),
+         ("under a bridge", "in the snow", "on a rooftop", "beside a pond", "in a library", "at a market"))
+
+
+def _scripted_llm_and_vlm(body: dict) -> str:
+    """One server for the writer (variations, new structures, questions) and the judge (VQA, pairwise)."""
+    content = body["messages"][-1]["content"]
+    text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    h = stable_seed(json.dumps(body, sort_keys=True))
+    if "yes/no questions that together check" in text:
+        return json.dumps([{"id": 1, "question": "Is the main object there?", "skill": "entity", "parents": []},
+                           {"id": 2, "question": "Is it where the prompt says?", "skill": "spatial", "parents": [1]}])
+    if "Answer each of the" in text:
+        count = int(text.split("Answer each of the ")[1].split()[0])
+        return "\n".join(f"{i}: yes" for i in range(1, count + 1))
+    if "Which image follows" in text:
+        return ("second", "tie", "first")[h % 3]
+    return json.dumps([f"a {WORDS[0][(h + i) % 6]} {WORDS[1][(h // 7 + 2 * i) % 6]} {WORDS[2][(h // 49 + 3 * i) % 6]}"
+                       for i in range(3)])
+
+
+def test_the_cli_evolves_open_prompts_with_an_llm_writer_a_vlm_judge_and_a_local_teacher(tmp_path, capsys):
+    assert main(["init-model", str(tmp_path / "teacher")]) == 0
+    run_dir = tmp_path / "run"
+    with FakeOpenAI(chat_reply=_scripted_llm_and_vlm) as server:
+        endpoint = f"{{base_url: '{server.base_url}', backoff_s: 0, timeout_s: 10"
+        (tmp_path / "evolve.yaml").write_text("\n".join([
+            f"output_dir: {run_dir}", f"prompts_file: {_write(tmp_path / 'open.txt', OPEN)}", "seed_prompts: 8",
+            "eval_prompts: 4", "rounds: 1", "steps_per_round: 4", "batch_size: 4", "sample_all_below: 100",
+            "tiny_model: {block_out_channels: [16, 16, 32]}", "sampler: {steps: 2}", "min_teacher_score: 0.5",
+            f"teachers: [{{kind: local, path: {tmp_path / 'teacher'}, sampler: {{steps: 2}}, device: cpu}}]",
+            f"judge: {{kind: openai, endpoint: {endpoint}, model: vlm}}}}",
+            f"writer: {{kind: openai, endpoint: {endpoint}, model: llm}}}}"]) + "\n")
+        assert main(["evolve", "--config", str(tmp_path / "evolve.yaml"), "--json"]) == 0, capsys.readouterr().err
+        summary = json.loads((run_dir / "summary.json").read_text())
+        sent = [r["body"] for r in server.requests]
+        assert main(["evolve", "--config", str(tmp_path / "evolve.yaml")]) == 0  # a rerun: done, nothing sent
+        assert len(server.requests) == len(sent)
+    row = summary["rounds"][0]
+    assert 0 <= row["score"] <= 1 and sum(row["verdicts"].values()) == 4  # the win rate on the 4 held-out prompts
+    texts = [json.dumps(body) for body in sent]
+    asked_questions = [t for t in texts if "yes/no questions that together check" in t]
+    vqa = [t for t in texts if "Is it where the prompt says?" in t]
+    assert asked_questions and vqa  # the gate asked the judge the writer's questions
+    with Ledger(run_dir, create=False) as ledger:
+        records = ledger.records(None)
+    assert {rec.op for rec in records} >= {"seed", "expand"}
+    assert all(rec.prompt in OPEN for rec in records if rec.op == "seed")
+    assert any(rec.prompt.split()[1] in WORDS[0] for rec in records if rec.op == "expand")  # the LLM's variations
