@@ -106,11 +106,13 @@ def judge(
                                       "answer per question wins (needs --temperature > 0)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature of --endpoint's model."),
 ):
-    """Judge an image against a prompt: each question's answer and the DSG score."""
+    """Judge an image against a prompt: each question's answer and the DSG score (a VLM at --endpoint judges any
+    prompt; outside the shapes grammar it is asked one question about the whole prompt)."""
     from .images import load_image
     from .world import parse
 
-    parse(prompt)  # a prompt outside the grammar fails before the image is read
+    if not endpoint:  # the pixel judge reads shapes-world prompts only (a VLM: any, `prompts.questions`)
+        parse(prompt)  # a prompt outside the grammar fails before the image is read
     picture = load_image(image)
     if not endpoint and (votes != 1 or temperature != 0):
         raise UserError("--votes and --temperature are for a sampling VLM at --endpoint; the pixel judge is exact")
@@ -332,23 +334,43 @@ def eval_model(
     steps: int = typer.Option(20, help="Sampling steps."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Your prompts, one per line, each drawn once, instead of "
+                                                "grammar prompts (outside the shapes grammar: with --judge)."),
+    judge_config: Optional[Path] = typer.Option(None, "--judge", help="Judge YAML, as evolve.yaml's `judge:` (kind: "
+                                                "openai, endpoint: ...): its DSG score; default: the pixel judge."),
+    writer_config: Optional[Path] = typer.Option(None, "--writer", help="Writer YAML, as evolve.yaml's `writer:`: an "
+                                                 "LLM writing each prompt's questions for --judge."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Judge a model on held-out shapes-world prompts: overall and per-skill scores."""
+    """Judge a model on held-out prompts (shapes-world ones, or yours with a VLM): overall and per-skill scores."""
     from .eval import evaluate
+    from .eval.held_out import HeldOutScore
     from .judges import PixelJudge
     from .models import Sampler, SamplerConfig, T2IModel
     from .progress import progress_bar
-    from .world import GrammarPrompts
+    from .prompts.sets import open_prompts, read_prompt_file
+    from .recipes.parts import JudgeSpec, WriterSpec
+    from .world import GrammarPrompts, GrammarSlice
 
     if prompts < 1:
         raise UserError("--prompts must be at least 1")
-    texts = GrammarPrompts().sample(prompts, seed=seed)
+    texts = read_prompt_file(prompts_file) if prompts_file else GrammarPrompts().sample(prompts, seed=seed)
+    judge_spec = JudgeSpec.from_yaml(judge_config) if judge_config else JudgeSpec()
+    if judge_spec.kind == "pixel" and (others := open_prompts(texts)):
+        raise UserError(f"{prompts_file} has {len(others)} prompts outside the shapes grammar (e.g. {others[0]!r}): "
+                        "the pixel judge reads shapes-world prompts only; pass --judge with a VLM (kind: openai)")
     config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
     sampler = Sampler(T2IModel.from_pretrained(model, device), config)
-    with progress_bar("judging", prompts) as advance:
-        summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
-    result = {"score": summary["score"], "skills": summary["skills"], "asked": summary["asked"]}  # (0 asked: 0.0)
+    if judge_spec.kind == "pixel":
+        with progress_bar("judging", len(texts)) as advance:
+            summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
+        result = {"score": summary["score"], "skills": summary["skills"], "asked": summary["asked"]}  # (0 asked: 0.0)
+    else:  # a VLM: its DSG score (`held_out_metric: vqa`), questions from the writer where there is one
+        writer = WriterSpec.from_yaml(writer_config).build(GrammarSlice()) if writer_config else None
+        judge = judge_spec.build(None, None, getattr(writer, "questions", None))
+        result = HeldOutScore(texts, "vqa", judge=judge).score(sampler, 0) | {"judge": judge.id}
+        if "unscored" in result:
+            raise UserError(f"no score: {result['unscored'].removeprefix('held-out prompts: ')} (judge {judge.id})")
     if as_json:
         _print_json(result)
         return
@@ -356,7 +378,7 @@ def eval_model(
 
     table = Table("skill", "score")
     table.add_row("overall", f"{result['score']:.3f}")
-    for skill in result["skills"]:
+    for skill in result.get("skills", {}):
         table.add_row(skill, skill_cell(result, skill))
     out.print(table)
 

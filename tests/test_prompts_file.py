@@ -270,3 +270,36 @@ def test_the_cli_evolves_open_prompts_with_an_llm_writer_a_vlm_judge_and_a_local
     assert {rec.op for rec in records} >= {"seed", "expand"}
     assert all(rec.prompt in OPEN for rec in records if rec.op == "seed")
     assert any(rec.prompt.split()[1] in WORDS[0] for rec in records if rec.op == "expand")  # the LLM's variations
+
+
+def test_the_judge_command_takes_any_prompt_to_a_vlm_and_only_grammar_prompts_to_the_pixel_judge(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["judge", str(image), "--prompt", "a sleepy cat on a sofa"]) == 2
+    assert "sleepy" in capsys.readouterr().err  # the pixel judge: the word it cannot read, in one line
+    with FakeOpenAI(chat_reply=lambda body: "1: no") as server:
+        code = main(["judge", str(image), "--prompt", "a sleepy cat on a sofa", "--endpoint", server.base_url,
+                     "--model", "vlm", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["score"] == 0.0
+    assert [a["question"] for a in result["answers"]] == ['Does this image show "a sleepy cat on a sofa"?']
+
+
+def test_eval_scores_a_model_on_your_prompts_with_a_vlm_judge_asking_the_writers_questions(tmp_path, capsys):
+    assert main(["init-model", str(tmp_path / "model")]) == 0
+    prompts = _write(tmp_path / "open.txt", OPEN[:5])
+    args = ["eval", str(tmp_path / "model"), "--prompts-file", str(prompts), "--steps", "2", "--device", "cpu", "--json"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "5 prompts outside the shapes grammar" in err and "--judge" in err and "\n" not in err
+    with FakeOpenAI(chat_reply=_scripted_llm_and_vlm) as server:
+        endpoint = f"endpoint: {{base_url: '{server.base_url}', backoff_s: 0, timeout_s: 10, model: %s}}\n"
+        (tmp_path / "judge.yaml").write_text("kind: openai\n" + endpoint % "vlm")
+        (tmp_path / "writer.yaml").write_text("kind: openai\n" + endpoint % "llm")
+        assert main(args + ["--judge", str(tmp_path / "judge.yaml"), "--writer", str(tmp_path / "writer.yaml")]) == 0
+        sent = [json.dumps(r["body"]) for r in server.requests]
+    result = json.loads(capsys.readouterr().out)
+    assert result["score"] == 1.0 and result["asked"] == result["judged"] == 5 and result["judge"] == "openai:vlm"
+    assert sum("yes/no questions that together check" in body for body in sent) == 5  # one question list a prompt
+    assert sum("Is it where the prompt says?" in body for body in sent) == 5  # asked of each image
