@@ -300,6 +300,8 @@ def test_eval_scores_a_model_on_your_prompts_with_a_vlm_judge_asking_the_writers
         assert main(args + ["--judge", str(tmp_path / "judge.yaml"), "--writer", str(tmp_path / "writer.yaml")]) == 0
         sent = [json.dumps(r["body"]) for r in server.requests]
     result = json.loads(capsys.readouterr().out)
-    assert result["score"] == 1.0 and result["asked"] == result["judged"] == 5 and result["judge"] == "openai:vlm"
+    assert result["score"] == 1.0 and result["prompts"] == result["judged"] == 5 and result["judge"] == "openai:vlm"
+    assert result["asked"]["entity"] == result["asked"]["spatial"] == 5  # per skill: the writer's skills
+    assert result["skills"]["entity"] == result["skills"]["spatial"] == 1.0 and result["asked"]["color"] == 0
     assert sum("yes/no questions that together check" in body for body in sent) == 5  # one question list a prompt
     assert sum("Is it where the prompt says?" in body for body in sent) == 5  # asked of each image

@@ -25,7 +25,7 @@ from ..errors import BudgetExhausted, UserError
 from ..judges import PixelJudge
 from ..judges.batch import compare_pairs, score_images
 from ..prompts.sets import open_prompts, prompt_split
-from .scoring import evaluate
+from .scoring import ScoreBoard, evaluate
 
 Metric = Literal["auto", "pixel", "win_rate", "vqa"]
 BASE_SEED, TEACHER_SEED = 10_000, 20_000  # fixed noise: every model of a run, every arm of a benchmark, alike
@@ -75,10 +75,15 @@ class HeldOutScore:
         images = sampler.generate(self.prompts, [BASE_SEED + i for i in range(len(self.prompts))])
         self.judge.round = round
         drawn = [(image, prompt) for image, prompt in zip(images, self.prompts) if image is not None]
-        scores = [score.score for score in score_images(self.judge, drawn) if score is not None]
+        scores = [score for score in score_images(self.judge, drawn) if score is not None]
         if not scores:
             return {"unscored": f"held-out prompts: no verdict on {len(self.prompts)} images"}
-        return {"score": sum(scores) / len(scores), "asked": len(self.prompts), "judged": len(scores)}
+        board = ScoreBoard()  # per skill: the skills the questions name (an LLM's: entity, color, spatial, ...)
+        for score in scores:
+            board.add([answer.question for answer in score.answers], [answer.answer for answer in score.answers])
+        summary = board.summary()
+        return {"score": sum(score.score for score in scores) / len(scores), "skills": summary["skills"],
+                "asked": summary["asked"], "prompts": len(self.prompts), "judged": len(scores)}
 
     def _win_rate(self, sampler, round: int) -> dict:
         seeds = [BASE_SEED + i for i in range(len(self.prompts))]

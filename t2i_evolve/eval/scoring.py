@@ -40,15 +40,19 @@ class ScoreBoard:
             self.task_passes[task].append(passes(task, questions, raw))
         return score
 
+    def skill_names(self) -> list[str]:
+        """The package's skills, then any other a question named (an LLM's questions about a real prompt: entity...)."""
+        return [*SKILLS, *(s for s in self.skill_asked if s not in SKILLS)]
+
     def skills(self) -> dict[str, float]:
         """Share right per skill, over questions whose parents hold (0.0 where none could be asked)."""
-        return {s: self.skill_right[s] / self.skill_asked[s] if self.skill_asked[s] else 0.0 for s in SKILLS}
+        return {s: self.skill_right[s] / self.skill_asked[s] if self.skill_asked[s] else 0.0 for s in self.skill_names()}
 
     def summary(self) -> dict:
         out = {
             "score": sum(self.scores) / len(self.scores) if self.scores else 0.0,
             "skills": self.skills(),
-            "asked": {s: self.skill_asked[s] for s in SKILLS},
+            "asked": {s: self.skill_asked[s] for s in self.skill_names()},
             "images": len(self.scores),
         }
         if self.task_passes:
