@@ -66,13 +66,30 @@ def test_evolve_on_a_file_of_grammar_prompts_holds_some_out_draws_the_rest_and_k
     assert read_prompt_file(run_dir / "prompts.txt") == prompts
 
     _write(path, ["# ours"] + prompts + ["a green star"])  # changed under the run: its split would change
-    with pytest.raises(UserError, match="has changed since") as error:
-        run_evolve(config.updated(None, rounds=2))
-    assert "prompts.txt" in str(error.value)
+    for changed, message in [(config.updated(None, rounds=2), "holds other prompts"),
+                             (config.updated(None, prompts_file=None), "has no prompts_file")]:
+        with pytest.raises(UserError, match=message) as error:
+            run_evolve(changed)
+        assert "prompts.txt" in str(error.value)
     with Ledger(run_dir, create=False) as ledger:
         assert ledger.call_count() == calls  # refused before any call
     again = run_evolve(config.updated(None, prompts_file=str(run_dir / "prompts.txt")))  # the copy resumes it
     assert again["teacher_calls"] == summary["teacher_calls"] and again["final_score"] == summary["final_score"]
+
+
+def test_a_grammar_run_is_not_resumed_from_a_file_and_one_that_spent_nothing_may_change_its_file(tmp_path):
+    from t2i_evolve.prompts.sets import keep_prompts_copy
+
+    spent, fresh = tmp_path / "spent", tmp_path / "fresh"
+    spent.mkdir(), fresh.mkdir()
+    keep_prompts_copy(spent, None, replace=True)  # started on grammar prompts
+    with pytest.raises(UserError, match="started from the shapes grammar's prompts"):
+        keep_prompts_copy(spent, _write(tmp_path / "a.txt", ["a red circle", "a blue square"]))
+    keep_prompts_copy(fresh, tmp_path / "a.txt", replace=True)
+    keep_prompts_copy(fresh, _write(tmp_path / "b.txt", ["a green star"]), replace=True)  # nothing spent: afresh
+    assert read_prompt_file(fresh / "prompts.txt") == ["a green star"]
+    keep_prompts_copy(fresh, None, replace=True)
+    assert not (fresh / "prompts.txt").exists()
 
 
 def test_open_prompts_are_refused_in_one_line_by_parts_that_read_shapes_only(tmp_path):

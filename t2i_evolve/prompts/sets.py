@@ -60,20 +60,27 @@ def split_prompts(prompts: Sequence[str], held_out: int, seed: int) -> tuple[lis
     return [prompts[i] for i in order[:held_out]], [prompts[i] for i in order[held_out:]]
 
 
-def keep_prompts_copy(run_dir: Path, path: Path | str | None) -> None:
+def keep_prompts_copy(run_dir: Path, path: Path | str | None, replace: bool = False) -> None:
     """Keep the prompts a run started from in its folder (`prompts.txt`, in file order: pointed at, it splits
-    alike); a rerun with a file whose prompts differ is refused: its held-out prompts would not be the ones the
-    run kept out of training. None: no file (the grammar's prompts)."""
-    if path is None:
-        return
+    alike; none: the grammar's prompts). A rerun from other prompts (another file's, the grammar's for a file's,
+    a file's for the grammar's) is refused: its held-out prompts would not be the ones the run kept out of
+    training. `replace`: the run has spent nothing yet, so other prompts may start it afresh."""
     copy = Path(run_dir) / COPY_NAME
-    text = "".join(f"{prompt}\n" for prompt in read_prompt_file(path))
-    if copy.exists():
-        if copy.read_text(encoding="utf-8") != text:
-            raise UserError(f"prompts_file {path} has changed since {run_dir} started (its prompts then: {copy}): "
-                            f"point prompts_file at that copy to resume, or set a new output_dir")
+    text = None if path is None else "".join(f"{prompt}\n" for prompt in read_prompt_file(path))
+    if not replace:
+        before = copy.read_text(encoding="utf-8") if copy.exists() else None
+        if before is None and text is not None:
+            raise UserError(f"{run_dir} started from the shapes grammar's prompts, not a prompts_file: rerun it "
+                            "without one, or set a new output_dir")
+        if before is not None and before != text:
+            what = "has no prompts_file" if text is None else f"prompts_file {path} holds other prompts"
+            raise UserError(f"this config {what}, but {run_dir} started from the prompts in {copy}: point prompts_file "
+                            "at that copy to resume, or set a new output_dir")
         return
-    write_atomically(copy, text.encode())
+    if text is None:
+        copy.unlink(missing_ok=True)
+    else:
+        write_atomically(copy, text.encode())
 
 
 def prompt_split(config) -> tuple[list[str], list[str] | None]:

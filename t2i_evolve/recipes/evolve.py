@@ -157,11 +157,11 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     check_api_keys(config)
     out = check_run_folder(config.output_dir, "evolve")  # (not a demo's, nor an import's)
     claim_run_folder(out, "evolve")  # no other process in it: it would pay again for this one's calls in flight
-    keep_prompts_copy(out, config.prompts_file)
     ledger = Ledger(out)
-    if ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into its ledger
+    if spent := ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into it
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
         check_rounds_kept(out / "rounds", config.rounds)
+    keep_prompts_copy(out, config.prompts_file, replace=not spent)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base)) for spec in config.teachers],
                                ledger, config.max_teacher_calls, config.max_teacher_price)
