@@ -8,6 +8,7 @@ appended before the ledger commits, so a call paid twice shows up twice.
     python tests/evolve_worker.py RUN_DIR --gate ...         # with the quality gate (the judge's calls count)
     python tests/evolve_worker.py RUN_DIR --prior 16 ...     # with 16 prior images (the judge scores them first)
     python tests/evolve_worker.py RUN_DIR --teacher-budget 30 ...  # 30 teacher calls, then rounds that buy nothing
+    python tests/evolve_worker.py RUN_DIR --open ...         # real-world prompts from a file, scored by win rate
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import os
 import signal
 from pathlib import Path
+
+from PIL import Image
 
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.models import SamplerConfig, TinyModelConfig
@@ -65,6 +68,40 @@ class ScriptedJudge:
         return ImageScore(0.0 if stable_seed(prompt, "gate") % 4 == 0 else 1.0, ())
 
 
+OPEN = [f"a {adj} {thing} on a {place}" for adj in ("sleepy", "striped", "tiny") for thing in ("cat", "teapot", "robot")
+        for place in ("sofa", "beach")]  # 18 real-world prompts
+
+
+class OpenTeacher:
+    """Draws any prompt: a flat color set by the prompt's hash; logs every call (the 'server side') and can
+    SIGKILL its process when asked for its `kill_at`-th batch."""
+
+    id = "open-teacher"
+
+    def __init__(self, log: Path, kill_at: int = -1):
+        self.log, self.kill_at, self.batches = log, kill_at, 0
+
+    def generate(self, prompts, seeds):
+        self.batches += 1
+        if self.batches == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        with open(self.log, "a") as f:
+            f.writelines(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds))
+        return [Image.new("RGB", (32, 32), tuple(stable_seed(p, s, c) % 256 for c in "rgb")) for p, s in zip(prompts, seeds)]
+
+
+class OpenWriter:
+    """An LLM's stand-in: variations and new structures of any prompt, seeded."""
+
+    id = "open-writer"
+
+    def variations(self, prompt, k, *, seed):
+        return [f"{prompt} at dusk, take {seed % 97 + i}" for i in range(k)]
+
+    def new_structures(self, prompts, k, *, seed):
+        return [f"two lighthouses and a kite, take {seed % 89 + i}" for i in range(k)]
+
+
 class KillingTeacher(ProceduralTeacher):
     """The strong teacher, SIGKILLing its process when asked for its `kill_at`-th batch of images."""
 
@@ -89,18 +126,25 @@ def main() -> None:
     parser.add_argument("--prior", type=int, default=0, help="prior_images: the judge scores the base's own first")
     parser.add_argument("--draws", type=int, default=1, help="base_draws: buying verdicts judged on fresh draws too")
     parser.add_argument("--teacher-budget", type=int, help="max_teacher_calls, and train on past it")
+    parser.add_argument("--open", action="store_true", help="OPEN prompts from a file (win rate), OpenTeacher, OpenWriter")
     args = parser.parse_args()
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     teacher = KillingTeacher(TeacherConfig(transient_error_rate=0.05), call_log=run / "teacher_calls.jsonl",
                              kill_at=args.kill_at_draw)
+    open_world = {}
+    if args.open:
+        teacher = OpenTeacher(run / "teacher_calls.jsonl", kill_at=args.kill_at_draw)
+        (run / "open.txt").write_text("\n".join(OPEN) + "\n")
+        open_world = {"prompts_file": str(run / "open.txt"), "eval_prompts": 6, "seed_prompts": 12}
     judge = CachedJudge(ScriptedJudge(run / "judge_calls.jsonl", args.kill_after), Ledger(run), backoff_s=0)
     # the deletion check on: ties cost a second call (a score of the base's unseen variation), a quarter fail;
     # each mutation the least-seen of three (what the set holds when a rerun mutates again must not change it)
     config = small_config(args.run_dir, min_teacher_score=0.5 if args.gate else None, min_unseen_score=0.5,
                           mutate_candidates=3, judge_first=args.judge_first, prior_images=args.prior, base_draws=args.draws,
-                          max_teacher_calls=args.teacher_budget, train_past_teacher_budget=args.teacher_budget is not None)
-    run_evolve(config, teachers=[teacher], judge=judge)
+                          max_teacher_calls=args.teacher_budget, train_past_teacher_budget=args.teacher_budget is not None,
+                          **open_world)
+    run_evolve(config, teachers=[teacher], judge=judge, writer=OpenWriter() if args.open else None)
 
 
 if __name__ == "__main__":

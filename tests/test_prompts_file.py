@@ -5,6 +5,9 @@ prompts is measured by (the run's judge, base vs teacher, every call cached)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,11 +27,21 @@ from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, stable_seed
 from t2i_evolve.world import GrammarPrompts, GrammarSlice
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evolve_worker import ScriptedJudge, small_config  # noqa: E402
+from evolve_worker import OPEN, OpenTeacher, OpenWriter, ScriptedJudge, small_config  # noqa: E402
 from fake_openai import FakeOpenAI  # noqa: E402
 
-OPEN = [f"a {adj} {thing} on a {place}" for adj in ("sleepy", "striped", "tiny") for thing in ("cat", "teapot", "robot")
-        for place in ("sofa", "beach")]  # 18 real-world prompts
+def _worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("evolve_worker.py")), str(run_dir), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def _ledger_state(run_dir: Path) -> tuple[list, list]:
+    with Ledger(run_dir, create=False) as ledger:
+        records = [(r.id, r.prompt, r.generator, r.seed, r.image_path, r.status, r.round, r.op, r.parent,
+                    r.deleted_round, r.judge) for r in ledger.records(None)]
+        ops = [(o.round, o.op, o.record_id, o.parent, o.reason) for o in ledger.ops()]
+    return records, ops
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -117,32 +130,6 @@ def test_cli_names_a_missing_prompts_file_in_one_line(tmp_path, capsys):
     code = main(["evolve", "--config", str(config)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nope.txt: not found" in err and "\n" not in err
-
-
-class OpenTeacher:
-    """Draws any prompt: a flat color set by the prompt's hash; logs every call (the 'server side')."""
-
-    id = "open-teacher"
-
-    def __init__(self, log: Path):
-        self.log = log
-
-    def generate(self, prompts, seeds):
-        with open(self.log, "a") as f:
-            f.writelines(json.dumps({"prompt": p, "seed": s}) + "\n" for p, s in zip(prompts, seeds))
-        return [Image.new("RGB", (32, 32), tuple(stable_seed(p, s, c) % 256 for c in "rgb")) for p, s in zip(prompts, seeds)]
-
-
-class OpenWriter:
-    """An LLM's stand-in: variations and new structures of any prompt, seeded."""
-
-    id = "open-writer"
-
-    def variations(self, prompt, k, *, seed):
-        return [f"{prompt} at dusk, take {seed % 97 + i}" for i in range(k)]
-
-    def new_structures(self, prompts, k, *, seed):
-        return [f"two lighthouses and a kite, take {seed % 89 + i}" for i in range(k)]
 
 
 def test_open_prompts_run_end_to_end_scored_by_the_judge_against_the_teacher_and_resume_paying_nothing(tmp_path):
@@ -322,3 +309,36 @@ def test_eval_scores_a_model_on_your_prompts_with_a_vlm_judge_asking_the_writers
     assert result["skills"]["entity"] == result["skills"]["spatial"] == 1.0 and result["asked"]["color"] == 0
     assert sum("yes/no questions that together check" in body for body in sent) == 5  # one question list a prompt
     assert sum("Is it where the prompt says?" in body for body in sent) == 5  # asked of each image
+
+
+@pytest.fixture(scope="module")
+def open_reference(tmp_path_factory) -> Path:
+    """An uninterrupted open-prompt run of the worker: the ledger every interrupted one must end with."""
+    run_dir = tmp_path_factory.mktemp("open") / "reference"
+    done = _worker(run_dir, "--open")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("kill", [("--kill-after", "3"),  # round 1: 2 held-out comparisons answered, the 3rd in flight
+                                  ("--kill-at-draw", "2")],  # the teacher drawing the held-out references
+                         ids=["scoring", "drawing-references"])
+def test_sigkill_while_scoring_open_prompts_then_rerun_pays_no_call_twice(open_reference, tmp_path, kill):
+    run_dir = tmp_path / "killed"
+    killed = _worker(run_dir, "--open", *kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    held_out = set(held_out_prompts(small_config(str(run_dir), prompts_file=str(run_dir / "open.txt"), eval_prompts=6)))
+    log = run_dir / "judge_calls.jsonl"
+    judged = [json.loads(line)["prompt"] for line in log.read_text().splitlines()] if log.exists() else []
+    drawn = [json.loads(line)["prompt"] for line in (run_dir / "teacher_calls.jsonl").read_text().splitlines()]
+    if kill[0] == "--kill-after":
+        assert [p in held_out for p in judged] == [True] * 2  # it died scoring
+    else:  # it died drawing the references: the seed set drawn, nothing judged yet
+        assert not judged and len(drawn) == 12 and not held_out & set(drawn)
+    assert not (run_dir / "summary.json").exists()
+    assert _worker(run_dir, "--open").returncode == 0
+    assert _ledger_state(run_dir) == _ledger_state(open_reference)
+    for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):  # the "server side": answered calls
+        assert (run_dir / log).read_text().count("\n") == (open_reference / log).read_text().count("\n"), log
+    summary, reference = (json.loads((d / "summary.json").read_text()) for d in (run_dir, open_reference))
+    assert [r["score"] for r in summary["rounds"]] == [r["score"] for r in reference["rounds"]]
