@@ -76,11 +76,15 @@ def world_render(
 
 
 @world_app.command("questions")
-def world_questions(prompt: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+def world_questions(prompt: str, as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                    writer_config: Optional[Path] = typer.Option(None, "--writer", help="Writer YAML, as evolve.yaml's "
+                                                                 "`writer:`: an LLM writes the questions of any prompt.")):
     """Print the prompt's yes/no questions with their skills and parents (DSG style)."""
-    from .world import questions_for
+    from .recipes.parts import WriterSpec
+    from .world import GrammarSlice, questions_for
 
-    questions = questions_for(prompt)
+    writer = WriterSpec.from_yaml(writer_config).build(GrammarSlice()) if writer_config else None
+    questions = writer.questions(prompt) if hasattr(writer, "questions") else questions_for(prompt)
     if as_json:
         _print_json([{"question": q.text, "skill": q.skill, "parent": q.parent, "parents": list(q.parents)}
                      for q in questions])

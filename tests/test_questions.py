@@ -101,3 +101,16 @@ def test_a_vlm_judge_asks_the_written_questions_and_applies_their_parents(tmp_pa
     assert [a.question.text for a in score.answers] == [q["question"].replace("  ", " ") for q in WRITTEN]
     assert "Is the cat on the sofa?" in asked
     assert score.score == 0.25  # only "is there a sofa?" holds: the cat's questions need a cat
+
+
+def test_world_questions_prints_what_the_writer_asks_about_any_prompt(tmp_path, capsys):
+    from t2i_evolve.cli import main
+
+    with FakeOpenAI(chat_reply=lambda body: json.dumps(WRITTEN)) as server:
+        (tmp_path / "writer.yaml").write_text(f"kind: openai\nendpoint: {{base_url: '{server.base_url}', model: llm, "
+                                              "backoff_s: 0}\n")
+        assert main(["world", "questions", CAT, "--writer", str(tmp_path / "writer.yaml"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(q["question"], q["skill"], q["parents"]) for q in printed][-1] == ("Is the cat on the sofa?", "spatial", [0, 2])
+    assert main(["world", "questions", CAT]) == 2  # the grammar's own questions: shapes-world prompts only
+    assert "cannot read 'black'" in capsys.readouterr().err
