@@ -342,3 +342,17 @@ def test_sigkill_while_scoring_open_prompts_then_rerun_pays_no_call_twice(open_r
         assert (run_dir / log).read_text().count("\n") == (open_reference / log).read_text().count("\n"), log
     summary, reference = (json.loads((d / "summary.json").read_text()) for d in (run_dir, open_reference))
     assert [r["score"] for r in summary["rounds"]] == [r["score"] for r in reference["rounds"]]
+
+
+def test_vqa_with_the_exact_judge_is_the_exact_score_skill_by_skill():
+    from t2i_evolve.eval.held_out import HeldOutScore, held_out_score
+    from t2i_evolve.judges import PixelJudge
+    from t2i_evolve.world import default_gallery
+
+    prompts = list(dict.fromkeys(GrammarPrompts(GrammarSlice(max_groups=2)).sample(40, seed=3)))[:24]
+    model = {t.id: t for t in default_gallery(32)}["no-count"]  # a "model" that misses counts
+    exact = held_out_score(model, prompts)
+    vqa = HeldOutScore(prompts, "vqa", judge=PixelJudge()).score(model, 1)
+    assert exact["score"] < 0.95 and exact["skills"]["count"] < 0.5
+    assert vqa["score"] == pytest.approx(exact["score"]) and vqa["skills"] == pytest.approx(exact["skills"])
+    assert vqa["asked"] == exact["asked"]
