@@ -356,3 +356,15 @@ def test_vqa_with_the_exact_judge_is_the_exact_score_skill_by_skill():
     assert exact["score"] < 0.95 and exact["skills"]["count"] < 0.5
     assert vqa["score"] == pytest.approx(exact["score"]) and vqa["skills"] == pytest.approx(exact["skills"])
     assert vqa["asked"] == exact["asked"]
+
+
+def test_the_real_model_example_config_validates_and_names_a_missing_base_in_one_line(tmp_path):
+    from t2i_evolve.recipes.evolve import EvolveConfig
+
+    config = EvolveConfig.from_yaml(Path(__file__).resolve().parents[1] / "docs" / "evolve-real-models.yaml")
+    assert config.judge.kind == config.writer.kind == "openai" and config.teachers[0].kind == "local"
+    prompts = _write(tmp_path / "open.txt", OPEN)
+    with pytest.raises(UserError) as error:  # its parts read open prompts: it gets as far as the missing base
+        run_evolve(config.updated(None, output_dir=str(tmp_path / "run"), prompts_file=str(prompts), eval_prompts=6,
+                                  base_model=str(tmp_path / "sdxl-base")))
+    assert "sdxl-base" in str(error.value) and "\n" not in str(error.value)
