@@ -85,6 +85,8 @@ def world_questions(prompt: str, as_json: bool = typer.Option(False, "--json", h
 
     writer = WriterSpec.from_yaml(writer_config).build(GrammarSlice()) if writer_config else None
     questions = writer.questions(prompt) if hasattr(writer, "questions") else questions_for(prompt)
+    if getattr(writer, "failed_requests", 0):
+        raise UserError("the writer gave no reply (its endpoint down, or refusing the request): no questions written")
     if as_json:
         _print_json([{"question": q.text, "skill": q.skill, "parent": q.parent, "parents": list(q.parents)}
                      for q in questions])
@@ -363,18 +365,28 @@ def eval_model(
     if judge_spec.kind == "pixel" and (others := open_prompts(texts)):
         raise UserError(f"{prompts_file} has {len(others)} prompts outside the shapes grammar (e.g. {others[0]!r}): "
                         "the pixel judge reads shapes-world prompts only; pass --judge with a VLM (kind: openai)")
+    if writer_config and judge_spec.kind == "pixel":
+        raise UserError("--writer writes questions for a VLM judge: pass --judge (kind: openai) too")
+    writer_spec = WriterSpec.from_yaml(writer_config) if writer_config else None
+    for spec in (judge_spec, writer_spec):  # every key in the environment before the model is loaded and drawn
+        if spec is not None and spec.kind == "openai" and spec.endpoint is not None:
+            spec.endpoint.api_key()
+    writer = writer_spec.build(GrammarSlice()) if writer_spec else None
+    judge = None if judge_spec.kind == "pixel" else judge_spec.build(None, None, getattr(writer, "questions", None))
     config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
     sampler = Sampler(T2IModel.from_pretrained(model, device), config)
-    if judge_spec.kind == "pixel":
+    if judge is None:
         with progress_bar("judging", len(texts)) as advance:
             summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()
         result = {"score": summary["score"], "skills": summary["skills"], "asked": summary["asked"]}  # (0 asked: 0.0)
     else:  # a VLM: its DSG score (`held_out_metric: vqa`), questions from the writer where there is one
-        writer = WriterSpec.from_yaml(writer_config).build(GrammarSlice()) if writer_config else None
-        judge = judge_spec.build(None, None, getattr(writer, "questions", None))
-        result = HeldOutScore(texts, "vqa", judge=judge).score(sampler, 0) | {"judge": judge.id}
+        result = HeldOutScore(texts, "vqa", judge=judge, seed=seed).score(sampler, 0) | {"judge": judge.id}
         if "unscored" in result:
-            raise UserError(f"no score: {result['unscored'].removeprefix('held-out prompts: ')} (judge {judge.id})")
+            raise UserError(f"no score: {result['unscored'].removeprefix('held-out prompts: ')} (judge {judge.id}: is "
+                            "its endpoint up? `t2i-evolve judge IMAGE --endpoint ...` names the error)")
+        if getattr(writer, "failed_requests", 0):
+            say(f"note: the writer gave no questions for {writer.failed_requests} prompts; the judge asked one question "
+                "about each whole prompt instead")
     if as_json:
         _print_json(result)
         return

@@ -321,8 +321,8 @@ def open_reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("kill", [("--kill-after", "3"),  # round 1: 2 held-out comparisons answered, the 3rd in flight
-                                  ("--kill-at-draw", "2")],  # the teacher drawing the held-out references
-                         ids=["scoring", "drawing-references"])
+                                  ("--kill-at-draw", "2")],  # the seed set, after the 6 held-out references
+                         ids=["scoring", "drawing-after-the-references"])
 def test_sigkill_while_scoring_open_prompts_then_rerun_pays_no_call_twice(open_reference, tmp_path, kill):
     run_dir = tmp_path / "killed"
     killed = _worker(run_dir, "--open", *kill)
@@ -333,8 +333,8 @@ def test_sigkill_while_scoring_open_prompts_then_rerun_pays_no_call_twice(open_r
     drawn = [json.loads(line)["prompt"] for line in (run_dir / "teacher_calls.jsonl").read_text().splitlines()]
     if kill[0] == "--kill-after":
         assert [p in held_out for p in judged] == [True] * 2  # it died scoring
-    else:  # it died drawing the references: the seed set drawn, nothing judged yet
-        assert not judged and len(drawn) == 12 and not held_out & set(drawn)
+    else:  # it died drawing the seed set: the references drawn first (and not paid again), nothing judged yet
+        assert not judged and sorted(drawn) == sorted(held_out)
     assert not (run_dir / "summary.json").exists()
     assert _worker(run_dir, "--open").returncode == 0
     assert _ledger_state(run_dir) == _ledger_state(open_reference)
@@ -368,3 +368,59 @@ def test_the_real_model_example_config_validates_and_names_a_missing_base_in_one
         run_evolve(config.updated(None, output_dir=str(tmp_path / "run"), prompts_file=str(prompts), eval_prompts=6,
                                   base_model=str(tmp_path / "sdxl-base")))
     assert "sdxl-base" in str(error.value) and "\n" not in str(error.value)
+
+
+class SpellingWriter(OpenWriter):
+    """Proposes the held-out prompts themselves, spelled otherwise ("A sleepy cat on a sofa."), as an LLM might."""
+
+    def __init__(self, held_out):
+        self.held_out = held_out
+
+    def variations(self, prompt, k, *, seed):
+        return [f" {p[0].upper()}{p[1:]}." for p in self.held_out[:k]] + super().variations(prompt, 1, seed=seed)
+
+
+def test_a_held_out_prompt_in_another_spelling_is_never_drawn_for_training(tmp_path):
+    config = small_config(str(tmp_path / "run"), prompts_file=str(_write(tmp_path / "open.txt", OPEN)), eval_prompts=6,
+                          seed_prompts=12, rounds=1)
+    held_out = held_out_prompts(config)
+    with Ledger(tmp_path / "run") as ledger:
+        run_evolve(config, teachers=[OpenTeacher(tmp_path / "t.jsonl")], writer=SpellingWriter(held_out),
+                   judge=CachedJudge(ScriptedJudge(), ledger, backoff_s=0))
+    from t2i_evolve.prompts.sets import prompt_key
+
+    with Ledger(tmp_path / "run", create=False) as ledger:
+        records = ledger.records(None)
+    assert any(rec.op == "expand" for rec in records)  # the writer's other variations were drawn
+    assert not {prompt_key(rec.prompt) for rec in records} & {prompt_key(p) for p in held_out}
+
+
+def test_the_held_out_references_must_fit_the_teacher_budget_before_any_call(tmp_path):
+    config = small_config(str(tmp_path / "run"), prompts_file=str(_write(tmp_path / "open.txt", OPEN)), eval_prompts=6,
+                          seed_prompts=12, max_teacher_calls=5)
+    with Ledger(tmp_path / "run") as ledger, pytest.raises(UserError, match="cannot pay for the 6 held-out reference"):
+        run_evolve(config, teachers=[OpenTeacher(tmp_path / "t.jsonl")], writer=OpenWriter(),
+                   judge=CachedJudge(ScriptedJudge(), ledger, backoff_s=0))
+    assert not (tmp_path / "t.jsonl").exists()  # not one image paid for
+
+
+def test_a_rounds_plan_keeps_room_for_its_held_out_comparisons_under_max_judge_calls(tmp_path):
+    config = small_config(str(tmp_path / "run"), prompts_file=str(_write(tmp_path / "open.txt", OPEN)), eval_prompts=6,
+                          seed_prompts=12, max_judge_calls=12, mutate_rate=0.0)
+    with Ledger(tmp_path / "run") as ledger:
+        summary = run_evolve(config, teachers=[OpenTeacher(tmp_path / "t.jsonl")], writer=OpenWriter(),
+                             judge=CachedJudge(ScriptedJudge(), ledger, backoff_s=0))
+    first = summary["rounds"][0]
+    assert first["ops"]["judged"] == 6 and sum(first["verdicts"].values()) == 6  # 6 scored + 6 judged = the cap
+    assert summary["judge_calls"] <= 12 and summary["stopped"]
+
+
+def test_with_random_flips_a_held_out_prompts_mirror_is_not_drawn_from_the_file():
+    from t2i_evolve.prompts.sets import PromptKeys, set_prompts
+    from t2i_evolve.train import mirror_prompt
+
+    pool = [f"a {thing} left of a {other}" for thing in ("cat", "dog", "owl") for other in ("tree", "car", "hat")]
+    held_out = ["a cat right of a tree", "a dog right of a car"]
+    exclude = PromptKeys(held_out + [mirror_prompt(p) for p in held_out])
+    drawn = set_prompts(None, pool, 100, 0, exclude)
+    assert len(drawn) == len(pool) - 2 and "a cat left of a tree" not in drawn and "a dog left of a car" not in drawn

@@ -52,11 +52,21 @@ def test_a_question_list_with_one_bad_item_is_refused_whole():
     assert parse_question_list(None, 12) is None
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=300))
-def test_reading_questions_never_raises(text):
-    questions = parse_question_list(text, 12)
-    assert questions is None or all(p < i for i, q in enumerate(questions) for p in q.parents)
+_ITEM = st.fixed_dictionaries({"question": st.one_of(st.text(max_size=40), st.integers())},
+                               optional={"id": st.one_of(st.integers(0, 6), st.booleans(), st.text(max_size=2)),
+                                         "skill": st.one_of(st.sampled_from(["entity", "color", "Spatial "]), st.text(max_size=8)),
+                                         "parents": st.one_of(st.lists(st.integers(0, 6), max_size=3), st.text(max_size=3))})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.lists(_ITEM, max_size=8).map(json.dumps)), st.integers(1, 8))
+def test_reading_questions_never_raises_and_what_it_reads_is_a_valid_dsg_list(reply, limit):
+    questions = parse_question_list(reply, limit)
+    if questions is None:
+        return
+    assert 0 < len(questions) <= limit
+    assert all(q.text.strip() == q.text and q.text and all(p < i for p in q.parents) for i, q in enumerate(questions))
+    assert all(q.skill == q.skill.strip().lower() for q in questions)
 
 
 def _config(server, **fields) -> OpenAIPromptWriterConfig:

@@ -2,15 +2,16 @@
 
 Read from the ledger's call cache, so a rerun after a crash counts what the first run paid. A recipe asks
 before it sends a batch (`draws_that_fit`, `comparisons_that_fit`), so it stops cleanly at a cap instead
-of failing half-way through a round.
+of failing half-way through a round; an endpoint that failed every request of a step stops it in one line
+(`every_request_failed`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from ..errors import BudgetExhausted
+from ..errors import BudgetExhausted, UserError
 
 if TYPE_CHECKING:
     from .cache import CachedGenerator
@@ -78,15 +79,16 @@ class CallBudgets:
                                   f"price {self.teacher_price():g} (max {self.max_teacher_price})")
         return fit
 
-    def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1) -> int:
+    def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1, reserve: int = 0) -> int:
         """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may
         cost up to `calls_each` judge calls in all (its comparison, and the quality gate's scores and the
-        tournament's comparisons of what it leads to), so the round cannot overshoot the cap. Counts the calls
-        of earlier rounds only, so a rerun of the round after a crash judges the same records."""
+        tournament's comparisons of what it leads to), so the round cannot overshoot the cap; `reserve`: calls the
+        round spends besides (its held-out score). Counts the calls of earlier rounds only, so a rerun of the
+        round after a crash judges the same records."""
         if self.max_judge_calls is None or n == 0:  # (nothing to judge: a spent budget does not stop the round)
             return n
-        left = self.max_judge_calls - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
-                                          if call.round is not None and call.round < round)
+        left = self.max_judge_calls - reserve - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
+                                                    if call.round is not None and call.round < round)
         if left < calls_each:
             raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls"
                                   + (f" (a judged record may need {calls_each})" if calls_each > 1 else ""))
@@ -97,3 +99,20 @@ class CallBudgets:
         if self.max_judge_calls is not None and needed > self.max_judge_calls:
             raise BudgetExhausted(f"judge budget too small: {what} may need {needed} judge calls, "
                                   f"max_judge_calls is {self.max_judge_calls}")
+
+
+def last_failure(ledger: Ledger, callers: Iterable[str]) -> str | None:
+    """The error of the latest failed call of `callers` (teacher or judge ids), shortened; None if none failed."""
+    callers = set(callers)
+    failed = [call.error or "" for call in ledger.calls(status="failed") if call.caller in callers]
+    return failed[-1][:200] if failed else None
+
+
+def every_request_failed(ledger: Ledger, callers: Iterable[str], round: int, what: str) -> UserError:
+    """The one-line error for an endpoint that failed every request of `what` (a server down, or refusing them
+    all). Failed calls are final answers in a run folder (`Call.settled`), but these are marked to be asked
+    again, so the rerun after the fix does; what they were sent still counts against the call budgets."""
+    callers = list(callers)
+    error = last_failure(ledger, callers) or "unreadable replies"
+    ledger.ask_failed_calls_again(callers, round)
+    return UserError(f"{what} (last error: {error}): fix it, then rerun")

@@ -47,15 +47,16 @@ FEW_QUESTIONS = 20
 
 
 def skill_cell(summary: dict, skill: str) -> str:
-    """A skill's score in a `ScoreBoard` summary, or "- (n asked)" over too few questions (0: none, not a 0 score)."""
-    asked = summary.get("asked", {}).get(skill, FEW_QUESTIONS)
+    """A skill's score in a `ScoreBoard` summary, or "- (n asked)" over too few questions (0: none, not a 0 score;
+    also a skill the summary does not name: another model's questions named it)."""
+    asked = summary.get("asked", {}).get(skill, FEW_QUESTIONS if skill in summary.get("skills", {}) else 0)
     return f"{summary['skills'][skill]:.3f}" if asked >= FEW_QUESTIONS else f"- ({asked} asked)"
 
 
 def score_table(columns: dict[str, dict]) -> str:
     """Rows: overall score and every skill (`skill_cell`); columns: e.g. before / after (`ScoreBoard` summaries)."""
     names = list(columns)
-    skills = list(next(iter(columns.values()))["skills"])
+    skills = list(dict.fromkeys(s for column in columns.values() for s in column["skills"]))  # (a VLM's vary)
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     rows = ["<tr><td>score (DSG)</td>" + "".join(f"<td>{columns[n]['score']:.3f}</td>" for n in names) + "</tr>"]
     rows += ["<tr><td>" + s + "</td>" + "".join(f"<td>{skill_cell(columns[n], s)}</td>" for n in names) + "</tr>"

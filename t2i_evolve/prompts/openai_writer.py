@@ -150,8 +150,9 @@ class OpenAIPromptWriter:
     def questions(self, prompt: str) -> list[Question]:
         """DSG questions about an image of `prompt`, for a VQA judge (`prompts.questions`): the grammar's exact
         list for a shapes-world prompt; for any other, the LLM's (asked at temperature 0, re-asked at the writer's
-        when a reply holds no valid list), or one question about the whole prompt when no reply does. Kept per
-        prompt, and each request cached in the ledger like every other: a rerun asks nothing again."""
+        when a reply holds no valid list), or one question about the whole prompt when no reply does (counted in
+        `unparsed_replies`, or `failed_requests` for no reply). Kept per prompt, and each request cached in the
+        ledger like every other: a rerun asks nothing again."""
         if scene_or_none(prompt) is not None:
             return prompt_questions(prompt)
         if prompt not in self.written_questions:
@@ -161,7 +162,8 @@ class OpenAIPromptWriter:
                 request = self._request([{"role": "user", "content": content}], reask_seed(seed, attempt))
                 reply = self._ask(request | ({"temperature": 0.0} if attempt == 0 else {}))
                 if reply is None:
-                    return whole_prompt_question(prompt)  # failed after retries: not kept, so asked again later
+                    return whole_prompt_question(prompt)  # failed after retries: in a run folder a failed call is
+                    # final (its ledger says so), so a rerun asks the judge the same question; not kept in memory
                 if parsed := parse_question_list(reply, self.config.max_questions):
                     self.written_questions[prompt] = parsed
                     break

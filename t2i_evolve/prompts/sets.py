@@ -23,9 +23,31 @@ from ..world.sampling import distinct_prompts, iid_prompts
 COPY_NAME = "prompts.txt"
 
 
+def prompt_key(prompt: str) -> str:
+    """What two spellings of one prompt share: lower case, single spaces, no full stop at the end ("A cat on a
+    sofa." is "a cat on a sofa"), so a held-out prompt is not drawn for training under another spelling."""
+    return " ".join(prompt.lower().split()).rstrip(" .")
+
+
+class PromptKeys:
+    """A set of prompts that holds every spelling of them (`prompt_key`): the held-out prompts, as `exclude`."""
+
+    def __init__(self, prompts: Iterable[str] = ()):
+        self.keys = {prompt_key(prompt) for prompt in prompts}
+
+    def __contains__(self, prompt: object) -> bool:
+        return isinstance(prompt, str) and prompt_key(prompt) in self.keys
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 def read_prompt_file(path: Path | str) -> list[str]:
-    """The distinct prompts of a text file, in file order: one per line, surrounding spaces dropped, blank
-    lines and lines starting with '#' skipped. A missing, unreadable or empty file is a one-line error."""
+    """The distinct prompts of a text file (`prompt_key`), in file order: one per line, spaces collapsed, blank lines
+    and lines starting with '#' skipped. A missing, unreadable or empty file is a one-line error."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -38,8 +60,11 @@ def read_prompt_file(path: Path | str) -> list[str]:
         raise UserError(f"prompts_file {path}: not UTF-8 text (line {line})") from None
     except OSError as e:
         raise UserError(f"prompts_file {path}: {e.strerror or e}") from None
-    lines = (line.strip() for line in text.splitlines())
-    prompts = list(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
+    prompts, seen = [], set()
+    for line in (" ".join(line.split()) for line in text.splitlines()):
+        if line and not line.startswith("#") and prompt_key(line) not in seen:  # each once, as first spelled
+            prompts.append(line)
+            seen.add(prompt_key(line))
     if not prompts:
         raise UserError(f"prompts_file {path}: holds no prompts (one per line; '#' starts a comment line)")
     return prompts
@@ -105,5 +130,7 @@ def set_prompts(config, pool: Sequence[str] | None, n: int, seed: int, exclude: 
     held out (`pool`), in an order `seed` sets (a larger n extends a smaller one's)."""
     if pool is None:
         return iid_prompts(config.grammar, n, seed=seed, exclude=exclude, **weights)
+    exclude = exclude if isinstance(exclude, PromptKeys) else PromptKeys(exclude)
+    pool = [prompt for prompt in pool if prompt not in exclude]  # (with random flips: held-out prompts' mirrors)
     order = np.random.default_rng([seed, 4_099]).permutation(len(pool))
     return [pool[i] for i in order[:n]]

@@ -33,21 +33,22 @@ from pydantic import Field
 
 from ..config import Config, PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
+from ..data.budgets import every_request_failed
 from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
 from ..eval.report import write_json, write_jsonl
 from ..judges.batch import compare_pairs
-from ..judges.evidence import confirm_teacher_better, redraw_teacher_better, unseen_variation_scores
+from ..judges.evidence import confirm_teacher_better, redraw_teacher_better
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
-from ..prompts.sets import keep_prompts_copy, set_prompts
+from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
 from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet, WarmupSteps, evolving_set,
                      mirror_prompt, replayable_records, train_round)
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, check_rounds_kept, every_request_failed, judge_call_bounds, new_prompt_seeds,
-                    occurrence_seeds, ops_so_far, prior_images, run_prompts,
+                    check_judge_serves, check_rounds_kept, judge_call_bounds, new_prompt_seeds,
+                    occurrence_seeds, ops_so_far, prior_images, run_prompts, unseen_checks,
                     sampled_records, stable_seed, tournament, write_summary, ENDPOINT_ADDRESSES)
 
 
@@ -177,6 +178,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
+            run.scorer.draw_references(run.spent)  # (win_rate: what each round's base is compared with; paid first)
             run.seed_set()
             run.prior = prior_images(run, lambda: load_sampler(base))
             model_dir = base
@@ -203,7 +205,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 scored = held_out and (config.eval_every_round or r == config.rounds)
                 judge_after = config.evolve and not config.judge_first
                 sampler = load_sampler(model_dir) if scored or judge_after else None  # loaded once for both
-                row |= run.scorer.score(sampler, r) if scored else {}
+                row |= run.scorer.score(sampler, r, run.spent) if scored else {}
                 try:
                     row |= {"ops": run.evolve_set(r, sampler)} if judge_after else {}
                 except BudgetExhausted as e:  # trained and scored: reported, not done (more budget: judged again)
@@ -229,8 +231,8 @@ class Run:
                  pool: list | None = None):
         self.config, self.ledger, self.teachers, self.judge, self.writer, self.out = config, ledger, teachers, judge, writer, out
         self.scorer, self.pool = HeldOutScore(held_out, config.held_out_metric, judge=judge, teachers=teachers), pool
-        self.held_out = set(held_out) | {mirror_prompt(p) for p in held_out if config.random_flip}  # never drawn by
-        # a teacher (nor, with random flips, the mirror image of one, a right picture of it), so it scores unseen prompts
+        self.held_out = PromptKeys(held_out + [mirror_prompt(p) for p in held_out if config.random_flip])  # never drawn
+        # (in any spelling) by a teacher, nor, with random flips, the mirror image of one: it scores unseen prompts
         self.calls_per_seed_draw, self.calls_per_judged_record = judge_call_bounds(config, len(teachers), judge)
         self.gate, self.prior = QualityGate(judge, config.min_teacher_score), None
         self.spent = CallBudgets(ledger, teachers, judge.id, max_teacher_calls=config.max_teacher_calls,
@@ -311,7 +313,8 @@ class Run:
         c = self.config
         prime_writer(self.writer, self.ledger, r)
         records = sampled_records(self.ledger, r, c.sample_share, c.sample_all_below, c.seed)
-        records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record)]
+        records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record,
+                                                           reserve=self.scorer.judge_calls)]  # (and its score's)
         seeds = [stable_seed(c.seed, r, rec.id) for rec in records]
         base_images = base.generate([rec.prompt for rec in records], seeds)
         pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
@@ -337,7 +340,7 @@ class Run:
         if records and not ops["judged"]:  # not one verdict: the judge is down or unreadable, not unsure
             raise every_request_failed(self.ledger, [self.judge.id], r,
                                        f"the judge answered none of round {r}'s {len(records)} comparisons")
-        for (rec, row), unseen in zip(as_good, self._unseen_scores(r, base, [rec for rec, _ in as_good])):
+        for (rec, row), unseen in zip(as_good, unseen_checks(self, r, base, [rec for rec, _ in as_good])):
             if unseen is not None:  # (None: check off, or no unseen variation: the verdict stands)
                 row |= {"unseen_prompt": unseen[0], "unseen_score": unseen[1]}
             self.ledger.set_judge(rec.id, row, round=r)
@@ -359,16 +362,6 @@ class Run:
         if c.min_teacher_score is not None:  # of the expanded and mutated images (counted from the ledger: reruns)
             ops["reject"] = sum(op.op == "reject" for op in self.ledger.ops(round=r))
         return ops
-
-    def _unseen_scores(self, r: int, base: Sampler, records) -> list[tuple[str, float | None] | None]:
-        """The deletion check's evidence per record (`unseen_variation_scores`); all None when it is off."""
-        if self.config.min_unseen_score is None or not records:
-            return [None] * len(records)
-        self.judge.round = r
-        seen = {rec.prompt for rec in self.ledger.records(None) if rec.round < r}  # drawn before (a rerun: as then)
-        return unseen_variation_scores(self.writer, self.judge, base, [rec.prompt for rec in records],
-                                       [stable_seed(self.config.seed, r, rec.id, "unseen") for rec in records], seen,
-                                       self.config.min_unseen_score, self.config.confirm_votes, self.config.base_draws)
 
     def _expand(self, r: int, records: list) -> int:
         """The teacher beat the base (`records`: (record, why)): variations drawn by the record's teacher."""

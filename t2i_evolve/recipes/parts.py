@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -30,6 +30,7 @@ from ..endpoints import HOW_TO_REACH, EndpointConfig
 from ..errors import ConfigError, UserError
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
+from ..judges.evidence import unseen_variation_scores
 from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
 from ..prompts.sets import open_prompts, prompt_split, set_prompts
 from ..protocols import Generator, PromptWriter
@@ -136,11 +137,15 @@ class WriterSpec(Config):
     keep: list[Literal["color", "shape"]] = Field(
         default_factory=list, description="grammar: what a variation keeps of each group besides the structure "
         "(color, shape), as an LLM told to keep the concept the base missed would; empty: both are redrawn.")
+    settings: dict = Field(default_factory=dict, description="openai: OpenAIPromptWriterConfig's other fields "
+                           "(temperature, max_questions, templates, price_per_call, ...).")
 
     def build(self, grammar: GrammarSlice, ledger: Ledger | None = None) -> PromptWriter:
         if self.kind == "grammar":
             from ..prompts import GrammarPromptWriter
 
+            if self.settings:
+                raise ConfigError("writer.settings are for an LLM writer (kind: openai)")
             return GrammarPromptWriter(grammar, keep=self.keep)
         if self.keep:
             raise ConfigError("writer.keep is for the grammar writer; an LLM writer is told what to keep in its prompt")
@@ -148,7 +153,8 @@ class WriterSpec(Config):
 
         if self.endpoint is None:
             raise ConfigError("writer of kind 'openai' needs an endpoint")
-        return OpenAIPromptWriter(OpenAIPromptWriterConfig(endpoint=self.endpoint), ledger=ledger)
+        return OpenAIPromptWriter(OpenAIPromptWriterConfig.from_dict({**self.settings, "endpoint": self.endpoint},
+                                                                     source="writer"), ledger=ledger)
 
 
 def check_judge_serves(config, judge) -> None:
@@ -247,10 +253,23 @@ def prior_images(run, base: Callable[[], object]) -> TrainingSet | None:
     if not c.prior_images:
         return None
     prompts = set_prompts(c, run.pool, c.prior_images, seed, run.held_out)
-    seed_set = c.seed_prompts * run.calls_per_seed_draw  # asked first (`seed_set`): its worst case
+    seeds = c.seed_prompts if run.pool is None else min(c.seed_prompts, len(run.pool))  # (a prompts_file: its rest)
+    seed_set = seeds * run.calls_per_seed_draw  # asked first (`seed_set`): its worst case
     run.spent.check_judge_room(seed_set + len(prompts) * getattr(run.judge, "votes", 1), "the prior images")
     return judged_base_images(run.out / "prior", base, run.judge, prompts, occurrence_seeds(seed, prompts),
                               c.min_prior_score)
+
+
+def unseen_checks(run, r: int, base, records) -> list[tuple[str, float | None] | None]:
+    """The deletion check's evidence per record of round `r` (`unseen_variation_scores`); all None when it is off."""
+    c = run.config
+    if c.min_unseen_score is None or not records:
+        return [None] * len(records)
+    run.judge.round = r
+    seen = {rec.prompt for rec in run.ledger.records(None) if rec.round < r}  # drawn before (a rerun: as then)
+    return unseen_variation_scores(run.writer, run.judge, base, [rec.prompt for rec in records],
+                                   [stable_seed(c.seed, r, rec.id, "unseen") for rec in records], seen,
+                                   c.min_unseen_score, c.confirm_votes, c.base_draws)
 
 
 def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
@@ -312,23 +331,6 @@ def cached_teachers(teachers: Sequence[Generator], ledger: Ledger, max_calls: in
     return {t.id: CachedGenerator(t, ledger, batch_size=64, backoff_s=0.05, budget=budget) for t in teachers}
 
 
-def last_failure(ledger: Ledger, callers: Iterable[str]) -> str | None:
-    """The error of the latest failed call of `callers` (teacher or judge ids), shortened; None if none failed."""
-    callers = set(callers)
-    failed = [call.error or "" for call in ledger.calls(status="failed") if call.caller in callers]
-    return failed[-1][:200] if failed else None
-
-
-def every_request_failed(ledger: Ledger, callers: Iterable[str], round: int, what: str) -> UserError:
-    """The one-line error for an endpoint that failed every request of `what` (a server down, or refusing them
-    all). Failed calls are final answers in a run folder (`Call.settled`), but these are marked to be asked
-    again, so the rerun after the fix does; what they were sent still counts against the call budgets."""
-    callers = list(callers)
-    error = last_failure(ledger, callers) or "unreadable replies"
-    ledger.ask_failed_calls_again(callers, round)
-    return UserError(f"{what} (last error: {error}): fix it, then rerun")
-
-
 def sampled_records(ledger: Ledger, r: int, share: float, all_below: int, seed: int) -> list:
     """The records the judge looks at in round `r`: a seeded `share` of those active when it began (all of them
     while there are `all_below` or fewer; records it deleted itself still count, so a rerun picks the same)."""
@@ -371,7 +373,7 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, load
     out, config, spent, held_out = run.out, run.config, run.spent, run.scorer.prompts
     if rounds and held_out and "score" not in rounds[-1]:
         last = rounds[-1]["round"]
-        rounds[-1] |= run.scorer.score(load_sampler(out / "rounds" / f"{last:03d}" / "model"), last)
+        rounds[-1] |= run.scorer.score(load_sampler(out / "rounds" / f"{last:03d}" / "model"), last, spent)
         write_jsonl(out / "metrics.jsonl", rounds)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
                "teacher_calls": spent.teacher_calls(), "judge_calls": spent.judge_calls(),
