@@ -75,7 +75,7 @@ def test_evolve_on_a_file_of_grammar_prompts_holds_some_out_draws_the_rest_and_k
         calls = ledger.call_count()
     assert len(held_out) == 8 and held_out < set(prompts)
     assert sorted(seeds) == sorted(set(prompts) - held_out)  # all the rest, once each (fewer than seed_prompts)
-    assert "skills" in summary["rounds"][0]  # shapes-world prompts: the exact pixel score
+    assert "skills" in summary["rounds"][0] and summary["held_out_metric"] == "pixel"  # shapes-world prompts: exact
     assert read_prompt_file(run_dir / "prompts.txt") == prompts
 
     _write(path, ["# ours"] + prompts + ["a green star"])  # changed under the run: its split would change
@@ -148,6 +148,7 @@ def test_open_prompts_run_end_to_end_scored_by_the_judge_against_the_teacher_and
     held_out = held_out_prompts(config)
     expected = sum(0.5 for p in held_out if stable_seed(p) % 3 == 0) / len(held_out)  # ScriptedJudge: tie or teacher
     assert [row["score"] for row in summary["rounds"]] == [expected, expected]  # win rate, every round
+    assert summary["held_out_metric"] == "win_rate"
     assert all(sum(row["verdicts"].values()) == 6 for row in summary["rounds"])
     drawn = [json.loads(line)["prompt"] for line in teacher_log.read_text().splitlines()]
     assert sorted(p for p in drawn if p in held_out) == sorted(held_out)  # the references: drawn once each

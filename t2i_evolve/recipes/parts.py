@@ -376,6 +376,7 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, load
         rounds[-1] |= run.scorer.score(load_sampler(out / "rounds" / f"{last:03d}" / "model"), last, spent)
         write_jsonl(out / "metrics.jsonl", rounds)
     summary = {"rounds": rounds, "final_score": rounds[-1].get("score") if rounds else None,
+               "held_out_metric": run.scorer.metric,  # what the scores are: pixel, win_rate or vqa
                "teacher_calls": spent.teacher_calls(), "judge_calls": spent.judge_calls(),
                "teacher_price": round(spent.teacher_price(), 9), "stopped": stopped, "ledger": run.ledger.stats()}
     write_json(out / "summary.json", summary)
