@@ -54,12 +54,11 @@ from pydantic import ValidationError
 from t2i_evolve.data import Ledger
 from t2i_evolve.endpoints import EndpointConfig
 from t2i_evolve.errors import ConfigError, UserError
+from t2i_evolve.eval.held_out import held_out_prompts, held_out_score
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.protocols import Comparison
-from t2i_evolve.eval.held_out import held_out_prompts
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
-from t2i_evolve.eval.held_out import held_out_score
 from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
@@ -309,8 +308,7 @@ def data_efficiency(args, arms: dict) -> dict:
     calls_to_target = calls_to_reach(runs.values(), target)
     evolved = runs[args.evolve_budgets[-1]]
     base = arms["base"]  # (a target the base reaches untrained: "saving" what no training needs)
-    result = {
-        "base_score": base,
+    result = {"base_score": base,
         "uniform": {"final_score": best, "calls": best_n, "target": target,
                     "by_size": {n: uniform[n]["final_score"] for n in uniform},
                     "replicates": {n: uniform[n].get("replicates") for n in uniform},  # with --train-seeds

@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -27,6 +29,23 @@ from t2i_evolve.protocols import Comparison, ImageScore
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 from t2i_evolve.recipes.parts import stable_seed
 from t2i_evolve.world import ProceduralTeacher, TeacherConfig
+
+
+def run_worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """This script in a process of its own (the tests SIGKILL it), on one thread: as fast for the tiny model, and
+    robust under load."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, __file__, str(run_dir), *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def ledger_state(run_dir: Path) -> tuple[list, list]:
+    """A run's records and operations, for comparing a killed-and-rerun run with an uninterrupted one."""
+    with Ledger(run_dir, create=False) as ledger:
+        records = [(r.id, r.prompt, r.generator, r.seed, r.image_path, r.status, r.round, r.op, r.parent,
+                    r.deleted_round, r.judge) for r in ledger.records(None)]
+        ops = [(o.round, o.op, o.record_id, o.parent, o.reason) for o in ledger.ops()]
+    return records, ops
 
 
 def small_config(run_dir: str, **overrides) -> EvolveConfig:

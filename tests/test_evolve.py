@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 from collections import Counter
 from functools import partial
@@ -22,32 +20,16 @@ from t2i_evolve.eval.held_out import held_out_prompts
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evolve_worker import ScriptedJudge, small_config  # noqa: E402
+from evolve_worker import ScriptedJudge, ledger_state, run_worker, small_config  # noqa: E402
 
 from t2i_evolve.recipes.parts import stable_seed  # noqa: E402
-
-WORKER = Path(__file__).with_name("evolve_worker.py")
-
-
-def _worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}  # tiny model: one thread is as fast, and robust under load
-    return subprocess.run([sys.executable, str(WORKER), str(run_dir), *args], capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def _ledger_state(run_dir: Path) -> tuple[list, list]:
-    with Ledger(run_dir, create=False) as ledger:
-        records = [(r.id, r.prompt, r.generator, r.seed, r.image_path, r.status, r.round, r.op, r.parent,
-                    r.deleted_round, r.judge) for r in ledger.records(None)]
-        ops = [(o.round, o.op, o.record_id, o.parent, o.reason) for o in ledger.ops()]
-    return records, ops
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """An uninterrupted run of the worker: the ledger every interrupted run must end with."""
     run_dir = tmp_path_factory.mktemp("evolve") / "reference"
-    done = _worker(run_dir)
+    done = run_worker(run_dir)
     assert done.returncode == 0, done.stderr[-2000:]
     return run_dir
 
@@ -106,7 +88,7 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run,
                          ids=["judging", "checking", "expanding", "mutating"])
 def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_ledger(reference_run, tmp_path, kill):
     run_dir = tmp_path / "killed"
-    killed = _worker(run_dir, *kill)
+    killed = run_worker(run_dir, *kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with Ledger(run_dir, create=False) as ledger:
         caller = "scripted" if kill[0] == "--kill-after" else "strong"
@@ -115,9 +97,9 @@ def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_
         drawn = {rec.op for rec in ledger.records(None, round=2)}
         assert kill[1] != "10" or drawn == {"expand"}  # (the picks are made again from what the set held before)
         assert not (run_dir / "summary.json").exists()
-    resumed = _worker(run_dir)
+    resumed = run_worker(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _ledger_state(run_dir) == _ledger_state(reference_run)
+    assert ledger_state(run_dir) == ledger_state(reference_run)
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):  # the "server side": answered calls
         assert (run_dir / log).read_text().count("\n") == (reference_run / log).read_text().count("\n"), log
 
@@ -128,22 +110,22 @@ def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp
     last images the budget paid for (some recorded, some not): each rerun pays no call twice and ends with the
     uninterrupted run's ledger, those images all recorded though the budget is spent when it starts again."""
     reference, flags = tmp_path / "reference", ("--gate", "--teacher-budget", "30")
-    assert _worker(reference, *flags).returncode == 0
+    assert run_worker(reference, *flags).returncode == 0
     expanded = {rec.prompt for rec in Ledger(reference, create=False).records(None, round=1) if rec.op == "expand"}
     judged = [json.loads(line) for line in (reference / "judge_calls.jsonl").read_text().splitlines()]
     gating = [n for n, call in enumerate(judged, 1) if call.get("method") == "score" and call["prompt"] in expanded]
     assert len(gating) >= 3 and json.loads((reference / "summary.json").read_text())["teacher_calls"] == 30
     for kill_after in (10, gating[1]):
         run_dir = tmp_path / f"killed-{kill_after}"
-        killed = _worker(run_dir, *flags, "--kill-after", str(kill_after))
+        killed = run_worker(run_dir, *flags, "--kill-after", str(kill_after))
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         with Ledger(run_dir, create=False) as ledger:
             assert ledger.calls(caller="scripted", status="pending")
             assert kill_after != 10 or not ledger.records(round=1)
-        resumed = _worker(run_dir, *flags)
+        resumed = run_worker(run_dir, *flags)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        records, ops = _ledger_state(run_dir)
-        assert (records, ops) == _ledger_state(reference)
+        records, ops = ledger_state(run_dir)
+        assert (records, ops) == ledger_state(reference)
         assert any(op[1] == "reject" for op in ops) and any(r[5] == "active" for r in records)
         for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
             assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
@@ -154,7 +136,7 @@ def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_a
     round's training. Killed while judging the base (judge call 27, a deletion check: no step trained yet),
     the rerun pays no call twice and ends with the uninterrupted run's ledger."""
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
-    assert _worker(reference, "--judge-first").returncode == 0
+    assert run_worker(reference, "--judge-first").returncode == 0
     summary = json.loads((reference / "summary.json").read_text())
     rows = summary["rounds"]
     with Ledger(reference, create=False) as ledger:
@@ -164,12 +146,12 @@ def test_judge_first_trains_each_round_on_what_its_verdicts_bought_and_resumes_a
     # round 1 trained on the seeds its verdicts kept and the images they bought, not on the 24 seeds
     assert bought and rows[0]["ops"]["judged"] == len(seeds) and rows[0]["active"] == len(kept) + len(bought)
     assert summary["teacher_calls"] == rows[-1]["teacher_calls"] == rows[-1]["teacher_calls_after"]  # none untrained
-    killed = _worker(run_dir, "--judge-first", "--kill-after", "27")
+    killed = run_worker(run_dir, "--judge-first", "--kill-after", "27")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "rounds" / "001" / "checkpoints").exists()
-    resumed = _worker(run_dir, "--judge-first")
+    resumed = run_worker(run_dir, "--judge-first")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _ledger_state(run_dir) == _ledger_state(reference)
+    assert ledger_state(run_dir) == ledger_state(reference)
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
@@ -180,19 +162,19 @@ def test_sigkill_while_the_base_draws_again_then_rerun_pays_no_call_twice(refere
     decisions). Killed at the judge's 30th call, among the fresh draws after round 1's 24 verdicts, the rerun
     pays no call twice and ends with the uninterrupted run's ledger."""
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
-    assert _worker(reference, "--draws", "2").returncode == 0
+    assert run_worker(reference, "--draws", "2").returncode == 0
     rows = json.loads((reference / "summary.json").read_text())["rounds"]
     one_draw = json.loads((reference_run / "summary.json").read_text())["rounds"]
     assert rows[0]["ops"]["redrawn"] == 0 and rows[0]["ops"]["expand"] == one_draw[0]["ops"]["expand"] > 0
     assert rows[0]["judge_calls"] > one_draw[0]["judge_calls"] + 16  # a fresh look for each costly verdict
-    killed = _worker(run_dir, "--draws", "2", "--kill-after", "30")
+    killed = run_worker(run_dir, "--draws", "2", "--kill-after", "30")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with Ledger(run_dir, create=False) as ledger:
         pending = ledger.calls(caller="scripted", status="pending")
         assert pending and pending[0].request["method"] == "compare" and not ledger.records(round=1)
-    resumed = _worker(run_dir, "--draws", "2")
+    resumed = run_worker(run_dir, "--draws", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _ledger_state(run_dir) == _ledger_state(reference)
+    assert ledger_state(run_dir) == ledger_state(reference)
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
         assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log
 
@@ -208,7 +190,7 @@ def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_
     from t2i_evolve.world import ProceduralTeacher
 
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
-    assert _worker(reference, "--prior", "16").returncode == 0
+    assert run_worker(reference, "--prior", "16").returncode == 0
     prior = json.loads((reference / "prior" / "prior.json").read_text())
     passed = [row["prompt"] for row in prior["kept"]]
     config = small_config(str(reference), prior_images=16)
@@ -225,11 +207,11 @@ def test_prior_images_are_the_bases_own_the_judge_passed_trained_at_their_share_
     assert Counter(p for p, prior_row in zip(data.prompts, from_prior) if prior_row) == Counter(
         {p: n * (int(from_prior.sum()) // len(passed)) for p, n in Counter(passed).items()})  # repeated whole
     assert abs(from_prior.float().mean().item() - 0.3) < 0.1
-    killed = _worker(run_dir, "--prior", "16", "--kill-after", "6")
+    killed = run_worker(run_dir, "--prior", "16", "--kill-after", "6")
     assert killed.returncode == -signal.SIGKILL and not (run_dir / "prior" / "prior.json").exists()
-    resumed = _worker(run_dir, "--prior", "16")
+    resumed = run_worker(run_dir, "--prior", "16")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _ledger_state(run_dir) == _ledger_state(reference)
+    assert ledger_state(run_dir) == ledger_state(reference)
     assert json.loads((run_dir / "prior" / "prior.json").read_text()) == prior
     from t2i_evolve.errors import UserError
     with pytest.raises(UserError, match=r"was started with another config \(prior_images: 16 -> 8"):
@@ -854,18 +836,18 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     line naming what changed, the folder untouched. More rounds (or budget) is a resume: it goes on."""
     from t2i_evolve.errors import UserError
 
-    before = _ledger_state(reference_run)
+    before = ledger_state(reference_run)
     with pytest.raises(UserError, match=r"was started with another config \(variations: 2 -> 3"):
         run_evolve(small_config(str(reference_run), min_unseen_score=0.5, mutate_candidates=3, variations=3))
     with pytest.raises(UserError, match=r"has started 2 rounds: rerun it with rounds >= 2"):  # its ledger has round 2's
         run_evolve(small_config(str(reference_run), min_unseen_score=0.5, mutate_candidates=3, rounds=1))
-    assert _ledger_state(reference_run) == before
+    assert ledger_state(reference_run) == before
     longer = tmp_path / "longer"
     shutil.copytree(reference_run, longer)
     config = small_config(str(longer), min_unseen_score=0.5, mutate_candidates=3, rounds=3)
     summary = run_evolve(config, judge=CachedJudge(ScriptedJudge(), Ledger(longer), backoff_s=0))
     assert [row["round"] for row in summary["rounds"]] == [1, 2, 3]
-    records, ops = _ledger_state(longer)
+    records, ops = ledger_state(longer)
     drawn = [[rec[:5] + rec[6:9] for rec in state] for state in (records[:len(before[0])], before[0])]
     assert drawn[0] == drawn[1] and any(op[0] == 3 for op in ops)  # what rounds 1-2 drew, as it was
 

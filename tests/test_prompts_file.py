@@ -5,9 +5,7 @@ prompts is measured by (the run's judge, base vs teacher, every call cached)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,22 +25,9 @@ from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, stable_seed
 from t2i_evolve.world import GrammarPrompts, GrammarSlice
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evolve_worker import OPEN, OpenTeacher, OpenWriter, ScriptedJudge, small_config  # noqa: E402
+from evolve_worker import (OPEN, OpenTeacher, OpenWriter, ScriptedJudge, ledger_state,  # noqa: E402
+                           run_worker, small_config)
 from fake_openai import FakeOpenAI  # noqa: E402
-
-def _worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(Path(__file__).with_name("evolve_worker.py")), str(run_dir), *args],
-                          capture_output=True, text=True, timeout=600, env=env)
-
-
-def _ledger_state(run_dir: Path) -> tuple[list, list]:
-    with Ledger(run_dir, create=False) as ledger:
-        records = [(r.id, r.prompt, r.generator, r.seed, r.image_path, r.status, r.round, r.op, r.parent,
-                    r.deleted_round, r.judge) for r in ledger.records(None)]
-        ops = [(o.round, o.op, o.record_id, o.parent, o.reason) for o in ledger.ops()]
-    return records, ops
-
 
 def _write(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
@@ -316,7 +301,7 @@ def test_eval_scores_a_model_on_your_prompts_with_a_vlm_judge_asking_the_writers
 def open_reference(tmp_path_factory) -> Path:
     """An uninterrupted open-prompt run of the worker: the ledger every interrupted one must end with."""
     run_dir = tmp_path_factory.mktemp("open") / "reference"
-    done = _worker(run_dir, "--open")
+    done = run_worker(run_dir, "--open")
     assert done.returncode == 0, done.stderr[-2000:]
     return run_dir
 
@@ -326,7 +311,7 @@ def open_reference(tmp_path_factory) -> Path:
                          ids=["scoring", "drawing-after-the-references"])
 def test_sigkill_while_scoring_open_prompts_then_rerun_pays_no_call_twice(open_reference, tmp_path, kill):
     run_dir = tmp_path / "killed"
-    killed = _worker(run_dir, "--open", *kill)
+    killed = run_worker(run_dir, "--open", *kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     held_out = set(held_out_prompts(small_config(str(run_dir), prompts_file=str(run_dir / "open.txt"), eval_prompts=6)))
     log = run_dir / "judge_calls.jsonl"
@@ -337,8 +322,8 @@ def test_sigkill_while_scoring_open_prompts_then_rerun_pays_no_call_twice(open_r
     else:  # it died drawing the seed set: the references drawn first (and not paid again), nothing judged yet
         assert not judged and sorted(drawn) == sorted(held_out)
     assert not (run_dir / "summary.json").exists()
-    assert _worker(run_dir, "--open").returncode == 0
-    assert _ledger_state(run_dir) == _ledger_state(open_reference)
+    assert run_worker(run_dir, "--open").returncode == 0
+    assert ledger_state(run_dir) == ledger_state(open_reference)
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):  # the "server side": answered calls
         assert (run_dir / log).read_text().count("\n") == (open_reference / log).read_text().count("\n"), log
     summary, reference = (json.loads((d / "summary.json").read_text()) for d in (run_dir, open_reference))
