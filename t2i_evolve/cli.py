@@ -354,7 +354,7 @@ def eval_model(
     from .judges import PixelJudge
     from .models import Sampler, SamplerConfig, T2IModel
     from .progress import progress_bar
-    from .prompts.sets import open_prompts, read_prompt_file
+    from .prompts.sets import read_prompt_file, refuse_open_prompts
     from .recipes.parts import JudgeSpec, WriterSpec
     from .world import GrammarPrompts, GrammarSlice
 
@@ -362,9 +362,8 @@ def eval_model(
         raise UserError("--prompts must be at least 1")
     texts = read_prompt_file(prompts_file) if prompts_file else GrammarPrompts().sample(prompts, seed=seed)
     judge_spec = JudgeSpec.from_yaml(judge_config) if judge_config else JudgeSpec()
-    if judge_spec.kind == "pixel" and (others := open_prompts(texts)):
-        raise UserError(f"{prompts_file} has {len(others)} prompts outside the shapes grammar (e.g. {others[0]!r}): "
-                        "the pixel judge reads shapes-world prompts only; pass --judge with a VLM (kind: openai)")
+    if judge_spec.kind == "pixel":
+        refuse_open_prompts(texts, str(prompts_file), "the pixel judge reads", "--judge with a VLM (kind: openai)")
     if writer_config and judge_spec.kind == "pixel":
         raise UserError("--writer writes questions for a VLM judge: pass --judge (kind: openai) too")
     writer_spec = WriterSpec.from_yaml(writer_config) if writer_config else None

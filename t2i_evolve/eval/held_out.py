@@ -26,7 +26,7 @@ from typing import Literal, Sequence
 from ..errors import BudgetExhausted, UserError
 from ..judges import PixelJudge
 from ..judges.batch import compare_pairs, score_images
-from ..prompts.sets import open_prompts, prompt_split
+from ..prompts.sets import open_prompts, prompt_split, refuse_open_prompts
 from .scoring import ScoreBoard, evaluate
 
 Metric = Literal["auto", "pixel", "win_rate", "vqa"]
@@ -51,11 +51,10 @@ class HeldOutScore:
     def __init__(self, prompts: Sequence[str], metric: Metric = "auto", *, judge=None, teachers: dict | None = None,
                  seed: int = BASE_SEED):
         self.prompts, self.judge, self.seed = list(prompts), judge, seed  # (`seed`: the noise of the model's images)
-        others = open_prompts(self.prompts)
-        self.metric = ("win_rate" if others else "pixel") if metric == "auto" else metric
-        if self.metric == "pixel" and others:
-            raise UserError(f"held_out_metric pixel scores shapes-world prompts only, and {len(others)} held-out "
-                            f"prompts are not (e.g. {others[0]!r}): use win_rate (the run's judge vs a teacher)")
+        self.metric = ("win_rate" if open_prompts(self.prompts) else "pixel") if metric == "auto" else metric
+        if self.metric == "pixel":
+            refuse_open_prompts(self.prompts, "the held-out set", "held_out_metric pixel scores",
+                                "win_rate (the run's judge vs a teacher) or vqa")
         self.teacher_id, self.teacher = next(iter(teachers.items())) if teachers else (None, None)
         if self.metric == "win_rate" and (judge is None or self.teacher is None):
             raise UserError("held_out_metric win_rate needs the run's judge and a teacher to compare with")

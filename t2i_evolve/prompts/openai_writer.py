@@ -38,9 +38,10 @@ from ..errors import ConfigError, RequestRefused, TransientError
 from ..generators.remote import endpoint_errors
 from ..protocols import Question
 from ..world.grammar import scene_or_none
+from ..world.questions import questions_for
 from .dedup import DEFAULT_THRESHOLD, Deduper
 from .parsing import parse_prompt_list
-from .questions import parse_question_list, prompt_questions, whole_prompt_question
+from .questions import parse_question_list, whole_prompt_question
 
 if TYPE_CHECKING:
     from ..data.ledger import Ledger
@@ -153,8 +154,8 @@ class OpenAIPromptWriter:
         when a reply holds no valid list), or one question about the whole prompt when no reply does (counted in
         `unparsed_replies`, or `failed_requests` for no reply). Kept per prompt, and each request cached in the
         ledger like every other: a rerun asks nothing again."""
-        if scene_or_none(prompt) is not None:
-            return prompt_questions(prompt)
+        if (scene := scene_or_none(prompt)) is not None:
+            return questions_for(scene)  # the grammar's exact list
         if prompt not in self.written_questions:
             content = self.templates["questions"].substitute(k=self.config.max_questions, prompt=prompt).strip()
             seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little") >> 1

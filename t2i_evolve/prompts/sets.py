@@ -10,6 +10,7 @@ started from and refuses a file changed under it, whose split would hold out pro
 
 from __future__ import annotations
 
+from collections.abc import Set
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,7 +30,7 @@ def prompt_key(prompt: str) -> str:
     return " ".join(prompt.lower().split()).rstrip(" .")
 
 
-class PromptKeys:
+class PromptKeys(Set):
     """A set of prompts that holds every spelling of them (`prompt_key`): the held-out prompts, as `exclude`."""
 
     def __init__(self, prompts: Iterable[str] = ()):
@@ -124,13 +125,20 @@ def open_prompts(prompts: Sequence[str]) -> list[str]:
     return [prompt for prompt in dict.fromkeys(prompts) if scene_or_none(prompt) is None]
 
 
+def refuse_open_prompts(prompts: Sequence[str], source: str, part: str, instead: str) -> None:
+    """One line, before any work, where `part` (which reads shapes-world prompts only) would meet others."""
+    if others := open_prompts(prompts):
+        raise UserError(f"{source} has {len(others)} prompts outside the shapes grammar (e.g. {others[0]!r}): "
+                        f"{part} shapes-world prompts only; use {instead}")
+
+
 def set_prompts(config, pool: Sequence[str] | None, n: int, seed: int, exclude: Iterable[str], **weights) -> list[str]:
     """`n` prompts for a set (the seed set, the prior images): random grammar prompts of the slice, repeats kept
     (uniform data has them; `weights`: rare words), or, with a `prompts_file`, up to n of its prompts that are not
     held out (`pool`), in an order `seed` sets (a larger n extends a smaller one's)."""
     if pool is None:
         return iid_prompts(config.grammar, n, seed=seed, exclude=exclude, **weights)
-    exclude = exclude if isinstance(exclude, PromptKeys) else PromptKeys(exclude)
+    exclude = exclude if isinstance(exclude, PromptKeys) else PromptKeys(exclude)  # (every spelling)
     pool = [prompt for prompt in pool if prompt not in exclude]  # (with random flips: held-out prompts' mirrors)
     order = np.random.default_rng([seed, 4_099]).permutation(len(pool))
     return [pool[i] for i in order[:n]]

@@ -32,7 +32,7 @@ from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
 from ..judges.evidence import unseen_variation_scores
 from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
-from ..prompts.sets import open_prompts, prompt_split, set_prompts
+from ..prompts.sets import open_prompts, prompt_split, refuse_open_prompts, set_prompts
 from ..protocols import Generator, PromptWriter
 from ..train import Seed, TrainingSet
 from ..train.prior import judged_base_images
@@ -180,7 +180,7 @@ def run_prompts(config, given: Sequence[object]) -> tuple[list[str], list[str] |
     if config.prompts_file is not None and config.rare_words:
         raise ConfigError("rare_words weighs grammar prompts: with a prompts_file, the file's mix is the set's mix")
     held_out, pool = prompt_split(config)
-    if not (others := open_prompts(held_out + (pool or []))):
+    if not (others := open_prompts(held_out + (pool or []))):  # (the shapes world: parsed once, nothing to refuse)
         return held_out, pool
     teachers, judge, writer = given
     unfit = [("the pixel judge reads", "judge kind openai (a VLM)", judge is None and config.judge.kind == "pixel"),
@@ -189,10 +189,9 @@ def run_prompts(config, given: Sequence[object]) -> tuple[list[str], list[str] |
              ("the grammar writer varies", "writer kind openai (an LLM)",
               writer is None and config.evolve and config.writer.kind == "grammar"),
              ("held_out_metric pixel scores", "win_rate", config.held_out_metric == "pixel")]
-    for what, instead, applies in unfit:
+    for part, instead, applies in unfit:
         if applies:
-            raise UserError(f"prompts_file has {len(others)} prompts outside the shapes grammar (e.g. {others[0]!r}): "
-                            f"{what} shapes-world prompts only; use {instead}")
+            refuse_open_prompts(others, "prompts_file", part, instead)
     return held_out, pool
 
 

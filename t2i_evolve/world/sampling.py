@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Set
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +96,7 @@ def iid_prompts(slice_: GrammarSlice, n: int, *, seed: int, exclude: Collection[
     `rare_words` give the mix a long tail, as users' prompts have: a prompt naming one of them (a color or
     a shape) is kept at `rare_weight` odds, so "yellow" can be one prompt in fifty where the slice has it in
     six. Benchmarks (GenEval, and the held-out prompts here) weigh every word alike instead."""
-    exclude = set(exclude)
+    exclude = exclude if isinstance(exclude, Set) else set(exclude)  # (a set's own membership: `PromptKeys`)
     drawn = GrammarPrompts(slice_).sample(4 * n + 100, seed=seed)
     if rare_words:  # one coin per drawn prompt, so the stream (and a smaller n's prefix) stays the same
         coins = np.random.default_rng([seed, 7_919]).random(len(drawn))
