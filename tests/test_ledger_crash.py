@@ -10,12 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from forked import ForkedScript
 from t2i_evolve.data import Ledger
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("crash_worker.py")
 N = 1000
 KILL_AFTER = 237  # not a multiple of the worker's chunks of 50, so the kill lands among calls, not records
@@ -36,12 +33,8 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
-def start_worker(run_dir: Path, call_log: Path, batch_size: int) -> subprocess.Popen:
-    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    command = [sys.executable, str(WORKER), str(run_dir), str(call_log), "--n", str(N)]
-    command += ["--batch-size", str(batch_size)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_worker(run_dir: Path, call_log: Path, batch_size: int) -> ForkedScript:
+    return ForkedScript(WORKER, str(run_dir), str(call_log), "--n", str(N), "--batch-size", str(batch_size))
 
 
 def done_calls(ledger_file: Path) -> int:
@@ -56,11 +49,11 @@ def done_calls(ledger_file: Path) -> int:
         db.close()
 
 
-def kill_midway(process: subprocess.Popen, ledger_file: Path) -> int:
+def kill_midway(process: ForkedScript, ledger_file: Path) -> int:
     """SIGKILL the worker once it has `KILL_AFTER` done calls; returns the count seen just before."""
     deadline = time.monotonic() + 60
     while (seen := done_calls(ledger_file)) < KILL_AFTER:
-        assert process.poll() is None, f"worker ended early: {process.communicate()[1]}"
+        assert process.poll() is None, f"worker ended early: {process.output()[1]}"
         assert time.monotonic() < deadline, "worker too slow"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
@@ -78,8 +71,8 @@ def test_kill_and_rerun_pays_only_for_interrupted_calls(tmp_path, batch_size):
     assert done_calls(run_dir / "ledger.sqlite") < N, "the kill came too late to test anything"
 
     rerun = start_worker(run_dir, call_log, batch_size)
-    _, stderr = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, stderr
+    done = rerun.result(timeout=120)
+    assert done.returncode == 0, done.stderr
 
     expected = worker.requests(N)
     calls_seen_by_server = [json.loads(line) for line in call_log.read_text().splitlines()]

@@ -14,7 +14,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +30,7 @@ from PIL import Image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forked import ForkedScript, run_script
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
 from t2i_evolve.errors import BudgetExhausted, ConfigError
@@ -243,13 +243,11 @@ def _done_keys(ledger_file: Path) -> tuple[set[str], set[str]]:
 def test_sigkill_mid_batch_then_rerun_resends_no_answered_request(tmp_path):
     n, concurrency = 500, 4  # the issue: SIGKILL during 500 judge requests
     with JudgeServer(JudgeServerConfig(latency_s=0.01)) as slow:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        command = [sys.executable, str(WORKER), str(tmp_path / "run"), slow.url, "--n", str(n),
-                   "--concurrency", str(concurrency)]
-        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        args = (str(tmp_path / "run"), slow.url, "--n", str(n), "--concurrency", str(concurrency))
+        first = ForkedScript(WORKER, *args)
         deadline = time.monotonic() + 60
         while len(_done_keys(tmp_path / "run" / "ledger.sqlite")[0]) < 40:
-            assert first.poll() is None, f"worker ended early: {first.communicate()[1]}"
+            assert first.poll() is None, f"worker ended early: {first.output()[1]}"
             assert time.monotonic() < deadline, "worker too slow"
             time.sleep(0.005)
         first.send_signal(signal.SIGKILL)
@@ -258,7 +256,7 @@ def test_sigkill_mid_batch_then_rerun_resends_no_answered_request(tmp_path):
         assert len(done) < n, "the kill came too late to test anything"
         seen = Counter(slow.stats()["keys"])
 
-        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        rerun = run_script(WORKER, *args, timeout=120)
         assert rerun.returncode == 0, rerun.stderr
         after = Counter(slow.stats()["keys"])
 

@@ -1,8 +1,6 @@
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from t2i_evolve.world import GrammarPrompts, GrammarSlice, ProceduralTeacher
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import train_worker  # noqa: E402
+from forked import ForkedScript  # noqa: E402
 
 
 def _teacher_set(n: int, seed: int, slice_=GrammarSlice()) -> TrainingSet:
@@ -108,11 +107,9 @@ def test_random_flip_pairs_each_mirrored_image_with_its_mirrored_prompt(tiny_dir
     assert torch.equal(ids, expected)
 
 
-def _start(tiny_dir, out: Path, steps: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # two trainers share two cores: one thread each, no oversubscription
-    return subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), str(tiny_dir), str(out), str(steps)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _start(tiny_dir, out: Path, steps: int) -> ForkedScript:
+    # two trainers share two cores: one thread each, no oversubscription
+    return ForkedScript(HERE / "train_worker.py", str(tiny_dir), str(out), str(steps), env={"OMP_NUM_THREADS": "1"})
 
 
 def test_sigkill_and_resume_give_the_same_weights(tiny_dir, tmp_path):
@@ -121,7 +118,7 @@ def test_sigkill_and_resume_give_the_same_weights(tiny_dir, tmp_path):
     killed = _start(tiny_dir, tmp_path / "killed", steps)
     deadline = time.monotonic() + 120
     while not (tmp_path / "killed" / "checkpoints" / "step-0000006").exists():
-        assert killed.poll() is None, killed.communicate()[1]
+        assert killed.poll() is None, killed.output()[1]
         assert time.monotonic() < deadline
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
@@ -129,8 +126,8 @@ def test_sigkill_and_resume_give_the_same_weights(tiny_dir, tmp_path):
     assert not (tmp_path / "killed" / "model").exists()
     resumed = _start(tiny_dir, tmp_path / "killed", steps)
     for process in (straight, resumed):
-        _, err = process.communicate(timeout=180)
-        assert process.returncode == 0, err
+        done = process.result(timeout=180)
+        assert done.returncode == 0, done.stderr
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(tmp_path / "straight" / "model" / part), load_file(tmp_path / "killed" / "model" / part)
         assert a.keys() == b.keys()
