@@ -264,12 +264,10 @@ def init_model(
 @app.command("train")
 def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
-    from accelerate import PartialState
-
     from .data import claim_run_folder
     from .progress import progress_bar
     from .train import TrainConfig, Trainer, TrainingSet
-    from .train.trainer import check_resumable
+    from .train.trainer import check_resumable, process_state
 
     cfg = TrainConfig.from_yaml(config)
     if cfg.data is None:
@@ -277,14 +275,16 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     _check_train_output(config, cfg)
     check_resumable(cfg)
     data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)))  # (read, and checked, before any folder is made)
-    if PartialState().is_main_process:  # (under `accelerate launch`, its processes share the folder)
-        claim_run_folder(cfg.output_dir, "train")
+    main = process_state().is_main_process  # (launched as several processes, they share the folder; one speaks)
+    if main:
+        claim_run_folder(cfg.output_dir, "train", launched=True)
     trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
-    with progress_bar("training", cfg.steps) as advance:
+    with progress_bar("training", cfg.steps, shown=main) as advance:
         advance(trainer.step)
         last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
     done = f"step {trainer.step}: {json.dumps(last)}" if last else f"at step {trainer.step} already: nothing to train"
-    say(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
+    if main:
+        say(f"{done}; model in {Path(cfg.output_dir) / 'model'}")
 
 
 def _check_train_output(config: Path, cfg) -> None:

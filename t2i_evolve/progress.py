@@ -12,10 +12,11 @@ console = Console(stderr=True, emoji=False)
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+def progress_bar(description: str, total: int | None, shown: bool = True) -> Iterator[Callable[..., None]]:
     """Yields `advance(n=1, **fields)`; the bar disappears when done (a table usually follows). Drawn only on a
-    terminal (or a notebook): in a log file a bar is no help, and would leave a blank line where it stood."""
-    if not (console.is_terminal or console.is_jupyter):
+    terminal (or a notebook): in a log file a bar is no help, and would leave a blank line where it stood; and
+    only where `shown` (one process of several draws it)."""
+    if not (shown and (console.is_terminal or console.is_jupyter)):
         yield lambda n=1, status=None: None
         return
     columns = [

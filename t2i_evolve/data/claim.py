@@ -28,9 +28,13 @@ _claimed: dict[Path, IO[str]] = {}
 """Folder -> its open lock file: the claim lasts as long as the file stays open."""
 
 
-def claim_run_folder(folder: str | os.PathLike, command: str) -> Path:
+def claim_run_folder(folder: str | os.PathLike, command: str, launched: bool = False) -> Path:
     """Make `folder` if needed and hold it for this process; a one-line UserError naming the process that holds
-    it already (its `command` and pid, written into the lock file)."""
+    it already (its `command` and pid, written into the lock file). `launched`: the command may run as several
+    processes (`train`, whose main process claims); others refuse to (each process would pay for every call)."""
+    if not launched and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"{command} runs as one process (one ledger; each teacher and judge call paid once): start it "
+                        f"with `t2i-evolve {command}`, not under torchrun or accelerate launch")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()

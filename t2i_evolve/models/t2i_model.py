@@ -243,6 +243,15 @@ class T2IModel:
         parts = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         return {name: part for name, part in parts.items() if part is not None}
 
+    def unused_parts(self, name: str) -> list[torch.nn.Module]:
+        """The parts of trainable part `name` whose weights never reach what the model reads from it: SDXL reads
+        the first text encoder's penultimate hidden states, so its last layer and final norm get no gradient
+        (a trainer freezes them: several processes' gradient sync would wait for theirs)."""
+        if name == "text_encoder" and self.is_sdxl:
+            text = getattr(self.text_encoder, "text_model", self.text_encoder)  # (transformers 4 nests it)
+            return [text.encoder.layers[-1], text.final_layer_norm]
+        return []
+
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None

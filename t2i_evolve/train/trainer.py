@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast, parse_flag_from_env
 from diffusers.optimization import get_scheduler
 from pydantic import Field
 
@@ -102,6 +103,20 @@ def check_resumable(config: TrainConfig) -> None:
 Evaluate = Callable[[T2IModel, int], dict]
 
 
+def on_cpus() -> bool:
+    """Whether accelerate must be told to run on CPUs: when asked (`accelerate launch --cpu`), and when a launcher
+    (`torchrun --nproc_per_node N`) started several processes on a machine without a GPU, which accelerate would
+    otherwise run as N lone processes, each training the whole run into the same folder (on CPUs they share the
+    work through gloo)."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.accelerator.is_available())
+
+
+def process_state() -> PartialState:
+    """This process among those a launcher started (one process, unlaunched): what `Trainer`'s accelerator sees."""
+    return PartialState(cpu=on_cpus())
+
+
 class Trainer:
     """Trains `model` on `data` as `config` says; `run()` resumes from the latest checkpoint if any."""
 
@@ -111,6 +126,7 @@ class Trainer:
         self.config, self.data, self.evaluate = config, data, evaluate
         self.out = Path(config.output_dir)
         self.accelerator = Accelerator(
+            cpu=on_cpus(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             log_with=None if config.tracker == "none" else config.tracker,
@@ -126,8 +142,11 @@ class Trainer:
         schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps * n,
                                  num_training_steps=(config.schedule_steps or config.steps) * n)
         prepared = self.accelerator.prepare(*self.modules.values(), optimizer, schedule)
-        for name, module in zip(self.modules, prepared):
+        for name, module in zip(list(self.modules), prepared):
+            if module is not self.modules[name]:  # wrapped for several processes (DistributedDataParallel): the
+                module.config = self.modules[name].config  # model reads its parts' configs (sizes, token length)
             setattr(self.model, name, module)
+            self.modules[name] = module  # (what `accumulate` skips the gradient sync of between micro-batches)
         self.optimizer, self.schedule = prepared[-2:]
         # Saved by `save_checkpoint` as safetensors (accelerate would pickle it, and unpickle it on resume).
         self.ema = EMA(self.params, config.ema_decay) if config.ema_decay else None
@@ -147,6 +166,8 @@ class Trainer:
                 add_lora(module, c.lora, name, c.seed)  # only the adapter weights require grad
             else:
                 module.requires_grad_(True)
+            for unused in self.model.unused_parts(name):  # (SDXL's first text encoder's last layer)
+                unused.requires_grad_(False)
             if c.gradient_checkpointing:
                 _enable_checkpointing(module)
             module.train()
@@ -170,15 +191,17 @@ class Trainer:
         losses: list[torch.Tensor] = []
         tick = start = time.perf_counter()
         deadline = start + c.max_minutes * 60 if c.max_minutes else float("inf")
-        while self.step < c.steps and time.perf_counter() < deadline:
+        out_of_time = False
+        while self.step < c.steps and not out_of_time:
             loss = self._train_step()
             losses.append(loss)
             self.step += 1
-            out_of_time = time.perf_counter() >= deadline
+            out_of_time = self._past(deadline)
             if self.step % c.log_every == 0 or self.step == c.steps or out_of_time:
                 seconds = time.perf_counter() - tick
                 images = len(losses) * c.batch_size * c.grad_accum * acc.num_processes
-                last = {"step": self.step, "loss": torch.stack(losses).mean().item(), "lr": self.schedule.get_last_lr()[0],
+                mean = acc.reduce(torch.stack(losses).mean(), "mean")  # (over every process's batches)
+                last = {"step": self.step, "loss": mean.item(), "lr": self.schedule.get_last_lr()[0],
                         "images_per_s": images / seconds}
                 self._log(last)
                 losses, tick = [], time.perf_counter()
@@ -194,6 +217,14 @@ class Trainer:
         self.save_model(self.out / "model")
         acc.end_training()
         return last
+
+    def _past(self, deadline: float) -> bool:
+        """Whether the training time (`max_minutes`) is up, by the main process's clock, so that every process
+        stops at the same step (one that stopped alone would leave the others waiting at their next gradient sync)."""
+        if deadline == float("inf"):
+            return False
+        late = torch.tensor([float(time.perf_counter() >= deadline)], device=self.accelerator.device)
+        return bool(broadcast(late, from_process=0).item())
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss (not synced)."""

@@ -1,0 +1,120 @@
+"""Training as several processes, as `accelerate launch` starts them on several GPUs: here `torchrun` on CPUs,
+where accelerate shares the work through gloo. One code path: what holds here holds for the GPUs' processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from t2i_evolve.cli import main
+from t2i_evolve.data import Ledger
+from t2i_evolve.models import T2IModel
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A run folder whose ledger holds 32 teacher images."""
+    folder = tmp_path_factory.mktemp("data")
+    prompts = GrammarPrompts().sample(32, seed=7)
+    with Ledger(folder) as ledger:
+        for seed, (prompt, image) in enumerate(zip(prompts, ProceduralTeacher().generate(prompts, list(range(32))))):
+            ledger.add_record(prompt=prompt, generator="strong", seed=seed, image=image)
+    return folder
+
+
+def _launch(config: Path) -> subprocess.Popen:
+    """`torchrun` with two processes, in a session of its own: a SIGKILL of the group kills the whole job, as a
+    node that goes down would."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "t2i_evolve.cli", "train", "--config", str(config)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def _config(tmp_path: Path, name: str, model: Path, data: Path) -> Path:
+    settings = {"model": str(model), "data": str(data), "output_dir": str(tmp_path / name), "steps": STEPS,
+                "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1,
+                "tracker": "none"}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def _finish(process: subprocess.Popen) -> tuple[str, str]:
+    try:
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, err[-3000:]
+    return out, err
+
+
+def test_two_processes_train_one_run_and_a_sigkilled_job_resumes_to_the_same_weights(tiny_dir, data_dir, tmp_path):
+    """Two processes train one run (each its share of every batch; one logs, saves and speaks): killed as a whole
+    after its second checkpoint and launched again, the job ends with the uninterrupted job's weights."""
+    straight = _launch(_config(tmp_path, "straight", tiny_dir, data_dir))
+    killed = _launch(_config(tmp_path, "killed", tiny_dir, data_dir))
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "killed" / "checkpoints" / "step-0000004").exists():
+            assert killed.poll() is None, killed.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "model").exists()
+    out, _ = _finish(straight)
+    _finish(_launch(_config(tmp_path, "killed", tiny_dir, data_dir)))
+
+    assert out.count("model in") == 1  # the main process speaks; the other trains
+    checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{STEPS:07d}"
+    assert (checkpoint / "random_states_1.pkl").exists()  # a second process trained (and its RNG was saved)
+    for folder in ("straight", "killed"):
+        steps = [json.loads(line)["step"] for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, STEPS + 1)), folder  # one row a step (rows after the checkpoint: rewritten)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / "model" / part), load_file(tmp_path / "killed" / "model" / part)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] - b[key]).abs().max() <= 1e-6, (part, key)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    base, trained = load_file(tiny_dir / unet), load_file(tmp_path / "straight" / "model" / unet)
+    assert any((base[key] - trained[key]).abs().max() > 1e-4 for key in base)  # (it trained)
+
+
+def test_commands_that_pay_for_calls_refuse_to_run_as_several_processes(tmp_path, monkeypatch, capsys):
+    """Under a launcher each process would run the whole loop and pay for every call again: one line, no folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in ("evolve", "demo"):
+        assert main([command, "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert f"{command} runs as one process" in err and "Traceback" not in err
+        assert not (tmp_path / command).exists()
+
+
+def test_the_parts_a_model_names_unused_are_exactly_those_no_gradient_reaches(sd_dir, sdxl_dir):
+    """Several processes sync every trainable weight's gradient each step, and wait for one that never comes:
+    the trainer freezes what `unused_parts` names (SDXL reads its first text encoder's penultimate states)."""
+    for folder in (sd_dir, sdxl_dir):
+        model = T2IModel.from_pretrained(folder)
+        for part in model.trainable_parts().values():
+            part.requires_grad_(True)
+        text = model.encode_tokens(model.tokenize(["a red circle left of a blue square"]))
+        (text.hidden.sum() + text.pooled.sum()).backward()
+        for name, part in model.trainable_parts().items():
+            if name != "unet":  # (the text's gradients only)
+                unused = {id(p) for sub in model.unused_parts(name) for p in sub.parameters()}
+                assert {id(p) for p in part.parameters() if p.grad is None} == unused, (folder.name, name)
+                assert bool(unused) == (model.is_sdxl and name == "text_encoder")
