@@ -43,8 +43,8 @@ from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
-from ..train import (BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet, WarmupSteps, evolving_set,
-                     mirror_prompt, replayable_records, train_round)
+from ..train import (IMAGE_MEMORY_GB, BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet,
+                     WarmupSteps, evolving_set, mirror_prompt, replayable_records, train_round)
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_judge_serves, check_rounds_kept, judge_call_bounds, new_prompt_seeds,
@@ -93,6 +93,7 @@ class EvolveConfig(Config):
     ema_decay: EmaDecay | None = 0.995  # paper: 0.9999
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
     lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
+    max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0)  # past this, a round's images are read batch by batch
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
@@ -142,7 +143,7 @@ class EvolveConfig(Config):
 
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
-     "eval_every_round", "device", "prompts_file"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+     "eval_every_round", "device", "prompts_file", "max_image_memory_gb"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
 # `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 
@@ -306,7 +307,8 @@ class Run:
                            schedule_steps=c.rounds * c.steps_per_round, checkpoint_every=max(25, c.steps_per_round // 4))
 
     def training_set(self) -> TrainingSet:
-        return evolving_set(self.ledger, self.config.replay_share, self.prior, self.config.prior_share)
+        c = self.config
+        return evolving_set(self.ledger, c.replay_share, self.prior, c.prior_share, c.max_image_memory_gb)
 
     def evolve_set(self, r: int, base: Sampler) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""

@@ -8,15 +8,74 @@ processes of a multi-GPU run take disjoint slices by their rank.
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..images import load_image
+
+IMAGE_MEMORY_GB = 4.0  # decoded training images held in memory up to this; a larger set is read batch by batch
+
+
+class ImageFiles:
+    """Training images read from their files when a batch asks for them, so that a set of any size holds only
+    its paths (100,000 images of 1024 px are 300 GB decoded; a few thousand of the shapes world, a few MB, are
+    held decoded instead: `TrainingSet.from_files`). An item is a path, or a decoded uint8 (3, H, W) image (a
+    set joined with one held in memory). Indexed with a tensor of indices, like the uint8 (N, 3, H, W) tensor
+    it stands for; a batch's files are decoded in threads (Pillow decodes without the GIL)."""
+
+    _pool: ThreadPoolExecutor | None = None
+
+    def __init__(self, items: list, size: tuple[int, int]):
+        self.items, self.size = items, size  # size: (H, W), every image's
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
+        if ImageFiles._pool is None:
+            ImageFiles._pool = ThreadPoolExecutor(8, thread_name_prefix="t2i-evolve-images")
+        return torch.stack(list(ImageFiles._pool.map(self._read, [self.items[i] for i in indices.tolist()])))
+
+    def _read(self, item) -> torch.Tensor:
+        if isinstance(item, torch.Tensor):
+            return item
+        image = load_image(item)  # (a file deleted or damaged since the set was made: one line naming it)
+        if image.size != self.size[::-1]:
+            raise UserError(f"training image {item} is {image.width}x{image.height} now, not "
+                            f"{self.size[1]}x{self.size[0]} as when training began")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def joined_images(a: torch.Tensor | ImageFiles, b: torch.Tensor | ImageFiles) -> torch.Tensor | ImageFiles:
+    """Two sets' images, as one (held in memory if both are)."""
+    sizes = [tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) else x.size for x in (a, b)]
+    if sizes[0] != sizes[1]:
+        (h, w), (h2, w2) = sizes
+        raise UserError(f"training images differ in size: {w}x{h} and {w2}x{h2}; resize them to one size (the "
+                        "model's) first")
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.cat([a, b])
+    items = [item for x in (a, b) for item in (list(x.unbind(0)) if isinstance(x, torch.Tensor) else x.items)]
+    return ImageFiles(items, sizes[0])
+
+
+def _one_size(prompts: Sequence[str], sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (width, height) every image has; one line naming the odd ones, with a prompt of each, otherwise."""
+    counts = Counter(sizes)
+    if len(counts) > 1:  # the rarer sizes, with a prompt of each, so the odd images can be found
+        odd = [f"{n} at {w}x{h} (e.g. {prompts[list(sizes).index((w, h))]!r})" for (w, h), n in counts.most_common()[1:4]]
+        (w, h), n = counts.most_common(1)[0]
+        raise UserError(f"training images differ in size: {n} at {w}x{h}, {', '.join(odd)}; resize them to one "
+                        "size (the model's) first")
+    return sizes[0]
 
 
 @dataclass
@@ -40,15 +99,29 @@ class TrainingSet:
 
     @classmethod
     def from_images(cls, prompts: Sequence[str], images: Sequence[Image.Image]) -> "TrainingSet":
-        sizes = Counter(image.size for image in images)
-        if len(sizes) > 1:  # the rarer sizes, with a prompt of each, so the odd images can be found
-            odd = [f"{n} at {w}x{h} (e.g. {prompts[[i.size for i in images].index((w, h))]!r})"
-                   for (w, h), n in sizes.most_common()[1:4]]
-            (w, h), n = sizes.most_common(1)[0]
-            raise UserError(f"training images differ in size: {n} at {w}x{h}, {', '.join(odd)}; resize them to one "
-                            "size (the model's) first")
+        _one_size(prompts, [image.size for image in images])
         array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
         return cls(list(prompts), torch.from_numpy(array).permute(0, 3, 1, 2).contiguous())
+
+    @classmethod
+    def from_files(cls, prompts: Sequence[str], paths: Sequence[str | Path],
+                   max_memory_gb: float = IMAGE_MEMORY_GB) -> "TrainingSet":
+        """Prompts and their image files: decoded into memory if they fit `max_memory_gb`, else read batch by
+        batch (`ImageFiles`). Each file's size is read (its header only) first: a missing, unreadable or odd-sized
+        image is one line now, not an error hours into training."""
+        sizes = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise UserError(f"cannot read training image {path}: {e}") from None
+        if not sizes:
+            return cls(list(prompts), torch.empty(0, 3, 0, 0, dtype=torch.uint8))  # (says the set is empty)
+        width, height = _one_size(prompts, sizes)
+        if len(paths) * 3 * width * height <= max_memory_gb * 2**30:
+            return cls.from_images(prompts, [load_image(path) for path in paths])
+        return cls(list(prompts), ImageFiles(list(paths), (height, width)))
 
     @classmethod
     def from_generator(cls, generator, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> "TrainingSet":
@@ -57,17 +130,18 @@ class TrainingSet:
         return cls.from_images(prompts, generator.generate(list(prompts), seeds))
 
     @classmethod
-    def from_ledger(cls, ledger, status: str = "active") -> "TrainingSet":
+    def from_ledger(cls, ledger, status: str = "active", max_memory_gb: float = IMAGE_MEMORY_GB) -> "TrainingSet":
         """The records of a ledger (active ones by default) that have an image."""
         records = [r for r in ledger.records(status) if r.image_path]
         if not records:
             raise UserError(f"no {status} records with images in the ledger at {ledger.run_dir}")
-        return cls.from_records(ledger, records)
+        return cls.from_records(ledger, records, max_memory_gb)
 
     @classmethod
-    def from_records(cls, ledger, records) -> "TrainingSet":
-        """These ledger records' prompts and images."""
-        return cls.from_images([r.prompt for r in records], [ledger.load_image(r.image_path) for r in records])
+    def from_records(cls, ledger, records, max_memory_gb: float = IMAGE_MEMORY_GB) -> "TrainingSet":
+        """These ledger records' prompts and images (`from_files`)."""
+        return cls.from_files([r.prompt for r in records], [ledger.run_dir / r.image_path for r in records],
+                              max_memory_gb)
 
     def mixed_with(self, other: "TrainingSet", share: float) -> "TrainingSet":
         """This set and `other`, `other` making about `share` of the rows. Each set is repeated whole, so
@@ -78,7 +152,7 @@ class TrainingSet:
         own, theirs = (1, max(1, round(per_own))) if per_own >= 1 else (max(1, round(1 / per_own)), 1)
         mine, others = self.image_rows(), other.image_rows() + len(self.images)
         return TrainingSet(self.prompts * own + other.prompts * theirs,
-                           torch.cat([self.images, other.images]), torch.cat([mine] * own + [others] * theirs))
+                           joined_images(self.images, other.images), torch.cat([mine] * own + [others] * theirs))
 
     def image_rows(self) -> torch.Tensor:
         """The image index of each prompt."""
@@ -96,17 +170,18 @@ def replayable_records(ledger) -> list:
 
 
 def evolving_set(ledger, replay_share: float = 0.0, prior: TrainingSet | None = None,
-                 prior_share: float = 0.3) -> TrainingSet:
+                 prior_share: float = 0.3, max_memory_gb: float = IMAGE_MEMORY_GB) -> TrainingSet:
     """What a judged, evolving set trains on: its active records, with the judge's deletions mixed in at
     `replay_share` (a small set is overtrained, and the base forgets what it deleted) or alone where no
     record is active, and `prior` (the base's own images) at `prior_share`."""
-    deleted = replayable_records(ledger)
+    deleted, memory = replayable_records(ledger), max_memory_gb
     if ledger.count() == 0 and deleted:
-        mixed = TrainingSet.from_records(ledger, deleted)
-    elif replay_share and deleted:
-        mixed = TrainingSet.from_ledger(ledger).mixed_with(TrainingSet.from_records(ledger, deleted), replay_share)
+        mixed = TrainingSet.from_records(ledger, deleted, memory)
+    elif replay_share and deleted:  # (each part's images held in memory if it fits half of it)
+        active = TrainingSet.from_ledger(ledger, max_memory_gb=memory / 2)
+        mixed = active.mixed_with(TrainingSet.from_records(ledger, deleted, memory / 2), replay_share)
     else:
-        mixed = TrainingSet.from_ledger(ledger)
+        mixed = TrainingSet.from_ledger(ledger, max_memory_gb=memory)
     return mixed.mixed_with(prior, prior_share) if prior else mixed
 
 

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from PIL import Image
-
 from ..errors import UserError
 from ..eval.report import write_json
 from ..judges.batch import score_images
@@ -38,5 +36,6 @@ def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts:
         raise UserError(f"{folder} holds {made['judged']} prior images judged at {made['min_score']:g}; this config asks "
                         f"{len(prompts)} at {min_score:g}: use a new output_dir")
     kept = made["kept"]
-    return TrainingSet.from_images([row["prompt"] for row in kept],
-                                   [Image.open(folder / row["image"]).convert("RGB") for row in kept]) if kept else None
+    if not kept:
+        return None
+    return TrainingSet.from_files([row["prompt"] for row in kept], [folder / row["image"] for row in kept])

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Callable, Literal
@@ -32,7 +33,7 @@ from ..data.cache import check_room
 from ..errors import UserError, is_disk_full
 from ..eval.report import read_jsonl, write_jsonl
 from ..models import T2IModel
-from .data import TrainingSet, batch_indices
+from .data import IMAGE_MEMORY_GB, ImageFiles, TrainingSet, batch_indices
 from .ema import EMA
 from .lora import LoraSettings, add_lora, merged_copy
 
@@ -83,11 +84,15 @@ class TrainConfig(Config):
     log_every: int = Field(25, ge=1)
     seed: Seed = 0
     tracker: Literal["tensorboard", "none"] = "tensorboard"
+    max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0, description="Decoded training images are held in memory "
+                                       "up to this size; a larger set is read from its files batch by batch, the next "
+                                       "batch while this one trains.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
 
 
 RESUMABLE_CHANGES = {"output_dir", "steps", "schedule_steps", "continue_from", "max_minutes", "checkpoint_every",
-                     "keep_checkpoints", "eval_every", "log_every", "tracker", "gradient_checkpointing"}
+                     "keep_checkpoints", "eval_every", "log_every", "tracker", "gradient_checkpointing",
+                     "max_image_memory_gb"}
 """What a rerun of a training run may change and still resume its checkpoint: how long, how often it saves and logs.
 The rest (model, data, learning rate, batch, seed...) would carry a checkpoint on as another run."""
 
@@ -154,6 +159,7 @@ class Trainer:
         if config.random_flip:  # the prompt of each row's mirrored image
             self.mirrored_ids = self.model.tokenize([mirror_prompt(p) for p in data.prompts])
         self.step = 0
+        self._reader, self._ahead = ThreadPoolExecutor(1, thread_name_prefix="t2i-evolve-batches"), None
 
     def _trainable_modules(self) -> dict[str, torch.nn.Module]:
         c = self.config
@@ -234,7 +240,7 @@ class Trainer:
             with acc.accumulate(*self.modules.values()):
                 position = ((self.step * c.grad_accum + micro) * acc.num_processes + acc.process_index) * c.batch_size
                 indices = batch_indices(position, c.batch_size, len(self.data), c.seed)
-                pixels = self.data.pixels(indices)
+                pixels = self._pixels(position, indices)
                 rng = torch.Generator(acc.device).manual_seed(hash((c.seed, self.step, micro, acc.process_index)) % 2**63)
                 ids = self.prompt_ids[indices.to(self.prompt_ids.device)]
                 if c.random_flip:  # (drawn only when on: a run without it sees the same noise as before)
@@ -258,6 +264,19 @@ class Trainer:
         if self.ema and not acc.optimizer_step_was_skipped:  # fp16: a step the loss scaler skipped moved nothing
             self.ema.update()
         return total
+
+    def _pixels(self, position: int, indices: torch.Tensor) -> torch.Tensor:
+        """The batch's images. A set read from its files (`ImageFiles`) has this process's next batch read in a
+        thread meanwhile: batches are a function of the position, so the next one is known."""
+        if not isinstance(self.data.images, ImageFiles):
+            return self.data.pixels(indices)
+        ahead, self._ahead = self._ahead, None
+        pixels = ahead[1].result() if ahead and ahead[0] == position else self.data.pixels(indices)
+        c = self.config
+        following = position + self.accelerator.num_processes * c.batch_size
+        self._ahead = (following, self._reader.submit(
+            self.data.pixels, batch_indices(following, c.batch_size, len(self.data), c.seed)))
+        return pixels
 
     def _evaluate(self) -> dict:
         was = {name: m.training for name, m in self.modules.items()}
