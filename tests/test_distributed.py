@@ -13,9 +13,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from evolve_worker import small_config
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
+from t2i_evolve.errors import UserError
 from t2i_evolve.models import T2IModel
+from t2i_evolve.recipes.evolve import run_evolve
 from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
 
 STEPS = 8
@@ -118,3 +121,29 @@ def test_the_parts_a_model_names_unused_are_exactly_those_no_gradient_reaches(sd
                 unused = {id(p) for sub in model.unused_parts(name) for p in sub.parameters()}
                 assert {id(p) for p in part.parameters() if p.grad is None} == unused, (folder.name, name)
                 assert bool(unused) == (model.is_sdxl and name == "text_encoder")
+
+
+def test_evolve_trains_each_round_as_the_processes_its_launcher_starts_and_resumes_without_them(tmp_path):
+    """`train_launcher`: the loop, its ledger and its calls stay in one process; each round trains as two (here
+    `torchrun` on CPUs; `accelerate launch --multi_gpu` on GPUs), carrying on from the last round's checkpoint."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    config = small_config(str(tmp_path / "run"), train_launcher=launcher, prior_images=8, min_prior_score=0.0,
+                          replay_share=0.2, steps_per_round=4, batch_size=4)
+    summary = run_evolve(config)
+    rounds = tmp_path / "run" / "rounds"
+    assert len(summary["rounds"]) == 2
+    last = sorted((rounds / "002" / "checkpoints").glob("step-*"))[-1]  # (round 1's: dropped once round 2 went on)
+    assert (last / "random_states_1.pkl").exists()  # two processes trained the round
+    for r in (1, 2):
+        steps = [json.loads(line)["step"] for line in (rounds / f"{r:03d}" / "metrics.jsonl").read_text().splitlines()]
+        assert min(steps) > 4 * (r - 1) and steps[-1] == 4 * r  # round 2 went on from round 1's step 4
+        manifest = json.loads((rounds / f"{r:03d}" / "training_set.json").read_text())
+        assert any("prior" in path for path in manifest["images"])  # the judged prior images, mixed in
+    again = run_evolve(config.model_copy(update={"train_launcher": ["no-such-launcher"]}))  # trained: not launched
+    assert again["rounds"] == summary["rounds"]
+
+    failing = small_config(str(tmp_path / "failing"), train_launcher=["false"])
+    with pytest.raises(UserError, match=r"round 1's training under `false` failed \(exit 1"):
+        run_evolve(failing)
+    with pytest.raises(UserError, match="cannot start `no-such-launcher`"):
+        run_evolve(failing.model_copy(update={"train_launcher": ["no-such-launcher"]}))

@@ -94,6 +94,7 @@ class EvolveConfig(Config):
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
     lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
     max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0)  # past this, a round's images are read batch by batch
+    train_launcher: list[str] | None = None  # [accelerate, launch, --multi_gpu, ...]: each round trains as its processes
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
@@ -143,7 +144,7 @@ class EvolveConfig(Config):
 
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
-     "eval_every_round", "device", "prompts_file", "max_image_memory_gb"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+     "eval_every_round", "device", "prompts_file", "max_image_memory_gb", "train_launcher"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
 # `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 
@@ -303,12 +304,14 @@ class Run:
             c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
         shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
                                        "random_flip", "lora"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
-        return train_round(self.out / "rounds", r, init, self.training_set, steps, **shared, tracker="none",
-                           schedule_steps=c.rounds * c.steps_per_round, checkpoint_every=max(25, c.steps_per_round // 4))
+        return train_round(self.out / "rounds", r, init, self.training_set, steps, c.train_launcher, **shared,
+                           tracker="none", schedule_steps=c.rounds * c.steps_per_round,
+                           checkpoint_every=max(25, c.steps_per_round // 4))
 
     def training_set(self) -> TrainingSet:
-        c = self.config
-        return evolving_set(self.ledger, c.replay_share, self.prior, c.prior_share, c.max_image_memory_gb)
+        c = self.config  # (launched: a set of files, which its processes read from a manifest)
+        return evolving_set(self.ledger, c.replay_share, self.prior, c.prior_share,
+                            0 if c.train_launcher else c.max_image_memory_gb)
 
     def evolve_set(self, r: int, base: Sampler) -> dict:
         """Discriminate, then delete, expand and mutate; returns the round's operation counts."""

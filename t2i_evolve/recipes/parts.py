@@ -256,7 +256,7 @@ def prior_images(run, base: Callable[[], object]) -> TrainingSet | None:
     seed_set = seeds * run.calls_per_seed_draw  # asked first (`seed_set`): its worst case
     run.spent.check_judge_room(seed_set + len(prompts) * getattr(run.judge, "votes", 1), "the prior images")
     return judged_base_images(run.out / "prior", base, run.judge, prompts, occurrence_seeds(seed, prompts),
-                              c.min_prior_score)
+                              c.min_prior_score, 0 if c.train_launcher else c.max_image_memory_gb)  # (files: launched)
 
 
 def unseen_checks(run, r: int, base, records) -> list[tuple[str, float | None] | None]:

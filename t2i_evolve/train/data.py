@@ -7,6 +7,7 @@ processes of a multi-GPU run take disjoint slices by their rank.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from ..files import write_atomically
 from ..images import load_image
 
 IMAGE_MEMORY_GB = 4.0  # decoded training images held in memory up to this; a larger set is read batch by batch
@@ -153,6 +155,32 @@ class TrainingSet:
         mine, others = self.image_rows(), other.image_rows() + len(self.images)
         return TrainingSet(self.prompts * own + other.prompts * theirs,
                            joined_images(self.images, other.images), torch.cat([mine] * own + [others] * theirs))
+
+    def save(self, path: Path) -> Path:
+        """Write the set as a manifest (prompts, image files, rows) that `load` reads in another process (a round
+        trained under a launcher). Only a set read from files (`ImageFiles` of paths) has one to write."""
+        if not isinstance(self.images, ImageFiles) or any(isinstance(i, torch.Tensor) for i in self.images.items):
+            raise ValueError("only a set of image files (max_memory_gb=0) can be saved as a manifest")
+        rows = None if self.rows is None else self.rows.tolist()
+        write_atomically(path, json.dumps({"prompts": self.prompts, "images": [str(i) for i in self.images.items],
+                                           "rows": rows}))
+        return path
+
+    @classmethod
+    def load(cls, path: Path, max_memory_gb: float = IMAGE_MEMORY_GB) -> "TrainingSet":
+        """A set `save` wrote."""
+        try:
+            manifest = json.loads(Path(path).read_text())
+            prompts, images, rows = manifest["prompts"], manifest["images"], manifest["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot read the training-set manifest {path}: {type(e).__name__}: {e}") from None
+        if rows is None:
+            return cls.from_files(prompts, images, max_memory_gb)
+        by_image = [""] * len(images)  # (`from_files` checks each image with a prompt of it)
+        for prompt, row in zip(prompts, rows):
+            by_image[row] = by_image[row] or prompt
+        files = cls.from_files(by_image, images, max_memory_gb)
+        return cls(prompts, files.images, torch.tensor(rows, dtype=torch.long))
 
     def image_rows(self) -> torch.Tensor:
         """The image index of each prompt."""

@@ -9,11 +9,11 @@ from typing import Callable, Sequence
 from ..errors import UserError
 from ..eval.report import write_json
 from ..judges.batch import score_images
-from .data import TrainingSet
+from .data import IMAGE_MEMORY_GB, TrainingSet
 
 
 def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts: Sequence[str], seeds: Sequence[int],
-                       min_score: float) -> TrainingSet | None:
+                       min_score: float, max_memory_gb: float = IMAGE_MEMORY_GB) -> TrainingSet | None:
     """Prior preservation (DreamBooth's, with a judge to filter it): the base's own images of `prompts`,
     those the judge scores at least `min_score` (VQA); None if it passes none. Trained on beside a small set
     of teacher images, they keep the base from forgetting what it already drew right; they cost judge
@@ -38,4 +38,4 @@ def judged_base_images(folder: Path, base: Callable[[], object], judge, prompts:
     kept = made["kept"]
     if not kept:
         return None
-    return TrainingSet.from_files([row["prompt"] for row in kept], [folder / row["image"] for row in kept])
+    return TrainingSet.from_files([row["prompt"] for row in kept], [folder / row["image"] for row in kept], max_memory_gb)

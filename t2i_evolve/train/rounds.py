@@ -3,29 +3,53 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+from ..errors import UserError
 from .data import TrainingSet
 from .trainer import TrainConfig, Trainer
 
 
 def train_round(rounds_dir: Path, r: int, init: Path, data: Callable[[], TrainingSet], steps: int,
-                **settings) -> Path:
+                launcher: Sequence[str] | None = None, **settings) -> Path:
     """Train round `r` (folder `rounds_dir/00r`) `steps` more steps on `data()`, carrying on from round r-1's
     last checkpoint: weights, AdamW moments, the learning-rate schedule (`schedule_steps` in `settings` spans
     all rounds) and EMA go on, so no round warms up again. `settings`: the rest of a `TrainConfig`. Returns
     the round's model folder; a round whose model is saved is not trained again (`data` is not built), and
-    one killed mid-way resumes from its own last checkpoint (`Trainer.run`)."""
+    one killed mid-way resumes from its own last checkpoint (`Trainer.run`). `launcher`: train as the processes
+    it starts (`launched_training`), else in this one."""
     round_dir = rounds_dir / f"{r:03d}"
     if not (round_dir / "model" / "model_index.json").exists():
         last = sorted((rounds_dir / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
         done = int(last[-1].name.removeprefix("step-")) if last else 0  # steps the run has trained so far
         config = TrainConfig(model=str(init), output_dir=str(round_dir), continue_from=str(last[-1]) if last else None,
                              steps=done + steps, **settings)
-        Trainer(config, data()).run()
+        if launcher:
+            launched_training(config, data(), launcher, f"round {r}")
+        else:
+            Trainer(config, data()).run()
     drop_spent_checkpoints(rounds_dir, r)
     return round_dir / "model"
+
+
+def launched_training(config: TrainConfig, data: TrainingSet, launcher: Sequence[str], what: str) -> None:
+    """Train as the processes `launcher` starts (`accelerate launch --multi_gpu --num_processes 8`, `torchrun
+    --standalone --nproc_per_node 8`), while the loop that called this, its ledger and its paid calls stay in this
+    one: the set's manifest and the config go into the output folder, and `t2i-evolve train` reads them there."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = data.save(out / "training_set.json")
+    config.model_copy(update={"data": str(manifest)}).save(out / "launched.yaml")
+    command = [*launcher, "-m", "t2i_evolve.cli", "train", "--config", str(out / "launched.yaml")]
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL)
+    except OSError as e:  # (no such launcher)
+        raise UserError(f"{what}'s training: cannot start `{' '.join(launcher)}`: {e.strerror or e}") from None
+    if done.returncode != 0:
+        raise UserError(f"{what}'s training under `{' '.join(launcher)}` failed (exit {done.returncode}; its output "
+                        "is above); rerun to resume it from its last checkpoint")
 
 
 def drop_spent_checkpoints(rounds_dir: Path, r: int) -> None:

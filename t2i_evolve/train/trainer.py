@@ -52,7 +52,8 @@ class TrainConfig(Config):
     """Settings of a denoising fine-tuning run (defaults: the shapes-world tiny model on a CPU)."""
 
     model: PathText = Field(description="Model folder (diffusers layout, safetensors weights).")
-    data: PathText | None = Field(None, description="Run folder whose ledger's active records are the data.")
+    data: PathText | None = Field(None, description="Run folder whose ledger's active records are the data (or the "
+                                  "manifest .json of a recipe's round: `launched_training`).")
     output_dir: PathText = "runs/train"
     steps: int = Field(1000, ge=1)
     batch_size: BatchSize = 32
