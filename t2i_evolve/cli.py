@@ -273,10 +273,10 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     _check_train_output(config, cfg)
-    check_resumable(cfg)
-    if Path(cfg.data).suffix == ".json":  # a recipe's round, launched as several processes (`launched_training`)
-        data = TrainingSet.load(Path(cfg.data), cfg.max_image_memory_gb)
+    if Path(cfg.data).suffix == ".json":  # a recipe's round, launched as several processes (`launched_training`;
+        data = TrainingSet.load(Path(cfg.data), cfg.max_image_memory_gb)  # the recipe checks its own config)
     else:  # (read, and checked, before any folder is made)
+        check_resumable(cfg)
         data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)), max_memory_gb=cfg.max_image_memory_gb)
     main = process_state().is_main_process  # (launched as several processes, they share the folder; one speaks)
     if main:

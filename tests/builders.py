@@ -77,3 +77,18 @@ def build_tiny_sdxl(root):
               "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True}
     (root / "model_index.json").write_text(json.dumps(index))
     return root
+
+
+def build_teacher_ledger(folder, n: int, seed: int, deleted: int = 0):
+    """A run folder whose ledger holds `n` strong-teacher images of grammar prompts, the last `deleted` of them
+    deleted by the judge (replayable)."""
+    from t2i_evolve.data import Ledger
+    from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+
+    prompts = GrammarPrompts().sample(n, seed=seed)
+    with Ledger(folder) as ledger:
+        for i, (prompt, image) in enumerate(zip(prompts, ProceduralTeacher().generate(prompts, list(range(n))))):
+            record = ledger.add_record(prompt=prompt, generator="strong", seed=i, image=image)
+            if i >= n - deleted:
+                ledger.delete_record(record, round=1, reason="base as good")
+    return folder

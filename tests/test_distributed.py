@@ -13,13 +13,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from builders import build_teacher_ledger
 from evolve_worker import small_config
 from t2i_evolve.cli import main
-from t2i_evolve.data import Ledger
 from t2i_evolve.errors import UserError
 from t2i_evolve.models import T2IModel
 from t2i_evolve.recipes.evolve import run_evolve
-from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
 
 STEPS = 8
 
@@ -27,12 +26,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A run folder whose ledger holds 32 teacher images."""
-    folder = tmp_path_factory.mktemp("data")
-    prompts = GrammarPrompts().sample(32, seed=7)
-    with Ledger(folder) as ledger:
-        for seed, (prompt, image) in enumerate(zip(prompts, ProceduralTeacher().generate(prompts, list(range(32))))):
-            ledger.add_record(prompt=prompt, generator="strong", seed=seed, image=image)
-    return folder
+    return build_teacher_ledger(tmp_path_factory.mktemp("data"), 32, seed=7)
 
 
 def _launch(config: Path) -> subprocess.Popen:
@@ -44,10 +38,10 @@ def _launch(config: Path) -> subprocess.Popen:
                             start_new_session=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
-def _config(tmp_path: Path, name: str, model: Path, data: Path) -> Path:
+def _config(tmp_path: Path, name: str, model: Path, data: Path, **more) -> Path:
     settings = {"model": str(model), "data": str(data), "output_dir": str(tmp_path / name), "steps": STEPS,
                 "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1,
-                "tracker": "none"}
+                "tracker": "none"} | more
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
@@ -79,14 +73,17 @@ def test_two_processes_train_one_run_and_a_sigkilled_job_resumes_to_the_same_wei
     killed.wait()
     assert not (tmp_path / "killed" / "model").exists()
     out, _ = _finish(straight)
-    _finish(_launch(_config(tmp_path, "killed", tiny_dir, data_dir)))
+    # resumed with an evaluation at the end (the main process alone: the other waits for it, not at a sync)
+    _finish(_launch(_config(tmp_path, "killed", tiny_dir, data_dir, eval_every=STEPS)))
 
     assert out.count("model in") == 1  # the main process speaks; the other trains
     checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{STEPS:07d}"
     assert (checkpoint / "random_states_1.pkl").exists()  # a second process trained (and its RNG was saved)
     for folder in ("straight", "killed"):
-        steps = [json.loads(line)["step"] for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        steps = [row["step"] for row in rows if "loss" in row]
         assert steps == list(range(1, STEPS + 1)), folder  # one row a step (rows after the checkpoint: rewritten)
+        assert [row["eval"]["images"] > 0 for row in rows if "eval" in row] == [True] * (folder == "killed")
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         a, b = load_file(tmp_path / "straight" / "model" / part), load_file(tmp_path / "killed" / "model" / part)
         assert a.keys() == b.keys()

@@ -8,24 +8,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from builders import build_teacher_ledger
+
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
 from t2i_evolve.errors import UserError
 from t2i_evolve.train import ImageFiles, TrainConfig, Trainer, TrainingSet, evolving_set
-from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+from t2i_evolve.world import ProceduralTeacher
 
 
 @pytest.fixture(scope="module")
 def ledger_dir(tmp_path_factory):
     """A run folder of 24 teacher images: 16 active, 8 deleted by the judge (replayable)."""
-    folder = tmp_path_factory.mktemp("ledger")
-    prompts = GrammarPrompts().sample(24, seed=11)
-    with Ledger(folder) as ledger:
-        for seed, (prompt, image) in enumerate(zip(prompts, ProceduralTeacher().generate(prompts, list(range(24))))):
-            record = ledger.add_record(prompt=prompt, generator="strong", seed=seed, image=image)
-            if seed >= 16:
-                ledger.delete_record(record, round=1, reason="base as good")
-    return folder
+    return build_teacher_ledger(tmp_path_factory.mktemp("ledger"), 24, seed=11, deleted=8)
 
 
 def test_a_set_past_the_memory_limit_holds_paths_and_reads_the_same_pixels(ledger_dir):

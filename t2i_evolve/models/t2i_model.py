@@ -246,7 +246,7 @@ class T2IModel:
     def unused_parts(self, name: str) -> list[torch.nn.Module]:
         """The parts of trainable part `name` whose weights never reach what the model reads from it: SDXL reads
         the first text encoder's penultimate hidden states, so its last layer and final norm get no gradient
-        (a trainer freezes them: several processes' gradient sync would wait for theirs)."""
+        (several processes' gradient sync must be told to expect none for them)."""
         if name == "text_encoder" and self.is_sdxl:
             text = getattr(self.text_encoder, "text_model", self.text_encoder)  # (transformers 4 nests it)
             return [text.encoder.layers[-1], text.final_layer_norm]

@@ -303,7 +303,7 @@ class Run:
         steps = c.steps_per_round if c.max_epochs_per_round is None else min(
             c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
         shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
-                                       "random_flip", "lora"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
+                                       "random_flip", "lora", "max_image_memory_gb"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
         return train_round(self.out / "rounds", r, init, self.training_set, steps, c.train_launcher, **shared,
                            tracker="none", schedule_steps=c.rounds * c.steps_per_round,
                            checkpoint_every=max(25, c.steps_per_round // 4))

@@ -24,7 +24,7 @@ from typing import Annotated, Callable, Literal
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast, parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_flag_from_env
 from diffusers.optimization import get_scheduler
 from pydantic import Field
 
@@ -115,7 +115,8 @@ def on_cpus() -> bool:
     otherwise run as N lone processes, each training the whole run into the same folder (on CPUs they share the
     work through gloo)."""
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.accelerator.is_available())
+    gpu = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()  # (torch<2.6)
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not gpu)
 
 
 def process_state() -> PartialState:
@@ -131,15 +132,19 @@ class Trainer:
             raise UserError("nothing to train: set train_unet or train_text_encoder")
         self.config, self.data, self.evaluate = config, data, evaluate
         self.out = Path(config.output_dir)
+        self.model = T2IModel.from_pretrained(config.model, device=process_state().device)
+        self.modules = self._trainable_modules()
+        # Several processes sync every trainable weight's gradient each step and would wait for one that never
+        # comes (SDXL's first text encoder's last layer): the wrapper is told to look for them (a little slower)
+        unused = any(self.model.unused_parts(name) for name in self.modules)
         self.accelerator = Accelerator(
             cpu=on_cpus(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             log_with=None if config.tracker == "none" else config.tracker,
             project_dir=str(self.out),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
         )
-        self.model = T2IModel.from_pretrained(config.model, device=self.accelerator.device)
-        self.modules = self._trainable_modules()
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         # The fused kernel updates all parameters in one pass (CPU and CUDA); measured faster than the loop.
         fused = all(p.is_floating_point() for p in self.params) and self.accelerator.device.type in ("cpu", "cuda")
@@ -173,8 +178,6 @@ class Trainer:
                 add_lora(module, c.lora, name, c.seed)  # only the adapter weights require grad
             else:
                 module.requires_grad_(True)
-            for unused in self.model.unused_parts(name):  # (SDXL's first text encoder's last layer)
-                unused.requires_grad_(False)
             if c.gradient_checkpointing:
                 _enable_checkpointing(module)
             module.train()
@@ -228,8 +231,8 @@ class Trainer:
     def _past(self, deadline: float) -> bool:
         """Whether the training time (`max_minutes`) is up, by the main process's clock, so that every process
         stops at the same step (one that stopped alone would leave the others waiting at their next gradient sync)."""
-        if deadline == float("inf"):
-            return False
+        if deadline == float("inf") or self.accelerator.num_processes == 1:
+            return time.perf_counter() >= deadline
         late = torch.tensor([float(time.perf_counter() >= deadline)], device=self.accelerator.device)
         return bool(broadcast(late, from_process=0).item())
 
@@ -280,15 +283,21 @@ class Trainer:
         return pixels
 
     def _evaluate(self) -> dict:
-        was = {name: m.training for name, m in self.modules.items()}
-        for m in self.modules.values():
+        """The main process evaluates, through the unwrapped parts (a wrapped part's forward would sync its
+        buffers with processes that are not evaluating, and wait for them); the others wait for it."""
+        acc, was = self.accelerator, {name: m.training for name, m in self.modules.items()}
+        for name, m in self.modules.items():
             m.eval()
+            setattr(self.model, name, acc.unwrap_model(m))
         try:
             with torch.no_grad(), (self.ema.applied() if self.ema else nullcontext()):
-                return self.evaluate(self.model, self.step) if self.accelerator.is_main_process else {}
+                result = self.evaluate(self.model, self.step) if acc.is_main_process else {}
         finally:
             for name, m in self.modules.items():
                 m.train(was[name])
+                setattr(self.model, name, m)
+        acc.wait_for_everyone()
+        return result
 
     def _log(self, metrics: dict) -> None:
         if not self.accelerator.is_main_process:
