@@ -1,4 +1,5 @@
-"""Training sets larger than memory: images read from their files batch by batch (`ImageFiles`)."""
+"""Sets larger than memory: training images read from their files batch by batch (`ImageFiles`), and a round
+judged and drawn a few records at a time."""
 
 import json
 import shutil
@@ -85,3 +86,33 @@ def test_an_image_gone_since_the_set_was_made_is_one_line_naming_it(tiny_dir, le
     assert main(["train", "--config", str(tmp_path / "train.yaml")]) == 2
     err = capsys.readouterr().err
     assert "training images differ in size: 15 at 32x32, 1 at 16x16" in err, err
+
+
+def test_a_round_judges_and_draws_a_few_records_at_a_time_and_ends_with_the_same_ledger(tmp_path, monkeypatch):
+    """A real round judges thousands of records: their base and teacher images are held `AT_A_TIME` at once (here
+    8 of a round's records, and its expansions 8 prompts at a time), and the run ends as one that held them all."""
+    from evolve_worker import ledger_state, small_config
+
+    from t2i_evolve.data import CachedGenerator
+    from t2i_evolve.judges import evidence
+    from t2i_evolve.models import Sampler
+    from t2i_evolve.recipes import evolve
+
+    def counted(generate, asked):  # (the most images one call was asked for)
+        return lambda self, prompts, *args, **kwargs: asked.append(len(prompts)) or generate(self, prompts, *args,
+                                                                                                  **kwargs)
+
+    summaries, base, teacher = {}, Sampler.generate, CachedGenerator.generate
+    for name, at_a_time in (("all", 10_000), ("chunked", 8)):
+        monkeypatch.setattr(evidence, "AT_A_TIME", at_a_time)
+        monkeypatch.setattr(evolve, "AT_A_TIME", at_a_time)
+        summaries[name] = {"base": [], "teacher": []}
+        monkeypatch.setattr(Sampler, "generate", counted(base, summaries[name]["base"]))
+        config = small_config(str(tmp_path / name), mutate_rate=0.5, seed_prompts=8)  # (the seed set: one call)
+        monkeypatch.setattr(CachedGenerator, "generate", counted(teacher, summaries[name]["teacher"]))
+        summaries[name]["summary"] = evolve.run_evolve(config)
+    assert max(summaries["all"]["base"]) > 8 and max(summaries["all"]["teacher"]) > 8
+    assert max(summaries["chunked"]["base"]) == max(summaries["chunked"]["teacher"]) == 8
+    assert ledger_state(tmp_path / "all") == ledger_state(tmp_path / "chunked")
+    ops = {name: [row["ops"] for row in summaries[name]["summary"]["rounds"]] for name in ("all", "chunked")}
+    assert ops["all"] == ops["chunked"] and ops["all"][0]["expand"] > 8

@@ -91,3 +91,25 @@ def unseen_variation_scores(writer: PromptWriter, judge, base, prompts: Sequence
             if score is not None:
                 scores[i] = score
     return [None if v is None else (v, getattr(scores[i], "score", None)) for i, v in enumerate(variations)]
+
+
+AT_A_TIME = 256  # records judged, or prompts drawn, at a time: a round of a real run holds no more images than
+# this (a fifth of 100,000 records is 20,000 base and teacher images: 120 GB at 1024 px)
+
+
+def base_vs_teacher(judge, compare, base, records: Sequence, seeds: Sequence[int], load_image,
+                    confirm_votes: int | None, base_draws: int) -> tuple[list, int, set[int]]:
+    """Discriminate: the base's image of each record's prompt (`seeds`) against the record's teacher image
+    (`load_image(record.image_path)`), by `compare(pairs)`, each "teacher better" asked again
+    (`confirm_teacher_better`) and on fresh draws (`redraw_teacher_better`); `AT_A_TIME` records at a time.
+    Returns the verdicts, how many second opinions overturned one, and the indices judged on a fresh draw."""
+    verdicts, overturned, redrawn = [], 0, set()
+    for start in range(0, len(records), AT_A_TIME):
+        part = records[start:start + AT_A_TIME]
+        images = base.generate([rec.prompt for rec in part], list(seeds[start:start + AT_A_TIME]))
+        pairs = [(image, load_image(rec.image_path), rec.prompt) for image, rec in zip(images, part)]
+        found, again = confirm_teacher_better(judge, pairs, compare(pairs), confirm_votes)
+        found, fresh = redraw_teacher_better(judge, base, pairs, found, seeds[start:start + AT_A_TIME], base_draws,
+                                             confirm_votes)
+        verdicts, overturned, redrawn = verdicts + found, overturned + len(again), redrawn | {start + i for i in fresh}
+    return verdicts, overturned, redrawn

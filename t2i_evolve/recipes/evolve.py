@@ -38,7 +38,7 @@ from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
 from ..eval.report import write_json, write_jsonl
 from ..judges.batch import compare_pairs
-from ..judges.evidence import confirm_teacher_better, redraw_teacher_better
+from ..judges.evidence import AT_A_TIME, base_vs_teacher
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
@@ -267,9 +267,12 @@ class Run:
         ids = None if teacher_ids is None else [teacher_ids[i] for i in keep]
         fit = self.spent.draws_that_fit([prompts[i] for i in keep], [seeds[i] for i in keep], ids)
         keep, ids = [keep[j] for j in fit], ids and [ids[j] for j in fit]
-        if not keep:
-            return 0
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
+        chunks = [slice(i, i + AT_A_TIME) for i in range(0, len(prompts), AT_A_TIME)]  # (images held at once)
+        return sum(self._draw(prompts[j], seeds[j], ids and ids[j], round, op, parents[j], reasons[j]) for j in chunks)
+
+    def _draw(self, prompts, seeds, ids, round, op, parents, reasons) -> int:
+        """`add_drawn`'s drawing, `AT_A_TIME` prompts at a time (their images held until they are in the ledger)."""
         if ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = tournament(
                 self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self.gate.passes(image, p, round),
@@ -321,11 +324,9 @@ class Run:
         records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record,
                                                            reserve=self.scorer.judge_calls)]  # (and its score's)
         seeds = [stable_seed(c.seed, r, rec.id) for rec in records]
-        base_images = base.generate([rec.prompt for rec in records], seeds)
-        pairs = [(image, self.ledger.load_image(rec.image_path), rec.prompt) for rec, image in zip(records, base_images)]
-        verdicts, overturned = confirm_teacher_better(self.judge, pairs, self.compare(pairs, r), c.confirm_votes)
-        verdicts, redrawn = redraw_teacher_better(self.judge, base, pairs, verdicts, seeds, c.base_draws, c.confirm_votes)
-        ops = {"overturned": len(overturned)} if c.confirm_votes else {}
+        verdicts, overturned, redrawn = base_vs_teacher(self.judge, lambda pairs: self.compare(pairs, r), base, records,
+                                                        seeds, self.ledger.load_image, c.confirm_votes, c.base_draws)
+        ops = {"overturned": overturned} if c.confirm_votes else {}
         ops |= {"redrawn": len(redrawn)} if c.base_draws > 1 else {}
         ops |= dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
                              + ("memorized",) * (c.min_unseen_score is not None), 0)
