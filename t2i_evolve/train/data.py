@@ -69,6 +69,15 @@ def joined_images(a: torch.Tensor | ImageFiles, b: torch.Tensor | ImageFiles) ->
     return ImageFiles(items, sizes[0])
 
 
+def _image_size(path) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding it; one line if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read training image {path}: {e}") from None
+
+
 def _one_size(prompts: Sequence[str], sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The (width, height) every image has; one line naming the odd ones, with a prompt of each, otherwise."""
     counts = Counter(sizes)
@@ -108,21 +117,15 @@ class TrainingSet:
     @classmethod
     def from_files(cls, prompts: Sequence[str], paths: Sequence[str | Path],
                    max_memory_gb: float = IMAGE_MEMORY_GB) -> "TrainingSet":
-        """Prompts and their image files: decoded into memory if they fit `max_memory_gb`, else read batch by
-        batch (`ImageFiles`). Each file's size is read (its header only) first: a missing, unreadable or odd-sized
-        image is one line now, not an error hours into training."""
-        sizes = []
-        for path in paths:
-            try:
-                with Image.open(path) as image:
-                    sizes.append(image.size)
-            except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise UserError(f"cannot read training image {path}: {e}") from None
-        if not sizes:
+        """Prompts and their image files: decoded into memory if they fit `max_memory_gb` (judged by the first
+        image; decoding checks every one), else read batch by batch (`ImageFiles`), each file's size read (its header
+        only) first: a missing, unreadable or odd-sized image is one line now, not an error hours into training."""
+        if not paths:
             return cls(list(prompts), torch.empty(0, 3, 0, 0, dtype=torch.uint8))  # (says the set is empty)
-        width, height = _one_size(prompts, sizes)
+        width, height = _image_size(paths[0])
         if len(paths) * 3 * width * height <= max_memory_gb * 2**30:
             return cls.from_images(prompts, [load_image(path) for path in paths])
+        width, height = _one_size(prompts, [_image_size(path) for path in paths])
         return cls(list(prompts), ImageFiles(list(paths), (height, width)))
 
     @classmethod
