@@ -9,6 +9,9 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UserError
 
 
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what PIL raises for a file it cannot read
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image as RGB; a missing or corrupt file raises `UserError`."""
     path = Path(path)
@@ -17,5 +20,14 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def image_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding it; `UserError` if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except UNREADABLE as e:  # (a missing file is an OSError too)
+        raise UserError(f"cannot read {what} {path}: {e}") from None

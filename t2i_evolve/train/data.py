@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import UserError
 from ..files import write_atomically
-from ..images import load_image
+from ..images import image_size, load_image
 
 IMAGE_MEMORY_GB = 4.0  # decoded training images held in memory up to this; a larger set is read batch by batch
 
@@ -69,15 +69,6 @@ def joined_images(a: torch.Tensor | ImageFiles, b: torch.Tensor | ImageFiles) ->
     return ImageFiles(items, sizes[0])
 
 
-def _image_size(path) -> tuple[int, int]:
-    """(width, height) from an image file's header, without decoding it; one line if it cannot be read."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read training image {path}: {e}") from None
-
-
 def _one_size(prompts: Sequence[str], sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The (width, height) every image has; one line naming the odd ones, with a prompt of each, otherwise."""
     counts = Counter(sizes)
@@ -122,10 +113,10 @@ class TrainingSet:
         only) first: a missing, unreadable or odd-sized image is one line now, not an error hours into training."""
         if not paths:
             return cls(list(prompts), torch.empty(0, 3, 0, 0, dtype=torch.uint8))  # (says the set is empty)
-        width, height = _image_size(paths[0])
+        width, height = image_size(paths[0], "training image")
         if len(paths) * 3 * width * height <= max_memory_gb * 2**30:
             return cls.from_images(prompts, [load_image(path) for path in paths])
-        width, height = _one_size(prompts, [_image_size(path) for path in paths])
+        width, height = _one_size(prompts, [image_size(path, "training image") for path in paths])
         return cls(list(prompts), ImageFiles(list(paths), (height, width)))
 
     @classmethod
