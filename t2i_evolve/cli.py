@@ -282,9 +282,13 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     if main:
         claim_run_folder(cfg.output_dir, "train", launched=True)
     trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
-    with progress_bar("training", cfg.steps, shown=main) as advance:
-        advance(trainer.step)
-        last = trainer.run(lambda step, m: advance(1, status=f"loss {m.get('loss', float('nan')):.4f}"))
+    with progress_bar("training", trainer.last_step, shown=main) as advance:
+        drawn = [0]  # (a resumed run's first step moves the bar to where its checkpoint was)
+
+        def on_step(step: int, metrics: dict) -> None:
+            advance(step - drawn[0], status=f"loss {metrics.get('loss', float('nan')):.4f}")
+            drawn[0] = step
+        last = trainer.run(on_step)
     done = f"step {trainer.step}: {json.dumps(last)}" if last else f"at step {trainer.step} already: nothing to train"
     if main:
         say(f"{done}; model in {Path(cfg.output_dir) / 'model'}")

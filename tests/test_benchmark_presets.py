@@ -209,6 +209,6 @@ def test_the_shipped_quick_base_draws_the_slice_but_not_its_rare_color():
     sampler = Sampler(T2IModel.from_pretrained(config.base_model), config.sampler)
     prompts = held_out_prompts(config)
     yellow = held_out_score(sampler, [p for p in prompts if "yellow" in p])
-    rest = held_out_score(sampler, [p for p in prompts if "yellow" not in p])
+    rest = held_out_score(sampler, [p for p in prompts if "yellow" not in p][:64])  # (all 160: 0.93, 4x the time)
     assert rest["score"] > 0.8 and rest["skills"]["shape"] > 0.9
     assert yellow["skills"]["color"] < 0.5 < rest["skills"]["color"]

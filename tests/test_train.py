@@ -66,7 +66,7 @@ def test_loss_falls_and_judge_score_rises(tiny_dir, tmp_path):
         return evaluate(Sampler(T2IModel.from_pretrained(model_dir), sampling), judge, held_out, seed=5000).summary()
 
     before = score(tiny_dir)
-    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=160, batch_size=16, lr=3e-3,
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path), steps=160, batch_size=8, lr=2e-3,
                          snr_gamma=5.0, ema_decay=None, warmup_steps=10, log_every=10, checkpoint_every=1000,
                          tracker="none")
     Trainer(config, data).run()
@@ -150,13 +150,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
 
 def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path):
     """`continue_from` carries weights, AdamW moments, schedule and EMA on: 2 + 2 steps give the weights
-    of 4 straight steps on the same data (a fresh optimizer would not: its first steps are full-size)."""
+    of 4 straight steps on the same data (a fresh optimizer would not: its first steps are full-size). The second
+    part ends by `max_images` (8 past its start: 2 steps of 4), its `steps` far off."""
     data = _teacher_set(16, seed=6)
     common = {"model": str(tiny_dir), "batch_size": 4, "lr": 1e-2, "warmup_steps": 2, "schedule_steps": 4,
               "lr_schedule": "cosine", "checkpoint_every": 2, "tracker": "none"}
     Trainer(TrainConfig(output_dir=str(tmp_path / "straight"), steps=4, **common), data).run()
     Trainer(TrainConfig(output_dir=str(tmp_path / "first"), steps=2, **common), data).run()
-    second = TrainConfig(output_dir=str(tmp_path / "second"), steps=4, model=str(tmp_path / "first" / "model"),
+    second = TrainConfig(output_dir=str(tmp_path / "second"), steps=100, max_images=8, model=str(tmp_path / "first" / "model"),
                          continue_from=str(tmp_path / "first" / "checkpoints" / "step-0000002"),
                          **{k: v for k, v in common.items() if k != "model"})
     Trainer(second, data).run()

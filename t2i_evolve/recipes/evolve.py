@@ -78,7 +78,8 @@ class EvolveConfig(Config):
         "budget, set train_past_teacher_budget). False: train, then judge (the paper).")
     steps_per_round: int = Field(150, ge=1)
     max_epochs_per_round: float | None = Field(None, gt=0, description="A round trains at most this many passes over "
-        "the active records (None: steps_per_round), so a set that deletions shrank is not overtrained and forgotten.")
+        "the active records, over all processes (None: steps_per_round), so a set that deletions shrank is not "
+        "overtrained and forgotten.")
     replay_share: float = Field(0.0, ge=0, lt=1, description="Share of each round's training on deleted records (paper: "
         "0): a set that deletions keep small is overtrained, and the base forgets what the deleted records taught.")
     prior_images: int = Field(0, ge=0, description="Prior preservation: the base draws this many prompts (none held out) "
@@ -303,12 +304,11 @@ class Run:
         are one training run on changing data (`train_round`)."""
         c = self.config
         rows = self.ledger.count() or len(replayable_records(self.ledger))  # none active: `evolving_set`
-        steps = c.steps_per_round if c.max_epochs_per_round is None else min(
-            c.steps_per_round, max(1, math.ceil(c.max_epochs_per_round * rows / c.batch_size)))
+        images = None if c.max_epochs_per_round is None else max(1, math.ceil(c.max_epochs_per_round * rows))
         shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
                                        "random_flip", "lora", "max_image_memory_gb"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
-        return train_round(self.out / "rounds", r, init, self.training_set, steps, c.train_launcher, **shared,
-                           tracker="none", schedule_steps=c.rounds * c.steps_per_round,
+        return train_round(self.out / "rounds", r, init, self.training_set, c.steps_per_round, c.train_launcher,
+                           **shared, max_images=images, tracker="none", schedule_steps=c.rounds * c.steps_per_round,
                            checkpoint_every=max(25, c.steps_per_round // 4))
 
     def training_set(self) -> TrainingSet:

@@ -13,6 +13,7 @@ runs on a laptop CPU and under `accelerate launch` on several GPUs. What is ours
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -56,6 +57,9 @@ class TrainConfig(Config):
                                   "manifest .json of a recipe's round: `launched_training`).")
     output_dir: PathText = "runs/train"
     steps: int = Field(1000, ge=1)
+    max_images: int | None = Field(None, ge=1, description="End sooner, once this run has trained on this many "
+                                   "images past where it started (`continue_from`), over every process: the steps "
+                                   "at batch_size x grad_accum x processes a step (a round's share of a recipe).")
     batch_size: BatchSize = 32
     grad_accum: int = Field(1, ge=1)
     lr: LearningRate = 1e-3
@@ -91,7 +95,7 @@ class TrainConfig(Config):
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
 
 
-RESUMABLE_CHANGES = {"output_dir", "steps", "schedule_steps", "continue_from", "max_minutes", "checkpoint_every",
+RESUMABLE_CHANGES = {"output_dir", "steps", "max_images", "schedule_steps", "continue_from", "max_minutes", "checkpoint_every",
                      "keep_checkpoints", "eval_every", "log_every", "tracker", "gradient_checkpointing",
                      "max_image_memory_gb"}
 """What a rerun of a training run may change and still resume its checkpoint: how long, how often it saves and logs.
@@ -150,8 +154,9 @@ class Trainer:
         fused = all(p.is_floating_point() for p in self.params) and self.accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         n = self.accelerator.num_processes
+        self.last_step = self._last_step()
         schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps * n,
-                                 num_training_steps=(config.schedule_steps or config.steps) * n)
+                                 num_training_steps=(config.schedule_steps or self.last_step) * n)
         prepared = self.accelerator.prepare(*self.modules.values(), optimizer, schedule)
         for name, module in zip(list(self.modules), prepared):
             if module is not self.modules[name]:  # wrapped for several processes (DistributedDataParallel): the
@@ -184,13 +189,28 @@ class Trainer:
             modules[name] = module
         return modules
 
+    def _last_step(self) -> int:
+        """The step this run ends at: `steps`, or sooner where `max_images` are trained on past the step it
+        started from (its `continue_from`'s, whichever of its own checkpoints it resumes)."""
+        c = self.config
+        if c.max_images is None:
+            return c.steps
+        start = 0
+        if c.continue_from:
+            try:
+                start = int(json.loads((Path(c.continue_from) / "trainer_state.json").read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # (`_resume` says what is wrong with it)
+        per_step = c.batch_size * c.grad_accum * self.accelerator.num_processes
+        return min(c.steps, start + math.ceil(c.max_images / per_step))
+
     # -- the loop ---------------------------------------------------------------------------------------
 
     def run(self, progress: Callable[[int, dict], None] | None = None) -> dict:
-        """Train to `config.steps`; returns the last logged metrics. `progress(steps_done, metrics)`."""
+        """Train to `last_step`; returns the last logged metrics. `progress(steps_done, metrics)`."""
         c, acc = self.config, self.accelerator
         self._resume()
-        if self.step < c.steps:
+        if self.step < self.last_step:
             self._check_room()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -202,12 +222,12 @@ class Trainer:
         tick = start = time.perf_counter()
         deadline = start + c.max_minutes * 60 if c.max_minutes else float("inf")
         out_of_time = False
-        while self.step < c.steps and not out_of_time:
+        while self.step < self.last_step and not out_of_time:
             loss = self._train_step()
             losses.append(loss)
             self.step += 1
             out_of_time = self._past(deadline)
-            if self.step % c.log_every == 0 or self.step == c.steps or out_of_time:
+            if self.step % c.log_every == 0 or self.step == self.last_step or out_of_time:
                 seconds = time.perf_counter() - tick
                 images = len(losses) * c.batch_size * c.grad_accum * acc.num_processes
                 mean = acc.reduce(torch.stack(losses).mean(), "mean")  # (over every process's batches)
@@ -215,9 +235,9 @@ class Trainer:
                         "images_per_s": images / seconds}
                 self._log(last)
                 losses, tick = [], time.perf_counter()
-            if self.evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < c.steps:
+            if self.evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < self.last_step:
                 self._log({"step": self.step, "eval": self._evaluate()})
-            if self.step % c.checkpoint_every == 0 or self.step == c.steps or out_of_time:
+            if self.step % c.checkpoint_every == 0 or self.step == self.last_step or out_of_time:
                 self.save_checkpoint()
             if progress:
                 progress(self.step, last)
@@ -391,7 +411,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if self.accelerator.is_main_process and path.exists():
             lines = read_jsonl(path)
-            final = self.step >= self.config.steps and self.evaluate is not None
+            final = self.step >= self.last_step and self.evaluate is not None
             kept = [row for row in lines if row.get("step", 0) < self.step or (
                 row.get("step", 0) == self.step and not (final and "eval" in row))]
             write_jsonl(path, kept)
