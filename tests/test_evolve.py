@@ -658,14 +658,27 @@ def test_a_training_replicate_buys_the_same_images_and_trains_other_weights(tmp_
     assert not all(torch.equal(weights["run"][k], weights["replicate"][k]) for k in weights["run"])
 
 
-def test_an_epoch_cap_trains_a_small_set_for_fewer_steps_and_the_rounds_stay_one_run(tmp_path):
-    """`max_epochs_per_round: 1`: round 1 has 24 records, batch 8, so it trains 3 steps, not 6; the judge then
-    expands the set past 48 records and round 2 trains its full 6, carrying on from step 3."""
+def test_an_epoch_cap_trains_a_small_set_for_fewer_steps_and_the_rounds_stay_one_run(tmp_path, monkeypatch):
+    """`max_epochs_per_round: 1`: round 1 has 24 records, 8 a step (batches of 4, 2 accumulated), so it trains 3
+    steps, not 6; the judge then expands the set past 48 records and round 2 trains its full 6, carrying on from
+    step 3. The rounds train as a GPU would be told to (bf16 autocast, checkpointed activations), and the base is
+    asked for in bfloat16 to be sampled."""
     from t2i_evolve.eval.report import read_jsonl
+    from t2i_evolve.models import T2IModel
+    from t2i_evolve.train import TrainConfig
 
-    summary = run_evolve(small_config(str(tmp_path), max_epochs_per_round=1.0, mutate_rate=0.0))
+    loaded, load = [], T2IModel.from_pretrained.__func__  # the dtypes models are asked for (loaded in float32 all
+    monkeypatch.setattr(T2IModel, "from_pretrained", classmethod(  # the same: a CPU's bfloat16 convolutions are slow)
+        lambda cls, path, device="cpu", dtype=torch.float32: loaded.append(dtype) or load(cls, path, device)))
+    gpu_settings = {"mixed_precision": "bf16", "gradient_checkpointing": True, "grad_accum": 2}
+    summary = run_evolve(small_config(str(tmp_path), max_epochs_per_round=1.0, mutate_rate=0.0, batch_size=4,
+                                      dtype="bfloat16", **gpu_settings))
     steps = [max(row["step"] for row in read_jsonl(tmp_path / "rounds" / f"{r:03d}" / "metrics.jsonl")) for r in (1, 2)]
     assert summary["rounds"][1]["active"] > 48 and steps == [3, 9]
+    for r in (1, 2):
+        trained = TrainConfig.from_yaml(tmp_path / "rounds" / f"{r:03d}" / "config.yaml")
+        assert trained.model_dump(include=set(gpu_settings)) == gpu_settings
+    assert loaded.count("bfloat16") == 2 and torch.float32 in loaded  # each round's model sampled; trained in fp32
     # spent checkpoints are gone (round 1's, and round 2's but its last, which a third round would carry on from)
     assert not (tmp_path / "rounds" / "001" / "checkpoints").exists()
     assert [p.name for p in (tmp_path / "rounds" / "002" / "checkpoints").glob("step-*")] == ["step-0000009"]

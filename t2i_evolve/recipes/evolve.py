@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..config import Config, PathText, check_resumed_config
+from ..config import PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..data.budgets import every_request_failed
 from ..errors import BudgetExhausted, UserError
@@ -43,8 +43,7 @@ from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
-from ..train import (IMAGE_MEMORY_GB, BatchSize, EmaDecay, LearningRate, LoraSettings, Seed, SnrGamma, TrainingSet,
-                     WarmupSteps, evolving_set, mirror_prompt, replayable_records, train_round)
+from ..train import RoundTraining, Seed, TrainingSet, evolving_set, mirror_prompt, replayable_records, train_round
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_judge_serves, check_rounds_kept, judge_call_bounds, new_prompt_seeds,
@@ -52,8 +51,10 @@ from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_
                     sampled_records, stable_seed, tournament, write_summary, ENDPOINT_ADDRESSES)
 
 
-class EvolveConfig(Config):
-    """EvolveDirector's loop. Defaults: the shapes world on a CPU (paper's values in the comments)."""
+class EvolveConfig(RoundTraining):
+    """EvolveDirector's loop. Defaults: the shapes world on a CPU (paper's values in the comments). The training
+    settings (batch_size, lr, ...) are `RoundTraining`'s; the paper's for PixArt-alpha: lr 2e-5, warmup_steps 1000,
+    ema_decay 0.9999."""
 
     output_dir: PathText = "runs/evolve"
     base_model: PathText | None = Field(None, description="Model folder to improve; none: a fresh tiny shapes model.")
@@ -86,15 +87,6 @@ class EvolveConfig(Config):
         "before round 1; those the judge scores min_prior_score make prior_share of all training. 0: off (paper).")
     prior_share: float = Field(0.3, gt=0, lt=1)
     min_prior_score: float = Field(1.0, ge=0, le=1)
-    batch_size: BatchSize = 16
-    lr: LearningRate = 2e-3  # paper: 2e-5 for PixArt-alpha
-    lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"  # over all rounds
-    snr_gamma: SnrGamma | None = 5.0
-    warmup_steps: WarmupSteps = 20  # paper: 1000
-    ema_decay: EmaDecay | None = 0.995  # paper: 0.9999
-    random_flip: bool = False  # mirrored images, left/right swapped in their prompts (TrainConfig)
-    lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
-    max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0)  # past this, a round's images are read batch by batch
     train_launcher: list[str] | None = None  # [accelerate, launch, --multi_gpu, ...]: each round trains as its processes
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
@@ -135,6 +127,7 @@ class EvolveConfig(Config):
     sampler: SamplerConfig = SamplerConfig(steps=10)
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
                         "auto (a GPU when there is one), cpu, cuda, cuda:1. Training goes through accelerate.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the base's weights when sampled (a GPU: float16)
     seed: Seed = 0
     train_seed: Seed | None = None  # the trainer's batch order and noise; None: seed. Another: a replicate
 
@@ -145,7 +138,8 @@ class EvolveConfig(Config):
 
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
-     "eval_every_round", "device", "prompts_file", "max_image_memory_gb", "train_launcher"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+     "eval_every_round", "device", "prompts_file", "max_image_memory_gb", "train_launcher", "gradient_checkpointing"),
+    True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
 # `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 
@@ -177,7 +171,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     config.save(out / "evolve.yaml")  # once it passed every check: what a rerun must match
 
     def load_sampler(folder: Path) -> Sampler:
-        return Sampler(T2IModel.from_pretrained(folder, config.device), config.sampler)
+        return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), config.sampler)
     stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
@@ -305,8 +299,7 @@ class Run:
         c = self.config
         rows = self.ledger.count() or len(replayable_records(self.ledger))  # none active: `evolving_set`
         images = None if c.max_epochs_per_round is None else max(1, math.ceil(c.max_epochs_per_round * rows))
-        shared = c.model_dump(include={"batch_size", "lr", "lr_schedule", "snr_gamma", "warmup_steps", "ema_decay",
-                                       "random_flip", "lora", "max_image_memory_gb"}) | {"seed": c.seed if c.train_seed is None else c.train_seed}
+        shared = c.round_training() | {"seed": c.seed if c.train_seed is None else c.train_seed}
         return train_round(self.out / "rounds", r, init, self.training_set, c.steps_per_round, c.train_launcher,
                            **shared, max_images=images, tracker="none", schedule_steps=c.rounds * c.steps_per_round,
                            checkpoint_every=max(25, c.steps_per_round // 4))

@@ -5,11 +5,38 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
+from pydantic import Field
+
+from ..config import Config
 from ..errors import UserError
-from .data import TrainingSet
-from .trainer import TrainConfig, Trainer
+from .data import IMAGE_MEMORY_GB, TrainingSet
+from .lora import LoraSettings
+from .trainer import BatchSize, EmaDecay, LearningRate, SnrGamma, TrainConfig, Trainer, WarmupSteps
+
+
+class RoundTraining(Config):
+    """The training settings a recipe gives each round's `TrainConfig` (what each does: there), so that one added
+    to the trainer is one line here, not one per recipe. Defaults: the tiny shapes model on a CPU. A real base on a
+    GPU: lr about 1e-5 (1e-4 with `lora: {rank: 16}`), mixed_precision bf16, and gradient_checkpointing (SDXL)."""
+
+    batch_size: BatchSize = 16  # each process's, under a launcher
+    grad_accum: int = Field(1, ge=1)
+    lr: LearningRate = 2e-3
+    lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"  # over all rounds
+    snr_gamma: SnrGamma | None = 5.0
+    warmup_steps: WarmupSteps = 20
+    ema_decay: EmaDecay | None = 0.995
+    random_flip: bool = False  # mirrored images, left/right swapped in their prompts
+    lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0)  # past this, a round's images are read batch by batch
+
+    def round_training(self) -> dict:
+        """These settings, as `TrainConfig` fields."""
+        return self.model_dump(include=set(RoundTraining.model_fields))
 
 
 def train_round(rounds_dir: Path, r: int, init: Path, data: Callable[[], TrainingSet], steps: int,
