@@ -190,6 +190,17 @@ def test_a_step_the_fp16_loss_scaler_skipped_is_no_ema_update(tiny_dir, tmp_path
     assert trainer.ema.updates == 2
 
 
+def test_trainers_of_other_mixed_precisions_run_one_after_another_in_one_process(tiny_dir, tmp_path):
+    """accelerate keeps one mixed precision a process and refuses a second: a notebook, or a recipe after a
+    benchmark arm, trains in bf16 after a run without it, and back."""
+    data = _teacher_set(8, seed=5)
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        trainer = Trainer(TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path / str(i)), steps=1, batch_size=4,
+                                      mixed_precision=precision, tracker="none"), data)
+        trainer.run()
+        assert trainer.accelerator.mixed_precision == precision
+
+
 def test_checkpoints_hold_the_ema_as_safetensors_and_no_pickle_is_loaded(tiny_dir, tmp_path):
     """accelerate would pickle a registered EMA (and unpickle it on resume, which can run code): it is saved
     as safetensors beside the rest; a checkpoint with the old pickle is refused in one line, never loaded.

@@ -25,6 +25,7 @@ from typing import Annotated, Callable, Literal
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_flag_from_env
 from diffusers.optimization import get_scheduler
 from pydantic import Field
@@ -128,6 +129,15 @@ def process_state() -> PartialState:
     return PartialState(cpu=on_cpus())
 
 
+def start_precision(mixed_precision: str) -> None:
+    """accelerate keeps one mixed precision a process (`AcceleratorState`) and refuses an `Accelerator` that asks
+    for another: a trainer after one of another precision in this process (a notebook, a benchmark's arms) starts
+    that state afresh (not the processes' group, `PartialState`)."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+
+
 class Trainer:
     """Trains `model` on `data` as `config` says; `run()` resumes from the latest checkpoint if any."""
 
@@ -141,6 +151,7 @@ class Trainer:
         # Several processes sync every trainable weight's gradient each step and would wait for one that never
         # comes (SDXL's first text encoder's last layer): the wrapper is told to look for them (a little slower)
         unused = any(self.model.unused_parts(name) for name in self.modules)
+        start_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             cpu=on_cpus(),
             mixed_precision=config.mixed_precision,
