@@ -30,6 +30,8 @@ ledger_app = typer.Typer(no_args_is_help=True, help="The dataset ledger of a run
 app.add_typer(world_app, name="world")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(ledger_app, name="ledger")
+OVERRIDES = typer.Argument(None, metavar="KEY=VALUE", show_default=False, help="Fields over the config's, "
+                           "as in its YAML: lr=1e-5 rounds=10 sampler.steps=30 teachers.0.p=0.7")
 out = Console(emoji=False)  # a path like runs/lr:100: is printed as it is, not with an emoji
 if not out.is_terminal:  # a log file or a pipe: rich's 80 columns cut a table's titles and cells to "sha…"
     out.width = 160
@@ -262,14 +264,16 @@ def init_model(
 
 
 @app.command("train")
-def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...).")):
+def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...)."),
+          overrides: Optional[list[str]] = OVERRIDES):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .data import claim_run_folder
+    from .eval.scoring import grammar_evaluator
     from .progress import progress_bar
     from .train import TrainConfig, Trainer, TrainingSet
     from .train.trainer import check_resumable, process_state
 
-    cfg = TrainConfig.from_yaml(config)
+    cfg = TrainConfig.load(config, overrides or ())
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     _check_train_output(config, cfg)
@@ -281,7 +285,7 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     main = process_state().is_main_process  # (launched as several processes, they share the folder; one speaks)
     if main:
         claim_run_folder(cfg.output_dir, "train", launched=True)
-    trainer = Trainer(cfg, data, evaluate=_shapes_evaluator(cfg.model) if cfg.eval_every else None)
+    trainer = Trainer(cfg, data, evaluate=grammar_evaluator() if cfg.eval_every else None)
     with progress_bar("training", trainer.last_step, shown=main) as advance:
         drawn = [0]  # (a resumed run's first step moves the bar to where its checkpoint was)
 
@@ -305,17 +309,6 @@ def _check_train_output(config: Path, cfg) -> None:
             raise UserError(f"{config}: output_dir is the {field} folder ({cfg.output_dir}): name a folder of its own")
     if (owner := folder_owner(out)) not in (None, "train"):  # (its own: a resume)
         raise UserError(f"{config}: output_dir {cfg.output_dir} is {describe_owner(owner)}: name a folder of its own")
-
-
-def _shapes_evaluator(model_path: str, prompts: int = 128):
-    """Held-out shapes-world prompts judged by the pixel judge (for `train`'s periodic evaluation)."""
-    from .eval import evaluate
-    from .judges import PixelJudge
-    from .models import Sampler
-    from .world import GrammarPrompts
-
-    texts = GrammarPrompts().sample(prompts, seed=987_654)
-    return lambda model, step: evaluate(Sampler(model), PixelJudge(), texts, seed=10_000).summary()
 
 
 @app.command("sample")
@@ -412,12 +405,13 @@ def demo(
                                             "else 9.5)."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
+    overrides: Optional[list[str]] = OVERRIDES,
 ):
     """Train the tiny model on strong-teacher data and judge it before and after (shapes world)."""
     from .demo import DemoConfig, run_demo, short_training_note
     from .eval.report import skill_cell
 
-    base = DemoConfig.from_yaml(config) if config else DemoConfig()
+    base = DemoConfig.load(config, overrides or ())
     cfg = base.updated("demo flags", output_dir=out_dir, **({} if minutes is None else {"minutes": minutes}))
     summary = run_demo(cfg)
     note = short_training_note(summary, cfg.minutes)  # on stderr, last: what to do about a busy machine
@@ -449,11 +443,12 @@ def evolve(
     config: Path = typer.Option(None, help="EvolveConfig YAML; default: the shapes world on a CPU."),
     output_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (overrides the config's output_dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    overrides: Optional[list[str]] = OVERRIDES,
 ):
     """EvolveDirector: train on teacher images while a judge deletes, expands and mutates the set."""
     from .recipes.evolve import EvolveConfig, run_evolve
 
-    cfg = EvolveConfig.from_yaml(config) if config else EvolveConfig()
+    cfg = EvolveConfig.load(config, overrides or ())
     if output_dir is not None:
         cfg = cfg.updated("evolve flags", output_dir=output_dir)
     summary = run_evolve(cfg)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Sequence, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
@@ -57,20 +58,21 @@ class Config(BaseModel):
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path} is a folder, not a config file" if path.is_dir() else
-                              f"{path} is not a regular file (a YAML config is)" if path.exists() else
-                              f"config file not found: {path}")
+        return cls.from_dict(_read_yaml(Path(path)), source=str(path))
+
+    @classmethod
+    def load(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+        """The config in YAML file `path` (None: the defaults) with a command line's `key=value` overrides on top
+        (`apply_override`); a bad value an override gave is named as it was typed."""
+        data = _read_yaml(Path(path)) if path else {}
+        for override in overrides:
+            data = apply_override(data, override)
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"bad YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
-        return cls.from_dict(data, source=str(path))
+            return cls.model_validate(data)
+        except ValidationError as e:
+            at = [str(part) for part in e.errors()[0]["loc"]]
+            given = [o for o in overrides if at and _key(o)[:len(at)] == at[:len(_key(o))]]  # (either one deeper)
+            return cls.from_dict(data, source=f"{given[-1]!r} (command line)" if given else str(path or "defaults"))
 
     @classmethod
     def from_dict(cls: type[C], data: object, source: str = "config") -> C:
@@ -97,6 +99,62 @@ class Config(BaseModel):
         """Write as YAML, atomically: a run folder's config is what a rerun is checked against, so a kill
         mid-write must not leave half of one."""
         write_atomically(path, self.to_yaml())
+
+
+def _read_yaml(path: Path) -> object:
+    """A config file's contents: every unreadable case one line naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is a folder, not a config file" if path.is_dir() else
+                          f"{path} is not a regular file (a YAML config is)" if path.exists() else
+                          f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"bad YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    return data
+
+
+def _key(override: str) -> list[str]:
+    return override.partition("=")[0].strip().split(".")
+
+
+def apply_override(data: object, override: str) -> dict:
+    """A copy of `data` (a config file's fields) with one command line's `key=value` set: `lr=1e-5`,
+    `judge.kind=openai` (into a nested config, made where the file has none), `teachers.0.p=0.7` (an item of a list
+    the file gives). The value is read as YAML (`null`, `[a, b]`, `{rank: 16}`), as it would be in the file."""
+    path, (_, sep, text) = _key(override), override.partition("=")
+    if not sep or not all(path):
+        raise ConfigError(f"{override!r}: an override is key=value (lr=1e-5, judge.kind=openai, teachers.0.p=0.7)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{override!r}: the config file holds no mapping of fields to set it in")
+    try:
+        value = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{override!r}: its value is not YAML ({getattr(e, 'problem', e)})") from None
+    data = copy.deepcopy(data)
+    node = data
+    for depth, part in enumerate(path):
+        last, where = depth == len(path) - 1, ".".join(path[:depth + 1])
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise ConfigError(f"{override!r}: {where}: no such item (the list has {len(node)})")
+            part = int(part)
+        elif last or node.get(part) is None:  # (a nested config the file leaves out: made)
+            if not last and path[depth + 1].isdigit():
+                raise ConfigError(f"{override!r}: {where} is not in the config file: give the whole list "
+                                  f"({where}='[...]')")
+            node[part] = value if last else {}
+        if not last:
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{override!r}: {where} is {node!r}, which has no fields")
+    if isinstance(node, list):
+        node[int(path[-1])] = value
+    return data
 
 
 def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> None:

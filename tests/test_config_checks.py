@@ -158,3 +158,42 @@ def test_a_base_cut_short_by_a_kill_is_made_again(tmp_path):
     smaller = TinyModelConfig(block_out_channels=(8, 8, 16))
     base_model_folder(None, tmp_path, smaller, seed=0)
     assert T2IModel.from_pretrained(base).unet.config.block_out_channels == [8, 8, 16]
+
+
+def test_command_line_overrides_set_fields_as_the_yaml_file_would(tmp_path):
+    """`key=value` after a command: a field, one of a nested config (made where the file has none) or of a list's
+    item the file gives; values read as YAML. The file is not changed, and what the file does not name keeps its
+    default (a nested config written in part, as in the file)."""
+    from t2i_evolve.recipes.evolve import EvolveConfig
+
+    path = tmp_path / "evolve.yaml"
+    path.write_text("rounds: 3\nteachers:\n  - {kind: gallery, id: strong}\n  - {kind: gallery, id: no-color}\n")
+    config = EvolveConfig.load(path, ["lr=1e-5", "teachers.1.p=0.5", "sampler.steps=30", "lora={rank: 4}",
+                                      "train_launcher=[torchrun, --standalone]", "max_teacher_calls=null", "rounds=4"])
+    assert (config.lr, config.rounds, config.teachers[1].p, config.sampler.steps, config.lora.rank) == (1e-5, 4, 0.5, 30, 4)
+    assert config.train_launcher == ["torchrun", "--standalone"] and config.teachers[0] == EvolveConfig().teachers[0]
+    assert path.read_text().startswith("rounds: 3\n") and EvolveConfig.load(path).rounds == 3
+    assert EvolveConfig.load(None, ["seed=5"]) == EvolveConfig(seed=5)  # no file: over the defaults
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "'lr=abc' (command line): field 'lr': Input should be a valid number"),
+    ("sampler.steps=0", "'sampler.steps=0' (command line): field 'sampler.steps': Input should be greater than"),
+    ("nosuch=1", "'nosuch=1' (command line): field 'nosuch': Extra inputs are not permitted"),
+    ("lr", "'lr': an override is key=value"),
+    ("=3", "'=3': an override is key=value"),
+    ("teachers.2.p=1", "'teachers.2.p=1': teachers.2: no such item (the list has 2)"),
+    ("judge.endpoint.headers.0=x", "'judge.endpoint.headers.0=x': judge.endpoint.headers is not in the config file"),
+    ("rounds.x=1", "'rounds.x=1': rounds is 3, which has no fields"),
+    ("lora={rank: [}", "'lora={rank: [}': its value is not YAML"),
+])
+def test_a_bad_override_is_one_line_naming_it_as_typed(tmp_path, capsys, override, message):
+    from t2i_evolve.recipes.evolve import EvolveConfig
+
+    path = tmp_path / "evolve.yaml"
+    path.write_text("rounds: 3\nteachers:\n  - {kind: gallery, id: strong}\n  - {kind: gallery, id: no-color}\n")
+    with pytest.raises(ConfigError) as caught:
+        EvolveConfig.load(path, [override])
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert main(["evolve", "--config", str(path), "--out", str(tmp_path / "run"), override]) == 2
+    assert capsys.readouterr().err.strip().endswith(str(caught.value)) and not (tmp_path / "run").exists()

@@ -85,10 +85,14 @@ def test_train_command_from_yaml(tmp_path, capsys):
     assert list((tmp_path / "t").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
     logged = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [1, 2] and 9.0 not in [row["loss"] for row in logged]
-    capsys.readouterr()
-    config.write_text(yaml.safe_dump(settings | {"steps": 3, "lr": 0.05}))  # more steps resume; another lr does not
-    assert main(["train", "--config", str(config)]) == 2
+    capsys.readouterr()  # fields over the file's on the command line: more steps resume; another lr does not
+    assert main(["train", "--config", str(config), "steps=3", "lr=0.05"]) == 2
     assert "started with another config (lr: 0.001 -> 0.05)" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "steps=lots"]) == 2
+    assert "'steps=lots' (command line): field 'steps'" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "steps=3"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3]
     config.write_text("model: x\nsteps: lots\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "field 'steps'" in capsys.readouterr().err

@@ -96,3 +96,14 @@ def suite_prompts(suite: dict[str, list[str]]) -> tuple[list[str], list[str]]:
         prompts += suite.get(task, [])
         tasks += [task] * len(suite.get(task, []))
     return prompts, tasks
+
+
+def grammar_evaluator(prompts: int = 128, seed: int = 987_654):
+    """`Trainer`'s evaluation in the shapes world (`t2i-evolve train`'s `eval_every`): the model being trained
+    draws held-out grammar prompts, which the pixel judge scores."""
+    from ..judges import PixelJudge
+    from ..models import Sampler
+    from ..world import GrammarPrompts
+
+    texts = GrammarPrompts().sample(prompts, seed=seed)
+    return lambda model, step: evaluate(Sampler(model), PixelJudge(), texts, seed=10_000).summary()
