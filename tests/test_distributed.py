@@ -18,7 +18,9 @@ from evolve_worker import small_config
 from t2i_evolve.cli import main
 from t2i_evolve.errors import UserError
 from t2i_evolve.models import T2IModel
+from t2i_evolve.data import Ledger
 from t2i_evolve.recipes.evolve import run_evolve
+from t2i_evolve.train import TrainConfig, Trainer, TrainingSet
 
 STEPS = 8
 
@@ -40,8 +42,8 @@ def _launch(config: Path) -> subprocess.Popen:
 
 def _config(tmp_path: Path, name: str, model: Path, data: Path, **more) -> Path:
     settings = {"model": str(model), "data": str(data), "output_dir": str(tmp_path / name), "steps": STEPS,
-                "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1,
-                "tracker": "none"} | more
+                "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "linear", "schedule_steps": 12,
+                "checkpoint_every": 2, "log_every": 1, "tracker": "none"} | more
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
@@ -92,6 +94,18 @@ def test_two_processes_train_one_run_and_a_sigkilled_job_resumes_to_the_same_wei
     unet = "unet/diffusion_pytorch_model.safetensors"
     base, trained = load_file(tiny_dir / unet), load_file(tmp_path / "straight" / "model" / unet)
     assert any((base[key] - trained[key]).abs().max() > 1e-4 for key in base)  # (it trained)
+
+    # Restarted as one process (a job back on fewer GPUs): its batches go on from image 64 of the stream (8 steps
+    # of 2 x 4), and its learning rate from step 8 of the schedule (accelerate counts it in steps x processes)
+    config = TrainConfig.from_yaml(tmp_path / "straight.yaml").model_copy(update={"steps": 12})
+    trainer = Trainer(config, TrainingSet.from_ledger(Ledger(data_dir, read_only=True)))
+    trainer.run()
+    assert trainer.images_trained() == 64 + 4 * 4
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    linear = {row["step"]: 1e-3 * (12 - row["step"]) / (12 - 2) for row in rows}
+    assert all(row["lr"] == pytest.approx(linear[row["step"]]) for row in rows if row["step"] >= 2), rows
+    state = json.loads((tmp_path / "straight" / "checkpoints" / "step-0000012" / "trainer_state.json").read_text())
+    assert (state["images"], state["processes"]) == (80, 1)
 
 
 def test_commands_that_pay_for_calls_refuse_to_run_as_several_processes(tmp_path, monkeypatch, capsys):

@@ -181,6 +181,7 @@ class Trainer:
         if config.random_flip:  # the prompt of each row's mirrored image
             self.mirrored_ids = self.model.tokenize([mirror_prompt(p) for p in data.prompts])
         self.step = 0
+        self.stream_step, self.stream_images = 0, 0  # a step, and the images trained on by then (`_resume`)
         self._reader, self._ahead = ThreadPoolExecutor(1, thread_name_prefix="t2i-evolve-batches"), None
 
     def _trainable_modules(self) -> dict[str, torch.nn.Module]:
@@ -273,7 +274,8 @@ class Trainer:
         total = torch.zeros((), device=acc.device)
         for micro in range(c.grad_accum):
             with acc.accumulate(*self.modules.values()):
-                position = ((self.step * c.grad_accum + micro) * acc.num_processes + acc.process_index) * c.batch_size
+                position = self.stream_images + (((self.step - self.stream_step) * c.grad_accum + micro)
+                                                 * acc.num_processes + acc.process_index) * c.batch_size
                 indices = batch_indices(position, c.batch_size, len(self.data), c.seed)
                 pixels = self._pixels(position, indices)
                 rng = torch.Generator(acc.device).manual_seed(hash((c.seed, self.step, micro, acc.process_index)) % 2**63)
@@ -373,8 +375,9 @@ class Trainer:
             if acc.is_main_process:
                 if self.ema:
                     self.ema.save(staging / "ema.safetensors")
-                (staging / "trainer_state.json").write_text(
-                    json.dumps({"step": self.step, "config": self.config.model_dump()}))
+                (staging / "trainer_state.json").write_text(json.dumps(
+                    {"step": self.step, "images": self.images_trained(), "processes": acc.num_processes,
+                     "config": self.config.model_dump()}))
         except BaseException as e:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
             try:  # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
                 if isinstance(e, Exception) and not is_disk_full(e):
@@ -414,7 +417,30 @@ class Trainer:
                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}: was `model` changed since it was saved? (a "
                             "checkpoint cut short by a crash: delete it to resume from an earlier one)") from None
         self.step = int(state["step"])
+        self._go_on_as(int(state.get("processes", self.accelerator.num_processes)), state.get("images"))
         self._truncate_metrics()  # (from `continue_from`: rows of an attempt killed before this run's checkpoint)
+
+    def images_trained(self) -> int:
+        """Images trained on by this step (every process's): where the stream of batches has got to."""
+        c = self.config
+        per_step = c.batch_size * c.grad_accum * self.accelerator.num_processes
+        return self.stream_images + (self.step - self.stream_step) * per_step
+
+    def _go_on_as(self, processes: int, images: int | None) -> None:
+        """Resumed as another number of processes than saved the checkpoint (a job restarted on fewer GPUs),
+        go on where it left off: the batches from the next image of the stream, not from where this many
+        processes would have got by this step; and the learning rate of this step, which accelerate's schedule
+        counts in steps times processes."""
+        n = self.accelerator.num_processes
+        self.stream_step, self.stream_images = self.step, images if images is not None else 0
+        if images is None:  # (a checkpoint of an older t2i-evolve: saved by this many processes, as was assumed)
+            self.stream_step = 0
+        if processes != n:
+            schedule = self.schedule.scheduler  # (the LambdaLR inside accelerate's wrapper)
+            schedule.last_epoch = round(schedule.last_epoch * n / processes)
+            for group, base, at in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+                group["lr"] = base * at(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _truncate_metrics(self) -> None:
         """Drop metrics logged after the step we start from (they will be logged again), and the final
