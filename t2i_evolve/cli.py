@@ -340,6 +340,7 @@ def eval_model(
     steps: int = typer.Option(20, help="Sampling steps."),
     guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Your prompts, one per line, each drawn once, instead of "
                                                 "grammar prompts (outside the shapes grammar: with --judge)."),
     judge_config: Optional[Path] = typer.Option(None, "--judge", help="Judge YAML, as evolve.yaml's `judge:` (kind: "
@@ -373,7 +374,7 @@ def eval_model(
     writer = writer_spec.build(GrammarSlice()) if writer_spec else None
     judge = None if judge_spec.kind == "pixel" else judge_spec.build(None, None, getattr(writer, "questions", None))
     config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
-    sampler = Sampler(T2IModel.from_pretrained(model, device), config)
+    sampler = Sampler(T2IModel.from_pretrained(model, device, dtype), config)
     if judge is None:
         with progress_bar("judging", len(texts)) as advance:
             summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()

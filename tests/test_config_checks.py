@@ -83,6 +83,8 @@ def test_cli_sample_with_more_steps_than_training_timesteps_is_one_line(tiny_dir
 def test_cli_eval_with_zero_steps_is_one_line_naming_steps(tiny_dir, capsys):
     code, _, err = run(capsys, "eval", str(tiny_dir), "--steps", "0", "--prompts", "1")
     assert code == 2 and err.count("\n") == 1 and "steps" in err and "validation error" not in err
+    code, _, err = run(capsys, "eval", str(tiny_dir), "--prompts", "1", "--dtype", "float8")
+    assert code == 2 and err.count("\n") == 1 and "unknown dtype 'float8'" in err
 
 
 BAD_URLS = [

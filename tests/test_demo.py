@@ -63,7 +63,7 @@ def test_model_commands(tmp_path, capsys):
     assert main(["sample", str(model), "two red circles", "--out", str(tmp_path / "x.png"), "--steps", "2"]) == 0
     assert (tmp_path / "x.png").exists()
     capsys.readouterr()
-    assert main(["eval", str(model), "--prompts", "4", "--steps", "2", "--json"]) == 0
+    assert main(["eval", str(model), "--prompts", "4", "--steps", "2", "--dtype", "bfloat16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"score", "skills", "asked"} and 0 <= result["score"] <= 1
     assert main(["sample", str(tmp_path / "nowhere"), "a red circle", "--out", str(tmp_path / "y.png")]) == 2
