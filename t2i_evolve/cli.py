@@ -401,7 +401,8 @@ def eval_model(
 
 @app.command("demo")
 def demo(
-    out_dir: str = typer.Option("runs/demo", "--out", help="Run folder (rerun to resume)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (rerun to resume; default: the config's, "
+                                          "else runs/demo)."),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget of the whole demo (default: the config's, "
                                             "else 9.5)."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
@@ -413,7 +414,8 @@ def demo(
     from .eval.report import skill_cell
 
     base = DemoConfig.load(config, overrides or ())
-    cfg = base.updated("demo flags", output_dir=out_dir, **({} if minutes is None else {"minutes": minutes}))
+    flags = {"output_dir": out_dir, "minutes": minutes}
+    cfg = base.updated("demo flags", **{name: value for name, value in flags.items() if value is not None})
     summary = run_demo(cfg)
     note = short_training_note(summary, cfg.minutes)  # on stderr, last: what to do about a busy machine
     if as_json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Annotated, Sequence, TypeVar
@@ -66,13 +65,28 @@ class Config(BaseModel):
         (`apply_override`); a bad value an override gave is named as it was typed."""
         data = _read_yaml(Path(path)) if path else {}
         for override in overrides:
-            data = apply_override(data, override)
+            data = apply_override(cls._with_default(data, _key(override)[0]), override)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
             at = [str(part) for part in e.errors()[0]["loc"]]
             given = [o for o in overrides if at and _key(o)[:len(at)] == at[:len(_key(o))]]  # (either one deeper)
             return cls.from_dict(data, source=f"{given[-1]!r} (command line)" if given else str(path or "defaults"))
+
+    @classmethod
+    def _with_default(cls, data: object, field: str) -> object:
+        """`data` with a nested config it leaves out written as the field's default (`sampler.guidance=5` keeps
+        the default sampler's steps), so that an override changes what it names and nothing else."""
+        info = cls.model_fields.get(field)
+        if not isinstance(data, dict) or data.get(field) is not None or info is None:
+            return data
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel) or (isinstance(default, list) and default
+                                              and all(isinstance(item, BaseModel) for item in default)):
+            dumped = default.model_dump(mode="json", exclude_unset=True) if isinstance(default, BaseModel) else [
+                item.model_dump(mode="json", exclude_unset=True) for item in default]
+            return {**data, field: dumped}
+        return data
 
     @classmethod
     def from_dict(cls: type[C], data: object, source: str = "config") -> C:
@@ -119,7 +133,14 @@ def _read_yaml(path: Path) -> object:
 
 
 def _key(override: str) -> list[str]:
-    return override.partition("=")[0].strip().split(".")
+    return [part.strip() for part in override.partition("=")[0].split(".")]
+
+
+def _copied(value):
+    """A deep copy that shares nothing: YAML anchors (`*s`) would otherwise carry one override to every alias."""
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    return [_copied(item) for item in value] if isinstance(value, list) else value
 
 
 def apply_override(data: object, override: str) -> dict:
@@ -135,7 +156,7 @@ def apply_override(data: object, override: str) -> dict:
         value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{override!r}: its value is not YAML ({getattr(e, 'problem', e)})") from None
-    data = copy.deepcopy(data)
+    data = _copied(data)
     node = data
     for depth, part in enumerate(path):
         last, where = depth == len(path) - 1, ".".join(path[:depth + 1])

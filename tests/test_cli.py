@@ -143,6 +143,7 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
     (tmp_path / "latin1.yaml").write_bytes("rounds: 1  # \xe9t\xe9\n".encode("latin-1"))
     (tmp_path / "no-scenes.yaml").write_text("min_groups: 3\nmax_groups: 2\n")
     (tmp_path / "twice.yaml").write_text("rounds: 2\nrounds: 3\n")
+    (tmp_path / "demo.yaml").write_text("output_dir: file.png\ntrain_images: 1\neval_prompts: 1\nminutes: 0.01\n")
     for args, message in [
         (["world", "render", PROMPT, "--out", "file.png/x.png"], "file.png: a file stands where a folder is needed"),
         (["init-model", "file.png/model"], "file.png/model: a file stands where a folder is needed"),
@@ -152,6 +153,9 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
         (["init-model", "file.png"], "file.png is a file, not a folder"),
         (["evolve", "--out", "file.png"], "file.png is a file, not a folder"),
         (["demo", "--out", "file.png"], "file.png is a file, not a folder"),
+        (["demo", "--config", "demo.yaml"], "file.png is a file, not a folder"),  # (the file's output_dir)
+        (["demo", "output_dir=file.png", "train_images=1", "minutes=0.01"], "file.png is a file, not a folder"),
+        (["evolve", "mixed_precision=fp8"], "'mixed_precision=fp8' (command line): field 'mixed_precision'"),
         (["evolve", "--config", "latin1.yaml"], "not UTF-8 text"),
         (["evolve", "--config", str(tmp_path)], "is a folder, not a config file"),
         (["evolve", "--config", "no-scenes.yaml", "--out", "run"], "min_groups <= max_groups"),

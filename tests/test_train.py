@@ -174,6 +174,23 @@ def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path
     assert logged == [4]  # only its own steps: the first run's metrics stay in its own folder
 
 
+def test_max_images_ends_a_run_resumed_on_another_number_of_processes_where_its_images_say(tiny_dir, tmp_path):
+    """A checkpoint two processes saved at step 4 (32 images of 2 x 4): resumed as one process with max_images
+    48, the run trains 4 more steps of 4 (48 in all), not the 12 one process alone would have needed."""
+    data = _teacher_set(16, seed=6)
+    common = {"model": str(tiny_dir), "output_dir": str(tmp_path), "batch_size": 4, "warmup_steps": 2,
+              "checkpoint_every": 4, "tracker": "none", "steps": 100}
+    Trainer(TrainConfig(max_images=16, **common), data).run()
+    saved = tmp_path / "checkpoints" / "step-0000004" / "trainer_state.json"
+    state = json.loads(saved.read_text())
+    assert (state["step"], state["images"], state["processes"]) == (4, 16, 1)
+    saved.write_text(json.dumps(state | {"processes": 2, "images": 32}))  # (as two processes would have saved it)
+    shutil.rmtree(tmp_path / "model")
+    trainer = Trainer(TrainConfig(max_images=48, **common), data)
+    trainer.run()
+    assert (trainer.step, trainer.images_trained()) == (8, 48)
+
+
 def test_a_step_the_fp16_loss_scaler_skipped_is_no_ema_update(tiny_dir, tmp_path, monkeypatch):
     """With fp16 the loss scaler skips the optimizer step on overflowing gradients (often the first steps, while
     it finds its scale); the EMA must not count such a step (CPU has no fp16 scaler: the skip is simulated)."""

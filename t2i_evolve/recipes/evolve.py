@@ -138,8 +138,8 @@ class EvolveConfig(RoundTraining):
 
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
-     "eval_every_round", "device", "prompts_file", "max_image_memory_gb", "train_launcher", "gradient_checkpointing"),
-    True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+     "eval_every_round", "device", "dtype", "prompts_file", "max_image_memory_gb", "train_launcher",
+     "gradient_checkpointing"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
 # `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 

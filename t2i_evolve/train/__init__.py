@@ -3,7 +3,8 @@
 from .data import IMAGE_MEMORY_GB, ImageFiles, TrainingSet, batch_indices, evolving_set, replayable_records
 from .lora import LoraSettings
 from .rounds import RoundTraining, train_round
-from .trainer import BatchSize, EmaDecay, LearningRate, Seed, SnrGamma, TrainConfig, Trainer, WarmupSteps, mirror_prompt
+from .trainer import (BatchSize, EmaDecay, LearningRate, Seed, SnrGamma, TrainConfig, Trainer, WarmupSteps,
+                      mirror_prompt)
 
 __all__ = ["IMAGE_MEMORY_GB", "BatchSize", "EmaDecay", "ImageFiles", "LearningRate", "LoraSettings", "RoundTraining", "Seed", "SnrGamma",
            "TrainConfig", "Trainer", "TrainingSet", "WarmupSteps", "batch_indices", "evolving_set", "mirror_prompt",

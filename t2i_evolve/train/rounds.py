@@ -13,7 +13,7 @@ from ..config import Config
 from ..errors import UserError
 from .data import IMAGE_MEMORY_GB, TrainingSet
 from .lora import LoraSettings
-from .trainer import BatchSize, EmaDecay, LearningRate, SnrGamma, TrainConfig, Trainer, WarmupSteps
+from .trainer import BatchSize, EmaDecay, LearningRate, MixedPrecision, SnrGamma, TrainConfig, Trainer, WarmupSteps
 
 
 class RoundTraining(Config):
@@ -30,7 +30,7 @@ class RoundTraining(Config):
     ema_decay: EmaDecay | None = 0.995
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts
     lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0)  # past this, a round's images are read batch by batch
 

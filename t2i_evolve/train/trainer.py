@@ -2,7 +2,8 @@
 
 One `Accelerator` owns devices, mixed precision, gradient accumulation and trackers, so the same code
 runs on a laptop CPU and under `accelerate launch` on several GPUs. What is ours:
-- batches are a pure function of the step (see `data.batch_indices`), and so are the noise, timesteps
+- batches are a pure function of the position in the stream of images (`data.batch_indices`; on another
+  number of processes a resumed run goes on from the next image), and the noise, timesteps
   and caption-dropout draws (a generator seeded per step), so a run killed with SIGKILL and resumed
   from its last checkpoint ends with the same weights as one that never stopped;
 - checkpoints are written to a temporary folder and renamed, so a crash never leaves half of one
@@ -28,7 +29,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_flag_from_env
 from diffusers.optimization import get_scheduler
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 from ..config import Config, PathText, check_resumed_config
 from ..data.cache import check_room
@@ -47,6 +48,8 @@ LearningRate = Annotated[float, Field(gt=0)]
 WarmupSteps = Annotated[int, Field(ge=0)]
 EmaDecay = Annotated[float, Field(ge=0, lt=1)]
 SnrGamma = Annotated[float, Field(gt=0)]
+MixedPrecision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
+"""(YAML reads a bare `no` as false: it means "no" here.)"""
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # (torch seeds are 64-bit, and seeds are mixed into larger ones)
 
 
@@ -81,7 +84,7 @@ class TrainConfig(Config):
     train_unet: bool = True
     train_text_encoder: bool = True
     lora: LoraSettings | None = None
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -96,9 +99,9 @@ class TrainConfig(Config):
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
 
 
-RESUMABLE_CHANGES = {"output_dir", "steps", "max_images", "schedule_steps", "continue_from", "max_minutes", "checkpoint_every",
-                     "keep_checkpoints", "eval_every", "log_every", "tracker", "gradient_checkpointing",
-                     "max_image_memory_gb"}
+RESUMABLE_CHANGES = {"output_dir", "steps", "max_images", "schedule_steps", "continue_from", "max_minutes",
+                     "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "tracker",
+                     "gradient_checkpointing", "max_image_memory_gb"}
 """What a rerun of a training run may change and still resume its checkpoint: how long, how often it saves and logs.
 The rest (model, data, learning rate, batch, seed...) would carry a checkpoint on as another run."""
 
@@ -165,7 +168,7 @@ class Trainer:
         fused = all(p.is_floating_point() for p in self.params) and self.accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         n = self.accelerator.num_processes
-        self.last_step = self._last_step()
+        self.start_images, self.last_step = self._plan()
         schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps * n,
                                  num_training_steps=(config.schedule_steps or self.last_step) * n)
         prepared = self.accelerator.prepare(*self.modules.values(), optimizer, schedule)
@@ -201,20 +204,23 @@ class Trainer:
             modules[name] = module
         return modules
 
-    def _last_step(self) -> int:
-        """The step this run ends at: `steps`, or sooner where `max_images` are trained on past the step it
-        started from (its `continue_from`'s, whichever of its own checkpoints it resumes)."""
+    def _plan(self) -> tuple[int, int]:
+        """Images trained on before this run started (its `continue_from`'s), and the step it ends at: `steps`,
+        or sooner where `max_images` more are trained on, counted in images, so that a run resumed on another
+        number of processes ends where the images say (read from the checkpoints' `trainer_state.json`)."""
         c = self.config
-        if c.max_images is None:
-            return c.steps
-        start = 0
-        if c.continue_from:
-            try:
-                start = int(json.loads((Path(c.continue_from) / "trainer_state.json").read_text())["step"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # (`_resume` says what is wrong with it)
         per_step = c.batch_size * c.grad_accum * self.accelerator.num_processes
-        return min(c.steps, start + math.ceil(c.max_images / per_step))
+        own = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+        now = _trainer_state(own[-1]) if own else None
+        origin = _trainer_state(Path(c.continue_from)) if c.continue_from else None  # (`_resume` says what is
+        origin_step = int(origin["step"]) if origin else 0  # wrong with an unreadable one)
+        start_images = int(now["start_images"]) if now and "start_images" in now else (
+            int(origin.get("images", origin_step * per_step)) if origin else 0)
+        if c.max_images is None:
+            return start_images, c.steps
+        step, images = ((int(now["step"]), int(now.get("images", int(now["step"]) * per_step))) if now
+                        else (origin_step, start_images))
+        return start_images, min(c.steps, step + math.ceil(max(0, start_images + c.max_images - images) / per_step))
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -377,7 +383,7 @@ class Trainer:
                     self.ema.save(staging / "ema.safetensors")
                 (staging / "trainer_state.json").write_text(json.dumps(
                     {"step": self.step, "images": self.images_trained(), "processes": acc.num_processes,
-                     "config": self.config.model_dump()}))
+                     "start_images": self.start_images, "config": self.config.model_dump()}))
         except BaseException as e:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
             try:  # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
                 if isinstance(e, Exception) and not is_disk_full(e):
@@ -464,6 +470,15 @@ class Trainer:
                 merged_copy(self.model).save_pretrained(path)
         acc.wait_for_everyone()
         return path
+
+
+def _trainer_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's `trainer_state.json` (step, images trained, processes), or None where it cannot be read."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _enable_checkpointing(module: torch.nn.Module) -> None:
