@@ -90,7 +90,7 @@ def test_an_sdxl_folder_trains_with_lora_on_both_text_encoders(sdxl_dir, sdxl, t
     data = TrainingSet.from_generator(ProceduralTeacher(), prompts)
     config = TrainConfig(model=str(sdxl_dir), output_dir=str(tmp_path), steps=4, batch_size=4, lr=1e-2, warmup_steps=0,
                          lora=LoraSettings(rank=4), caption_dropout=0.5, random_flip=True, ema_decay=None,
-                         tracker="none")
+                         mixed_precision="bf16", gradient_checkpointing=True, tracker="none")  # (as on a GPU)
     trainer = Trainer(config, data)
     assert set(trainer.modules) == {"unet", "text_encoder", "text_encoder_2"}
     trainer.run()
