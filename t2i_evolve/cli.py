@@ -264,8 +264,8 @@ def init_model(
 
 
 @app.command("train")
-def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, output_dir, steps, ...)."),
-          overrides: Optional[list[str]] = OVERRIDES):
+def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (model, data, output_dir, steps, ...); "
+                                                "or its fields as KEY=VALUE."), overrides: Optional[list[str]] = OVERRIDES):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .data import claim_run_folder
     from .eval.scoring import grammar_evaluator
@@ -274,6 +274,7 @@ def train(config: Path = typer.Option(..., help="TrainConfig YAML (model, data, 
     from .train.trainer import check_resumable, process_state
 
     cfg = TrainConfig.load(config, overrides or ())
+    config = config or "train"  # (what its errors name)
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     _check_train_output(config, cfg)

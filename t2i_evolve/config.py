@@ -71,7 +71,8 @@ class Config(BaseModel):
         except ValidationError as e:
             at = [str(part) for part in e.errors()[0]["loc"]]
             given = [o for o in overrides if at and _key(o)[:len(at)] == at[:len(_key(o))]]  # (either one deeper)
-            return cls.from_dict(data, source=f"{given[-1]!r} (command line)" if given else str(path or "defaults"))
+            source = f"{given[-1]!r} (command line)" if given else str(path or "the command line")
+            return cls.from_dict(data, source=source)
 
     @classmethod
     def _with_default(cls, data: object, field: str) -> object:

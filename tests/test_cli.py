@@ -156,6 +156,7 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
         (["demo", "--config", "demo.yaml"], "file.png is a file, not a folder"),  # (the file's output_dir)
         (["demo", "output_dir=file.png", "train_images=1", "minutes=0.01"], "file.png is a file, not a folder"),
         (["evolve", "mixed_precision=fp8"], "'mixed_precision=fp8' (command line): field 'mixed_precision'"),
+        (["train", "steps=3"], "the command line: field 'model': Field required"),  # (no file: fields as KEY=VALUE)
         (["evolve", "--config", "latin1.yaml"], "not UTF-8 text"),
         (["evolve", "--config", str(tmp_path)], "is a folder, not a config file"),
         (["evolve", "--config", "no-scenes.yaml", "--out", "run"], "min_groups <= max_groups"),
