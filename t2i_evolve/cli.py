@@ -274,7 +274,7 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
     from .train.trainer import check_resumable, process_state
 
     cfg = TrainConfig.load(config, overrides or ())
-    config = config or "train"  # (what its errors name)
+    config = config or "the command line"  # (what its errors name)
     if cfg.data is None:
         raise UserError(f"{config}: field 'data' must name a run folder with a ledger")
     _check_train_output(config, cfg)

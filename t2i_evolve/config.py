@@ -64,10 +64,12 @@ class Config(BaseModel):
         """The config in YAML file `path` (None: the defaults) with a command line's `key=value` overrides on top
         (`apply_override`); a bad value an override gave is named as it was typed."""
         data = _read_yaml(Path(path)) if path else {}
-        for override in overrides:
-            data = apply_override(cls._with_default(data, _key(override)[0]), override)
         try:
+            for override in overrides:
+                data = apply_override(cls._with_default(data, _key(override)[0]), override)
             return cls.model_validate(data)
+        except RecursionError:  # (an anchor that holds itself: `a: &x [*x]`)
+            raise ConfigError(f"{path or 'the command line'}: a value nests too deep, or holds itself") from None
         except ValidationError as e:
             at = [str(part) for part in e.errors()[0]["loc"]]
             given = [o for o in overrides if at and _key(o)[:len(at)] == at[:len(_key(o))]]  # (either one deeper)
@@ -123,14 +125,16 @@ def _read_yaml(path: Path) -> object:
                           f"{path} is not a regular file (a YAML config is)" if path.exists() else
                           f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"bad YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
-    return data
+    except RecursionError:
+        raise ConfigError(f"{path}: a value nests too deep") from None
+    return {} if data is None else data  # (an empty file: every field's default)
 
 
 def _key(override: str) -> list[str]:
@@ -162,11 +166,11 @@ def apply_override(data: object, override: str) -> dict:
     for depth, part in enumerate(path):
         last, where = depth == len(path) - 1, ".".join(path[:depth + 1])
         if isinstance(node, list):
-            if not (part.isdigit() and int(part) < len(node)):
+            if not (part.isascii() and part.isdigit() and int(part) < len(node)):
                 raise ConfigError(f"{override!r}: {where}: no such item (the list has {len(node)})")
             part = int(part)
         elif last or node.get(part) is None:  # (a nested config the file leaves out: made)
-            if not last and path[depth + 1].isdigit():
+            if not last and path[depth + 1].isascii() and path[depth + 1].isdigit():
                 raise ConfigError(f"{override!r}: {where} is not in the config file: give the whole list "
                                   f"({where}='[...]')")
             node[part] = value if last else {}

@@ -476,9 +476,11 @@ def _trainer_state(checkpoint: Path) -> dict | None:
     """A checkpoint's `trainer_state.json` (step, images trained, processes), or None where it cannot be read."""
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
+        return None
+    return {key: value for key, value in state.items() if isinstance(value, int) or key == "config"}
 
 
 def _enable_checkpointing(module: torch.nn.Module) -> None:
