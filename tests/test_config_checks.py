@@ -184,11 +184,12 @@ def test_command_line_overrides_set_fields_as_the_yaml_file_would(tmp_path):
     path.write_text("teachers:\n  - {id: strong, sampler: &s {steps: 10}}\n  - {id: no-color, sampler: *s}\n")
     teachers = EvolveConfig.load(path, ["teachers.0.sampler.steps=30"]).teachers  # an alias is not changed with it
     assert [t.sampler.steps for t in teachers] == [30, 10]
-    for text, message in [("teachers: &t [*t]\n", "a value nests too deep, or holds itself"),
-                          ("[]\n", "expected a mapping of fields, got list")]:
+    for text, overrides, message in [("teachers: &t [*t]\n", ["lr=1"], "a value nests too deep, or holds itself"),
+                                     ("[]\n", [], "expected a mapping of fields, got list"),
+                                     ("[]\n", ["lr=1"], "'lr=1': the config file holds no mapping of fields")]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
-            EvolveConfig.load(path, ["lr=1"])
+            EvolveConfig.load(path, overrides)
 
 
 @pytest.mark.parametrize("override, message", [
