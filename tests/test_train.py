@@ -146,6 +146,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_dir, tmp_path):
     more = config.model_copy(update={"steps": 4})
     with pytest.raises(UserError, match="cannot resume from checkpoint .*step-0000002"):
         Trainer(more, data).run()
+    (tmp_path / "checkpoints" / "step-0000002" / "trainer_state.json").write_text('{"images": 8}')  # (no step: was
+    with pytest.raises(UserError, match="step-0000002: ValueError: its trainer_state.json is unreadable or names no"):
+        Trainer(more, data).run()  # a KeyError's traceback)
 
 
 def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path):
@@ -210,12 +213,13 @@ def test_a_step_the_fp16_loss_scaler_skipped_is_no_ema_update(tiny_dir, tmp_path
 def test_trainers_of_other_mixed_precisions_run_one_after_another_in_one_process(tiny_dir, tmp_path):
     """accelerate keeps one mixed precision a process and refuses a second: a notebook, or a recipe after a
     benchmark arm, trains in bf16 after a run without it, and back."""
-    data = _teacher_set(8, seed=5)
+    data, losses = _teacher_set(8, seed=5), []
     for i, precision in enumerate(["no", "bf16", "no"]):
         trainer = Trainer(TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path / str(i)), steps=1, batch_size=4,
                                       mixed_precision=precision, tracker="none"), data)
-        trainer.run()
+        losses.append(trainer.run()["loss"])
         assert trainer.accelerator.mixed_precision == precision
+    assert losses[0] == losses[2] != losses[1]  # bf16 computed in bf16; the fp32 run after it as the first was
 
 
 def test_checkpoints_hold_the_ema_as_safetensors_and_no_pickle_is_loaded(tiny_dir, tmp_path):

@@ -208,18 +208,16 @@ class Trainer:
         """Images trained on before this run started (its `continue_from`'s), and the step it ends at: `steps`,
         or sooner where `max_images` more are trained on, counted in images, so that a run resumed on another
         number of processes ends where the images say (read from the checkpoints' `trainer_state.json`)."""
-        c = self.config
-        per_step = c.batch_size * c.grad_accum * self.accelerator.num_processes
+        c, per_step = self.config, self.images_per_step
         own = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
         now = _trainer_state(own[-1]) if own else None
         origin = _trainer_state(Path(c.continue_from)) if c.continue_from else None  # (`_resume` says what is
-        origin_step = int(origin["step"]) if origin else 0  # wrong with an unreadable one)
-        start_images = int(now["start_images"]) if now and "start_images" in now else (
-            int(origin.get("images", origin_step * per_step)) if origin else 0)
+        origin_step = origin["step"] if origin else 0  # wrong with an unreadable one)
+        start_images = now["start_images"] if now and "start_images" in now else (
+            origin.get("images", origin_step * per_step) if origin else 0)
         if c.max_images is None:
             return start_images, c.steps
-        step, images = ((int(now["step"]), int(now.get("images", int(now["step"]) * per_step))) if now
-                        else (origin_step, start_images))
+        step, images = (now["step"], now.get("images", now["step"] * per_step)) if now else (origin_step, start_images)
         return start_images, min(c.steps, step + math.ceil(max(0, start_images + c.max_images - images) / per_step))
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -247,7 +245,7 @@ class Trainer:
             out_of_time = self._past(deadline)
             if self.step % c.log_every == 0 or self.step == self.last_step or out_of_time:
                 seconds = time.perf_counter() - tick
-                images = len(losses) * c.batch_size * c.grad_accum * acc.num_processes
+                images = len(losses) * self.images_per_step
                 mean = acc.reduce(torch.stack(losses).mean(), "mean")  # (over every process's batches)
                 last = {"step": self.step, "loss": mean.item(), "lr": self.schedule.get_last_lr()[0],
                         "images_per_s": images / seconds}
@@ -412,7 +410,9 @@ class Trainer:
         if not checkpoints and not (latest / "trainer_state.json").is_file():
             raise UserError(f"continue_from {latest} is not a checkpoint folder (no trainer_state.json)")
         try:
-            state = json.loads((latest / "trainer_state.json").read_text())
+            state = _trainer_state(latest)
+            if state is None:
+                raise ValueError("its trainer_state.json is unreadable or names no step")
             if (latest / "custom_checkpoint_0.pkl").is_file():
                 raise ValueError("its EMA is a pickle (an older t2i-evolve wrote it), which is never loaded")
             self.accelerator.load_state(str(latest))
@@ -422,25 +422,27 @@ class Trainer:
             raise UserError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}: was `model` changed since it was saved? (a "
                             "checkpoint cut short by a crash: delete it to resume from an earlier one)") from None
-        self.step = int(state["step"])
-        self._go_on_as(int(state.get("processes", self.accelerator.num_processes)), state.get("images"))
+        self.step = state["step"]
+        self._go_on_as(state.get("processes", self.accelerator.num_processes), state.get("images"))
         self._truncate_metrics()  # (from `continue_from`: rows of an attempt killed before this run's checkpoint)
+
+    @property
+    def images_per_step(self) -> int:
+        """Images one optimizer step trains on, over every process."""
+        c = self.config
+        return c.batch_size * c.grad_accum * self.accelerator.num_processes
 
     def images_trained(self) -> int:
         """Images trained on by this step (every process's): where the stream of batches has got to."""
-        c = self.config
-        per_step = c.batch_size * c.grad_accum * self.accelerator.num_processes
-        return self.stream_images + (self.step - self.stream_step) * per_step
+        return self.stream_images + (self.step - self.stream_step) * self.images_per_step
 
     def _go_on_as(self, processes: int, images: int | None) -> None:
         """Resumed as another number of processes than saved the checkpoint (a job restarted on fewer GPUs),
         go on where it left off: the batches from the next image of the stream, not from where this many
         processes would have got by this step; and the learning rate of this step, which accelerate's schedule
         counts in steps times processes."""
-        n = self.accelerator.num_processes
-        self.stream_step, self.stream_images = self.step, images if images is not None else 0
-        if images is None:  # (a checkpoint of an older t2i-evolve: saved by this many processes, as was assumed)
-            self.stream_step = 0
+        n = self.accelerator.num_processes  # (no count of images: an older t2i-evolve's checkpoint, saved by
+        self.stream_step, self.stream_images = (self.step, images) if images is not None else (0, 0)  # this many)
         if processes != n:
             schedule = self.schedule.scheduler  # (the LambdaLR inside accelerate's wrapper)
             schedule.last_epoch = round(schedule.last_epoch * n / processes)
@@ -473,7 +475,8 @@ class Trainer:
 
 
 def _trainer_state(checkpoint: Path) -> dict | None:
-    """A checkpoint's `trainer_state.json` (step, images trained, processes), or None where it cannot be read."""
+    """A checkpoint's `trainer_state.json` (step, images trained, processes; counts that are not integers left
+    out), or None where it cannot be read or names no step."""
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError, RecursionError):
