@@ -4,8 +4,9 @@ import json
 import string
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel, PNDMScheduler,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 
 def write_clip_tokenizer(folder):
@@ -27,15 +28,20 @@ def clip_text_config(vocab, **extra):
     )
 
 
+def write_tiny_vae(folder):
+    """A 2-level VAE: latents of 4 channels at half the side."""
+    AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
+    ).save_pretrained(folder)
+
+
 def build_tiny_sd(root):
     """A random-init Stable-Diffusion-style folder (UNet, VAE, CLIP text encoder and tokenizer, scheduler)."""
     vocab = write_clip_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
     CLIPTextModel(clip_text_config(vocab)).save_pretrained(root / "text_encoder")
-    AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
-    ).save_pretrained(root / "vae")
+    write_tiny_vae(root / "vae")
     UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -75,6 +81,43 @@ def build_tiny_sdxl(root):
     index = json.loads((root / "model_index.json").read_text())
     index |= {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
               "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def write_t5_tokenizer(folder):
+    """A T5 (Unigram) tokenizer over single letters and a few words, built without sentencepiece or a download."""
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [f"\u2581{w}" for w in ("a", "red", "blue", "circle", "square")]
+    pieces += list(string.ascii_lowercase) + [f"\u2581{c}" for c in string.ascii_lowercase]
+    vocab = [(piece, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, piece in enumerate(dict.fromkeys(pieces))]
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=24).save_pretrained(folder)
+    return len(vocab)
+
+
+def build_tiny_pixart(root, additional_conditions: bool = False):
+    """A random-init PixArt-alpha-style folder: a DiT over T5 states (8 channels out: the learned variance too),
+    the tiny SD folder's VAE, a DPM-Solver schedule. `additional_conditions`: resolution and aspect-ratio
+    embeddings, which diffusers gives a model of latent side 128 (the 1024 px alpha): large patches keep it cheap."""
+    vocab_size = write_t5_tokenizer(root / "tokenizer")
+    torch.manual_seed(2)
+    T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                            decoder_start_token_id=0)).save_pretrained(root / "text_encoder")
+    write_tiny_vae(root / "vae")
+    PixArtTransformer2DModel(
+        num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=24, caption_channels=32, **({"sample_size": 128, "patch_size": 8} if additional_conditions
+                                                       else {"sample_size": 16, "patch_size": 2}),
+    ).save_pretrained(root / "transformer")
+    DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "PixArtAlphaPipeline",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 

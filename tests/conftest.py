@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from builders import build_tiny_sd, build_tiny_sdxl
+from builders import build_tiny_pixart, build_tiny_sd, build_tiny_sdxl
 
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
@@ -34,6 +34,12 @@ def sd_dir(tmp_path_factory):
 def sdxl_dir(tmp_path_factory):
     """A tiny random-init SDXL-style model folder (two text encoders, size conditioning)."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def pixart_dir(tmp_path_factory):
+    """A tiny random-init PixArt-alpha-style folder (a DiT denoiser over T5 states)."""
+    return build_tiny_pixart(tmp_path_factory.mktemp("pixart") / "tiny-pixart")
 
 
 @pytest.fixture(scope="session")

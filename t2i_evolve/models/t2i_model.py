@@ -3,8 +3,9 @@
 Recipes never touch a UNet, a VAE or a tokenizer directly; they call `encode_prompts`, `encode_images`,
 `predict`, `decode` and `denoising_loss`. This class is therefore the only place that knows the
 architecture, so the tiny pixel-space model and Stable Diffusion 1.x/2.x and SDXL folders share every code
-path (SDXL is a branch here: two text encoders, and size and crop conditioning), and another family
-(PixArt, SD3) later means another branch here, not changes in the recipes.
+path. SDXL is a branch here (two text encoders, and size and crop conditioning), and so is PixArt-alpha/sigma
+(EvolveDirector's own base: a transformer denoiser over T5 states with their attention mask); another family
+(SD3, Flux) later means another branch here, not changes in the recipes.
 
 Conventions: images are float tensors (B, 3, H, W) in [-1, 1]; "latents" are what the denoiser works
 on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only.
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from safetensors import SafetensorError
@@ -31,7 +32,8 @@ from ..errors import UserError
 from ..files import read_json, write_atomically
 
 PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-"""The folder parts this adapter reads; other entries of model_index.json (a safety checker) are ignored."""
+"""The folder parts this adapter reads (a PixArt folder's denoiser is its "transformer"); other entries of
+model_index.json (a safety checker) are ignored."""
 OPTIONAL_PARTS: frozenset[str] = frozenset({"vae"})
 SDXL_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
 """SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither."""
@@ -42,7 +44,9 @@ class PromptEmbeds(NamedTuple):
     """A batch of encoded prompts: per-token states for cross-attention and one pooled vector each."""
 
     hidden: torch.Tensor  # (B, L, D)
-    pooled: torch.Tensor  # (B, D), the state at the EOS token
+    pooled: torch.Tensor  # (B, D), the state at the EOS token; (B, 0) for PixArt, which has none
+    mask: torch.Tensor  # (B, L), 1 where the denoiser attends: every token for CLIP (its pipelines attend to the
+    #                     padding too), T5's words and EOS for PixArt
 
 
 def _read_index(root: Path) -> dict[str, Any]:
@@ -128,7 +132,9 @@ class T2IModel:
     denoiser predicts the noise ("epsilon") or the velocity ("v_prediction"). `vae` is None for a
     pixel-space model. `text_encoder_2` and `tokenizer_2` make it SDXL; `zeros_for_empty_prompt` (SDXL's
     `force_zeros_for_empty_prompt`) makes the unconditional embedding zeros rather than the empty prompt's, as
-    diffusers' SDXL pipeline samples it. The parts are plain diffusers/transformers modules, so LoRA (peft),
+    diffusers' SDXL pipeline samples it. `unet` is the denoiser, whatever its architecture: for a PixArt folder a
+    `PixArtTransformer2DModel` (its "transformer" part; recipes and configs call the part "unet" all the same,
+    as in `train_unet`), with a T5 text encoder. The parts are plain diffusers/transformers modules, so LoRA (peft),
     EMA and optimizers apply to them directly.
     """
 
@@ -160,7 +166,8 @@ class T2IModel:
         self.scheduler_as_saved: tuple[list, dict] | None = None
         self._empty: torch.Tensor | None = None  # `_empty_ids`' cache
         self.name = name
-        default = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+        default = ("StableDiffusionXLPipeline" if self.is_sdxl else "PixArtAlphaPipeline" if self.is_pixart
+                   else "StableDiffusionPipeline")
         self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else default)
         if vae is not None:
             vae.requires_grad_(False)  # recipes tune the denoiser and the text encoders, never the VAE
@@ -181,17 +188,17 @@ class T2IModel:
                 raise UserError(f"unknown dtype {dtype!r} (try float32, bfloat16, float16)")
             dtype = getattr(torch, dtype)
         index = _read_index(root)
-        if "unet" not in index and "transformer" in index:
-            raise UserError(f"{root}: transformer-based models (PixArt, SD3, ...) are not supported yet")
+        denoiser = _denoiser_folder(root, index)
         sdxl = any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
         # SDXL's VAE overflows in float16 (its config says `force_upcast`): read in float32, as diffusers' SDXL
         # pipeline upcasts it to decode.
         vae_config = read_json(root / "vae" / "config.json")  # (one that cannot be read: its loader says why)
         upcast = sdxl and dtype == torch.float16 and not (isinstance(vae_config, dict) and
                                                            vae_config.get("force_upcast") is False)
-        parts = {name: _load_part(root, name, index.get(name), torch.float32 if name == "vae" and upcast else dtype)
-                 for name in PARTS + SDXL_PARTS * sdxl}
-        _check_added_conditioning(root, parts)
+        folders = {name: denoiser if name == "unet" else name for name in PARTS + SDXL_PARTS * sdxl}
+        parts = {name: _load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype)
+                 for name, folder in folders.items()}
+        _check_conditioning(root, parts)
         if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
@@ -212,8 +219,9 @@ class T2IModel:
         index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
         if self.is_sdxl:
             index["force_zeros_for_empty_prompt"] = self.zeros_for_empty_prompt
-        for name in PARTS + SDXL_PARTS * self.is_sdxl:
-            part = getattr(self, name)
+        for attribute in PARTS + SDXL_PARTS * self.is_sdxl:
+            part = getattr(self, attribute)
+            name = self.denoiser_folder if attribute == "unet" else attribute
             index[name] = _index_entry(part)
             if name == "scheduler" and self.scheduler_as_saved:  # the folder's own, for pipelines that load it
                 index[name], config = self.scheduler_as_saved
@@ -256,6 +264,15 @@ class T2IModel:
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
 
+    @property
+    def is_pixart(self) -> bool:
+        return isinstance(self.unet, PixArtTransformer2DModel)
+
+    @property
+    def denoiser_folder(self) -> str:
+        """The folder (and model_index.json entry) of the denoiser: "unet", or PixArt's "transformer"."""
+        return "transformer" if self.is_pixart else "unet"
+
     # -- shapes ---------------------------------------------------------------------------------------
 
     @property
@@ -283,7 +300,7 @@ class T2IModel:
         """`resolution` of a model folder read from its configs alone: no weights loaded (an SDXL folder
         is gigabytes, and a recipe may only need the size to ask its teachers for)."""
         root = Path(path)
-        _read_index(root)
+        denoiser = _denoiser_folder(root, _read_index(root))
 
         def config(part: str) -> dict | None:
             file = root / part / "config.json"
@@ -292,9 +309,9 @@ class T2IModel:
             except json.JSONDecodeError as e:
                 raise UserError(f"{file}: bad JSON ({e})") from None
 
-        unet, vae = config("unet"), config("vae")
+        unet, vae = config(denoiser), config("vae")
         if unet is None or "sample_size" not in unet:
-            raise UserError(f"{root}: no unet/config.json with a sample_size")
+            raise UserError(f"{root}: no {denoiser}/config.json with a sample_size")
         return unet["sample_size"] * _latent_scale(vae)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
@@ -309,7 +326,10 @@ class T2IModel:
 
     @property
     def max_length(self) -> int:
-        """Tokens per prompt: the tokenizers' limit, capped by the text encoders' positions."""
+        """Tokens per prompt: the tokenizers' limit, capped by the text encoders' positions. T5 (PixArt) has relative
+        positions, so no limit of its own: its pipelines cut prompts at 120 tokens (alpha) or 300 (sigma)."""
+        if self.is_pixart:
+            return min(self.tokenizer.model_max_length, 300 if "Sigma" in self.pipeline_class else 120)
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
         return min(min(tok.model_max_length, enc.config.max_position_embeddings) for tok, enc in pairs if tok is not None)
 
@@ -318,8 +338,11 @@ class T2IModel:
         per tokenizer (each pads with its own token).
 
         Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
-        (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs.
+        (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs. PixArt's
+        prompts are lowercased and stripped first, as its pipelines do before T5 reads them.
         """
+        if self.is_pixart:
+            prompts = [prompt.lower().strip() for prompt in prompts]
         ids = [tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                    return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2) if tok is not None]
         return (torch.stack(ids, 1) if self.is_sdxl else ids[0]).to(self.device)
@@ -334,15 +357,21 @@ class T2IModel:
         keep = None if drop is None else ~drop.to(self.device, torch.bool).view(-1, *(1,) * (input_ids.dim() - 1))
         if keep is not None and not self.zeros_for_empty_prompt:
             input_ids = torch.where(keep, input_ids, self._empty_ids())
+        if self.is_pixart:  # T5's last states, padding masked out (as PixArt's pipelines pass them)
+            mask = (input_ids != self.tokenizer.pad_token_id).long()
+            hidden = self.text_encoder(input_ids, attention_mask=mask).last_hidden_state
+            return PromptEmbeds(hidden, hidden.new_zeros(len(hidden), 0), mask)
+        every_token = torch.ones(len(input_ids), input_ids.shape[-1], dtype=torch.long, device=self.device)
         if not self.is_sdxl:
             out = self.text_encoder(input_ids)
-            text = PromptEmbeds(out.last_hidden_state, out.pooler_output)
+            text = PromptEmbeds(out.last_hidden_state, out.pooler_output, every_token)
         else:  # both encoders' penultimate states side by side; the pooled vector is the second's projection
             first = self.text_encoder(input_ids[:, 0], output_hidden_states=True)
             second = self.text_encoder_2(input_ids[:, 1], output_hidden_states=True)
-            text = PromptEmbeds(torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1), second.text_embeds)
+            text = PromptEmbeds(torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1), second.text_embeds,
+                                every_token)
         if keep is not None and self.zeros_for_empty_prompt:
-            text = PromptEmbeds(*(t * keep.view(-1, *(1,) * (t.dim() - 1)) for t in text))
+            text = PromptEmbeds(text.hidden * keep.view(-1, 1, 1), text.pooled * keep.view(-1, 1), text.mask)
         return text
 
     def _empty_ids(self) -> torch.Tensor:
@@ -355,7 +384,9 @@ class T2IModel:
         """The unconditional embedding for classifier-free guidance and caption dropout: the empty prompt's,
         or zeros for an SDXL folder that says `force_zeros_for_empty_prompt` (its pipeline's default)."""
         empty = self.encode_prompts([""] * n)
-        return PromptEmbeds(*map(torch.zeros_like, empty)) if self.zeros_for_empty_prompt else empty
+        if self.zeros_for_empty_prompt:
+            return PromptEmbeds(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.mask)
+        return empty
 
     # -- images ---------------------------------------------------------------------------------------
 
@@ -387,6 +418,8 @@ class T2IModel:
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds) -> torch.Tensor:
         """The denoiser's output for noisy latents at timestep(s) `t` (noise or velocity, see prediction_type)."""
+        if self.is_pixart:
+            return self._predict_pixart(noisy, t, text)
         class_labels = text.pooled.to(self.dtype) if self.unet.config.class_embed_type == "projection" else None
         added = None
         if self.is_sdxl:  # size and crop conditioning: drawn whole at this size (original = target, no crop)
@@ -395,6 +428,22 @@ class T2IModel:
             added = {"text_embeds": text.pooled.to(self.dtype), "time_ids": sizes.expand(len(noisy), 6)}
         return self.unet(noisy.to(self.dtype), t, encoder_hidden_states=text.hidden.to(self.dtype),
                          class_labels=class_labels, added_cond_kwargs=added).sample
+
+    def _predict_pixart(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds) -> torch.Tensor:
+        """PixArt's transformer: T5 states under their mask, a timestep per image, resolution and aspect ratio where
+        its config asks for them (the 1024 px alpha model), and, where it also predicts the variance (8 channels
+        out), only the mean's half: the samplers here read that alone, and the loss trains it alone (as PixArt's
+        own fine-tuning scripts do)."""
+        t = torch.as_tensor(t, device=noisy.device)
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if self.unet.use_additional_conditions:
+            height, width = (side * self.latent_scale for side in noisy.shape[-2:])
+            added = {"resolution": torch.tensor([[height, width]], device=noisy.device, dtype=self.dtype).expand(len(noisy), 2),
+                     "aspect_ratio": torch.tensor([[height / width]], device=noisy.device, dtype=self.dtype).expand(len(noisy), 1)}
+        out = self.unet(noisy.to(self.dtype), encoder_hidden_states=text.hidden.to(self.dtype),
+                        encoder_attention_mask=text.mask, timestep=t.expand(len(noisy)) if t.dim() == 0 else t,
+                        added_cond_kwargs=added).sample
+        return out[:, :noisy.shape[1]] if out.shape[1] == 2 * noisy.shape[1] else out
 
     def denoising_loss(
         self,
@@ -442,9 +491,28 @@ class T2IModel:
         return capped
 
 
-def _check_added_conditioning(root: Path, parts: dict[str, Any]) -> None:
-    """A UNet's extra conditioning must be what `predict` passes: none, or SDXL's pooled text and sizes from a
-    second text encoder of the width its config expects (one line here, not a shape error at the first step)."""
+def _denoiser_folder(root: Path, index: dict[str, Any]) -> str:
+    """Where a folder keeps its denoiser: "unet", or "transformer" for PixArt (the one transformer family so far)."""
+    if "unet" in index or "transformer" not in index:
+        return "unet"
+    entry = index["transformer"]
+    name = entry[-1] if isinstance(entry, list) and entry else entry
+    if name != "PixArtTransformer2DModel":
+        raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models and PixArt-alpha/sigma are)")
+    return "transformer"
+
+
+def _check_conditioning(root: Path, parts: dict[str, Any]) -> None:
+    """The denoiser must read what the text encoders give and `predict` passes: for PixArt, T5 states as wide as
+    its `caption_channels`; for a UNet, no extra conditioning or SDXL's pooled text and sizes from a second text
+    encoder of the width its config expects (one line here, not a shape error at the first step)."""
+    if isinstance(parts["unet"], PixArtTransformer2DModel):
+        wanted, encoder = parts["unet"].config.caption_channels, parts["text_encoder"]
+        width = getattr(encoder.config, "d_model", None)
+        if width != wanted:
+            raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
+                            f"({type(encoder).__name__}) gives {width}")
+        return
     unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
     added = unet.get("addition_embed_type")
     if added not in (None, "text_time"):

@@ -18,13 +18,15 @@ DEFAULT_TARGETS = {
     "unet": ["to_q", "to_k", "to_v", "to_out.0"],  # attention projections, as SELMA tunes them
     "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
 }
+T5_TARGETS = ["q", "k", "v", "o"]
+"""T5's names for the same projections (PixArt's text encoder): what the text-encoder default means there."""
 
 
 class LoraSettings(Config):
     rank: int = Field(16, ge=1)
     alpha: float | None = Field(None, description="Scale numerator; defaults to the rank (scale 1).")
     unet_targets: list[str] = DEFAULT_TARGETS["unet"]
-    text_encoder_targets: list[str] = DEFAULT_TARGETS["text_encoder"]
+    text_encoder_targets: list[str] = DEFAULT_TARGETS["text_encoder"]  # CLIP's names; on T5 (PixArt): T5_TARGETS
 
 
 def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str, seed: int = 0) -> None:
@@ -33,6 +35,8 @@ def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str, seed: i
     was), so a config starts from the same adapter in any process, and a run restarted before its first
     checkpoint starts from the one it began with."""
     targets = settings.unet_targets if part == "unet" else settings.text_encoder_targets
+    if part != "unet" and targets == DEFAULT_TARGETS["text_encoder"] and "T5" in type(module).__name__:
+        targets = T5_TARGETS
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
                         target_modules=targets, init_lora_weights="gaussian")
     # peft's own injection, not the libraries' `add_adapter`: transformers 5's demands a newer peft than

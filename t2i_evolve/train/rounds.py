@@ -29,6 +29,7 @@ class RoundTraining(Config):
     warmup_steps: WarmupSteps = 20
     ema_decay: EmaDecay | None = 0.995
     random_flip: bool = False  # mirrored images, left/right swapped in their prompts
+    train_text_encoder: bool = True  # false: the denoiser alone (EvolveDirector keeps PixArt-alpha's T5-XXL frozen)
     lora: LoraSettings | None = None  # adapters on the base, carried over the rounds; each round's model merged
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
