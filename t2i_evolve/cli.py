@@ -324,12 +324,13 @@ def sample(
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
 ):
-    """Draw one image of a prompt with a model folder."""
-    from .models import Sampler, SamplerConfig, T2IModel
+    """Draw one image of a prompt with a model folder (SD3, Flux...: with diffusers' own pipeline for it)."""
+    from .generators import LocalPipelineTeacher
+    from .models import SamplerConfig
 
     cfg = SamplerConfig.from_dict({"scheduler": scheduler, "steps": steps, "guidance": guidance}, source="flags")
     out_path = _image_out(out_path)
-    Sampler(T2IModel.from_pretrained(model, device, dtype), cfg).generate([prompt], [seed])[0].save(out_path)
+    LocalPipelineTeacher(model, sampler=cfg, device=device, dtype=dtype).generate([prompt], [seed])[0].save(out_path)
     say(f"wrote {out_path}")
 
 

@@ -4,8 +4,8 @@ import json
 import string
 
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel, PNDMScheduler,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       PixArtTransformer2DModel, PNDMScheduler, SD3Transformer2DModel, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 
@@ -28,11 +28,11 @@ def clip_text_config(vocab, **extra):
     )
 
 
-def write_tiny_vae(folder):
+def write_tiny_vae(folder, **extra):
     """A 2-level VAE: latents of 4 channels at half the side."""
     AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=32, **extra,
     ).save_pretrained(folder)
 
 
@@ -117,6 +117,39 @@ def build_tiny_pixart(root, additional_conditions: bool = False):
         "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "T5Tokenizer"],
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def build_tiny_sd3(root):
+    """A random-init Stable-Diffusion-3-style folder (an MMDiT over two CLIP encoders and T5; flow matching): a
+    family `T2IModel` does not read, which a local teacher draws with diffusers' own pipeline."""
+    torch.manual_seed(3)
+    for suffix in ("", "_2"):
+        vocab = write_clip_tokenizer(root / f"tokenizer{suffix}")
+        CLIPTextModelWithProjection(clip_text_config(vocab, projection_dim=32)).save_pretrained(root / f"text_encoder{suffix}")
+    vocab_size = write_t5_tokenizer(root / "tokenizer_3")
+    T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                            relative_attention_num_buckets=8, decoder_start_token_id=0)).save_pretrained(root / "text_encoder_3")
+    write_tiny_vae(root / "vae", scaling_factor=1.5305, shift_factor=0.0609)  # (SD3's)
+    SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                          pooled_projection_dim=64).save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer_3": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
     }
     (root / "model_index.json").write_text(json.dumps(index))
     return root

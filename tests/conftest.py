@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from builders import build_tiny_pixart, build_tiny_sd, build_tiny_sdxl
+from builders import build_tiny_pixart, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
@@ -40,6 +40,12 @@ def sdxl_dir(tmp_path_factory):
 def pixart_dir(tmp_path_factory):
     """A tiny random-init PixArt-alpha-style folder (a DiT denoiser over T5 states)."""
     return build_tiny_pixart(tmp_path_factory.mktemp("pixart") / "tiny-pixart")
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    """A tiny random-init Stable-Diffusion-3-style folder (a family only diffusers' own pipeline draws)."""
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""A local diffusers-style model folder as a teacher: `T2IModel` + `Sampler`, with an id for the cache.
+"""A local diffusers-style model folder as a teacher: `T2IModel` + `Sampler` (or, for a family `T2IModel` does not
+read, such as SD3 or Flux, diffusers' own pipeline class for it), with an id for the cache.
 
 An open model on one's own GPU is often the cheapest strong teacher. Behind `CachedGenerator` it is
 used exactly like a paid API: each (prompt, seed) is drawn once per setting and kept in the ledger.
@@ -13,11 +14,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 from pydantic import Field
 
 from ..config import Config
+from ..errors import UserError
+from ..files import read_json
 from ..models.sampler import SamplerConfig
 
 # What the images depend on besides the settings: the weights, and the configs and tokenizer files beside them
@@ -36,6 +40,11 @@ class LocalPipelineTeacherConfig(Config):
     id: str | None = Field(None, description="Cache id; by default derived from the folder and the settings.")
     resolution: int | None = Field(None, ge=8, description="Side its images are resized to (a recipe sets its base "
                                    "model's, which it trains and judges at); None: as drawn.")
+    runner: Literal["auto", "t2i-evolve", "diffusers"] = Field(
+        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt: checked "
+        "equal to diffusers' pipelines; `sampler.scheduler` applies). diffusers: the pipeline class the folder names "
+        "(any family: SD3, Flux, ...), with its own scheduler and prompt handling; `sampler.steps`, `guidance`, "
+        "`resolution` and `batch_size` passed on. auto: t2i-evolve where it reads the folder, else diffusers.")
 
 
 class LocalPipelineTeacher:
@@ -49,13 +58,19 @@ class LocalPipelineTeacher:
             config = LocalPipelineTeacherConfig.from_dict({"path": str(config), **fields}, source="local teacher")
         elif fields:
             raise TypeError("pass settings in the config or as keywords with a path, not both")
+        if config.runner == "auto":
+            config = config.model_copy(update={"runner": "t2i-evolve" if T2IModel.reads(config.path) else "diffusers"})
         self.config = config
-        model = T2IModel.from_pretrained(config.path, config.device, config.dtype)
-        drawn = config.sampler.resolution or model.resolution
+        if config.runner == "t2i-evolve":
+            model = T2IModel.from_pretrained(config.path, config.device, config.dtype)
+            self.sampler: Sampler | DiffusersPipeline = Sampler(model, config.sampler)
+            drawn = config.sampler.resolution or model.resolution
+        else:
+            self.sampler = DiffusersPipeline(config)
+            drawn = config.sampler.resolution or self.sampler.resolution
         self.resize = config.resolution if config.resolution not in (None, drawn) else None
         self.id = config.id or pipeline_id(config) + (f"->{self.resize}px" if self.resize else "")
         self.price_per_call = config.price_per_call
-        self.sampler = Sampler(model, config.sampler, id=self.id)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         images = self.sampler.generate(prompts, seeds)
@@ -65,15 +80,78 @@ class LocalPipelineTeacher:
 
 
 def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
-    """'local:<folder>@<weights fingerprint>:<scheduler>-<steps>[-cfg<g>][-<res>px]:<dtype>'.
+    """'local:<folder>@<weights fingerprint>:<scheduler>-<steps>[-cfg<g>][-<res>px]:<dtype>', where the scheduler
+    is 'diffusers' for a folder diffusers' pipeline draws with its own (`runner`).
 
     The batch size is left out: it does not change what an image shows (see `models.sampler`).
     """
     s = config.sampler
     guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
     resolution = f"-{s.resolution}px" if s.resolution else ""
+    scheduler = "diffusers" if config.runner == "diffusers" else s.scheduler
     root = Path(config.path).resolve()
-    return f"local:{root}@{weights_fingerprint(root)}:{s.scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
+    return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
+
+
+class DiffusersPipeline:
+    """A folder drawn by the diffusers pipeline class its model_index.json names: any family diffusers has (SD3,
+    Flux, Playground, ...), with the folder's own scheduler and prompt handling.
+
+    Only diffusers' own classes and parts of diffusers or transformers are loaded, weights as safetensors: a folder
+    naming code of its own (a custom pipeline or part) is refused, never run. Each image's starting noise comes from a
+    CPU generator seeded by its seed, so an image depends on (prompt, seed) and the settings, not on its batch (up
+    to float rounding) nor the device's random state.
+    """
+
+    def __init__(self, config: LocalPipelineTeacherConfig):
+        import diffusers
+        import torch
+
+        from ..models import resolve_device
+
+        root, self.settings = Path(config.path), config.sampler
+        index = read_json(root / "model_index.json")
+        if not isinstance(index, dict):
+            raise UserError(f"not a model folder (no readable model_index.json): {root}")
+        cls = getattr(diffusers, str(index.get("_class_name")), None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+            raise UserError(f"{root}: model_index.json names no diffusers pipeline ({index.get('_class_name')!r}); "
+                            "a folder's own pipeline code is not run")
+        foreign = [name for name, entry in index.items() if isinstance(entry, list) and len(entry) == 2
+                   and entry[0] not in (None, "diffusers", "transformers")]
+        if foreign:
+            raise UserError(f"{root}: part {foreign[0]!r} comes from {index[foreign[0]][0]!r}; only diffusers and "
+                            "transformers parts are loaded (a folder's own code is not run)")
+        dtype = getattr(torch, config.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise UserError(f"unknown dtype {config.dtype!r} (try float32, bfloat16, float16)")
+        try:
+            self.pipeline = cls.from_pretrained(root, use_safetensors=True, local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            hint = " (weights are read from .safetensors only)" if "safetensors" in reason else ""
+            raise UserError(f"{root}: cannot load as {cls.__name__}: {reason}{hint}") from None
+        self.pipeline.to(resolve_device(config.device))
+        self.pipeline.set_progress_bar_config(disable=True)
+        denoiser = getattr(self.pipeline, "transformer", None) or getattr(self.pipeline, "unet", None)
+        side = getattr(self.pipeline, "default_sample_size", None) or getattr(getattr(denoiser, "config", None),
+                                                                              "sample_size", None)
+        scale = getattr(self.pipeline, "vae_scale_factor", None)
+        self.resolution: int | None = side * scale if isinstance(side, int) and isinstance(scale, int) else None
+        """The side it draws at by default (None where the pipeline does not say)."""
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        import torch
+
+        s = self.settings
+        sizes = {"height": s.resolution, "width": s.resolution} if s.resolution else {}
+        images: list[Image.Image] = []
+        for start in range(0, len(prompts), s.batch_size):
+            noise = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start:start + s.batch_size]]
+            with torch.no_grad():
+                images += self.pipeline(list(prompts[start:start + s.batch_size]), generator=noise, output_type="pil",
+                                        num_inference_steps=s.steps, guidance_scale=s.guidance, **sizes).images
+        return images
 
 
 def weights_fingerprint(root: Path) -> str:

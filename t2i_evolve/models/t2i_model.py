@@ -211,6 +211,18 @@ class T2IModel:
             model.scheduler_as_saved = (index["scheduler"], scheduler_config)
         return model.to(resolve_device(device))
 
+    @staticmethod
+    def reads(path: str | Path) -> bool:
+        """Whether `from_pretrained` knows the family of this model folder (it still checks each part as it loads):
+        a UNet model or PixArt, not SD3 or Flux. A folder that is no model folder at all is its one-line error."""
+        root = Path(path)
+        index = _read_index(root)
+        try:
+            _denoiser_folder(root, index)
+        except UserError:
+            return False
+        return True
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""
         root = Path(path)

@@ -1,0 +1,97 @@
+"""A local teacher of a family `T2IModel` does not read (SD3 here; Flux and the rest alike) is drawn by diffusers' own
+pipeline class for it: deterministic per (prompt, seed), cached under an id that names the runner, usable in a recipe
+and by `t2i-evolve sample`; a folder naming code of its own is refused, never run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from t2i_evolve.data import Ledger
+from t2i_evolve.errors import UserError
+from t2i_evolve.generators import LocalPipelineTeacher
+from t2i_evolve.models import SamplerConfig
+
+PROMPTS = ["a red circle", "two blue squares left of a green star", "a yellow triangle"]
+DRAW = SamplerConfig(steps=2, guidance=3.0, batch_size=3)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def sd3_teacher(sd3_dir) -> LocalPipelineTeacher:
+    return LocalPipelineTeacher(sd3_dir, sampler=DRAW, device="cpu")
+
+
+def test_an_sd3_folder_is_drawn_by_its_diffusers_pipeline_per_prompt_and_seed(sd3_teacher, sd3_dir):
+    assert sd3_teacher.config.runner == "diffusers"
+    assert type(sd3_teacher.sampler.pipeline).__name__ == "StableDiffusion3Pipeline"
+    assert sd3_teacher.id.endswith(":diffusers-2-cfg3:float32") and str(sd3_dir.resolve()) in sd3_teacher.id
+    images = sd3_teacher.generate(PROMPTS, [0, 1, 2])
+    assert [image.size for image in images] == [(32, 32)] * 3  # the pipeline's own size: 16 latents x 2
+    again = sd3_teacher.generate(PROMPTS, [0, 1, 2])
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(images, again))
+    alone = sd3_teacher.generate(PROMPTS[1:2], [1])[0]  # another batch: the same image (to float rounding)
+    assert np.abs(pixels(alone) - pixels(images[1])).max() <= 1
+    assert np.abs(pixels(sd3_teacher.generate(PROMPTS[:1], [1])[0]) - pixels(alone)).max() > 2  # the prompt counts
+    assert np.abs(pixels(sd3_teacher.generate(PROMPTS[1:2], [7])[0]) - pixels(alone)).max() > 2  # and the seed
+
+
+def test_its_images_are_resized_to_the_recipes_side_and_its_id_says_how(sd3_dir):
+    resized = LocalPipelineTeacher(sd3_dir, sampler=DRAW, device="cpu", resolution=16)
+    assert resized.id.endswith("->16px") and resized.generate(PROMPTS[:1], [0])[0].size == (16, 16)
+    drawn_small = LocalPipelineTeacher(sd3_dir, sampler=DRAW.model_copy(update={"resolution": 16}), resolution=16)
+    assert drawn_small.id.endswith("-16px:float32") and drawn_small.generate(PROMPTS[:1], [0])[0].size == (16, 16)
+
+
+def test_the_runner_is_ours_where_we_read_the_folder_and_can_be_named(sd_dir, sd3_dir):
+    ours = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=1))
+    assert ours.config.runner == "t2i-evolve" and ":ddim-1:" in ours.id
+    theirs = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=1), runner="diffusers")
+    assert ":diffusers-1:" in theirs.id and type(theirs.sampler.pipeline).__name__ == "StableDiffusionPipeline"
+    assert theirs.generate(PROMPTS[:1], [0])[0].size == (32, 32)
+    with pytest.raises(UserError, match="SD3Transformer2DModel denoiser is not supported yet"):
+        LocalPipelineTeacher(sd3_dir, runner="t2i-evolve")
+
+
+def test_a_folder_naming_code_of_its_own_or_pickles_is_refused_in_one_line(sd3_dir, tmp_path):
+    def copy_with(name: str, **index_changes):
+        folder = shutil.copytree(sd3_dir, tmp_path / name)
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps(index | index_changes))
+        return folder
+
+    with pytest.raises(UserError, match="names no diffusers pipeline \\(\\['pipeline', 'MyPipeline'\\]\\)"):
+        LocalPipelineTeacher(copy_with("custom", _class_name=["pipeline", "MyPipeline"]))
+    with pytest.raises(UserError, match="part 'transformer' comes from 'my_models'; only diffusers and transformers"):
+        LocalPipelineTeacher(copy_with("foreign", transformer=["my_models", "MyTransformer"]))
+    pickled = copy_with("pickled")
+    for weights in (pickled / "transformer").glob("*.safetensors"):
+        weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
+    with pytest.raises(UserError, match="cannot load as StableDiffusion3Pipeline"):
+        LocalPipelineTeacher(pickled)
+
+
+def test_an_sd3_teacher_in_a_recipe_and_in_the_cli(sd3_dir, tmp_path, capsys):
+    from evolve_worker import small_config
+    from t2i_evolve.cli import main
+    from t2i_evolve.recipes.evolve import run_evolve
+
+    teacher = {"kind": "local", "path": str(sd3_dir), "sampler": {"steps": 2, "guidance": 3.0}, "device": "cpu"}
+    summary = run_evolve(small_config(str(tmp_path / "run"), teachers=[teacher], rounds=1, seed_prompts=6,
+                                      eval_prompts=4, steps_per_round=2))
+    assert summary["teacher_calls"] >= 6
+    with Ledger(tmp_path / "run") as ledger:
+        drawn_by = {record.generator for record in ledger.records()}
+    assert len(drawn_by) == 1 and ":diffusers-2-cfg3:" in drawn_by.pop()
+
+    out = tmp_path / "x.png"
+    assert main(["sample", str(sd3_dir), "a red circle", "--out", str(out), "--steps", "2", "--guidance", "3",
+                 "--device", "cpu"]) == 0 and out.is_file()
+    assert main(["sample", str(tmp_path), "a red circle", "--out", str(out)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
