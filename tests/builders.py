@@ -86,18 +86,21 @@ def build_tiny_sdxl(root):
 
 
 def write_t5_tokenizer(folder):
-    """A T5 (Unigram) tokenizer over single letters and a few words, built without sentencepiece or a download."""
+    """A T5 (Unigram) tokenizer over single letters and a few words, built without sentencepiece or a download;
+    512 tokens long, as T5's (PixArt's pipelines cut prompts shorter)."""
     pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [f"\u2581{w}" for w in ("a", "red", "blue", "circle", "square")]
     pieces += list(string.ascii_lowercase) + [f"\u2581{c}" for c in string.ascii_lowercase]
     vocab = [(piece, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, piece in enumerate(dict.fromkeys(pieces))]
-    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=24).save_pretrained(folder)
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512).save_pretrained(folder)
     return len(vocab)
 
 
-def build_tiny_pixart(root, additional_conditions: bool = False):
+def build_tiny_pixart(root, additional_conditions: bool = False, pipeline: str = "PixArtAlphaPipeline",
+                      as_published: bool = False):
     """A random-init PixArt-alpha-style folder: a DiT over T5 states (8 channels out: the learned variance too),
     the tiny SD folder's VAE, a DPM-Solver schedule. `additional_conditions`: resolution and aspect-ratio
-    embeddings, which diffusers gives a model of latent side 128 (the 1024 px alpha): large patches keep it cheap."""
+    embeddings, which diffusers gives a model of latent side 128 (the 1024 px alpha): large patches keep it cheap.
+    `as_published`: the transformer named `Transformer2DModel`, as PixArt's own folders on the hub name it."""
     vocab_size = write_t5_tokenizer(root / "tokenizer")
     torch.manual_seed(2)
     T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -110,9 +113,13 @@ def build_tiny_pixart(root, additional_conditions: bool = False):
                                                        else {"sample_size": 16, "patch_size": 2}),
     ).save_pretrained(root / "transformer")
     DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(root / "scheduler")
+    transformer = "Transformer2DModel" if as_published else "PixArtTransformer2DModel"
+    if as_published:
+        config = json.loads((root / "transformer" / "config.json").read_text())
+        (root / "transformer" / "config.json").write_text(json.dumps(config | {"_class_name": transformer}))
     index = {
-        "_class_name": "PixArtAlphaPipeline",
-        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "_class_name": pipeline,
+        "transformer": ["diffusers", transformer],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "T5Tokenizer"],

@@ -13,6 +13,7 @@ import pytest
 from t2i_evolve.data import Ledger
 from t2i_evolve.errors import UserError
 from t2i_evolve.generators import LocalPipelineTeacher
+from t2i_evolve.generators.local_pipeline import _library_part
 from t2i_evolve.models import SamplerConfig
 
 PROMPTS = ["a red circle", "two blue squares left of a green star", "a yellow triangle"]
@@ -70,11 +71,23 @@ def test_a_folder_naming_code_of_its_own_or_pickles_is_refused_in_one_line(sd3_d
         LocalPipelineTeacher(copy_with("custom", _class_name=["pipeline", "MyPipeline"]))
     with pytest.raises(UserError, match="part 'transformer' comes from 'my_models'; only diffusers and transformers"):
         LocalPipelineTeacher(copy_with("foreign", transformer=["my_models", "MyTransformer"]))
+    code = copy_with("code")
+    (code / "transformer" / "diffusers.py").write_text("raise SystemExit('ran')\n")  # (older diffusers import it)
+    with pytest.raises(UserError, match="holds Python code \\(transformer/diffusers.py\\)"):
+        LocalPipelineTeacher(code)
+    assert _library_part("stable_diffusion") and not _library_part("my_models")  # (SD's safety checker's module)
     pickled = copy_with("pickled")
     for weights in (pickled / "transformer").glob("*.safetensors"):
         weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
-    with pytest.raises(UserError, match="cannot load as StableDiffusion3Pipeline"):
+    with pytest.raises(UserError, match="cannot load as StableDiffusion3Pipeline: .* \\(weights are read from "
+                                        "\\.safetensors only\\)"):
         LocalPipelineTeacher(pickled)
+
+
+def test_settings_its_pipeline_refuses_are_one_line(sd3_dir):
+    teacher = LocalPipelineTeacher(sd3_dir, sampler=DRAW.model_copy(update={"resolution": 10}))
+    with pytest.raises(UserError, match="\\(StableDiffusion3Pipeline\\) cannot draw: .*divisible"):
+        teacher.generate(PROMPTS[:1], [0])
 
 
 def test_an_sd3_teacher_in_a_recipe_and_in_the_cli(sd3_dir, tmp_path, capsys):

@@ -10,6 +10,9 @@ import shutil
 
 import pytest
 import torch
+import socket
+
+import diffusers
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from transformers import T5Config, T5EncoderModel
 
@@ -33,23 +36,30 @@ def shapes() -> TrainingSet:
     return TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
 
 
-@pytest.mark.parametrize("sizes", [False, True], ids=["512-style", "1024-style"])
+@pytest.mark.parametrize("variant", ["alpha-512", "alpha-1024", "sigma"])
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_our_sampler_draws_what_the_pixart_pipeline_draws(sizes, guidance, pixart_dir, tmp_path):
-    """T5 states under their mask, the empty prompt as the unconditional branch, the resolution and aspect-ratio
-    embeddings of a model of latent side 128, the variance half of the output left out, and DPM-Solver++."""
-    model = T2IModel.from_pretrained(build_tiny_pixart(tmp_path / "sizes", True) if sizes else pixart_dir)
-    assert model.unet.use_additional_conditions == sizes
+def test_our_sampler_draws_what_the_pixart_pipeline_draws(variant, guidance, pixart_dir, tmp_path):
+    """T5 states under their mask, cut where each pipeline cuts them (alpha 120 tokens, sigma 300), the empty prompt
+    as the unconditional branch, the resolution and aspect-ratio embeddings of a model of latent side 128, the
+    variance half of the output left out, and DPM-Solver++."""
+    folder = {"alpha-512": pixart_dir, "alpha-1024": tmp_path / "sizes", "sigma": tmp_path / "sigma"}[variant]
+    if variant != "alpha-512":
+        build_tiny_pixart(folder, additional_conditions=variant == "alpha-1024",
+                          pipeline="PixArtSigmaPipeline" if variant == "sigma" else "PixArtAlphaPipeline")
+    model = T2IModel.from_pretrained(folder)
+    assert model.size_conditioning == (variant == "alpha-1024")
+    assert model.pipeline_class == ("PixArtSigmaPipeline" if variant == "sigma" else "PixArtAlphaPipeline")
+    assert model.max_length == (300 if variant == "sigma" else 120)
     config = SamplerConfig(scheduler="dpm++", steps=3, guidance=guidance)
     ours = (sample_pixels(model, PROMPTS, [0, 1], config) + 1) / 2
     scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config, timestep_spacing="trailing",
                                                         algorithm_type="dpmsolver++")
-    pipeline = PixArtAlphaPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
-                                   transformer=model.unet, scheduler=scheduler)
-    with torch.no_grad():
+    pipeline = getattr(diffusers, model.pipeline_class)(tokenizer=model.tokenizer, text_encoder=model.text_encoder,
+                                                       vae=model.vae, transformer=model.unet, scheduler=scheduler)
+    with torch.no_grad():  # (the pipeline's own prompt length)
         theirs = pipeline(PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=initial_noise(model, [0, 1]),
                           height=model.resolution, width=model.resolution, output_type="pt", clean_caption=False,
-                          use_resolution_binning=False, max_sequence_length=model.max_length).images
+                          use_resolution_binning=False).images
     assert ours.shape == theirs.shape == (2, 3, model.resolution, model.resolution)
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
     other = (sample_pixels(model, PROMPTS[::-1], [0, 1], config) + 1) / 2  # (a model deaf to its text would pass too)
@@ -67,6 +77,10 @@ def test_a_pixart_folder_loads_encodes_and_saves_as_pixart(pixart, pixart_dir, t
     dropped = pixart.encode_tokens(pixart.tokenize(["a red circle"] * 2), drop=torch.tensor([True, False]))
     torch.testing.assert_close(dropped.hidden[0], pixart.encode_empty(1).hidden[0])  # dropout: what guidance samples
     assert torch.equal(dropped.mask[0], text.mask[2]) and torch.equal(dropped.mask[1], text.mask[0])
+
+    published = T2IModel.from_pretrained(build_tiny_pixart(tmp_path / "published", as_published=True))
+    assert published.is_pixart and T2IModel.reads(tmp_path / "published")  # (the hub's folders name the class so)
+    torch.testing.assert_close(published.encode_prompts(PROMPTS).hidden, pixart.encode_prompts(PROMPTS).hidden)
 
     saved = T2IModel.from_pretrained(pixart.save_pretrained(tmp_path / "copy"))
     index = json.loads((tmp_path / "copy" / "model_index.json").read_text())
@@ -91,10 +105,14 @@ def _fixed_loss(model: T2IModel, data: TrainingSet) -> float:
         return model.denoising_loss(latents, text, generator=torch.Generator().manual_seed(0)).item()
 
 
-def test_a_pixart_folder_learns_and_trains_lora_on_its_transformer_and_t5(pixart_dir, pixart, shapes, tmp_path):
+def test_a_pixart_folder_learns_and_trains_lora_on_its_transformer_and_t5(pixart_dir, pixart, shapes, tmp_path,
+                                                                         monkeypatch, capsys):
     full = TrainConfig(model=str(pixart_dir), output_dir=str(tmp_path / "full"), steps=30, batch_size=8, lr=2e-3,
                        warmup_steps=0, ema_decay=None, caption_dropout=0, tracker="none")
+    monkeypatch.setattr("t2i_evolve.train.trainer.LARGE_TEXT_ENCODER", 1000)  # (T5-XXL's 4.7B, here a tiny T5)
     Trainer(full, shapes).run()
+    said = capsys.readouterr().err
+    assert "training all 0.0B weights of text_encoder (T5EncoderModel): train_text_encoder: false trains" in said
     before, after = _fixed_loss(pixart, shapes), _fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
     assert after < 0.7 * before, (before, after)
 
@@ -125,6 +143,30 @@ def test_evolve_trains_a_pixart_base_with_its_text_encoder_frozen(pixart_dir, pi
     assert any(not torch.equal(p, dict(pixart.unet.named_parameters())[n]) for n, p in model.unet.named_parameters())
 
 
+def test_a_pixart_model_wrapped_for_several_processes_still_draws_as_pixart(tmp_path):
+    """A trainer on several GPUs replaces `unet` by its DistributedDataParallel wrapper (here in a one-process gloo
+    group): the model still reads as PixArt, with its size conditioning."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = T2IModel.from_pretrained(build_tiny_pixart(tmp_path / "sizes", additional_conditions=True))
+    text = model.encode_prompts(PROMPTS)
+    noisy = initial_noise(model, [0, 1])
+    alone = model.predict(noisy, 500, text)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        inner = model.unet
+        model.unet = DistributedDataParallel(inner)
+        model.unet.config = inner.config  # (as the trainer does)
+        assert model.is_pixart and model.size_conditioning and model.max_length == 120
+        torch.testing.assert_close(model.predict(noisy, 500, model.encode_prompts(PROMPTS)), alone)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_pixart_folder_as_the_hub_ships_it_reads_its_sentencepiece_tokenizer(pixart_dir, tmp_path):
     """PixArt repos carry T5's tokenizer as a SentencePiece model (spiece.model), not a tokenizer.json."""
     import sentencepiece
@@ -145,7 +187,7 @@ def test_a_pixart_folder_as_the_hub_ships_it_reads_its_sentencepiece_tokenizer(p
     assert model.encode_prompts(["a red circle"]).hidden.isfinite().all()
 
 
-def test_a_folder_it_cannot_read_is_one_line(pixart_dir, tmp_path):
+def test_a_folder_it_cannot_read_is_one_line(pixart_dir, sd_dir, tmp_path):
     sd3 = shutil.copytree(pixart_dir, tmp_path / "sd3")
     index = json.loads((sd3 / "model_index.json").read_text())
     (sd3 / "model_index.json").write_text(json.dumps(index | {"transformer": ["diffusers", "SD3Transformer2DModel"]}))
@@ -153,6 +195,20 @@ def test_a_folder_it_cannot_read_is_one_line(pixart_dir, tmp_path):
         T2IModel.from_pretrained(sd3)
     with pytest.raises(UserError, match="not supported yet"):
         T2IModel.folder_resolution(sd3)
+    assert not T2IModel.reads(sd3)
+
+    edm = shutil.copytree(pixart_dir, tmp_path / "edm")  # (Playground v2.5's schedule)
+    index = json.loads((edm / "model_index.json").read_text())
+    (edm / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "EDMDPMSolverMultistepScheduler"]}))
+    with pytest.raises(UserError, match="a EDMDPMSolverMultistepScheduler noise schedule is not supported yet"):
+        T2IModel.from_pretrained(edm)
+    assert not T2IModel.reads(edm)
+
+    unet_over_t5 = shutil.copytree(sd_dir, tmp_path / "unet-over-t5")  # (DeepFloyd IF's layout)
+    index = json.loads((unet_over_t5 / "model_index.json").read_text())
+    (unet_over_t5 / "model_index.json").write_text(json.dumps(index | {"text_encoder": ["transformers", "T5EncoderModel"]}))
+    with pytest.raises(UserError, match="a UNet over a T5EncoderModel \\(DeepFloyd IF\\) is not supported yet"):
+        T2IModel.from_pretrained(unet_over_t5)
 
     narrow = shutil.copytree(pixart_dir, tmp_path / "narrow")
     config = T5Config.from_pretrained(narrow / "text_encoder")

@@ -43,8 +43,9 @@ class LocalPipelineTeacherConfig(Config):
     runner: Literal["auto", "t2i-evolve", "diffusers"] = Field(
         "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt: checked "
         "equal to diffusers' pipelines; `sampler.scheduler` applies). diffusers: the pipeline class the folder names "
-        "(any family: SD3, Flux, ...), with its own scheduler and prompt handling; `sampler.steps`, `guidance`, "
-        "`resolution` and `batch_size` passed on. auto: t2i-evolve where it reads the folder, else diffusers.")
+        "(any family: SD3, Flux, ...), with its own scheduler and prompt handling; `sampler.steps`, `guidance` (set "
+        "the family's own: SD3 about 7, Flux-dev 3.5), `resolution` and `batch_size` passed on, `sampler.scheduler` "
+        "not. auto: t2i-evolve where it reads the folder, else diffusers.")
 
 
 class LocalPipelineTeacher:
@@ -98,7 +99,7 @@ class DiffusersPipeline:
     Flux, Playground, ...), with the folder's own scheduler and prompt handling.
 
     Only diffusers' own classes and parts of diffusers or transformers are loaded, weights as safetensors: a folder
-    naming code of its own (a custom pipeline or part) is refused, never run. Each image's starting noise comes from a
+    naming code of its own (a custom pipeline or part) or holding any Python file is refused, never run. Each image's starting noise comes from a
     CPU generator seeded by its seed, so an image depends on (prompt, seed) and the settings, not on its batch (up
     to float rounding) nor the device's random state.
     """
@@ -118,21 +119,26 @@ class DiffusersPipeline:
             raise UserError(f"{root}: model_index.json names no diffusers pipeline ({index.get('_class_name')!r}); "
                             "a folder's own pipeline code is not run")
         foreign = [name for name, entry in index.items() if isinstance(entry, list) and len(entry) == 2
-                   and entry[0] not in (None, "diffusers", "transformers")]
+                   and entry[0] is not None and not _library_part(str(entry[0]))]
         if foreign:
             raise UserError(f"{root}: part {foreign[0]!r} comes from {index[foreign[0]][0]!r}; only diffusers and "
                             "transformers parts are loaded (a folder's own code is not run)")
+        code = next(root.rglob("*.py"), None)  # (older diffusers import a part's `<library>.py` where there is one)
+        if code is not None:
+            raise UserError(f"{root}: holds Python code ({code.relative_to(root)}), which a model folder drawn here "
+                            "may not: remove it (a folder's own code is not run)")
         dtype = getattr(torch, config.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise UserError(f"unknown dtype {config.dtype!r} (try float32, bfloat16, float16)")
         try:
-            self.pipeline = cls.from_pretrained(root, use_safetensors=True, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            hint = " (weights are read from .safetensors only)" if "safetensors" in reason else ""
-            raise UserError(f"{root}: cannot load as {cls.__name__}: {reason}{hint}") from None
-        self.pipeline.to(resolve_device(config.device))
+            self.pipeline = cls.from_pretrained(root, use_safetensors=True, local_files_only=True, dtype=dtype,
+                                                trust_remote_code=False)
+            self.pipeline.to(resolve_device(config.device))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, AttributeError) as e:
+            hint = " (weights are read from .safetensors only)" if "safetensors" in _first_line(e) else ""
+            raise UserError(f"{root}: cannot load as {cls.__name__}: {_first_line(e)}{hint}") from None
         self.pipeline.set_progress_bar_config(disable=True)
+        self.name = f"{root} ({cls.__name__})"
         denoiser = getattr(self.pipeline, "transformer", None) or getattr(self.pipeline, "unet", None)
         side = getattr(self.pipeline, "default_sample_size", None) or getattr(getattr(denoiser, "config", None),
                                                                               "sample_size", None)
@@ -148,10 +154,28 @@ class DiffusersPipeline:
         images: list[Image.Image] = []
         for start in range(0, len(prompts), s.batch_size):
             noise = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start:start + s.batch_size]]
-            with torch.no_grad():
-                images += self.pipeline(list(prompts[start:start + s.batch_size]), generator=noise, output_type="pil",
-                                        num_inference_steps=s.steps, guidance_scale=s.guidance, **sizes).images
+            try:
+                with torch.no_grad():
+                    images += self.pipeline(list(prompts[start:start + s.batch_size]), generator=noise,
+                                            output_type="pil", num_inference_steps=s.steps, guidance_scale=s.guidance,
+                                            **sizes).images
+            except (ValueError, TypeError, RuntimeError) as e:  # (settings it refuses; a full GPU)
+                raise UserError(f"{self.name} cannot draw: {_first_line(e)}") from None
         return images
+
+
+def _library_part(library: str) -> bool:
+    """Whether a part model_index.json names comes from diffusers or transformers: those libraries, or one of
+    diffusers' pipeline modules (an SD folder's `["stable_diffusion", "StableDiffusionSafetyChecker"]`)."""
+    if library in ("diffusers", "transformers"):
+        return True
+    import importlib.util
+
+    return library.isidentifier() and importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def weights_fingerprint(root: Path) -> str:

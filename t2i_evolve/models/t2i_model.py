@@ -154,6 +154,9 @@ class T2IModel:
         if (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL) or not at all")
         self.unet = unet
+        # Decided once, from the module itself: a trainer replaces `unet` by a wrapper for several processes.
+        self.is_pixart = isinstance(unet, PixArtTransformer2DModel)
+        self.size_conditioning = self.is_pixart and bool(unet.use_additional_conditions)  # (PixArt at 1024 px)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.scheduler = scheduler
@@ -213,8 +216,8 @@ class T2IModel:
 
     @staticmethod
     def reads(path: str | Path) -> bool:
-        """Whether `from_pretrained` knows the family of this model folder (it still checks each part as it loads):
-        a UNet model or PixArt, not SD3 or Flux. A folder that is no model folder at all is its one-line error."""
+        """Whether `from_pretrained` knows the family of this model folder (see `_denoiser_folder`; it still checks
+        each part as it loads). A folder that is no model folder at all is its one-line error."""
         root = Path(path)
         index = _read_index(root)
         try:
@@ -275,10 +278,6 @@ class T2IModel:
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
-
-    @property
-    def is_pixart(self) -> bool:
-        return isinstance(self.unet, PixArtTransformer2DModel)
 
     @property
     def denoiser_folder(self) -> str:
@@ -351,7 +350,8 @@ class T2IModel:
 
         Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
         (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs. PixArt's
-        prompts are lowercased and stripped first, as its pipelines do before T5 reads them.
+        prompts are lowercased and stripped first, as its pipelines do before T5 reads them (their caption cleaning,
+        which also drops URLs and some punctuation where bs4 and ftfy are installed, is not done).
         """
         if self.is_pixart:
             prompts = [prompt.lower().strip() for prompt in prompts]
@@ -448,7 +448,7 @@ class T2IModel:
         own fine-tuning scripts do)."""
         t = torch.as_tensor(t, device=noisy.device)
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
-        if self.unet.use_additional_conditions:
+        if self.size_conditioning:
             height, width = (side * self.latent_scale for side in noisy.shape[-2:])
             added = {"resolution": torch.tensor([[height, width]], device=noisy.device, dtype=self.dtype).expand(len(noisy), 2),
                      "aspect_ratio": torch.tensor([[height / width]], device=noisy.device, dtype=self.dtype).expand(len(noisy), 1)}
@@ -504,31 +504,51 @@ class T2IModel:
 
 
 def _denoiser_folder(root: Path, index: dict[str, Any]) -> str:
-    """Where a folder keeps its denoiser: "unet", or "transformer" for PixArt (the one transformer family so far)."""
+    """Where a model of a family this adapter reads keeps its denoiser: "unet", or "transformer" for PixArt (the one
+    transformer family so far), decided from model_index.json and configs alone. A family it would misread is a
+    one-line `UserError`: another transformer (SD3, Flux, DiT), a noise schedule other than DDPM's (EDM: Playground
+    v2.5; flow matching), a UNet over T5 (DeepFloyd IF) or with other added conditioning than SDXL's (Kandinsky)."""
+
+    def class_name(part: str) -> str:
+        entry = index.get(part)
+        return str(entry[-1] if isinstance(entry, list) and entry else entry)
+
     if "unet" in index or "transformer" not in index:
-        return "unet"
-    entry = index["transformer"]
-    name = entry[-1] if isinstance(entry, list) and entry else entry
-    if name != "PixArtTransformer2DModel":
-        raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models and PixArt-alpha/sigma are)")
-    return "transformer"
+        folder, unet = "unet", read_json(root / "unet" / "config.json")
+        added = unet.get("addition_embed_type") if isinstance(unet, dict) else None
+        if added not in (None, "text_time"):
+            raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
+        if "T5" in class_name("text_encoder"):
+            raise UserError(f"{root}: a UNet over a {class_name('text_encoder')} (DeepFloyd IF) is not supported yet")
+    else:
+        folder, name = "transformer", class_name("transformer")
+        config = read_json(root / "transformer" / "config.json")
+        # PixArt's own folders name the class diffusers had then, which it still reads as PixArt's by its norm type.
+        published = name == "Transformer2DModel" and isinstance(config, dict) and config.get("norm_type") == "ada_norm_single"
+        if name != "PixArtTransformer2DModel" and not published:
+            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models and PixArt-alpha/sigma are)")
+    schedule = class_name("scheduler")
+    if schedule.startswith(("EDM", "FlowMatch")):
+        raise UserError(f"{root}: a {schedule} noise schedule is not supported yet (DDPM-style ones are: DDPM, DDIM, "
+                        "PNDM, Euler, DPM-Solver, ...)")
+    return folder
 
 
 def _check_conditioning(root: Path, parts: dict[str, Any]) -> None:
     """The denoiser must read what the text encoders give and `predict` passes: for PixArt, T5 states as wide as
     its `caption_channels`; for a UNet, no extra conditioning or SDXL's pooled text and sizes from a second text
     encoder of the width its config expects (one line here, not a shape error at the first step)."""
-    if isinstance(parts["unet"], PixArtTransformer2DModel):
+    if isinstance(parts["unet"], PixArtTransformer2DModel):  # (`_denoiser_folder` let no other transformer through)
         wanted, encoder = parts["unet"].config.caption_channels, parts["text_encoder"]
         width = getattr(encoder.config, "d_model", None)
         if width != wanted:
             raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
                             f"({type(encoder).__name__}) gives {width}")
         return
+    if not isinstance(parts["unet"], UNet2DConditionModel):
+        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet or PixArt's")
     unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
     added = unet.get("addition_embed_type")
-    if added not in (None, "text_time"):
-        raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
     if (added == "text_time") != (encoder is not None):
         has = "no text_encoder_2" if encoder is None else "a text_encoder_2 but no size conditioning in its UNet"
         raise UserError(f"{root}: an SDXL-style model needs both a second text encoder and a UNet with size "

@@ -36,6 +36,7 @@ from ..data.cache import check_room
 from ..errors import UserError, is_disk_full
 from ..eval.report import read_jsonl, write_jsonl
 from ..models import T2IModel
+from ..progress import console
 from .data import IMAGE_MEMORY_GB, ImageFiles, TrainingSet, batch_indices
 from .ema import EMA
 from .lora import LoraSettings, add_lora, merged_copy
@@ -115,6 +116,9 @@ def check_resumable(config: TrainConfig) -> None:
         check_resumed_config(out / "config.yaml", config, RESUMABLE_CHANGES)
 
 Evaluate = Callable[[T2IModel, int], dict]
+
+LARGE_TEXT_ENCODER = 10**9
+"""Weights past which fully training a text encoder is said to be likely a mistake (T5-XXL: 4.7B, and its optimizer)."""
 
 
 def on_cpus() -> bool:
@@ -198,6 +202,11 @@ class Trainer:
                 add_lora(module, c.lora, name, c.seed)  # only the adapter weights require grad
             else:
                 module.requires_grad_(True)
+                weights = sum(p.numel() for p in module.parameters())
+                if name != "unet" and weights > LARGE_TEXT_ENCODER and process_state().is_main_process:
+                    console.print(f"training all {weights / 1e9:.1f}B weights of {name} ({type(module).__name__}): "
+                                  "train_text_encoder: false trains the denoiser alone (EvolveDirector keeps PixArt's "
+                                  "T5-XXL frozen), lora: {rank: 16} trains adapters", markup=False, soft_wrap=True)
             if c.gradient_checkpointing:
                 _enable_checkpointing(module)
             module.train()
