@@ -1,11 +1,13 @@
-"""Real sizes on a GPU: a random-init Stable-Diffusion-1.5-shaped folder through our model, trainer and sampler.
+"""Real sizes on a GPU: a random-init Stable-Diffusion-1.5-shaped (or PixArt-alpha-shaped) folder through our model,
+trainer and sampler.
 
-Builds the folder from configs (UNet 860M with SD1.5's block layout, CLIP ViT-L/14-sized text encoder, SD's
-VAE, a letter-level CLIP tokenizer since no vocabulary can be downloaded), saves it as safetensors, then times
-what the recipes do: denoising training steps through `Trainer` (bf16 autocast, gradient checkpointing),
+Builds the folder from configs (SD1.5: UNet 860M with SD1.5's block layout, CLIP ViT-L/14-sized text encoder;
+`--arch pixart`: PixArt-XL-2-512's 611M transformer over a T5-XXL-sized encoder, 4.6B without the vocabulary,
+frozen as EvolveDirector trains it; SD's VAE; letter-level tokenizers since no vocabulary can be downloaded), saves it
+as safetensors, then times what the recipes do: denoising training steps through `Trainer` (bf16 autocast, gradient checkpointing),
 sampling through `Sampler`, and a reward-style backward through the last K sampling steps.
 
-    python benchmarks/sd15_gpu.py [--resolution 512] [--batch 8] [--steps 10] [--json]
+    python benchmarks/sd15_gpu.py [--arch sd15|pixart] [--resolution 512] [--batch 8] [--steps 10] [--json]
     python benchmarks/sd15_gpu.py --small    # a CPU-sized smoke run of the same code
 """
 
@@ -19,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from builders import write_clip_tokenizer  # noqa: E402  (the letter-level CLIP tokenizer of the tests)
+from builders import write_clip_tokenizer, write_t5_tokenizer  # noqa: E402  (the tests' letter-level tokenizers)
 
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, sample_pixels  # noqa: E402
 from t2i_evolve.train import TrainConfig, Trainer, TrainingSet  # noqa: E402
@@ -38,12 +40,7 @@ def build_sd15(root: Path, small: bool) -> None:
         num_attention_heads=4 if small else 12, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
     )).save_pretrained(root / "text_encoder")
-    channels = (32, 32, 64, 64) if small else (128, 256, 512, 512)
-    AutoencoderKL(
-        block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
-        norm_num_groups=32,
-    ).save_pretrained(root / "vae")
+    write_sd_vae(root / "vae", small)
     UNet2DConditionModel(
         sample_size=64, cross_attention_dim=hidden, attention_head_dim=8,
         block_out_channels=(32, 64, 64, 64) if small else (320, 640, 1280, 1280), norm_num_groups=32,
@@ -53,6 +50,38 @@ def build_sd15(root: Path, small: bool) -> None:
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+    }))
+
+
+def write_sd_vae(folder: Path, small: bool) -> None:
+    channels = (32, 32, 64, 64) if small else (128, 256, 512, 512)
+    AutoencoderKL(
+        block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+        norm_num_groups=32,
+    ).save_pretrained(folder)
+
+
+def build_pixart(root: Path, small: bool) -> None:
+    """PixArt-XL-2-512: 28 blocks 1152 wide over T5-XXL states (4096 wide, 24 layers; 120 tokens), SD's VAE."""
+    vocab_size = write_t5_tokenizer(root / "tokenizer")
+    width = 64 if small else 4096
+    T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=width, d_kv=16 if small else 64, d_ff=128 if small else 10240,
+        num_layers=2 if small else 24, num_heads=4 if small else 64, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32, decoder_start_token_id=0,
+    )).save_pretrained(root / "text_encoder")
+    write_sd_vae(root / "vae", small)
+    PixArtTransformer2DModel(
+        num_attention_heads=4 if small else 16, attention_head_dim=16 if small else 72, num_layers=2 if small else 28,
+        in_channels=4, out_channels=8, sample_size=64, patch_size=2, caption_channels=width,
+        cross_attention_dim=64 if small else 1152,
+    ).save_pretrained(root / "transformer")
+    DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
     }))
 
 
@@ -68,6 +97,7 @@ def timed(fn, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["sd15", "pixart"], default="sd15")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -77,13 +107,13 @@ def main() -> None:
     if args.small:
         args.resolution, args.batch, args.steps = 64, 2, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch,
                      "resolution": args.resolution, "batch": args.batch}
     prompts = GrammarPrompts().sample(64, seed=0)
     images = [im.resize((args.resolution, args.resolution)) for im in ProceduralTeacher().generate(prompts, range(64))]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "sd15"
-        build_sd15(root, args.small)
+        root = Path(tmp) / args.arch
+        (build_pixart if args.arch == "pixart" else build_sd15)(root, args.small)
         model = T2IModel.from_pretrained(root)
         results["unet_params_m"] = sum(p.numel() for p in model.unet.parameters()) / 1e6
         results["text_params_m"] = sum(p.numel() for p in model.text_encoder.parameters()) / 1e6
