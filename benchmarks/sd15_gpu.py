@@ -4,8 +4,8 @@ trainer and sampler.
 Builds the folder from configs (SD1.5: UNet 860M with SD1.5's block layout, CLIP ViT-L/14-sized text encoder;
 `--arch pixart`: PixArt-XL-2-512's 611M transformer over a T5-XXL-sized encoder, 4.6B without the vocabulary,
 frozen as EvolveDirector trains it; SD's VAE; letter-level tokenizers since no vocabulary can be downloaded), saves it
-as safetensors, then times what the recipes do: denoising training steps through `Trainer` (bf16 autocast, gradient checkpointing),
-sampling through `Sampler`, and a reward-style backward through the last K sampling steps.
+as safetensors, then times what the recipes do: denoising training steps through `Trainer` (bf16 autocast,
+gradient checkpointing), sampling through `Sampler`, and a reward-style backward through the last K sampling steps.
 
     python benchmarks/sd15_gpu.py [--arch sd15|pixart] [--resolution 512] [--batch 8] [--steps 10] [--json]
     python benchmarks/sd15_gpu.py --small    # a CPU-sized smoke run of the same code
