@@ -832,6 +832,18 @@ def test_lora_rounds_carry_one_adapter_on_the_base_and_save_it_merged_once(tmp_p
         assert all(torch.equal(saved[n], base[n]) for n in untouched)
 
 
+def test_only_the_last_rounds_models_are_kept_when_asked_and_a_rerun_with_more_rounds_goes_on(tmp_path):
+    """A real base writes GBs of weights a round: `keep_round_models` deletes the older rounds' folders, which no
+    later round reads (each carries on from the last round's model and checkpoint)."""
+    def kept():
+        return [r for r in range(1, 5) if (tmp_path / "rounds" / f"{r:03d}" / "model" / "model_index.json").is_file()]
+
+    run_evolve(small_config(str(tmp_path), rounds=3, keep_round_models=1, evolve=False))
+    assert kept() == [3]
+    summary = run_evolve(small_config(str(tmp_path), rounds=4, keep_round_models=2, evolve=False))
+    assert [row["round"] for row in summary["rounds"]] == [1, 2, 3, 4] and kept() == [3, 4]
+
+
 def test_the_readme_evolve_yaml_loads_and_shows_the_defaults():
     """README's evolve.yaml says its values are the defaults: a default changed in the code, or a field renamed,
     fails here rather than misleading a user who copies the file."""

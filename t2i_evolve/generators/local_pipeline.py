@@ -99,9 +99,9 @@ class DiffusersPipeline:
     Flux, Playground, ...), with the folder's own scheduler and prompt handling.
 
     Only diffusers' own classes and parts of diffusers or transformers are loaded, weights as safetensors: a folder
-    naming code of its own (a custom pipeline or part) or holding any Python file is refused, never run. Each image's starting noise comes from a
-    CPU generator seeded by its seed, so an image depends on (prompt, seed) and the settings, not on its batch (up
-    to float rounding) nor the device's random state.
+    naming code of its own (a custom pipeline or part) or holding any Python file is refused, never run. Each
+    image's starting noise comes from a CPU generator seeded by its seed, so an image depends on (prompt, seed) and
+    the settings, not on its batch (up to float rounding) nor the device's random state.
     """
 
     def __init__(self, config: LocalPipelineTeacherConfig):

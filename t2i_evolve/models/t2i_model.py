@@ -450,8 +450,8 @@ class T2IModel:
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if self.size_conditioning:
             height, width = (side * self.latent_scale for side in noisy.shape[-2:])
-            added = {"resolution": torch.tensor([[height, width]], device=noisy.device, dtype=self.dtype).expand(len(noisy), 2),
-                     "aspect_ratio": torch.tensor([[height / width]], device=noisy.device, dtype=self.dtype).expand(len(noisy), 1)}
+            sizes = torch.tensor([[height, width, height / width]], device=noisy.device, dtype=self.dtype)
+            added = {"resolution": sizes[:, :2].expand(len(noisy), 2), "aspect_ratio": sizes[:, 2:].expand(len(noisy), 1)}
         out = self.unet(noisy.to(self.dtype), encoder_hidden_states=text.hidden.to(self.dtype),
                         encoder_attention_mask=text.mask, timestep=t.expand(len(noisy)) if t.dim() == 0 else t,
                         added_cond_kwargs=added).sample

@@ -88,6 +88,8 @@ class EvolveConfig(RoundTraining):
     prior_share: float = Field(0.3, gt=0, lt=1)
     min_prior_score: float = Field(1.0, ge=0, le=1)
     train_launcher: list[str] | None = None  # [accelerate, launch, --multi_gpu, ...]: each round trains as its processes
+    keep_round_models: int | None = Field(None, ge=1, description="Keep only the last N rounds' model folders (a real "
+        "base writes GBs a round; the run reads only the last again); None: every round's.")
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
@@ -139,7 +141,7 @@ class EvolveConfig(RoundTraining):
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
      "eval_every_round", "device", "dtype", "prompts_file", "max_image_memory_gb", "train_launcher",
-     "gradient_checkpointing"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+     "gradient_checkpointing", "keep_round_models"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
 # `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 
@@ -301,8 +303,8 @@ class Run:
         images = None if c.max_epochs_per_round is None else max(1, math.ceil(c.max_epochs_per_round * rows))
         shared = c.round_training() | {"seed": c.seed if c.train_seed is None else c.train_seed}
         return train_round(self.out / "rounds", r, init, self.training_set, c.steps_per_round, c.train_launcher,
-                           **shared, max_images=images, tracker="none", schedule_steps=c.rounds * c.steps_per_round,
-                           checkpoint_every=max(25, c.steps_per_round // 4))
+                           c.keep_round_models, **shared, max_images=images, tracker="none",
+                           schedule_steps=c.rounds * c.steps_per_round, checkpoint_every=max(25, c.steps_per_round // 4))
 
     def training_set(self) -> TrainingSet:
         c = self.config  # (launched: a set of files, which its processes read from a manifest)

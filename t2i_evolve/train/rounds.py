@@ -41,13 +41,15 @@ class RoundTraining(Config):
 
 
 def train_round(rounds_dir: Path, r: int, init: Path, data: Callable[[], TrainingSet], steps: int,
-                launcher: Sequence[str] | None = None, **settings) -> Path:
+                launcher: Sequence[str] | None = None, keep_models: int | None = None, **settings) -> Path:
     """Train round `r` (folder `rounds_dir/00r`) `steps` more steps on `data()`, carrying on from round r-1's
     last checkpoint: weights, AdamW moments, the learning-rate schedule (`schedule_steps` in `settings` spans
     all rounds) and EMA go on, so no round warms up again. `settings`: the rest of a `TrainConfig`. Returns
     the round's model folder; a round whose model is saved is not trained again (`data` is not built), and
     one killed mid-way resumes from its own last checkpoint (`Trainer.run`). `launcher`: train as the processes
-    it starts (`launched_training`), else in this one."""
+    it starts (`launched_training`), else in this one. `keep_models`: once round r's model is saved, the model
+    folders of rounds before the last `keep_models` are deleted (none is read again: a saved round is not trained
+    again, and the next carries on from this one's); None: all kept."""
     round_dir = rounds_dir / f"{r:03d}"
     if not (round_dir / "model" / "model_index.json").exists():
         last = sorted((rounds_dir / f"{r - 1:03d}" / "checkpoints").glob("step-*"))
@@ -59,6 +61,8 @@ def train_round(rounds_dir: Path, r: int, init: Path, data: Callable[[], Trainin
         else:
             Trainer(config, data()).run()
     drop_spent_checkpoints(rounds_dir, r)
+    for old in range(1, r - keep_models + 1) if keep_models else ():
+        shutil.rmtree(rounds_dir / f"{old:03d}" / "model", ignore_errors=True)
     return round_dir / "model"
 
 
