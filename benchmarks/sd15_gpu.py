@@ -45,12 +45,8 @@ def build_sd15(root: Path, small: bool) -> None:
         sample_size=64, cross_attention_dim=hidden, attention_head_dim=8,
         block_out_channels=(32, 64, 64, 64) if small else (320, 640, 1280, 1280), norm_num_groups=32,
     ).save_pretrained(root / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
-    }))
+    write_schedule_and_index(root, "StableDiffusionPipeline", ("unet", "UNet2DConditionModel"), "CLIPTextModel",
+                             "CLIPTokenizer", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 def write_sd_vae(folder: Path, small: bool) -> None:
@@ -77,11 +73,18 @@ def build_pixart(root: Path, small: bool) -> None:
         in_channels=4, out_channels=8, sample_size=64, patch_size=2, caption_channels=width,
         cross_attention_dim=64 if small else 1152,
     ).save_pretrained(root / "transformer")
-    DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(root / "scheduler")
+    write_schedule_and_index(root, "PixArtAlphaPipeline", ("transformer", "PixArtTransformer2DModel"), "T5EncoderModel",
+                             "T5Tokenizer", beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+
+
+def write_schedule_and_index(root: Path, pipeline: str, denoiser: tuple[str, str], text_encoder: str, tokenizer: str,
+                             **schedule) -> None:
+    """The DDPM noise schedule, and the model_index.json that names every part's class."""
+    DDPMScheduler(**schedule).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "_class_name": pipeline, denoiser[0]: ["diffusers", denoiser[1]], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", text_encoder], "tokenizer": ["transformers", tokenizer],
+        "scheduler": ["diffusers", "DDPMScheduler"],
     }))
 
 

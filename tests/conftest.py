@@ -24,28 +24,19 @@ def judge() -> PixelJudge:
     return PixelJudge()
 
 
-@pytest.fixture(scope="session")
-def sd_dir(tmp_path_factory):
-    """A tiny random-init Stable-Diffusion-style model folder."""
-    return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
+def _model_folder(build, name: str, doc: str):
+    """A session fixture: a tiny random-init model folder that `build` writes (see builders.py)."""
+    def folder(tmp_path_factory):
+        return build(tmp_path_factory.mktemp(name) / f"tiny-{name}")
+
+    folder.__doc__ = doc
+    return pytest.fixture(scope="session", name=f"{name}_dir")(folder)
 
 
-@pytest.fixture(scope="session")
-def sdxl_dir(tmp_path_factory):
-    """A tiny random-init SDXL-style model folder (two text encoders, size conditioning)."""
-    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
-
-
-@pytest.fixture(scope="session")
-def pixart_dir(tmp_path_factory):
-    """A tiny random-init PixArt-alpha-style folder (a DiT denoiser over T5 states)."""
-    return build_tiny_pixart(tmp_path_factory.mktemp("pixart") / "tiny-pixart")
-
-
-@pytest.fixture(scope="session")
-def sd3_dir(tmp_path_factory):
-    """A tiny random-init Stable-Diffusion-3-style folder (a family only diffusers' own pipeline draws)."""
-    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+sd_dir = _model_folder(build_tiny_sd, "sd", "A Stable-Diffusion-style folder.")
+sdxl_dir = _model_folder(build_tiny_sdxl, "sdxl", "An SDXL-style folder (two text encoders, size conditioning).")
+pixart_dir = _model_folder(build_tiny_pixart, "pixart", "A PixArt-alpha-style folder (a DiT over T5 states).")
+sd3_dir = _model_folder(build_tiny_sd3, "sd3", "An SD3-style folder (a family only diffusers' own pipeline draws).")
 
 
 @pytest.fixture(scope="session")

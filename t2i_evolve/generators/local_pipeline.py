@@ -21,7 +21,6 @@ from pydantic import Field
 
 from ..config import Config
 from ..errors import UserError
-from ..files import read_json
 from ..models.sampler import SamplerConfig
 
 # What the images depend on besides the settings: the weights, and the configs and tokenizer files beside them
@@ -109,11 +108,10 @@ class DiffusersPipeline:
         import torch
 
         from ..models import resolve_device
+        from ..models.folders import read_index
 
         root, self.settings = Path(config.path), config.sampler
-        index = read_json(root / "model_index.json")
-        if not isinstance(index, dict):
-            raise UserError(f"not a model folder (no readable model_index.json): {root}")
+        index = read_index(root)
         cls = getattr(diffusers, str(index.get("_class_name")), None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
             raise UserError(f"{root}: model_index.json names no diffusers pipeline ({index.get('_class_name')!r}); "

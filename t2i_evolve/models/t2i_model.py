@@ -8,7 +8,8 @@ path. SDXL is a branch here (two text encoders, and size and crop conditioning),
 (SD3, Flux) later means another branch here, not changes in the recipes.
 
 Conventions: images are float tensors (B, 3, H, W) in [-1, 1]; "latents" are what the denoiser works
-on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only.
+on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only (reading a
+folder's parts, and refusing what it would misread: `folders.py`).
 """
 
 from __future__ import annotations
@@ -26,18 +27,11 @@ import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
-from safetensors import SafetensorError
 
 from ..errors import UserError
 from ..files import read_json, write_atomically
-
-PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-"""The folder parts this adapter reads (a PixArt folder's denoiser is its "transformer"); other entries of
-model_index.json (a safety checker) are ignored."""
-OPTIONAL_PARTS: frozenset[str] = frozenset({"vae"})
-SDXL_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
-"""SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither."""
-LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
+from .folders import (PARTS, SDXL_PARTS, check_conditioning, denoiser_folder, index_entry, latent_scale, load_part,
+                      read_index)
 
 
 class PromptEmbeds(NamedTuple):
@@ -47,65 +41,6 @@ class PromptEmbeds(NamedTuple):
     pooled: torch.Tensor  # (B, D), the state at the EOS token; (B, 0) for PixArt, which has none
     mask: torch.Tensor  # (B, L), 1 where the denoiser attends: every token for CLIP (its pipelines attend to the
     #                     padding too), T5's words and EOS for PixArt
-
-
-def _read_index(root: Path) -> dict[str, Any]:
-    index_file = root / "model_index.json"
-    if not index_file.is_file():
-        raise UserError(f"not a model folder (no model_index.json): {root}")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{index_file}: bad JSON ({e})") from None
-    if not isinstance(index, dict):
-        raise UserError(f"{index_file}: expected a mapping of parts")
-    return index
-
-
-def _load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
-    """Load one part with the class model_index.json names for it; `None` for an absent optional part."""
-    if entry is None or list(entry) == [None, None]:
-        if name in OPTIONAL_PARTS:
-            return None
-        raise UserError(f"{root}: model_index.json has no {name!r}, which every model needs")
-    library, class_name = entry if isinstance(entry, list) and len(entry) == 2 else (None, entry)
-    cls = getattr(LIBRARIES.get(library), str(class_name), None)
-    if not isinstance(cls, type):
-        raise UserError(f"{root}: model_index.json names no known class for {name!r}: {entry}")
-    folder = root / name
-    if not folder.is_dir():
-        raise UserError(f"{root}: missing part {name!r} (no {name}/ folder)")
-    if name == "scheduler":
-        # Training always adds noise the DDPM way; the saved class (PNDM, DDIM, ...) only matters to
-        # sampling, and the sampler builds its own scheduler from this config.
-        cls = DDPMScheduler
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    # What a part must be is decided by its name, not by the class the index names: a factory such as
-    # AutoModel is no torch module, and would load a pickled .bin past the check below.
-    wanted = {"tokenizer": transformers.PreTrainedTokenizerBase, "tokenizer_2": transformers.PreTrainedTokenizerBase,
-              "scheduler": DDPMScheduler}.get(name, torch.nn.Module)
-    if not issubclass(cls, wanted):
-        raise UserError(f"{root}: model_index.json names {class_name} for {name!r}, which is not a {wanted.__name__} class")
-    if issubclass(cls, torch.nn.Module):
-        if not any(folder.glob("*.safetensors")):
-            # Pickled weights (.bin, .pt) can run code when loaded, so they are never read.
-            raise UserError(f"{root}: {name}/ has no .safetensors weights (pickled .bin/.pt files are not loaded)")
-        kwargs.update(use_safetensors=True, dtype=dtype)
-    try:
-        return cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{root}: cannot load {name} ({class_name}): {reason}") from None
-
-
-def _index_entry(part: Any) -> list[str | None]:
-    """The [library, class] pair model_index.json records for a part (or [null, null] for none)."""
-    if part is None:
-        return [None, None]
-    if type(part) is transformers.PreTrainedTokenizerFast:
-        # transformers 5 calls this class TokenizersBackend; the old name loads in 4.x and 5.x alike.
-        return ["transformers", "PreTrainedTokenizerFast"]
-    return [type(part).__module__.split(".")[0], type(part).__name__]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -190,8 +125,8 @@ class T2IModel:
             if not isinstance(getattr(torch, dtype, None), torch.dtype):
                 raise UserError(f"unknown dtype {dtype!r} (try float32, bfloat16, float16)")
             dtype = getattr(torch, dtype)
-        index = _read_index(root)
-        denoiser = _denoiser_folder(root, index)
+        index = read_index(root)
+        denoiser = denoiser_folder(root, index)
         sdxl = any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
         # SDXL's VAE overflows in float16 (its config says `force_upcast`): read in float32, as diffusers' SDXL
         # pipeline upcasts it to decode.
@@ -199,9 +134,9 @@ class T2IModel:
         upcast = sdxl and dtype == torch.float16 and not (isinstance(vae_config, dict) and
                                                            vae_config.get("force_upcast") is False)
         folders = {name: denoiser if name == "unet" else name for name in PARTS + SDXL_PARTS * sdxl}
-        parts = {name: _load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype)
+        parts = {name: load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype)
                  for name, folder in folders.items()}
-        _check_conditioning(root, parts)
+        check_conditioning(root, parts)
         if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
@@ -216,12 +151,12 @@ class T2IModel:
 
     @staticmethod
     def reads(path: str | Path) -> bool:
-        """Whether `from_pretrained` knows the family of this model folder (see `_denoiser_folder`; it still checks
+        """Whether `from_pretrained` knows the family of this model folder (see `denoiser_folder`; it still checks
         each part as it loads). A folder that is no model folder at all is its one-line error."""
         root = Path(path)
-        index = _read_index(root)
+        index = read_index(root)
         try:
-            _denoiser_folder(root, index)
+            denoiser_folder(root, index)
         except UserError:
             return False
         return True
@@ -237,7 +172,7 @@ class T2IModel:
         for attribute in PARTS + SDXL_PARTS * self.is_sdxl:
             part = getattr(self, attribute)
             name = self.denoiser_folder if attribute == "unet" else attribute
-            index[name] = _index_entry(part)
+            index[name] = index_entry(part)
             if name == "scheduler" and self.scheduler_as_saved:  # the folder's own, for pipelines that load it
                 index[name], config = self.scheduler_as_saved
                 (root / name).mkdir(exist_ok=True)
@@ -299,7 +234,7 @@ class T2IModel:
     @property
     def latent_scale(self) -> int:
         """Pixels per latent along each side: 1 in pixel space, 8 for Stable Diffusion's VAE."""
-        return _latent_scale(self.vae and self.vae.config)
+        return latent_scale(self.vae and self.vae.config)
 
     @property
     def resolution(self) -> int:
@@ -311,7 +246,7 @@ class T2IModel:
         """`resolution` of a model folder read from its configs alone: no weights loaded (an SDXL folder
         is gigabytes, and a recipe may only need the size to ask its teachers for)."""
         root = Path(path)
-        denoiser = _denoiser_folder(root, _read_index(root))
+        denoiser = denoiser_folder(root, read_index(root))
 
         def config(part: str) -> dict | None:
             file = root / part / "config.json"
@@ -323,7 +258,7 @@ class T2IModel:
         unet, vae = config(denoiser), config("vae")
         if unet is None or "sample_size" not in unet:
             raise UserError(f"{root}: no {denoiser}/config.json with a sample_size")
-        return unet["sample_size"] * _latent_scale(vae)
+        return unet["sample_size"] * latent_scale(vae)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = (resolution or self.resolution) // self.latent_scale
@@ -501,72 +436,6 @@ class T2IModel:
         if self.prediction_type == "v_prediction":
             return capped / (snr + 1)
         return capped
-
-
-def _denoiser_folder(root: Path, index: dict[str, Any]) -> str:
-    """Where a model of a family this adapter reads keeps its denoiser: "unet", or "transformer" for PixArt (the one
-    transformer family so far), decided from model_index.json and configs alone. A family it would misread is a
-    one-line `UserError`: another transformer (SD3, Flux, DiT), a noise schedule other than DDPM's (EDM: Playground
-    v2.5; flow matching), a UNet over T5 (DeepFloyd IF) or with other added conditioning than SDXL's (Kandinsky)."""
-
-    def class_name(part: str) -> str:
-        entry = index.get(part)
-        return str(entry[-1] if isinstance(entry, list) and entry else entry)
-
-    if "unet" in index or "transformer" not in index:
-        folder, unet = "unet", read_json(root / "unet" / "config.json")
-        added = unet.get("addition_embed_type") if isinstance(unet, dict) else None
-        if added not in (None, "text_time"):
-            raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
-        if "T5" in class_name("text_encoder"):
-            raise UserError(f"{root}: a UNet over a {class_name('text_encoder')} (DeepFloyd IF) is not supported yet")
-    else:
-        folder, name = "transformer", class_name("transformer")
-        config = read_json(root / "transformer" / "config.json")
-        # PixArt's own folders name the class diffusers had then, which it still reads as PixArt's by its norm type.
-        published = name == "Transformer2DModel" and isinstance(config, dict) and config.get("norm_type") == "ada_norm_single"
-        if name != "PixArtTransformer2DModel" and not published:
-            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models and PixArt-alpha/sigma are)")
-    schedule = class_name("scheduler")
-    if schedule.startswith(("EDM", "FlowMatch")):
-        raise UserError(f"{root}: a {schedule} noise schedule is not supported yet (DDPM-style ones are: DDPM, DDIM, "
-                        "PNDM, Euler, DPM-Solver, ...)")
-    return folder
-
-
-def _check_conditioning(root: Path, parts: dict[str, Any]) -> None:
-    """The denoiser must read what the text encoders give and `predict` passes: for PixArt, T5 states as wide as
-    its `caption_channels`; for a UNet, no extra conditioning or SDXL's pooled text and sizes from a second text
-    encoder of the width its config expects (one line here, not a shape error at the first step)."""
-    if isinstance(parts["unet"], PixArtTransformer2DModel):  # (`_denoiser_folder` let no other transformer through)
-        wanted, encoder = parts["unet"].config.caption_channels, parts["text_encoder"]
-        width = getattr(encoder.config, "d_model", None)
-        if width != wanted:
-            raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
-                            f"({type(encoder).__name__}) gives {width}")
-        return
-    if not isinstance(parts["unet"], UNet2DConditionModel):
-        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet or PixArt's")
-    unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
-    added = unet.get("addition_embed_type")
-    if (added == "text_time") != (encoder is not None):
-        has = "no text_encoder_2" if encoder is None else "a text_encoder_2 but no size conditioning in its UNet"
-        raise UserError(f"{root}: an SDXL-style model needs both a second text encoder and a UNet with size "
-                        f"conditioning (addition_embed_type: text_time); this folder has {has}")
-    if encoder is not None:
-        if not hasattr(encoder, "text_projection"):
-            raise UserError(f"{root}: text_encoder_2 is a {type(encoder).__name__}; SDXL's pooled vector comes from a "
-                            "text encoder with a projection (CLIPTextModelWithProjection)")
-        pooled = getattr(encoder.config, "projection_dim", None)
-        expected = unet.get("projection_class_embeddings_input_dim")
-        if pooled is None or expected != pooled + 6 * unet.addition_time_embed_dim:
-            raise UserError(f"{root}: the UNet expects {expected} added features, text_encoder_2's pooled vector "
-                            f"({pooled}) plus six sizes of {unet.addition_time_embed_dim} make another number")
-
-
-def _latent_scale(vae_config) -> int:
-    """Pixels per latent along each side for a VAE config (None: pixel space): each level but the last halves."""
-    return 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:

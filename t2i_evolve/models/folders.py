@@ -1,0 +1,150 @@
+"""Reading a diffusers-style model folder: which family it is, each part loaded by the class its model_index.json
+names (safetensors only), and the checks that make a folder `T2IModel` would misread a one-line error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from diffusers import DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from safetensors import SafetensorError
+
+from ..errors import UserError
+from ..files import read_json
+
+PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+"""The folder parts this adapter reads (a PixArt folder's denoiser is its "transformer"); other entries of
+model_index.json (a safety checker) are ignored."""
+OPTIONAL_PARTS: frozenset[str] = frozenset({"vae"})
+SDXL_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
+"""SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither."""
+LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"not a model folder (no model_index.json): {root}")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{index_file}: bad JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{index_file}: expected a mapping of parts")
+    return index
+
+
+def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
+    """Load one part with the class model_index.json names for it; `None` for an absent optional part."""
+    if entry is None or list(entry) == [None, None]:
+        if name in OPTIONAL_PARTS:
+            return None
+        raise UserError(f"{root}: model_index.json has no {name!r}, which every model needs")
+    library, class_name = entry if isinstance(entry, list) and len(entry) == 2 else (None, entry)
+    cls = getattr(LIBRARIES.get(library), str(class_name), None)
+    if not isinstance(cls, type):
+        raise UserError(f"{root}: model_index.json names no known class for {name!r}: {entry}")
+    folder = root / name
+    if not folder.is_dir():
+        raise UserError(f"{root}: missing part {name!r} (no {name}/ folder)")
+    if name == "scheduler":
+        # Training always adds noise the DDPM way; the saved class (PNDM, DDIM, ...) only matters to
+        # sampling, and the sampler builds its own scheduler from this config.
+        cls = DDPMScheduler
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    # What a part must be is decided by its name, not by the class the index names: a factory such as
+    # AutoModel is no torch module, and would load a pickled .bin past the check below.
+    wanted = {"tokenizer": transformers.PreTrainedTokenizerBase, "tokenizer_2": transformers.PreTrainedTokenizerBase,
+              "scheduler": DDPMScheduler}.get(name, torch.nn.Module)
+    if not issubclass(cls, wanted):
+        raise UserError(f"{root}: model_index.json names {class_name} for {name!r}, which is not a {wanted.__name__} class")
+    if issubclass(cls, torch.nn.Module):
+        if not any(folder.glob("*.safetensors")):
+            # Pickled weights (.bin, .pt) can run code when loaded, so they are never read.
+            raise UserError(f"{root}: {name}/ has no .safetensors weights (pickled .bin/.pt files are not loaded)")
+        kwargs.update(use_safetensors=True, dtype=dtype)
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{root}: cannot load {name} ({class_name}): {reason}") from None
+
+
+def index_entry(part: Any) -> list[str | None]:
+    """The [library, class] pair model_index.json records for a part (or [null, null] for none)."""
+    if part is None:
+        return [None, None]
+    if type(part) is transformers.PreTrainedTokenizerFast:
+        # transformers 5 calls this class TokenizersBackend; the old name loads in 4.x and 5.x alike.
+        return ["transformers", "PreTrainedTokenizerFast"]
+    return [type(part).__module__.split(".")[0], type(part).__name__]
+
+
+def denoiser_folder(root: Path, index: dict[str, Any]) -> str:
+    """Where a model of a family this adapter reads keeps its denoiser: "unet", or "transformer" for PixArt (the one
+    transformer family so far), decided from model_index.json and configs alone. A family it would misread is a
+    one-line `UserError`: another transformer (SD3, Flux, DiT), a noise schedule other than DDPM's (EDM: Playground
+    v2.5; flow matching), a UNet over T5 (DeepFloyd IF) or with other added conditioning than SDXL's (Kandinsky)."""
+
+    def class_name(part: str) -> str:
+        entry = index.get(part)
+        return str(entry[-1] if isinstance(entry, list) and entry else entry)
+
+    if "unet" in index or "transformer" not in index:
+        folder, unet = "unet", read_json(root / "unet" / "config.json")
+        added = unet.get("addition_embed_type") if isinstance(unet, dict) else None
+        if added not in (None, "text_time"):
+            raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
+        if "T5" in class_name("text_encoder"):
+            raise UserError(f"{root}: a UNet over a {class_name('text_encoder')} (DeepFloyd IF) is not supported yet")
+    else:
+        folder, name = "transformer", class_name("transformer")
+        config = read_json(root / "transformer" / "config.json")
+        # PixArt's own folders name the class diffusers had then, which it still reads as PixArt's by its norm type.
+        published = name == "Transformer2DModel" and isinstance(config, dict) and config.get("norm_type") == "ada_norm_single"
+        if name != "PixArtTransformer2DModel" and not published:
+            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models and PixArt-alpha/sigma are)")
+    schedule = class_name("scheduler")
+    if schedule.startswith(("EDM", "FlowMatch")):
+        raise UserError(f"{root}: a {schedule} noise schedule is not supported yet (DDPM-style ones are: DDPM, DDIM, "
+                        "PNDM, Euler, DPM-Solver, ...)")
+    return folder
+
+
+def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
+    """The denoiser must read what the text encoders give and `predict` passes: for PixArt, T5 states as wide as
+    its `caption_channels`; for a UNet, no extra conditioning or SDXL's pooled text and sizes from a second text
+    encoder of the width its config expects (one line here, not a shape error at the first step)."""
+    if isinstance(parts["unet"], PixArtTransformer2DModel):  # (`denoiser_folder` let no other transformer through)
+        wanted, encoder = parts["unet"].config.caption_channels, parts["text_encoder"]
+        width = getattr(encoder.config, "d_model", None)
+        if width != wanted:
+            raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
+                            f"({type(encoder).__name__}) gives {width}")
+        return
+    if not isinstance(parts["unet"], UNet2DConditionModel):
+        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet or PixArt's")
+    unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
+    added = unet.get("addition_embed_type")
+    if (added == "text_time") != (encoder is not None):
+        has = "no text_encoder_2" if encoder is None else "a text_encoder_2 but no size conditioning in its UNet"
+        raise UserError(f"{root}: an SDXL-style model needs both a second text encoder and a UNet with size "
+                        f"conditioning (addition_embed_type: text_time); this folder has {has}")
+    if encoder is not None:
+        if not hasattr(encoder, "text_projection"):
+            raise UserError(f"{root}: text_encoder_2 is a {type(encoder).__name__}; SDXL's pooled vector comes from a "
+                            "text encoder with a projection (CLIPTextModelWithProjection)")
+        pooled = getattr(encoder.config, "projection_dim", None)
+        expected = unet.get("projection_class_embeddings_input_dim")
+        if pooled is None or expected != pooled + 6 * unet.addition_time_embed_dim:
+            raise UserError(f"{root}: the UNet expects {expected} added features, text_encoder_2's pooled vector "
+                            f"({pooled}) plus six sizes of {unet.addition_time_embed_dim} make another number")
+
+
+def latent_scale(vae_config) -> int:
+    """Pixels per latent along each side for a VAE config (None: pixel space): each level but the last halves."""
+    return 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
