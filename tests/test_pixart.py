@@ -121,11 +121,35 @@ def test_a_pixart_folder_learns_and_trains_lora_on_its_transformer_and_t5(pixart
                        mixed_precision="bf16", gradient_checkpointing=True, tracker="none")  # (as on a GPU)
     Trainer(lora, shapes).run()
     saved = T2IModel.from_pretrained(tmp_path / "lora" / "model")
+    assert _same_files(pixart_dir / "vae", tmp_path / "lora" / "model" / "vae")  # only read: copied as it was
     projections = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder": ("q", "k", "v", "o")}  # T5's names
     for part, names in projections.items():
         before = dict(getattr(pixart, part).named_parameters())
         changed = [n for n, p in getattr(saved, part).named_parameters() if not torch.equal(p, before[n])]
         assert changed and all(n.rsplit(".", 1)[0].endswith(tuple(f".{t}" for t in names)) for n in changed), part
+
+
+def test_under_bf16_what_is_only_read_is_held_in_bf16_and_saved_as_it_was(pixart_dir, shapes, tmp_path):
+    """EvolveDirector's setting: the transformer trains, T5 is only read. Held in bf16 (autocast computes in it
+    anyway) it takes half the memory, and the saved folder has its original float32 files, not bf16 ones."""
+    config = TrainConfig(model=str(pixart_dir), output_dir=str(tmp_path), steps=2, batch_size=4, warmup_steps=0,
+                         train_text_encoder=False, mixed_precision="bf16", ema_decay=None, tracker="none")
+    trainer = Trainer(config, shapes)
+    assert trainer.frozen == ["vae", "text_encoder"]
+    assert trainer.model.text_encoder.dtype == trainer.model.vae.dtype == torch.bfloat16
+    assert next(trainer.model.unet.parameters()).dtype == torch.float32  # (what trains keeps float32 weights)
+    trainer.run()
+    for part in ("vae", "text_encoder"):
+        assert _same_files(pixart_dir / part, tmp_path / "model" / part), part
+    saved = T2IModel.from_pretrained(tmp_path / "model")
+    assert saved.text_encoder.dtype == torch.float32 and saved.is_pixart
+    again = saved.save_pretrained(tmp_path / "model", unchanged_from=tmp_path / "model", unchanged=["vae"])
+    assert _same_files(pixart_dir / "vae", again / "vae")  # (saved over the folder it was read from: kept)
+
+
+def _same_files(a, b) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
 def test_evolve_trains_a_pixart_base_with_its_text_encoder_frozen(pixart_dir, pixart, tmp_path):

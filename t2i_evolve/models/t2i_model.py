@@ -15,6 +15,7 @@ folder's parts, and refusing what it would misread: `folders.py`).
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
@@ -161,8 +162,10 @@ class T2IModel:
             return False
         return True
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads."""
+    def save_pretrained(self, path: str | Path, unchanged_from: Path | None = None, unchanged: Sequence[str] = ()) -> Path:
+        """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads. The parts
+        named in `unchanged` (attributes: "vae", "text_encoder", ...) are copied from the folder `unchanged_from`
+        they were read from: exactly as they were, whatever dtype they are held in now, without writing them anew."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         (root / "model_index.json").unlink(missing_ok=True)  # an earlier save's: not to vouch for parts cut short
@@ -173,6 +176,11 @@ class T2IModel:
             part = getattr(self, attribute)
             name = self.denoiser_folder if attribute == "unet" else attribute
             index[name] = index_entry(part)
+            if attribute in unchanged and unchanged_from is not None and (unchanged_from / name).is_dir():
+                if (unchanged_from / name).resolve() != (root / name).resolve():  # (saved over the folder it was read
+                    shutil.rmtree(root / name, ignore_errors=True)               # from: there already)
+                    shutil.copytree(unchanged_from / name, root / name)
+                continue
             if name == "scheduler" and self.scheduler_as_saved:  # the folder's own, for pipelines that load it
                 index[name], config = self.scheduler_as_saved
                 (root / name).mkdir(exist_ok=True)
