@@ -354,8 +354,9 @@ def eval_model(
     """Judge a model on held-out prompts (shapes-world ones, or yours with a VLM): overall and per-skill scores."""
     from .eval import evaluate
     from .eval.held_out import HeldOutScore
+    from .generators import LocalPipelineTeacher
     from .judges import PixelJudge
-    from .models import Sampler, SamplerConfig, T2IModel
+    from .models import SamplerConfig
     from .progress import progress_bar
     from .prompts.sets import read_prompt_file, refuse_open_prompts
     from .recipes.parts import JudgeSpec, WriterSpec
@@ -376,7 +377,7 @@ def eval_model(
     writer = writer_spec.build(GrammarSlice()) if writer_spec else None
     judge = None if judge_spec.kind == "pixel" else judge_spec.build(None, None, getattr(writer, "questions", None))
     config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
-    sampler = Sampler(T2IModel.from_pretrained(model, device, dtype), config)
+    sampler = LocalPipelineTeacher(model, sampler=config, device=device, dtype=dtype)  # (SD3, Flux: their pipelines)
     if judge is None:
         with progress_bar("judging", len(texts)) as advance:
             summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()

@@ -108,3 +108,7 @@ def test_an_sd3_teacher_in_a_recipe_and_in_the_cli(sd3_dir, tmp_path, capsys):
                  "--device", "cpu"]) == 0 and out.is_file()
     assert main(["sample", str(tmp_path), "a red circle", "--out", str(out)]) == 2
     assert "not a model folder" in capsys.readouterr().err
+    assert main(["eval", str(sd3_dir), "--prompts", "3", "--steps", "2", "--guidance", "3", "--device", "cpu",
+                 "--json"]) == 0  # (which teacher to pay for: scored before a run)
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= scored["score"] <= 1 and sum(scored["asked"].values()) > 0
