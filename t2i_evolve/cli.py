@@ -324,7 +324,7 @@ def sample(
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
 ):
-    """Draw one image of a prompt with a model folder (SD3, Flux...: with diffusers' own pipeline for it)."""
+    """Draw one image of a prompt with a model folder (Flux, Playground...: with diffusers' own pipeline for it)."""
     from .generators import LocalPipelineTeacher
     from .models import SamplerConfig
 
@@ -377,7 +377,7 @@ def eval_model(
     writer = writer_spec.build(GrammarSlice()) if writer_spec else None
     judge = None if judge_spec.kind == "pixel" else judge_spec.build(None, None, getattr(writer, "questions", None))
     config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
-    sampler = LocalPipelineTeacher(model, sampler=config, device=device, dtype=dtype)  # (SD3, Flux: their pipelines)
+    sampler = LocalPipelineTeacher(model, sampler=config, device=device, dtype=dtype)  # (Flux...: its pipeline)
     if judge is None:
         with progress_bar("judging", len(texts)) as advance:
             summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()

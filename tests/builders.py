@@ -1,11 +1,13 @@
 """Model folders built from configs in temp dirs, shared by tests (no hub, no downloads)."""
 
 import json
+import shutil
 import string
 
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                       PixArtTransformer2DModel, PNDMScheduler, SD3Transformer2DModel, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
+                       FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, PNDMScheduler, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 
@@ -130,8 +132,7 @@ def build_tiny_pixart(root, additional_conditions: bool = False, pipeline: str =
 
 
 def build_tiny_sd3(root):
-    """A random-init Stable-Diffusion-3-style folder (an MMDiT over two CLIP encoders and T5; flow matching): a
-    family `T2IModel` does not read, which a local teacher draws with diffusers' own pipeline."""
+    """A random-init Stable-Diffusion-3-style folder: an MMDiT over two CLIP encoders and T5, flow matching."""
     torch.manual_seed(3)
     for suffix in ("", "_2"):
         vocab = write_clip_tokenizer(root / f"tokenizer{suffix}")
@@ -160,6 +161,25 @@ def build_tiny_sd3(root):
     }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
+
+
+def build_tiny_edm_sdxl(root):
+    """The tiny SDXL folder with an EDM noise schedule, as Playground v2.5 has: a family `T2IModel` does not read,
+    which a local teacher draws with diffusers' own pipeline."""
+    build_tiny_sdxl(root)
+    shutil.rmtree(root / "scheduler")
+    EDMDPMSolverMultistepScheduler().save_pretrained(root / "scheduler")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "EDMDPMSolverMultistepScheduler"]}))
+    return root
+
+
+def fixed_loss(model, data) -> float:
+    """The denoising loss on the same noise and timesteps each time it is asked."""
+    with torch.no_grad():
+        latents = model.encode_images(data.images.float() / 127.5 - 1)
+        text = model.encode_prompts(data.prompts)
+        return model.denoising_loss(latents, text, generator=torch.Generator().manual_seed(0)).item()
 
 
 def build_teacher_ledger(folder, n: int, seed: int, deleted: int = 0):

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from builders import build_tiny_pixart, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+from builders import build_tiny_edm_sdxl, build_tiny_pixart, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
@@ -36,7 +36,8 @@ def _model_folder(build, name: str, doc: str):
 sd_dir = _model_folder(build_tiny_sd, "sd", "A Stable-Diffusion-style folder.")
 sdxl_dir = _model_folder(build_tiny_sdxl, "sdxl", "An SDXL-style folder (two text encoders, size conditioning).")
 pixart_dir = _model_folder(build_tiny_pixart, "pixart", "A PixArt-alpha-style folder (a DiT over T5 states).")
-sd3_dir = _model_folder(build_tiny_sd3, "sd3", "An SD3-style folder (a family only diffusers' own pipeline draws).")
+sd3_dir = _model_folder(build_tiny_sd3, "sd3", "An SD3-style folder (flow matching, three text encoders).")
+edm_dir = _model_folder(build_tiny_edm_sdxl, "edm", "An SDXL folder with an EDM schedule (only diffusers draws it).")
 
 
 @pytest.fixture(scope="session")

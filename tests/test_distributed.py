@@ -118,10 +118,10 @@ def test_commands_that_pay_for_calls_refuse_to_run_as_several_processes(tmp_path
         assert not (tmp_path / command).exists()
 
 
-def test_the_parts_a_model_names_unused_are_exactly_those_no_gradient_reaches(sd_dir, sdxl_dir, pixart_dir):
+def test_the_parts_a_model_names_unused_are_exactly_those_no_gradient_reaches(sd_dir, sdxl_dir, pixart_dir, sd3_dir):
     """Several processes sync every trainable weight's gradient each step, and wait for one that never comes:
     the trainer freezes what `unused_parts` names (SDXL reads its first text encoder's penultimate states)."""
-    for folder in (sd_dir, sdxl_dir, pixart_dir):
+    for folder in (sd_dir, sdxl_dir, pixart_dir, sd3_dir):
         model = T2IModel.from_pretrained(folder)
         for part in model.trainable_parts().values():
             part.requires_grad_(True)

@@ -16,7 +16,7 @@ import diffusers
 from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from transformers import T5Config, T5EncoderModel
 
-from builders import build_tiny_pixart
+from builders import build_tiny_pixart, fixed_loss
 from t2i_evolve.errors import UserError
 from t2i_evolve.models import SamplerConfig, T2IModel, sample_pixels
 from t2i_evolve.models.sampler import initial_noise
@@ -97,14 +97,6 @@ def test_a_pixart_folder_loads_encodes_and_saves_as_pixart(pixart, pixart_dir, t
                  "--device", "cpu"]) == 0 and out.is_file()
 
 
-def _fixed_loss(model: T2IModel, data: TrainingSet) -> float:
-    """The denoising loss on the same noise and timesteps each time it is asked."""
-    with torch.no_grad():
-        latents = model.encode_images(data.images.float() / 127.5 - 1)
-        text = model.encode_prompts(data.prompts)
-        return model.denoising_loss(latents, text, generator=torch.Generator().manual_seed(0)).item()
-
-
 def test_a_pixart_folder_learns_and_trains_lora_on_its_transformer_and_t5(pixart_dir, pixart, shapes, tmp_path,
                                                                          monkeypatch, capsys):
     full = TrainConfig(model=str(pixart_dir), output_dir=str(tmp_path / "full"), steps=30, batch_size=8, lr=2e-3,
@@ -113,7 +105,7 @@ def test_a_pixart_folder_learns_and_trains_lora_on_its_transformer_and_t5(pixart
     Trainer(full, shapes).run()
     said = capsys.readouterr().err
     assert "training all 0.0B weights of text_encoder (T5EncoderModel): train_text_encoder: false trains" in said
-    before, after = _fixed_loss(pixart, shapes), _fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
+    before, after = fixed_loss(pixart, shapes), fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
     assert after < 0.7 * before, (before, after)
 
     lora = TrainConfig(model=str(pixart_dir), output_dir=str(tmp_path / "lora"), steps=3, batch_size=4, lr=1e-2,
@@ -212,14 +204,14 @@ def test_a_pixart_folder_as_the_hub_ships_it_reads_its_sentencepiece_tokenizer(p
 
 
 def test_a_folder_it_cannot_read_is_one_line(pixart_dir, sd_dir, tmp_path):
-    sd3 = shutil.copytree(pixart_dir, tmp_path / "sd3")
-    index = json.loads((sd3 / "model_index.json").read_text())
-    (sd3 / "model_index.json").write_text(json.dumps(index | {"transformer": ["diffusers", "SD3Transformer2DModel"]}))
-    with pytest.raises(UserError, match="a SD3Transformer2DModel denoiser is not supported yet"):
-        T2IModel.from_pretrained(sd3)
+    flux = shutil.copytree(pixart_dir, tmp_path / "flux")
+    index = json.loads((flux / "model_index.json").read_text())
+    (flux / "model_index.json").write_text(json.dumps(index | {"transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(UserError, match="a FluxTransformer2DModel denoiser is not supported yet"):
+        T2IModel.from_pretrained(flux)
     with pytest.raises(UserError, match="not supported yet"):
-        T2IModel.folder_resolution(sd3)
-    assert not T2IModel.reads(sd3)
+        T2IModel.folder_resolution(flux)
+    assert not T2IModel.reads(flux)
 
     edm = shutil.copytree(pixart_dir, tmp_path / "edm")  # (Playground v2.5's schedule)
     index = json.loads((edm / "model_index.json").read_text())

@@ -1,5 +1,5 @@
 """A local diffusers-style model folder as a teacher: `T2IModel` + `Sampler` (or, for a family `T2IModel` does not
-read, such as SD3 or Flux, diffusers' own pipeline class for it), with an id for the cache.
+read, such as Flux or Playground v2.5, diffusers' own pipeline class for it), with an id for the cache.
 
 An open model on one's own GPU is often the cheapest strong teacher. Behind `CachedGenerator` it is
 used exactly like a paid API: each (prompt, seed) is drawn once per setting and kept in the ledger.
@@ -40,9 +40,9 @@ class LocalPipelineTeacherConfig(Config):
     resolution: int | None = Field(None, ge=8, description="Side its images are resized to (a recipe sets its base "
                                    "model's, which it trains and judges at); None: as drawn.")
     runner: Literal["auto", "t2i-evolve", "diffusers"] = Field(
-        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt: checked "
+        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3: checked "
         "equal to diffusers' pipelines; `sampler.scheduler` applies). diffusers: the pipeline class the folder names "
-        "(any family: SD3, Flux, ...), with its own scheduler and prompt handling; `sampler.steps`, `guidance` (set "
+        "(any family: Flux, Playground, ...), with its own scheduler and prompt handling; `sampler.steps`, `guidance` (set "
         "the family's own: SD3 about 7, Flux-dev 3.5), `resolution` and `batch_size` passed on, `sampler.scheduler` "
         "not. auto: t2i-evolve where it reads the folder, else diffusers.")
 
@@ -94,8 +94,8 @@ def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
 
 
 class DiffusersPipeline:
-    """A folder drawn by the diffusers pipeline class its model_index.json names: any family diffusers has (SD3,
-    Flux, Playground, ...), with the folder's own scheduler and prompt handling.
+    """A folder drawn by the diffusers pipeline class its model_index.json names: any family diffusers has (Flux,
+    Playground, Kandinsky, ...), with the folder's own scheduler and prompt handling.
 
     Only diffusers' own classes and parts of diffusers or transformers are loaded, weights as safetensors: a folder
     naming code of its own (a custom pipeline or part) or holding any Python file is refused, never run. Each

@@ -1,7 +1,7 @@
 """Text-to-image models: one adapter over diffusers/transformers parts, a tiny shapes-world model, sampling.
 
 - `T2IModel`: load, encode, predict, decode, save; the only code that knows the architecture (`folders.py`: what
-  a model folder is, and the families read: SD 1.x/2.x, SDXL, PixArt-alpha/sigma).
+  a model folder is, and the families read: SD 1.x/2.x, SDXL, PixArt-alpha/sigma, SD3).
 - `init_tiny_model` / `tiny_model`: a small pixel-space model for the shapes world, trainable on a CPU.
 - `Sampler`: a `Generator` (prompts + seeds -> images); `sample_pixels` is the loop behind it, with
   gradients through the last K steps for reward-tune and itercomp.

@@ -10,7 +10,8 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from safetensors import SafetensorError
 
 from ..errors import UserError
@@ -19,9 +20,13 @@ from ..files import read_json
 PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The folder parts this adapter reads (a PixArt folder's denoiser is its "transformer"); other entries of
 model_index.json (a safety checker) are ignored."""
-OPTIONAL_PARTS: frozenset[str] = frozenset({"vae"})
+OPTIONAL_PARTS: frozenset[str] = frozenset({"vae", "text_encoder_3", "tokenizer_3"})
 SDXL_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
 """SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither."""
+SD3_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+"""SD3's second CLIP encoder, and its T5 (optional: without it, zeros where its states would be)."""
+DENOISER_FOLDERS = {"unet": "unet", "pixart": "transformer", "sd3": "transformer"}
+"""Where each family this adapter reads keeps its denoiser."""
 LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
@@ -38,8 +43,9 @@ def read_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
-    """Load one part with the class model_index.json names for it; `None` for an absent optional part."""
+def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype, flow: bool = False) -> Any:
+    """Load one part with the class model_index.json names for it; `None` for an absent optional part. `flow`: the
+    scheduler is read as flow matching's (SD3), not DDPM's."""
     if entry is None or list(entry) == [None, None]:
         if name in OPTIONAL_PARTS:
             return None
@@ -52,14 +58,14 @@ def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype) -> Any:
     if not folder.is_dir():
         raise UserError(f"{root}: missing part {name!r} (no {name}/ folder)")
     if name == "scheduler":
-        # Training always adds noise the DDPM way; the saved class (PNDM, DDIM, ...) only matters to
-        # sampling, and the sampler builds its own scheduler from this config.
-        cls = DDPMScheduler
+        # Training always adds noise the DDPM way (flow matching's for SD3); the saved class (PNDM, DDIM, ...) only
+        # matters to sampling, and the sampler builds its own scheduler from this config.
+        cls = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
     kwargs: dict[str, Any] = {"local_files_only": True}
     # What a part must be is decided by its name, not by the class the index names: a factory such as
     # AutoModel is no torch module, and would load a pickled .bin past the check below.
-    wanted = {"tokenizer": transformers.PreTrainedTokenizerBase, "tokenizer_2": transformers.PreTrainedTokenizerBase,
-              "scheduler": DDPMScheduler}.get(name, torch.nn.Module)
+    wanted = cls if name == "scheduler" else (transformers.PreTrainedTokenizerBase if name.startswith("tokenizer")
+                                              else torch.nn.Module)
     if not issubclass(cls, wanted):
         raise UserError(f"{root}: model_index.json names {class_name} for {name!r}, which is not a {wanted.__name__} class")
     if issubclass(cls, torch.nn.Module):
@@ -84,35 +90,38 @@ def index_entry(part: Any) -> list[str | None]:
     return [type(part).__module__.split(".")[0], type(part).__name__]
 
 
-def denoiser_folder(root: Path, index: dict[str, Any]) -> str:
-    """Where a model of a family this adapter reads keeps its denoiser: "unet", or "transformer" for PixArt (the one
-    transformer family so far), decided from model_index.json and configs alone. A family it would misread is a
-    one-line `UserError`: another transformer (SD3, Flux, DiT), a noise schedule other than DDPM's (EDM: Playground
-    v2.5; flow matching), a UNet over T5 (DeepFloyd IF) or with other added conditioning than SDXL's (Kandinsky)."""
+def model_family(root: Path, index: dict[str, Any]) -> str:
+    """Which family this adapter reads a model folder as: "unet" (SD 1.x/2.x, SDXL), "pixart" (alpha, sigma) or "sd3",
+    decided from model_index.json and configs alone. A family it would misread is a one-line `UserError`: another
+    transformer (Flux, DiT), a noise schedule the family does not train with (EDM: Playground v2.5; flow matching
+    with dynamic shifting: Flux), a UNet over T5 (DeepFloyd IF) or with other added conditioning than SDXL's."""
 
     def class_name(part: str) -> str:
         entry = index.get(part)
         return str(entry[-1] if isinstance(entry, list) and entry else entry)
 
     if "unet" in index or "transformer" not in index:
-        folder, unet = "unet", read_json(root / "unet" / "config.json")
+        family, unet = "unet", read_json(root / "unet" / "config.json")
         added = unet.get("addition_embed_type") if isinstance(unet, dict) else None
         if added not in (None, "text_time"):
             raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
         if "T5" in class_name("text_encoder"):
             raise UserError(f"{root}: a UNet over a {class_name('text_encoder')} (DeepFloyd IF) is not supported yet")
     else:
-        folder, name = "transformer", class_name("transformer")
-        config = read_json(root / "transformer" / "config.json")
+        name, config = class_name("transformer"), read_json(root / "transformer" / "config.json")
         # PixArt's own folders name the class diffusers had then, which it still reads as PixArt's by its norm type.
         published = name == "Transformer2DModel" and isinstance(config, dict) and config.get("norm_type") == "ada_norm_single"
-        if name != "PixArtTransformer2DModel" and not published:
-            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models and PixArt-alpha/sigma are)")
-    schedule = class_name("scheduler")
-    if schedule.startswith(("EDM", "FlowMatch")):
-        raise UserError(f"{root}: a {schedule} noise schedule is not supported yet (DDPM-style ones are: DDPM, DDIM, "
-                        "PNDM, Euler, DPM-Solver, ...)")
-    return folder
+        family = "sd3" if name == "SD3Transformer2DModel" else "pixart" if name == "PixArtTransformer2DModel" or published else None
+        if family is None:
+            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models, PixArt and SD3 are)")
+    schedule, flow = class_name("scheduler"), family == "sd3"
+    if schedule.startswith("EDM") or schedule.startswith("FlowMatch") != flow:
+        raise UserError(f"{root}: a {schedule} noise schedule is not supported yet for this model (" + (
+            "SD3 trains with flow matching" if flow else "DDPM-style ones are: DDPM, DDIM, PNDM, Euler, DPM-Solver") + ")")
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+    if flow and isinstance(scheduler_config, dict) and scheduler_config.get("use_dynamic_shifting"):
+        raise UserError(f"{root}: a flow-matching schedule with dynamic shifting (Flux's) is not supported yet")
+    return family
 
 
 def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
@@ -125,6 +134,9 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
         if width != wanted:
             raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
                             f"({type(encoder).__name__}) gives {width}")
+        return
+    if isinstance(parts["unet"], SD3Transformer2DModel):
+        check_sd3_conditioning(root, parts)
         return
     if not isinstance(parts["unet"], UNet2DConditionModel):
         raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet or PixArt's")
@@ -143,6 +155,22 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
         if pooled is None or expected != pooled + 6 * unet.addition_time_embed_dim:
             raise UserError(f"{root}: the UNet expects {expected} added features, text_encoder_2's pooled vector "
                             f"({pooled}) plus six sizes of {unet.addition_time_embed_dim} make another number")
+
+
+def check_sd3_conditioning(root: Path, parts: dict[str, Any]) -> None:
+    """SD3's transformer reads both CLIP encoders' pooled vectors side by side, and their states (padded) beside T5's,
+    as wide as its `joint_attention_dim`."""
+    config, clips = parts["unet"].config, (parts["text_encoder"], parts.get("text_encoder_2"))
+    if clips[1] is None or not all(hasattr(clip, "text_projection") for clip in clips):
+        raise UserError(f"{root}: SD3 reads two CLIP text encoders with projections (text_encoder, text_encoder_2)")
+    pooled = sum(clip.config.projection_dim for clip in clips)
+    width = sum(clip.config.hidden_size for clip in clips)
+    t5 = parts.get("text_encoder_3")
+    if pooled != config.pooled_projection_dim or width > config.joint_attention_dim or (
+            t5 is not None and getattr(t5.config, "d_model", None) != config.joint_attention_dim):
+        raise UserError(f"{root}: the transformer reads pooled vectors {config.pooled_projection_dim} wide and text "
+                        f"{config.joint_attention_dim} wide; its text encoders give {pooled}, and states {width} wide "
+                        f"(CLIP) and {getattr(getattr(t5, 'config', None), 'd_model', None)} (T5)")
 
 
 def latent_scale(vae_config) -> int:

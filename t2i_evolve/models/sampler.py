@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from pydantic import Field
@@ -48,12 +48,16 @@ def make_scheduler(model: T2IModel, name: str, steps: int) -> SchedulerMixin:
 
     "trailing" spacing starts at the last training timestep, so few-step sampling begins from pure noise
     (the default "leading" spacing skips the noisiest steps). Fresh per call: multistep schedulers keep
-    state between steps.
+    state between steps. A flow-matching model (SD3) samples with its Euler scheduler, whatever `name` says.
     """
     trained = model.scheduler.config.num_train_timesteps
     if steps > trained:
         raise UserError(f"{steps} sampling steps is more than the {trained} timesteps the model was trained with; "
                         f"use at most {trained}")
+    if model.is_flow:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
+        scheduler.set_timesteps(steps, device=model.device)
+        return scheduler
     cls, extra = SCHEDULERS[name]
     scheduler = cls.from_config(model.scheduler.config, timestep_spacing="trailing", **extra)
     scheduler.set_timesteps(steps, device=model.device)
@@ -100,10 +104,10 @@ def denoise(
         raise ValueError("classifier-free guidance needs the unconditional embedding (model.encode_empty)")
     uncond = uncond if guidance != 1.0 else None
     first_grad = len(timesteps) - grad_steps
-    latents = noise.float() * scheduler.init_noise_sigma
+    latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # (flow matching: none, the noise as is)
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= first_grad):
-            x = scheduler.scale_model_input(latents, t)
+            x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
             args = (model, x, t, text, uncond, guidance)
             if checkpoint and torch.is_grad_enabled():
                 out = checkpointed(_guided_prediction, *args, use_reentrant=False)
@@ -151,7 +155,8 @@ class Sampler:
         self.model = model
         self.config = config
         guidance = f"-cfg{config.guidance:g}" if config.guidance != 1.0 else ""
-        self.id = id or f"{model.name}:{config.scheduler}-{config.steps}{guidance}"
+        scheduler = "flow-euler" if model.is_flow else config.scheduler  # (what a flow-matching model samples with)
+        self.id = id or f"{model.name}:{scheduler}-{config.steps}{guidance}"
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         if len(prompts) != len(seeds):

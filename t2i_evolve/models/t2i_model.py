@@ -3,9 +3,9 @@
 Recipes never touch a UNet, a VAE or a tokenizer directly; they call `encode_prompts`, `encode_images`,
 `predict`, `decode` and `denoising_loss`. This class is therefore the only place that knows the
 architecture, so the tiny pixel-space model and Stable Diffusion 1.x/2.x and SDXL folders share every code
-path. SDXL is a branch here (two text encoders, and size and crop conditioning), and so is PixArt-alpha/sigma
-(EvolveDirector's own base: a transformer denoiser over T5 states with their attention mask); another family
-(SD3, Flux) later means another branch here, not changes in the recipes.
+path. SDXL is a branch here (two text encoders, and size and crop conditioning), and so are PixArt-alpha/sigma
+(EvolveDirector's own base: a transformer denoiser over T5 states with their attention mask) and SD3 (flow matching,
+two CLIP encoders and T5); another family (Flux) later means another branch here, not changes in the recipes.
 
 Conventions: images are float tensors (B, 3, H, W) in [-1, 1]; "latents" are what the denoiser works
 on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only (reading a
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from ..errors import UserError
 from ..files import read_json, write_atomically
-from .folders import (PARTS, SDXL_PARTS, check_conditioning, denoiser_folder, index_entry, latent_scale, load_part,
-                      read_index)
+from .folders import (DENOISER_FOLDERS, PARTS, SD3_PARTS, SDXL_PARTS, check_conditioning, index_entry, latent_scale,
+                      load_part, model_family, read_index)
 
 
 class PromptEmbeds(NamedTuple):
@@ -86,12 +86,15 @@ class T2IModel:
         text_encoder_2: transformers.PreTrainedModel | None = None,
         tokenizer_2: transformers.PreTrainedTokenizerBase | None = None,
         zeros_for_empty_prompt: bool = False,
+        text_encoder_3: transformers.PreTrainedModel | None = None,
+        tokenizer_3: transformers.PreTrainedTokenizerBase | None = None,
     ):
         if (text_encoder_2 is None) != (tokenizer_2 is None):
             raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL) or not at all")
         self.unet = unet
         # Decided once, from the module itself: a trainer replaces `unet` by a wrapper for several processes.
         self.is_pixart = isinstance(unet, PixArtTransformer2DModel)
+        self.is_sd3 = isinstance(unet, SD3Transformer2DModel)
         self.size_conditioning = self.is_pixart and bool(unet.use_additional_conditions)  # (PixArt at 1024 px)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -99,6 +102,8 @@ class T2IModel:
         self.vae = vae
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
+        self.text_encoder_3 = text_encoder_3  # (SD3's T5; None: zeros in its place, as its pipeline does)
+        self.tokenizer_3 = tokenizer_3
         self.zeros_for_empty_prompt = zeros_for_empty_prompt
         # The scheduler a folder came with (its model_index.json entry and config), written back by `save_pretrained`:
         # training reads the noise schedule as DDPM's, but a pipeline loading a saved folder samples as the original.
@@ -106,7 +111,7 @@ class T2IModel:
         self._empty: torch.Tensor | None = None  # `_empty_ids`' cache
         self.name = name
         default = ("StableDiffusionXLPipeline" if self.is_sdxl else "PixArtAlphaPipeline" if self.is_pixart
-                   else "StableDiffusionPipeline")
+                   else "StableDiffusion3Pipeline" if self.is_sd3 else "StableDiffusionPipeline")
         self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else default)
         if vae is not None:
             vae.requires_grad_(False)  # recipes tune the denoiser and the text encoders, never the VAE
@@ -127,18 +132,19 @@ class T2IModel:
                 raise UserError(f"unknown dtype {dtype!r} (try float32, bfloat16, float16)")
             dtype = getattr(torch, dtype)
         index = read_index(root)
-        denoiser = denoiser_folder(root, index)
-        sdxl = any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
+        family = model_family(root, index)
+        sdxl = family == "unet" and any(index.get(name) not in (None, [None, None]) for name in SDXL_PARTS)
         # SDXL's VAE overflows in float16 (its config says `force_upcast`): read in float32, as diffusers' SDXL
         # pipeline upcasts it to decode.
         vae_config = read_json(root / "vae" / "config.json")  # (one that cannot be read: its loader says why)
         upcast = sdxl and dtype == torch.float16 and not (isinstance(vae_config, dict) and
                                                            vae_config.get("force_upcast") is False)
-        folders = {name: denoiser if name == "unet" else name for name in PARTS + SDXL_PARTS * sdxl}
-        parts = {name: load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype)
-                 for name, folder in folders.items()}
+        names = PARTS + (SD3_PARTS if family == "sd3" else SDXL_PARTS if sdxl else ())
+        folders = {name: DENOISER_FOLDERS[family] if name == "unet" else name for name in names}
+        parts = {name: load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype,
+                                 flow=family == "sd3") for name, folder in folders.items()}
         check_conditioning(root, parts)
-        if parts["vae"] is not None and parts["scheduler"].config.clip_sample:
+        if parts["vae"] is not None and parts["scheduler"].config.get("clip_sample"):
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
             # the PNDM configs of Stable Diffusion 1.x folders often do not say otherwise.
             parts["scheduler"] = DDPMScheduler.from_config(parts["scheduler"].config, clip_sample=False)
@@ -152,12 +158,12 @@ class T2IModel:
 
     @staticmethod
     def reads(path: str | Path) -> bool:
-        """Whether `from_pretrained` knows the family of this model folder (see `denoiser_folder`; it still checks
+        """Whether `from_pretrained` knows the family of this model folder (see `model_family`; it still checks
         each part as it loads). A folder that is no model folder at all is its one-line error."""
         root = Path(path)
         index = read_index(root)
         try:
-            denoiser_folder(root, index)
+            model_family(root, index)
         except UserError:
             return False
         return True
@@ -172,7 +178,9 @@ class T2IModel:
         index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
         if self.is_sdxl:
             index["force_zeros_for_empty_prompt"] = self.zeros_for_empty_prompt
-        for attribute in PARTS + SDXL_PARTS * self.is_sdxl:
+        if self.is_sd3:  # (what its pipeline expects named, though none is read here)
+            index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
+        for attribute in self.part_names:
             part = getattr(self, attribute)
             name = self.denoiser_folder if attribute == "unet" else attribute
             index[name] = index_entry(part)
@@ -200,13 +208,20 @@ class T2IModel:
             module.to(**kwargs)
         return self
 
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The attributes that are folder parts, in the order they are saved."""
+        return PARTS + (SD3_PARTS if self.is_sd3 else SDXL_PARTS if self.is_sdxl else ())
+
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae) if m is not None]
+        return [m for m in (self.unet, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae)
+                if m is not None]
 
     def trainable_parts(self) -> dict[str, torch.nn.Module]:
         """The parts recipes may tune (full fine-tuning or LoRA): the UNet and the text encoders; the VAE stays
         frozen."""
-        parts = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        parts = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                 "text_encoder_3": self.text_encoder_3}
         return {name: part for name, part in parts.items() if part is not None}
 
     def unused_parts(self, name: str) -> list[torch.nn.Module]:
@@ -220,12 +235,18 @@ class T2IModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.is_sd3
+
+    @property
+    def is_flow(self) -> bool:
+        """Trained by flow matching (SD3: noise and image mixed linearly, the velocity between them predicted), not
+        by DDPM's noise schedule."""
+        return self.is_sd3
 
     @property
     def denoiser_folder(self) -> str:
-        """The folder (and model_index.json entry) of the denoiser: "unet", or PixArt's "transformer"."""
-        return "transformer" if self.is_pixart else "unet"
+        """The folder (and model_index.json entry) of the denoiser: "unet", or PixArt's and SD3's "transformer"."""
+        return "transformer" if self.is_pixart or self.is_sd3 else "unet"
 
     # -- shapes ---------------------------------------------------------------------------------------
 
@@ -254,7 +275,7 @@ class T2IModel:
         """`resolution` of a model folder read from its configs alone: no weights loaded (an SDXL folder
         is gigabytes, and a recipe may only need the size to ask its teachers for)."""
         root = Path(path)
-        denoiser = denoiser_folder(root, read_index(root))
+        denoiser = DENOISER_FOLDERS[model_family(root, read_index(root))]
 
         def config(part: str) -> dict | None:
             file = root / part / "config.json"
@@ -274,7 +295,8 @@ class T2IModel:
 
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+        """What the denoiser predicts: "epsilon", "v_prediction", "sample", or "flow" (SD3's velocity, noise - x0)."""
+        return "flow" if self.is_flow else self.scheduler.config.prediction_type
 
     # -- text -----------------------------------------------------------------------------------------
 
@@ -298,9 +320,19 @@ class T2IModel:
         """
         if self.is_pixart:
             prompts = [prompt.lower().strip() for prompt in prompts]
+        if self.is_sd3:  # each tokenizer its own length, side by side: (B, 77 + 77 + 256) at SD3's sizes
+            return torch.cat([tok(list(prompts), padding="max_length", max_length=length, truncation=True,
+                                  return_tensors="pt").input_ids for tok, length in self._sd3_tokens()], 1).to(self.device)
         ids = [tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                    return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2) if tok is not None]
         return (torch.stack(ids, 1) if self.is_sdxl else ids[0]).to(self.device)
+
+    def _sd3_tokens(self) -> list[tuple[transformers.PreTrainedTokenizerBase, int]]:
+        """SD3's tokenizers and their lengths, as its pipeline pads them: each CLIP's own limit, T5 cut at 256."""
+        clips = [(tok, min(tok.model_max_length, enc.config.max_position_embeddings))
+                 for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
+        t5 = self.tokenizer_3
+        return clips if t5 is None else clips + [(t5, min(t5.model_max_length, 256))]
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
         return self.encode_tokens(self.tokenize(prompts))
@@ -316,6 +348,8 @@ class T2IModel:
             mask = (input_ids != self.tokenizer.pad_token_id).long()
             hidden = self.text_encoder(input_ids, attention_mask=mask).last_hidden_state
             return PromptEmbeds(hidden, hidden.new_zeros(len(hidden), 0), mask)
+        if self.is_sd3:
+            return self._encode_sd3(input_ids)
         every_token = torch.ones(len(input_ids), input_ids.shape[-1], dtype=torch.long, device=self.device)
         if not self.is_sdxl:
             out = self.text_encoder(input_ids)
@@ -328,6 +362,21 @@ class T2IModel:
         if keep is not None and self.zeros_for_empty_prompt:
             text = PromptEmbeds(text.hidden * keep.view(-1, 1, 1), text.pooled * keep.view(-1, 1), text.mask)
         return text
+
+    def _encode_sd3(self, input_ids: torch.Tensor) -> PromptEmbeds:
+        """SD3's text: both CLIP encoders' penultimate states side by side, zero-padded to T5's width, then T5's
+        states after them in the sequence (zeros without a T5); the pooled vector is both CLIPs' projections."""
+        lengths = [length for _, length in self._sd3_tokens()]
+        ids = input_ids.split(lengths, dim=1)
+        first = self.text_encoder(ids[0], output_hidden_states=True)
+        second = self.text_encoder_2(ids[1], output_hidden_states=True)
+        clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1)
+        width = self.unet.config.joint_attention_dim
+        t5 = (self.text_encoder_3(ids[2]).last_hidden_state if self.text_encoder_3 is not None
+              else clip.new_zeros(len(clip), 256, width))
+        hidden = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5.to(clip.dtype)], 1)
+        every_token = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return PromptEmbeds(hidden, torch.cat([first.text_embeds, second.text_embeds], -1), every_token)
 
     def _empty_ids(self) -> torch.Tensor:
         """The empty prompt's ids, tokenized once (a trainer asks every step; a tokenizer call is about 1 ms)."""
@@ -375,6 +424,11 @@ class T2IModel:
         """The denoiser's output for noisy latents at timestep(s) `t` (noise or velocity, see prediction_type)."""
         if self.is_pixart:
             return self._predict_pixart(noisy, t, text)
+        if self.is_sd3:
+            t = torch.as_tensor(t, device=noisy.device)
+            return self.unet(hidden_states=noisy.to(self.dtype), timestep=t.expand(len(noisy)) if t.dim() == 0 else t,
+                             encoder_hidden_states=text.hidden.to(self.dtype),
+                             pooled_projections=text.pooled.to(self.dtype)).sample
         class_labels = text.pooled.to(self.dtype) if self.unet.config.class_embed_type == "projection" else None
         added = None
         if self.is_sdxl:  # size and crop conditioning: drawn whole at this size (original = target, no crop)
@@ -411,11 +465,20 @@ class T2IModel:
         """The standard diffusion loss: noise clean latents at random timesteps, regress the target.
 
         The target follows the schedule's prediction type. `reduction="none"` gives one loss per image,
-        for recipes that weight samples (e.g. by reward).
+        for recipes that weight samples (e.g. by reward). Flow matching (SD3) draws its noise levels logit-normal,
+        as SD3 was trained and diffusers' SD3 scripts tune it, and takes no min-SNR weighting (`snr_gamma` ignored).
         """
         where = generator.device if generator is not None else latents.device  # draw where the generator lives
         noise = torch.randn(latents.shape, generator=generator, device=where).to(latents)
         steps = self.scheduler.config.num_train_timesteps
+        if self.is_flow:
+            share = torch.sigmoid(torch.randn(len(latents), generator=generator, device=where)).cpu()
+            at = (share * steps).long().clamp(max=steps - 1)  # an index into the training schedule's noise levels
+            t = self.scheduler.timesteps[at].to(latents.device)
+            sigma = self.scheduler.sigmas[at].to(latents).view(-1, *(1,) * (latents.dim() - 1))
+            noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
+            loss = F.mse_loss(self.predict(noisy, t, text).float(), target.float(), reduction="none").flatten(1).mean(1)
+            return loss.mean() if reduction == "mean" else loss
         t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=where).to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         if self.prediction_type == "epsilon":

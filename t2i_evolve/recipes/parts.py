@@ -54,7 +54,7 @@ class TeacherSpec(Config):
     sampler: SamplerConfig = SamplerConfig()  # local: how it draws (a real SD/SDXL teacher: guidance 5-7.5, 30 steps)
     device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
     dtype: str = "float32"  # local: e.g. float16 on a GPU
-    runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws SD3, Flux, ...
+    runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Flux, ...
 
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":

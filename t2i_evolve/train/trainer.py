@@ -161,8 +161,8 @@ class Trainer:
         self.frozen = [name for name in ("vae", *self.model.trainable_parts()) if name not in self.modules
                        and getattr(self.model, name) is not None]
         if config.mixed_precision == "bf16":
-            for name in self.frozen:
-                getattr(self.model, name).to(torch.bfloat16)
+            for name in self.frozen:  # (torch's own `to`: diffusers' warns of float32 modules its VAE does not have)
+                torch.nn.Module.to(getattr(self.model, name), torch.bfloat16)
         # Several processes sync every trainable weight's gradient each step and would wait for one that never
         # comes (SDXL's first text encoder's last layer): the wrapper is told to look for them (a little slower)
         unused = any(self.model.unused_parts(name) for name in self.modules)
