@@ -66,7 +66,7 @@ def test_sampler_steps_below_one_is_one_line_naming_steps():
 
 
 def test_more_sampling_steps_than_training_timesteps_is_a_user_error():
-    model = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=10), device="cpu")
+    model = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=10), device="cpu", is_flow=False)
     with pytest.raises(UserError, match=r"11 sampling steps.*10 timesteps"):
         make_scheduler(model, "ddim", 11)
     for name in ("ddim", "dpm++"):

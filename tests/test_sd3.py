@@ -82,6 +82,16 @@ def test_an_sd3_folder_saves_as_diffusers_loads_it_learns_and_trains_lora_on_its
     assert type(pipeline.text_encoder_3).__name__ == "T5EncoderModel"
 
 
+def test_lora_targets_that_name_no_layer_of_a_text_encoder_are_one_line(sd3_dir, tmp_path):
+    """CLIP's names given for every text encoder: SD3's T5 has none of them."""
+    shapes = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(4, seed=4))
+    config = TrainConfig(model=str(sd3_dir), output_dir=str(tmp_path), steps=1, batch_size=2, tracker="none",
+                         lora=LoraSettings(rank=2, text_encoder_targets=["q_proj", "v_proj"]))
+    with pytest.raises(UserError, match="lora targets \\['q_proj', 'v_proj'\\] match no layer of text_encoder_3 "
+                                        "\\(T5EncoderModel\\): name its own \\(T5's: q, k, v, o"):
+        Trainer(config, shapes)
+
+
 def test_evolve_trains_an_sd3_base(sd3_dir, tmp_path):
     from evolve_worker import small_config
     from t2i_evolve.recipes.evolve import run_evolve
@@ -104,6 +114,13 @@ def test_an_sd3_folder_it_would_misread_is_one_line(sd3_dir, tmp_path):
     (ddpm / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "DDPMScheduler"]}))
     with pytest.raises(UserError, match="DDPMScheduler noise schedule is not supported yet for this model \\(SD3 trains"):
         T2IModel.from_pretrained(ddpm)
+
+    half = without_t5(sd3_dir, tmp_path / "half-t5")  # (T5's encoder back, its tokenizer not)
+    shutil.copytree(sd3_dir / "text_encoder_3", half / "text_encoder_3")
+    index = json.loads((half / "model_index.json").read_text())
+    (half / "model_index.json").write_text(json.dumps(index | {"text_encoder_3": ["transformers", "T5EncoderModel"]}))
+    with pytest.raises(UserError, match="needs both text_encoder_3 and tokenizer_3, or neither"):
+        T2IModel.from_pretrained(half)
 
     narrow = shutil.copytree(sd3_dir, tmp_path / "narrow")  # (a second CLIP projecting to 16, not 32)
     config = CLIPTextModelWithProjection.from_pretrained(narrow / "text_encoder_2").config

@@ -69,7 +69,8 @@ class LocalPipelineTeacher:
             self.sampler = DiffusersPipeline(config)
             drawn = config.sampler.resolution or self.sampler.resolution
         self.resize = config.resolution if config.resolution not in (None, drawn) else None
-        self.id = config.id or pipeline_id(config) + (f"->{self.resize}px" if self.resize else "")
+        flow = config.runner == "t2i-evolve" and model.is_flow
+        self.id = config.id or pipeline_id(config, flow) + (f"->{self.resize}px" if self.resize else "")
         self.price_per_call = config.price_per_call
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
@@ -79,16 +80,17 @@ class LocalPipelineTeacher:
         return images
 
 
-def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
+def pipeline_id(config: LocalPipelineTeacherConfig, flow: bool = False) -> str:
     """'local:<folder>@<weights fingerprint>:<scheduler>-<steps>[-cfg<g>][-<res>px]:<dtype>', where the scheduler
-    is 'diffusers' for a folder diffusers' pipeline draws with its own (`runner`).
+    is 'diffusers' for a folder diffusers' pipeline draws with its own (`runner`), and 'flow-euler' for a
+    flow-matching model (SD3), which samples with its Euler steps whatever `sampler.scheduler` says.
 
     The batch size is left out: it does not change what an image shows (see `models.sampler`).
     """
     s = config.sampler
     guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
     resolution = f"-{s.resolution}px" if s.resolution else ""
-    scheduler = "diffusers" if config.runner == "diffusers" else s.scheduler
+    scheduler = "diffusers" if config.runner == "diffusers" else "flow-euler" if flow else s.scheduler
     root = Path(config.path).resolve()
     return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
 

@@ -115,6 +115,8 @@ def model_family(root: Path, index: dict[str, Any]) -> str:
         if family is None:
             raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models, PixArt and SD3 are)")
     schedule, flow = class_name("scheduler"), family == "sd3"
+    if index.get("scheduler") in (None, [None, None]):  # (loading says none is there)
+        return family
     if schedule.startswith("EDM") or schedule.startswith("FlowMatch") != flow:
         raise UserError(f"{root}: a {schedule} noise schedule is not supported yet for this model (" + (
             "SD3 trains with flow matching" if flow else "DDPM-style ones are: DDPM, DDIM, PNDM, Euler, DPM-Solver") + ")")
@@ -139,7 +141,7 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
         check_sd3_conditioning(root, parts)
         return
     if not isinstance(parts["unet"], UNet2DConditionModel):
-        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet or PixArt's")
+        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet, PixArt's or SD3's")
     unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
     added = unet.get("addition_embed_type")
     if (added == "text_time") != (encoder is not None):
@@ -163,6 +165,8 @@ def check_sd3_conditioning(root: Path, parts: dict[str, Any]) -> None:
     config, clips = parts["unet"].config, (parts["text_encoder"], parts.get("text_encoder_2"))
     if clips[1] is None or not all(hasattr(clip, "text_projection") for clip in clips):
         raise UserError(f"{root}: SD3 reads two CLIP text encoders with projections (text_encoder, text_encoder_2)")
+    if (parts.get("text_encoder_3") is None) != (parts.get("tokenizer_3") is None):
+        raise UserError(f"{root}: SD3's T5 needs both text_encoder_3 and tokenizer_3, or neither (zeros in its place)")
     pooled = sum(clip.config.projection_dim for clip in clips)
     width = sum(clip.config.hidden_size for clip in clips)
     t5 = parts.get("text_encoder_3")

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import Field
 
 from ..config import Config
+from ..errors import UserError
 from ..models import T2IModel
 
 DEFAULT_TARGETS = {
@@ -43,7 +44,11 @@ def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str, seed: i
     # the package index has, and this one does the same for any torch module.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{part}".encode()).digest()[:8], "little"))
-        inject_adapter_in_model(config, module)
+        try:
+            inject_adapter_in_model(config, module)
+        except ValueError:  # (peft's: no layer of that name)
+            raise UserError(f"lora targets {targets} match no layer of {part} ({type(module).__name__}): name its own "
+                            f"(T5's: {', '.join(T5_TARGETS)}; CLIP's: {', '.join(DEFAULT_TARGETS['text_encoder'])})") from None
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
 

@@ -62,7 +62,8 @@ def train_round(rounds_dir: Path, r: int, init: Path, data: Callable[[], Trainin
             Trainer(config, data()).run()
     drop_spent_checkpoints(rounds_dir, r)
     for old in range(1, r - keep_models + 1) if keep_models else ():
-        shutil.rmtree(rounds_dir / f"{old:03d}" / "model", ignore_errors=True)
+        (rounds_dir / f"{old:03d}" / "model" / "model_index.json").unlink(missing_ok=True)  # first: no folder left
+        shutil.rmtree(rounds_dir / f"{old:03d}" / "model", ignore_errors=True)              # vouched for half deleted
     return round_dir / "model"
 
 

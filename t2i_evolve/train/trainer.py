@@ -155,14 +155,16 @@ class Trainer:
         self.out = Path(config.output_dir)
         self.model = T2IModel.from_pretrained(config.model, device=process_state().device)
         self.modules = self._trainable_modules()
-        # The parts only read (the VAE; a text encoder or denoiser not trained), kept in bf16 under bf16 training, as
-        # autocast computes them in it anyway: half their memory (PixArt's frozen T5-XXL: 19 GB -> 9.5). A saved
-        # model copies their files from the folder they were read from, so they are saved as they were.
+        # The parts only read (the VAE; a text encoder or denoiser not trained): a saved model copies their files from
+        # the folder they were read from, so they are saved as they were. Under bf16 training the text encoders and
+        # denoiser among them are held in bf16, as autocast computes them in it anyway: half their memory (PixArt's
+        # frozen T5-XXL: 19 GB -> 9.5). The VAE (small) stays float32: SDXL's encodes outside autocast.
         self.frozen = [name for name in ("vae", *self.model.trainable_parts()) if name not in self.modules
                        and getattr(self.model, name) is not None]
         if config.mixed_precision == "bf16":
-            for name in self.frozen:  # (torch's own `to`: diffusers' warns of float32 modules its VAE does not have)
-                torch.nn.Module.to(getattr(self.model, name), torch.bfloat16)
+            for name in self.frozen:
+                if name != "vae":
+                    getattr(self.model, name).to(torch.bfloat16)
         # Several processes sync every trainable weight's gradient each step and would wait for one that never
         # comes (SDXL's first text encoder's last layer): the wrapper is told to look for them (a little slower)
         unused = any(self.model.unused_parts(name) for name in self.modules)
