@@ -356,6 +356,20 @@ def test_the_real_model_example_config_validates_and_names_a_missing_base_in_one
     assert "sdxl-base" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_papers_pixart_config_validates_with_its_settings_and_names_a_missing_base_in_one_line(tmp_path):
+    from t2i_evolve.recipes.evolve import EvolveConfig
+
+    config = EvolveConfig.from_yaml(Path(__file__).resolve().parents[1] / "docs" / "evolve-pixart.yaml")
+    assert (config.lr, config.weight_decay, config.warmup_steps, config.ema_decay) == (2e-5, 0.03, 1000, 0.9999)
+    assert not config.train_text_encoder and len(config.teachers) == 2 and config.judge.temperature == 0.2
+    assert config.round_training()["weight_decay"] == 0.03  # (reaches each round's trainer)
+    with pytest.raises(UserError) as error:
+        run_evolve(config.updated(None, output_dir=str(tmp_path / "run"), eval_prompts=6, seed_prompts=12,
+                                  prompts_file=str(_write(tmp_path / "open.txt", OPEN)),
+                                  base_model=str(tmp_path / "PixArt-XL-2-512x512")))
+    assert "PixArt-XL-2-512x512" in str(error.value) and "\n" not in str(error.value)
+
+
 class SpellingWriter(OpenWriter):
     """Proposes the held-out prompts themselves, spelled otherwise ("A sleepy cat on a sofa."), as an LLM might."""
 
