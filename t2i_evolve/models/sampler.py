@@ -36,7 +36,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 class SamplerConfig(Config):
     """How to sample. `guidance` 1.0 means no classifier-free guidance (and no unconditional pass)."""
 
-    scheduler: Literal["ddim", "dpm++"] = "ddim"
+    scheduler: Literal["ddim", "dpm++"] = "ddim"  # (a flow-matching model, SD3, samples with its Euler steps)
     steps: int = Field(20, ge=1)
     guidance: float = 1.0
     batch_size: int = Field(64, ge=1)

@@ -64,14 +64,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class T2IModel:
     """A text-to-image diffusion model: denoiser + text encoder + tokenizer + noise schedule (+ VAE).
 
-    `scheduler` is the training noise schedule (DDPM); its `config.prediction_type` says whether the
-    denoiser predicts the noise ("epsilon") or the velocity ("v_prediction"). `vae` is None for a
-    pixel-space model. `text_encoder_2` and `tokenizer_2` make it SDXL; `zeros_for_empty_prompt` (SDXL's
-    `force_zeros_for_empty_prompt`) makes the unconditional embedding zeros rather than the empty prompt's, as
-    diffusers' SDXL pipeline samples it. `unet` is the denoiser, whatever its architecture: for a PixArt folder a
-    `PixArtTransformer2DModel` (its "transformer" part; recipes and configs call the part "unet" all the same,
-    as in `train_unet`), with a T5 text encoder. The parts are plain diffusers/transformers modules, so LoRA (peft),
-    EMA and optimizers apply to them directly.
+    `scheduler` is the training noise schedule (DDPM; SD3's flow matching); its `config.prediction_type` says
+    whether the denoiser predicts the noise ("epsilon") or the velocity ("v_prediction"). `vae` is None for a
+    pixel-space model. `text_encoder_2` and `tokenizer_2` make it SDXL (with an SD3 transformer: SD3's second CLIP,
+    `text_encoder_3` its T5); `zeros_for_empty_prompt` (SDXL's `force_zeros_for_empty_prompt`) makes the
+    unconditional embedding zeros rather than the empty prompt's, as diffusers' SDXL pipeline samples it. `unet` is
+    the denoiser, whatever its architecture: for a PixArt or SD3 folder its transformer (its "transformer" part;
+    recipes and configs call the part "unet" all the same, as in `train_unet`). The parts are plain
+    diffusers/transformers modules, so LoRA (peft), EMA and optimizers apply to them directly.
     """
 
     def __init__(
