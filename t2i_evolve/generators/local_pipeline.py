@@ -40,11 +40,11 @@ class LocalPipelineTeacherConfig(Config):
     resolution: int | None = Field(None, ge=8, description="Side its images are resized to (a recipe sets its base "
                                    "model's, which it trains and judges at); None: as drawn.")
     runner: Literal["auto", "t2i-evolve", "diffusers"] = Field(
-        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3: checked "
-        "equal to diffusers' pipelines; `sampler.scheduler` applies). diffusers: the pipeline class the folder names "
-        "(any family: Flux, Playground, ...), with its own scheduler and prompt handling; `sampler.steps`, `guidance` (set "
-        "the family's own: SD3 about 7, Flux-dev 3.5), `resolution` and `batch_size` passed on, `sampler.scheduler` "
-        "not. auto: t2i-evolve where it reads the folder, else diffusers.")
+        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3: "
+        "checked equal to diffusers' pipelines; `sampler.scheduler` applies but to SD3). diffusers: the pipeline class "
+        "the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt handling; "
+        "`sampler.steps`, `guidance` (set the family's own: Flux-dev about 3.5), `resolution` and `batch_size` passed "
+        "on, `sampler.scheduler` not. auto: t2i-evolve where it reads the folder, else diffusers.")
 
 
 class LocalPipelineTeacher:

@@ -303,7 +303,8 @@ class T2IModel:
     @property
     def max_length(self) -> int:
         """Tokens per prompt: the tokenizers' limit, capped by the text encoders' positions. T5 (PixArt) has relative
-        positions, so no limit of its own: its pipelines cut prompts at 120 tokens (alpha) or 300 (sigma)."""
+        positions, so no limit of its own: its pipelines cut prompts at 120 tokens (alpha) or 300 (sigma). (SD3 pads
+        each of its three tokenizers to its own length: `_sd3_tokens`.)"""
         if self.is_pixart:
             return min(self.tokenizer.model_max_length, 300 if "Sigma" in self.pipeline_class else 120)
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
