@@ -312,7 +312,7 @@ class T2IModel:
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, max_length), always padded to the full length; SDXL: (B, 2, max_length), a row of ids
-        per tokenizer (each pads with its own token).
+        per tokenizer (each pads with its own token); SD3: (B, 77 + 77 + 256), its three tokenizers' side by side.
 
         Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
         (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs. PixArt's
