@@ -3,11 +3,11 @@ trainer and sampler.
 
 Builds the folder from configs (SD1.5: UNet 860M with SD1.5's block layout, CLIP ViT-L/14-sized text encoder;
 `--arch pixart`: PixArt-XL-2-512's 611M transformer over a T5-XXL-sized encoder, 4.6B without the vocabulary,
-frozen as EvolveDirector trains it; SD's VAE; letter-level tokenizers since no vocabulary can be downloaded), saves it
+frozen as EvolveDirector trains it; `--arch sd3`: SD3-medium's 2B MMDiT over CLIP-L and CLIP-G, no T5; SD's VAE; letter-level tokenizers since no vocabulary can be downloaded), saves it
 as safetensors, then times what the recipes do: denoising training steps through `Trainer` (bf16 autocast,
 gradient checkpointing), sampling through `Sampler`, and a reward-style backward through the last K sampling steps.
 
-    python benchmarks/sd15_gpu.py [--arch sd15|pixart] [--resolution 512] [--batch 8] [--steps 10] [--json]
+    python benchmarks/sd15_gpu.py [--arch sd15|pixart|sd3] [--resolution 512] [--batch 8] [--steps 10] [--json]
     python benchmarks/sd15_gpu.py --small    # a CPU-sized smoke run of the same code
 """
 
@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
+                       SD3Transformer2DModel, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from builders import write_clip_tokenizer, write_t5_tokenizer  # noqa: E402  (the tests' letter-level tokenizers)
@@ -49,12 +50,12 @@ def build_sd15(root: Path, small: bool) -> None:
                              "CLIPTokenizer", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
-def write_sd_vae(folder: Path, small: bool) -> None:
+def write_sd_vae(folder: Path, small: bool, latent_channels: int = 4, **extra) -> None:
     channels = (32, 32, 64, 64) if small else (128, 256, 512, 512)
     AutoencoderKL(
         block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
-        norm_num_groups=32,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=latent_channels, layers_per_block=2, sample_size=512,
+        norm_num_groups=32, **extra,
     ).save_pretrained(folder)
 
 
@@ -77,6 +78,34 @@ def build_pixart(root: Path, small: bool) -> None:
                              "T5Tokenizer", beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 
 
+def build_sd3(root: Path, small: bool) -> None:
+    """SD3-medium: its 2B MMDiT (24 blocks, 1536 wide) over CLIP-L and CLIP-G-sized encoders, a 16-channel VAE, flow
+    matching. No T5 (4.7B to build and save): zeros in its place, as SD3 runs without one."""
+    for suffix, (hidden, layers, heads) in zip(("", "_2"), [(64, 2, 4)] * 2 if small else [(768, 12, 12), (1280, 32, 20)]):
+        vocab = write_clip_tokenizer(root / f"tokenizer{suffix}")
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        )).save_pretrained(root / f"text_encoder{suffix}")
+    write_sd_vae(root / "vae", small, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+    SD3Transformer2DModel(
+        sample_size=8 if small else 128, patch_size=2, in_channels=16, out_channels=16, num_layers=2 if small else 24,
+        attention_head_dim=16 if small else 64, num_attention_heads=4 if small else 24,
+        joint_attention_dim=128 if small else 4096, caption_projection_dim=64 if small else 1536,
+        pooled_projection_dim=128 if small else 2048, pos_embed_max_size=192,
+    ).save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    clip = ["transformers", "CLIPTextModelWithProjection"]
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": clip, "text_encoder_2": clip,
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }))
+
+
 def write_schedule_and_index(root: Path, pipeline: str, denoiser: tuple[str, str], text_encoder: str, tokenizer: str,
                              **schedule) -> None:
     """The DDPM noise schedule, and the model_index.json that names every part's class."""
@@ -86,6 +115,9 @@ def write_schedule_and_index(root: Path, pipeline: str, denoiser: tuple[str, str
         "text_encoder": ["transformers", text_encoder], "tokenizer": ["transformers", tokenizer],
         "scheduler": ["diffusers", "DDPMScheduler"],
     }))
+
+
+BUILDERS = {"sd15": build_sd15, "pixart": build_pixart, "sd3": build_sd3}
 
 
 def timed(fn, device) -> float:
@@ -100,7 +132,7 @@ def timed(fn, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["sd15", "pixart"], default="sd15")
+    parser.add_argument("--arch", choices=list(BUILDERS), default="sd15")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
@@ -116,7 +148,7 @@ def main() -> None:
     images = [im.resize((args.resolution, args.resolution)) for im in ProceduralTeacher().generate(prompts, range(64))]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / args.arch
-        (build_pixart if args.arch == "pixart" else build_sd15)(root, args.small)
+        BUILDERS[args.arch](root, args.small)
         model = T2IModel.from_pretrained(root)
         results["unet_params_m"] = sum(p.numel() for p in model.unet.parameters()) / 1e6
         results["text_params_m"] = sum(p.numel() for p in model.text_encoder.parameters()) / 1e6
