@@ -117,3 +117,19 @@ def test_a_teacher_only_diffusers_draws_in_a_recipe_and_in_the_cli(edm_dir, tmp_
                  "--json"]) == 0  # (which teacher to pay for: scored before a run)
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= scored["score"] <= 1 and sum(scored["asked"].values()) > 0
+
+
+def test_offload_draws_the_same_images_under_the_same_id(sd_dir):
+    """`offload` only moves weights (on a GPU: there while drawing, in CPU memory between draws): the images and the
+    cache id are those without it, for both runners. (This machine has no GPU: here it is where the weights already
+    are.)"""
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    for runner in ("t2i-evolve", "diffusers"):
+        plain = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=2), runner=runner)
+        offloaded = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=2), runner=runner, offload=True)
+        assert offloaded.id == plain.id
+        pairs = zip(plain.generate(PROMPTS[:2], [0, 1]), offloaded.generate(PROMPTS[:2], [0, 1]))
+        assert all(np.array_equal(pixels(a), pixels(b)) for a, b in pairs), runner
+    spec = TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir), "offload": True, "device": "cpu"})
+    assert spec.build(32).config.offload

@@ -362,6 +362,7 @@ def test_the_papers_pixart_config_validates_with_its_settings_and_names_a_missin
     config = EvolveConfig.from_yaml(Path(__file__).resolve().parents[1] / "docs" / "evolve-pixart.yaml")
     assert (config.lr, config.weight_decay, config.warmup_steps, config.ema_decay) == (2e-5, 0.03, 1000, 0.9999)
     assert not config.train_text_encoder and len(config.teachers) == 2 and config.judge.temperature == 0.2
+    assert all(teacher.offload for teacher in config.teachers)
     assert config.round_training()["weight_decay"] == 0.03  # (reaches each round's trainer)
     with pytest.raises(UserError) as error:
         run_evolve(config.updated(None, output_dir=str(tmp_path / "run"), eval_prompts=6, seed_prompts=12,

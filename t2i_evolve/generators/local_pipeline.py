@@ -12,7 +12,8 @@ the sampler settings and the dtype.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,9 @@ class LocalPipelineTeacherConfig(Config):
         "the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt handling; "
         "`sampler.steps`, `guidance` (set the family's own: Flux-dev about 3.5), `resolution` and `batch_size` passed "
         "on, `sampler.scheduler` not. auto: t2i-evolve where it reads the folder, else diffusers.")
+    offload: bool = Field(False, description="Hold the weights in CPU memory, on the device only while drawing: "
+                          "several big teachers beside a base in training on one GPU. The images are the same (the id "
+                          "too); each draw pays the move.")
 
 
 class LocalPipelineTeacher:
@@ -52,7 +56,7 @@ class LocalPipelineTeacher:
 
     def __init__(self, config: LocalPipelineTeacherConfig | str | Path, **fields):
         """`config`, or a folder path with any other config fields as keywords (`price_per_call=0.01`)."""
-        from ..models import Sampler, T2IModel  # diffusers loads in seconds: only when a teacher is built
+        from ..models import Sampler, T2IModel, resolve_device  # diffusers loads in seconds: only when built
 
         if not isinstance(config, LocalPipelineTeacherConfig):
             config = LocalPipelineTeacherConfig.from_dict({"path": str(config), **fields}, source="local teacher")
@@ -60,9 +64,9 @@ class LocalPipelineTeacher:
             raise TypeError("pass settings in the config or as keywords with a path, not both")
         if config.runner == "auto":
             config = config.model_copy(update={"runner": "t2i-evolve" if T2IModel.reads(config.path) else "diffusers"})
-        self.config = config
+        self.config, self.device = config, resolve_device(config.device)
         if config.runner == "t2i-evolve":
-            model = T2IModel.from_pretrained(config.path, config.device, config.dtype)
+            model = T2IModel.from_pretrained(config.path, "cpu" if config.offload else self.device, config.dtype)
             self.sampler: Sampler | DiffusersPipeline = Sampler(model, config.sampler)
             drawn = config.sampler.resolution or model.resolution
         else:
@@ -74,10 +78,26 @@ class LocalPipelineTeacher:
         self.price_per_call = config.price_per_call
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        images = self.sampler.generate(prompts, seeds)
+        with self._on_device():
+            images = self.sampler.generate(prompts, seeds)
         if self.resize:  # (as an images endpoint's are: the student trains, and is judged, at its own size)
             images = [image.resize((self.resize, self.resize), Image.Resampling.LANCZOS) for image in images]
         return images
+
+
+    @contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """`offload` with our runner: the model on its device for this draw, back in CPU memory after it (diffusers'
+        pipelines move each part themselves: `enable_model_cpu_offload`)."""
+        model = getattr(self.sampler, "model", None)
+        if not (self.config.offload and model is not None and self.device.type != "cpu"):
+            yield
+            return
+        model.to(self.device)
+        try:
+            yield
+        finally:
+            model.to("cpu")
 
 
 def pipeline_id(config: LocalPipelineTeacherConfig, flow: bool = False) -> str:
@@ -133,7 +153,11 @@ class DiffusersPipeline:
         try:
             self.pipeline = cls.from_pretrained(root, use_safetensors=True, local_files_only=True, dtype=dtype,
                                                 trust_remote_code=False)
-            self.pipeline.to(resolve_device(config.device))
+            device = resolve_device(config.device)
+            if config.offload and device.type != "cpu":  # each part on the device only while it runs
+                self.pipeline.enable_model_cpu_offload(device=device)
+            else:
+                self.pipeline.to(device)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError, AttributeError) as e:
             hint = " (weights are read from .safetensors only)" if "safetensors" in _first_line(e) else ""
             raise UserError(f"{root}: cannot load as {cls.__name__}: {_first_line(e)}{hint}") from None

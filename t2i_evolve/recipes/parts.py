@@ -55,6 +55,7 @@ class TeacherSpec(Config):
     device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
     dtype: str = "float32"  # local: e.g. float16 on a GPU
     runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Flux, ...
+    offload: bool = False  # local: on the GPU only while drawing (big teachers beside a base in training)
 
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":
@@ -71,7 +72,8 @@ class TeacherSpec(Config):
         if self.path is None:
             raise ConfigError("teacher of kind 'local' needs a path")
         return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0, resolution=resolution,
-                                    sampler=self.sampler, device=self.device, dtype=self.dtype, runner=self.runner)
+                                    sampler=self.sampler, device=self.device, dtype=self.dtype, runner=self.runner,
+                                    offload=self.offload)
 
 
 ENDPOINT_ADDRESSES = {"judge": {"endpoint": HOW_TO_REACH}, "writer": {"endpoint": HOW_TO_REACH},
