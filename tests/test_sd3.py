@@ -99,7 +99,10 @@ def test_evolve_trains_an_sd3_base(sd3_dir, tmp_path):
     summary = run_evolve(small_config(str(tmp_path), base_model=str(sd3_dir), rounds=1, seed_prompts=12,
                                       eval_prompts=4, ema_decay=None, lora={"rank": 2}))
     assert sum(summary["rounds"][0]["ops"].values()) > 0 and summary["final_score"] is not None
-    assert T2IModel.from_pretrained(tmp_path / "rounds" / "001" / "model").is_sd3
+    trained, base = (T2IModel.from_pretrained(folder) for folder in (tmp_path / "rounds" / "001" / "model", sd3_dir))
+    assert trained.is_sd3
+    changed = [n for n, p in trained.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])]
+    assert changed and all(".to_" in n for n in changed)  # the round's adapters, merged into the attention layers
 
 
 def test_an_sd3_folder_it_would_misread_is_one_line(sd3_dir, tmp_path):

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..config import Config
 from ..errors import UserError
-from ..models.sampler import SamplerConfig
+from ..models.sampler import SamplerConfig, sampled_with
 
 # What the images depend on besides the settings: the weights, and the configs and tokenizer files beside them
 # (an edited scheduler_config.json, say another prediction_type, must not serve the old images).
@@ -110,7 +110,7 @@ def pipeline_id(config: LocalPipelineTeacherConfig, flow: bool = False) -> str:
     s = config.sampler
     guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
     resolution = f"-{s.resolution}px" if s.resolution else ""
-    scheduler = "diffusers" if config.runner == "diffusers" else "flow-euler" if flow else s.scheduler
+    scheduler = "diffusers" if config.runner == "diffusers" else sampled_with(s, flow)
     root = Path(config.path).resolve()
     return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
 

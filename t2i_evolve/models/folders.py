@@ -27,6 +27,18 @@ SD3_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2", "text_encoder_3",
 """SD3's second CLIP encoder, and its T5 (optional: without it, zeros where its states would be)."""
 DENOISER_FOLDERS = {"unet": "unet", "pixart": "transformer", "sd3": "transformer"}
 """Where each family this adapter reads keeps its denoiser."""
+
+
+def family_of(denoiser: torch.nn.Module) -> str:
+    """The family of a loaded denoiser: "pixart", "sd3", or "unet" (SD 1.x/2.x, SDXL and the tiny model)."""
+    if isinstance(denoiser, PixArtTransformer2DModel):
+        return "pixart"
+    return "sd3" if isinstance(denoiser, SD3Transformer2DModel) else "unet"
+
+
+def part_names(family: str, sdxl: bool) -> tuple[str, ...]:
+    """The parts a folder of this family has, by the names `T2IModel` keeps them under, in the order it saves them."""
+    return PARTS + (SD3_PARTS if family == "sd3" else SDXL_PARTS if sdxl else ())
 LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
@@ -130,14 +142,15 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
     """The denoiser must read what the text encoders give and `predict` passes: for PixArt, T5 states as wide as
     its `caption_channels`; for a UNet, no extra conditioning or SDXL's pooled text and sizes from a second text
     encoder of the width its config expects (one line here, not a shape error at the first step)."""
-    if isinstance(parts["unet"], PixArtTransformer2DModel):  # (`denoiser_folder` let no other transformer through)
+    family = family_of(parts["unet"])  # (`model_family` let no other transformer through)
+    if family == "pixart":
         wanted, encoder = parts["unet"].config.caption_channels, parts["text_encoder"]
         width = getattr(encoder.config, "d_model", None)
         if width != wanted:
             raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
                             f"({type(encoder).__name__}) gives {width}")
         return
-    if isinstance(parts["unet"], SD3Transformer2DModel):
+    if family == "sd3":
         check_sd3_conditioning(root, parts)
         return
     if not isinstance(parts["unet"], UNet2DConditionModel):

@@ -43,6 +43,12 @@ class SamplerConfig(Config):
     resolution: int | None = Field(None, ge=8)  # None: the model's own (the pixel judge reads 8 px and up)
 
 
+def sampled_with(config: SamplerConfig, flow: bool) -> str:
+    """The scheduler a model samples with under `config`, as ids name it: a flow-matching model (SD3) its Euler steps,
+    whatever `config.scheduler` says."""
+    return "flow-euler" if flow else config.scheduler
+
+
 def make_scheduler(model: T2IModel, name: str, steps: int) -> SchedulerMixin:
     """A fresh sampling scheduler on the model's training noise schedule.
 
@@ -155,8 +161,7 @@ class Sampler:
         self.model = model
         self.config = config
         guidance = f"-cfg{config.guidance:g}" if config.guidance != 1.0 else ""
-        scheduler = "flow-euler" if model.is_flow else config.scheduler  # (what a flow-matching model samples with)
-        self.id = id or f"{model.name}:{scheduler}-{config.steps}{guidance}"
+        self.id = id or f"{model.name}:{sampled_with(config, model.is_flow)}-{config.steps}{guidance}"
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         if len(prompts) != len(seeds):

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from ..errors import UserError
 from ..files import read_json, write_atomically
-from .folders import (DENOISER_FOLDERS, PARTS, SD3_PARTS, SDXL_PARTS, check_conditioning, index_entry, latent_scale,
-                      load_part, model_family, read_index)
+from .folders import (DENOISER_FOLDERS, SDXL_PARTS, check_conditioning, family_of, index_entry, latent_scale, load_part,
+                      model_family, part_names, read_index)
 
 
 class PromptEmbeds(NamedTuple):
@@ -93,8 +93,7 @@ class T2IModel:
             raise ValueError("text_encoder_2 and tokenizer_2 come together (SDXL) or not at all")
         self.unet = unet
         # Decided once, from the module itself: a trainer replaces `unet` by a wrapper for several processes.
-        self.is_pixart = isinstance(unet, PixArtTransformer2DModel)
-        self.is_sd3 = isinstance(unet, SD3Transformer2DModel)
+        self.family = family_of(unet)
         self.size_conditioning = self.is_pixart and bool(unet.use_additional_conditions)  # (PixArt at 1024 px)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -139,8 +138,7 @@ class T2IModel:
         vae_config = read_json(root / "vae" / "config.json")  # (one that cannot be read: its loader says why)
         upcast = sdxl and dtype == torch.float16 and not (isinstance(vae_config, dict) and
                                                            vae_config.get("force_upcast") is False)
-        names = PARTS + (SD3_PARTS if family == "sd3" else SDXL_PARTS if sdxl else ())
-        folders = {name: DENOISER_FOLDERS[family] if name == "unet" else name for name in names}
+        folders = {name: DENOISER_FOLDERS[family] if name == "unet" else name for name in part_names(family, sdxl)}
         parts = {name: load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype,
                                  flow=family == "sd3") for name, folder in folders.items()}
         check_conditioning(root, parts)
@@ -180,7 +178,7 @@ class T2IModel:
             index["force_zeros_for_empty_prompt"] = self.zeros_for_empty_prompt
         if self.is_sd3:  # (what its pipeline expects named, though none is read here)
             index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
-        for attribute in self.part_names:
+        for attribute in part_names(self.family, self.is_sdxl):
             part = getattr(self, attribute)
             name = self.denoiser_folder if attribute == "unet" else attribute
             index[name] = index_entry(part)
@@ -208,11 +206,6 @@ class T2IModel:
             module.to(**kwargs)
         return self
 
-    @property
-    def part_names(self) -> tuple[str, ...]:
-        """The attributes that are folder parts, in the order they are saved."""
-        return PARTS + (SD3_PARTS if self.is_sd3 else SDXL_PARTS if self.is_sdxl else ())
-
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae)
                 if m is not None]
@@ -234,8 +227,16 @@ class T2IModel:
         return []
 
     @property
+    def is_pixart(self) -> bool:
+        return self.family == "pixart"
+
+    @property
+    def is_sd3(self) -> bool:
+        return self.family == "sd3"
+
+    @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None and not self.is_sd3
+        return self.family == "unet" and self.text_encoder_2 is not None
 
     @property
     def is_flow(self) -> bool:
@@ -246,7 +247,7 @@ class T2IModel:
     @property
     def denoiser_folder(self) -> str:
         """The folder (and model_index.json entry) of the denoiser: "unet", or PixArt's and SD3's "transformer"."""
-        return "transformer" if self.is_pixart or self.is_sd3 else "unet"
+        return DENOISER_FOLDERS[self.family]
 
     # -- shapes ---------------------------------------------------------------------------------------
 
@@ -308,7 +309,7 @@ class T2IModel:
         if self.is_pixart:
             return min(self.tokenizer.model_max_length, 300 if "Sigma" in self.pipeline_class else 120)
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
-        return min(min(tok.model_max_length, enc.config.max_position_embeddings) for tok, enc in pairs if tok is not None)
+        return min(_clip_length(tok, enc) for tok, enc in pairs if tok is not None)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, max_length), always padded to the full length; SDXL: (B, 2, max_length), a row of ids
@@ -330,7 +331,7 @@ class T2IModel:
 
     def _sd3_tokens(self) -> list[tuple[transformers.PreTrainedTokenizerBase, int]]:
         """SD3's tokenizers and their lengths, as its pipeline pads them: each CLIP's own limit, T5 cut at 256."""
-        clips = [(tok, min(tok.model_max_length, enc.config.max_position_embeddings))
+        clips = [(tok, _clip_length(tok, enc))
                  for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
         t5 = self.tokenizer_3
         return clips if t5 is None else clips + [(t5, min(t5.model_max_length, 256))]
@@ -426,8 +427,7 @@ class T2IModel:
         if self.is_pixart:
             return self._predict_pixart(noisy, t, text)
         if self.is_sd3:
-            t = torch.as_tensor(t, device=noisy.device)
-            return self.unet(hidden_states=noisy.to(self.dtype), timestep=t.expand(len(noisy)) if t.dim() == 0 else t,
+            return self.unet(hidden_states=noisy.to(self.dtype), timestep=_per_image(t, noisy),
                              encoder_hidden_states=text.hidden.to(self.dtype),
                              pooled_projections=text.pooled.to(self.dtype)).sample
         class_labels = text.pooled.to(self.dtype) if self.unet.config.class_embed_type == "projection" else None
@@ -444,15 +444,13 @@ class T2IModel:
         its config asks for them (the 1024 px alpha model), and, where it also predicts the variance (8 channels
         out), only the mean's half: the samplers here read that alone, and the loss trains it alone (as PixArt's
         own fine-tuning scripts do)."""
-        t = torch.as_tensor(t, device=noisy.device)
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if self.size_conditioning:
             height, width = (side * self.latent_scale for side in noisy.shape[-2:])
             sizes = torch.tensor([[height, width, height / width]], device=noisy.device, dtype=self.dtype)
             added = {"resolution": sizes[:, :2].expand(len(noisy), 2), "aspect_ratio": sizes[:, 2:].expand(len(noisy), 1)}
         out = self.unet(noisy.to(self.dtype), encoder_hidden_states=text.hidden.to(self.dtype),
-                        encoder_attention_mask=text.mask, timestep=t.expand(len(noisy)) if t.dim() == 0 else t,
-                        added_cond_kwargs=added).sample
+                        encoder_attention_mask=text.mask, timestep=_per_image(t, noisy), added_cond_kwargs=added).sample
         return out[:, :noisy.shape[1]] if out.shape[1] == 2 * noisy.shape[1] else out
 
     def denoising_loss(
@@ -478,19 +476,18 @@ class T2IModel:
             t = self.scheduler.timesteps[at].to(latents.device)
             sigma = self.scheduler.sigmas[at].to(latents).view(-1, *(1,) * (latents.dim() - 1))
             noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
-            loss = F.mse_loss(self.predict(noisy, t, text).float(), target.float(), reduction="none").flatten(1).mean(1)
-            return loss.mean() if reduction == "mean" else loss
-        t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=where).to(latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, t)
         else:
-            target = latents
+            t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=where).to(latents.device)
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            if self.prediction_type == "epsilon":
+                target = noise
+            elif self.prediction_type == "v_prediction":
+                target = self.scheduler.get_velocity(latents, noise, t)
+            else:
+                target = latents
         loss = F.mse_loss(self.predict(noisy, t, text).float(), target.float(), reduction="none")
         loss = loss.flatten(1).mean(1)
-        if snr_gamma is not None:
+        if snr_gamma is not None and not self.is_flow:
             loss = loss * self._min_snr_weight(t, snr_gamma)
         return loss.mean() if reduction == "mean" else loss
 
@@ -508,6 +505,17 @@ class T2IModel:
         if self.prediction_type == "v_prediction":
             return capped / (snr + 1)
         return capped
+
+
+def _per_image(t: torch.Tensor | int, noisy: torch.Tensor) -> torch.Tensor:
+    """Timestep(s) as one per image, as the transformers take them (a UNet takes one for the batch as well)."""
+    t = torch.as_tensor(t, device=noisy.device)
+    return t.expand(len(noisy)) if t.dim() == 0 else t
+
+
+def _clip_length(tokenizer: transformers.PreTrainedTokenizerBase, encoder: transformers.PreTrainedModel) -> int:
+    """A CLIP prompt's tokens: the tokenizer's limit, capped by the encoder's positions."""
+    return min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
 
 
 def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
