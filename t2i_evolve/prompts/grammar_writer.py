@@ -80,12 +80,15 @@ class GrammarPromptWriter:
         scene = parse(prompt)
         rng = seeded_rng("variations", self.slice, render_prompt(scene), seed)
         want_structure, want_skills = structure(scene), scene_skills(scene)
-        return self._draw(
-            k,
-            lambda: self._redraw(scene, rng),
-            keep=lambda new: structure(new) == want_structure and scene_skills(new) == want_skills,
-            exclude=[scene],
-        )
+
+        def keep(new: Scene) -> bool:
+            return structure(new) == want_structure and scene_skills(new) == want_skills
+
+        out = self._draw(k, lambda: self._redraw(scene, rng), keep=keep, exclude=[scene])
+        if len(out) < k:  # a rare pattern (three groups of one shape: no binding), which free redraws seldom keep
+            out += self._draw(k - len(out), lambda: self._redraw(scene, rng, same_pattern=True), keep=keep,
+                              exclude=[scene, *map(parse, out)])
+        return out
 
     def new_structures(self, prompts: Sequence[str], k: int, *, seed: int) -> list[str]:
         """Up to `k` scenes whose structures differ from those of `prompts` and from each other."""
@@ -142,17 +145,24 @@ class GrammarPromptWriter:
                 out.append(text)
         return out
 
-    def _redraw(self, scene: Scene, rng: np.random.Generator) -> Scene:
+    def _redraw(self, scene: Scene, rng: np.random.Generator, same_pattern: bool = False) -> Scene:
         """`scene` with new colors, shapes (unless `keep` names them), plural counts and sizes;
-        relations and patterns kept.
+        relations and patterns kept. `same_pattern`: colors and shapes renamed one for one, so the groups that
+        shared a color (or shape) still do and the rest still differ: the scene's skills stay as they were.
 
         Groups get distinct (color, shape) pairs, as `sample_scene` gives them, and the scene must fit
         the slice; a draw that does not is returned unchanged, and `_draw` then rejects it.
         """
+        if same_pattern:
+            colors = dict(zip(COLORS, map(str, rng.permutation(list(COLORS)))))
+            shapes = dict(zip(SHAPES, map(str, rng.permutation(list(SHAPES)))))
         pairs: set[tuple[str, str]] = set()
         groups = []
         for g in scene.groups:
-            color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            if same_pattern:
+                color, shape = colors[g.color], shapes[g.shape]
+            else:
+                color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
             color = g.color if "color" in self.keep else color
             shape = g.shape if "shape" in self.keep else shape
             plural = g.count > 1 and self.slice.max_count >= 2
