@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from .console import out, print_json, say
 from .errors import UserError, is_disk_full
+from .ledger_cli import ledger_app, open_ledger
 
 MAX_SEED = 2**32 - 1  # as a config's `Seed`: torch seeds are 64-bit, and seeds are mixed into larger ones
 
@@ -26,27 +26,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Improve text-to-image models with automated feedback.")
 world_app = typer.Typer(no_args_is_help=True, help="The built-in shapes world.")
 gallery_app = typer.Typer(no_args_is_help=True, help="Procedural teachers with named skill deficits.")
-ledger_app = typer.Typer(no_args_is_help=True, help="The dataset ledger of a run folder.")
 app.add_typer(world_app, name="world")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(ledger_app, name="ledger")
 OVERRIDES = typer.Argument(None, metavar="KEY=VALUE", show_default=False, help="Fields over the config's, "
                            "as in its YAML: lr=1e-5 rounds=10 sampler.steps=30 teachers.0.p=0.7")
-out = Console(emoji=False)  # a path like runs/lr:100: is printed as it is, not with an emoji
-if not out.is_terminal:  # a log file or a pipe: rich's 80 columns cut a table's titles and cells to "sha…"
-    out.width = 160
-
-
-def say(text: str) -> None:
-    """A plain line on stdout: never wrapped (it stays one greppable line when piped) and never read as rich
-    markup (a path like `runs/exp[lr=1e-3]` would lose its brackets, and `[/x]` would raise)."""
-    out.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data) + "\n")
-
-
 def _image_out(path: Path) -> Path:
     """`--out`, checked before any work: its format is read from the file name, its folder made."""
     from PIL import Image
@@ -90,7 +74,7 @@ def world_questions(prompt: str, as_json: bool = typer.Option(False, "--json", h
     if getattr(writer, "failed_requests", 0):
         raise UserError("the writer gave no reply (its endpoint down, or refusing the request): no questions written")
     if as_json:
-        _print_json([{"question": q.text, "skill": q.skill, "parent": q.parent, "parents": list(q.parents)}
+        print_json([{"question": q.text, "skill": q.skill, "parent": q.parent, "parents": list(q.parents)}
                      for q in questions])
         return
     table = Table("#", "question", "skill", "parents")
@@ -127,7 +111,7 @@ def judge(
     result = _remote_score(picture, prompt, endpoint, model, api_key_env, timeout, retries, votes, temperature) \
         if endpoint else _pixel_score(picture, prompt)
     if as_json:  # ("parent": the first of "parents", for readers of one parent per question)
-        _print_json(result.to_json())
+        print_json(result.to_json())
         return
     table = Table("#", "question", "skill", "parents", "answer")
     for i, a in enumerate(result.answers):
@@ -235,7 +219,7 @@ def gallery_eval(
             summary = evaluate(teacher, judge_, texts, seed=seed, progress=advance).summary()
             results[teacher.id] = {"deficit": teacher.deficit, "score": summary["score"], "skills": summary["skills"]}
     if as_json:
-        _print_json({"teachers": results})
+        print_json({"teachers": results})
         return
     skills = list(next(iter(results.values()))["skills"])
     table = Table(title=f"{prompts} prompts, pixel judge")
@@ -282,7 +266,7 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
         data = TrainingSet.load(Path(cfg.data), cfg.max_image_memory_gb)  # the recipe checks its own config)
     else:  # (read, and checked, before any folder is made)
         check_resumable(cfg)
-        data = TrainingSet.from_ledger(_open_ledger(Path(cfg.data)), max_memory_gb=cfg.max_image_memory_gb)
+        data = TrainingSet.from_ledger(open_ledger(Path(cfg.data)), max_memory_gb=cfg.max_image_memory_gb)
     main = process_state().is_main_process  # (launched as several processes, they share the folder; one speaks)
     if main:
         claim_run_folder(cfg.output_dir, "train", launched=True)
@@ -391,7 +375,7 @@ def eval_model(
             say(f"note: the writer gave no questions for {writer.failed_requests} prompts; the judge asked one question "
                 "about each whole prompt instead")
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     from .eval.report import skill_cell
 
@@ -422,7 +406,7 @@ def demo(
     summary = run_demo(cfg)
     note = short_training_note(summary, cfg.minutes)  # on stderr, last: what to do about a busy machine
     if as_json:
-        _print_json(summary)
+        print_json(summary)
         if note:
             print(note, file=sys.stderr)
         return
@@ -459,7 +443,7 @@ def evolve(
         cfg = cfg.updated("evolve flags", output_dir=output_dir)
     summary = run_evolve(cfg)
     if as_json:
-        _print_json({k: v for k, v in summary.items() if k != "ledger"})
+        print_json({k: v for k, v in summary.items() if k != "ledger"})
         return
     for row in summary["rounds"]:
         ops = " ".join(f"{k} {v}" for k, v in row.get("ops", {}).items())
@@ -469,90 +453,6 @@ def evolve(
     if summary["stopped"]:
         say(f"stopped early: {summary['stopped']}")
     say(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")
-
-
-def _open_ledger(run_dir: Path):
-    from .data import Ledger
-
-    if not (run_dir / "ledger.sqlite").is_file():
-        raise UserError(f"no ledger in {run_dir} (expected {run_dir / 'ledger.sqlite'})")
-    return Ledger(run_dir, read_only=True)  # (read only: a colleague's run folder, say, that this user cannot write)
-
-
-@ledger_app.command("stats")
-def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Counts of records (active, deleted), and of operations and calls (per caller) per round."""
-    stats = _open_ledger(run_dir).stats()
-    if as_json:
-        _print_json(stats)
-        return
-    _print_stats(run_dir, stats)
-
-
-def _print_stats(run_dir: Path, stats: dict) -> None:
-    """`Ledger.stats()` as a person reads it: a row per round of its operations and of each caller's requests."""
-    records, interrupted = stats["records"], stats["interrupted_calls"]
-    say(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
-        + (f"; {interrupted} calls interrupted" if interrupted else ""))
-    ops = sorted({row["op"] for row in stats["ops"]})
-    callers = sorted({row["caller"] for row in stats["calls"]})
-    rounds = sorted({row["round"] for row in stats["ops"] + stats["calls"]}, key=lambda r: (r is None, r))
-
-    def calls_cell(rows: list[dict]) -> str:
-        sent, failed, price = (sum(row[key] or 0 for row in rows) for key in ("attempts", "failed", "price"))
-        parts = [f"{sent} sent"] + ([f"{failed} failed"] if failed else []) + ([f"price {price:.2f}"] if price else [])
-        return ", ".join(parts)
-
-    table = Table("round", *ops, *(f"{escape(caller)} calls" for caller in callers),  # an id may hold '['
-                  title="operations, and requests sent (each retry one) and failed, per round")
-    for r in rounds:
-        cells = [str(sum(row["count"] for row in stats["ops"] if (row["round"], row["op"]) == (r, op))) for op in ops]
-        cells += [calls_cell([row for row in stats["calls"] if (row["round"], row["caller"]) == (r, caller)])
-                  for caller in callers]
-        table.add_row("-" if r is None else str(r), *cells)
-    out.print(table)
-    for what in ("generator", "skill"):
-        counts = "; ".join(f"{name} " + ", ".join(f"{n} {status}" for status, n in by_status.items())
-                           for name, by_status in stats[what + "s"].items())
-        say(f"records by {what}: {counts}")
-    say("(--json: all of it, as JSON)")
-
-
-@ledger_app.command("export")
-def ledger_export(
-    run_dir: Path,
-    to: Path = typer.Option(..., "--to", help="Folder for the Hugging Face imagefolder."),
-    status: str = typer.Option("active", help="Records to export: active, deleted or all."),
-):
-    """Export records as a Hugging Face `datasets` imagefolder (images + metadata.jsonl)."""
-    from .data import export_imagefolder
-
-    if status not in ("active", "deleted", "all"):
-        raise UserError(f"--status must be active, deleted or all, not {status!r}")
-    n = export_imagefolder(_open_ledger(run_dir), to, status=None if status == "all" else status)
-    say(f"exported {n} records to {to}")
-
-
-@ledger_app.command("import")
-def ledger_import(
-    run_dir: Path,
-    source: Path = typer.Option(..., "--from", help="An imagefolder: images + metadata.jsonl/csv."),
-    prompt_column: Optional[str] = typer.Option(None, help="Column holding prompts (default: prompt/text/caption)."),
-):
-    """Import a user's own prompt/image set into a run's ledger."""
-    from .data import Ledger, claim_run_folder, describe_owner, folder_owner, import_imagefolder, release_run_folder
-
-    if not source.is_dir():
-        raise UserError(f"not a folder: {source}")
-    if (owner := folder_owner(run_dir)) not in (None, "import"):  # records a run did not make stop it resuming
-        raise UserError(f"{run_dir} is {describe_owner(owner)}: import into a new folder (or an earlier import's), "
-                        "for `train`")
-    if run_dir.is_dir():  # (a new folder: made only once the import has passed its checks)
-        claim_run_folder(run_dir, "ledger import")  # not while a run writes its own records into it
-    with Ledger(run_dir) as ledger:
-        n = import_imagefolder(ledger, source, prompt_column=prompt_column)
-    release_run_folder(run_dir)
-    say(f"imported {n.summary} into {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

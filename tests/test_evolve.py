@@ -81,6 +81,39 @@ def test_every_operation_is_recorded_with_round_parent_and_reason(reference_run,
     assert "<polyline" in report and "Held-out samples before and after" in report and report.count("<img") >= 4
 
 
+def test_a_records_history_keeps_each_rounds_verdict_its_lineage_and_what_it_bought(reference_run, capsys):
+    """`ledger history`: a record judged in both rounds shows both verdicts (the record holds only the last), a
+    variation of a variation traces back to its seed prompt, and a parent lists what it bought and why."""
+    from t2i_evolve.cli import main
+    from t2i_evolve.data.history import describe_result, record_history
+
+    with Ledger(reference_run, create=False) as ledger:
+        records = {r.id: r for r in ledger.records(None)}
+        judged = Counter(op.record_id for op in ledger.ops() if op.op == "judge")
+        twice = next(i for i, n in judged.items() if n == 2)
+        story = record_history(ledger, twice)
+        grandchild = next(r for r in records.values() if r.parent and records[r.parent].parent)
+        chain = record_history(ledger, grandchild.id)["lineage"]
+    verdicts = [e for e in story["events"] if e["op"] == "judge"]
+    assert [e["round"] for e in verdicts] == [1, 2] and verdicts[-1]["reason"] == describe_result(records[twice].judge)
+    assert all(e["reason"].startswith("base_vs_teacher ") and "score_teacher" in e["reason"] for e in verdicts)
+    root = records[records[grandchild.parent].parent]
+    assert [r["id"] for r in chain] == [root.id, grandchild.parent] and root.op == "seed"
+    parent = records[grandchild.parent]
+    capsys.readouterr()
+    assert main(["ledger", "history", str(reference_run), f"#{parent.id}"]) == 0
+    shown = capsys.readouterr().out
+    assert f"from #{root.id} {root.prompt!r} (seed, round 0)" in shown
+    assert f"-> #{grandchild.id} {grandchild.prompt!r}" in shown and f"by {grandchild.op}: {grandchild.reason}" in shown
+    assert main(["ledger", "history", str(reference_run), root.prompt.upper(), "--json"]) == 0  # by prompt
+    by_prompt = json.loads(capsys.readouterr().out)
+    assert [h["record"]["id"] for h in by_prompt] == [r.id for r in records.values() if r.prompt == root.prompt]
+    for which, expected in [("99999", "no record 99999"), ("a purple cow", "no record with the prompt")]:
+        assert main(["ledger", "history", str(reference_run), which]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {expected}") and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("kill", [("--kill-after", "40"),  # round 1 judged the 24 seed records: dies in round 2
                                   ("--kill-after", "27"),  # round 1 compared them and checks its ties' variations
                                   ("--kill-at-draw", "3"),  # after round 1's verdicts, drawing its expansions

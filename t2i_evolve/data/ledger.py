@@ -33,6 +33,7 @@ from PIL import Image
 from ..errors import UserError, is_disk_full
 from ..files import write_atomically
 from .cache import CallCacheMixin, content_key, encode_png, from_json, is_text, utc_now, where_clause
+from .history import describe_result
 
 SCHEMA_VERSION = 2
 
@@ -422,8 +423,10 @@ class Ledger(CallCacheMixin):
     def set_judge(self, record_id: int, judge: Any, *, round: int | None = None) -> None:
         """Attach a judge result (a dict, or an `ImageScore`) to a record, replacing any earlier one.
 
-        Logged as op 'judge' in `round` (by default the record's own round). Setting the same result
-        again in the same round (a step rerun after a crash) changes nothing and logs nothing.
+        Logged as op 'judge' in `round` (by default the record's own round), the result's plain fields as its
+        reason, so each round's verdict stays in the log (`ledger history`) after a later one replaces it on the
+        record. Setting the same result again in the same round (a step rerun after a crash) changes nothing and
+        logs nothing.
         """
         with self.transaction() as db:
             round = _column(db, record_id, "round") if round is None else round
@@ -432,7 +435,7 @@ class Ledger(CallCacheMixin):
                     "SELECT 1 FROM ops WHERE record_id = ? AND op = 'judge' AND round = ?", (record_id, round)).fetchone():
                 return
             db.execute("UPDATE records SET judge = ? WHERE id = ?", (value, record_id))
-            self._log(db, round, "judge", record_id, None, None)
+            self._log(db, round, "judge", record_id, None, describe_result(judge))
 
     def record(self, record_id: int) -> Record:
         with self._read() as db:
@@ -440,6 +443,12 @@ class Ledger(CallCacheMixin):
         if row is None:
             raise KeyError(f"no record {record_id}")
         return Record._from_row(row)
+
+    def children(self, record_id: int) -> list[Record]:
+        """The records derived from `record_id` (its expansions and mutations), in id order."""
+        with self._read() as db:
+            rows = db.execute(f"{_SELECT_RECORDS} WHERE parent = ? ORDER BY id", (record_id,)).fetchall()
+        return [Record._from_row(row) for row in rows]
 
     def records(
         self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None
