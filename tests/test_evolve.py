@@ -25,6 +25,15 @@ from evolve_worker import ScriptedJudge, ledger_state, run_worker, small_config 
 from t2i_evolve.recipes.parts import stable_seed  # noqa: E402
 
 
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in the TensorBoard event files of `folder`, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return sorted((e.step, e.value) for e in events.Scalars(tag))
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """An uninterrupted run of the worker: the ledger every interrupted run must end with."""
@@ -905,6 +914,15 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     config = small_config(str(longer), min_unseen_score=0.5, mutate_candidates=3, rounds=3)
     summary = run_evolve(config, judge=CachedJudge(ScriptedJudge(), Ledger(longer), backoff_s=0))
     assert [row["round"] for row in summary["rounds"]] == [1, 2, 3]
+    # TensorBoard: each round's row once (rounds 1-2 logged by the first run, 3 by this one), at its own round; the
+    # loss of every round's steps in one folder, one curve; the settings once, not once per round
+    scores = tensorboard_scalars(longer / "tensorboard" / "rounds", "round/score")
+    assert scores == [(row["round"], pytest.approx(row["score"])) for row in summary["rounds"]]
+    assert tensorboard_scalars(longer / "tensorboard" / "rounds", "score_vs_teacher_calls")[-1] == (
+        summary["rounds"][-1]["teacher_calls_after"], pytest.approx(summary["rounds"][-1]["score"]))
+    loss_steps = [step for step, _ in tensorboard_scalars(longer / "tensorboard" / "train", "loss")]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 18 and min(loss_steps) <= 6
+    assert len(list((longer / "tensorboard" / "train").glob("*/hparams.yml"))) == 1
     records, ops = ledger_state(longer)
     drawn = [[rec[:5] + rec[6:9] for rec in state] for state in (records[:len(before[0])], before[0])]
     assert drawn[0] == drawn[1] and any(op[0] == 3 for op in ops)  # what rounds 1-2 drew, as it was

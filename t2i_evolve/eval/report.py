@@ -138,3 +138,23 @@ def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence
         sections.append(("Held-out samples before and after", image_grid(shown, grid)))
     sections.append(("Summary", f"<pre>{html.escape(json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2))}</pre>"))
     return write_report(out / "report.html", title, sections)
+
+
+def log_round_scalars(folder: Path, row: dict) -> None:
+    """A finished round's metrics row as TensorBoard scalars in `folder` (`tensorboard --logdir RUN/tensorboard`),
+    at step = its round: `round/` score, active records, calls, wall time; `skills/`; `ops/` counts. The held-out
+    score is logged again at step = teacher calls spent (`score_vs_teacher_calls`: the paper's data-efficiency
+    curve). Called once per round, when it is done, so a resumed run logs no round twice."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    r = row["round"]
+    numbers = lambda values: {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with SummaryWriter(str(folder)) as writer:
+        for key, value in numbers({k: row.get(k) for k in ("score", "active", "teacher_calls_after", "judge_calls",
+                                                            "wall_s")}).items():
+            writer.add_scalar(f"round/{key}", value, r)
+        for group in ("skills", "ops"):
+            for key, value in numbers(row.get(group) or {}).items():
+                writer.add_scalar(f"{group}/{key}", value, r)
+        if isinstance(row.get("score"), (int, float)):
+            writer.add_scalar("score_vs_teacher_calls", row["score"], row["teacher_calls_after"])

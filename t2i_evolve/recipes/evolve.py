@@ -36,7 +36,7 @@ from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_
 from ..data.budgets import every_request_failed
 from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
-from ..eval.report import write_json, write_jsonl
+from ..eval.report import log_round_scalars, write_json, write_jsonl
 from ..judges.batch import compare_pairs
 from ..judges.evidence import AT_A_TIME, base_vs_teacher
 from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
@@ -132,6 +132,7 @@ class EvolveConfig(RoundTraining):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the base's weights when sampled (a GPU: float16)
     seed: Seed = 0
     train_seed: Seed | None = None  # the trainer's batch order and noise; None: seed. Another: a replicate
+    tracker: Literal["tensorboard", "none"] = "tensorboard"  # RUN/tensorboard: training loss, each round's score...
 
     @property
     def grammar(self) -> GrammarSlice:
@@ -141,7 +142,7 @@ class EvolveConfig(RoundTraining):
 RESUMABLE_CHANGES = dict.fromkeys(  # what a rerun of a run folder may change: more rounds or budget, where it runs,
     ("output_dir", "rounds", "max_teacher_calls", "max_teacher_price", "max_judge_calls", "train_past_teacher_budget",
      "eval_every_round", "device", "dtype", "prompts_file", "max_image_memory_gb", "train_launcher",
-     "gradient_checkpointing", "keep_round_models"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
+     "gradient_checkpointing", "keep_round_models", "tracker"), True) | ENDPOINT_ADDRESSES  # the file's path (not its prompts:
 # `keep_prompts_copy`), the judge's, writer's and teachers' addresses (not their models)
 
 
@@ -216,6 +217,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 if stopped:
                     break
                 write_json(done_file, row)
+                if config.tracker == "tensorboard":
+                    log_round_scalars(out / "tensorboard" / "rounds", row)
                 advance(1, status=f"score {row.get('score', float('nan')):.3f} active {row['active']} teacher calls "
                                   f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
         except BudgetExhausted as e:
@@ -303,7 +306,8 @@ class Run:
         images = None if c.max_epochs_per_round is None else max(1, math.ceil(c.max_epochs_per_round * rows))
         shared = c.round_training() | {"seed": c.seed if c.train_seed is None else c.train_seed}
         return train_round(self.out / "rounds", r, init, self.training_set, c.steps_per_round, c.train_launcher,
-                           c.keep_round_models, **shared, max_images=images, tracker="none",
+                           c.keep_round_models, **shared, max_images=images, tracker=c.tracker,
+                           logging_dir=str(self.out / "tensorboard"),
                            schedule_steps=c.rounds * c.steps_per_round, checkpoint_every=max(25, c.steps_per_round // 4))
 
     def training_set(self) -> TrainingSet:

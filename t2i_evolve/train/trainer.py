@@ -27,7 +27,7 @@ from typing import Annotated, Callable, Literal
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, broadcast, parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast, parse_flag_from_env
 from diffusers.optimization import get_scheduler
 from pydantic import BeforeValidator, Field
 
@@ -94,6 +94,8 @@ class TrainConfig(Config):
     log_every: int = Field(25, ge=1)
     seed: Seed = 0
     tracker: Literal["tensorboard", "none"] = "tensorboard"
+    logging_dir: str | None = Field(None, description="The tracker's folder (it writes under `train/`); None: "
+                                    "output_dir. Rounds of one run share one, so their loss is one curve.")
     max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0, description="Decoded training images are held in memory "
                                        "up to this size; a larger set is read from its files batch by batch, the next "
                                        "batch while this one trains.")
@@ -101,7 +103,7 @@ class TrainConfig(Config):
 
 
 RESUMABLE_CHANGES = {"output_dir", "steps", "max_images", "schedule_steps", "continue_from", "max_minutes",
-                     "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "tracker",
+                     "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "tracker", "logging_dir",
                      "gradient_checkpointing", "max_image_memory_gb"}
 """What a rerun of a training run may change and still resume its checkpoint: how long, how often it saves and logs.
 The rest (model, data, learning rate, batch, seed...) would carry a checkpoint on as another run."""
@@ -174,7 +176,8 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             log_with=None if config.tracker == "none" else config.tracker,
-            project_dir=str(self.out),
+            project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                logging_dir=config.logging_dir or str(self.out)),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else None,
         )
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
@@ -250,8 +253,9 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             c.save(self.out / "config.yaml")
-        if c.tracker != "none":
-            acc.init_trackers("train", config={k: v for k, v in c.model_dump().items() if not isinstance(v, dict)})
+        if c.tracker != "none":  # (the settings once a run, not again at each resume or round: a folder each)
+            settings = {k: v for k, v in c.model_dump().items() if not isinstance(v, dict)}
+            acc.init_trackers("train", config=settings if self.step == 0 and not c.continue_from else None)
         last: dict = {}
         losses: list[torch.Tensor] = []
         tick = start = time.perf_counter()
