@@ -59,7 +59,7 @@ def record_history(ledger: Ledger, record_id: int) -> dict:
     events = [{"round": op.round, "op": op.op, "reason": op.reason, "at": op.at}
               for op in ledger.ops(record_id=record_id)]
     return {"record": _summary(record), "lineage": [_summary(r) for r in lineage], "events": events,
-            "children": [_summary(r) for r in ledger.children(record_id)]}
+            "children": [_summary(r) for r in ledger.records(None, parent=record_id)]}
 
 
 def history_lines(history: dict) -> list[str]:

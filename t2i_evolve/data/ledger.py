@@ -444,17 +444,13 @@ class Ledger(CallCacheMixin):
             raise KeyError(f"no record {record_id}")
         return Record._from_row(row)
 
-    def children(self, record_id: int) -> list[Record]:
-        """The records derived from `record_id` (its expansions and mutations), in id order."""
-        with self._read() as db:
-            rows = db.execute(f"{_SELECT_RECORDS} WHERE parent = ? ORDER BY id", (record_id,)).fetchall()
-        return [Record._from_row(row) for row in rows]
-
     def records(
-        self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None
+        self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None,
+        parent: int | None = None,
     ) -> list[Record]:
-        """Records in id order; `None` for a filter means any. `round` is the round that created them."""
-        where, args = _record_filter(status, round, skill)
+        """Records in id order; `None` for a filter means any. `round` is the round that created them; `parent`
+        the record they were derived from (its expansions and mutations)."""
+        where, args = _record_filter(status, round, skill, parent)
         with self._read() as db:
             rows = db.execute(f"{_SELECT_RECORDS} {where} ORDER BY id", args).fetchall()
         return [Record._from_row(row) for row in rows]
@@ -523,11 +519,13 @@ def _column(db: sqlite3.Connection, record_id: int, column: str) -> Any:
     return row[0]
 
 
-def _record_filter(status: str | None, round: int | None, skill: str | None) -> tuple[str, list]:
+def _record_filter(status: str | None, round: int | None, skill: str | None, parent: int | None = None
+                   ) -> tuple[str, list]:
     return where_clause(
         ("status = ?", status),
         ("round = ?", round),
         ("EXISTS (SELECT 1 FROM json_each(records.skills) WHERE value = ?)", skill),
+        ("parent = ?", parent),
     )
 
 
