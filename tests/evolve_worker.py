@@ -55,6 +55,15 @@ def small_config(run_dir: str, **overrides) -> EvolveConfig:
     return EvolveConfig(**(fields | overrides))
 
 
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in the TensorBoard event files of `folder`, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return sorted((e.step, e.value) for e in events.Scalars(tag))
+
+
 class ScriptedJudge:
     """Says 'base as good' for a third of the prompts and 'teacher better' for the rest, by prompt
     hash, so every operation happens in a tiny run; logs each answered call and can SIGKILL itself."""

@@ -14,7 +14,7 @@ from t2i_evolve.recipes.evolve import run_evolve
 from t2i_evolve.recipes.parts import stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evolve_worker import ScriptedJudge, small_config  # noqa: E402
+from evolve_worker import ScriptedJudge, small_config, tensorboard_scalars  # noqa: E402
 
 
 def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_on(tmp_path):
@@ -30,6 +30,11 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
     assert stopped_round["ops"]["delete"] > 0 and stopped_round["ops"]["expand"] > 0
     second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
     assert 30 < second["teacher_calls"] <= 60
+    # TensorBoard: the stopped round logged as it was reported, and not again when the rerun finished it
+    assert [step for step, _ in tensorboard_scalars(run_dir / "tensorboard" / "rounds", "ops/judged")] == [
+        row["round"] for row in second["rounds"]]
+    assert tensorboard_scalars(run_dir / "tensorboard" / "rounds", "round/teacher_calls_after")[0] == (
+        1, stopped_round["teacher_calls_after"])
 
 
 def test_past_the_teacher_budget_the_rounds_go_on_without_buying(tmp_path):

@@ -177,6 +177,26 @@ def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path
     assert logged == [4]  # only its own steps: the first run's metrics stay in its own folder
 
 
+def test_tensorboard_shows_a_resumed_run_as_one_curve_and_its_settings_once(tiny_dir, tmp_path):
+    """A run killed after its checkpoint at step 2 had logged steps 3-4: resumed, TensorBoard shows each step once
+    (the killed attempt's past the checkpoint hidden) and the settings once. A run that carries on from another's
+    checkpoint in a folder of its own logs its settings there."""
+    from evolve_worker import tensorboard_scalars
+
+    data = _teacher_set(16, seed=6)
+    common = {"model": str(tiny_dir), "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "tracker": "tensorboard"}
+    Trainer(TrainConfig(output_dir=str(tmp_path / "run"), steps=4, **common), data).run()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")  # as if killed after logging step 4
+    shutil.rmtree(tmp_path / "run" / "model")
+    Trainer(TrainConfig(output_dir=str(tmp_path / "run"), steps=5, **common), data).run()
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "run" / "train", "loss")] == [1, 2, 3, 4, 5]
+    assert len(list((tmp_path / "run" / "train").glob("*/hparams.yml"))) == 1
+    Trainer(TrainConfig(output_dir=str(tmp_path / "next"), steps=6, **common,
+                        continue_from=str(tmp_path / "run" / "checkpoints" / "step-0000005")), data).run()
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "next" / "train", "loss")] == [6]
+    assert len(list((tmp_path / "next" / "train").glob("*/hparams.yml"))) == 1
+
+
 def test_max_images_ends_a_run_resumed_on_another_number_of_processes_where_its_images_say(tiny_dir, tmp_path):
     """A checkpoint two processes saved at step 4 (32 images of 2 x 4): resumed as one process with max_images
     48, the run trains 4 more steps of 4 (48 in all), not the 12 one process alone would have needed."""

@@ -28,20 +28,23 @@ def describe_result(judge: Any) -> str | None:
 
 
 def find_records(ledger: Ledger, which: str) -> list[int]:
-    """The ids `which` names: a record id ("120", "#120"), else every record whose prompt is `which` (case and
-    spaces at the ends ignored), in id order. None found: a one-line UserError."""
+    """The ids `which` names: a record id ("120", "#120"), else every record whose prompt is `which` in any spelling
+    the run takes for the same prompt (`prompt_key`: case, spaces, a full stop at the end), in id order. None found:
+    a one-line UserError."""
+    from ..prompts.sets import prompt_key
+
     text = which.strip()
-    if text.removeprefix("#").isdigit():
+    if text.removeprefix("#").isdecimal() and text.isascii():
         record_id = int(text.removeprefix("#"))
-        try:
-            ledger.record(record_id)
-        except KeyError:
-            raise UserError(f"no record {record_id} in {ledger.run_dir} (it holds {ledger.count(None)} records)") from None
-        return [record_id]
-    ids = [r.id for r in ledger.records(None) if r.prompt.strip().lower() == text.lower()]
+        if record_id < 2**63 and ledger.has_record(record_id):
+            return [record_id]
+        if text.startswith("#"):
+            raise UserError(f"no record {record_id} in {ledger.run_dir} (it holds {ledger.count(None)} records)")
+    key = prompt_key(text)  # (digits alone and no such id: a prompt of digits, from a user's prompts file)
+    ids = [record_id for record_id, prompt in ledger.record_prompts() if prompt_key(prompt) == key]
     if not ids:
-        raise UserError(f"no record with the prompt {text!r} in {ledger.run_dir} (give its id, or the prompt "
-                        "as the ledger holds it: `ledger export` lists them)")
+        raise UserError(f"no record {text!r} in {ledger.run_dir}: give a record id (it holds {ledger.count(None)}), "
+                        "or a prompt as the run wrote it (`ledger export` lists them)")
     return ids
 
 

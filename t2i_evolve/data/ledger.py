@@ -444,6 +444,15 @@ class Ledger(CallCacheMixin):
             raise KeyError(f"no record {record_id}")
         return Record._from_row(row)
 
+    def has_record(self, record_id: int) -> bool:
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone() is not None
+
+    def record_prompts(self) -> list[tuple[int, str]]:
+        """(id, prompt) of every record, in id order: what finding a prompt needs, without decoding the rest."""
+        with self._read() as db:
+            return [tuple(row) for row in db.execute("SELECT id, prompt FROM records ORDER BY id")]
+
     def records(
         self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None,
         parent: int | None = None,

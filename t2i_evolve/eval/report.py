@@ -140,16 +140,18 @@ def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence
     return write_report(out / "report.html", title, sections)
 
 
-def log_round_scalars(folder: Path, row: dict) -> None:
-    """A finished round's metrics row as TensorBoard scalars in `folder` (`tensorboard --logdir RUN/tensorboard`),
-    at step = its round: `round/` score, active records, calls, wall time; `skills/`; `ops/` counts. The held-out
-    score is logged again at step = teacher calls spent (`score_vs_teacher_calls`: the paper's data-efficiency
-    curve). Called once per round, when it is done, so a resumed run logs no round twice."""
+def log_round_scalars(folder: Path, row: dict, marker: Path) -> None:
+    """A round's metrics row as TensorBoard scalars (`tensorboard --logdir RUN/tensorboard`), once: `marker` is
+    written after, and a round it marks is not logged again (a rerun with more budget). In `folder/rounds`, at step =
+    the round: `round/` score, active records, calls, wall time; `skills/`; `ops/` counts; and `score_vs_teacher_calls`
+    at step = the teacher calls its model trained on (the paper's data-efficiency curve, as report.html draws it)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    if marker.exists():
+        return
     r = row["round"]
     numbers = lambda values: {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    with SummaryWriter(str(folder)) as writer:
+    with SummaryWriter(str(folder / "rounds")) as writer:
         for key, value in numbers({k: row.get(k) for k in ("score", "active", "teacher_calls_after", "judge_calls",
                                                             "wall_s")}).items():
             writer.add_scalar(f"round/{key}", value, r)
@@ -157,4 +159,5 @@ def log_round_scalars(folder: Path, row: dict) -> None:
             for key, value in numbers(row.get(group) or {}).items():
                 writer.add_scalar(f"{group}/{key}", value, r)
         if isinstance(row.get("score"), (int, float)):
-            writer.add_scalar("score_vs_teacher_calls", row["score"], row["teacher_calls_after"])
+            writer.add_scalar("score_vs_teacher_calls", row["score"], row["teacher_calls"])
+    marker.write_text("")

@@ -214,11 +214,11 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                         "wall_s": time.perf_counter() - tick}
                 rounds.append(row)
                 write_jsonl(out / "metrics.jsonl", rounds)
+                if config.tracker == "tensorboard":  # (once a round: a rerun with more budget logs no round again)
+                    log_round_scalars(out / "tensorboard", row, done_file.with_name("logged"))
                 if stopped:
                     break
                 write_json(done_file, row)
-                if config.tracker == "tensorboard":
-                    log_round_scalars(out / "tensorboard" / "rounds", row)
                 advance(1, status=f"score {row.get('score', float('nan')):.3f} active {row['active']} teacher calls "
                                   f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
         except BudgetExhausted as e:

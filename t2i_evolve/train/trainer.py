@@ -94,7 +94,7 @@ class TrainConfig(Config):
     log_every: int = Field(25, ge=1)
     seed: Seed = 0
     tracker: Literal["tensorboard", "none"] = "tensorboard"
-    logging_dir: str | None = Field(None, description="The tracker's folder (it writes under `train/`); None: "
+    logging_dir: PathText | None = Field(None, description="The tracker's folder (it writes under `train/`); None: "
                                     "output_dir. Rounds of one run share one, so their loss is one curve.")
     max_image_memory_gb: float = Field(IMAGE_MEMORY_GB, ge=0, description="Decoded training images are held in memory "
                                        "up to this size; a larger set is read from its files batch by batch, the next "
@@ -253,9 +253,12 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             c.save(self.out / "config.yaml")
-        if c.tracker != "none":  # (the settings once a run, not again at each resume or round: a folder each)
+        if c.tracker != "none":  # the settings once a logging folder (each time: a folder of them), not again on a
+            # resume or for each round of a run sharing one; a resume hides what its killed attempt logged past it
             settings = {k: v for k, v in c.model_dump().items() if not isinstance(v, dict)}
-            acc.init_trackers("train", config=settings if self.step == 0 and not c.continue_from else None)
+            first = not self.resumed and not (c.continue_from and c.logging_dir)
+            acc.init_trackers("train", config=settings if first else None,
+                              init_kwargs={c.tracker: {"purge_step": self.step + 1}} if self.resumed else None)
         last: dict = {}
         losses: list[torch.Tensor] = []
         tick = start = time.perf_counter()
@@ -426,6 +429,7 @@ class Trainer:
     def _resume(self) -> None:
         """From this run's latest checkpoint, else from `continue_from` (whose metrics are not ours)."""
         checkpoints = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+        self.resumed = bool(checkpoints)  # (this run's own: not `continue_from`, another run's)
         if not checkpoints and not self.config.continue_from:
             self._truncate_metrics()  # what an attempt killed before its first checkpoint logged
             return
