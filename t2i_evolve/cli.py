@@ -302,17 +302,17 @@ def sample(
     prompt: str,
     out_path: Path = typer.Option(..., "--out", help="PNG file to write."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED),
-    steps: int = typer.Option(20, help="Sampling steps."),
-    scheduler: str = typer.Option("ddim", help="ddim or dpm++."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off; 5-7.5 for SD and SDXL)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the family's usual)."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim or dpm++ (default: the family's usual)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1 = off (default: the "
+                                             "family's usual: SD 7.5, SDXL 5, PixArt 4.5, SD3 7, the shapes model 1)."),
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
 ):
     """Draw one image of a prompt with a model folder (Flux, Playground...: with diffusers' own pipeline for it)."""
     from .generators import LocalPipelineTeacher
-    from .models import SamplerConfig
 
-    cfg = SamplerConfig.from_dict({"scheduler": scheduler, "steps": steps, "guidance": guidance}, source="flags")
+    cfg = _sampler_flags(model, scheduler=scheduler, steps=steps, guidance=guidance)
     out_path = _image_out(out_path)
     LocalPipelineTeacher(model, sampler=cfg, device=device, dtype=dtype).generate([prompt], [seed])[0].save(out_path)
     say(f"wrote {out_path}")
@@ -323,8 +323,9 @@ def eval_model(
     model: Path,
     prompts: int = typer.Option(128, help="Held-out grammar prompts."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Prompt seed."),
-    steps: int = typer.Option(20, help="Sampling steps."),
-    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1 = off)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the family's usual)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1 = off (default: the "
+                                             "family's usual)."),
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Your prompts, one per line, each drawn once, instead of "
@@ -340,7 +341,6 @@ def eval_model(
     from .eval.held_out import HeldOutScore
     from .generators import LocalPipelineTeacher
     from .judges import PixelJudge
-    from .models import SamplerConfig
     from .progress import progress_bar
     from .prompts.sets import read_prompt_file, refuse_open_prompts
     from .recipes.parts import JudgeSpec, WriterSpec
@@ -360,7 +360,7 @@ def eval_model(
             spec.endpoint.api_key()
     writer = writer_spec.build(GrammarSlice()) if writer_spec else None
     judge = None if judge_spec.kind == "pixel" else judge_spec.build(None, None, getattr(writer, "questions", None))
-    config = SamplerConfig.from_dict({"steps": steps, "guidance": guidance}, source="flags")
+    config = _sampler_flags(model, steps=steps, guidance=guidance)
     sampler = LocalPipelineTeacher(model, sampler=config, device=device, dtype=dtype)  # (Flux...: its pipeline)
     if judge is None:
         with progress_bar("judging", len(texts)) as advance:
@@ -384,6 +384,20 @@ def eval_model(
     for skill in result.get("skills", {}):
         table.add_row(skill, skill_cell(result, skill))
     out.print(table)
+
+
+def _sampler_flags(model: Path, **flags):
+    """The sampling flags given, over the model family's usual settings (`usual_sampler`; a folder diffusers' pipeline
+    draws: over `SamplerConfig`'s); None when none is given: the usual, or that pipeline's own."""
+    from .generators.local_pipeline import usual_sampler
+    from .models import SamplerConfig
+
+    given = {name: value for name, value in flags.items() if value is not None}
+    if not given:
+        return None
+    SamplerConfig.from_dict(given, source="flags")  # a bad one: its one line before the folder is read
+    usual = usual_sampler(model) or SamplerConfig()
+    return SamplerConfig.from_dict(usual.model_dump() | given, source="flags")
 
 
 @app.command("demo")

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from fake_openai import KEY_ENV, FakeOpenAI, api_key, server  # noqa: F401 (fixtures)
 
 from t2i_evolve.data import CachedGenerator, CallBudget, Ledger
@@ -224,3 +225,40 @@ def test_a_local_teacher_in_a_recipe_config_draws_as_its_spec_says(sd_dir, tmp_p
                  "--device", "cpu", "--dtype", "bfloat16"]) == 0 and out.is_file()
     assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--dtype", "float8"]) == 2
     assert "unknown dtype 'float8'" in capsys.readouterr().err
+
+
+def test_a_local_teacher_with_no_sampler_draws_with_its_familys_usual_settings(sd_dir, sdxl_dir, pixart_dir, sd3_dir,
+                                                                               edm_dir, tiny_dir, tmp_path):
+    """No `sampler` named: a real family's usual steps and guidance (an SD teacher at 20 steps without guidance drew
+    what no one would buy), the shapes model's own, or for a folder diffusers draws, its pipeline's own."""
+    from t2i_evolve.cli import main
+    from t2i_evolve.generators.local_pipeline import FAMILY_SAMPLERS, usual_sampler
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    expected = {sd_dir: "sd", sdxl_dir: "sdxl", pixart_dir: "pixart", sd3_dir: "sd3", tiny_dir: "shapes"}
+    assert {folder: usual_sampler(folder) for folder in expected} == {f: FAMILY_SAMPLERS[k] for f, k in expected.items()}
+    assert usual_sampler(edm_dir) is None and FAMILY_SAMPLERS["sd"].guidance == 7.5
+    teacher = TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir), "device": "cpu"}).build(32)
+    assert teacher.id.endswith(":dpm++-25-cfg7.5:float32") and teacher.config.sampler == FAMILY_SAMPLERS["sd"]
+    given = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=2), device="cpu")  # as given, the rest default
+    assert given.id.endswith(":ddim-2:float32")
+    # `sample` without sampling flags draws as such a teacher does; a flag given changes that one setting
+    out = tmp_path / "usual.png"
+    assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--device", "cpu"]) == 0
+    assert np.array_equal(pixels([Image.open(out)])[0], pixels(teacher.generate(["a red circle"], [0]))[0])
+    assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--steps", "3", "--device", "cpu"]) == 0
+    three = LocalPipelineTeacher(sd_dir, sampler=FAMILY_SAMPLERS["sd"].model_copy(update={"steps": 3}), device="cpu")
+    assert np.array_equal(pixels([Image.open(out)])[0], pixels(three.generate(["a red circle"], [0]))[0])
+    # a folder diffusers draws: its pipeline's own steps and guidance, named so in the id
+    pipeline_teacher = LocalPipelineTeacher(edm_dir, device="cpu")
+    assert pipeline_teacher.id.endswith(":diffusers-defaults:float32")
+    real, asked = pipeline_teacher.sampler.pipeline, []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs)
+        return real(*args, **kwargs)
+
+    pipeline_teacher.sampler.pipeline = recording
+    assert len(pipeline_teacher.generate(["a red circle"] * 5, list(range(5)))) == 5
+    assert [len(kwargs["generator"]) for kwargs in asked] == [4, 1]  # (PIPELINE_BATCH at a time)
+    assert not {"num_inference_steps", "guidance_scale", "height"} & set(asked[0])

@@ -29,11 +29,42 @@ from ..models.sampler import SamplerConfig, sampled_with
 FINGERPRINTED_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt", ".model")
 
 
+FAMILY_SAMPLERS = {  # how a local teacher draws when its config names no `sampler`: each family's usual settings
+    "shapes": SamplerConfig(),  # the tiny pixel-space shapes model: 20 DDIM steps, no guidance (what it learns with)
+    "sd": SamplerConfig(scheduler="dpm++", steps=25, guidance=7.5),  # SD 1.x/2.x
+    "sdxl": SamplerConfig(scheduler="dpm++", steps=30, guidance=5.0),
+    "pixart": SamplerConfig(scheduler="dpm++", steps=20, guidance=4.5),
+    "sd3": SamplerConfig(steps=28, guidance=7.0),  # (its own Euler steps)
+}
+PIPELINE_BATCH = 4  # images a diffusers pipeline draws at once under its own settings (a 1024 px Flux batch is big)
+
+
+def usual_sampler(path: str | Path) -> SamplerConfig | None:
+    """The family's usual settings for the model folder at `path` (`FAMILY_SAMPLERS`), from its model_index.json
+    alone; None for a folder that diffusers' pipeline draws (`runner`): then the pipeline's own steps and guidance."""
+    from ..models.folders import model_family, read_index
+
+    root = Path(path)
+    index = read_index(root)
+    try:
+        family = model_family(root, index)
+    except UserError:
+        return None
+    if family == "unet":  # (a part the folder lacks is `[null, null]` in its index)
+        has = lambda part: isinstance(index.get(part), list) and bool(index[part]) and index[part][0] is not None
+        family = "sdxl" if has("text_encoder_2") else "sd" if has("vae") else "shapes"
+    return FAMILY_SAMPLERS[family]
+
+
 class LocalPipelineTeacherConfig(Config):
     """A model folder (model_index.json + parts) and how to sample it."""
 
     path: Path = Field(description="The model folder.")
-    sampler: SamplerConfig = SamplerConfig()
+    sampler: SamplerConfig | None = Field(None, description="How it draws; None: the family's usual settings "
+                                          "(`FAMILY_SAMPLERS`: SD 1.x/2.x 25 DPM++ steps at guidance 7.5, SDXL 30 at "
+                                          "5.0, PixArt 20 at 4.5, SD3 28 at 7.0), or for a folder diffusers draws its "
+                                          "pipeline's own steps and guidance. Given: as given (fields it leaves out: "
+                                          "SamplerConfig's defaults).")
     device: str = "cpu"
     dtype: str = "float32"
     price_per_call: float = Field(0.0, ge=0, description="Assumed price of one image (compute), for budgets.")
@@ -44,8 +75,8 @@ class LocalPipelineTeacherConfig(Config):
         "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3: "
         "checked equal to diffusers' pipelines; `sampler.scheduler` applies but to SD3). diffusers: the pipeline class "
         "the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt handling; "
-        "`sampler.steps`, `guidance` (set the family's own: Flux-dev about 3.5), `resolution` and `batch_size` passed "
-        "on, `sampler.scheduler` not. auto: t2i-evolve where it reads the folder, else diffusers.")
+        "a given sampler's `steps`, `guidance`, `resolution` and `batch_size` passed on, not its `scheduler` (none "
+        "given: the pipeline's own). auto: t2i-evolve where it reads the folder, else diffusers.")
     offload: bool = Field(False, description="Hold the weights in CPU memory, on the device only while drawing: "
                           "several big teachers beside a base in training on one GPU. The images are the same (the id "
                           "too); each draw pays the move.")
@@ -64,6 +95,8 @@ class LocalPipelineTeacher:
             raise TypeError("pass settings in the config or as keywords with a path, not both")
         if config.runner == "auto":
             config = config.model_copy(update={"runner": "t2i-evolve" if T2IModel.reads(config.path) else "diffusers"})
+        if config.sampler is None and config.runner == "t2i-evolve":  # (a folder it reads: its family's usual)
+            config = config.model_copy(update={"sampler": usual_sampler(config.path)})
         self.config, self.device = config, resolve_device(config.device)
         if config.runner == "t2i-evolve":
             model = T2IModel.from_pretrained(config.path, "cpu" if config.offload else self.device, config.dtype)
@@ -71,7 +104,7 @@ class LocalPipelineTeacher:
             drawn = config.sampler.resolution or model.resolution
         else:
             self.sampler = DiffusersPipeline(config)
-            drawn = config.sampler.resolution or self.sampler.resolution
+            drawn = (config.sampler and config.sampler.resolution) or self.sampler.resolution
         self.resize = config.resolution if config.resolution not in (None, drawn) else None
         flow = config.runner == "t2i-evolve" and model.is_flow
         self.id = config.id or pipeline_id(config, flow) + (f"->{self.resize}px" if self.resize else "")
@@ -107,11 +140,12 @@ def pipeline_id(config: LocalPipelineTeacherConfig, flow: bool = False) -> str:
 
     The batch size is left out: it does not change what an image shows (see `models.sampler`).
     """
-    s = config.sampler
+    s, root = config.sampler, Path(config.path).resolve()
+    if s is None:  # (diffusers' runner under its pipeline's own settings)
+        return f"local:{root}@{weights_fingerprint(root)}:diffusers-defaults:{config.dtype}"
     guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
     resolution = f"-{s.resolution}px" if s.resolution else ""
     scheduler = "diffusers" if config.runner == "diffusers" else sampled_with(s, flow)
-    root = Path(config.path).resolve()
     return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
 
 
@@ -173,16 +207,17 @@ class DiffusersPipeline:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         import torch
 
-        s = self.settings
-        sizes = {"height": s.resolution, "width": s.resolution} if s.resolution else {}
+        s = self.settings  # (None: the pipeline's own steps, guidance and size)
+        settings = {} if s is None else {"num_inference_steps": s.steps, "guidance_scale": s.guidance}
+        settings |= {"height": s.resolution, "width": s.resolution} if s and s.resolution else {}
+        batch = PIPELINE_BATCH if s is None else s.batch_size
         images: list[Image.Image] = []
-        for start in range(0, len(prompts), s.batch_size):
-            noise = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start:start + s.batch_size]]
+        for start in range(0, len(prompts), batch):
+            noise = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start:start + batch]]
             try:
                 with torch.no_grad():
-                    images += self.pipeline(list(prompts[start:start + s.batch_size]), generator=noise,
-                                            output_type="pil", num_inference_steps=s.steps, guidance_scale=s.guidance,
-                                            **sizes).images
+                    images += self.pipeline(list(prompts[start:start + batch]), generator=noise, output_type="pil",
+                                            **settings).images
             except (ValueError, TypeError, RuntimeError) as e:  # (settings it refuses; a full GPU)
                 raise UserError(f"{self.name} cannot draw: {_first_line(e)}") from None
         return images

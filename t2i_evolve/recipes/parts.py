@@ -51,7 +51,7 @@ class TeacherSpec(Config):
     endpoint: EndpointConfig | None = None
     path: PathText | None = None
     price_per_call: float | None = None
-    sampler: SamplerConfig = SamplerConfig()  # local: how it draws (a real SD/SDXL teacher: guidance 5-7.5, 30 steps)
+    sampler: SamplerConfig | None = None  # local: how it draws; None: its family's usual (SDXL: 30 DPM++ steps at 5.0)
     device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
     dtype: str = "float32"  # local: e.g. float16 on a GPU
     runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Flux, ...
