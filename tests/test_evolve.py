@@ -922,6 +922,32 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     assert drawn[0] == drawn[1] and any(op[0] == 3 for op in ops)  # what rounds 1-2 drew, as it was
 
 
+def test_a_run_folder_from_before_family_samplers_resumes_under_the_config_that_started_it(sd_dir, tmp_path):
+    """Versions before family defaults wrote `sampler` out for every teacher: a gallery teacher's is dropped (it never
+    sampled), so such a folder resumes under its own config; a local teacher's old default is a change: refused."""
+    import yaml
+
+    from t2i_evolve.config import check_resumed_config
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.models import SamplerConfig
+    from t2i_evolve.recipes.evolve import RESUMABLE_CHANGES
+    from t2i_evolve.recipes.parts import TeacherSpec
+
+    def started_with(config):
+        config.save(tmp_path / "evolve.yaml")
+        old = yaml.safe_load((tmp_path / "evolve.yaml").read_text())
+        for teacher in old["teachers"]:
+            teacher["sampler"] = SamplerConfig().model_dump()  # as those versions wrote it
+        (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(old))
+        return tmp_path / "evolve.yaml"
+
+    gallery = small_config(str(tmp_path / "run"))
+    check_resumed_config(started_with(gallery), gallery, RESUMABLE_CHANGES)
+    local = small_config(str(tmp_path / "run"), teachers=[TeacherSpec(kind="local", path=str(sd_dir))])
+    with pytest.raises(UserError, match=r"started with another config \(teachers\[0\]\.sampler"):
+        check_resumed_config(started_with(local), local, RESUMABLE_CHANGES)
+
+
 def test_a_folder_another_command_filled_is_refused_not_taken_over(reference_run, tmp_path):
     """An imported set, or a finished evolve run given to the demo: the command would take those records for its
     own set and write its summary and report over the other run's. One line, before anything is written."""

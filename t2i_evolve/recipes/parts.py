@@ -22,7 +22,7 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..config import Config, PathText
 from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run_folder
@@ -56,6 +56,14 @@ class TeacherSpec(Config):
     dtype: str = "float32"  # local: e.g. float16 on a GPU
     runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Flux, ...
     offload: bool = False  # local: on the GPU only while drawing (big teachers beside a base in training)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_is_a_local_teachers(cls, data):
+        """Only a local teacher samples: another's `sampler` (which versions before family defaults wrote out for every
+        teacher) is dropped, so such a run's evolve.yaml still matches the config that started it."""
+        local = isinstance(data, dict) and data.get("kind") == "local"
+        return data if local or not isinstance(data, dict) else {k: v for k, v in data.items() if k != "sampler"}
 
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":
