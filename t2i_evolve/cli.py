@@ -387,17 +387,14 @@ def eval_model(
 
 
 def _sampler_flags(model: Path, **flags):
-    """The sampling flags given, over the model family's usual settings (`usual_sampler`; a folder diffusers' pipeline
-    draws: over `SamplerConfig`'s); None when none is given: the usual, or that pipeline's own."""
-    from .generators.local_pipeline import usual_sampler
-    from .models import SamplerConfig
+    """The sampling flags given (`TeacherSampler`: those left out are the model family's usual, or for a folder
+    diffusers' pipeline draws, that pipeline's own; `--scheduler` is our sampler's alone)."""
+    from .generators.local_pipeline import TeacherSampler, folder_family
 
-    given = {name: value for name, value in flags.items() if value is not None}
-    if not given:
-        return None
-    SamplerConfig.from_dict(given, source="flags")  # a bad one: its one line before the folder is read
-    usual = usual_sampler(model) or SamplerConfig()
-    return SamplerConfig.from_dict(usual.model_dump() | given, source="flags")
+    given = TeacherSampler.from_dict({name: value for name, value in flags.items() if value is not None}, source="flags")
+    if given.scheduler is not None and folder_family(model) is None:
+        raise UserError(f"--scheduler: {model} is drawn by its diffusers pipeline, with its own scheduler; leave it out")
+    return given
 
 
 @app.command("demo")

@@ -181,7 +181,7 @@ def test_command_line_overrides_set_fields_as_the_yaml_file_would(tmp_path):
     assert EvolveConfig.load(None, ["sampler.guidance=5", "teachers.0.p=0.7"]).sampler == default
     assert EvolveConfig.load(None, ["teachers.0.p=0.7"]).teachers[0].id == "strong"
     assert EvolveConfig.load(None, ["mixed_precision=no"]).mixed_precision == "no"  # (YAML's bare no: false)
-    path.write_text("teachers:\n  - {id: strong, sampler: &s {steps: 10}}\n  - {id: no-color, sampler: *s}\n")
+    path.write_text("teachers:\n  - {kind: local, path: a, sampler: &s {steps: 10}}\n  - {kind: local, path: b, sampler: *s}\n")
     teachers = EvolveConfig.load(path, ["teachers.0.sampler.steps=30"]).teachers  # an alias is not changed with it
     assert [t.sampler.steps for t in teachers] == [30, 10]
     for text, overrides, message in [("teachers: &t [*t]\n", ["lr=1"], "a value nests too deep, or holds itself"),

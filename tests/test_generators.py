@@ -217,7 +217,7 @@ def test_a_local_teacher_in_a_recipe_config_draws_as_its_spec_says(sd_dir, tmp_p
     spec = TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir), "sampler": {"steps": 2, "guidance": 5},
                                   "device": "cpu", "dtype": "bfloat16"})
     teacher = spec.build(32)
-    assert teacher.id.endswith(":ddim-2-cfg5:bfloat16")
+    assert teacher.id.endswith(":dpm++-2-cfg5:bfloat16")  # (the scheduler left out: the family's, DPM++)
     assert (teacher.sampler.model.device.type, teacher.sampler.model.dtype) == ("cpu", torch.bfloat16)
     assert TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir)}).device == "auto"
     out = tmp_path / "x.png"
@@ -227,11 +227,13 @@ def test_a_local_teacher_in_a_recipe_config_draws_as_its_spec_says(sd_dir, tmp_p
     assert "unknown dtype 'float8'" in capsys.readouterr().err
 
 
-def test_a_local_teacher_with_no_sampler_draws_with_its_familys_usual_settings(sd_dir, sdxl_dir, pixart_dir, sd3_dir,
-                                                                               edm_dir, tiny_dir, tmp_path):
-    """No `sampler` named: a real family's usual steps and guidance (an SD teacher at 20 steps without guidance drew
-    what no one would buy), the shapes model's own, or for a folder diffusers draws, its pipeline's own."""
+def test_a_local_teacher_draws_what_its_sampler_leaves_out_with_its_familys_usual_settings(
+        sd_dir, sdxl_dir, pixart_dir, sd3_dir, edm_dir, tiny_dir, tmp_path, capsys):
+    """No sampler, or one that names steps only: a real family's usual scheduler and guidance for the rest (an SD
+    teacher at 20 DDIM steps without guidance drew what no one would buy), the shapes model's own, or for a folder
+    diffusers draws, its pipeline's own. The CLI's flags and an evolve config's sampler agree."""
     from t2i_evolve.cli import main
+    from t2i_evolve.generators import pipeline_id
     from t2i_evolve.generators.local_pipeline import FAMILY_SAMPLERS, usual_sampler
     from t2i_evolve.recipes.parts import TeacherSpec
 
@@ -239,26 +241,31 @@ def test_a_local_teacher_with_no_sampler_draws_with_its_familys_usual_settings(s
     assert {folder: usual_sampler(folder) for folder in expected} == {f: FAMILY_SAMPLERS[k] for f, k in expected.items()}
     assert usual_sampler(edm_dir) is None and FAMILY_SAMPLERS["sd"].guidance == 7.5
     teacher = TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir), "device": "cpu"}).build(32)
-    assert teacher.id.endswith(":dpm++-25-cfg7.5:float32") and teacher.config.sampler == FAMILY_SAMPLERS["sd"]
-    given = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=2), device="cpu")  # as given, the rest default
-    assert given.id.endswith(":ddim-2:float32")
-    # `sample` without sampling flags draws as such a teacher does; a flag given changes that one setting
+    assert teacher.id.endswith(":dpm++-25-cfg7.5:float32") and teacher.sampler.config == FAMILY_SAMPLERS["sd"]
+    assert pipeline_id(LocalPipelineTeacherConfig(path=sd_dir)) == teacher.id  # (the id without building it)
+    three = TeacherSpec.from_dict({"kind": "local", "path": str(sd_dir), "sampler": {"steps": 3}}).build(32)
+    assert three.id.endswith(":dpm++-3-cfg7.5:float32")  # the steps given, the rest the family's
+    full = LocalPipelineTeacher(sd_dir, sampler=SamplerConfig(steps=2), device="cpu")  # a SamplerConfig sets all
+    assert full.id.endswith(":ddim-2:float32")
+    # `sample` without sampling flags draws as the family's teacher does; a flag given changes that setting alone
     out = tmp_path / "usual.png"
     assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--device", "cpu"]) == 0
     assert np.array_equal(pixels([Image.open(out)])[0], pixels(teacher.generate(["a red circle"], [0]))[0])
     assert main(["sample", str(sd_dir), "a red circle", "--out", str(out), "--steps", "3", "--device", "cpu"]) == 0
-    three = LocalPipelineTeacher(sd_dir, sampler=FAMILY_SAMPLERS["sd"].model_copy(update={"steps": 3}), device="cpu")
     assert np.array_equal(pixels([Image.open(out)])[0], pixels(three.generate(["a red circle"], [0]))[0])
-    # a folder diffusers draws: its pipeline's own steps and guidance, named so in the id
-    pipeline_teacher = LocalPipelineTeacher(edm_dir, device="cpu")
-    assert pipeline_teacher.id.endswith(":diffusers-defaults:float32")
-    real, asked = pipeline_teacher.sampler.pipeline, []
-
-    def recording(*args, **kwargs):
-        asked.append(kwargs)
-        return real(*args, **kwargs)
-
-    pipeline_teacher.sampler.pipeline = recording
-    assert len(pipeline_teacher.generate(["a red circle"] * 5, list(range(5)))) == 5
-    assert [len(kwargs["generator"]) for kwargs in asked] == [4, 1]  # (PIPELINE_BATCH at a time)
+    # a folder diffusers draws: its pipeline's own settings but for those given, named so in the id
+    own, steps_only = (LocalPipelineTeacher(edm_dir, device="cpu", **extra) for extra in ({}, {"sampler": {"steps": 2}}))
+    assert own.id.endswith(":diffusers-own-cfgown:float32") and steps_only.id.endswith(":diffusers-2-cfgown:float32")
+    asked = []
+    for teacher in (own, steps_only):
+        real = teacher.sampler.pipeline
+        teacher.sampler.pipeline = lambda *args, real=real, **kwargs: asked.append(kwargs) or real(*args, **kwargs)
+    assert len(own.generate(["a red circle"] * 5, list(range(5)))) == 5 and steps_only.generate(["a red circle"], [0])
+    assert [len(kwargs["generator"]) for kwargs in asked] == [4, 1, 1]  # (4 at a time under the pipeline's own)
     assert not {"num_inference_steps", "guidance_scale", "height"} & set(asked[0])
+    assert asked[-1]["num_inference_steps"] == 2 and "guidance_scale" not in asked[-1]
+    capsys.readouterr()
+    for flags, message in [(["--scheduler", "dpm++"], "--scheduler: "), (["--guidance", "nan"], "guidance")]:
+        assert main(["sample", str(edm_dir), "a red circle", "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1

@@ -227,6 +227,16 @@ def test_a_folder_it_cannot_read_is_one_line(pixart_dir, sd_dir, tmp_path):
     with pytest.raises(UserError, match="a UNet over a T5EncoderModel \\(DeepFloyd IF\\) is not supported yet"):
         T2IModel.from_pretrained(unet_over_t5)
 
+    inpainting = shutil.copytree(sd_dir, tmp_path / "inpainting")  # (SD's inpainting UNet: image and mask channels in)
+    config = json.loads((inpainting / "unet" / "config.json").read_text())
+    (inpainting / "unet" / "config.json").write_text(json.dumps(config | {"in_channels": 9}))
+    with pytest.raises(UserError, match="a UNet of 9 input channels for 4 output ones \\(inpainting"):
+        T2IModel.from_pretrained(inpainting)
+    numbered = shutil.copytree(sd_dir, tmp_path / "numbered")  # a part named by a number, not [library, class]
+    (numbered / "model_index.json").write_text(json.dumps(json.loads((sd_dir / "model_index.json").read_text()) | {"vae": 5}))
+    with pytest.raises(UserError, match="names no known class for 'vae': 5"):
+        T2IModel.from_pretrained(numbered)
+
     narrow = shutil.copytree(pixart_dir, tmp_path / "narrow")
     config = T5Config.from_pretrained(narrow / "text_encoder")
     config.d_model = 16

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import Config
 from ..errors import UserError
@@ -39,9 +39,9 @@ FAMILY_SAMPLERS = {  # how a local teacher draws when its config names no `sampl
 PIPELINE_BATCH = 4  # images a diffusers pipeline draws at once under its own settings (a 1024 px Flux batch is big)
 
 
-def usual_sampler(path: str | Path) -> SamplerConfig | None:
-    """The family's usual settings for the model folder at `path` (`FAMILY_SAMPLERS`), from its model_index.json
-    alone; None for a folder that diffusers' pipeline draws (`runner`): then the pipeline's own steps and guidance."""
+def folder_family(path: str | Path) -> str | None:
+    """The `FAMILY_SAMPLERS` key of the model folder at `path`, from its model_index.json and configs alone; None for a
+    folder `T2IModel` does not read (diffusers' own pipeline draws it: `runner`)."""
     from ..models.folders import model_family, read_index
 
     root = Path(path)
@@ -50,21 +50,43 @@ def usual_sampler(path: str | Path) -> SamplerConfig | None:
         family = model_family(root, index)
     except UserError:
         return None
-    if family == "unet":  # (a part the folder lacks is `[null, null]` in its index)
-        has = lambda part: isinstance(index.get(part), list) and bool(index[part]) and index[part][0] is not None
-        family = "sdxl" if has("text_encoder_2") else "sd" if has("vae") else "shapes"
-    return FAMILY_SAMPLERS[family]
+    if family != "unet":
+        return family
+    has = lambda part: isinstance(index.get(part), list) and bool(index[part]) and index[part][0] is not None
+    return "sdxl" if has("text_encoder_2") else "sd" if has("vae") else "shapes"  # (an absent part: [null, null])
+
+
+def usual_sampler(path: str | Path) -> SamplerConfig | None:
+    """The family's usual settings for the model folder at `path` (`FAMILY_SAMPLERS`); None for a folder diffusers'
+    pipeline draws: then the pipeline's own steps and guidance."""
+    family = folder_family(path)
+    return None if family is None else FAMILY_SAMPLERS[family]
+
+
+class TeacherSampler(Config):
+    """How a local teacher draws: each field left out (None) is its family's usual (`FAMILY_SAMPLERS`), or for a folder
+    diffusers' pipeline draws, that pipeline's own (its scheduler always: `scheduler` applies to our runner alone).
+    Left out stays left out in a run's evolve.yaml, so a resumed run draws as it started."""
+
+    scheduler: Literal["ddim", "dpm++"] | None = None
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, allow_inf_nan=False)
+    batch_size: int | None = Field(None, ge=1)
+    resolution: int | None = Field(None, ge=8)
+
+    def given(self) -> dict:
+        """The fields set, as `SamplerConfig` fields."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
 
 
 class LocalPipelineTeacherConfig(Config):
     """A model folder (model_index.json + parts) and how to sample it."""
 
     path: Path = Field(description="The model folder.")
-    sampler: SamplerConfig | None = Field(None, description="How it draws; None: the family's usual settings "
-                                          "(`FAMILY_SAMPLERS`: SD 1.x/2.x 25 DPM++ steps at guidance 7.5, SDXL 30 at "
-                                          "5.0, PixArt 20 at 4.5, SD3 28 at 7.0), or for a folder diffusers draws its "
-                                          "pipeline's own steps and guidance. Given: as given (fields it leaves out: "
-                                          "SamplerConfig's defaults).")
+    sampler: TeacherSampler = Field(default_factory=TeacherSampler, description="How it draws; what it leaves out: "
+                                    "the family's usual (`FAMILY_SAMPLERS`: SD 1.x/2.x 25 DPM++ steps at guidance 7.5, "
+                                    "SDXL 30 at 5.0, PixArt 20 at 4.5, SD3 28 at 7.0), or for a folder diffusers draws "
+                                    "its pipeline's own. A `SamplerConfig` sets every field.")
     device: str = "cpu"
     dtype: str = "float32"
     price_per_call: float = Field(0.0, ge=0, description="Assumed price of one image (compute), for budgets.")
@@ -81,6 +103,16 @@ class LocalPipelineTeacherConfig(Config):
                           "several big teachers beside a base in training on one GPU. The images are the same (the id "
                           "too); each draw pays the move.")
 
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _every_field_of_a_sampler_config(cls, value):
+        return value.model_dump() if isinstance(value, SamplerConfig) else value
+
+    def sampling(self) -> SamplerConfig:
+        """What our runner draws with: the fields given over the family's usual (`SamplerConfig`'s for a folder it
+        does not read)."""
+        return SamplerConfig(**(usual_sampler(self.path) or SamplerConfig()).model_dump() | self.sampler.given())
+
 
 class LocalPipelineTeacher:
     """A `Generator` drawing with a local model folder; deterministic per (prompt, seed) on one device."""
@@ -95,19 +127,16 @@ class LocalPipelineTeacher:
             raise TypeError("pass settings in the config or as keywords with a path, not both")
         if config.runner == "auto":
             config = config.model_copy(update={"runner": "t2i-evolve" if T2IModel.reads(config.path) else "diffusers"})
-        if config.sampler is None and config.runner == "t2i-evolve":  # (a folder it reads: its family's usual)
-            config = config.model_copy(update={"sampler": usual_sampler(config.path)})
         self.config, self.device = config, resolve_device(config.device)
         if config.runner == "t2i-evolve":
             model = T2IModel.from_pretrained(config.path, "cpu" if config.offload else self.device, config.dtype)
-            self.sampler: Sampler | DiffusersPipeline = Sampler(model, config.sampler)
-            drawn = config.sampler.resolution or model.resolution
+            self.sampler: Sampler | DiffusersPipeline = Sampler(model, config.sampling())
+            drawn = self.sampler.config.resolution or model.resolution
         else:
             self.sampler = DiffusersPipeline(config)
-            drawn = (config.sampler and config.sampler.resolution) or self.sampler.resolution
+            drawn = config.sampler.resolution or self.sampler.resolution
         self.resize = config.resolution if config.resolution not in (None, drawn) else None
-        flow = config.runner == "t2i-evolve" and model.is_flow
-        self.id = config.id or pipeline_id(config, flow) + (f"->{self.resize}px" if self.resize else "")
+        self.id = config.id or pipeline_id(config) + (f"->{self.resize}px" if self.resize else "")
         self.price_per_call = config.price_per_call
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
@@ -133,19 +162,25 @@ class LocalPipelineTeacher:
             model.to("cpu")
 
 
-def pipeline_id(config: LocalPipelineTeacherConfig, flow: bool = False) -> str:
-    """'local:<folder>@<weights fingerprint>:<scheduler>-<steps>[-cfg<g>][-<res>px]:<dtype>', where the scheduler
-    is 'diffusers' for a folder diffusers' pipeline draws with its own (`runner`), and 'flow-euler' for a
-    flow-matching model (SD3), which samples with its Euler steps whatever `sampler.scheduler` says.
+def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
+    """'local:<folder>@<weights fingerprint>:<scheduler>-<steps>[-cfg<g>][-<res>px]:<dtype>' of what it draws with
+    (`sampling()`), the scheduler 'flow-euler' for a flow-matching model (SD3: its Euler steps whatever
+    `sampler.scheduler` says); for a folder diffusers' pipeline draws (`runner`), 'diffusers' with the settings given
+    and 'own' for those the pipeline sets ('diffusers-own-cfgown': all of them).
 
     The batch size is left out: it does not change what an image shows (see `models.sampler`).
     """
-    s, root = config.sampler, Path(config.path).resolve()
-    if s is None:  # (diffusers' runner under its pipeline's own settings)
-        return f"local:{root}@{weights_fingerprint(root)}:diffusers-defaults:{config.dtype}"
+    root = Path(config.path).resolve()
+    family = folder_family(root)
+    if config.runner == "diffusers" or config.runner == "auto" and family is None:
+        given = config.sampler
+        guidance = "-cfgown" if given.guidance is None else f"-cfg{given.guidance:g}" if given.guidance != 1.0 else ""
+        steps, resolution = given.steps or "own", f"-{given.resolution}px" if given.resolution else ""
+        return f"local:{root}@{weights_fingerprint(root)}:diffusers-{steps}{guidance}{resolution}:{config.dtype}"
+    s = config.sampling()
     guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
     resolution = f"-{s.resolution}px" if s.resolution else ""
-    scheduler = "diffusers" if config.runner == "diffusers" else sampled_with(s, flow)
+    scheduler = sampled_with(s, family == "sd3")
     return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
 
 
@@ -207,10 +242,11 @@ class DiffusersPipeline:
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         import torch
 
-        s = self.settings  # (None: the pipeline's own steps, guidance and size)
-        settings = {} if s is None else {"num_inference_steps": s.steps, "guidance_scale": s.guidance}
-        settings |= {"height": s.resolution, "width": s.resolution} if s and s.resolution else {}
-        batch = PIPELINE_BATCH if s is None else s.batch_size
+        s = self.settings  # (what it leaves out: the pipeline's own)
+        settings = {"num_inference_steps": s.steps, "guidance_scale": s.guidance, "height": s.resolution,
+                    "width": s.resolution}
+        settings = {name: value for name, value in settings.items() if value is not None}
+        batch = s.batch_size or PIPELINE_BATCH
         images: list[Image.Image] = []
         for start in range(0, len(prompts), batch):
             noise = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start:start + batch]]

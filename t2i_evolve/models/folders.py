@@ -58,7 +58,7 @@ def read_index(root: Path) -> dict[str, Any]:
 def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype, flow: bool = False) -> Any:
     """Load one part with the class model_index.json names for it; `None` for an absent optional part. `flow`: the
     scheduler is read as flow matching's (SD3), not DDPM's."""
-    if entry is None or list(entry) == [None, None]:
+    if entry is None or entry == [None, None]:
         if name in OPTIONAL_PARTS:
             return None
         raise UserError(f"{root}: model_index.json has no {name!r}, which every model needs")
@@ -119,6 +119,10 @@ def model_family(root: Path, index: dict[str, Any]) -> str:
             raise UserError(f"{root}: a UNet with {added!r} added conditioning (not SDXL's) is not supported yet")
         if "T5" in class_name("text_encoder"):
             raise UserError(f"{root}: a UNet over a {class_name('text_encoder')} (DeepFloyd IF) is not supported yet")
+        channels = (unet.get("in_channels"), unet.get("out_channels")) if isinstance(unet, dict) else (None, None)
+        if None not in channels and channels[0] != channels[1]:
+            raise UserError(f"{root}: a UNet of {channels[0]} input channels for {channels[1]} output ones (inpainting "
+                            "or another image-conditioned model) is not supported yet")
     else:
         name, config = class_name("transformer"), read_json(root / "transformer" / "config.json")
         # PixArt's own folders name the class diffusers had then, which it still reads as PixArt's by its norm type.

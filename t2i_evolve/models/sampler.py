@@ -38,7 +38,7 @@ class SamplerConfig(Config):
 
     scheduler: Literal["ddim", "dpm++"] = "ddim"  # (a flow-matching model, SD3, samples with its Euler steps)
     steps: int = Field(20, ge=1)
-    guidance: float = 1.0
+    guidance: float = Field(1.0, allow_inf_nan=False)
     batch_size: int = Field(64, ge=1)
     resolution: int | None = Field(None, ge=8)  # None: the model's own (the pixel judge reads 8 px and up)
 

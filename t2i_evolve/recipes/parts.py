@@ -31,7 +31,8 @@ from ..errors import ConfigError, UserError
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
 from ..judges.evidence import unseen_variation_scores
-from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
+from ..generators.local_pipeline import TeacherSampler
+from ..models import TinyModelConfig, init_tiny_model
 from ..prompts.sets import open_prompts, prompt_split, refuse_open_prompts, set_prompts
 from ..protocols import Generator, PromptWriter
 from ..train import Seed, TrainingSet
@@ -51,7 +52,7 @@ class TeacherSpec(Config):
     endpoint: EndpointConfig | None = None
     path: PathText | None = None
     price_per_call: float | None = None
-    sampler: SamplerConfig | None = None  # local: how it draws; None: its family's usual (SDXL: 30 DPM++ steps at 5.0)
+    sampler: TeacherSampler = TeacherSampler()  # local: how it draws; what it leaves out, its family's usual
     device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
     dtype: str = "float32"  # local: e.g. float16 on a GPU
     runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Flux, ...
@@ -60,10 +61,9 @@ class TeacherSpec(Config):
     @model_validator(mode="before")
     @classmethod
     def _sampler_is_a_local_teachers(cls, data):
-        """Only a local teacher samples: another's `sampler` (which versions before family defaults wrote out for every
-        teacher) is dropped, so such a run's evolve.yaml still matches the config that started it."""
-        local = isinstance(data, dict) and data.get("kind") == "local"
-        return data if local or not isinstance(data, dict) else {k: v for k, v in data.items() if k != "sampler"}
+        """Only a local teacher samples: another's `sampler` (older versions wrote one for all) is dropped (resumes)."""
+        other = isinstance(data, dict) and data.get("kind") != "local"
+        return {k: v for k, v in data.items() if k != "sampler"} if other else data
 
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":
