@@ -29,7 +29,7 @@ from ..models.sampler import SamplerConfig, sampled_with
 FINGERPRINTED_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".json", ".txt", ".model")
 
 
-FAMILY_SAMPLERS = {  # how a local teacher draws when its config names no `sampler`: each family's usual settings
+FAMILY_SAMPLERS = {  # what a local teacher's `sampler` leaves out: each family's usual settings
     "shapes": SamplerConfig(),  # the tiny pixel-space shapes model: 20 DDIM steps, no guidance (what it learns with)
     "sd": SamplerConfig(scheduler="dpm++", steps=25, guidance=7.5),  # SD 1.x/2.x
     "sdxl": SamplerConfig(scheduler="dpm++", steps=30, guidance=5.0),
