@@ -42,16 +42,12 @@ PIPELINE_BATCH = 4  # images a diffusers pipeline draws at once under its own se
 def folder_family(path: str | Path) -> str | None:
     """The `FAMILY_SAMPLERS` key of the model folder at `path`, from its model_index.json and configs alone; None for a
     folder `T2IModel` does not read (diffusers' own pipeline draws it: `runner`)."""
-    from ..models.folders import model_family, read_index
+    from ..models.folders import known_family, read_index
 
-    root = Path(path)
-    index = read_index(root)
-    try:
-        family = model_family(root, index)
-    except UserError:
-        return None
+    family = known_family(Path(path))
     if family != "unet":
         return family
+    index = read_index(Path(path))
     has = lambda part: isinstance(index.get(part), list) and bool(index[part]) and index[part][0] is not None
     return "sdxl" if has("text_encoder_2") else "sd" if has("vae") else "shapes"  # (an absent part: [null, null])
 
@@ -125,8 +121,8 @@ class LocalPipelineTeacher:
             config = LocalPipelineTeacherConfig.from_dict({"path": str(config), **fields}, source="local teacher")
         elif fields:
             raise TypeError("pass settings in the config or as keywords with a path, not both")
-        if config.runner == "auto":
-            config = config.model_copy(update={"runner": "t2i-evolve" if T2IModel.reads(config.path) else "diffusers"})
+        if config.runner == "auto":  # (the folder's family, as the id and the sampling read it)
+            config = config.model_copy(update={"runner": "t2i-evolve" if folder_family(config.path) else "diffusers"})
         self.config, self.device = config, resolve_device(config.device)
         if config.runner == "t2i-evolve":
             model = T2IModel.from_pretrained(config.path, "cpu" if config.offload else self.device, config.dtype)

@@ -102,6 +102,16 @@ def index_entry(part: Any) -> list[str | None]:
     return [type(part).__module__.split(".")[0], type(part).__name__]
 
 
+def known_family(root: Path) -> str | None:
+    """`model_family` of the folder at `root`, or None for a family it would refuse (diffusers' pipeline may draw it).
+    A folder that is no model folder at all is its one-line error."""
+    index = read_index(root)
+    try:
+        return model_family(root, index)
+    except UserError:
+        return None
+
+
 def model_family(root: Path, index: dict[str, Any]) -> str:
     """Which family this adapter reads a model folder as: "unet" (SD 1.x/2.x, SDXL), "pixart" (alpha, sigma) or "sd3",
     decided from model_index.json and configs alone. A family it would misread is a one-line `UserError`: another

@@ -32,7 +32,7 @@ from PIL import Image
 from ..errors import UserError
 from ..files import read_json, write_atomically
 from .folders import (DENOISER_FOLDERS, SDXL_PARTS, check_conditioning, family_of, index_entry, latent_scale, load_part,
-                      model_family, part_names, read_index)
+                      known_family, model_family, part_names, read_index)
 
 
 class PromptEmbeds(NamedTuple):
@@ -158,13 +158,7 @@ class T2IModel:
     def reads(path: str | Path) -> bool:
         """Whether `from_pretrained` knows the family of this model folder (see `model_family`; it still checks
         each part as it loads). A folder that is no model folder at all is its one-line error."""
-        root = Path(path)
-        index = read_index(root)
-        try:
-            model_family(root, index)
-        except UserError:
-            return False
-        return True
+        return known_family(Path(path)) is not None
 
     def save_pretrained(self, path: str | Path, unchanged_from: Path | None = None, unchanged: Sequence[str] = ()) -> Path:
         """Write every part (weights as safetensors) and a model_index.json that `from_pretrained` reads. The parts
