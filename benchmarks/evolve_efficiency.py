@@ -31,7 +31,7 @@ and 200, `--train-seeds 3` (each part-1 arm the mean of three runs), `--mutate-c
 least-seen of eight new prompts): 95 minutes a seed. `long-tail-12-seeds`: the 12th-18th sessions' runs.
 `--quick` (`--preset quick`): part 1 of the rarer tail (yellow in one seed prompt in a hundred) from the base
 `--preset long-tail-redraw --seeds 6` pretrained (`bases/yellow-blind-seed-6`, seed 6 only), one run an arm of
-5 x 150 steps, evolve capped at 60 calls; part 2 on a fresh model at 5 x 50 steps, only run end to end (floor 2:
+5 x 150 steps, evolve capped at 60 calls; part 2 on a fresh model at 2 x 50 steps, only run end to end (floor 2:
 `--preset best-of-teachers`). Two arms at a time, the longest first. Flags given with a preset override it. Every
 score is the pixel judge's DSG score on held-out prompts of the same slice, never trained on.
 """
@@ -81,8 +81,9 @@ LONG_TAIL_12_SEEDS = {
     "pretrain": "no-color:1:yellow", "pretrain_images": 3000, "pretrain_steps": 6000}
 LONG_TAIL = LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "steps_per_round": 75,
                                   "evolve_budgets": "50,100"}
-# --quick's part 2: a fresh model, two-object prompts, 5 x 50 steps (from the shipped base: RESULTS.md, 34th session)
-QUICK_PART2 = {"base": None, "rounds": 5, "steps_per_round": 50, "guidance": 1.0, "lr": 2e-3,
+# --quick's part 2: a fresh model, two-object prompts, 2 x 50 steps: it only runs end to end, so it gets what part 1
+# leaves of the 15 minutes on a slow day (RESULTS.md, 46th session; from the shipped base: 34th and 35th sessions)
+QUICK_PART2 = {"base": None, "rounds": 2, "steps_per_round": 50, "guidance": 1.0, "lr": 2e-3,
                "eval_prompts": 128, "eval_draws": 1, "max_groups": 2, "max_count": 3, "p_size": 0.0,
                "rare_words": [], "rare_weight": 1.0, "writer_keeps": []}
 PRESETS = {
@@ -285,10 +286,14 @@ def plan_arms(args, root: Path, seed: int, parts: set[int]) -> dict[str, tuple]:
     return arms
 
 
-def arm_cost(key: tuple[int, str]) -> int:
+def arm_cost(key: tuple[int, str]) -> tuple[int, int]:
     """A rank of an arm's (seed, name) run time, for `run_arms` to start the longest first: evolve runs (they
-    judge too), then uniform's, part 2's students (fewer steps under --quick), the base's score."""
-    return 0 if key[1] == "base" else 1 if key[1].startswith("student") else 2 if key[1].startswith("uniform") else 3
+    judge too), then uniform's, the largest set first (it draws the most), part 2's students (fewer steps under
+    --quick), the base's score."""
+    name = key[1]
+    if name.startswith("uniform-"):
+        return 2, int(name.removeprefix("uniform-").split("@")[0])
+    return (0 if name == "base" else 1 if name.startswith("student") else 3), 0
 
 
 def data_efficiency(args, arms: dict) -> dict:
@@ -562,7 +567,8 @@ def main() -> None:
             parser.exit(2, f"{parser.prog}: error: {e}{'' if args.out else ' (with --out, a rerun keeps the arms that finished)'}\n")
         for seed in seeds:
             arms = pool_replicates({name: result for (s, name), result in done.items() if s == seed})
-            result = {"seed": seed}
+            result = {"seed": seed, "arm_wall_s": {name: round(run["wall_s"], 1) for name, run in arms.items()
+                                                   if isinstance(run, dict) and "wall_s" in run}}  # what --quick spends
             if 1 in parts:
                 result |= data_efficiency(args, arms)
             if 2 in parts:

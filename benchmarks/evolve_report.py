@@ -220,4 +220,7 @@ def print_table(line: dict, per_seed: list[dict]) -> None:
         rows = [(f"student of {t}", s, t) for t, s in mt["single_teacher_students"].items()]
         for label, s, t in rows + [("student of the judge's picks", mt["student"], "judged")]:
             print(f"| {label} | {s:.3f} | {mt['training_images'][t]:.0f} | {mt['training_data'][t]:.3f} |", file=out)
+    for r in per_seed:  # (each arm on one worker: their sum over --jobs is about the wall time)
+        print(f"seed {r['seed']} arms, wall s: " + ", ".join(f"{name} {s:.0f}" for name, s in r["arm_wall_s"].items()),
+              file=out)
     print(f"\nfloors: {line['floors']}\nwall time {line['wall_s']:.0f} s", file=out)

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 
+from t2i_evolve.allocator import keep_freed_memory
 from t2i_evolve.errors import UserError
 from t2i_evolve.progress import progress_bar
 
@@ -27,6 +28,7 @@ def run_arms(arms: dict, jobs: int, cost=None) -> dict:
     in the order given. `cost` (name -> a number): the costliest arms start first, so the workers end about
     together (the longest arm started last leaves the other cores idle while it runs)."""
     if jobs <= 1:
+        keep_freed_memory()  # (this process runs them: as a worker would)
         results = {}
         with progress_bar("arms", len(arms)) as advance:
             for name, (fn, fn_args) in arms.items():
@@ -92,6 +94,7 @@ def start_worker(threads: int) -> None:
 
     from t2i_evolve import progress
 
+    keep_freed_memory()  # (as the commands run: 1.25x training and sampling on a CPU)
     torch.set_num_threads(threads)
     progress.console.quiet = True
     threading.Thread(target=exit_with, args=(multiprocessing.parent_process().sentinel,), daemon=True).start()

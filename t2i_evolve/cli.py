@@ -470,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: typer reports usage errors itself (exit 2); user errors become one line, exit 2."""
     from pydantic import ValidationError
 
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # (a step's freed buffers kept for the next: 1.25x as fast on a CPU; allocator.py)
     try:
         app(args=argv, prog_name="t2i-evolve")
     except SystemExit as e:

@@ -5,9 +5,11 @@ import torch
 
 from builders import build_tiny_edm_sdxl, build_tiny_pixart, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
+from t2i_evolve.allocator import keep_freed_memory
 from t2i_evolve.judges import PixelJudge
 from t2i_evolve.world import GrammarPrompts
 
+keep_freed_memory()  # as the commands run (t2i_evolve/allocator.py); subprocesses through the CLI do it themselves
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core: one thread each, and so for subprocesses
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
