@@ -5,6 +5,8 @@ Each measurement is a fresh process (malloc's settings are per process) that tra
 at guidance, one thread. `--concurrent 2` runs two such processes at once, as `evolve_efficiency.py --jobs 2` runs
 its arms on a 2-core machine; kept and default alternate pair by pair, so the machine's drift hits both. Reported:
 median seconds per training step and per sampled image, and the kernel's share (system time, minor page faults).
+Fresh short processes gain more than long ones (RESULTS.md, 46th session: 1.14-1.25x here, 1.07-1.10x for a whole
+benchmark arm side by side): this measures the mechanism; a run's own wall time says what it buys.
 
     python benchmarks/allocator.py [--pairs 3] [--concurrent 2] [--steps 40] [--images 64] [--json]
 """

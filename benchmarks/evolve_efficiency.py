@@ -17,7 +17,7 @@
    `--confirm-votes n`: the noisy evolve runs ask a verdict that would buy teacher images again, to n votes.
 4. Cost: judge calls and wall time per evolve round; and every arm's last held-out score per skill.
 
-    python benchmarks/evolve_efficiency.py --quick --json           # 1 and 2 in about 13 min (below); JSON line
+    python benchmarks/evolve_efficiency.py --quick --json           # 1 and 2 in 11-16 min (below); JSON line
     python benchmarks/evolve_efficiency.py --seeds 0,1,2 --jobs 2     # arms side by side, one core each
     python benchmarks/evolve_efficiency.py --preset long-tail-redraw --seeds 6 --jobs 2  # floor 1's regime (below)
     python benchmarks/evolve_efficiency.py --preset best-of-teachers --jobs 2           # floor 2's budget
@@ -81,8 +81,7 @@ LONG_TAIL_12_SEEDS = {
     "pretrain": "no-color:1:yellow", "pretrain_images": 3000, "pretrain_steps": 6000}
 LONG_TAIL = LONG_TAIL_12_SEEDS | {"evolve_seed_prompts": 24, "rounds": 10, "steps_per_round": 75,
                                   "evolve_budgets": "50,100"}
-# --quick's part 2: a fresh model, two-object prompts, 2 x 50 steps: it only runs end to end, so it gets what part 1
-# leaves of the 15 minutes on a slow day (RESULTS.md, 46th session; from the shipped base: 34th and 35th sessions)
+# --quick's part 2: a fresh model, two-object prompts, 2 x 50 steps: it only runs end to end (RESULTS.md, 34th-46th)
 QUICK_PART2 = {"base": None, "rounds": 2, "steps_per_round": 50, "guidance": 1.0, "lr": 2e-3,
                "eval_prompts": 128, "eval_draws": 1, "max_groups": 2, "max_count": 3, "p_size": 0.0,
                "rare_words": [], "rare_weight": 1.0, "writer_keeps": []}
@@ -117,8 +116,7 @@ def base_config(args, out: Path, seed: int, **fields) -> EvolveConfig:
 
 
 def arm(config: EvolveConfig, **parts) -> dict:
-    started = time.perf_counter()
-    summary = run_evolve(config, **parts)
+    started, summary = time.perf_counter(), run_evolve(config, **parts)
     rows = summary["rounds"]
     return {"final_score": summary["final_score"], "calls": summary["teacher_calls"],
             "judge_calls": summary["judge_calls"], "wall_s": time.perf_counter() - started,
@@ -291,9 +289,8 @@ def arm_cost(key: tuple[int, str]) -> tuple[int, int]:
     judge too), then uniform's, the largest set first (it draws the most), part 2's students (fewer steps under
     --quick), the base's score."""
     name = key[1]
-    if name.startswith("uniform-"):
-        return 2, int(name.removeprefix("uniform-").split("@")[0])
-    return (0 if name == "base" else 1 if name.startswith("student") else 3), 0
+    size = int(name.removeprefix("uniform-").split("@")[0]) if name.startswith("uniform-") else 0
+    return (0 if name == "base" else 1 if name.startswith("student") else 2 if size else 3), size
 
 
 def data_efficiency(args, arms: dict) -> dict:
@@ -363,10 +360,8 @@ def multi_teacher(args, root: Path, seed: int, arms: dict) -> dict:
     teachers = {spec.id: held_out_score(spec.build(student_resolution(args)), held_out)["score"] for spec in specs}
     return {"student": picked["final_score"], "teachers": teachers,
             "single_teacher_students": {spec.id: arms[f"student-{spec.id}"]["final_score"] for spec in specs},
-            "training_data": {name.removeprefix("student-"): arms[name]["data_score"] for name in arms
-                              if name.startswith("student-")},
-            "training_images": {name.removeprefix("student-"): arms[name]["data_images"] for name in arms
-                                if name.startswith("student-")},
+            **{field: {name.removeprefix("student-"): arms[name][key] for name in arms if name.startswith("student-")}
+               for field, key in (("training_data", "data_score"), ("training_images", "data_images"))},
             "teacher_calls": picked["calls"], "judge_calls": picked["judge_calls"]}
 
 
@@ -394,8 +389,8 @@ def judge_noise(args, arms: dict, target: float, uniform_calls: int) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Parts 1 and 2 in about 13 minutes on 2 cores: part 1 "
-                        "from the shipped seed-6 base (`--preset quick`, flags override it).")
+    parser.add_argument("--quick", action="store_true", help="Parts 1 and 2 in 11-16 minutes on 2 cores (the VM's "
+                        "speed varies): part 1 from the shipped seed-6 base (`--preset quick`, flags override it).")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="Named flag defaults (module docstring); "
                                                                   "flags given with it override them.")
     parser.add_argument("--seeds", default="0")
@@ -452,9 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replay-share", type=float, default=0.0, help="Evolve's share of training on deleted records.")
     parser.add_argument("--prior-images", type=int, default=0, help="Evolve's `prior_images` (and `prior_share`):")
     parser.add_argument("--prior-share", type=float, default=0.3, help="the base's own images the judge passed.")
-    parser.add_argument("--pretrain", default=None,
-                        help="Every arm starts from a base pretrained per seed on this teacher, id:p[:word/word] "
-                             "(no-color:1:yellow: it never saw yellow drawn right); fine-tune at --lr 3e-4.")
+    parser.add_argument("--pretrain", default=None, help="Every arm starts from a base pretrained per seed on this "
+                        "teacher, id:p[:word/word] (no-color:1:yellow: it never saw yellow drawn right); --lr 3e-4.")
     parser.add_argument("--pretrain-images", type=int, default=1500)
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="Of batch 16.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")
@@ -582,8 +576,8 @@ def main() -> None:
     line = summarize(per_seed, time.perf_counter() - started)
     print_table(line, per_seed)
     if args.quick and 2 in parts:  # part 2's floors are not the issue's: say so beside them, not only in README
-        print("--quick: part 2 only runs end to end: at its budget training, not data, sets its scores (floor 2: "
-              "--preset best-of-teachers; README, RESULTS.md)", file=sys.stderr)
+        print("--quick: part 2 only runs end to end: at its budget training, not data, sets its scores (floor 2: --preset "
+              "best-of-teachers)", file=sys.stderr)
     if args.json:
         print(json.dumps(finite_json(line), allow_nan=False))
 

@@ -94,7 +94,7 @@ def start_worker(threads: int) -> None:
 
     from t2i_evolve import progress
 
-    keep_freed_memory()  # (as the commands run: 1.25x training and sampling on a CPU)
+    keep_freed_memory()  # (as the commands run: an arm about 1.08x as fast on a CPU)
     torch.set_num_threads(threads)
     progress.console.quiet = True
     threading.Thread(target=exit_with, args=(multiprocessing.parent_process().sentinel,), daemon=True).start()

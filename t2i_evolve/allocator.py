@@ -2,10 +2,12 @@
 
 PyTorch on a CPU frees a step's activations and allocates them again the next step. glibc's malloc gives large
 freed blocks back to the kernel (it unmaps them, or trims the heap), and the next step's first write to each page
-is a page fault that the kernel answers with a fresh zeroed page: on the shapes model, 11,500 faults a training
-step, 7% of its time in the kernel (16% of sampling's), and training and sampling 1.25x as fast without them on a
-2-core VM (`benchmarks/allocator.py`, RESULTS.md). PyTorch's CPU tuning guide removes this by preloading jemalloc
-or tcmalloc; two of glibc's own settings do it without another library:
+is a page fault that the kernel answers with a fresh zeroed page: on the shapes model 8,000-11,500 faults a
+training step, 5-7% of its time in the kernel. Without them a benchmark arm (`evolve_efficiency.py`'s uniform arm,
+two side by side on a 2-core VM) ran 1.07-1.10x as fast, same scores to the last digit; fresh processes measured
+alone gain more (`benchmarks/allocator.py`: 1.14-1.25x training, 1.27x sampling; RESULTS.md). PyTorch's CPU
+tuning guide removes this by preloading jemalloc or tcmalloc; two of glibc's own settings do it without another
+library:
 
 - the trim threshold at 1 GiB: free memory at the top of the heap stays for the next step (never more than the
   process's own peak, as the heap never grew past it);

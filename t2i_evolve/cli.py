@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .allocator import keep_freed_memory
 
-    keep_freed_memory()  # (a step's freed buffers kept for the next: 1.25x as fast on a CPU; allocator.py)
+    keep_freed_memory()  # (a step's freed buffers kept for the next: about 1.08x on a CPU; allocator.py)
     try:
         app(args=argv, prog_name="t2i-evolve")
     except SystemExit as e:
