@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior-images", type=int, default=0, help="Evolve's `prior_images` (and `prior_share`):")
     parser.add_argument("--prior-share", type=float, default=0.3, help="the base's own images the judge passed.")
     parser.add_argument("--pretrain", default=None, help="Every arm starts from a base pretrained per seed on this "
-                        "teacher, id:p[:word/word] (no-color:1:yellow: it never saw yellow drawn right); --lr 3e-4.")
+                        "teacher, id:p[:word/word] (no-color:1:yellow: it never saw yellow drawn right); fine-tune at --lr 3e-4.")
     parser.add_argument("--pretrain-images", type=int, default=1500)
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="Of batch 16.")
     parser.add_argument("--judge-errors", default="0,0.1,0.2")

@@ -12,8 +12,9 @@ library:
 - the trim threshold at 1 GiB: free memory at the top of the heap stays for the next step (never more than the
   process's own peak, as the heap never grew past it);
 - the mmap threshold fixed at glibc's largest (32 MiB; glibc starts it at 128 KiB and raises it there itself
-  as large blocks are freed): a step's buffers come from the heap, while a block above it (a model's weights as
-  they load) is still mapped alone, and unmapped when freed.
+  as large blocks are freed): a step's buffers come from the heap, while a block above it (a large weight as a
+  model loads, a big attention map) is still mapped alone, and unmapped when freed. On a GPU the CPU's steps
+  are small: a GPU run gains nothing, and may keep up to 1 GiB of freed memory it would have given back.
 
 The commands (`cli.main`), the benchmarks' arms and the tests call `keep_freed_memory()` once at start; importing
 the library changes nothing. `T2I_EVOLVE_MALLOC=default` leaves malloc as it is, as does a `GLIBC_TUNABLES` that
