@@ -212,3 +212,12 @@ def test_the_shipped_quick_base_draws_the_slice_but_not_its_rare_color():
     rest = held_out_score(sampler, [p for p in prompts if "yellow" not in p][:64])  # (all 160: 0.93, 4x the time)
     assert rest["score"] > 0.8 and rest["skills"]["shape"] > 0.9
     assert yellow["skills"]["color"] < 0.5 < rest["skills"]["color"]
+
+
+def test_arms_start_longest_first_evolve_then_the_largest_uniform_set_then_students_then_the_base():
+    """Two workers end about together only if the longest arms start first (RESULTS.md, 46th session: uniform's
+    1,000 images took 391 s against 349 s for its 100, part 2's students 60-120 s, the base's score 40 s)."""
+    names = ["base", "student-judged", "uniform-100", "uniform-1000@1", "evolve-60", "uniform-300", "uniform-1000"]
+    order = [name for _, name in sorted(((6, n) for n in names), key=evolve_efficiency.arm_cost, reverse=True)]
+    assert order == ["evolve-60", "uniform-1000@1", "uniform-1000", "uniform-300", "uniform-100", "student-judged",
+                     "base"]
