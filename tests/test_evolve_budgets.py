@@ -251,3 +251,108 @@ def test_past_a_spent_budget_an_emptied_set_trains_on(tmp_path, caps):
     summary = run_evolve(config, judge=CachedJudge(AlwaysTie(), Ledger(tmp_path / "run"), backoff_s=0))
     assert summary["stopped"] is None and [row["round"] for row in summary["rounds"]] == [1, 2, 3]
     assert summary["rounds"][0]["ops"]["delete"] == 24 and summary["teacher_calls"] == 24
+
+
+class FirstTryFails:
+    """A teacher whose first try at each of `flaky` prompts (None: half of all, by hash) fails, as a dropped connection
+    would, and whose retry draws it."""
+
+    def __init__(self, id: str, flaky: set[str] | None = None):
+        from t2i_evolve.world import ProceduralTeacher
+
+        self.teacher, self.id, self.flaky, self.tried = ProceduralTeacher(), id, flaky, set()
+        self.price_per_call, self.sent = 0.0, 0
+
+    def generate(self, prompts, seeds):
+        self.sent += len(prompts)
+        images = self.teacher.generate(prompts, seeds)
+        flaky = [stable_seed(p, s) % 2 == 0 if self.flaky is None else p in self.flaky for p, s in zip(prompts, seeds)]
+        out = [None if (p, s) not in self.tried and fails else image
+               for p, s, fails, image in zip(prompts, seeds, flaky, images)]
+        self.tried |= set(zip(prompts, seeds))
+        return out
+
+
+def test_retries_leave_room_for_the_later_chunks_of_a_batch_that_fitted_the_cap(tmp_path, monkeypatch):
+    """A seed set the cap pays for exactly, drawn 8 prompts at a time, half the first tries failing: the first
+    chunks' retries would spend the later chunks' calls (the run stopped in its seed set, a rerun went on): they are
+    not sent, every prompt gets its one try, and the run trains on the images drawn."""
+    import t2i_evolve.recipes.evolve as evolve
+
+    monkeypatch.setattr(evolve, "AT_A_TIME", 8)
+    teacher = FirstTryFails("strong")
+    config = small_config(str(tmp_path / "run"), evolve=False, rounds=1, steps_per_round=2, eval_prompts=0,
+                          max_teacher_calls=24)
+    summary = run_evolve(config, teachers=[teacher])
+    assert summary["stopped"] is None and [row["round"] for row in summary["rounds"]] == [1]
+    with Ledger(tmp_path / "run") as ledger:
+        calls = ledger.calls(caller="strong")
+        assert len(calls) == 24 and sum(call.attempts for call in calls) == 24 == teacher.sent  # one try each
+        failed = sum(call.status == "failed" for call in calls)
+        assert 0 < failed < 24 and ledger.count(None) == 24 - failed
+
+
+def test_a_teachers_retries_leave_room_for_the_teachers_after_it(tmp_path):
+    """Expansions drawn by their parents' teachers, one after the other, under a shared cap that pays for each
+    draw once: the first teacher's failed first tries are not retried at the cost of the second's draws."""
+    from t2i_evolve.generators.draws import draw_by_teacher
+    from t2i_evolve.recipes.parts import cached_teachers
+
+    prompts = ["a red circle", "a blue square", "a green star", "two red circles", "a cyan triangle", "a big red star"]
+    flaky, steady = FirstTryFails("flaky", set(prompts)), FirstTryFails("steady", set())
+    ids = ["flaky"] * 3 + ["steady"] * 3
+    with Ledger(tmp_path / "run") as ledger:
+        teachers = cached_teachers([flaky, steady], ledger, max_calls=6)
+        images = draw_by_teacher(teachers, prompts, list(range(6)), ids, round=1, tries=[1] * 6)
+        assert [image is not None for image in images] == [False] * 3 + [True] * 3
+        assert (flaky.sent, steady.sent) == (3, 3)
+        # with room for them (6 calls spent, 6 first tries, 3 retries), the same failures are retried
+        more = cached_teachers([FirstTryFails("flaky", set(prompts)), steady], ledger, max_calls=15)
+        again = draw_by_teacher(more, prompts, list(range(6, 12)), ids, round=1, tries=[1] * 6)
+        assert all(image is not None for image in again)
+
+
+def test_judge_first_stopped_at_the_teacher_budget_reports_what_it_judged_and_keeps_its_rounds(tmp_path):
+    """judge_first judges a round's set before training it: a budget that runs out there stops the run with that
+    round's verdicts in the ledger, untrained. The summary reports them, and a rerun may not drop that round."""
+    from t2i_evolve.errors import UserError
+
+    run_dir = tmp_path / "first"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    config = small_config(str(run_dir), rounds=3, judge_first=True, mutate_rate=0.0, max_teacher_calls=24 + 32)
+    summary = run_evolve(config, judge=judge)
+    assert summary["stopped"] and "teacher budget" in summary["stopped"]
+    assert [row["round"] for row in summary["rounds"]] == [1]
+    unfinished = summary["unfinished_round"]
+    with Ledger(run_dir) as ledger:
+        assert unfinished == {"round": 2, "ops": dict(Counter(op.op.replace("judge", "judged")
+                                                              for op in ledger.ops(round=2)))}
+    assert unfinished["ops"]["judged"] > 0
+    with pytest.raises(UserError, match="has started 2 rounds"):
+        run_evolve(config.model_copy(update={"rounds": 1}), judge=judge)
+
+
+def test_a_judge_budget_that_cannot_pay_for_a_held_out_score_stops_before_any_call(tmp_path):
+    """held_out_metric vqa: each scored round costs the judge eval_prompts calls; a cap below them stops the run
+    before it draws its seed set, not after paying for it and training a round it cannot score."""
+    run_dir = tmp_path / "vqa"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    config = small_config(str(run_dir), seed_prompts=6, eval_prompts=20, held_out_metric="vqa", max_judge_calls=15)
+    summary = run_evolve(config, judge=judge)
+    assert "judge budget too small" in summary["stopped"] and "held-out score" in summary["stopped"]
+    assert summary["rounds"] == [] and summary["teacher_calls"] == summary["judge_calls"] == 0
+
+
+def test_reference_images_that_spend_the_teacher_budget_stop_the_run_naming_it(tmp_path):
+    """held_out_metric win_rate buys a reference image per held-out prompt first: a cap they spend leaves no seed
+    image, which is said as a spent budget (a rerun with more goes on), not as a teacher that failed."""
+    run_dir = tmp_path / "references"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    config = small_config(str(run_dir), eval_prompts=4, held_out_metric="win_rate", max_teacher_calls=4,
+                          train_past_teacher_budget=True)
+    summary = run_evolve(config, judge=judge)
+    assert summary["stopped"] == "teacher budget spent before a seed image: 4 calls" and summary["rounds"] == []
+    second = run_evolve(config.model_copy(update={"max_teacher_calls": 40, "rounds": 1}), judge=judge)
+    assert second["stopped"] is None and 4 + 24 <= second["teacher_calls"] <= 40  # (the references not paid again)
+    with Ledger(run_dir) as ledger:
+        assert ledger.count(None, round=0) == 24

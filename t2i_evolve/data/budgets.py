@@ -62,13 +62,9 @@ class CallBudgets:
         (with `train_past_teacher_budget` it goes on buying nothing)."""
         if (self.max_teacher_calls is None and self.max_teacher_price is None) or not prompts:
             return list(range(len(prompts)))
-        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers  # (or failed for good)
-                 for call in self.ledger.calls(caller=tid) if call.settled}
         calls_left, price_left = self.teacher_budget_left()
         fit, buying = [], True
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            new = [tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
-                   if (tid, prompt, seed) not in drawn]
+        for i, new in enumerate(self._new_draws(prompts, seeds, teacher_ids)):
             price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
             buying = buying and not (new and (len(new) > calls_left or price > price_left + 1e-9))
             if buying or not new:
@@ -78,6 +74,22 @@ class CallBudgets:
             raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls (max {self.max_teacher_calls}), "
                                   f"price {self.teacher_price():g} (max {self.max_teacher_price})")
         return fit
+
+    def first_tries(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[int]:
+        """The teacher calls each draw will send first (as `draws_that_fit` counts them): the room a teacher's
+        retries must leave for the draws after its own (`CachedGenerator.generate`'s `reserve`). All 0 without a
+        teacher cap, where no retry waits for room."""
+        if self.max_teacher_calls is None and self.max_teacher_price is None:
+            return [0] * len(prompts)
+        return [len(new) for new in self._new_draws(prompts, seeds, teacher_ids)]
+
+    def _new_draws(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[list]:
+        """Per draw, the teachers that have not drawn it yet (nor failed it for good): a tournament (`teacher_ids`
+        None) asks every teacher, otherwise the one named."""
+        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
+                 for call in self.ledger.calls(caller=tid) if call.settled}
+        return [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
+                 if (tid, prompt, seed) not in drawn] for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
 
     def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1, reserve: int = 0) -> int:
         """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may

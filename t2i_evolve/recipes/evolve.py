@@ -34,6 +34,7 @@ from pydantic import Field
 from ..config import PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..data.budgets import every_request_failed
+from ..generators.draws import draw_by_teacher, tournament
 from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
 from ..eval.report import log_round_scalars, write_json, write_jsonl
@@ -46,9 +47,9 @@ from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
 from ..train import RoundTraining, Seed, TrainingSet, evolving_set, mirror_prompt, replayable_records, train_round
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, check_rounds_kept, judge_call_bounds, new_prompt_seeds,
+                    check_judge_serves, check_rounds_kept, check_seed_set, judge_call_bounds, new_prompt_seeds,
                     occurrence_seeds, ops_so_far, prior_images, run_prompts, unseen_checks,
-                    sampled_records, stable_seed, tournament, write_summary, ENDPOINT_ADDRESSES)
+                    sampled_records, stable_seed, write_summary, ENDPOINT_ADDRESSES)
 
 
 class EvolveConfig(RoundTraining):
@@ -161,7 +162,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     ledger = Ledger(out)
     if spent := ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into it
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
-        check_rounds_kept(out / "rounds", config.rounds)
+        check_rounds_kept(out / "rounds", config.rounds, ledger)
     keep_prompts_copy(out, config.prompts_file, replace=not spent)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base)) for spec in config.teachers],
@@ -249,15 +250,11 @@ class Run:
             return
         prompts = set_prompts(self.config, self.pool, self.config.seed_prompts, self.config.seed, self.held_out,
                               **self.config.model_dump(include={"rare_words", "rare_weight"}))
-        self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw, "the seed set")
+        self.spent.check_judge_room(len(prompts) * self.calls_per_seed_draw + self.scorer.judge_calls,
+                                    "the seed set and a held-out score")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
-        seeds = self.ledger.records(None, round=0)
-        if not seeds and self.spent.teacher_calls():  # every draw failed: a server down or refusing all, not a run
-            raise every_request_failed(self.ledger, self.teachers, 0, "the teachers drew none of the seed prompts")
-        if seeds and all(rec.deleted_op == "reject" for rec in seeds):
-            raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score "
-                            f"{self.config.min_teacher_score:g}): lower it, or use a better teacher")
+        seeds = check_seed_set(self.ledger.records(None, round=0), self.spent, self.ledger, self.config.min_teacher_score)
         write_json(done, {"round": 0, "records": len(seeds), "teacher_calls": self.spent.teacher_calls()})
 
     def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:
@@ -268,24 +265,22 @@ class Run:
         fit = self.spent.draws_that_fit([prompts[i] for i in keep], [seeds[i] for i in keep], ids)
         keep, ids = [keep[j] for j in fit], ids and [ids[j] for j in fit]
         prompts, seeds, parents, reasons = ([xs[i] for i in keep] for xs in (prompts, seeds, parents, reasons))
+        tries = self.spent.first_tries(prompts, seeds, ids)  # (what the retries of each batch leave room for)
         chunks = [slice(i, i + AT_A_TIME) for i in range(0, len(prompts), AT_A_TIME)]  # (images held at once)
-        return sum(self._draw(prompts[j], seeds[j], ids and ids[j], round, op, parents[j], reasons[j]) for j in chunks)
+        return sum(self._draw(prompts[j], seeds[j], ids and ids[j], round, op, parents[j], reasons[j], tries[j],
+                              sum(tries[j.stop:])) for j in chunks)
 
-    def _draw(self, prompts, seeds, ids, round, op, parents, reasons) -> int:
+    def _draw(self, prompts, seeds, ids, round, op, parents, reasons, tries, later) -> int:
         """`add_drawn`'s drawing, `AT_A_TIME` prompts at a time (their images held until they are in the ledger)."""
         if ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = tournament(
                 self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self.gate.passes(image, p, round),
-                compare=lambda pairs: self.compare(pairs, round), until_pass=self.config.tournament == "until_pass")
+                compare=lambda pairs: self.compare(pairs, round), until_pass=self.config.tournament == "until_pass",
+                reserve=later)
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
-            teacher_ids, images = ids, [None] * len(prompts)
-            for tid in dict.fromkeys(teacher_ids):
-                idx = [i for i, t in enumerate(teacher_ids) if t == tid]
-                self.teachers[tid].round = round
-                for i, image in zip(idx, self.teachers[tid].generate([prompts[i] for i in idx], [seeds[i] for i in idx])):
-                    images[i] = image
+            teacher_ids, images = ids, draw_by_teacher(self.teachers, prompts, seeds, ids, round, tries, later)
         added = 0
         for prompt, seed, tid, image, parent, reason in zip(prompts, seeds, teacher_ids, images, parents, reasons):
             if image is None:
@@ -320,8 +315,9 @@ class Run:
         c = self.config
         prime_writer(self.writer, self.ledger, r)
         records = sampled_records(self.ledger, r, c.sample_share, c.sample_all_below, c.seed)
+        scored = c.eval_every_round or r == c.rounds  # (the calls of the round's held-out score, when it has one)
         records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record,
-                                                           reserve=self.scorer.judge_calls)]  # (and its score's)
+                                                           reserve=self.scorer.judge_calls * scored)]
         seeds = [stable_seed(c.seed, r, rec.id) for rec in records]
         verdicts, overturned, redrawn = base_vs_teacher(self.judge, lambda pairs: self.compare(pairs, r), base, records,
                                                         seeds, self.ledger.load_image, c.confirm_votes, c.base_draws)

@@ -25,9 +25,10 @@ from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
 from ..config import Config, PathText
-from ..data import CachedGenerator, CachedJudge, CallBudget, Ledger, release_run_folder
+from ..data import CachedGenerator, CachedJudge, CallBudget, CallBudgets, Ledger, release_run_folder
+from ..data.budgets import every_request_failed
 from ..endpoints import HOW_TO_REACH, EndpointConfig
-from ..errors import ConfigError, UserError
+from ..errors import BudgetExhausted, ConfigError, UserError
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
 from ..judges.evidence import unseen_variation_scores
@@ -264,7 +265,7 @@ def prior_images(run, base: Callable[[], object]) -> TrainingSet | None:
         return None
     prompts = set_prompts(c, run.pool, c.prior_images, seed, run.held_out)
     seeds = c.seed_prompts if run.pool is None else min(c.seed_prompts, len(run.pool))  # (a prompts_file: its rest)
-    seed_set = seeds * run.calls_per_seed_draw  # asked first (`seed_set`): its worst case
+    seed_set = seeds * run.calls_per_seed_draw + run.scorer.judge_calls  # asked first (`seed_set`): its worst case
     run.spent.check_judge_room(seed_set + len(prompts) * getattr(run.judge, "votes", 1), "the prior images")
     return judged_base_images(run.out / "prior", base, run.judge, prompts, occurrence_seeds(seed, prompts),
                               c.min_prior_score, 0 if c.train_launcher else c.max_image_memory_gb)  # (files: launched)
@@ -280,38 +281,6 @@ def unseen_checks(run, r: int, base, records) -> list[tuple[str, float | None] |
     return unseen_variation_scores(run.writer, run.judge, base, [rec.prompt for rec in records],
                                    [stable_seed(c.seed, r, rec.id, "unseen") for rec in records], seen,
                                    c.min_unseen_score, c.confirm_votes, c.base_draws)
-
-
-def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
-               passes_gate: Callable[[Image.Image, str], bool], compare: Callable[[list], list],
-               until_pass: bool = False) -> tuple[list[str], list]:
-    """EvolveDirector's discrimination among teachers: every teacher draws every prompt and the judge keeps
-    the better image, teacher by teacher; returns the winning teacher id and image per prompt.
-
-    With a quality gate (`passes_gate`; always True without one), only images that pass it are compared: one
-    that passes beats one that does not (a pairwise verdict can prefer the wrong image), and of two that fail,
-    either will be rejected. Rank: 0 no image, 1 drawn but fails the gate, 2 drawn and passes. `until_pass`: a
-    teacher draws only the prompts no earlier one drew so that it passes, so nothing is compared and a prompt
-    the first teacher draws right costs one call."""
-    drawn, rank, ids = {}, {}, list(teachers)
-    for n, (tid, teacher) in enumerate(teachers.items()):
-        todo = [i for i in range(len(prompts)) if not (until_pass and any(rank[t][i] == 2 for t in drawn))]
-        teacher.round = round  # (`reserve`: what the teachers after it may send; its retries leave that room)
-        images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo],
-                                                 reserve=len(todo) * (len(ids) - n - 1))))
-        drawn[tid] = [images.get(i) for i in range(len(prompts))]
-        rank[tid] = [0 if image is None else 1 + passes_gate(image, prompt)
-                     for image, prompt in zip(drawn[tid], prompts)]
-    best = [ids[0]] * len(prompts)
-    for challenger in ids[1:]:
-        contested = [i for i in range(len(prompts)) if rank[challenger][i] == rank[best[i]][i] == 2]
-        verdicts = dict(zip(contested, compare([(drawn[challenger][i], drawn[best[i]][i], prompts[i])
-                                                for i in contested])))
-        for i in range(len(prompts)):
-            verdict = verdicts.get(i)
-            if rank[challenger][i] > rank[best[i]][i] or (verdict is not None and verdict.winner == "a"):
-                best[i] = challenger
-    return best, [drawn[tid][i] for i, tid in enumerate(best)]
 
 
 def stable_seed(*parts: object) -> int:
@@ -358,10 +327,25 @@ def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round
     return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
 
 
-def check_rounds_kept(rounds_dir: Path, rounds: int) -> None:
+def check_seed_set(seeds: list, spent: CallBudgets, ledger: Ledger, min_teacher_score: float | None) -> list:
+    """A seed set of no image is no run: say why in one line (a spent budget stops cleanly, and a rerun with more
+    goes on; a teacher that failed every draw, or a gate that rejected all, needs a fix first). Returns `seeds`."""
+    if not seeds and spent.teacher_budget_spent():  # (on `win_rate`'s references: kept for that rerun)
+        raise BudgetExhausted(f"teacher budget spent before a seed image: {spent.teacher_calls()} calls")
+    if not seeds and spent.teacher_calls():  # every draw failed: a server down or refusing all, not a run
+        raise every_request_failed(ledger, spent.teachers, 0, "the teachers drew none of the seed prompts")
+    if seeds and all(rec.deleted_op == "reject" for rec in seeds):
+        raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score {min_teacher_score:g}): "
+                        "lower it, or use a better teacher")
+    return seeds
+
+
+def check_rounds_kept(rounds_dir: Path, rounds: int, ledger: Ledger) -> None:
     """A rerun may add rounds, not drop started ones: their records and ops are in the ledger for good, and a
-    summary of fewer rounds would report a model that is not the one the ledger was evolved with."""
-    started = max((int(p.parent.name) for p in rounds_dir.glob("[0-9][0-9][0-9]/start.json")), default=0)
+    summary of fewer rounds would report a model that is not the one the ledger was evolved with (ops, no start: a
+    round `judge_first` stopped at a budget, judged but not trained)."""
+    started = max([int(p.parent.name) for p in rounds_dir.glob("[0-9][0-9][0-9]/start.json")]
+                  + [row["round"] for row in ledger.stats()["ops"]], default=0)
     if rounds < started:
         raise UserError(f"{rounds_dir.parent} has started {started} rounds: rerun it with rounds >= {started} (its "
                         "ledger holds their changes), or set a new output_dir")
@@ -389,6 +373,8 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, load
                "held_out_metric": run.scorer.metric,  # what the scores are: pixel, win_rate or vqa
                "teacher_calls": spent.teacher_calls(), "judge_calls": spent.judge_calls(),
                "teacher_price": round(spent.teacher_price(), 9), "stopped": stopped, "ledger": run.ledger.stats()}
+    if stopped and (partial := ops_so_far(run.ledger, len(rounds) + 1)):  # judged, not trained (`judge_first`)
+        summary["unfinished_round"] = {"round": len(rounds) + 1, **partial}
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
