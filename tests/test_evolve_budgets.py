@@ -356,3 +356,15 @@ def test_reference_images_that_spend_the_teacher_budget_stop_the_run_naming_it(t
     assert second["stopped"] is None and 4 + 24 <= second["teacher_calls"] <= 40  # (the references not paid again)
     with Ledger(run_dir) as ledger:
         assert ledger.count(None, round=0) == 24
+
+
+def test_a_round_without_a_held_out_score_keeps_no_judge_calls_back_for_one(tmp_path):
+    """eval_every_round false: only the last round is scored, so the rounds before it judge what the cap allows
+    without keeping back the score's calls (each round did, and a tight cap judged fewer records for nothing)."""
+    run_dir = tmp_path / "unscored"
+    judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
+    config = small_config(str(run_dir), seed_prompts=6, eval_prompts=4, held_out_metric="vqa", eval_every_round=False,
+                          mutate_rate=0.0, max_judge_calls=8)
+    summary = run_evolve(config, judge=judge)
+    assert summary["rounds"][0]["ops"]["judged"] == 6  # all six (8 - 4 kept back: four)
+    assert summary["judge_calls"] <= 8
