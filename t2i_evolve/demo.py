@@ -41,7 +41,7 @@ class DemoConfig(Config):
     p_size: float = Field(0.0, ge=0, le=1, description="Share of groups with a size word (0: none).")
     train_images: int = Field(8000, ge=1)
     eval_prompts: int = Field(160, ge=1)
-    geneval_scale: float = Field(0.3, ge=0, description="Share of GenEval's 553 prompts judged after training.")
+    geneval_scale: float = Field(0.3, ge=0, le=1, description="Share of GenEval's 553 prompts judged after training.")
     seed: Seed = 0
     model: TinyModelConfig = TinyModelConfig()
     # Guidance 1.5 measured +0.035 on the demo's trained model (two sampling seeds, 160 prompts) over none;

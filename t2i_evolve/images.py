@@ -9,7 +9,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UserError
 
 
-UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what PIL raises for a file it cannot read
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file it cannot read
 
 
 def load_image(path: str | Path) -> Image.Image:

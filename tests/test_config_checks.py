@@ -213,3 +213,30 @@ def test_a_bad_override_is_one_line_naming_it_as_typed(tmp_path, capsys, overrid
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
     assert main(["evolve", "--config", str(path), "--out", str(tmp_path / "run"), override]) == 2
     assert capsys.readouterr().err.strip().endswith(str(caught.value)) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("lr=.inf", "lr"), ("weight_decay=-1", "weight_decay"), ("weight_decay=.nan", "weight_decay"),
+    ("max_grad_norm=-5", "max_grad_norm"), ("max_grad_norm=.nan", "max_grad_norm"),
+])
+def test_training_settings_that_would_train_a_nan_model_are_refused_in_one_line(tmp_path, capsys, override, field):
+    """An infinite rate trained to a NaN model and saved it (exit 0); a negative weight decay was torch's traceback."""
+    assert main(["train", "model=m", "data=d", f"output_dir={tmp_path / 'out'}", override]) == 2
+    err = capsys.readouterr().err
+    assert f"field '{field}'" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override", ["max_epochs_per_round=.inf", "device=meta", "device=mps"])
+def test_evolve_settings_it_cannot_run_are_refused_before_any_call(tmp_path, capsys, override):
+    """An infinite epoch cap reached integer maths after the seed images were paid for; a device this torch cannot
+    run on failed in its first kernel."""
+    assert main(["evolve", "--out", str(tmp_path / "run"), override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "run" / "ledger.sqlite").exists()
+
+
+def test_an_image_past_pils_size_limit_is_one_line(tmp_path, capsys):
+    Image.new("1", (40000, 40000)).save(tmp_path / "bomb.png")
+    assert main(["judge", str(tmp_path / "bomb.png"), "--prompt", "two red circles"]) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png" in err and err.count("\n") == 1

@@ -58,6 +58,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda" and not (torch.cuda.is_available()
                                         and (resolved.index or 0) < torch.cuda.device_count()):
         raise UserError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA devices here")
+    backend = getattr(torch.backends, resolved.type, None) or getattr(torch, resolved.type, None)  # (mps, xpu: a Mac's)
+    if resolved.type not in ("cpu", "cuda") and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise UserError(f"device {device!r}: this torch cannot run on it here (try auto, cpu, cuda, cuda:1)")
     return resolved
 
 

@@ -25,7 +25,7 @@ class RoundTraining(Config):
     grad_accum: int = Field(1, ge=1)
     lr: LearningRate = 2e-3
     lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup"  # over all rounds
-    weight_decay: float = Field(0.01, ge=0)  # AdamW's (EvolveDirector: 0.03)
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)  # AdamW's (EvolveDirector: 0.03)
     snr_gamma: SnrGamma | None = 5.0
     warmup_steps: WarmupSteps = 20
     ema_decay: EmaDecay | None = 0.995

@@ -45,7 +45,7 @@ from .lora import LoraSettings, add_lora, merged_copy
 # What makes a training setting valid, shared by every config that hands one on to `TrainConfig` (a recipe's,
 # the demo's), so a bad value fails when that config loads, before any teacher is paid.
 BatchSize = Annotated[int, Field(ge=1)]
-LearningRate = Annotated[float, Field(gt=0)]
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # (inf: a NaN model)
 WarmupSteps = Annotated[int, Field(ge=0)]
 EmaDecay = Annotated[float, Field(ge=0, lt=1)]
 SnrGamma = Annotated[float, Field(gt=0)]
@@ -75,8 +75,8 @@ class TrainConfig(Config):
     continue_from: PathText | None = Field(None, description="A checkpoint folder of an earlier run to carry on from: its "
                                       "weights, optimizer moments, schedule, EMA and step go on, on this run's data "
                                       "(a checkpoint of this run's own comes first).")
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False)  # 0: no clipping
     ema_decay: EmaDecay | None = 0.995
     caption_dropout: float = Field(0.1, ge=0, le=1, description="Share of captions replaced by '' (for CFG).")
     random_flip: bool = Field(False, description="Mirror half the images left-right, and swap 'left' and 'right' in "
