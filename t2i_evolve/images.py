@@ -9,7 +9,8 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UserError
 
 
-UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file it cannot read
+# what PIL raises for a file it cannot read (one past its size limit, a decompression bomb, too)
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -79,9 +79,9 @@ class EvolveConfig(RoundTraining):
         "what it just memorized), evolves the set, then trains, so every image bought is trained on (with a teacher "
         "budget, set train_past_teacher_budget). False: train, then judge (the paper).")
     steps_per_round: int = Field(150, ge=1)
-    max_epochs_per_round: float | None = Field(None, gt=0, allow_inf_nan=False, description="A round trains at most this many passes over "
-        "the active records, over all processes (None: steps_per_round), so a set that deletions shrank is not "
-        "overtrained and forgotten.")
+    max_epochs_per_round: float | None = Field(None, gt=0, allow_inf_nan=False, description="A round trains at most "
+        "this many passes over the active records, over all processes (None: steps_per_round), so a set that "
+        "deletions shrank is not overtrained and forgotten.")
     replay_share: float = Field(0.0, ge=0, lt=1, description="Share of each round's training on deleted records (paper: "
         "0): a set that deletions keep small is overtrained, and the base forgets what the deleted records taught.")
     prior_images: int = Field(0, ge=0, description="Prior preservation: the base draws this many prompts (none held out) "
