@@ -254,7 +254,7 @@ class Run:
                                     "the seed set and a held-out score")
         self.add_drawn(prompts, occurrence_seeds(self.config.seed, prompts), round=0, op="seed",
                        parents=[None] * len(prompts), reasons=["seed prompt"] * len(prompts))
-        seeds = check_seed_set(self.ledger.records(None, round=0), self.spent, self.ledger, self.config.min_teacher_score)
+        seeds = check_seed_set(self.ledger.records(None, round=0), self.spent, self.config.min_teacher_score)
         write_json(done, {"round": 0, "records": len(seeds), "teacher_calls": self.spent.teacher_calls()})
 
     def add_drawn(self, prompts, seeds, *, round, op, parents, reasons, teacher_ids=None) -> int:

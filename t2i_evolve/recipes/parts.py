@@ -327,13 +327,13 @@ def new_prompt_seeds(seed: int, prompts: Sequence[str], parents: Sequence, round
     return [stable_seed(seed, prompt, round, parent) for prompt, parent in zip(prompts, parents)]
 
 
-def check_seed_set(seeds: list, spent: CallBudgets, ledger: Ledger, min_teacher_score: float | None) -> list:
+def check_seed_set(seeds: list, spent: CallBudgets, min_teacher_score: float | None) -> list:
     """A seed set of no image is no run: say why in one line (a spent budget stops cleanly, and a rerun with more
     goes on; a teacher that failed every draw, or a gate that rejected all, needs a fix first). Returns `seeds`."""
     if not seeds and spent.teacher_budget_spent():  # (on `win_rate`'s references: kept for that rerun)
         raise BudgetExhausted(f"teacher budget spent before a seed image: {spent.teacher_calls()} calls")
     if not seeds and spent.teacher_calls():  # every draw failed: a server down or refusing all, not a run
-        raise every_request_failed(ledger, spent.teachers, 0, "the teachers drew none of the seed prompts")
+        raise every_request_failed(spent.ledger, spent.teachers, 0, "the teachers drew none of the seed prompts")
     if seeds and all(rec.deleted_op == "reject" for rec in seeds):
         raise UserError(f"the judge rejected all {len(seeds)} seed images (min_teacher_score {min_teacher_score:g}): "
                         "lower it, or use a better teacher")
