@@ -266,7 +266,8 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
         data = TrainingSet.load(Path(cfg.data), cfg.max_image_memory_gb)  # the recipe checks its own config)
     else:  # (read, and checked, before any folder is made)
         check_resumable(cfg)
-        data = TrainingSet.from_ledger(open_ledger(Path(cfg.data)), max_memory_gb=cfg.max_image_memory_gb)
+        with open_ledger(Path(cfg.data)) as ledger:
+            data = TrainingSet.from_ledger(ledger, max_memory_gb=cfg.max_image_memory_gb)
     main = process_state().is_main_process  # (launched as several processes, they share the folder; one speaks)
     if main:
         claim_run_folder(cfg.output_dir, "train", launched=True)
@@ -284,16 +285,24 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
 
 
 def _check_train_output(config: Path, cfg) -> None:
-    """`train` writes checkpoints/, metrics.jsonl and model/ into output_dir: never into its own data or model
-    folder, nor into another command's run folder (whose next run would rewrite that metrics.jsonl)."""
-    from .data import describe_owner, folder_owner
+    """`train` writes checkpoints/, metrics.jsonl and model/ into output_dir: never into (or over) its own data or
+    model folder, nor into another command's run folder (whose next run would rewrite that metrics.jsonl), nor over
+    files of the user's."""
+    from .data import check_run_folder
 
     out = Path(cfg.output_dir).resolve()
     for field in ("data", "model"):
-        if Path(getattr(cfg, field)).resolve() == out:
-            raise UserError(f"{config}: output_dir is the {field} folder ({cfg.output_dir}): name a folder of its own")
-    if (owner := folder_owner(out)) not in (None, "train"):  # (its own: a resume)
-        raise UserError(f"{config}: output_dir {cfg.output_dir} is {describe_owner(owner)}: name a folder of its own")
+        source = Path(getattr(cfg, field)).resolve()
+        if source == out or out.is_relative_to(source):
+            raise UserError(f"{config}: output_dir {cfg.output_dir} is in the {field} folder ({getattr(cfg, field)}): "
+                            "name a folder of its own")
+        if any(source.is_relative_to(out / name) for name in ("model", "checkpoints")):
+            raise UserError(f"{config}: the {field} folder ({getattr(cfg, field)}) is where training writes "
+                            f"{source.relative_to(out).parts[0]}/ in output_dir {cfg.output_dir}: name another output_dir")
+    try:
+        check_run_folder(cfg.output_dir, "train")  # (its own: a resume)
+    except UserError as e:
+        raise UserError(f"{config}: output_dir {e}") from None
 
 
 @app.command("sample")
@@ -471,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from .allocator import keep_freed_memory
+    from .data.ledger import damaged_ledger
 
     keep_freed_memory()  # (a step's freed buffers kept for the next: about 1.08x on a CPU; allocator.py)
     try:
@@ -487,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         if is_disk_full(e):  # what was written is kept (files are renamed into place, the ledger is SQLite)
             sys.stderr.write(f"error: the disk is full ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
                              "free some space and rerun the same command; it resumes where it stopped\n")
+            return 2
+        if (ledger := damaged_ledger(e)) is not None:
+            json_error = isinstance(e, json.JSONDecodeError) or "malformed JSON" in str(e)
+            what = "a row's JSON does not parse" if json_error else str(e).splitlines()[0]
+            sys.stderr.write(f"error: {ledger} is damaged ({what}): restore its run folder from a "
+                             "backup (sqlite3's `.recover` saves what is still readable)\n")
             return 2
         if not isinstance(e, OSError):
             raise

@@ -26,7 +26,8 @@ def open_ledger(run_dir: Path):
 @ledger_app.command("stats")
 def ledger_stats(run_dir: Path, as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Counts of records (active, deleted), and of operations and calls (per caller) per round."""
-    stats = open_ledger(run_dir).stats()
+    with open_ledger(run_dir) as ledger:  # (closed also on an error: no WAL files left in a colleague's folder)
+        stats = ledger.stats()
     if as_json:
         print_json(stats)
         return
@@ -72,8 +73,8 @@ def ledger_history(
     """One record's story: the prompts it descends from, each round's verdict on it, what it bought and why."""
     from .data.history import find_records, history_lines, record_history
 
-    ledger = open_ledger(run_dir)
-    histories = [record_history(ledger, record_id) for record_id in find_records(ledger, which)]
+    with open_ledger(run_dir) as ledger:
+        histories = [record_history(ledger, record_id) for record_id in find_records(ledger, which)]
     if as_json:
         print_json(histories)
         return
@@ -95,7 +96,8 @@ def ledger_export(
 
     if status not in ("active", "deleted", "all"):
         raise UserError(f"--status must be active, deleted or all, not {status!r}")
-    n = export_imagefolder(open_ledger(run_dir), to, status=None if status == "all" else status)
+    with open_ledger(run_dir) as ledger:
+        n = export_imagefolder(ledger, to, status=None if status == "all" else status)
     say(f"exported {n} records to {to}")
 
 

@@ -192,13 +192,34 @@ def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_d
         ledger.add_record(prompt="a red circle", generator="import", image=Image.new("RGB", (32, 32)), op="import")
     (tmp_path / "evolve-run").mkdir()
     (tmp_path / "evolve-run" / "evolve.yaml").write_text("{}\n")
-    for output_dir, message in [(tmp_path / "data", "output_dir is the data folder"),
-                                (tiny_dir, "output_dir is the model folder"),
-                                (tmp_path / "evolve-run", "is an evolve run's folder: name a folder of its own")]:
+    mine = tmp_path / "mine"  # a folder of the user's: their own metrics and another tool's config.yaml
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
+    (mine / "config.yaml").write_text("lr: 0.1\n")
+    for output_dir, message in [(tmp_path / "data", "is in the data folder"),
+                                (tmp_path / "data" / "out", "is in the data folder"),
+                                (tiny_dir, "is in the model folder"),
+                                (tiny_dir.parent, f"is where training writes {tiny_dir.name}/ in output_dir"),
+                                (tmp_path / "evolve-run", "is an evolve run's folder: choose a new output folder"),
+                                (mine, "holds config.yaml, metrics.jsonl that no train run made")]:
         (tmp_path / "train.yaml").write_text(f"model: {tiny_dir}\ndata: {tmp_path / 'data'}\noutput_dir: {output_dir}\n")
         code, _, err = run(capsys, "train", "--config", str(tmp_path / "train.yaml"))
-        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert code == 2 and message in err and err.count("\n") == 1, (output_dir, err)
     assert sorted(p.name for p in (tmp_path / "evolve-run").iterdir()) == ["evolve.yaml"]
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert (mine / "metrics.jsonl").read_text() == '{"mine": 1}\n' and (mine / "config.yaml").read_text() == "lr: 0.1\n"
+    assert not (tmp_path / "data" / "out").exists()
+
+
+def test_evolve_and_demo_write_over_no_file_of_the_users(tmp_path, capsys):
+    """A folder without a run's marker that holds a report.html or a summary.json: a new run would replace them."""
+    for command, taken in [("evolve", "summary.json"), ("demo", "report.html"), ("demo", "config.yaml")]:
+        folder = tmp_path / command / taken
+        folder.mkdir(parents=True)
+        (folder / taken).write_text("the user's own\n")
+        code, _, err = run(capsys, command, "--out", str(folder))
+        assert code == 2 and f"holds {taken} that no {command} run made" in err and err.count("\n") == 1, err
+        assert [p.name for p in folder.iterdir()] == [taken] and (folder / taken).read_text() == "the user's own\n"
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, capsys, monkeypatch):

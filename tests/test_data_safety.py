@@ -114,6 +114,40 @@ def test_a_corrupt_ledger_file_is_one_line_naming_it(tmp_path, capsys):
     assert (tmp_path / "fake" / "ledger.sqlite").read_bytes() == b"junk\n"
 
 
+def damaged_copies(tmp_path) -> dict[str, object]:
+    """Two copies of a 40-record run folder: one with its pages past the header overwritten (SQLite opens it, and
+    fails at the first read of a table), one with a row whose JSON does not parse."""
+    import random
+
+    good = tmp_path / "good"
+    with Ledger(good) as ledger:
+        for i in range(40):
+            ledger.add_record(prompt=f"a red circle {i}", generator="teacher", seed=i, image=Image.new("RGB", (4, 4)))
+    pages, row = tmp_path / "pages", tmp_path / "row"
+    for copy in (pages, row):
+        shutil.copytree(good, copy)
+    data = bytearray((pages / "ledger.sqlite").read_bytes())
+    data[4096:] = random.Random(0).randbytes(len(data) - 4096)
+    (pages / "ledger.sqlite").write_bytes(bytes(data))
+    with sqlite3.connect(row / "ledger.sqlite") as db:
+        db.execute("UPDATE records SET skills = '[bad' WHERE id = 3")
+    db.close()
+    return {"pages": pages, "row": row}
+
+
+def test_a_ledger_damaged_past_its_header_is_one_line_naming_it(tiny_dir, tmp_path, capsys):
+    for damage, run in damaged_copies(tmp_path).items():
+        before = snapshot(run)
+        train = ["train", f"model={tiny_dir}", f"data={run}", f"output_dir={tmp_path / 'trained'}", "steps=1"]
+        for args in (["ledger", "stats", run], ["ledger", "stats", run, "--json"], ["ledger", "history", run, "3"],
+                     ["ledger", "export", run, "--to", tmp_path / "exported"], train):
+            code, out, err = cli(capsys, *args)
+            assert code == 2 and err.count("\n") == 1 and f"{run / 'ledger.sqlite'} is damaged" in err, (damage, args, err)
+            assert ("JSON does not parse" in err) == (damage == "row"), err
+        assert snapshot(run) == before  # (nothing written into it, and nothing made elsewhere)
+        assert not (tmp_path / "exported").exists() and not (tmp_path / "trained").exists()
+
+
 def test_an_sqlite_file_of_another_program_is_refused_untouched(tmp_path):
     path = tmp_path / "other" / "ledger.sqlite"
     path.parent.mkdir()

@@ -2,9 +2,9 @@
 
 from .budgets import CallBudgets
 from .cache import CachedGenerator, CachedJudge, Call, CallBudget
-from .claim import claim_run_folder, release_run_folder
+from .claim import check_run_folder, claim_run_folder, describe_owner, folder_owner, release_run_folder
 from .imagefolder import export_imagefolder, import_imagefolder
-from .ledger import Ledger, Op, Record, check_run_folder, describe_owner, folder_owner
+from .ledger import Ledger, Op, Record
 
 __all__ = [
     "CachedGenerator",

@@ -1,4 +1,7 @@
-"""One process at a time in a run folder.
+"""Run folders: whose a folder is, and one process at a time in it.
+
+A command starts or resumes a run only in a folder that is new, or its own (`check_run_folder`): never over
+another command's results, a ledger it did not make, or files of the user's that it would write over.
 
 Two processes in one run folder (a command started twice, a scheduler that requeues a job still running) would
 each take the other's calls in flight for dead ones and pay for them again, and write over each other's
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import IO
+
+import yaml
 
 from ..errors import UserError
 
@@ -76,3 +81,63 @@ def _still_ours(folder: Path, handle: IO[str]) -> bool:
         return os.stat(folder / LOCK_FILE).st_ino == os.fstat(handle.fileno()).st_ino
     except OSError:
         return False
+
+
+RUN_MARKERS = {"evolve.yaml": "evolve", "demo.yaml": "demo", "config.yaml": "train", "model_index.json": "model"}
+"""The file each command leaves in a folder it writes, in the order that tells them apart (a demo's run folder holds
+its trainer's config.yaml too)."""
+
+RUN_OUTPUTS = {"evolve": ("rounds", "metrics.jsonl", "summary.json", "report.html"),
+               "demo": ("config.yaml", "checkpoints", "model", "metrics.jsonl", "summary.json", "report.html"),
+               "train": ("config.yaml", "checkpoints", "model", "metrics.jsonl")}
+"""What each command writes into its run folder after its marker: in a folder without the marker they are someone
+else's (a user's own report.html or metrics.jsonl), which a new run would write over."""
+
+
+def folder_owner(folder: str | os.PathLike) -> str | None:
+    """Whose folder this is: 'evolve', 'demo' or 'train' (a run of that command), 'model' (a model folder),
+    'import' (a ledger with records and no run's marker), or None (new, empty, or nothing of ours)."""
+    from .ledger import Ledger
+
+    folder = Path(folder)
+    for marker, owner in RUN_MARKERS.items():
+        if (folder / marker).is_file() and (marker != "config.yaml" or _is_train_config(folder / marker)):
+            return owner
+    if (folder / "ledger.sqlite").exists():
+        with Ledger(folder, read_only=True) as ledger:
+            return "import" if ledger.count(None) else None
+    return None
+
+
+def _is_train_config(path: Path) -> bool:
+    """Whether a config.yaml is one `train` saved (its keys), not some other tool's config file."""
+    try:
+        if path.stat().st_size > 1_000_000:
+            return False
+        fields = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(fields, dict) and {"model", "output_dir", "steps"} <= fields.keys()
+
+
+def check_run_folder(run_dir: str | os.PathLike, command: str) -> Path:
+    """`run_dir`, if `command` may start or resume a run there: not a file, and nothing another command wrote (a
+    ledger whose records it would take for its own set, results it would write over), nor files of the user's that
+    the run writes. Else a one-line UserError."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a folder: choose a folder for the run")
+    owner = folder_owner(run_dir)
+    if owner not in (None, command):
+        raise UserError(f"{run_dir} is {describe_owner(owner)}: choose a new output folder")
+    if owner is None and (taken := [name for name in RUN_OUTPUTS[command] if (run_dir / name).exists()]):
+        raise UserError(f"{run_dir} holds {', '.join(taken)} that no {command} run made, which a {command} run would "
+                        "write over: choose a new output folder (or move them)")
+    return run_dir
+
+
+def describe_owner(owner: str) -> str:
+    """'an evolve run's folder', 'a model folder', ... for `folder_owner`'s answer."""
+    if owner == "import":
+        return "a ledger of records that no run made (an import)"
+    return "a model folder" if owner == "model" else f"{'an' if owner == 'evolve' else 'a'} {owner} run's folder"

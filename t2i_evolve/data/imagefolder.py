@@ -54,10 +54,9 @@ def export_imagefolder(ledger: Ledger, out_dir: str | os.PathLike, status: Statu
     out = Path(out_dir)
     train = out / "train"
     earlier = _check_export_target(out, train)
-    train.mkdir(parents=True, exist_ok=True)
-
     records = [record for record in ledger.records(status) if record.image_path is not None]
-    rows = [_export_row(record) for record in records]
+    rows = [_export_row(record) for record in records]  # (all read before a folder is made: a damaged ledger, none)
+    train.mkdir(parents=True, exist_ok=True)
     written = {row["file_name"] for row in rows} | {"metadata.jsonl"}
     # The manifest lists every file of ours at every moment: the old and the new ones while images
     # are copied, then only the new ones once the stale ones are gone. A crash at any point leaves a

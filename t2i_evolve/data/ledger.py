@@ -553,38 +553,20 @@ def _dumps(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-RUN_MARKERS = {"evolve.yaml": "evolve", "demo.yaml": "demo", "config.yaml": "train", "model_index.json": "model"}
-"""The file each command leaves in a folder it writes, in the order that tells them apart (a demo's run folder holds
-its trainer's config.yaml too)."""
-
-
-def folder_owner(folder: str | os.PathLike) -> str | None:
-    """Whose folder this is: 'evolve', 'demo' or 'train' (a run of that command), 'model' (a model folder),
-    'import' (a ledger with records and no run's marker), or None (new, empty, or nothing of ours)."""
-    folder = Path(folder)
-    for marker, owner in RUN_MARKERS.items():
-        if (folder / marker).is_file():
-            return owner
-    if (folder / "ledger.sqlite").exists():
-        with Ledger(folder, read_only=True) as ledger:
-            return "import" if ledger.count(None) else None
-    return None
-
-
-def check_run_folder(run_dir: str | os.PathLike, command: str) -> Path:
-    """`run_dir`, if `command` may start or resume a run there: not a file, and nothing another command wrote (a
-    ledger whose records it would take for its own set, results it would write over). Else a one-line UserError."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a folder: choose a folder for the run")
-    owner = folder_owner(run_dir)
-    if owner not in (None, command):
-        raise UserError(f"{run_dir} is {describe_owner(owner)}: choose a new output folder")
-    return run_dir
-
-
-def describe_owner(owner: str) -> str:
-    """'an evolve run's folder', 'a model folder', ... for `folder_owner`'s answer."""
-    if owner == "import":
-        return "a ledger of records that no run made (an import)"
-    return "a model folder" if owner == "model" else f"{'an' if owner == 'evolve' else 'a'} {owner} run's folder"
+def damaged_ledger(error: BaseException) -> Path | None:
+    """The ledger file that `error` says is damaged, or None for any other error: SQLite's "database disk image is
+    malformed" past the header that opening checks, a row whose JSON does not parse. The file is named by the
+    `Ledger` whose method was reading it (found in the traceback); `ledger.sqlite` where none was."""
+    malformed_json = isinstance(error, sqlite3.OperationalError) and "malformed JSON" in str(error)  # (SQL json_*)
+    damaged = isinstance(error, json.JSONDecodeError) or malformed_json or isinstance(error, sqlite3.DatabaseError) \
+        and not isinstance(error, (sqlite3.OperationalError, sqlite3.IntegrityError, sqlite3.ProgrammingError))
+    if not damaged or is_disk_full(error):
+        return None
+    path, tb = None, error.__traceback__
+    while tb is not None:
+        if isinstance(owner := tb.tb_frame.f_locals.get("self"), Ledger):
+            path = owner.path
+        tb = tb.tb_next
+    if path is None and isinstance(error, json.JSONDecodeError):  # not a ledger's row: some other file, or a bug
+        return None
+    return path or Path("ledger.sqlite")
