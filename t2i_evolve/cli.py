@@ -16,10 +16,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .console import out, print_json, say
+from .console import named_folder, out, print_json, say
 from .errors import UserError, is_disk_full
 from .ledger_cli import ledger_app, open_ledger
 
+MAX_EVAL_PROMPTS = 1_000_000  # each one drawn and judged: days on a CPU already
 MAX_SEED = 2**32 - 1  # as a config's `Seed`: torch seeds are 64-bit, and seeds are mixed into larger ones
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -93,8 +94,8 @@ def judge(
     model: Optional[str] = typer.Option(None, help="Model name on --endpoint."),
     api_key_env: Optional[str] = typer.Option(None, help="Env var holding the endpoint's API key."),
     timeout: float = typer.Option(60.0, help="Seconds per request to --endpoint."),
-    retries: int = typer.Option(4, help="Re-sends after a 429/5xx/timeout from --endpoint."),
-    votes: int = typer.Option(1, help="Asks to --endpoint, each with its own sampling seed; the majority "
+    retries: int = typer.Option(4, min=0, max=100, help="Re-sends after a 429/5xx/timeout from --endpoint."),
+    votes: int = typer.Option(1, min=1, max=100, help="Asks to --endpoint, each with its own sampling seed; the majority "
                                       "answer per question wins (needs --temperature > 0)."),
     temperature: float = typer.Option(0.0, help="Sampling temperature of --endpoint's model."),
 ):
@@ -103,13 +104,13 @@ def judge(
     from .images import load_image
     from .world import parse
 
-    if not endpoint:  # the pixel judge reads shapes-world prompts only (a VLM: any, `prompts.questions`)
+    if endpoint is None:  # the pixel judge reads shapes-world prompts only (a VLM: any, `prompts.questions`)
         parse(prompt)  # a prompt outside the grammar fails before the image is read
     picture = load_image(image)
-    if not endpoint and (votes != 1 or temperature != 0):
+    if endpoint is None and (votes != 1 or temperature != 0):
         raise UserError("--votes and --temperature are for a sampling VLM at --endpoint; the pixel judge is exact")
     result = _remote_score(picture, prompt, endpoint, model, api_key_env, timeout, retries, votes, temperature) \
-        if endpoint else _pixel_score(picture, prompt)
+        if endpoint is not None else _pixel_score(picture, prompt)
     if as_json:  # ("parent": the first of "parents", for readers of one parent per question)
         print_json(result.to_json())
         return
@@ -170,8 +171,12 @@ def serve_judge(
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Seed of errors and faults."),
 ):
     """Serve the pixel judge as an OpenAI-compatible VLM endpoint (POST /v1/chat/completions)."""
-    from .judges.server import JudgeServer, JudgeServerConfig
+    from typing import get_args
 
+    from .judges.server import Fault, JudgeServer, JudgeServerConfig
+
+    if unknown := [f for f in faults.split(",") if f.strip() and f.strip() not in get_args(Fault)]:
+        raise UserError(f"--faults: unknown fault {unknown[0].strip()!r}; choose from {', '.join(get_args(Fault))}")
     config = JudgeServerConfig.from_dict(
         {"host": host, "port": port, "error_rate": error_rate, "fault_rate": fault_rate, "latency_s": latency,
          "faults": [f.strip() for f in faults.split(",") if f.strip()], "hang_s": hang, "seed": seed},
@@ -197,7 +202,7 @@ def serve_judge(
 
 @gallery_app.command("eval")
 def gallery_eval(
-    prompts: int = typer.Option(200, help="Number of grammar prompts."),
+    prompts: int = typer.Option(200, max=MAX_EVAL_PROMPTS, help="Number of grammar prompts."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Prompt and drawing seed."),
     resolution: int = typer.Option(32, min=8, max=1024),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -232,7 +237,7 @@ def gallery_eval(
 
 @app.command("init-model")
 def init_model(
-    out_dir: Path,
+    out_dir: Path = typer.Argument(..., parser=named_folder, metavar="OUT_DIR"),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Initialisation seed."),
     config: Optional[Path] = typer.Option(None, help="TinyModelConfig YAML."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the folder holds (a trained model too)."),
@@ -330,7 +335,7 @@ def sample(
 @app.command("eval")
 def eval_model(
     model: Path,
-    prompts: int = typer.Option(128, help="Held-out grammar prompts."),
+    prompts: int = typer.Option(128, max=MAX_EVAL_PROMPTS, help="Held-out grammar prompts."),
     seed: int = typer.Option(0, min=0, max=MAX_SEED, help="Prompt seed."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the family's usual)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1 = off (default: the "
@@ -475,8 +480,13 @@ def evolve(
     say(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")
 
 
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+"""click's (typer >= 0.22 carries its own copy of click: found through the class typer exports)."""
+NO_ARGS_IS_HELP = getattr(sys.modules[USAGE_ERROR.__module__], "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: typer reports usage errors itself (exit 2); user errors become one line, exit 2."""
+    """Entry point: usage errors and user errors become one line, exit 2."""
     from pydantic import ValidationError
 
     from .allocator import keep_freed_memory
@@ -484,11 +494,21 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # (a step's freed buffers kept for the next: about 1.08x on a CPU; allocator.py)
     try:
-        app(args=argv, prog_name="t2i-evolve")
-    except SystemExit as e:
-        if e.code == 130:  # typer's answer to Ctrl-C (a KeyboardInterrupt never reaches the clause below)
+        code = app(args=argv, prog_name="t2i-evolve", standalone_mode=False)
+        if code == 130:  # typer's answer to Ctrl-C (a KeyboardInterrupt never reaches the clause below)
             sys.stderr.write("interrupted: rerun the same command to resume (train, evolve and demo go on where they "
                              "stopped)\n")
+        return code if isinstance(code, int) else 0
+    except NO_ARGS_IS_HELP as e:  # a bare `t2i-evolve` (or group): its help, as typer shows it
+        from typer.rich_utils import rich_format_error
+
+        rich_format_error(e)
+        return e.exit_code
+    except USAGE_ERROR as e:  # a bad flag or value: one line, as every other error (not typer's box)
+        where = e.ctx.command_path if e.ctx else "t2i-evolve"
+        sys.stderr.write(f"error: {e.format_message().splitlines()[0].rstrip('.')} (see `{where} --help`)\n")
+        return e.exit_code
+    except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (UserError, ValidationError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")

@@ -14,6 +14,10 @@ from .files import write_atomically
 
 C = TypeVar("C", bound="Config")
 
+MAX_PROMPTS = 10_000_000
+"""The most prompts (or images) a count of them may ask for: EvolveDirector's uniform baseline at full scale. Past it
+a number is a typo, which would otherwise sit for hours building a list in memory before showing any progress."""
+
 FLAG_NAMES = {"output_dir": "--out", "base_url": "--endpoint", "timeout_s": "--timeout", "latency_s": "--latency"}
 """The config fields a command's flag sets under another name (else the flag is the field's name with dashes)."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+import typer
 from rich.console import Console
 
 out = Console(emoji=False)  # a path like runs/lr:100: is printed as it is, not with an emoji
@@ -21,3 +23,11 @@ def say(text: str) -> None:
 def print_json(data) -> None:
     """One JSON line on stdout (what `--json` prints)."""
     sys.stdout.write(json.dumps(data) + "\n")
+
+
+def named_folder(text: str) -> Path:
+    """A folder argument a command writes into, as typed: an empty one is refused (`Path("")` is the current
+    folder, which a quoted variable left unset would otherwise fill with a model or a ledger)."""
+    if not text.strip():
+        raise typer.BadParameter("is empty: name a folder (. for this one)")
+    return Path(text)

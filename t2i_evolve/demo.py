@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .config import Config, PathText, check_resumed_config
+from .config import MAX_PROMPTS, Config, PathText, check_resumed_config
 from .data import CachedGenerator, Ledger, check_run_folder, claim_run_folder, release_run_folder
 from .eval import ScoreBoard, evaluate, suite_prompts
 from .eval.report import image_grid, read_jsonl, score_table, svg_curve, write_report
@@ -39,8 +39,8 @@ class DemoConfig(Config):
     min_groups: int = 1
     max_groups: int = 2
     p_size: float = Field(0.0, ge=0, le=1, description="Share of groups with a size word (0: none).")
-    train_images: int = Field(8000, ge=1)
-    eval_prompts: int = Field(160, ge=1)
+    train_images: int = Field(8000, ge=1, le=MAX_PROMPTS)
+    eval_prompts: int = Field(160, ge=1, le=MAX_PROMPTS)
     geneval_scale: float = Field(0.3, ge=0, le=1, description="Share of GenEval's 553 prompts judged after training.")
     seed: Seed = 0
     model: TinyModelConfig = TinyModelConfig()

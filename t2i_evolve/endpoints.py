@@ -73,8 +73,8 @@ class EndpointConfig(Config):
         None, description="Name of the env var holding the API key (the key itself never goes in a config)."
     )
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout; a timeout is retried.")
-    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once (async client).")
-    retries: int = Field(4, ge=0, description="Re-sends of a request after a 429/5xx/timeout.")
+    max_concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight at once (async client).")
+    retries: int = Field(4, ge=0, le=100, description="Re-sends of a request after a 429/5xx/timeout.")
     backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles per retry, with jitter.")
 
     @field_validator("base_url")

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .console import out, print_json, say
+from .console import named_folder, out, print_json, say
 from .errors import UserError
 
 ledger_app = typer.Typer(no_args_is_help=True, help="The dataset ledger of a run folder.")
@@ -88,7 +88,8 @@ def ledger_history(
 @ledger_app.command("export")
 def ledger_export(
     run_dir: Path,
-    to: Path = typer.Option(..., "--to", help="Folder for the Hugging Face imagefolder."),
+    to: Path = typer.Option(..., "--to", parser=named_folder, metavar="FOLDER", help="Folder for the Hugging Face "
+                            "imagefolder."),
     status: str = typer.Option("active", help="Records to export: active, deleted or all."),
 ):
     """Export records as a Hugging Face `datasets` imagefolder (images + metadata.jsonl)."""
@@ -103,8 +104,8 @@ def ledger_export(
 
 @ledger_app.command("import")
 def ledger_import(
-    run_dir: Path,
-    source: Path = typer.Option(..., "--from", help="An imagefolder: images + metadata.jsonl/csv."),
+    run_dir: Path = typer.Argument(..., parser=named_folder, metavar="RUN_DIR"),
+    source: Path = typer.Option(..., "--from", parser=named_folder, metavar="FOLDER", help="An imagefolder: images + metadata.jsonl/csv."),
     prompt_column: Optional[str] = typer.Option(None, help="Column holding prompts (default: prompt/text/caption)."),
 ):
     """Import a user's own prompt/image set into a run's ledger."""

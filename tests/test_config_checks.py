@@ -240,3 +240,40 @@ def test_an_image_past_pils_size_limit_is_one_line(tmp_path, capsys):
     assert main(["judge", str(tmp_path / "bomb.png"), "--prompt", "two red circles"]) == 2
     err = capsys.readouterr().err
     assert "bomb.png" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["gallery", "eval", "--prompts", "100000000000000"], ["gallery", "eval", "--prompts", "abc"],
+    ["judge", "x.png", "--prompt", "a red circle", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m",
+     "--retries", "100000000000000"],
+    ["demo", "train_images=100000000000000"], ["evolve", "seed_prompts=100000000000000"],
+    ["evolve", "tiny_model.layers_per_block=100000"], ["evolve", "judge.votes=100000"], ["train", "--bogus"],
+    ["ledger", "history", "run"], ["bogus"], ["serve-judge", "--faults", "429,bogus"], ["serve-judge", "--host", " "],
+])
+def test_a_number_past_any_real_use_or_a_bad_flag_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, args):
+    """A typo'd count sat for hours building a list (or retrying a dead endpoint) with nothing shown; a bad flag
+    printed typer's usage box; `--faults bogus` was named `--0`; an empty `--host` bound every interface."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and "--0" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_folder_argument_is_refused_not_read_as_this_folder(tmp_path, capsys, monkeypatch):
+    """`Path("")` is the current folder: `init-model "$UNSET"` wrote a model into it, `ledger import "$UNSET"` a
+    ledger."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    for args in (["init-model", ""], ["ledger", "import", " ", "--from", "src"], ["ledger", "import", "run", "--from", ""],
+                 ["ledger", "export", "run", "--to", ""]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "is empty: name a folder" in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_an_empty_judge_endpoint_is_an_error_not_the_pixel_judge(tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert main(["judge", str(tmp_path / "x.png"), "--prompt", "a red circle", "--endpoint", "", "--model", "m"]) == 2
+    assert "bad --endpoint" in capsys.readouterr().err

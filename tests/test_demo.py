@@ -79,6 +79,7 @@ def test_train_command_from_yaml(tmp_path, capsys):
                 "batch_size": 4, "log_every": 1}
     config.write_text(yaml.safe_dump(settings))
     (tmp_path / "t").mkdir()  # as an attempt killed before its first checkpoint leaves it: rows logged again
+    (tmp_path / "t" / "config.yaml").write_text(yaml.safe_dump(settings))  # (saved as a run starts)
     (tmp_path / "t" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
     assert main(["train", "--config", str(config)]) == 0
     assert (tmp_path / "t" / "model" / "model_index.json").exists()

@@ -65,7 +65,7 @@ class TeacherSampler(Config):
     Left out stays left out in a run's evolve.yaml, so a resumed run draws as it started."""
 
     scheduler: Literal["ddim", "dpm++"] | None = None
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=10_000)
     guidance: float | None = Field(None, allow_inf_nan=False)
     batch_size: int | None = Field(None, ge=1)
     resolution: int | None = Field(None, ge=8)

@@ -60,12 +60,12 @@ class ChatJudgeConfig(Config):
     """Settings shared by chat-style judges (remote or local)."""
 
     judge_id: str | None = Field(None, description="Ledger caller name; defaults to one built from the model.")
-    reasks: int = Field(2, ge=0, description="Re-asks of a request whose reply could not be parsed.")
+    reasks: int = Field(2, ge=0, le=100, description="Re-asks of a request whose reply could not be parsed.")
     vqa_template: str | None = Field(None, description="Path of a VQA template file (default: packaged).")
     pairwise_template: str | None = Field(None, description="Path of a pairwise template file (default: packaged).")
     seed: int = Field(0, description="Seed of the per-request order of the two images in a comparison.")
     max_calls: int | None = Field(None, ge=0, description="Most requests this judge may send, retries included.")
-    max_tokens: int = Field(200, ge=1, description="Most tokens in a reply.")
+    max_tokens: int = Field(200, ge=1, le=1_000_000, description="Most tokens in a reply.")
     batch_size: int | None = Field(None, ge=1, description="Requests per ledger chunk (default 4 x concurrency); "
                                                            "a crash repeats at most one chunk.")
 
@@ -76,7 +76,7 @@ class OpenAIJudgeConfig(ChatJudgeConfig):
     endpoint: EndpointConfig
     structured: bool = Field(False, description="Send a JSON-schema response_format (constrained decoding).")
     temperature: float | None = Field(0.0, ge=0, description="Sampling temperature; None leaves the server's default.")
-    votes: int = Field(1, ge=1, description="Asks per verdict, each with its own sampling seed; the majority "
+    votes: int = Field(1, ge=1, le=100, description="Asks per verdict, each with its own sampling seed; the majority "
                                             "answer wins. Needs temperature > 0 (at 0 every vote is the same).")
 
     @model_validator(mode="after")

@@ -36,10 +36,10 @@ import time
 from collections import Counter
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Literal
+from typing import Annotated, Literal
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from ..config import Config
 from ..data.cache import content_key
@@ -49,13 +49,22 @@ from .pixel import PixelJudge
 from .segment import MIN_IMAGE_SIDE, shape_prototypes
 
 Fault = Literal["429", "500", "hang", "malformed"]
+
+
+def _named_host(host: str) -> str:
+    if not host.strip():  # ("" binds every interface: said in full as 0.0.0.0, never by an empty flag)
+        raise ValueError("is empty: name an address (127.0.0.1; 0.0.0.0 for every interface)")
+    return host
+
+
+Host = Annotated[str, AfterValidator(_named_host)]
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_IMAGE_SIDE = 256  # shapes-world scenes are 32-128 px; the segmenter's set-up grows with a side's square (~10 s here)
 MALFORMED_REPLY = "Looking at the picture, I would say it mostly matches what was asked for."
 
 
 class JudgeServerConfig(Config):
-    host: str = Field("127.0.0.1", description="Address to bind (loopback by default).")
+    host: Host = Field("127.0.0.1", description="Address to bind (loopback by default; 0.0.0.0 for every interface).")
     port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
     error_rate: float = Field(0.0, ge=0, le=1, description="Share of wrong answers (seeded per request content).")
     fault_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that fail with one of `faults`.")

@@ -37,7 +37,7 @@ class SamplerConfig(Config):
     """How to sample. `guidance` 1.0 means no classifier-free guidance (and no unconditional pass)."""
 
     scheduler: Literal["ddim", "dpm++"] = "ddim"  # (a flow-matching model, SD3, samples with its Euler steps)
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=1, le=10_000)
     guidance: float = Field(1.0, allow_inf_nan=False)
     batch_size: int = Field(64, ge=1)
     resolution: int | None = Field(None, ge=8)  # None: the model's own (the pixel judge reads 8 px and up)

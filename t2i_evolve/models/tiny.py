@@ -77,7 +77,7 @@ PLAIN_BLOCKS = ("DownBlock2D", "ResnetDownsampleBlock2D")
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 """Schedules that DDPMScheduler (training) and the DDIM and DPM-Solver++ samplers all implement."""
 
-PositiveInt = Annotated[int, Field(ge=1)]
+PositiveInt = Annotated[int, Field(ge=1, le=4096)]
 
 
 class TinyModelConfig(Config):
@@ -87,30 +87,30 @@ class TinyModelConfig(Config):
     number of heads, not their width. `norm_num_groups` must divide every channel count.
     """
 
-    resolution: int = Field(32, ge=8)  # (the pixel judge reads scenes of at least 8 px a side)
+    resolution: int = Field(32, ge=8, le=1024)  # (the pixel judge reads scenes of at least 8 px a side)
     # Measured (benchmarks/learning_curve.py, RESULTS.md): cross-attention at 16x16 and 8x8 learns more per
     # image than attention at 8x8 only; 16 channels at 32x32 (where convolutions are most of a CPU step)
     # trains 1.4x faster than 32 there, so the demo sees more images in its budget and ends higher.
     block_out_channels: tuple[PositiveInt, ...] = Field((16, 32, 64), min_length=1)
-    layers_per_block: int = Field(1, ge=1)
+    layers_per_block: int = Field(1, ge=1, le=32)
     down_block_types: tuple[DownBlockType, ...] = Field(
         ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), min_length=1
     )
-    attention_head_dim: int = Field(4, ge=1)
+    attention_head_dim: int = Field(4, ge=1, le=256)
     # Per down block (mirrored for the up blocks): True makes a transformer block's first attention
     # attend to the text instead of to the image itself. At 16x16, image self-attention over 256
     # positions was a quarter of a CPU training step; without it the model learns as much per image
     # (benchmarks/learning_curve.py) and trains about 18% faster.
     only_cross_attention: bool | tuple[bool, ...] = (False, True, False)
-    norm_num_groups: int = Field(8, ge=1)
-    text_hidden_size: int = Field(64, ge=1)
-    text_layers: int = Field(2, ge=0)
-    text_heads: int = Field(4, ge=1)
-    text_intermediate_size: int = Field(256, ge=1)
+    norm_num_groups: int = Field(8, ge=1, le=4096)
+    text_hidden_size: int = Field(64, ge=1, le=4096)
+    text_layers: int = Field(2, ge=0, le=64)
+    text_heads: int = Field(4, ge=1, le=256)
+    text_intermediate_size: int = Field(256, ge=1, le=16384)
     max_length: int = longest_prompt_tokens()
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
     beta_schedule: BetaSchedule = "squaredcos_cap_v2"
-    num_train_timesteps: int = Field(1000, ge=1)
+    num_train_timesteps: int = Field(1000, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "TinyModelConfig":

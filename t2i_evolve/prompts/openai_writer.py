@@ -80,7 +80,7 @@ class OpenAIPromptWriterConfig(Config):
     dedup_threshold: float = Field(
         DEFAULT_THRESHOLD, ge=0, le=1, description="ROUGE-L F-measure above which a prompt is a near-duplicate."
     )
-    max_reasks: int = Field(3, ge=0, description="Requests sent again after a reply with no prompts in it.")
+    max_reasks: int = Field(3, ge=0, le=100, description="Requests sent again after a reply with no prompts in it.")
     n_examples: int = Field(8, ge=0, description="In-context examples per request (sample, skill_prompts).")
     n_generated_examples: int = Field(2, ge=0, description="How many of them may be the writer's own earlier outputs.")
     templates: dict[TemplateName, Path] = Field(

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..config import PathText, check_resumed_config
+from ..config import MAX_PROMPTS, PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..data.budgets import every_request_failed
 from ..generators.draws import draw_by_teacher, tournament
@@ -64,7 +64,7 @@ class EvolveConfig(RoundTraining):
     max_groups: int = 2
     max_count: int = Field(3, ge=1, le=3)
     p_size: float = Field(0.0, ge=0, le=1)
-    seed_prompts: int = Field(100, ge=1, description="Random grammar prompts the set starts from.")
+    seed_prompts: int = Field(100, ge=1, le=MAX_PROMPTS, description="Random grammar prompts the set starts from.")
     rare_words: list[Literal[tuple(COLORS) + SHAPES]] = Field(default_factory=list, description="Users' long tail: "
         "seed prompts naming these are kept at rare_weight odds (writer and held-out prompts weigh words alike).")
     rare_weight: float = Field(1.0, ge=0, le=1)
@@ -84,7 +84,7 @@ class EvolveConfig(RoundTraining):
         "deletions shrank is not overtrained and forgotten.")
     replay_share: float = Field(0.0, ge=0, lt=1, description="Share of each round's training on deleted records (paper: "
         "0): a set that deletions keep small is overtrained, and the base forgets what the deleted records taught.")
-    prior_images: int = Field(0, ge=0, description="Prior preservation: the base draws this many prompts (none held out) "
+    prior_images: int = Field(0, ge=0, le=MAX_PROMPTS, description="Prior preservation: the base draws this many prompts (none held out) "
         "before round 1; those the judge scores min_prior_score make prior_share of all training. 0: off (paper).")
     prior_share: float = Field(0.3, gt=0, lt=1)
     min_prior_score: float = Field(1.0, ge=0, le=1)
@@ -93,9 +93,9 @@ class EvolveConfig(RoundTraining):
         "base writes GBs a round; the run reads only the last again); None: every round's.")
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
-    variations: int = Field(3, ge=1, description="New prompts per expanded record (paper: 3).")
+    variations: int = Field(3, ge=1, le=100, description="New prompts per expanded record (paper: 3).")
     mutate_rate: float = Field(0.1, ge=0, le=1, description="Chance of a new-structure prompt per deletion.")
-    mutate_candidates: int = Field(1, ge=1, description="New-structure prompts asked for per mutation; the one naming "
+    mutate_candidates: int = Field(1, ge=1, le=100, description="New-structure prompts asked for per mutation; the one naming "
         "the word the set has seen least is drawn, so mutations reach what the seed set never named. 1: the paper.")
     min_teacher_score: float | None = Field(
         None, ge=0, le=1, description="Quality gate: the judge scores every new teacher image (VQA); one below this "
@@ -109,10 +109,10 @@ class EvolveConfig(RoundTraining):
         None, ge=0, le=1, description="Deletion check: before deleting a record, the base draws an unseen variation "
         "of its prompt and the judge scores it (VQA); below this the record was memorized: kept and expanded. "
         "None: the paper (a small set is memorized, deleted and trained down to nothing). One judge call each.")
-    confirm_votes: int | None = Field(None, ge=2, description="A second opinion: a verdict that buys teacher images "
+    confirm_votes: int | None = Field(None, ge=2, le=100, description="A second opinion: a verdict that buys teacher images "
         "(teacher better; memorized) is asked again to this many votes, majority deciding (an even split: kept, unbought), "
         "first ask reused: a noisy judge spends no budget on what the base draws. Needs a sampling judge. None: the paper.")
-    base_draws: int = Field(1, ge=1, description="Images of the base behind a verdict that buys (teacher better; "
+    base_draws: int = Field(1, ge=1, le=100, description="Images of the base behind a verdict that buys (teacher better; "
         "memorized): it stands only if the base loses on each of up to this many draws (new seeds), so one unlucky "
         "image of a skill the base has buys nothing. 1: one draw (the paper). Up to base_draws judge calls each.")
     max_teacher_calls: int | None = Field(None, ge=0, description="Stop cleanly when teachers drew this many.")
@@ -121,11 +121,11 @@ class EvolveConfig(RoundTraining):
     max_teacher_price: float | None = Field(None, ge=0, description="Stop cleanly when teacher calls cost this much.")
     max_judge_calls: int | None = Field(None, ge=0, description="Stop cleanly before the judge is asked more than "
                                         "this many times (a round judges only the records whose worst case fits).")
-    eval_prompts: int = Field(128, ge=0)
+    eval_prompts: int = Field(128, ge=0, le=MAX_PROMPTS)
     held_out_metric: Metric = Field("auto", description="pixel: the exact DSG score (shapes-world prompts); win_rate: "
         "the run's judge, base vs the first teacher; vqa: the run's judge's DSG score (any prompts; both cost calls). "
         "auto: pixel where it can, else win_rate.")
-    eval_draws: int = Field(1, ge=1, description="Images per held-out prompt (a small slice has few to hold out).")
+    eval_draws: int = Field(1, ge=1, le=100, description="Images per held-out prompt (a small slice has few to hold out).")
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
     sampler: SamplerConfig = SamplerConfig(steps=10)
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "

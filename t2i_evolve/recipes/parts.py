@@ -115,7 +115,7 @@ class JudgeSpec(Config):
     endpoint: EndpointConfig | None = None
     reasks: int = 2
     seed: Seed = 0
-    votes: int = Field(1, ge=1, description="openai: asks per verdict, the majority wins (needs temperature "
+    votes: int = Field(1, ge=1, le=100, description="openai: asks per verdict, the majority wins (needs temperature "
                                             "> 0); see OpenAIJudgeConfig.")
     temperature: float | None = 0.0
 
