@@ -138,7 +138,29 @@ def _read_yaml(path: Path) -> object:
         raise ConfigError(f"bad YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
     except RecursionError:
         raise ConfigError(f"{path}: a value nests too deep") from None
+    _check_size(data, str(path))
     return {} if data is None else data  # (an empty file: every field's default)
+
+
+MAX_CONFIG_VALUES = 100_000
+"""Values a config may hold once its YAML aliases are expanded: thousands of times any real config's. Ten anchors of
+ten aliases each are a few lines that expand to 10^10 values, which validating (or copying) would take hours over."""
+
+
+def _check_size(data: object, where: str) -> None:
+    """A one-line ConfigError for YAML whose aliases expand past `MAX_CONFIG_VALUES` (counted once per shared value)."""
+    sizes: dict[int, int] = {}
+
+    def size(value: object) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if id(value) not in sizes:
+            sizes[id(value)] = 0  # (a value that holds itself counts as one more: YAML can say `a: &x [*x]`)
+            sizes[id(value)] = 1 + sum(size(item) for item in (value.values() if isinstance(value, dict) else value))
+        return sizes[id(value)]
+    if size(data) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{where}: its aliases (*name) expand to over {MAX_CONFIG_VALUES:,} values: write the config "
+                          "out plainly")
 
 
 def _key(override: str) -> list[str]:
@@ -165,6 +187,7 @@ def apply_override(data: object, override: str) -> dict:
         value = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{override!r}: its value is not YAML ({getattr(e, 'problem', e)})") from None
+    _check_size(value, repr(override))
     data = _copied(data)
     node = data
     for depth, part in enumerate(path):
@@ -191,17 +214,35 @@ def check_resumed_config(path: Path, config: Config, may_change: dict | set) -> 
     """A run folder resumed under another config would mix two runs in one folder (a ledger, a checkpoint):
     refuse in one line, naming what differs. `path`: the config the folder was started with; `may_change` (a
     pydantic `exclude`): what a rerun may set anew, such as more rounds or steps, a larger budget, another
-    device or endpoint. A config file this version cannot read is not compared."""
+    device or endpoint. A config this version does not validate (another version's: a field since renamed, or one
+    a user edited) is compared on the fields both know; one that is not YAML at all stops the rerun."""
     if not path.is_file():
         return
+    now = config.model_dump(exclude=may_change)
     try:
-        before = type(config).from_yaml(path)
+        before = type(config).from_yaml(path).model_dump(exclude=may_change)
     except UserError:
-        return
-    changed = list(_differences(before.model_dump(exclude=may_change), config.model_dump(exclude=may_change)))
+        try:
+            before = _read_yaml(path)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the config {path.parent} was started with: fix it, or delete it to resume under "
+                              "this one)") from None
+        before, now = _common(before, config.model_dump(mode="json", exclude=may_change))
+    changed = list(_differences(before, now))
     if changed:
         raise UserError(f"{path.parent} was started with another config ({'; '.join(changed[:3])}): rerun it with "
                         f"the config in {path}, or start a new run folder")
+
+
+def _common(old, new) -> tuple:
+    """`old` and `new` cut to what both hold: the keys of both mappings, the items of lists of one length."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        pairs = {key: _common(old[key], new[key]) for key in old if key in new}
+        return {key: a for key, (a, _) in pairs.items()}, {key: b for key, (_, b) in pairs.items()}
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = [_common(a, b) for a, b in zip(old, new)]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+    return old, new
 
 
 def _differences(old, new, where: str = ""):

@@ -145,6 +145,26 @@ def test_a_resumed_run_may_move_its_endpoints_but_not_swap_their_models(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["evolve.yaml"]  # (saved whole, through a temp file)
 
 
+def test_a_config_this_version_does_not_validate_is_still_compared_on_the_fields_both_know(tmp_path):
+    """Such a file (another version's, a field since renamed; or hand-edited) was not compared at all: a rerun under
+    another judge or learning rate resumed the run, mixing two runs in one folder."""
+    import yaml
+
+    from t2i_evolve.config import check_resumed_config
+    from t2i_evolve.recipes.evolve import RESUMABLE_CHANGES, EvolveConfig
+
+    started = EvolveConfig.from_dict({"lr": 3e-4, "rounds": 2})
+    saved = yaml.safe_load(started.to_yaml()) | {"renamed_since": 1}
+    path = tmp_path / "evolve.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    check_resumed_config(path, EvolveConfig.from_dict({"lr": 3e-4, "rounds": 5}), RESUMABLE_CHANGES)  # more rounds
+    with pytest.raises(UserError, match=r"another config \(lr: 0.0003 -> 0.001\)"):
+        check_resumed_config(path, EvolveConfig.from_dict({"lr": 1e-3, "rounds": 2}), RESUMABLE_CHANGES)
+    path.write_text("lr: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad YAML in .*evolve.yaml .*the config .* was started with: fix it"):
+        check_resumed_config(path, started, RESUMABLE_CHANGES)
+
+
 def test_a_base_cut_short_by_a_kill_is_made_again(tmp_path):
     """Killed while the fresh tiny base was saved (parts, no model_index.json) or before its marker: the rerun
     makes it again rather than refuse a folder it made itself, or reuse one another config made."""
@@ -277,3 +297,24 @@ def test_an_empty_judge_endpoint_is_an_error_not_the_pixel_judge(tmp_path, capsy
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     assert main(["judge", str(tmp_path / "x.png"), "--prompt", "a red circle", "--endpoint", "", "--model", "m"]) == 2
     assert "bad --endpoint" in capsys.readouterr().err
+
+
+def test_yaml_aliases_that_expand_past_any_real_config_are_one_line(tmp_path):
+    """Nine anchors of ten aliases each: a few lines that expand to 10^9 values, which validating (and copying, for
+    a KEY=VALUE) took hours over."""
+    from t2i_evolve.recipes.evolve import EvolveConfig
+
+    anchors = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(anchors) + "\njudge:\n  endpoint:\n    headers: *a8\n")
+    for overrides in ([], ["rounds=2"]):
+        with pytest.raises(ConfigError, match="aliases .* expand to over 100,000 values"):
+            EvolveConfig.load(bomb, overrides)
+    inline = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]) + "]"  # (the same, as a value typed)
+    with pytest.raises(ConfigError, match="'judge.headers=.*aliases .* expand to over 100,000 values"):
+        EvolveConfig.load(None, [f"judge.headers={inline}"])
+    small = "[&a0 [x, x], [*a0, *a0]]"  # a few aliases: read as YAML reads them
+    with pytest.raises(ConfigError, match="field 'judge.headers'"):
+        EvolveConfig.load(None, [f"judge.headers={small}"])

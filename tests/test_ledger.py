@@ -231,8 +231,11 @@ def test_schema_version_and_reopen(tmp_path):
         assert ledger.record(rid).prompt == "a red circle"
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(UserError, match="schema version 99"):
-        Ledger(tmp_path / "run")
+    before = (tmp_path / "run" / "ledger.sqlite").read_bytes()
+    for read_only in (False, True):  # (said the same way by a command that reads it and one that writes it)
+        with pytest.raises(UserError, match="written by a newer t2i-evolve \\(ledger schema 99; .*upgrade t2i-evolve"):
+            Ledger(tmp_path / "run", read_only=read_only)
+    assert (tmp_path / "run" / "ledger.sqlite").read_bytes() == before
     with pytest.raises(UserError, match="no ledger"):
         Ledger(tmp_path / "elsewhere", create=False)
 

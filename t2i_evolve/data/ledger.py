@@ -247,6 +247,7 @@ class Ledger(CallCacheMixin):
             if version != SCHEMA_VERSION:
                 db.close()
                 raise UserError(f"{self.path} is empty, not a ledger yet" if version == 0 else
+                                _newer_schema(self.path, version) if version > SCHEMA_VERSION else
                                 f"{self.path} has schema version {version}; this t2i-evolve reads {SCHEMA_VERSION} "
                                 "(a command that writes the ledger, with write access, brings an older one up to date)")
             db.row_factory = sqlite3.Row
@@ -273,10 +274,7 @@ class Ledger(CallCacheMixin):
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise UserError(
-                    f"{self.path} has schema version {version}; this t2i-evolve reads up to "
-                    f"{SCHEMA_VERSION}, upgrade it"
-                )
+                raise UserError(_newer_schema(self.path, version))
             if version == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
@@ -551,6 +549,11 @@ def _dumps(value: Any) -> str | None:
     if hasattr(value, "to_json"):
         value = value.to_json()
     return json.dumps(value, ensure_ascii=False)
+
+
+def _newer_schema(path: Path, version: int) -> str:
+    return (f"{path} was written by a newer t2i-evolve (ledger schema {version}; this one reads up to {SCHEMA_VERSION}): "
+            "upgrade t2i-evolve to open it (pip install -U t2i-evolve); the file is left as it is")
 
 
 def damaged_ledger(error: BaseException) -> Path | None:
