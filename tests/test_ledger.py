@@ -359,6 +359,26 @@ def test_budget_stops_new_calls_but_not_cached_ones(ledger):
         ledger.cached_call("paid", {"q": 3}, lambda: {"ok": 1}, price=0.5, budget=by_price)
 
 
+def test_call_totals_sum_what_each_caller_sent_and_paid_by_round(ledger):
+    """Summed in SQLite (each planned chunk read every call of a run before): the same sums as the rows give."""
+    import itertools
+
+    flaky = itertools.cycle([TransientError("503"), None])
+
+    def answer_after_one_retry(requests):
+        return [next(flaky) or {"ok": 1} for _ in requests]
+
+    for round, (caller, price) in itertools.product((1, 2, None), (("a", 0.5), ("b", 0.25), ("judge", 0.0))):
+        ledger.cached_calls(caller, [{"q": round, "i": i} for i in range(3)], answer_after_one_retry, price=price,
+                            round=round, backoff_s=0)
+    for callers, before_round in ((["a"], None), (["a", "b"], None), (["a", "b"], 2), (["judge"], 3), (["none"], None)):
+        rows = [c for c in ledger.calls() if c.caller in callers
+                and (before_round is None or c.round is not None and c.round < before_round)]
+        sent, paid = ledger.call_totals(callers, before_round)
+        assert (sent, paid) == (sum(c.attempts for c in rows), pytest.approx(sum(c.price for c in rows)))
+    assert ledger.call_totals(["a"]) == (18, pytest.approx(9 * 0.5))  # 3 rounds x 3 calls, each sent twice, paid once
+
+
 def test_budget_survives_a_restart(tmp_path):
     with Ledger(tmp_path) as ledger:
         ledger.cached_call("api", {"q": 1}, lambda: {"ok": 1})

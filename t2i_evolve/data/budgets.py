@@ -28,25 +28,21 @@ class CallBudgets:
         self.max_teacher_calls, self.max_teacher_price = max_teacher_calls, max_teacher_price
         self.max_judge_calls, self.train_past_teacher_budget = max_judge_calls, train_past_teacher_budget
 
-    def _teacher_calls(self, before_round: int | None = None) -> list:
-        return [call for tid in self.teachers for call in self.ledger.calls(caller=tid)
-                if before_round is None or (call.round is not None and call.round < before_round)]
-
     def teacher_calls(self) -> int:
-        return sum(call.attempts for call in self._teacher_calls())
+        return self.ledger.call_totals(self.teachers)[0]
 
     def teacher_price(self) -> float:
-        return sum(call.price for call in self._teacher_calls())
+        return self.ledger.call_totals(self.teachers)[1]
 
     def judge_calls(self) -> int:
-        return sum(call.attempts for call in self.ledger.calls(caller=self.judge_id))
+        return self.ledger.call_totals([self.judge_id])[0]
 
     def teacher_budget_left(self, before_round: int | None = None) -> tuple[float, float]:
         """Calls and price left; `before_round`: as they stood when that round began (a rerun of the round
         after a crash sees what the first run saw, not what the round itself then spent)."""
-        calls = self._teacher_calls(before_round)
-        return (math.inf if self.max_teacher_calls is None else self.max_teacher_calls - sum(c.attempts for c in calls),
-                math.inf if self.max_teacher_price is None else self.max_teacher_price - sum(c.price for c in calls))
+        sent, price = self.ledger.call_totals(self.teachers, before_round)
+        return (math.inf if self.max_teacher_calls is None else self.max_teacher_calls - sent,
+                math.inf if self.max_teacher_price is None else self.max_teacher_price - price)
 
     def teacher_budget_spent(self, before_round: int | None = None) -> bool:
         """Whether not one more teacher call fits (a price left below every teacher's price buys nothing)."""
@@ -86,10 +82,13 @@ class CallBudgets:
     def _new_draws(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[list]:
         """Per draw, the teachers that have not drawn it yet (nor failed it for good): a tournament (`teacher_ids`
         None) asks every teacher, otherwise the one named."""
-        drawn = {(tid, call.request["prompt"], call.request["seed"]) for tid in self.teachers
-                 for call in self.ledger.calls(caller=tid) if call.settled}
-        return [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
-                 if (tid, prompt, seed) not in drawn] for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
+        settled = set()  # (teacher, index) of the draws it has an outcome of
+        for tid, teacher in self.teachers.items():
+            asked = [i for i in range(len(prompts)) if teacher_ids is None or teacher_ids[i] == tid]
+            outcomes = teacher.settled([prompts[i] for i in asked], [seeds[i] for i in asked])
+            settled.update((tid, i) for i, done in zip(asked, outcomes) if done)
+        return [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]]) if (tid, i) not in settled]
+                for i in range(len(prompts))]
 
     def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1, reserve: int = 0) -> int:
         """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may
@@ -99,8 +98,7 @@ class CallBudgets:
         round after a crash judges the same records."""
         if self.max_judge_calls is None or n == 0:  # (nothing to judge: a spent budget does not stop the round)
             return n
-        left = self.max_judge_calls - reserve - sum(call.attempts for call in self.ledger.calls(caller=self.judge_id)
-                                                    if call.round is not None and call.round < round)
+        left = self.max_judge_calls - reserve - self.ledger.call_totals([self.judge_id], before_round=round)[0]
         if left < calls_each:
             raise BudgetExhausted(f"judge budget spent: {self.judge_calls()} of {self.max_judge_calls} calls"
                                   + (f" (a judged record may need {calls_each})" if calls_each > 1 else ""))
