@@ -137,6 +137,8 @@ def _remote_score(image, prompt: str, endpoint: str, model: Optional[str], api_k
     from .judges import OpenAIJudge, OpenAIJudgeConfig
     from .judges.openai_judge import image_score
 
+    if not endpoint.strip():
+        raise UserError("--endpoint is empty: name a URL like http://127.0.0.1:8000/v1 (leave it out: the pixel judge)")
     if model is None:
         raise UserError("--model is required with --endpoint")
     if problem := base_url_problem(endpoint):
@@ -175,11 +177,14 @@ def serve_judge(
 
     from .judges.server import Fault, JudgeServer, JudgeServerConfig
 
-    if unknown := [f for f in faults.split(",") if f.strip() and f.strip() not in get_args(Fault)]:
-        raise UserError(f"--faults: unknown fault {unknown[0].strip()!r}; choose from {', '.join(get_args(Fault))}")
+    named = [f.strip() for f in faults.split(",") if f.strip()]
+    if unknown := [f for f in named if f not in get_args(Fault)]:
+        raise UserError(f"--faults: unknown fault {unknown[0]!r}; choose from {', '.join(get_args(Fault))}")
+    if not named:
+        raise UserError(f"--faults is empty: name one or more of {', '.join(get_args(Fault))}")
     config = JudgeServerConfig.from_dict(
         {"host": host, "port": port, "error_rate": error_rate, "fault_rate": fault_rate, "latency_s": latency,
-         "faults": [f.strip() for f in faults.split(",") if f.strip()], "hang_s": hang, "seed": seed},
+         "faults": named, "hang_s": hang, "seed": seed},
         source="serve-judge flags")
     try:
         server = JudgeServer(config)
@@ -297,13 +302,15 @@ def _check_train_output(config: Path, cfg) -> None:
 
     out = Path(cfg.output_dir).resolve()
     for field in ("data", "model"):
-        source = Path(getattr(cfg, field)).resolve()
-        if source == out or out.is_relative_to(source):
+        source = Path(getattr(cfg, field)).resolve()  # (a folder inside the data's run folder writes over nothing)
+        if source == out or field == "model" and out.is_relative_to(source):
             raise UserError(f"{config}: output_dir {cfg.output_dir} is in the {field} folder ({getattr(cfg, field)}): "
                             "name a folder of its own")
         if any(source.is_relative_to(out / name) for name in ("model", "checkpoints")):
             raise UserError(f"{config}: the {field} folder ({getattr(cfg, field)}) is where training writes "
                             f"{source.relative_to(out).parts[0]}/ in output_dir {cfg.output_dir}: name another output_dir")
+    if isinstance(config, Path) and config.resolve() == out / "config.yaml":  # the user's own, kept in output_dir
+        return  # (train saves it as it read it, with the command line's KEY=VALUE, as always)
     try:
         check_run_folder(cfg.output_dir, "train")  # (its own: a resume)
     except UserError as e:
@@ -508,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         where = e.ctx.command_path if e.ctx else "t2i-evolve"
         sys.stderr.write(f"error: {e.format_message().splitlines()[0].rstrip('.')} (see `{where} --help`)\n")
         return e.exit_code
+    except typer.Abort as e:  # typer's answer to an EOFError (torch.load of an empty file: "Ran out of input")
+        cause = e.__cause__
+        sys.stderr.write(f"error: {cause or 'aborted'}{f' ({type(cause).__name__})' if cause else ''}\n")
+        return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (UserError, ValidationError) as e:

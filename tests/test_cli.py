@@ -197,8 +197,8 @@ def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_d
     (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
     (mine / "config.yaml").write_text("lr: 0.1\n")
     for output_dir, message in [(tmp_path / "data", "is in the data folder"),
-                                (tmp_path / "data" / "out", "is in the data folder"),
                                 (tiny_dir, "is in the model folder"),
+                                (tiny_dir / "out", "is in the model folder"),
                                 (tiny_dir.parent, f"is where training writes {tiny_dir.name}/ in output_dir"),
                                 (tmp_path / "evolve-run", "is an evolve run's folder: choose a new output folder"),
                                 (mine, "holds config.yaml, metrics.jsonl that no train run made")]:
@@ -208,7 +208,12 @@ def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_d
     assert sorted(p.name for p in (tmp_path / "evolve-run").iterdir()) == ["evolve.yaml"]
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "metrics.jsonl"]
     assert (mine / "metrics.jsonl").read_text() == '{"mine": 1}\n' and (mine / "config.yaml").read_text() == "lr: 0.1\n"
-    assert not (tmp_path / "data" / "out").exists()
+    assert not (tiny_dir / "out").exists()
+    own = tmp_path / "own"  # a user's train config kept in its output folder, without the `steps` a saved one has
+    own.mkdir()
+    (own / "config.yaml").write_text(f"model: {tiny_dir}\ndata: {tmp_path / 'data'}\noutput_dir: {own}\nbatch_size: 1\n")
+    code, _, err = run(capsys, "train", "--config", str(own / "config.yaml"), "steps=1")
+    assert code == 0 and (own / "model" / "model_index.json").is_file(), err
 
 
 def test_evolve_and_demo_write_over_no_file_of_the_users(tmp_path, capsys):
@@ -220,6 +225,18 @@ def test_evolve_and_demo_write_over_no_file_of_the_users(tmp_path, capsys):
         code, _, err = run(capsys, command, "--out", str(folder))
         assert code == 2 and f"holds {taken} that no {command} run made" in err and err.count("\n") == 1, err
         assert [p.name for p in folder.iterdir()] == [taken] and (folder / taken).read_text() == "the user's own\n"
+
+
+def test_an_end_of_input_deep_in_a_library_is_one_line(tmp_path, capsys, monkeypatch):
+    """typer turns an EOFError (torch.load of an empty file: "Ran out of input") into its Abort: a traceback here."""
+    import t2i_evolve.world
+
+    def cut_short(resolution):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(t2i_evolve.world, "default_gallery", cut_short)
+    code, out, err = run(capsys, "world", "render", PROMPT, "--out", str(tmp_path / "x.png"))
+    assert (code, out, err.lstrip("\n")) == (1, "", "error: Ran out of input (EOFError)\n")  # (after typer's newline)
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(tmp_path, capsys, monkeypatch):

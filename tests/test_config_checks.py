@@ -268,7 +268,8 @@ def test_an_image_past_pils_size_limit_is_one_line(tmp_path, capsys):
      "--retries", "100000000000000"],
     ["demo", "train_images=100000000000000"], ["evolve", "seed_prompts=100000000000000"],
     ["evolve", "tiny_model.layers_per_block=100000"], ["evolve", "judge.votes=100000"], ["train", "--bogus"],
-    ["ledger", "history", "run"], ["bogus"], ["serve-judge", "--faults", "429,bogus"], ["serve-judge", "--host", " "],
+    ["ledger", "history", "run"], ["bogus"], ["serve-judge", "--faults", "429,bogus"], ["serve-judge", "--faults", " "],
+    ["serve-judge", "--host", " "],
 ])
 def test_a_number_past_any_real_use_or_a_bad_flag_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, args):
     """A typo'd count sat for hours building a list (or retrying a dead endpoint) with nothing shown; a bad flag
@@ -296,7 +297,7 @@ def test_an_empty_folder_argument_is_refused_not_read_as_this_folder(tmp_path, c
 def test_an_empty_judge_endpoint_is_an_error_not_the_pixel_judge(tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     assert main(["judge", str(tmp_path / "x.png"), "--prompt", "a red circle", "--endpoint", "", "--model", "m"]) == 2
-    assert "bad --endpoint" in capsys.readouterr().err
+    assert "--endpoint is empty" in capsys.readouterr().err
 
 
 def test_yaml_aliases_that_expand_past_any_real_config_are_one_line(tmp_path):

@@ -148,6 +148,17 @@ def test_a_ledger_damaged_past_its_header_is_one_line_naming_it(tiny_dir, tmp_pa
         assert not (tmp_path / "exported").exists() and not (tmp_path / "trained").exists()
 
 
+def test_an_unreadable_reply_is_not_taken_for_a_damaged_ledger(tmp_path):
+    """A JSON error raised by a teacher or judge the ledger was calling is the reply's, not the ledger file's."""
+    from t2i_evolve.data.ledger import damaged_ledger
+
+    with Ledger(tmp_path / "run") as ledger:
+        with pytest.raises(json.JSONDecodeError) as raised:
+            ledger.cached_call("judge", {"q": 1}, lambda: json.loads("{not json"))
+        assert damaged_ledger(raised.value) is None
+        assert ledger.calls()[0].status == "failed"  # (the ledger itself reads on)
+
+
 def test_an_sqlite_file_of_another_program_is_refused_untouched(tmp_path):
     path = tmp_path / "other" / "ledger.sqlite"
     path.parent.mkdir()

@@ -115,7 +115,7 @@ def _is_train_config(path: Path) -> bool:
         if path.stat().st_size > 1_000_000:
             return False
         fields = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return False
     return isinstance(fields, dict) and {"model", "output_dir", "steps"} <= fields.keys()
 

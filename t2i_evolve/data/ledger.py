@@ -553,7 +553,7 @@ def _dumps(value: Any) -> str | None:
 
 def _newer_schema(path: Path, version: int) -> str:
     return (f"{path} was written by a newer t2i-evolve (ledger schema {version}; this one reads up to {SCHEMA_VERSION}): "
-            "upgrade t2i-evolve to open it (pip install -U t2i-evolve); the file is left as it is")
+            "upgrade t2i-evolve to open it (git pull in its checkout, or pip install -U t2i-evolve); the file is left as it is")
 
 
 def damaged_ledger(error: BaseException) -> Path | None:
@@ -565,11 +565,11 @@ def damaged_ledger(error: BaseException) -> Path | None:
         and not isinstance(error, (sqlite3.OperationalError, sqlite3.IntegrityError, sqlite3.ProgrammingError))
     if not damaged or is_disk_full(error):
         return None
-    path, tb = None, error.__traceback__
-    while tb is not None:
+    path, sending, tb = None, False, error.__traceback__
+    while tb is not None:  # (the innermost Ledger method: one reading its file, or `_send`, calling a teacher or judge)
         if isinstance(owner := tb.tb_frame.f_locals.get("self"), Ledger):
-            path = owner.path
+            path, sending = owner.path, tb.tb_frame.f_code.co_name == "_send"
         tb = tb.tb_next
-    if path is None and isinstance(error, json.JSONDecodeError):  # not a ledger's row: some other file, or a bug
+    if sending or path is None and isinstance(error, json.JSONDecodeError):  # not a ledger's row: a reply, a bug
         return None
     return path or Path("ledger.sqlite")

@@ -25,7 +25,8 @@ def _read_size(image: Image.Image) -> Image.Image:
     scale = max(READ_SIDE / max(image.size), MIN_IMAGE_SIDE / min(image.size))  # (a long strip: still readable)
     if scale >= 1:
         return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BOX)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.convert("RGB").resize(size, Image.BOX)  # (a palette image would be resized by nearest pixel)
 
 
 class PixelJudge:
