@@ -17,7 +17,7 @@ import pytest
 from t2i_evolve.cli import main
 from t2i_evolve.data import Ledger
 from t2i_evolve.data import cache as call_cache
-from t2i_evolve.data.cache import CachedGenerator
+from t2i_evolve.data.cached import CachedGenerator
 from t2i_evolve.errors import DiskFull, is_disk_full
 from t2i_evolve.eval.report import read_jsonl
 from t2i_evolve.train import TrainConfig, Trainer, TrainingSet

@@ -206,6 +206,7 @@ def test_a_version_1_ledger_is_brought_up_to_date_and_keeps_what_it_meant(tmp_pa
     failures are asked again; the others stay the answer a rerun gets."""
     with Ledger(tmp_path) as ledger:
         ledger.cached_call("api", {"q": 0}, lambda: {"ok": 0})
+    as_version_2(tmp_path)
     db = sqlite3.connect(tmp_path / "ledger.sqlite")
     db.execute("ALTER TABLE calls DROP COLUMN ask_again")  # as version 1 wrote it
     for q, error in ((1, "TransientError: busy; not retried: the budget is spent"), (2, "RequestRefused: HTTP 400")):
@@ -218,14 +219,23 @@ def test_a_version_1_ledger_is_brought_up_to_date_and_keeps_what_it_meant(tmp_pa
         assert [(call.request["q"], call.settled) for call in ledger.calls()] == [(0, True), (1, False), (2, True)]
         assert ledger.cached_call("api", {"q": 1}, lambda: {"ok": 1}, backoff_s=0) == {"ok": 1}
         assert ledger.cached_call("api", {"q": 2}, lambda: {"ok": 2}, backoff_s=0) is None  # refused: final
-    assert sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def as_version_2(folder) -> None:
+    """Take from a ledger what version 3 added: each caller's totals (a table kept by triggers), an index of ops."""
+    with sqlite3.connect(folder / "ledger.sqlite") as db:
+        for statement in ("DROP TRIGGER calls_added", "DROP TRIGGER calls_changed", "DROP TRIGGER calls_removed",
+                          "DROP TABLE call_totals", "DROP INDEX ops_record", "PRAGMA user_version = 2"):
+            db.execute(statement)
+    db.close()
 
 
 def test_schema_version_and_reopen(tmp_path):
     with Ledger(tmp_path / "run") as ledger:
         rid = ledger.add_record(prompt="a red circle", generator="teacher")
     db = sqlite3.connect(tmp_path / "run" / "ledger.sqlite")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with Ledger(tmp_path / "run") as ledger:
         assert ledger.record(rid).prompt == "a red circle"
@@ -377,6 +387,29 @@ def test_call_totals_sum_what_each_caller_sent_and_paid_by_round(ledger):
         sent, paid = ledger.call_totals(callers, before_round)
         assert (sent, paid) == (sum(c.attempts for c in rows), pytest.approx(sum(c.price for c in rows)))
     assert ledger.call_totals(["a"]) == (18, pytest.approx(9 * 0.5))  # 3 rounds x 3 calls, each sent twice, paid once
+
+
+def test_a_version_2_ledger_is_read_as_it_is_and_brought_up_to_date_by_a_writer(tmp_path):
+    """Version 3 keeps each caller's totals in a table (triggers on `calls`): a run's budget check read every call of
+    its caller before each batch. A version-2 ledger is read by `ledger stats` untouched, and gets the table, with
+    the totals of the calls it holds, when a command that writes opens it."""
+    with Ledger(tmp_path) as ledger:
+        for q in range(3):
+            ledger.cached_call("api", {"q": q}, lambda: {"ok": 1}, price=0.25)
+    as_version_2(tmp_path)
+    before = (tmp_path / "ledger.sqlite").read_bytes()
+    with Ledger(tmp_path, read_only=True) as ledger:
+        assert ledger.call_totals(["api"]) == (3, 0.75) and ledger.stats()["records"]["total"] == 0
+    assert (tmp_path / "ledger.sqlite").read_bytes() == before
+    with Ledger(tmp_path) as ledger:
+        assert ledger.call_totals(["api"]) == (3, 0.75)
+        ledger.cached_call("api", {"q": 3}, lambda: {"ok": 1}, price=0.25)
+        with pytest.raises(BudgetExhausted, match="4 calls sent, price 1"):
+            ledger.cached_call("api", {"q": 4}, lambda: {"ok": 1}, budget=CallBudget(max_price=1.0), price=0.25)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("SELECT attempts, price FROM call_totals").fetchall() == [(4, 1.0)]
+    db.close()
 
 
 def test_budget_survives_a_restart(tmp_path):

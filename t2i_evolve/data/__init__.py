@@ -1,7 +1,8 @@
 """The data of a run: the dataset ledger, the call cache, and Hugging Face imagefolder import/export."""
 
 from .budgets import CallBudgets
-from .cache import CachedGenerator, CachedJudge, Call, CallBudget
+from .cache import Call, CallBudget
+from .cached import CachedGenerator, CachedJudge
 from .claim import check_run_folder, claim_run_folder, describe_owner, folder_owner, release_run_folder
 from .imagefolder import export_imagefolder, import_imagefolder
 from .ledger import Ledger, Op, Record

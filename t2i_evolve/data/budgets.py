@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 from ..errors import BudgetExhausted, UserError
 
 if TYPE_CHECKING:
-    from .cache import CachedGenerator
+    from .cached import CachedGenerator
     from .ledger import Ledger
 
 

@@ -15,8 +15,8 @@ paid twice is at most `Ledger.interrupted_calls()` (one per crash for sequential
 crash for batched ones). Exactly-once is not possible against an external API that has no idempotency
 key; this is the honest bound.
 
-`CachedGenerator` and `CachedJudge` wrap a `Generator` or `Judge` with this cache, so a recipe that
-is rerun after a crash, or with more rounds, only pays for what it has not received yet.
+`CachedGenerator` and `CachedJudge` (cached.py) wrap a `Generator` or `Judge` with this cache, so a recipe
+that is rerun after a crash, or with more rounds, only pays for what it has not received yet.
 """
 
 from __future__ import annotations
@@ -33,19 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import BudgetExhausted, DiskFull, RequestRefused, TransientError
-from ..protocols import Answer, Comparison, Generator, ImageScore, Judge, Question
-
-if TYPE_CHECKING:
-    from .ledger import Ledger
 
 
 class CallBudget(BaseModel):
@@ -231,13 +227,16 @@ class CallCacheMixin:
             return db.execute("SELECT count(*) FROM calls").fetchone()[0]
 
     def call_totals(self, callers: Iterable[str], before_round: int | None = None) -> tuple[int, float]:
-        """Requests sent (`attempts`) and price paid by `callers`, all rounds' or those before `before_round`: summed
-        by SQLite (a 100,000-call run read every row, each chunk it planned: 3.5 s a chunk; benchmarks/RESULTS.md)."""
+        """Requests sent (`attempts`) and price paid by `callers`, in all rounds or those before `before_round`: all
+        rounds' from the totals SQLite keeps as calls change (`_totals`), a round's summed over its calls (a
+        100,000-call run read every row for each chunk it planned, 4 s a chunk; benchmarks/RESULTS.md)."""
         callers = list(callers)
-        where = f"caller IN ({', '.join('?' * len(callers))})" + ("" if before_round is None else " AND round < ?")
         with self._read() as db:
-            sent, price = db.execute(f"SELECT SUM(attempts), SUM(price) FROM calls WHERE {where}",
-                                     [*callers, *([] if before_round is None else [before_round])]).fetchone()
+            if before_round is None:
+                return _totals(db, callers)
+            sent, price = db.execute(f"SELECT sum(attempts), sum(price) FROM calls WHERE caller IN "
+                                     f"({', '.join('?' * len(callers))}) AND round < ?", [*callers, before_round]
+                                     ).fetchone()
         return int(sent or 0), float(price or 0.0)
 
     def calls(self, *, caller: str | None = None, status: str | None = None) -> list[Call]:
@@ -403,15 +402,22 @@ def _mark_failed(db: sqlite3.Connection, errors: dict[str, str], ask_again: bool
                    [(error, ask_again, utc_now(), key) for key, error in errors.items()])
 
 
+def _totals(db: sqlite3.Connection, callers: Sequence[str]) -> tuple[int, float]:
+    """Requests sent and price paid by `callers`: the table a ledger of schema 3 keeps (triggers on `calls`), else
+    (a version-2 ledger read as it is) summed over the calls."""
+    table = "call_totals" if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'call_totals'").fetchone() else "calls"
+    sent, price = db.execute(f"SELECT sum(attempts), sum(price) FROM {table} WHERE caller IN "
+                             f"({', '.join('?' * len(callers))})", list(callers)).fetchone()
+    return int(sent or 0), float(price or 0.0)
+
+
 def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:
     """How many calls `terms.caller` may still send; raises `BudgetExhausted` if fewer than `need`."""
     budget = terms.budget
-    if budget is None:
+    if budget is None or budget.max_calls is None and budget.max_price is None:
         return sys.maxsize
     callers = budget.callers or (terms.caller,)
-    query = ("SELECT coalesce(sum(attempts), 0), coalesce(sum(price), 0) FROM calls "
-             f"WHERE caller IN ({', '.join('?' * len(callers))})")
-    calls, spent = db.execute(query, callers).fetchone()
+    calls, spent = _totals(db, callers)
     n = budget.allowance(calls, spent, terms.price)
     if n < need:
         raise BudgetExhausted(
@@ -419,142 +425,6 @@ def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:
             f"(max_calls={budget.max_calls}, max_price={budget.max_price})"
         )
     return n
-
-
-class CachedGenerator:
-    """A `Generator` whose images are cached in the ledger: each (prompt, seed) is paid for once.
-
-    The cache key is (generator id, prompt, seed), so the wrapped generator's `id` must change when a
-    setting that changes its images does (model, steps, size). Misses are sent in chunks of
-    `batch_size` (GPU models want batches), images are stored with `Ledger.put_image`, and the
-    response recorded is `{"image": path}`. `generate` returns None where a call failed after retries;
-    `round` (settable) tags new calls for `ledger stats`.
-    """
-
-    def __init__(
-        self,
-        generator: Generator,
-        ledger: Ledger,
-        *,
-        batch_size: int = 16,
-        retries: int = 4,
-        backoff_s: float = 0.5,
-        budget: CallBudget | None = None,
-        round: int | None = None,
-    ):
-        self.generator = generator
-        self.ledger = ledger
-        self.id = generator.id
-        self.batch_size = batch_size
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.budget = budget
-        self.round = round
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, reserve: int = 0) -> list[Image.Image | None]:
-        """`reserve`: calls the caller will send next under the same budget (another teacher's draws of these
-        prompts), which this batch's retries must leave room for."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        responses = self.ledger.cached_calls(
-            self.id, [{"prompt": prompt, "seed": int(seed)} for prompt, seed in zip(prompts, seeds)], self._generate,
-            price=getattr(self.generator, "price_per_call", 0.0), round=self.round, retries=self.retries,
-            backoff_s=self.backoff_s, batch_size=self.batch_size, budget=self.budget, reserve=reserve,
-        )
-        return [None if r is None else self.ledger.load_image(r["image"]) for r in responses]
-
-    def settled(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bool]:
-        """Which of these draws have an outcome in the ledger (an image, or a failure for good): drawing them
-        again sends nothing and costs nothing."""
-        keys = [content_key([self.id, {"prompt": prompt, "seed": int(seed)}]) for prompt, seed in zip(prompts, seeds)]
-        settled = self.ledger._settled_responses(keys)
-        return [key in settled for key in keys]
-
-    def _generate(self, requests: list[dict]) -> list[dict | Exception | None]:
-        """The stored images; where the generator can say why an item failed (`outcomes`, as the images endpoint
-        can), that reason, so a request the server refused is not resent."""
-        prompts, seeds = [r["prompt"] for r in requests], [r["seed"] for r in requests]
-        outcomes = getattr(self.generator, "outcomes", None)
-        images = outcomes(prompts, seeds) if callable(outcomes) else self.generator.generate(prompts, seeds)
-        return [image if image is None or isinstance(image, Exception) else {"image": self.ledger.put_image(image)}
-                for image in images]
-
-
-class CachedJudge:
-    """A `Judge` whose verdicts are cached in the ledger: the same question about the same image is
-    asked once.
-
-    The key is (judge id, method, prompt, sha256 of each image's PNG bytes, the questions' text), so
-    the image part is the image's content address in the ledger. Each method returns None where the
-    judge failed after retries; callers skip that datum.
-    """
-
-    def __init__(
-        self,
-        judge: Judge,
-        ledger: Ledger,
-        *,
-        retries: int = 4,
-        backoff_s: float = 0.5,
-        budget: CallBudget | None = None,
-        round: int | None = None,
-    ):
-        self.judge = judge
-        self.ledger = ledger
-        self.id = judge.id
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.budget = budget
-        self.round = round
-
-    def answer(self, image: Image.Image, prompt: str, questions: Sequence[Question]) -> list[bool] | None:
-        response = self._cached(
-            "answer", prompt, [image], questions,
-            lambda: {"answers": [bool(a) for a in self.judge.answer(image, prompt, questions)]},
-        )
-        return None if response is None else response["answers"]
-
-    def score(self, image: Image.Image, prompt: str) -> ImageScore | None:
-        response = self._cached(
-            "score", prompt, [image], (), lambda: self.judge.score(image, prompt).to_json()
-        )
-        return None if response is None else image_score_from_json(response)
-
-    def compare(self, image_a: Image.Image, image_b: Image.Image, prompt: str) -> Comparison | None:
-        response = self._cached(
-            "compare", prompt, [image_a, image_b], (),
-            lambda: asdict(self.judge.compare(image_a, image_b, prompt)),
-        )
-        return None if response is None else Comparison(**response)
-
-    def _cached(
-        self,
-        method: str,
-        prompt: str,
-        images: list[Image.Image],
-        questions: Sequence[Question],
-        call: Callable[[], dict],
-    ) -> dict | None:
-        request = {
-            "method": method,
-            "prompt": prompt,
-            "images": [encode_png(image)[1] for image in images],
-            "questions": [q.text for q in questions],
-        }
-        return self.ledger.cached_call(
-            self.id, request, call,
-            price=getattr(self.judge, "price_per_call", 0.0), round=self.round,
-            retries=self.retries, backoff_s=self.backoff_s, budget=self.budget,
-        )
-
-
-def image_score_from_json(data: dict) -> ImageScore:
-    """The inverse of `ImageScore.to_json` (a question's structured `check` is not kept)."""
-    answers = tuple(
-        Answer(Question(a["question"], a["skill"], tuple(a.get("parents", ()))), a["answer"])
-        for a in data["answers"]
-    )
-    return ImageScore(data["score"], answers)
 
 
 def encode_png(image: Image.Image) -> tuple[bytes, str]:
