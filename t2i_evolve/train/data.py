@@ -33,8 +33,6 @@ class ImageFiles:
     set joined with one held in memory). Indexed with a tensor of indices, like the uint8 (N, 3, H, W) tensor
     it stands for; a batch's files are decoded in threads (Pillow decodes without the GIL)."""
 
-    _pool: ThreadPoolExecutor | None = None
-
     def __init__(self, items: list, size: tuple[int, int]):
         self.items, self.size = items, size  # size: (H, W), every image's
 
@@ -42,9 +40,7 @@ class ImageFiles:
         return len(self.items)
 
     def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
-        if ImageFiles._pool is None:
-            ImageFiles._pool = ThreadPoolExecutor(8, thread_name_prefix="t2i-evolve-images")
-        return torch.stack(list(ImageFiles._pool.map(self._read, [self.items[i] for i in indices.tolist()])))
+        return torch.stack(list(decoding_pool().map(self._read, [self.items[i] for i in indices.tolist()])))
 
     def _read(self, item) -> torch.Tensor:
         if isinstance(item, torch.Tensor):
@@ -54,6 +50,12 @@ class ImageFiles:
             raise UserError(f"training image {item} is {image.width}x{image.height} now, not "
                             f"{self.size[1]}x{self.size[0]} as when training began")
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+@lru_cache(maxsize=1)
+def decoding_pool() -> ThreadPoolExecutor:
+    """Threads that decode image files (Pillow decodes without the GIL), one pool a process."""
+    return ThreadPoolExecutor(8, thread_name_prefix="t2i-evolve-images")
 
 
 def joined_images(a: torch.Tensor | ImageFiles, b: torch.Tensor | ImageFiles) -> torch.Tensor | ImageFiles:
@@ -101,9 +103,11 @@ class TrainingSet:
 
     @classmethod
     def from_images(cls, prompts: Sequence[str], images: Sequence[Image.Image]) -> "TrainingSet":
-        _one_size(prompts, [image.size for image in images])
-        array = np.stack([np.asarray(image.convert("RGB"), dtype=np.uint8) for image in images])
-        return cls(list(prompts), torch.from_numpy(array).permute(0, 3, 1, 2).contiguous())
+        width, height = _one_size(prompts, [image.size for image in images]) if images else (0, 0)
+        held = np.empty((len(images), 3, height, width), dtype=np.uint8)  # (filled in place: no list of arrays)
+        for i, image in enumerate(images):
+            held[i] = np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        return cls(list(prompts), torch.from_numpy(held))
 
     @classmethod
     def from_files(cls, prompts: Sequence[str], paths: Sequence[str | Path],
@@ -114,10 +118,18 @@ class TrainingSet:
         if not paths:
             return cls(list(prompts), torch.empty(0, 3, 0, 0, dtype=torch.uint8))  # (says the set is empty)
         width, height = image_size(paths[0], "training image")
-        if len(paths) * 3 * width * height <= max_memory_gb * 2**30:
-            return cls.from_images(prompts, [load_image(path) for path in paths])
-        width, height = _one_size(prompts, [image_size(path, "training image") for path in paths])
-        return cls(list(prompts), ImageFiles(list(paths), (height, width)))
+        if len(paths) * 3 * width * height > max_memory_gb * 2**30:
+            width, height = _one_size(prompts, [image_size(path, "training image") for path in paths])
+            return cls(list(prompts), ImageFiles(list(paths), (height, width)))
+        # Decoded into one array, image by image: holding the decoded images, their arrays and a stacked copy at once
+        # peaked at 5.7x the set's size (benchmarks/RESULTS.md, 48th session); now the array the tensor shares, 1x.
+        held = np.empty((len(paths), 3, height, width), dtype=np.uint8)
+        for i, path in enumerate(paths):
+            image = load_image(path)
+            if image.size != (width, height):  # one line naming the odd sizes, each with a prompt
+                _one_size(prompts, [image_size(path, "training image") for path in paths])
+            held[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+        return cls(list(prompts), torch.from_numpy(held))
 
     @classmethod
     def from_generator(cls, generator, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> "TrainingSet":
