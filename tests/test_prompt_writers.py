@@ -402,3 +402,32 @@ def test_the_api_key_never_leaks(server, api_key, tmp_path, caplog, capfd):
         assert api_key not in text
     assert api_key.encode() not in ledger_bytes
     assert b"401" in ledger_bytes  # the refused call is in the ledger, without the key
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.7, 1.0])
+def test_the_token_index_keeps_exactly_what_scoring_every_pool_prompt_keeps(threshold):
+    """`Deduper` scores only the pool prompts that share enough tokens to pass (a bound on ROUGE-L): what it keeps,
+    checking against a pool and growing its own, is what scoring every pair keeps."""
+    import random
+
+    from t2i_evolve.prompts.dedup import _scorer, normalize
+
+    words = "a the red blue big small circle square star left right above below of and two three cat on".split()
+    rng = random.Random(threshold)
+    made = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 10))) for _ in range(150)]
+    prompts = made + [p + " dog" for p in made[:30]] + made[:10] + ["!!", ""]
+    kept_by_pairs: list[str] = []
+
+    def new_by_pairs(prompt: str) -> bool:
+        if not prompt.strip() or normalize(prompt) in {normalize(p) for p in kept_by_pairs}:
+            return False
+        return threshold >= 1.0 or all(_scorer().score(p, prompt)["rougeL"].fmeasure <= threshold
+                                       for p in kept_by_pairs)
+
+    expected = []
+    for prompt in prompts:
+        expected.append(new_by_pairs(prompt))
+        kept_by_pairs += [prompt] if expected[-1] else []
+    deduper = Deduper(threshold=threshold)
+    assert [deduper.add(prompt) for prompt in prompts] == expected
+    assert 0 < sum(expected) < len(prompts) or threshold == 0.0

@@ -123,6 +123,7 @@ class OpenAIPromptWriter:
         self.failed_requests = 0
         self.rejected = 0
         self._client = None
+        self._known: tuple[list[str], Deduper] | None = None  # (`_known_prompts`)
 
     # -- the PromptWriter protocol -------------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class OpenAIPromptWriter:
             {"role": "system", "content": self.templates["system"].substitute().strip()},
             {"role": "user", "content": self.templates[kind].substitute(k=k, **fields).strip()},
         ]
-        deduper = Deduper([*pool, *self.seed_prompts, *self.accepted], self.config.dedup_threshold)
+        known, fresh = self._known_prompts(), Deduper(pool, self.config.dedup_threshold)
         for attempt in range(self.config.max_reasks + 1):
             reply = self._ask(self._request(messages, reask_seed(seed, attempt)))
             if reply is None:
@@ -195,10 +196,19 @@ class OpenAIPromptWriter:
                 self.unparsed_replies += 1
                 log.warning("%s: a %s reply held no JSON list of prompts (attempt %d)", self.id, kind, attempt + 1)
                 continue
-            kept = [p for p in prompts if self._acceptable(p) and deduper.add(p)][:k]
+            kept = [p for p in prompts if self._acceptable(p) and known.is_new(p) and fresh.add(p)][:k]
+            for prompt in kept:
+                known.add(prompt)
             self.accepted += kept
             return kept
         return []
+
+    def _known_prompts(self) -> Deduper:
+        """The seed prompts and every earlier output, indexed once and grown as outputs are kept (built anew each
+        request, a pool of 91,000 cost seconds a request); made again when `accepted` is replaced (`prime_writer`)."""
+        if self._known is None or self._known[0] is not self.accepted:
+            self._known = (self.accepted, Deduper([*self.seed_prompts, *self.accepted], self.config.dedup_threshold))
+        return self._known[1]
 
     def _request(self, messages: list[dict], seed: int) -> dict:
         """The chat completion arguments: also the cache key, so everything that shapes a reply is in it."""
