@@ -679,3 +679,17 @@ def test_import_names_a_missing_prompt_column(ledger, tmp_path, row, column, mes
     write_folder(tmp_path / "src", [row])
     with pytest.raises(UserError, match=message):
         import_imagefolder(ledger, tmp_path / "src", prompt_column=column)
+
+
+def test_prompts_are_those_of_the_records_by_round_and_op(ledger):
+    """What a round reads of every record (the prompts drawn before, the writer's earlier outputs), without
+    decoding each record: the same prompts, in the same order, as filtering `records`."""
+    for round, op in [(0, "seed"), (0, "seed"), (1, "expand"), (1, "mutate"), (2, "expand"), (2, "seed"), (3, "mutate")]:
+        rid = ledger.add_record(prompt=f"a red circle {round} {op} {ledger.count(None)}", generator="t", round=round, op=op)
+        if round == 1:
+            ledger.delete_record(rid, round=2)
+    everything = ledger.records(None)
+    for since, before, ops in [(None, None, None), (None, 2, None), (2, None, ["expand"]), (1, 3, ["expand", "mutate"])]:
+        expected = [r.prompt for r in everything if (since is None or r.round >= since)
+                    and (before is None or r.round < before) and (ops is None or r.op in ops)]
+        assert ledger.prompts(since_round=since, before_round=before, ops=ops) == expected and expected

@@ -405,7 +405,8 @@ def _mark_failed(db: sqlite3.Connection, errors: dict[str, str], ask_again: bool
 def _totals(db: sqlite3.Connection, callers: Sequence[str]) -> tuple[int, float]:
     """Requests sent and price paid by `callers`: the table a ledger of schema 3 keeps (triggers on `calls`), else
     (a version-2 ledger read as it is) summed over the calls."""
-    table = "call_totals" if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'call_totals'").fetchone() else "calls"
+    kept = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'call_totals'").fetchone()
+    table = "call_totals" if kept else "calls"
     sent, price = db.execute(f"SELECT sum(attempts), sum(price) FROM {table} WHERE caller IN "
                              f"({', '.join('?' * len(callers))})", list(callers)).fetchone()
     return int(sent or 0), float(price or 0.0)

@@ -34,81 +34,7 @@ from ..errors import UserError, is_disk_full
 from ..files import write_atomically
 from .cache import CallCacheMixin, content_key, encode_png, from_json, is_text, utc_now, where_clause
 from .history import describe_result
-
-SCHEMA_VERSION = 3
-OLDEST_READABLE = 2  # (a read-only command reads a version-2 ledger as it is: what 3 adds only speeds up writing)
-
-_SCHEMA = """
-CREATE TABLE records (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    prompt TEXT NOT NULL,
-    spec TEXT,
-    skills TEXT NOT NULL,
-    image_path TEXT,
-    generator TEXT NOT NULL,
-    seed INTEGER,
-    status TEXT NOT NULL CHECK (status IN ('active', 'deleted')),
-    round INTEGER NOT NULL,
-    op TEXT NOT NULL,
-    parent INTEGER REFERENCES records(id),
-    reason TEXT,
-    judge TEXT,
-    deleted_round INTEGER,
-    deleted_op TEXT,
-    deleted_reason TEXT,
-    created_at TEXT NOT NULL
-);
-CREATE INDEX records_round ON records(round);
-CREATE TABLE ops (
-    id INTEGER PRIMARY KEY,
-    round INTEGER NOT NULL,
-    op TEXT NOT NULL,
-    record_id INTEGER NOT NULL REFERENCES records(id),
-    parent INTEGER,
-    reason TEXT,
-    at TEXT NOT NULL
-);
-CREATE INDEX ops_round ON ops(round);
-CREATE TABLE calls (
-    key TEXT PRIMARY KEY,
-    caller TEXT NOT NULL,
-    request TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-    response TEXT,
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    interrupted INTEGER NOT NULL DEFAULT 0,
-    price REAL NOT NULL DEFAULT 0,
-    round INTEGER,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    ask_again INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX calls_caller ON calls(caller);
-"""
-
-_SCHEMA_TABLES_VERSION = 2  # what `_SCHEMA` makes; the migrations after it bring a new ledger up to date
-
-_ADD_TO_TOTALS = """INSERT INTO call_totals (caller, attempts, price) VALUES (NEW.caller, NEW.attempts, NEW.price)
-    ON CONFLICT (caller) DO UPDATE SET attempts = attempts + excluded.attempts, price = price + excluded.price;"""
-_TAKE_FROM_TOTALS = """UPDATE call_totals SET attempts = attempts - OLD.attempts, price = price - OLD.price
-    WHERE caller = OLD.caller;"""
-
-_MIGRATIONS = {  # version -> the statements that bring a ledger of that version to the next
-    1: ["ALTER TABLE calls ADD COLUMN ask_again INTEGER NOT NULL DEFAULT 0",  # (version 1 said it in the error text)
-        "UPDATE calls SET ask_again = 1 WHERE status = 'failed' AND error LIKE '%not retried: the budget is spent'"],
-    # Each caller's requests sent and price paid, kept by SQLite as calls change: a budget's check before each batch
-    # of calls read every call of its caller (0.13 s at 300,000 judge calls, twice a call); and the ops of a record
-    # (a verdict's repeat check scanned its round's ops).
-    2: ["CREATE INDEX ops_record ON ops(record_id)",
-        "CREATE TABLE call_totals (caller TEXT PRIMARY KEY, attempts INTEGER NOT NULL, price REAL NOT NULL)",
-        "INSERT INTO call_totals SELECT caller, sum(attempts), sum(price) FROM calls GROUP BY caller",
-        f"CREATE TRIGGER calls_added AFTER INSERT ON calls BEGIN {_ADD_TO_TOTALS} END",
-        f"CREATE TRIGGER calls_changed AFTER UPDATE OF caller, attempts, price ON calls BEGIN {_TAKE_FROM_TOTALS} "
-        f"{_ADD_TO_TOTALS} END",
-        f"CREATE TRIGGER calls_removed AFTER DELETE ON calls BEGIN {_TAKE_FROM_TOTALS} END"],
-}
+from .schema import MIGRATIONS, OLDEST_READABLE, SCHEMA, SCHEMA_TABLES_VERSION, SCHEMA_VERSION
 
 Status = Literal["active", "deleted"]
 
@@ -266,7 +192,8 @@ class Ledger(CallCacheMixin):
                 db.close()
                 raise UserError(f"{self.path} is empty, not a ledger yet" if version == 0 else
                                 _newer_schema(self.path, version) if version > SCHEMA_VERSION else
-                                f"{self.path} has schema version {version}; this t2i-evolve reads {OLDEST_READABLE} to {SCHEMA_VERSION} "
+                                f"{self.path} has schema version {version}; this t2i-evolve reads "
+                                f"{OLDEST_READABLE} to {SCHEMA_VERSION} "
                                 "(a command that writes the ledger, with write access, brings an older one up to date)")
             db.row_factory = sqlite3.Row
             return db
@@ -294,12 +221,12 @@ class Ledger(CallCacheMixin):
             if version > SCHEMA_VERSION:
                 raise UserError(_newer_schema(self.path, version))
             if version == 0:
-                for statement in _SCHEMA.split(";"):
+                for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
-                version = _SCHEMA_TABLES_VERSION
+                version = SCHEMA_TABLES_VERSION
             for step in range(version, SCHEMA_VERSION):  # an older ledger, brought up to date in place
-                for statement in _MIGRATIONS[step]:
+                for statement in MIGRATIONS[step]:
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -480,6 +407,17 @@ class Ledger(CallCacheMixin):
             rows = db.execute(f"{_SELECT_RECORDS} {where} ORDER BY id", args).fetchall()
         return [Record._from_row(row) for row in rows]
 
+    def prompts(self, *, since_round: int | None = None, before_round: int | None = None,
+                ops: Sequence[str] | None = None) -> list[str]:
+        """The prompts of the records (any status) of rounds `since_round` to `before_round` (excluded) made by `ops`,
+        in id order: what a round reads of every record, without decoding each one (`records` at 100,000: 5 s)."""
+        where, args = where_clause(("round >= ?", since_round), ("round < ?", before_round))
+        if ops is not None:
+            where = f"{where or 'WHERE 1'} AND op IN ({', '.join('?' * len(ops))})"
+            args = [*args, *ops]
+        with self._read() as db:
+            return [row[0] for row in db.execute(f"SELECT prompt FROM records {where} ORDER BY id", args)]
+
     def count(
         self, status: Status | None = "active", *, round: int | None = None, skill: str | None = None
     ) -> int:
@@ -570,8 +508,9 @@ def _dumps(value: Any) -> str | None:
 
 
 def _newer_schema(path: Path, version: int) -> str:
-    return (f"{path} was written by a newer t2i-evolve (ledger schema {version}; this one reads up to {SCHEMA_VERSION}): "
-            "upgrade t2i-evolve to open it (git pull in its checkout, or pip install -U t2i-evolve); the file is left as it is")
+    return (f"{path} was written by a newer t2i-evolve (ledger schema {version}; this one reads up to "
+            f"{SCHEMA_VERSION}): upgrade t2i-evolve to open it (git pull in its checkout, or pip install -U "
+            "t2i-evolve); the file is left as it is")
 
 
 def damaged_ledger(error: BaseException) -> Path | None:

@@ -322,7 +322,6 @@ def prime_writer(writer: PromptWriter, ledger: Ledger, round: int) -> None:
     (expansions and mutations of rounds before `round`), not kept in memory, so a rerun after a crash writes
     what the first run did."""
     if hasattr(writer, "accepted"):
-        writer.accepted = [rec.prompt for rec in ledger.records(None)
-                           if 0 < rec.round < round and rec.op in ("expand", "mutate")]
+        writer.accepted = ledger.prompts(since_round=1, before_round=round, ops=["expand", "mutate"])
     if hasattr(writer, "round"):
         writer.round = round

@@ -381,7 +381,7 @@ class Run:
         """Keep the set from collapsing: per picked deletion, a prompt of a new structure, of `mutate_candidates` the
         one naming what the set (before this round's mutations: a rerun counts the same) has seen least."""
         m, prompts, parents = self.config.mutate_candidates, [], []
-        counts = word_counts(rec.prompt for rec in self.ledger.records(None) if rec.round < r or rec.op == "expand")
+        counts = word_counts(self.ledger.prompts(before_round=r) + self.ledger.prompts(since_round=r, ops=["expand"]))
         for rec in records:  # (the first ask has the seed it had before asks were repeated)
             seeds = [stable_seed(self.config.seed, r, rec.id, "new", *([ask] if ask else [])) for ask in range(m + 2)]
             if pick := least_seen_new_structure(self.writer, rec.prompt, m, seeds, self.held_out, counts):

@@ -277,7 +277,7 @@ def unseen_checks(run, r: int, base, records) -> list[tuple[str, float | None] |
     if c.min_unseen_score is None or not records:
         return [None] * len(records)
     run.judge.round = r
-    seen = {rec.prompt for rec in run.ledger.records(None) if rec.round < r}  # drawn before (a rerun: as then)
+    seen = set(run.ledger.prompts(before_round=r))  # drawn before (a rerun: as then)
     return unseen_variation_scores(run.writer, run.judge, base, [rec.prompt for rec in records],
                                    [stable_seed(c.seed, r, rec.id, "unseen") for rec in records], seen,
                                    c.min_unseen_score, c.confirm_votes, c.base_draws)
