@@ -68,11 +68,11 @@ def main() -> None:
     if args.json:
         print(json.dumps({"chunk": args.chunk, "rows": rows}))
         return
-    print(f"| calls in the ledger | draws_that_fit ({args.chunk}) | first_tries | teacher_budget_left |")
-    print("|---|---|---|---|")
+    columns = ["calls in the ledger", f"draws_that_fit ({args.chunk})", "first_tries", "teacher_budget_left"]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
-        print(f"| {row['calls']:,} | {row['draws_that_fit_s']:.3f} s | {row['first_tries_s']:.3f} s | "
-              f"{row['teacher_budget_left_s']:.3f} s |")
+        timings = [f"{row[key]:.3f} s" for key in ("draws_that_fit_s", "first_tries_s", "teacher_budget_left_s")]
+        print("| " + " | ".join([f"{row['calls']:,}", *timings]) + " |")
 
 
 if __name__ == "__main__":
