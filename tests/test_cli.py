@@ -218,7 +218,8 @@ def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_d
 
 def test_evolve_and_demo_write_over_no_file_of_the_users(tmp_path, capsys):
     """A folder without a run's marker that holds a report.html or a summary.json: a new run would replace them."""
-    for command, taken in [("evolve", "summary.json"), ("demo", "report.html"), ("demo", "config.yaml")]:
+    for command, taken in [("evolve", "summary.json"), ("evolve", "prompts.txt"), ("demo", "report.html"),
+                           ("demo", "config.yaml")]:
         folder = tmp_path / command / taken
         folder.mkdir(parents=True)
         (folder / taken).write_text("the user's own\n")

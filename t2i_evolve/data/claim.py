@@ -87,7 +87,7 @@ RUN_MARKERS = {"evolve.yaml": "evolve", "demo.yaml": "demo", "config.yaml": "tra
 """The file each command leaves in a folder it writes, in the order that tells them apart (a demo's run folder holds
 its trainer's config.yaml too)."""
 
-RUN_OUTPUTS = {"evolve": ("rounds", "metrics.jsonl", "summary.json", "report.html"),
+RUN_OUTPUTS = {"evolve": ("prompts.txt", "rounds", "metrics.jsonl", "summary.json", "report.html"),
                "demo": ("config.yaml", "checkpoints", "model", "metrics.jsonl", "summary.json", "report.html"),
                "train": ("config.yaml", "checkpoints", "model", "metrics.jsonl")}
 """What each command writes into its run folder after its marker: in a folder without the marker they are someone

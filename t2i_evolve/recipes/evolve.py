@@ -163,7 +163,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     if spent := ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into it
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
         check_rounds_kept(out / "rounds", config.rounds, ledger)
-    keep_prompts_copy(out, config.prompts_file, replace=not spent)
+        keep_prompts_copy(out, config.prompts_file)  # (other prompts than it started from: refused)
     base = base_model_folder(config.base_model, out, config.tiny_model, config.seed)
     teachers = cached_teachers(teachers or [spec.build(T2IModel.folder_resolution(base)) for spec in config.teachers],
                                ledger, config.max_teacher_calls, config.max_teacher_price)
@@ -173,6 +173,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     check_judge_serves(config, judge)  # (rounds are sized to fit `max_judge_calls`; `hard_cap` stops re-asks, retries)
     run = Run(config, ledger, teachers, judge, writer, out, held_out, pool)
     config.save(out / "evolve.yaml")  # once it passed every check: what a rerun must match
+    if not spent:  # (kept after the marker: a prompts.txt in a folder without one is a user's, not written over)
+        keep_prompts_copy(out, config.prompts_file, replace=True)
 
     def load_sampler(folder: Path) -> Sampler:
         return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), config.sampler)
