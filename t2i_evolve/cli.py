@@ -309,10 +309,10 @@ def _check_train_output(config: Path, cfg) -> None:
         if any(source.is_relative_to(out / name) for name in ("model", "checkpoints")):
             raise UserError(f"{config}: the {field} folder ({getattr(cfg, field)}) is where training writes "
                             f"{source.relative_to(out).parts[0]}/ in output_dir {cfg.output_dir}: name another output_dir")
-    if isinstance(config, Path) and config.resolve() == out / "config.yaml":  # the user's own, kept in output_dir
-        return  # (train saves it as it read it, with the command line's KEY=VALUE, as always)
+    # the user's own config kept in output_dir: train saves it as it read it, with the command line's KEY=VALUE
+    given = ("config.yaml",) if isinstance(config, Path) and config.resolve() == out / "config.yaml" else ()
     try:
-        check_run_folder(cfg.output_dir, "train")  # (its own: a resume)
+        check_run_folder(cfg.output_dir, "train", given)  # (its own: a resume)
     except UserError as e:
         raise UserError(f"{config}: output_dir {e}") from None
 

@@ -214,6 +214,12 @@ def test_train_writes_into_no_folder_of_its_inputs_nor_of_another_command(tiny_d
     (own / "config.yaml").write_text(f"model: {tiny_dir}\ndata: {tmp_path / 'data'}\noutput_dir: {own}\nbatch_size: 1\n")
     code, _, err = run(capsys, "train", "--config", str(own / "config.yaml"), "steps=1")
     assert code == 0 and (own / "model" / "model_index.json").is_file(), err
+    demo_like = tmp_path / "demo-like"  # a demo's folder holds its trainer's config.yaml: given it, still a demo's
+    demo_like.mkdir()
+    (demo_like / "demo.yaml").write_text("{}\n")
+    (demo_like / "config.yaml").write_text((own / "config.yaml").read_text().replace(str(own), str(demo_like)))
+    code, _, err = run(capsys, "train", "--config", str(demo_like / "config.yaml"))
+    assert code == 2 and "is a demo run's folder" in err, err
 
 
 def test_evolve_and_demo_write_over_no_file_of_the_users(tmp_path, capsys):

@@ -120,17 +120,18 @@ def _is_train_config(path: Path) -> bool:
     return isinstance(fields, dict) and {"model", "output_dir", "steps"} <= fields.keys()
 
 
-def check_run_folder(run_dir: str | os.PathLike, command: str) -> Path:
+def check_run_folder(run_dir: str | os.PathLike, command: str, given: tuple[str, ...] = ()) -> Path:
     """`run_dir`, if `command` may start or resume a run there: not a file, and nothing another command wrote (a
     ledger whose records it would take for its own set, results it would write over), nor files of the user's that
-    the run writes. Else a one-line UserError."""
+    the run writes, but those it was `given` (train's --config, kept there). Else a one-line UserError."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a folder: choose a folder for the run")
     owner = folder_owner(run_dir)
     if owner not in (None, command):
         raise UserError(f"{run_dir} is {describe_owner(owner)}: choose a new output folder")
-    if owner is None and (taken := [name for name in RUN_OUTPUTS[command] if (run_dir / name).exists()]):
+    if owner is None and (taken := [name for name in RUN_OUTPUTS[command]
+                                    if name not in given and (run_dir / name).exists()]):
         raise UserError(f"{run_dir} holds {', '.join(taken)} that no {command} run made, which a {command} run would "
                         "write over: choose a new output folder (or move them)")
     return run_dir
