@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,19 @@ def joined_images(a: torch.Tensor | ImageFiles, b: torch.Tensor | ImageFiles) ->
     return ImageFiles(items, sizes[0])
 
 
+def _held(images: Iterable[Image.Image], n: int, size: tuple[int, int], odd_size=lambda: None) -> torch.Tensor:
+    """`n` images of `size` (width, height) as uint8 (n, 3, H, W), filled one image at a time into the array the
+    tensor shares: holding the decoded images, their arrays and a stacked copy at once peaked at 3.7x the set's
+    size (benchmarks/RESULTS.md, 48th session). `odd_size()` is told of an image of another size (and raises)."""
+    width, height = size
+    held = np.empty((n, 3, height, width), dtype=np.uint8)
+    for i, image in enumerate(images):
+        if image.size != size:
+            odd_size()
+        held[i] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    return torch.from_numpy(held)
+
+
 def _one_size(prompts: Sequence[str], sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The (width, height) every image has; one line naming the odd ones, with a prompt of each, otherwise."""
     counts = Counter(sizes)
@@ -103,11 +116,8 @@ class TrainingSet:
 
     @classmethod
     def from_images(cls, prompts: Sequence[str], images: Sequence[Image.Image]) -> "TrainingSet":
-        width, height = _one_size(prompts, [image.size for image in images]) if images else (0, 0)
-        held = np.empty((len(images), 3, height, width), dtype=np.uint8)  # (filled in place: no list of arrays)
-        for i, image in enumerate(images):
-            held[i] = np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-        return cls(list(prompts), torch.from_numpy(held))
+        size = _one_size(prompts, [image.size for image in images]) if images else (0, 0)
+        return cls(list(prompts), _held(images, len(images), size))
 
     @classmethod
     def from_files(cls, prompts: Sequence[str], paths: Sequence[str | Path],
@@ -121,15 +131,9 @@ class TrainingSet:
         if len(paths) * 3 * width * height > max_memory_gb * 2**30:
             width, height = _one_size(prompts, [image_size(path, "training image") for path in paths])
             return cls(list(prompts), ImageFiles(list(paths), (height, width)))
-        # Decoded into one array, image by image: holding the decoded images, their arrays and a stacked copy at once
-        # peaked at 5.7x the set's size (benchmarks/RESULTS.md, 48th session); now the array the tensor shares, 1x.
-        held = np.empty((len(paths), 3, height, width), dtype=np.uint8)
-        for i, path in enumerate(paths):
-            image = load_image(path)
-            if image.size != (width, height):  # one line naming the odd sizes, each with a prompt
-                _one_size(prompts, [image_size(path, "training image") for path in paths])
-            held[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-        return cls(list(prompts), torch.from_numpy(held))
+        def odd_size() -> None:  # one line naming the odd sizes, each with a prompt
+            _one_size(prompts, [image_size(path, "training image") for path in paths])
+        return cls(list(prompts), _held((load_image(path) for path in paths), len(paths), (width, height), odd_size))
 
     @classmethod
     def from_generator(cls, generator, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> "TrainingSet":
