@@ -326,11 +326,12 @@ def sample(
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the family's usual)."),
     scheduler: Optional[str] = typer.Option(None, help="ddim or dpm++ (default: the family's usual)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1 = off (default: the "
-                                             "family's usual: SD 7.5, SDXL 5, PixArt 4.5, SD3 7, the shapes model 1)."),
+                                             "family's usual: SD 7.5, SDXL 5, PixArt 4.5, SD3 7, the shapes model 1; "
+                                             "Flux-dev: the scale it reads, 3.5)."),
     device: str = typer.Option("auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (a GPU's)."),
 ):
-    """Draw one image of a prompt with a model folder (Flux, Playground...: with diffusers' own pipeline for it)."""
+    """Draw one image of a prompt with a model folder (Playground, Kandinsky...: with diffusers' own pipeline for it)."""
     from .generators import LocalPipelineTeacher
 
     cfg = _sampler_flags(model, scheduler=scheduler, steps=steps, guidance=guidance)
@@ -382,7 +383,7 @@ def eval_model(
     writer = writer_spec.build(GrammarSlice()) if writer_spec else None
     judge = None if judge_spec.kind == "pixel" else judge_spec.build(None, None, getattr(writer, "questions", None))
     config = _sampler_flags(model, steps=steps, guidance=guidance)
-    sampler = LocalPipelineTeacher(model, sampler=config, device=device, dtype=dtype)  # (Flux...: its pipeline)
+    sampler = LocalPipelineTeacher(model, sampler=config, device=device, dtype=dtype)  # (Playground...: its pipeline)
     if judge is None:
         with progress_bar("judging", len(texts)) as advance:
             summary = evaluate(sampler, PixelJudge(), texts, seed=seed, progress=advance).summary()

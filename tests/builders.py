@@ -6,8 +6,8 @@ import string
 
 import torch
 from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
-                       FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, PNDMScheduler, SD3Transformer2DModel,
-                       UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel, PNDMScheduler,
+                       SD3Transformer2DModel, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 
@@ -155,6 +155,43 @@ def build_tiny_sd3(root):
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "text_encoder_3": ["transformers", "T5EncoderModel"],
         "tokenizer_3": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def build_tiny_flux(root, guidance_embeds: bool = True):
+    """A random-init Flux-style folder: a rectified-flow transformer over 2 x 2 latent patches, T5's states and CLIP's
+    pooled vector, Flux-dev's dynamically shifted schedule (`guidance_embeds`: dev; without it: schnell's, unshifted).
+    Flux's configs give no sample size (its pipeline draws 1024 px); this one's config says 16 latents (32 px), a key
+    diffusers keeps (with a warning) and `T2IModel` reads, so that recipes ask its teachers for small images."""
+    torch.manual_seed(5)
+    vocab = write_clip_tokenizer(root / "tokenizer")
+    CLIPTextModel(clip_text_config(vocab)).save_pretrained(root / "text_encoder")
+    vocab_size = write_t5_tokenizer(root / "tokenizer_2")
+    T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                            relative_attention_num_buckets=8, decoder_start_token_id=0)).save_pretrained(root / "text_encoder_2")
+    write_tiny_vae(root / "vae", scaling_factor=0.3611, shift_factor=0.1159)  # (Flux's)
+    FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                           num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                           guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)).save_pretrained(root / "transformer")
+    config = json.loads((root / "transformer" / "config.json").read_text())
+    (root / "transformer" / "config.json").write_text(json.dumps(config | {"sample_size": 16}))
+    shifting = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+                "max_shift": 1.15}
+    FlowMatchEulerDiscreteScheduler(**({"shift": 3.0} | shifting if guidance_embeds else {"shift": 1.0})).save_pretrained(
+        root / "scheduler")
+    index = {
+        "_class_name": "FluxPipeline",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "T5Tokenizer"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "image_encoder": [None, None],
         "feature_extractor": [None, None],

@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from builders import build_tiny_edm_sdxl, build_tiny_pixart, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+from builders import (build_tiny_edm_sdxl, build_tiny_flux, build_tiny_pixart, build_tiny_sd, build_tiny_sd3,
+                      build_tiny_sdxl)
 
 from t2i_evolve.allocator import keep_freed_memory
 from t2i_evolve.judges import PixelJudge
@@ -39,6 +40,8 @@ sd_dir = _model_folder(build_tiny_sd, "sd", "A Stable-Diffusion-style folder.")
 sdxl_dir = _model_folder(build_tiny_sdxl, "sdxl", "An SDXL-style folder (two text encoders, size conditioning).")
 pixart_dir = _model_folder(build_tiny_pixart, "pixart", "A PixArt-alpha-style folder (a DiT over T5 states).")
 sd3_dir = _model_folder(build_tiny_sd3, "sd3", "An SD3-style folder (flow matching, three text encoders).")
+flux_dir = _model_folder(build_tiny_flux, "flux", "A Flux-dev-style folder (flow matching over latent patches, T5, "
+                         "guidance as an input).")
 edm_dir = _model_folder(build_tiny_edm_sdxl, "edm", "An SDXL folder with an EDM schedule (only diffusers draws it).")
 
 

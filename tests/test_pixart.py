@@ -205,14 +205,14 @@ def test_a_pixart_folder_as_the_hub_ships_it_reads_its_sentencepiece_tokenizer(p
 
 
 def test_a_folder_it_cannot_read_is_one_line(pixart_dir, sd_dir, tmp_path):
-    flux = shutil.copytree(pixart_dir, tmp_path / "flux")
-    index = json.loads((flux / "model_index.json").read_text())
-    (flux / "model_index.json").write_text(json.dumps(index | {"transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    with pytest.raises(UserError, match="a FluxTransformer2DModel denoiser is not supported yet"):
-        T2IModel.from_pretrained(flux)
+    hunyuan = shutil.copytree(pixart_dir, tmp_path / "hunyuan")
+    index = json.loads((hunyuan / "model_index.json").read_text())
+    (hunyuan / "model_index.json").write_text(json.dumps(index | {"transformer": ["diffusers", "HunyuanDiT2DModel"]}))
+    with pytest.raises(UserError, match="a HunyuanDiT2DModel denoiser is not supported yet"):
+        T2IModel.from_pretrained(hunyuan)
     with pytest.raises(UserError, match="not supported yet"):
-        T2IModel.folder_resolution(flux)
-    assert not T2IModel.reads(flux)
+        T2IModel.folder_resolution(hunyuan)
+    assert not T2IModel.reads(hunyuan)
 
     edm = shutil.copytree(pixart_dir, tmp_path / "edm")  # (Playground v2.5's schedule)
     index = json.loads((edm / "model_index.json").read_text())

@@ -109,7 +109,7 @@ def test_an_sd3_folder_it_would_misread_is_one_line(sd3_dir, tmp_path):
     shifting = shutil.copytree(sd3_dir, tmp_path / "shifting")  # (Flux's schedule)
     config = json.loads((shifting / "scheduler" / "scheduler_config.json").read_text())
     (shifting / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"use_dynamic_shifting": True}))
-    with pytest.raises(UserError, match="dynamic shifting \\(Flux's\\) is not supported yet"):
+    with pytest.raises(UserError, match="SD3 with a flow-matching schedule that shifts dynamically \\(Flux's\\) is not"):
         T2IModel.from_pretrained(shifting)
 
     ddpm = shutil.copytree(sd3_dir, tmp_path / "ddpm")

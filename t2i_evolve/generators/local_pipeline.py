@@ -1,5 +1,5 @@
 """A local diffusers-style model folder as a teacher: `T2IModel` + `Sampler` (or, for a family `T2IModel` does not
-read, such as Flux or Playground v2.5, diffusers' own pipeline class for it), with an id for the cache.
+read, such as Playground v2.5 or Kandinsky, diffusers' own pipeline class for it), with an id for the cache.
 
 An open model on one's own GPU is often the cheapest strong teacher. Behind `CachedGenerator` it is
 used exactly like a paid API: each (prompt, seed) is drawn once per setting and kept in the ledger.
@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from ..config import Config
 from ..errors import UserError
+from ..files import read_json
 from ..models.sampler import SamplerConfig, sampled_with
 
 # What the images depend on besides the settings: the weights, and the configs and tokenizer files beside them
@@ -35,7 +36,11 @@ FAMILY_SAMPLERS = {  # what a local teacher's `sampler` leaves out: each family'
     "sdxl": SamplerConfig(scheduler="dpm++", steps=30, guidance=5.0),
     "pixart": SamplerConfig(scheduler="dpm++", steps=20, guidance=4.5),
     "sd3": SamplerConfig(steps=28, guidance=7.0),  # (its own Euler steps)
+    "flux": SamplerConfig(steps=28, guidance=3.5),  # Flux-dev: the guidance it reads (no unconditional pass)
+    "flux-schnell": SamplerConfig(steps=4),  # distilled to a few steps, without guidance
 }
+FLOW_SAMPLED = frozenset({"sd3", "flux", "flux-schnell"})
+"""The families drawn with their flow-matching Euler steps, whatever a sampler's `scheduler` says."""
 PIPELINE_BATCH = 4  # images a diffusers pipeline draws at once under its own settings (a 1024 px Flux batch is big)
 
 
@@ -45,6 +50,9 @@ def folder_family(path: str | Path) -> str | None:
     from ..models.folders import known_family, read_index
 
     family = known_family(Path(path))
+    if family == "flux":  # dev reads a guidance scale; schnell has none
+        config = read_json(Path(path) / "transformer" / "config.json")
+        return "flux" if isinstance(config, dict) and config.get("guidance_embeds") else "flux-schnell"
     if family != "unet":
         return family
     index = read_index(Path(path))
@@ -81,7 +89,8 @@ class LocalPipelineTeacherConfig(Config):
     path: Path = Field(description="The model folder.")
     sampler: TeacherSampler = Field(default_factory=TeacherSampler, description="How it draws; what it leaves out: "
                                     "the family's usual (`FAMILY_SAMPLERS`: SD 1.x/2.x 25 DPM++ steps at guidance 7.5, "
-                                    "SDXL 30 at 5.0, PixArt 20 at 4.5, SD3 28 at 7.0), or for a folder diffusers draws "
+                                    "SDXL 30 at 5.0, PixArt 20 at 4.5, SD3 28 at 7.0, Flux-dev 28 reading 3.5, Flux-schnell 4 "
+                                    "without guidance), or for a folder diffusers draws "
                                     "its pipeline's own. A `SamplerConfig` sets every field.")
     device: str = "cpu"
     dtype: str = "float32"
@@ -90,9 +99,9 @@ class LocalPipelineTeacherConfig(Config):
     resolution: int | None = Field(None, ge=8, description="Side its images are resized to (a recipe sets its base "
                                    "model's, which it trains and judges at); None: as drawn.")
     runner: Literal["auto", "t2i-evolve", "diffusers"] = Field(
-        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3: "
-        "checked equal to diffusers' pipelines; `sampler.scheduler` applies but to SD3). diffusers: the pipeline class "
-        "the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt handling; "
+        "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3, "
+        "Flux: checked equal to diffusers' pipelines; `sampler.scheduler` applies but to SD3 and Flux). diffusers: the "
+        "pipeline class the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt handling; "
         "a given sampler's `steps`, `guidance`, `resolution` and `batch_size` passed on, not its `scheduler` (none "
         "given: the pipeline's own). auto: t2i-evolve where it reads the folder, else diffusers.")
     offload: bool = Field(False, description="Hold the weights in CPU memory, on the device only while drawing: "
@@ -160,7 +169,7 @@ class LocalPipelineTeacher:
 
 def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
     """'local:<folder>@<weights fingerprint>:<scheduler>-<steps>[-cfg<g>][-<res>px]:<dtype>' of what it draws with
-    (`sampling()`), the scheduler 'flow-euler' for a flow-matching model (SD3: its Euler steps whatever
+    (`sampling()`), the scheduler 'flow-euler' for a flow-matching model (SD3, Flux: its Euler steps whatever
     `sampler.scheduler` says); for a folder diffusers' pipeline draws (`runner`), 'diffusers' with the settings given
     and 'own' for those the pipeline sets ('diffusers-own-cfgown': all of them).
 
@@ -176,7 +185,7 @@ def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
     s = config.sampling()
     guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
     resolution = f"-{s.resolution}px" if s.resolution else ""
-    scheduler = sampled_with(s, family == "sd3")
+    scheduler = sampled_with(s, family in FLOW_SAMPLED)
     return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"
 
 

@@ -10,35 +10,41 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel, SD3Transformer2DModel,
-                       UNet2DConditionModel)
+from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, PixArtTransformer2DModel,
+                       SD3Transformer2DModel, UNet2DConditionModel)
 from safetensors import SafetensorError
 
 from ..errors import UserError
 from ..files import read_json
+from . import flux
 
 PARTS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The folder parts this adapter reads (a PixArt folder's denoiser is its "transformer"); other entries of
 model_index.json (a safety checker) are ignored."""
 OPTIONAL_PARTS: frozenset[str] = frozenset({"vae", "text_encoder_3", "tokenizer_3"})
 SDXL_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2")
-"""SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither."""
+"""SDXL's second text encoder (CLIP with a projection: the pooled vector) and its tokenizer; both or neither. Flux's
+folders use the same names for its T5 and T5's tokenizer."""
 SD3_PARTS: tuple[str, ...] = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 """SD3's second CLIP encoder, and its T5 (optional: without it, zeros where its states would be)."""
-DENOISER_FOLDERS = {"unet": "unet", "pixart": "transformer", "sd3": "transformer"}
+DENOISER_FOLDERS = {"unet": "unet", "pixart": "transformer", "sd3": "transformer", "flux": "transformer"}
 """Where each family this adapter reads keeps its denoiser."""
+FLOW_FAMILIES = frozenset({"sd3", "flux"})
+"""The families trained by flow matching (noise and image mixed linearly, the velocity between them predicted)."""
 
 
 def family_of(denoiser: torch.nn.Module) -> str:
-    """The family of a loaded denoiser: "pixart", "sd3", or "unet" (SD 1.x/2.x, SDXL and the tiny model)."""
+    """The family of a loaded denoiser: "pixart", "sd3", "flux", or "unet" (SD 1.x/2.x, SDXL and the tiny model)."""
     if isinstance(denoiser, PixArtTransformer2DModel):
         return "pixart"
+    if isinstance(denoiser, FluxTransformer2DModel):
+        return "flux"
     return "sd3" if isinstance(denoiser, SD3Transformer2DModel) else "unet"
 
 
 def part_names(family: str, sdxl: bool) -> tuple[str, ...]:
     """The parts a folder of this family has, by the names `T2IModel` keeps them under, in the order it saves them."""
-    return PARTS + (SD3_PARTS if family == "sd3" else SDXL_PARTS if sdxl else ())
+    return PARTS + (SD3_PARTS if family == "sd3" else SDXL_PARTS if sdxl or family == "flux" else ())
 LIBRARIES = {"diffusers": diffusers, "transformers": transformers}
 
 
@@ -57,7 +63,7 @@ def read_index(root: Path) -> dict[str, Any]:
 
 def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype, flow: bool = False) -> Any:
     """Load one part with the class model_index.json names for it; `None` for an absent optional part. `flow`: the
-    scheduler is read as flow matching's (SD3), not DDPM's."""
+    scheduler is read as flow matching's (SD3, Flux), not DDPM's."""
     if entry is None or entry == [None, None]:
         if name in OPTIONAL_PARTS:
             return None
@@ -70,8 +76,8 @@ def load_part(root: Path, name: str, entry: Any, dtype: torch.dtype, flow: bool 
     if not folder.is_dir():
         raise UserError(f"{root}: missing part {name!r} (no {name}/ folder)")
     if name == "scheduler":
-        # Training always adds noise the DDPM way (flow matching's for SD3); the saved class (PNDM, DDIM, ...) only
-        # matters to sampling, and the sampler builds its own scheduler from this config.
+        # Training always adds noise the DDPM way (flow matching's for SD3 and Flux); the saved class (PNDM, DDIM, ...)
+        # only matters to sampling, and the sampler builds its own scheduler from this config.
         cls = FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler
     kwargs: dict[str, Any] = {"local_files_only": True}
     # What a part must be is decided by its name, not by the class the index names: a factory such as
@@ -113,10 +119,11 @@ def known_family(root: Path) -> str | None:
 
 
 def model_family(root: Path, index: dict[str, Any]) -> str:
-    """Which family this adapter reads a model folder as: "unet" (SD 1.x/2.x, SDXL), "pixart" (alpha, sigma) or "sd3",
-    decided from model_index.json and configs alone. A family it would misread is a one-line `UserError`: another
-    transformer (Flux, DiT), a noise schedule the family does not train with (EDM: Playground v2.5; flow matching
-    with dynamic shifting: Flux), a UNet over T5 (DeepFloyd IF) or with other added conditioning than SDXL's."""
+    """Which family this adapter reads a model folder as: "unet" (SD 1.x/2.x, SDXL), "pixart" (alpha, sigma), "sd3" or
+    "flux" (dev, schnell), decided from model_index.json and configs alone. A family it would misread is a one-line
+    `UserError`: another transformer (DiT, HunyuanDiT), a noise schedule the family does not train with (EDM: Playground
+    v2.5; flow matching with dynamic shifting for SD3), a UNet over T5 (DeepFloyd IF) or with other added conditioning
+    than SDXL's."""
 
     def class_name(part: str) -> str:
         entry = index.get(part)
@@ -137,18 +144,20 @@ def model_family(root: Path, index: dict[str, Any]) -> str:
         name, config = class_name("transformer"), read_json(root / "transformer" / "config.json")
         # PixArt's own folders name the class diffusers had then, which it still reads as PixArt's by its norm type.
         published = name == "Transformer2DModel" and isinstance(config, dict) and config.get("norm_type") == "ada_norm_single"
-        family = "sd3" if name == "SD3Transformer2DModel" else "pixart" if name == "PixArtTransformer2DModel" or published else None
+        family = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
+                  "PixArtTransformer2DModel": "pixart"}.get(name, "pixart" if published else None)
         if family is None:
-            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models, PixArt and SD3 are)")
-    schedule, flow = class_name("scheduler"), family == "sd3"
+            raise UserError(f"{root}: a {name} denoiser is not supported yet (UNet models, PixArt, SD3 and Flux are)")
+    schedule, flow = class_name("scheduler"), family in FLOW_FAMILIES
     if index.get("scheduler") in (None, [None, None]):  # (loading says none is there)
         return family
     if schedule.startswith("EDM") or schedule.startswith("FlowMatch") != flow:
         raise UserError(f"{root}: a {schedule} noise schedule is not supported yet for this model (" + (
-            "SD3 trains with flow matching" if flow else "DDPM-style ones are: DDPM, DDIM, PNDM, Euler, DPM-Solver") + ")")
+            f"{'SD3' if family == 'sd3' else 'Flux'} trains with flow matching" if flow else
+            "DDPM-style ones are: DDPM, DDIM, PNDM, Euler, DPM-Solver") + ")")
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
-    if flow and isinstance(scheduler_config, dict) and scheduler_config.get("use_dynamic_shifting"):
-        raise UserError(f"{root}: a flow-matching schedule with dynamic shifting (Flux's) is not supported yet")
+    if family == "sd3" and isinstance(scheduler_config, dict) and scheduler_config.get("use_dynamic_shifting"):
+        raise UserError(f"{root}: SD3 with a flow-matching schedule that shifts dynamically (Flux's) is not supported yet")
     return family
 
 
@@ -164,11 +173,12 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
             raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
                             f"({type(encoder).__name__}) gives {width}")
         return
-    if family == "sd3":
-        check_sd3_conditioning(root, parts)
+    if family in ("sd3", "flux"):
+        (check_sd3_conditioning if family == "sd3" else flux.check_conditioning)(root, parts)
         return
     if not isinstance(parts["unet"], UNet2DConditionModel):
-        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet, PixArt's or SD3's")
+        raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet, nor PixArt's, "
+                        "SD3's or Flux's transformer")
     unet, encoder = parts["unet"].config, parts.get("text_encoder_2")
     added = unet.get("addition_embed_type")
     if (added == "text_time") != (encoder is not None):

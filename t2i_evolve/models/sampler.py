@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint as checkpointed
 
 from ..config import Config
 from ..errors import UserError
+from . import flux
 from .t2i_model import PromptEmbeds, T2IModel, to_pil
 
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
@@ -34,9 +35,10 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 
 
 class SamplerConfig(Config):
-    """How to sample. `guidance` 1.0 means no classifier-free guidance (and no unconditional pass)."""
+    """How to sample. `guidance` 1.0 means no classifier-free guidance (and no unconditional pass); for a model that
+    reads its guidance as an input (Flux-dev), the scale it reads, never an unconditional pass."""
 
-    scheduler: Literal["ddim", "dpm++"] = "ddim"  # (a flow-matching model, SD3, samples with its Euler steps)
+    scheduler: Literal["ddim", "dpm++"] = "ddim"  # (a flow-matching model, SD3 or Flux, samples with its Euler steps)
     steps: int = Field(20, ge=1, le=10_000)
     guidance: float = Field(1.0, allow_inf_nan=False)
     batch_size: int = Field(64, ge=1)
@@ -44,17 +46,18 @@ class SamplerConfig(Config):
 
 
 def sampled_with(config: SamplerConfig, flow: bool) -> str:
-    """The scheduler a model samples with under `config`, as ids name it: a flow-matching model (SD3) its Euler steps,
-    whatever `config.scheduler` says."""
+    """The scheduler a model samples with under `config`, as ids name it: a flow-matching model (SD3, Flux) its Euler
+    steps, whatever `config.scheduler` says."""
     return "flow-euler" if flow else config.scheduler
 
 
-def make_scheduler(model: T2IModel, name: str, steps: int) -> SchedulerMixin:
+def make_scheduler(model: T2IModel, name: str, steps: int, resolution: int | None = None) -> SchedulerMixin:
     """A fresh sampling scheduler on the model's training noise schedule.
 
     "trailing" spacing starts at the last training timestep, so few-step sampling begins from pure noise
     (the default "leading" spacing skips the noisiest steps). Fresh per call: multistep schedulers keep
-    state between steps. A flow-matching model (SD3) samples with its Euler scheduler, whatever `name` says.
+    state between steps. A flow-matching model (SD3, Flux) samples with its Euler scheduler, whatever `name` says;
+    Flux with its pipeline's noise levels, shifted for images of side `resolution` (None: the model's own).
     """
     trained = model.scheduler.config.num_train_timesteps
     if steps > trained:
@@ -62,7 +65,12 @@ def make_scheduler(model: T2IModel, name: str, steps: int) -> SchedulerMixin:
                         f"use at most {trained}")
     if model.is_flow:
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
-        scheduler.set_timesteps(steps, device=model.device)
+        if model.is_flux:
+            _, height, width = model.latent_shape(resolution)
+            scheduler.set_timesteps(device=model.device,
+                                    **flux.sampling_sigmas(steps, scheduler.config, (height // 2) * (width // 2)))
+        else:
+            scheduler.set_timesteps(steps, device=model.device)
         return scheduler
     cls, extra = SCHEDULERS[name]
     scheduler = cls.from_config(model.scheduler.config, timestep_spacing="trailing", **extra)
@@ -80,7 +88,10 @@ def initial_noise(model: T2IModel, seeds: Sequence[int], resolution: int | None 
 def _guided_prediction(
     model: T2IModel, x: torch.Tensor, t: torch.Tensor, text: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float
 ) -> torch.Tensor:
-    """The denoiser's output, pushed away from the unconditional one when guidance is on."""
+    """The denoiser's output, pushed away from the unconditional one when guidance is on (or, for a model that reads
+    its guidance, at that guidance)."""
+    if model.embeds_guidance:
+        return model.predict(x, t, text, guidance=guidance).float()
     if uncond is None:
         return model.predict(x, t, text).float()
     both = PromptEmbeds(*(torch.cat(pair) for pair in zip(uncond, text)))
@@ -106,9 +117,10 @@ def denoise(
     timesteps = scheduler.timesteps
     if not 0 <= grad_steps <= len(timesteps):
         raise ValueError(f"grad_steps must be between 0 and the {len(timesteps)} sampling steps, not {grad_steps}")
-    if guidance != 1.0 and uncond is None:
+    unconditional_pass = guidance != 1.0 and not model.embeds_guidance
+    if unconditional_pass and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional embedding (model.encode_empty)")
-    uncond = uncond if guidance != 1.0 else None
+    uncond = uncond if unconditional_pass else None
     first_grad = len(timesteps) - grad_steps
     latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # (flow matching: none, the noise as is)
     for i, t in enumerate(timesteps):
@@ -142,8 +154,8 @@ def sample_pixels(
     with_grad = grad_steps > 0
     with torch.set_grad_enabled(with_grad):
         text = model.encode_prompts(prompts)
-        uncond = model.encode_empty(len(prompts)) if config.guidance != 1.0 else None
-    scheduler = make_scheduler(model, config.scheduler, config.steps)
+        uncond = model.encode_empty(len(prompts)) if config.guidance != 1.0 and not model.embeds_guidance else None
+    scheduler = make_scheduler(model, config.scheduler, config.steps, config.resolution)
     noise = initial_noise(model, seeds, config.resolution)
     latents = denoise(model, noise, text, scheduler, config.guidance, uncond, grad_steps, checkpoint)
     with torch.set_grad_enabled(with_grad):

@@ -4,8 +4,9 @@ Recipes never touch a UNet, a VAE or a tokenizer directly; they call `encode_pro
 `predict`, `decode` and `denoising_loss`. This class is therefore the only place that knows the
 architecture, so the tiny pixel-space model and Stable Diffusion 1.x/2.x and SDXL folders share every code
 path. SDXL is a branch here (two text encoders, and size and crop conditioning), and so are PixArt-alpha/sigma
-(EvolveDirector's own base: a transformer denoiser over T5 states with their attention mask) and SD3 (flow matching,
-two CLIP encoders and T5); another family (Flux) later means another branch here, not changes in the recipes.
+(EvolveDirector's own base: a transformer denoiser over T5 states with their attention mask), SD3 (flow matching,
+two CLIP encoders and T5) and Flux (flow matching over 2 x 2 latent patches, T5 and CLIP's pooled vector, guidance as
+an input: `flux.py`); another family later means another branch here, not changes in the recipes.
 
 Conventions: images are float tensors (B, 3, H, W) in [-1, 1]; "latents" are what the denoiser works
 on (the pixels themselves for a pixel-space model). Weights are read and written as safetensors only (reading a
@@ -31,15 +32,16 @@ from PIL import Image
 
 from ..errors import UserError
 from ..files import read_json, write_atomically
-from .folders import (DENOISER_FOLDERS, SDXL_PARTS, check_conditioning, family_of, index_entry, latent_scale, load_part,
-                      known_family, model_family, part_names, read_index)
+from . import flux
+from .folders import (DENOISER_FOLDERS, FLOW_FAMILIES, SDXL_PARTS, check_conditioning, family_of, index_entry,
+                      latent_scale, load_part, known_family, model_family, part_names, read_index)
 
 
 class PromptEmbeds(NamedTuple):
     """A batch of encoded prompts: per-token states for cross-attention and one pooled vector each."""
 
     hidden: torch.Tensor  # (B, L, D)
-    pooled: torch.Tensor  # (B, D), the state at the EOS token; (B, 0) for PixArt, which has none
+    pooled: torch.Tensor  # (B, D), the state at the EOS token (CLIP's); (B, 0) for PixArt, which has none
     mask: torch.Tensor  # (B, L), 1 where the denoiser attends: every token for CLIP (its pipelines attend to the
     #                     padding too), T5's words and EOS for PixArt
 
@@ -113,7 +115,8 @@ class T2IModel:
         self._empty: torch.Tensor | None = None  # `_empty_ids`' cache
         self.name = name
         default = ("StableDiffusionXLPipeline" if self.is_sdxl else "PixArtAlphaPipeline" if self.is_pixart
-                   else "StableDiffusion3Pipeline" if self.is_sd3 else "StableDiffusionPipeline")
+                   else "StableDiffusion3Pipeline" if self.is_sd3 else "FluxPipeline" if self.is_flux
+                   else "StableDiffusionPipeline")
         self.pipeline_class = pipeline_class or ("T2IEvolvePixelPipeline" if vae is None else default)
         if vae is not None:
             vae.requires_grad_(False)  # recipes tune the denoiser and the text encoders, never the VAE
@@ -143,7 +146,7 @@ class T2IModel:
                                                            vae_config.get("force_upcast") is False)
         folders = {name: DENOISER_FOLDERS[family] if name == "unet" else name for name in part_names(family, sdxl)}
         parts = {name: load_part(root, folder, index.get(folder), torch.float32 if name == "vae" and upcast else dtype,
-                                 flow=family == "sd3") for name, folder in folders.items()}
+                                 flow=family in FLOW_FAMILIES) for name, folder in folders.items()}
         check_conditioning(root, parts)
         if parts["vae"] is not None and parts["scheduler"].config.get("clip_sample"):
             # Latents are not bounded like pixels. DDPM clips predicted samples to [-1, 1] by default, and
@@ -173,7 +176,7 @@ class T2IModel:
         index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
         if self.is_sdxl:
             index["force_zeros_for_empty_prompt"] = self.zeros_for_empty_prompt
-        if self.is_sd3:  # (what its pipeline expects named, though none is read here)
+        if self.is_sd3 or self.is_flux:  # (what their pipelines expect named, though none is read here)
             index |= {"image_encoder": [None, None], "feature_extractor": [None, None]}
         for attribute in part_names(self.family, self.is_sdxl):
             part = getattr(self, attribute)
@@ -232,18 +235,28 @@ class T2IModel:
         return self.family == "sd3"
 
     @property
+    def is_flux(self) -> bool:
+        return self.family == "flux"
+
+    @property
     def is_sdxl(self) -> bool:
         return self.family == "unet" and self.text_encoder_2 is not None
 
     @property
     def is_flow(self) -> bool:
-        """Trained by flow matching (SD3: noise and image mixed linearly, the velocity between them predicted), not
-        by DDPM's noise schedule."""
-        return self.is_sd3
+        """Trained by flow matching (SD3, Flux: noise and image mixed linearly, the velocity between them predicted),
+        not by DDPM's noise schedule."""
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """Guidance is an input the denoiser reads (Flux-dev, distilled from classifier-free guidance), so sampling
+        makes no unconditional pass."""
+        return self.is_flux and bool(self.unet.config.guidance_embeds)
 
     @property
     def denoiser_folder(self) -> str:
-        """The folder (and model_index.json entry) of the denoiser: "unet", or PixArt's and SD3's "transformer"."""
+        """The folder (and model_index.json entry) of the denoiser: "unet", or PixArt's, SD3's and Flux's "transformer"."""
         return DENOISER_FOLDERS[self.family]
 
     # -- shapes ---------------------------------------------------------------------------------------
@@ -265,8 +278,8 @@ class T2IModel:
 
     @property
     def resolution(self) -> int:
-        """The image side the model was built for."""
-        return self.unet.config.sample_size * self.latent_scale
+        """The image side the model was built for (Flux's configs do not say: 1024 px, as its pipeline draws)."""
+        return (self.unet.config.get("sample_size") or flux.SAMPLE_SIZE) * self.latent_scale
 
     @staticmethod
     def folder_resolution(path: str | Path) -> int:
@@ -283,17 +296,21 @@ class T2IModel:
                 raise UserError(f"{file}: bad JSON ({e})") from None
 
         unet, vae = config(denoiser), config("vae")
-        if unet is None or "sample_size" not in unet:
+        if isinstance(unet, dict) and unet.get("_class_name") == "FluxTransformer2DModel":
+            unet = {"sample_size": flux.SAMPLE_SIZE} | unet
+        if not isinstance(unet, dict) or "sample_size" not in unet:
             raise UserError(f"{root}: no {denoiser}/config.json with a sample_size")
         return unet["sample_size"] * latent_scale(vae)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = (resolution or self.resolution) // self.latent_scale
-        return (self.unet.config.in_channels, side, side)
+        packed = 4 if self.is_flux else 1  # (Flux reads each 2 x 2 patch of latents as one token)
+        return (self.unet.config.in_channels // packed, side, side)
 
     @property
     def prediction_type(self) -> str:
-        """What the denoiser predicts: "epsilon", "v_prediction", "sample", or "flow" (SD3's velocity, noise - x0)."""
+        """What the denoiser predicts: "epsilon", "v_prediction", "sample", or "flow" (SD3's and Flux's velocity,
+        noise - x0)."""
         return "flow" if self.is_flow else self.scheduler.config.prediction_type
 
     # -- text -----------------------------------------------------------------------------------------
@@ -301,8 +318,8 @@ class T2IModel:
     @property
     def max_length(self) -> int:
         """Tokens per prompt: the tokenizers' limit, capped by the text encoders' positions. T5 (PixArt) has relative
-        positions, so no limit of its own: its pipelines cut prompts at 120 tokens (alpha) or 300 (sigma). (SD3 pads
-        each of its three tokenizers to its own length: `_sd3_tokens`.)"""
+        positions, so no limit of its own: its pipelines cut prompts at 120 tokens (alpha) or 300 (sigma). (SD3 and Flux
+        pad each of their tokenizers to its own length: `_token_layout`.)"""
         if self.is_pixart:
             return min(self.tokenizer.model_max_length, 300 if "Sigma" in self.pipeline_class else 120)
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
@@ -310,7 +327,8 @@ class T2IModel:
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, max_length), always padded to the full length; SDXL: (B, 2, max_length), a row of ids
-        per tokenizer (each pads with its own token); SD3: (B, 77 + 77 + 256), its three tokenizers' side by side.
+        per tokenizer (each pads with its own token); SD3: (B, 77 + 77 + 256), its three tokenizers' side by side;
+        Flux: (B, 77 + 512), CLIP's and T5's.
 
         Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
         (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs. PixArt's
@@ -319,15 +337,19 @@ class T2IModel:
         """
         if self.is_pixart:
             prompts = [prompt.lower().strip() for prompt in prompts]
-        if self.is_sd3:  # each tokenizer its own length, side by side: (B, 77 + 77 + 256) at SD3's sizes
+        if self.is_sd3 or self.is_flux:  # each tokenizer its own length, side by side
             return torch.cat([tok(list(prompts), padding="max_length", max_length=length, truncation=True,
-                                  return_tensors="pt").input_ids for tok, length in self._sd3_tokens()], 1).to(self.device)
+                                  return_tensors="pt").input_ids for tok, length in self._token_layout()], 1).to(self.device)
         ids = [tok(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                    return_tensors="pt").input_ids for tok in (self.tokenizer, self.tokenizer_2) if tok is not None]
         return (torch.stack(ids, 1) if self.is_sdxl else ids[0]).to(self.device)
 
-    def _sd3_tokens(self) -> list[tuple[transformers.PreTrainedTokenizerBase, int]]:
-        """SD3's tokenizers and their lengths, as its pipeline pads them: each CLIP's own limit, T5 cut at 256."""
+    def _token_layout(self) -> list[tuple[transformers.PreTrainedTokenizerBase, int]]:
+        """SD3's and Flux's tokenizers and their lengths, as their pipelines pad them: each CLIP's own limit; T5 cut
+        at 256 (SD3) or 512 (Flux)."""
+        if self.is_flux:
+            return [(self.tokenizer, _clip_length(self.tokenizer, self.text_encoder)),
+                    (self.tokenizer_2, min(self.tokenizer_2.model_max_length, flux.T5_TOKENS))]
         clips = [(tok, _clip_length(tok, enc))
                  for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
         t5 = self.tokenizer_3
@@ -349,6 +371,11 @@ class T2IModel:
             return PromptEmbeds(hidden, hidden.new_zeros(len(hidden), 0), mask)
         if self.is_sd3:
             return self._encode_sd3(input_ids)
+        if self.is_flux:  # T5's states to attend to, CLIP's pooled vector (`pooler_output`: its EOS state)
+            clip_ids, t5_ids = input_ids.split([length for _, length in self._token_layout()], dim=1)
+            hidden = self.text_encoder_2(t5_ids).last_hidden_state
+            return PromptEmbeds(hidden, self.text_encoder(clip_ids).pooler_output,
+                                torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device))
         every_token = torch.ones(len(input_ids), input_ids.shape[-1], dtype=torch.long, device=self.device)
         if not self.is_sdxl:
             out = self.text_encoder(input_ids)
@@ -365,7 +392,7 @@ class T2IModel:
     def _encode_sd3(self, input_ids: torch.Tensor) -> PromptEmbeds:
         """SD3's text: both CLIP encoders' penultimate states side by side, zero-padded to T5's width, then T5's
         states after them in the sequence (zeros without a T5); the pooled vector is both CLIPs' projections."""
-        lengths = [length for _, length in self._sd3_tokens()]
+        lengths = [length for _, length in self._token_layout()]
         ids = input_ids.split(lengths, dim=1)
         first = self.text_encoder(ids[0], output_hidden_states=True)
         second = self.text_encoder_2(ids[1], output_hidden_states=True)
@@ -419,10 +446,14 @@ class T2IModel:
 
     # -- denoising ------------------------------------------------------------------------------------
 
-    def predict(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds) -> torch.Tensor:
-        """The denoiser's output for noisy latents at timestep(s) `t` (noise or velocity, see prediction_type)."""
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds,
+                guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's output for noisy latents at timestep(s) `t` (noise or velocity, see prediction_type).
+        `guidance`: the scale a guidance-distilled model reads (`embeds_guidance`; None: `flux.TRAINING_GUIDANCE`)."""
         if self.is_pixart:
             return self._predict_pixart(noisy, t, text)
+        if self.is_flux:
+            return self._predict_flux(noisy, t, text, flux.TRAINING_GUIDANCE if guidance is None else guidance)
         if self.is_sd3:
             return self.unet(hidden_states=noisy.to(self.dtype), timestep=_per_image(t, noisy),
                              encoder_hidden_states=text.hidden.to(self.dtype),
@@ -450,6 +481,19 @@ class T2IModel:
                         encoder_attention_mask=text.mask, timestep=_per_image(t, noisy), added_cond_kwargs=added).sample
         return out[:, :noisy.shape[1]] if out.shape[1] == 2 * noisy.shape[1] else out
 
+    def _predict_flux(self, noisy: torch.Tensor, t: torch.Tensor | int, text: PromptEmbeds,
+                      guidance: float) -> torch.Tensor:
+        """Flux's transformer over `noisy`'s 2 x 2 patches as tokens, at their positions, the timestep in [0, 1] (its
+        pipeline divides by 1000), the guidance scale where it reads one; its output patches put back in place."""
+        height, width = noisy.shape[-2:]
+        scale = torch.full((len(noisy),), guidance, device=noisy.device) if self.embeds_guidance else None
+        timestep = _per_image(t, noisy).to(self.dtype) / 1000
+        out = self.unet(hidden_states=flux.pack(noisy.to(self.dtype)), timestep=timestep, guidance=scale,
+                        pooled_projections=text.pooled.to(self.dtype), encoder_hidden_states=text.hidden.to(self.dtype),
+                        txt_ids=text.hidden.new_zeros(text.hidden.shape[1], 3, dtype=self.dtype),
+                        img_ids=flux.image_positions(height, width, noisy.device, self.dtype)).sample
+        return flux.unpack(out, height, width)
+
     def denoising_loss(
         self,
         latents: torch.Tensor,
@@ -461,8 +505,9 @@ class T2IModel:
         """The standard diffusion loss: noise clean latents at random timesteps, regress the target.
 
         The target follows the schedule's prediction type. `reduction="none"` gives one loss per image,
-        for recipes that weight samples (e.g. by reward). Flow matching (SD3) draws its noise levels logit-normal,
-        as SD3 was trained and diffusers' SD3 scripts tune it, and takes no min-SNR weighting (`snr_gamma` ignored).
+        for recipes that weight samples (e.g. by reward). Flow matching (SD3, Flux) draws its noise levels logit-normal,
+        as SD3 was trained and diffusers' SD3 and Flux scripts tune them, and takes no min-SNR weighting (`snr_gamma`
+        ignored).
         """
         where = generator.device if generator is not None else latents.device  # draw where the generator lives
         noise = torch.randn(latents.shape, generator=generator, device=where).to(latents)

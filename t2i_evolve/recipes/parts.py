@@ -56,7 +56,7 @@ class TeacherSpec(Config):
     sampler: TeacherSampler = TeacherSampler()  # local: how it draws; what it leaves out, its family's usual
     device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
     dtype: str = "float32"  # local: e.g. float16 on a GPU
-    runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Flux, ...
+    runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Playground, ...
     offload: bool = False  # local: on the GPU only while drawing (big teachers beside a base in training)
 
     @model_validator(mode="before")

@@ -1,0 +1,133 @@
+"""Flux folders (random-init, built from configs): flow matching over 2 x 2 latent patches, T5's states and CLIP's pooled
+vector, guidance read as an input (dev) or none (schnell). Our sampler draws what diffusers' Flux pipeline draws from
+the same weights and noise; such a folder saves as one diffusers loads, learns under the flow-matching loss, trains
+LoRA on its three parts, goes through the evolve recipe and draws as a local teacher with its family's settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from transformers import T5Config, T5EncoderModel
+
+from builders import build_tiny_flux, fixed_loss
+from t2i_evolve.errors import UserError
+from t2i_evolve.generators import LocalPipelineTeacher
+from t2i_evolve.models import SamplerConfig, T2IModel, flux, make_scheduler, sample_pixels
+from t2i_evolve.models.sampler import initial_noise
+from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+
+PROMPTS = ["a red circle", "two blue squares left of a green star"]
+
+
+@pytest.fixture(scope="module")
+def schnell_dir(tmp_path_factory):
+    """A Flux-schnell-style folder: no guidance input, an unshifted schedule."""
+    return build_tiny_flux(tmp_path_factory.mktemp("schnell") / "tiny-schnell", guidance_embeds=False)
+
+
+@pytest.mark.parametrize("variant, guidance", [("dev", 3.5), ("dev", 1.0), ("schnell", 1.0), ("schnell", 4.0)])
+def test_our_sampler_draws_what_the_flux_pipeline_draws(variant, guidance, flux_dir, schnell_dir):
+    """Patches as tokens at their positions, T5's states and CLIP's pooled vector, the guidance dev reads (schnell:
+    classifier-free guidance against the empty prompt, the pipeline's `true_cfg_scale`), and the pipeline's noise
+    levels shifted for the image's size, on the same noise."""
+    model = T2IModel.from_pretrained(flux_dir if variant == "dev" else schnell_dir)
+    assert model.is_flux and model.is_flow and not model.is_sdxl and model.embeds_guidance == (variant == "dev")
+    ours = (sample_pixels(model, PROMPTS, [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
+    pipeline = FluxPipeline(
+        transformer=model.unet, scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
+        tokenizer_2=model.tokenizer_2)
+    pipeline.set_progress_bar_config(disable=True)
+    cfg = {"true_cfg_scale": guidance, "negative_prompt": ""} if variant == "schnell" and guidance != 1.0 else {}
+    with torch.no_grad():
+        theirs = pipeline(PROMPTS, num_inference_steps=3, guidance_scale=guidance, height=model.resolution,
+                          width=model.resolution, latents=flux.pack(initial_noise(model, [0, 1])), output_type="pt",
+                          max_sequence_length=model.tokenizer_2.model_max_length, **cfg).images
+    assert ours.shape == theirs.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
+    other = (sample_pixels(model, PROMPTS[::-1], [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
+    assert (other - ours).abs().max() > 1e-3  # (a model deaf to its text would pass the comparison too)
+
+
+def test_patches_go_back_where_they_came_from_and_sizes_shift_the_schedule(flux_dir):
+    latents = torch.randn(2, 4, 6, 8)
+    tokens = flux.pack(latents)
+    assert tokens.shape == (2, 12, 16) and torch.equal(flux.unpack(tokens, 6, 8), latents)
+    assert torch.equal(tokens[0, 5, :4], latents[0, 0, 2:4, 2:4].reshape(-1))  # patch row 1, column 1; channel 0 first
+    assert flux.image_positions(6, 8, torch.device("cpu"), torch.float32)[5].tolist() == [0, 1, 1]
+    with pytest.raises(UserError, match="even sides"):
+        flux.pack(torch.zeros(1, 4, 5, 6))
+    model = T2IModel.from_pretrained(flux_dir)
+    small, large = (make_scheduler(model, "ddim", 4, side).sigmas[1].item() for side in (32, 256))
+    assert 0 < small < large < 1  # more tokens, more of the steps at high noise (as the pipeline shifts them)
+
+
+def test_a_flux_folder_saves_as_diffusers_loads_it_learns_and_trains_lora_on_its_three_parts(flux_dir, tmp_path):
+    base = T2IModel.from_pretrained(flux_dir)
+    assert set(base.trainable_parts()) == {"unet", "text_encoder", "text_encoder_2"}
+    shapes = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
+    full = TrainConfig(model=str(flux_dir), output_dir=str(tmp_path / "full"), steps=30, batch_size=8, lr=2e-3,
+                       warmup_steps=0, ema_decay=None, caption_dropout=0, tracker="none")
+    Trainer(full, shapes).run()
+    before, after = fixed_loss(base, shapes), fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
+    assert after < 0.7 * before, (before, after)  # the flow-matching loss on the same noise and noise levels
+
+    lora = TrainConfig(model=str(flux_dir), output_dir=str(tmp_path / "lora"), steps=3, batch_size=4, lr=1e-2,
+                       warmup_steps=0, lora=LoraSettings(rank=4), caption_dropout=0.5, ema_decay=None,
+                       mixed_precision="bf16", gradient_checkpointing=True, tracker="none")
+    Trainer(lora, shapes).run()
+    saved = T2IModel.from_pretrained(tmp_path / "lora" / "model")
+    names = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder_2": ("q", "k", "v", "o")}
+    for part in saved.trainable_parts():
+        wanted = names.get(part, ("q_proj", "k_proj", "v_proj", "out_proj"))
+        before = dict(getattr(base, part).named_parameters())
+        changed = [n for n, p in getattr(saved, part).named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all(n.rsplit(".", 1)[0].endswith(tuple(f".{t}" for t in wanted)) for n in changed), part
+    pipeline = FluxPipeline.from_pretrained(tmp_path / "lora" / "model")  # a folder diffusers loads
+    assert type(pipeline.transformer).__name__ == "FluxTransformer2DModel" and pipeline.transformer.config.guidance_embeds
+    assert T2IModel.from_pretrained(tmp_path / "lora" / "model").resolution == 32  # (its config's sample size, kept)
+
+
+def test_evolve_trains_a_flux_base_and_a_flux_folder_is_a_local_teacher(flux_dir, schnell_dir, tmp_path):
+    from evolve_worker import small_config
+    from t2i_evolve.recipes.evolve import run_evolve
+
+    summary = run_evolve(small_config(str(tmp_path), base_model=str(flux_dir), rounds=1, seed_prompts=12,
+                                      eval_prompts=4, ema_decay=None, lora={"rank": 2}))
+    assert sum(summary["rounds"][0]["ops"].values()) > 0 and summary["final_score"] is not None
+    trained = T2IModel.from_pretrained(tmp_path / "rounds" / "001" / "model")
+    base = dict(T2IModel.from_pretrained(flux_dir).unet.named_parameters())
+    changed = [n for n, p in trained.unet.named_parameters() if not torch.equal(p, base[n])]
+    assert trained.is_flux and changed and all(".to_" in n for n in changed)  # adapters merged into attention
+
+    for folder, steps, guidance in ((flux_dir, 28, 3.5), (schnell_dir, 4, 1.0)):  # each variant's usual settings
+        teacher = LocalPipelineTeacher(folder, sampler={"batch_size": 2})
+        assert teacher.config.runner == "t2i-evolve" and ":flow-euler-" in teacher.id
+        assert (teacher.sampler.config.steps, teacher.sampler.config.guidance) == (steps, guidance)
+    images = LocalPipelineTeacher(schnell_dir).generate(PROMPTS, [0, 1])
+    assert [image.size for image in images] == [(32, 32)] * 2
+
+
+def test_a_flux_folder_it_would_misread_is_one_line(flux_dir, sd3_dir, tmp_path):
+    wide = shutil.copytree(flux_dir, tmp_path / "wide")  # (a T5 of 32-wide states, the transformer reads 64)
+    config = T5Config.from_pretrained(wide / "text_encoder_2")
+    config.d_model = 32
+    T5EncoderModel(config).save_pretrained(wide / "text_encoder_2")
+    with pytest.raises(UserError, match="reads pooled vectors 32 wide and text 64 wide; its text encoders give 32 "
+                                        "\\(CLIP\\) and 32 \\(T5\\)"):
+        T2IModel.from_pretrained(wide)
+
+    ddpm = shutil.copytree(flux_dir, tmp_path / "ddpm")
+    index = json.loads((ddpm / "model_index.json").read_text())
+    (ddpm / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "DDPMScheduler"]}))
+    with pytest.raises(UserError, match="DDPMScheduler noise schedule is not supported yet for this model \\(Flux trains"):
+        T2IModel.from_pretrained(ddpm)
+
+    odd = T2IModel.from_pretrained(flux_dir)
+    with pytest.raises(UserError, match="Flux draws latents of even sides; 9 x 9"):
+        sample_pixels(odd, PROMPTS[:1], [0], SamplerConfig(steps=1, resolution=18))
