@@ -89,7 +89,7 @@ its trainer's config.yaml too)."""
 
 RUN_OUTPUTS = {"evolve": ("prompts.txt", "rounds", "metrics.jsonl", "summary.json", "report.html"),
                "demo": ("config.yaml", "checkpoints", "model", "metrics.jsonl", "summary.json", "report.html"),
-               "train": ("config.yaml", "checkpoints", "model", "metrics.jsonl")}
+               "train": ("config.yaml", "checkpoints", "model", "lora", "metrics.jsonl")}
 """What each command writes into its run folder after its marker: in a folder without the marker they are someone
 else's (a user's own report.html or metrics.jsonl), which a new run would write over."""
 

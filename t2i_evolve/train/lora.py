@@ -1,14 +1,19 @@
-"""LoRA adapters through peft, and folding them back into plain weights for saving."""
+"""LoRA adapters through peft, folding them back into plain weights for saving, and writing them as diffusers'
+LoRA file (`export_adapters`)."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
+from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import ModelMixin
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 from pydantic import Field
 
 from ..config import Config
@@ -83,3 +88,38 @@ def merged_copy(model: T2IModel) -> T2IModel:
         plain.load_state_dict(merged_state_dict(module))
         setattr(merged, name, plain)
     return merged
+
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+"""The file name diffusers' `load_lora_weights` looks for in a folder."""
+
+
+def export_adapters(model: T2IModel, folder: Path) -> str | None:
+    """Write `model`'s adapters (relative to the base it was read from) as diffusers' LoRA file in `folder`, which
+    `Pipeline.from_pretrained(base).load_lora_weights(folder)` applies: megabytes to share instead of a merged copy of
+    the model. None when written, or where there are no adapters or no diffusers pipeline to load them (the tiny
+    model); else why not: the model's pipeline class has no LoRA format (PixArt's), or its format has no place for one
+    of the adapted parts (Flux's T5, SD3's)."""
+    (folder / ADAPTER_FILE).unlink(missing_ok=True)  # (an earlier save's: never left beside a model it did not make)
+    adapted = {name: module for name, module in model.trainable_parts().items() if has_lora(module)}
+    if not adapted:
+        return None
+    pipeline = getattr(diffusers, model.pipeline_class, None)
+    if not (isinstance(pipeline, type) and issubclass(pipeline, diffusers.DiffusionPipeline)):
+        return None
+    save = getattr(pipeline, "save_lora_weights", None)
+    if save is None:
+        return f"{model.pipeline_class} has no LoRA file format"
+    accepts = inspect.signature(save).parameters
+    keywords: dict = {}
+    for name, module in adapted.items():
+        part = model.denoiser_folder if name == "unet" else name
+        if f"{part}_lora_layers" not in accepts:
+            return f"{model.pipeline_class}'s LoRA files hold no adapters for {name} ({type(module).__name__})"
+        keywords[f"{part}_lora_layers"] = {key: value.detach().cpu() for key, value in
+                                           get_peft_model_state_dict(module).items()}
+        if f"{part}_lora_adapter_metadata" in accepts:  # (rank and alpha: the scale a loader applies)
+            keywords[f"{part}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    save(folder, weight_name=ADAPTER_FILE, safe_serialization=True, **keywords)
+    return None

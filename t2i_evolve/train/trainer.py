@@ -39,7 +39,7 @@ from ..models import T2IModel
 from ..progress import console
 from .data import IMAGE_MEMORY_GB, ImageFiles, TrainingSet, batch_indices
 from .ema import EMA
-from .lora import LoraSettings, add_lora, merged_copy
+from .lora import LoraSettings, add_lora, export_adapters, merged_copy
 
 
 # What makes a training setting valid, shared by every config that hands one on to `TrainConfig` (a recipe's,
@@ -489,7 +489,8 @@ class Trainer:
             write_jsonl(path, kept)
 
     def save_model(self, path: Path) -> Path:
-        """The trained model (EMA weights if any, LoRA merged) as a loadable safetensors folder."""
+        """The trained model (EMA weights if any, LoRA merged) as a loadable safetensors folder; with LoRA, the
+        adapters also as diffusers' LoRA file in a `lora` folder beside it, where the model's family has one."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -498,6 +499,8 @@ class Trainer:
             with self.ema.applied() if self.ema else nullcontext():
                 merged_copy(self.model).save_pretrained(path, unchanged_from=Path(self.config.model),
                                                         unchanged=self.frozen)
+                if (unexported := export_adapters(self.model, path.parent / "lora")) is not None:
+                    console.print(f"note: the adapters are saved merged into {path} only: {unexported}", markup=False)
         acc.wait_for_everyone()
         return path
 

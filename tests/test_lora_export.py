@@ -1,0 +1,75 @@
+"""Adapters written as diffusers' LoRA file beside the merged model: diffusers' own pipeline over the base, with
+`load_lora_weights`, draws what our sampler draws from the merged model; a family whose format cannot hold every
+adapted part gets no file, and never keeps an earlier one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+from t2i_evolve.models import SamplerConfig, T2IModel, flux, sample_pixels
+from t2i_evolve.models.sampler import initial_noise
+from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet
+from t2i_evolve.train.lora import ADAPTER_FILE
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+from test_real_architectures import _diffusers_pipeline
+
+PROMPTS = ["a red circle", "two blue squares left of a green star"]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
+
+
+def diffusers_draws(model: T2IModel, guidance: float) -> torch.Tensor:
+    """diffusers' pipeline over `model`'s modules: DDIM as our sampler's for a UNet, Flux's own Euler steps."""
+    noise = initial_noise(model, [0, 1])
+    if model.is_flux:
+        pipeline = FluxPipeline(transformer=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                                tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
+                                tokenizer_2=model.tokenizer_2,
+                                scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config))
+        noise, extra = flux.pack(noise), {"max_sequence_length": model.tokenizer_2.model_max_length}
+    else:
+        pipeline, extra = _diffusers_pipeline(model), {}
+    return pipeline, dict(num_inference_steps=3, guidance_scale=guidance, latents=noise, height=model.resolution,
+                          width=model.resolution, output_type="pt", **extra)
+
+
+@pytest.mark.parametrize("folder, text_encoders", [("sd_dir", True), ("sdxl_dir", True), ("flux_dir", False)])
+def test_diffusers_loads_the_adapters_onto_the_base_and_draws_what_the_merged_model_draws(folder, text_encoders,
+                                                                                        shapes, request, tmp_path):
+    base_dir = request.getfixturevalue(folder)
+    config = TrainConfig(model=str(base_dir), output_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-2,
+                         warmup_steps=0, lora=LoraSettings(rank=4, alpha=8), train_text_encoder=text_encoders,
+                         ema_decay=None, tracker="none")
+    Trainer(config, shapes).run()
+    assert (tmp_path / "lora" / ADAPTER_FILE).is_file()
+
+    guidance = 3.5 if folder == "flux_dir" else 3.0
+    merged = T2IModel.from_pretrained(tmp_path / "model")
+    ours = (sample_pixels(merged, PROMPTS, [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
+    base = T2IModel.from_pretrained(base_dir)
+    pipeline, call = diffusers_draws(base, guidance)
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        before = pipeline(PROMPTS, **call).images
+        pipeline.load_lora_weights(tmp_path / "lora")
+        after = pipeline(PROMPTS, **call).images
+    assert (before.float() - ours).abs().max() > 1e-2  # (the adapters change what is drawn)
+    torch.testing.assert_close(ours, after.float(), atol=2e-4, rtol=0)
+
+
+def test_adapters_a_format_cannot_hold_get_no_file_not_even_an_earlier_one(flux_dir, shapes, tmp_path):
+    """Flux's LoRA files hold its transformer's and CLIP's adapters, not T5's: the merged model alone, and a file
+    left by an earlier save (here planted) is removed, never left beside a model it did not make."""
+    run = dict(model=str(flux_dir), output_dir=str(tmp_path), batch_size=4, lr=1e-2, warmup_steps=0,
+               lora=LoraSettings(rank=4), ema_decay=None, tracker="none")
+    Trainer(TrainConfig(**run, steps=2), shapes).run()
+    assert not (tmp_path / "lora" / ADAPTER_FILE).exists() and (tmp_path / "model" / "model_index.json").is_file()
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / ADAPTER_FILE).write_bytes(b"an earlier save's")
+    Trainer(TrainConfig(**run, steps=3), shapes).run()  # (the same run, on to more steps)
+    assert not (tmp_path / "lora" / ADAPTER_FILE).exists()
