@@ -219,6 +219,44 @@ def fixed_loss(model, data) -> float:
         return model.denoising_loss(latents, text, generator=torch.Generator().manual_seed(0)).item()
 
 
+def copy_with_index(folder, dest, **entries):
+    """A copy of model folder `folder` at `dest` whose model_index.json names `entries` (part: [library, class])."""
+    shutil.copytree(folder, dest)
+    index = json.loads((dest / "model_index.json").read_text())
+    (dest / "model_index.json").write_text(json.dumps(index | entries))
+    return dest
+
+
+def check_learns_and_trains_lora(model_dir, tmp_path, t5_part: str) -> None:
+    """A transformer folder with T5 (SD3, Flux) learns under full fine-tuning (its loss on fixed noise falls by 30%
+    in 30 steps) and trains LoRA on every part (bf16, checkpointing), each part's changed weights only those of the
+    projections LoRA targets: the transformer's attention, CLIP's, and T5's (`t5_part`) under T5's own names.
+    The LoRA run's merged model is left in `tmp_path / "lora" / "model"`."""
+    from t2i_evolve.models import T2IModel
+    from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet
+    from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
+
+    base = T2IModel.from_pretrained(model_dir)
+    shapes = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
+    full = TrainConfig(model=str(model_dir), output_dir=str(tmp_path / "full"), steps=30, batch_size=8, lr=2e-3,
+                       warmup_steps=0, ema_decay=None, caption_dropout=0, tracker="none")
+    Trainer(full, shapes).run()
+    before, after = fixed_loss(base, shapes), fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
+    assert after < 0.7 * before, (before, after)  # the flow-matching loss on the same noise and noise levels
+
+    lora = TrainConfig(model=str(model_dir), output_dir=str(tmp_path / "lora"), steps=3, batch_size=4, lr=1e-2,
+                       warmup_steps=0, lora=LoraSettings(rank=4), caption_dropout=0.5, ema_decay=None,
+                       mixed_precision="bf16", gradient_checkpointing=True, tracker="none")
+    Trainer(lora, shapes).run()
+    saved = T2IModel.from_pretrained(tmp_path / "lora" / "model")
+    names = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), t5_part: ("q", "k", "v", "o")}
+    for part in saved.trainable_parts():
+        wanted = names.get(part, ("q_proj", "k_proj", "v_proj", "out_proj"))
+        before = dict(getattr(base, part).named_parameters())
+        changed = [n for n, p in getattr(saved, part).named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all(n.rsplit(".", 1)[0].endswith(tuple(f".{t}" for t in wanted)) for n in changed), part
+
+
 def build_teacher_ledger(folder, n: int, seed: int, deleted: int = 0):
     """A run folder whose ledger holds `n` strong-teacher images of grammar prompts, the last `deleted` of them
     deleted by the judge (replayable)."""

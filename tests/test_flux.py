@@ -5,7 +5,6 @@ LoRA on its three parts, goes through the evolve recipe and draws as a local tea
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -13,13 +12,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from transformers import T5Config, T5EncoderModel
 
-from builders import build_tiny_flux, fixed_loss
+from builders import build_tiny_flux, check_learns_and_trains_lora, copy_with_index
 from t2i_evolve.errors import UserError
 from t2i_evolve.generators import LocalPipelineTeacher
 from t2i_evolve.models import SamplerConfig, T2IModel, flux, make_scheduler, sample_pixels
 from t2i_evolve.models.sampler import initial_noise
-from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet
-from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
 
 PROMPTS = ["a red circle", "two blue squares left of a green star"]
 
@@ -68,26 +65,8 @@ def test_patches_go_back_where_they_came_from_and_sizes_shift_the_schedule(flux_
 
 
 def test_a_flux_folder_saves_as_diffusers_loads_it_learns_and_trains_lora_on_its_three_parts(flux_dir, tmp_path):
-    base = T2IModel.from_pretrained(flux_dir)
-    assert set(base.trainable_parts()) == {"unet", "text_encoder", "text_encoder_2"}
-    shapes = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
-    full = TrainConfig(model=str(flux_dir), output_dir=str(tmp_path / "full"), steps=30, batch_size=8, lr=2e-3,
-                       warmup_steps=0, ema_decay=None, caption_dropout=0, tracker="none")
-    Trainer(full, shapes).run()
-    before, after = fixed_loss(base, shapes), fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
-    assert after < 0.7 * before, (before, after)  # the flow-matching loss on the same noise and noise levels
-
-    lora = TrainConfig(model=str(flux_dir), output_dir=str(tmp_path / "lora"), steps=3, batch_size=4, lr=1e-2,
-                       warmup_steps=0, lora=LoraSettings(rank=4), caption_dropout=0.5, ema_decay=None,
-                       mixed_precision="bf16", gradient_checkpointing=True, tracker="none")
-    Trainer(lora, shapes).run()
-    saved = T2IModel.from_pretrained(tmp_path / "lora" / "model")
-    names = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder_2": ("q", "k", "v", "o")}
-    for part in saved.trainable_parts():
-        wanted = names.get(part, ("q_proj", "k_proj", "v_proj", "out_proj"))
-        before = dict(getattr(base, part).named_parameters())
-        changed = [n for n, p in getattr(saved, part).named_parameters() if not torch.equal(p, before[n])]
-        assert changed and all(n.rsplit(".", 1)[0].endswith(tuple(f".{t}" for t in wanted)) for n in changed), part
+    assert set(T2IModel.from_pretrained(flux_dir).trainable_parts()) == {"unet", "text_encoder", "text_encoder_2"}
+    check_learns_and_trains_lora(flux_dir, tmp_path, t5_part="text_encoder_2")
     pipeline = FluxPipeline.from_pretrained(tmp_path / "lora" / "model")  # a folder diffusers loads
     assert type(pipeline.transformer).__name__ == "FluxTransformer2DModel" and pipeline.transformer.config.guidance_embeds
     assert T2IModel.from_pretrained(tmp_path / "lora" / "model").resolution == 32  # (its config's sample size, kept)
@@ -122,9 +101,7 @@ def test_a_flux_folder_it_would_misread_is_one_line(flux_dir, sd3_dir, tmp_path)
                                         "\\(CLIP\\) and 32 \\(T5\\)"):
         T2IModel.from_pretrained(wide)
 
-    ddpm = shutil.copytree(flux_dir, tmp_path / "ddpm")
-    index = json.loads((ddpm / "model_index.json").read_text())
-    (ddpm / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "DDPMScheduler"]}))
+    ddpm = copy_with_index(flux_dir, tmp_path / "ddpm", scheduler=["diffusers", "DDPMScheduler"])
     with pytest.raises(UserError, match="DDPMScheduler noise schedule is not supported yet for this model \\(Flux trains"):
         T2IModel.from_pretrained(ddpm)
 

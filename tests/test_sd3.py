@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection
 
-from builders import fixed_loss
+from builders import check_learns_and_trains_lora, copy_with_index
 from t2i_evolve.errors import UserError
 from t2i_evolve.models import SamplerConfig, T2IModel, sample_pixels
 from t2i_evolve.models.sampler import initial_noise
@@ -57,26 +57,9 @@ def test_our_sampler_draws_what_the_sd3_pipeline_draws(t5, guidance, sd3_dir, tm
 
 
 def test_an_sd3_folder_saves_as_diffusers_loads_it_learns_and_trains_lora_on_its_four_parts(sd3_dir, tmp_path):
-    sd3 = T2IModel.from_pretrained(sd3_dir)
-    assert set(sd3.trainable_parts()) == {"unet", "text_encoder", "text_encoder_2", "text_encoder_3"}
-    shapes = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
-    full = TrainConfig(model=str(sd3_dir), output_dir=str(tmp_path / "full"), steps=30, batch_size=8, lr=2e-3,
-                       warmup_steps=0, ema_decay=None, caption_dropout=0, tracker="none")
-    Trainer(full, shapes).run()
-    before, after = fixed_loss(sd3, shapes), fixed_loss(T2IModel.from_pretrained(tmp_path / "full" / "model"), shapes)
-    assert after < 0.7 * before, (before, after)  # the flow-matching loss on the same noise and noise levels
-
-    lora = TrainConfig(model=str(sd3_dir), output_dir=str(tmp_path / "lora"), steps=3, batch_size=4, lr=1e-2,
-                       warmup_steps=0, lora=LoraSettings(rank=4), caption_dropout=0.5, ema_decay=None,
-                       mixed_precision="bf16", gradient_checkpointing=True, tracker="none")
-    Trainer(lora, shapes).run()
-    saved = T2IModel.from_pretrained(tmp_path / "lora" / "model")
-    names = {"unet": ("to_q", "to_k", "to_v", "to_out.0"), "text_encoder_3": ("q", "k", "v", "o")}
-    for part in saved.trainable_parts():
-        wanted = names.get(part, ("q_proj", "k_proj", "v_proj", "out_proj"))
-        before = dict(getattr(sd3, part).named_parameters())
-        changed = [n for n, p in getattr(saved, part).named_parameters() if not torch.equal(p, before[n])]
-        assert changed and all(n.rsplit(".", 1)[0].endswith(tuple(f".{t}" for t in wanted)) for n in changed), part
+    assert set(T2IModel.from_pretrained(sd3_dir).trainable_parts()) == {"unet", "text_encoder", "text_encoder_2",
+                                                                         "text_encoder_3"}
+    check_learns_and_trains_lora(sd3_dir, tmp_path, t5_part="text_encoder_3")
     pipeline = StableDiffusion3Pipeline.from_pretrained(tmp_path / "lora" / "model")  # a folder diffusers loads
     assert type(pipeline.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert type(pipeline.text_encoder_3).__name__ == "T5EncoderModel"
@@ -112,9 +95,7 @@ def test_an_sd3_folder_it_would_misread_is_one_line(sd3_dir, tmp_path):
     with pytest.raises(UserError, match="SD3 with a flow-matching schedule that shifts dynamically \\(Flux's\\) is not"):
         T2IModel.from_pretrained(shifting)
 
-    ddpm = shutil.copytree(sd3_dir, tmp_path / "ddpm")
-    index = json.loads((ddpm / "model_index.json").read_text())
-    (ddpm / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "DDPMScheduler"]}))
+    ddpm = copy_with_index(sd3_dir, tmp_path / "ddpm", scheduler=["diffusers", "DDPMScheduler"])
     with pytest.raises(UserError, match="DDPMScheduler noise schedule is not supported yet for this model \\(SD3 trains"):
         T2IModel.from_pretrained(ddpm)
 

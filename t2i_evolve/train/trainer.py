@@ -500,7 +500,8 @@ class Trainer:
                 merged_copy(self.model).save_pretrained(path, unchanged_from=Path(self.config.model),
                                                         unchanged=self.frozen)
                 if (unexported := export_adapters(self.model, path.parent / "lora")) is not None:
-                    console.print(f"note: the adapters are saved merged into {path} only: {unexported}", markup=False)
+                    console.print(f"note: the adapters are saved merged into {path} only: {unexported}", markup=False,
+                                  soft_wrap=True)
         acc.wait_for_everyone()
         return path
 
