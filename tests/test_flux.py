@@ -34,6 +34,7 @@ def test_our_sampler_draws_what_the_flux_pipeline_draws(variant, guidance, flux_
     levels shifted for the image's size, on the same noise."""
     model = T2IModel.from_pretrained(flux_dir if variant == "dev" else schnell_dir)
     assert model.is_flux and model.is_flow and not model.is_sdxl and model.embeds_guidance == (variant == "dev")
+    assert model.max_length == 24 + flux.T5_TOKENS[variant] == model.tokenize(PROMPTS).shape[1]  # CLIP's, T5's
     ours = (sample_pixels(model, PROMPTS, [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
     pipeline = FluxPipeline(
         transformer=model.unet, scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
@@ -44,7 +45,7 @@ def test_our_sampler_draws_what_the_flux_pipeline_draws(variant, guidance, flux_
     with torch.no_grad():
         theirs = pipeline(PROMPTS, num_inference_steps=3, guidance_scale=guidance, height=model.resolution,
                           width=model.resolution, latents=flux.pack(initial_noise(model, [0, 1])), output_type="pt",
-                          max_sequence_length=model.tokenizer_2.model_max_length, **cfg).images
+                          max_sequence_length=flux.T5_TOKENS[variant], **cfg).images
     assert ours.shape == theirs.shape == (2, 3, 32, 32)
     torch.testing.assert_close(ours, theirs.float(), atol=1e-4, rtol=0)
     other = (sample_pixels(model, PROMPTS[::-1], [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
@@ -104,6 +105,10 @@ def test_a_flux_folder_it_would_misread_is_one_line(flux_dir, sd3_dir, tmp_path)
     ddpm = copy_with_index(flux_dir, tmp_path / "ddpm", scheduler=["diffusers", "DDPMScheduler"])
     with pytest.raises(UserError, match="DDPMScheduler noise schedule is not supported yet for this model \\(Flux trains"):
         T2IModel.from_pretrained(ddpm)
+
+    pixels = copy_with_index(flux_dir, tmp_path / "no-vae", vae=[None, None])
+    with pytest.raises(UserError, match="Flux draws a VAE's latents, and model_index.json names no vae"):
+        T2IModel.from_pretrained(pixels)
 
     odd = T2IModel.from_pretrained(flux_dir)
     with pytest.raises(UserError, match="Flux draws latents of even sides; 9 x 9"):

@@ -5,6 +5,7 @@ adapted part gets no file, and never keeps an earlier one."""
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -31,7 +32,7 @@ def diffusers_draws(model: T2IModel, guidance: float) -> torch.Tensor:
                                 tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
                                 tokenizer_2=model.tokenizer_2,
                                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config))
-        noise, extra = flux.pack(noise), {"max_sequence_length": model.tokenizer_2.model_max_length}
+        noise, extra = flux.pack(noise), {"max_sequence_length": flux.T5_TOKENS["dev"]}
     else:
         pipeline, extra = _diffusers_pipeline(model), {}
     return pipeline, dict(num_inference_steps=3, guidance_scale=guidance, latents=noise, height=model.resolution,
@@ -46,7 +47,12 @@ def test_diffusers_loads_the_adapters_onto_the_base_and_draws_what_the_merged_mo
                          warmup_steps=0, lora=LoraSettings(rank=4, alpha=8), train_text_encoder=text_encoders,
                          ema_decay=None, tracker="none")
     Trainer(config, shapes).run()
-    assert (tmp_path / "lora" / ADAPTER_FILE).is_file()
+    written = safetensors.torch.load_file(tmp_path / "lora" / ADAPTER_FILE)
+    encoders = {key.split(".")[0] for key in written} - {"unet", "transformer"}
+    assert encoders == ({"text_encoder", "text_encoder_2"} if folder == "sdxl_dir" else {"text_encoder"} if text_encoders
+                        else set())
+    # CLIP's layers under `text_model.`, as diffusers' own files and transformers 4 name them (5 flattens CLIPTextModel)
+    assert all(key.split(".")[1] == "text_model" for key in written if key.split(".")[0] in encoders)
 
     guidance = 3.5 if folder == "flux_dir" else 3.0
     merged = T2IModel.from_pretrained(tmp_path / "model")

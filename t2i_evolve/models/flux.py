@@ -19,13 +19,14 @@ import torch
 
 from ..errors import UserError
 
-TRAINING_GUIDANCE = 3.5
-"""The guidance a guidance-distilled Flux (dev) reads while it is fine-tuned: diffusers' Flux training scripts' default,
-and the scale `FluxPipeline` samples at."""
+TRAINING_GUIDANCE = 1.0
+"""The guidance a guidance-distilled Flux (dev) reads while it is fine-tuned, as diffusers' Flux training commands pass
+it (`--guidance_scale=1`; their script's own default is 3.5, the scale `FluxPipeline` samples at)."""
 SAMPLE_SIZE = 128
 """Latent side a Flux folder draws at when its config does not say (`FluxPipeline.default_sample_size`): 1024 px."""
-T5_TOKENS = 512
-"""T5 tokens per prompt, as `FluxPipeline` pads them (`max_sequence_length`)."""
+T5_TOKENS = {"dev": 512, "schnell": 256}
+"""T5 tokens per prompt, as Black Forest Labs' reference pads them: 512 for dev, 256 for schnell (`FluxPipeline`'s
+`max_sequence_length`, 512 unless given)."""
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,8 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
     """Flux's transformer reads CLIP's pooled vector (its `pooled_projection_dim`) and T5's states (its
     `joint_attention_dim`): a folder whose encoders give other widths is one line here, not a shape error later."""
     config, clip, t5 = parts["unet"].config, parts["text_encoder"], parts.get("text_encoder_2")
+    if parts["vae"] is None:
+        raise UserError(f"{root}: Flux draws a VAE's latents, and model_index.json names no vae")
     if t5 is None or not hasattr(t5.config, "d_model"):
         raise UserError(f"{root}: Flux reads T5's states: text_encoder_2 must be a T5 encoder")
     pooled, width = getattr(clip.config, "hidden_size", None), t5.config.d_model

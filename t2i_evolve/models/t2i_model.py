@@ -322,13 +322,15 @@ class T2IModel:
         pad each of their tokenizers to its own length: `_token_layout`.)"""
         if self.is_pixart:
             return min(self.tokenizer.model_max_length, 300 if "Sigma" in self.pipeline_class else 120)
+        if self.is_sd3 or self.is_flux:  # (a prompt's row: every tokenizer's ids side by side)
+            return sum(length for _, length in self._token_layout())
         pairs = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
         return min(_clip_length(tok, enc) for tok, enc in pairs if tok is not None)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids (B, max_length), always padded to the full length; SDXL: (B, 2, max_length), a row of ids
         per tokenizer (each pads with its own token); SD3: (B, 77 + 77 + 256), its three tokenizers' side by side;
-        Flux: (B, 77 + 512), CLIP's and T5's.
+        Flux: (B, 77 + 512), CLIP's and T5's (schnell: 77 + 256).
 
         Fixed-length padding makes a prompt's embedding independent of the other prompts in its batch
         (cross-attention sees the padding), which the sampler's per-(prompt, seed) determinism needs. PixArt's
@@ -349,7 +351,8 @@ class T2IModel:
         at 256 (SD3) or 512 (Flux)."""
         if self.is_flux:
             return [(self.tokenizer, _clip_length(self.tokenizer, self.text_encoder)),
-                    (self.tokenizer_2, min(self.tokenizer_2.model_max_length, flux.T5_TOKENS))]
+                    (self.tokenizer_2, min(self.tokenizer_2.model_max_length,
+                                           flux.T5_TOKENS["dev" if self.embeds_guidance else "schnell"]))]
         clips = [(tok, _clip_length(tok, enc))
                  for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
         t5 = self.tokenizer_3
@@ -506,8 +509,8 @@ class T2IModel:
 
         The target follows the schedule's prediction type. `reduction="none"` gives one loss per image,
         for recipes that weight samples (e.g. by reward). Flow matching (SD3, Flux) draws its noise levels logit-normal,
-        as SD3 was trained and diffusers' SD3 and Flux scripts tune them, and takes no min-SNR weighting (`snr_gamma`
-        ignored).
+        as SD3 was trained and diffusers' SD3 scripts tune it by default (their Flux scripts' default is uniform,
+        logit-normal an option), and takes no min-SNR weighting (`snr_gamma` ignored).
         """
         where = generator.device if generator is not None else latents.device  # draw where the generator lives
         noise = torch.randn(latents.shape, generator=generator, device=where).to(latents)

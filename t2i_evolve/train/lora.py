@@ -116,7 +116,11 @@ def export_adapters(model: T2IModel, folder: Path) -> str | None:
         part = model.denoiser_folder if name == "unet" else name
         if f"{part}_lora_layers" not in accepts:
             return f"{model.pipeline_class}'s LoRA files hold no adapters for {name} ({type(module).__name__})"
-        keywords[f"{part}_lora_layers"] = {key: value.detach().cpu() for key, value in
+        # transformers 5 flattens CLIPTextModel (no `text_model`); diffusers' files and transformers 4 name its
+        # layers under `text_model.` (diffusers strips it where it must, never adds it): written as they expect
+        prefix = "text_model." if name != "unet" and "CLIP" in type(module).__name__ and not hasattr(
+            module, "text_model") else ""
+        keywords[f"{part}_lora_layers"] = {prefix + key: value.detach().cpu() for key, value in
                                            get_peft_model_state_dict(module).items()}
         if f"{part}_lora_adapter_metadata" in accepts:  # (rank and alpha: the scale a loader applies)
             keywords[f"{part}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
