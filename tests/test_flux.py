@@ -17,6 +17,8 @@ from t2i_evolve.errors import UserError
 from t2i_evolve.generators import LocalPipelineTeacher
 from t2i_evolve.models import SamplerConfig, T2IModel, flux, make_scheduler, sample_pixels
 from t2i_evolve.models.sampler import initial_noise
+from t2i_evolve.train import TrainConfig, Trainer, TrainingSet
+from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
 
 PROMPTS = ["a red circle", "two blue squares left of a green star"]
 
@@ -113,3 +115,21 @@ def test_a_flux_folder_it_would_misread_is_one_line(flux_dir, sd3_dir, tmp_path)
     odd = T2IModel.from_pretrained(flux_dir)
     with pytest.raises(UserError, match="Flux draws latents of even sides; 9 x 9"):
         sample_pixels(odd, PROMPTS[:1], [0], SamplerConfig(steps=1, resolution=18))
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_unbroken_one(flux_dir, tmp_path):
+    """T5 trains with dropout (0.1), drawn from torch's global generator: seeded from the step, so a run resumed
+    from a checkpoint draws what the unbroken one drew (it did not: every part ended up to 0.007 apart)."""
+    from safetensors.torch import load_file
+
+    shapes = TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
+    run = dict(model=str(flux_dir), batch_size=4, lr=1e-3, warmup_steps=0, ema_decay=None, checkpoint_every=2,
+               tracker="none")
+    Trainer(TrainConfig(**run, output_dir=str(tmp_path / "unbroken"), steps=4), shapes).run()
+    for steps in (2, 4):  # stopped at its checkpoint, then the same run on
+        Trainer(TrainConfig(**run, output_dir=str(tmp_path / "resumed"), steps=steps), shapes).run()
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        unbroken, resumed = (load_file(next((tmp_path / name / "model" / part).glob("*.safetensors")))
+                             for name in ("unbroken", "resumed"))
+        assert unbroken.keys() == resumed.keys()
+        assert all(torch.equal(unbroken[name], resumed[name]) for name in unbroken), part

@@ -14,6 +14,7 @@ runs on a laptop CPU and under `accelerate launch` on several GPUs. What is ours
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -40,6 +41,17 @@ from ..progress import console
 from .data import IMAGE_MEMORY_GB, ImageFiles, TrainingSet, batch_indices
 from .ema import EMA
 from .lora import LoraSettings, add_lora, export_adapters, merged_copy
+
+
+class _TiedWeightsSavedOnce(logging.Filter):
+    """accelerate warns at every checkpoint of a model with tied weights (T5's input embeddings are its `shared`
+    ones) that it saved them once; safetensors' loader ties them again on resume, so at every round it was noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsSavedOnce())
 
 
 # What makes a training setting valid, shared by every config that hands one on to `TrainConfig` (a recipe's,
@@ -308,7 +320,8 @@ class Trainer:
                                                  * acc.num_processes + acc.process_index) * c.batch_size
                 indices = batch_indices(position, c.batch_size, len(self.data), c.seed)
                 pixels = self._pixels(position, indices)
-                rng = torch.Generator(acc.device).manual_seed(hash((c.seed, self.step, micro, acc.process_index)) % 2**63)
+                seed = hash((c.seed, self.step, micro, acc.process_index)) % 2**63
+                rng = torch.Generator(acc.device).manual_seed(seed)
                 ids = self.prompt_ids[indices.to(self.prompt_ids.device)]
                 if c.random_flip:  # (drawn only when on: a run without it sees the same noise as before)
                     flip = torch.rand(len(ids), generator=rng, device=acc.device) < 0.5
@@ -316,12 +329,16 @@ class Trainer:
                     per_row = flip.view(-1, *(1,) * (ids.dim() - 1))  # (SDXL's ids have a row per tokenizer)
                     ids = torch.where(per_row, self.mirrored_ids[indices.to(ids.device)], ids)
                 drop = torch.rand(len(ids), generator=rng, device=acc.device) < c.caption_dropout
-                with acc.autocast():
-                    with torch.set_grad_enabled(c.train_text_encoder):
-                        text = self.model.encode_tokens(ids, drop=drop)
-                    latents = self.model.encode_images(pixels.to(acc.device))
-                    loss = self.model.denoising_loss(latents, text, generator=rng, snr_gamma=c.snr_gamma)
-                acc.backward(loss)
+                # Dropout in the modules (T5's) draws from the global generators: seeded from the step as well, so
+                # a resumed run draws what an unbroken one did (and the generators are left as they were).
+                with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+                    torch.manual_seed(seed)
+                    with acc.autocast():
+                        with torch.set_grad_enabled(c.train_text_encoder):
+                            text = self.model.encode_tokens(ids, drop=drop)
+                        latents = self.model.encode_images(pixels.to(acc.device))
+                        loss = self.model.denoising_loss(latents, text, generator=rng, snr_gamma=c.snr_gamma)
+                    acc.backward(loss)
                 if acc.sync_gradients and c.max_grad_norm:
                     acc.clip_grad_norm_(self.params, c.max_grad_norm)
                 self.optimizer.step()
