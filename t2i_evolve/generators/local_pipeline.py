@@ -89,9 +89,9 @@ class LocalPipelineTeacherConfig(Config):
     path: Path = Field(description="The model folder.")
     sampler: TeacherSampler = Field(default_factory=TeacherSampler, description="How it draws; what it leaves out: "
                                     "the family's usual (`FAMILY_SAMPLERS`: SD 1.x/2.x 25 DPM++ steps at guidance 7.5, "
-                                    "SDXL 30 at 5.0, PixArt 20 at 4.5, SD3 28 at 7.0, Flux-dev 28 reading 3.5, Flux-schnell 4 "
-                                    "without guidance), or for a folder diffusers draws "
-                                    "its pipeline's own. A `SamplerConfig` sets every field.")
+                                    "SDXL 30 at 5.0, PixArt 20 at 4.5, SD3 28 at 7.0, Flux-dev 28 reading 3.5, "
+                                    "Flux-schnell 4 without guidance), or for a folder diffusers draws its pipeline's "
+                                    "own. A `SamplerConfig` sets every field.")
     device: str = "cpu"
     dtype: str = "float32"
     price_per_call: float = Field(0.0, ge=0, description="Assumed price of one image (compute), for budgets.")
@@ -101,7 +101,8 @@ class LocalPipelineTeacherConfig(Config):
     runner: Literal["auto", "t2i-evolve", "diffusers"] = Field(
         "auto", description="Who draws. t2i-evolve: `T2IModel` and our sampler (SD 1.x/2.x, SDXL, PixArt, SD3, "
         "Flux: checked equal to diffusers' pipelines; `sampler.scheduler` applies but to SD3 and Flux). diffusers: the "
-        "pipeline class the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt handling; "
+        "pipeline class the folder names (any family: Flux, Playground, ...), with its own scheduler and prompt "
+        "handling; "
         "a given sampler's `steps`, `guidance`, `resolution` and `batch_size` passed on, not its `scheduler` (none "
         "given: the pipeline's own). auto: t2i-evolve where it reads the folder, else diffusers.")
     offload: bool = Field(False, description="Hold the weights in CPU memory, on the device only while drawing: "

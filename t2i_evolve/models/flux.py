@@ -79,7 +79,7 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
     if pooled != config.pooled_projection_dim or width != config.joint_attention_dim:
         raise UserError(f"{root}: the transformer reads pooled vectors {config.pooled_projection_dim} wide and text "
                         f"{config.joint_attention_dim} wide; its text encoders give {pooled} (CLIP) and {width} (T5)")
-    latent = parts["vae"].config.latent_channels if parts["vae"] is not None else None
-    if config.in_channels % 4 or (latent is not None and latent * 4 != config.in_channels):
+    latent = parts["vae"].config.latent_channels
+    if latent * 4 != config.in_channels:
         raise UserError(f"{root}: the transformer reads {config.in_channels} channels a token, not four times the "
                         f"VAE's {latent} latent channels (2 x 2 patches)")

@@ -173,8 +173,11 @@ def check_conditioning(root: Path, parts: dict[str, Any]) -> None:
             raise UserError(f"{root}: the transformer reads text states {wanted} wide; its text encoder "
                             f"({type(encoder).__name__}) gives {width}")
         return
-    if family in ("sd3", "flux"):
-        (check_sd3_conditioning if family == "sd3" else flux.check_conditioning)(root, parts)
+    if family == "sd3":
+        check_sd3_conditioning(root, parts)
+        return
+    if family == "flux":
+        flux.check_conditioning(root, parts)
         return
     if not isinstance(parts["unet"], UNet2DConditionModel):
         raise UserError(f"{root}: its denoiser loads as a {type(parts['unet']).__name__}, not a UNet, nor PixArt's, "
