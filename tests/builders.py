@@ -219,6 +219,24 @@ def fixed_loss(model, data) -> float:
         return model.denoising_loss(latents, text, generator=torch.Generator().manual_seed(0)).item()
 
 
+def diffusers_pipeline(model):
+    """diffusers' own pipeline over the very modules of a `T2IModel`, sampling as our sampler does: DDIM with trailing
+    spacing for SD and SDXL (zeros for SDXL's empty prompt: its default), Flux's own Euler steps for Flux."""
+    from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if model.is_flux:
+        return FluxPipeline(transformer=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+                            tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
+                            scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config))
+    scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing")
+    parts = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+                 scheduler=scheduler)
+    if model.is_sdxl:
+        return StableDiffusionXLPipeline(**parts, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
+                                         add_watermarker=False)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def copy_with_index(folder, dest, **entries):
     """A copy of model folder `folder` at `dest` whose model_index.json names `entries` (part: [library, class])."""
     shutil.copytree(folder, dest)

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FluxPipeline
 from transformers import T5Config, T5EncoderModel
 
-from builders import build_tiny_flux, check_learns_and_trains_lora, copy_with_index
+from builders import build_tiny_flux, check_learns_and_trains_lora, copy_with_index, diffusers_pipeline
 from t2i_evolve.errors import UserError
 from t2i_evolve.generators import LocalPipelineTeacher
 from t2i_evolve.models import SamplerConfig, T2IModel, flux, make_scheduler, sample_pixels
@@ -38,10 +38,7 @@ def test_our_sampler_draws_what_the_flux_pipeline_draws(variant, guidance, flux_
     assert model.is_flux and model.is_flow and not model.is_sdxl and model.embeds_guidance == (variant == "dev")
     assert model.max_length == 24 + flux.T5_TOKENS[variant] == model.tokenize(PROMPTS).shape[1]  # CLIP's, T5's
     ours = (sample_pixels(model, PROMPTS, [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
-    pipeline = FluxPipeline(
-        transformer=model.unet, scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
-        tokenizer_2=model.tokenizer_2)
+    pipeline = diffusers_pipeline(model)
     pipeline.set_progress_bar_config(disable=True)
     cfg = {"true_cfg_scale": guidance, "negative_prompt": ""} if variant == "schnell" and guidance != 1.0 else {}
     with torch.no_grad():

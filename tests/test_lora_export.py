@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
+from builders import diffusers_pipeline
 from t2i_evolve.models import SamplerConfig, T2IModel, flux, sample_pixels
 from t2i_evolve.models.sampler import initial_noise
 from t2i_evolve.train import LoraSettings, TrainConfig, Trainer, TrainingSet
 from t2i_evolve.train.lora import ADAPTER_FILE
 from t2i_evolve.world import GrammarPrompts, ProceduralTeacher
-from test_real_architectures import _diffusers_pipeline
 
 PROMPTS = ["a red circle", "two blue squares left of a green star"]
 
@@ -24,19 +22,14 @@ def shapes():
     return TrainingSet.from_generator(ProceduralTeacher(), GrammarPrompts().sample(8, seed=4))
 
 
-def diffusers_draws(model: T2IModel, guidance: float) -> torch.Tensor:
-    """diffusers' pipeline over `model`'s modules: DDIM as our sampler's for a UNet, Flux's own Euler steps."""
-    noise = initial_noise(model, [0, 1])
+def pipeline_call(model: T2IModel, guidance: float) -> dict:
+    """The keywords that make `diffusers_pipeline(model)` draw PROMPTS as our sampler does: 3 steps, seeds 0 and 1
+    (Flux: its latents packed, T5 at dev's length)."""
+    noise, extra = initial_noise(model, [0, 1]), {}
     if model.is_flux:
-        pipeline = FluxPipeline(transformer=model.unet, vae=model.vae, text_encoder=model.text_encoder,
-                                tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2,
-                                tokenizer_2=model.tokenizer_2,
-                                scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config))
         noise, extra = flux.pack(noise), {"max_sequence_length": flux.T5_TOKENS["dev"]}
-    else:
-        pipeline, extra = _diffusers_pipeline(model), {}
-    return pipeline, dict(num_inference_steps=3, guidance_scale=guidance, latents=noise, height=model.resolution,
-                          width=model.resolution, output_type="pt", **extra)
+    return dict(num_inference_steps=3, guidance_scale=guidance, latents=noise, height=model.resolution,
+                width=model.resolution, output_type="pt", **extra)
 
 
 @pytest.mark.parametrize("folder, text_encoders", [("sd_dir", True), ("sdxl_dir", True), ("flux_dir", False)])
@@ -58,7 +51,7 @@ def test_diffusers_loads_the_adapters_onto_the_base_and_draws_what_the_merged_mo
     merged = T2IModel.from_pretrained(tmp_path / "model")
     ours = (sample_pixels(merged, PROMPTS, [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
     base = T2IModel.from_pretrained(base_dir)
-    pipeline, call = diffusers_draws(base, guidance)
+    pipeline, call = diffusers_pipeline(base), pipeline_call(base, guidance)
     pipeline.set_progress_bar_config(disable=True)
     with torch.no_grad():
         before = pipeline(PROMPTS, **call).images

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModelWithProjection
 
+from builders import diffusers_pipeline
 from t2i_evolve.errors import UserError
 from t2i_evolve.models import SamplerConfig, T2IModel, sample_pixels
 from t2i_evolve.models.sampler import initial_noise
@@ -26,17 +27,6 @@ def sdxl(sdxl_dir) -> T2IModel:
     return T2IModel.from_pretrained(sdxl_dir)
 
 
-def _diffusers_pipeline(model: T2IModel):
-    """diffusers' own pipeline over the very modules of `model`, sampling as our DDIM sampler does."""
-    scheduler = DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing")
-    parts = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-                 scheduler=scheduler)
-    if model.is_sdxl:
-        return StableDiffusionXLPipeline(**parts, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
-                                         add_watermarker=False)  # (zeros for the empty prompt: its default)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 @pytest.mark.parametrize("folder", ["sd_dir", "sdxl_dir"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_our_sampler_draws_what_the_diffusers_pipeline_draws(folder, guidance, request):
@@ -46,7 +36,7 @@ def test_our_sampler_draws_what_the_diffusers_pipeline_draws(folder, guidance, r
     config = SamplerConfig(scheduler="ddim", steps=3, guidance=guidance)
     ours = (sample_pixels(model, PROMPTS, [0, 1], config) + 1) / 2
     with torch.no_grad():
-        theirs = _diffusers_pipeline(model)(
+        theirs = diffusers_pipeline(model)(
             PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=initial_noise(model, [0, 1]),
             height=model.resolution, width=model.resolution, output_type="pt").images
     assert ours.shape == theirs.shape == (2, 3, 32, 32)
