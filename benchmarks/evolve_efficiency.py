@@ -59,7 +59,7 @@ from t2i_evolve.judges import PixelJudge
 from t2i_evolve.models import Sampler, SamplerConfig, T2IModel, TinyModelConfig
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
-from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, stable_seed
+from t2i_evolve.recipes.parts import JudgeSpec, TeacherSpec, WriterSpec, base_sampling, stable_seed
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported: its report module beside it
 from evolve_report import (calls_to_reach, final_skills, finite_json, pool_replicates, print_table,  # noqa: E402
@@ -131,7 +131,7 @@ def base_score_arm(args, root: Path, seed: int) -> float | None:
     config = base_config(args, root, seed)
     if config.base_model is None:
         return None
-    sampler = Sampler(T2IModel.from_pretrained(config.base_model, config.device), config.sampler)
+    sampler = Sampler(T2IModel.from_pretrained(config.base_model, config.device), base_sampling(config))
     return held_out_score(sampler, held_out_prompts(config))["score"]
 
 

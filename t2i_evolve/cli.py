@@ -409,11 +409,11 @@ def eval_model(
 
 
 def _sampler_flags(model: Path, **flags):
-    """The sampling flags given (`TeacherSampler`: those left out are the model family's usual, or for a folder
+    """The sampling flags given (`FamilySampler`: those left out are the model family's usual, or for a folder
     diffusers' pipeline draws, that pipeline's own; `--scheduler` is our sampler's alone)."""
-    from .generators.local_pipeline import TeacherSampler, folder_family
+    from .generators.local_pipeline import FamilySampler, folder_family
 
-    given = TeacherSampler.from_dict({name: value for name, value in flags.items() if value is not None}, source="flags")
+    given = FamilySampler.from_dict({name: value for name, value in flags.items() if value is not None}, source="flags")
     if given.scheduler is not None and folder_family(model) is None:
         raise UserError(f"--scheduler: {model} is drawn by its diffusers pipeline, with its own scheduler; leave it out")
     return given

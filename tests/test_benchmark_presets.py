@@ -203,10 +203,11 @@ def test_the_shipped_quick_base_draws_the_slice_but_not_its_rare_color():
     delete) and misses yellow, the color its pretraining teacher never drew right."""
     from t2i_evolve.models import Sampler, T2IModel
     from t2i_evolve.eval.held_out import held_out_prompts, held_out_score
+    from t2i_evolve.recipes.parts import base_sampling
 
     args = evolve_efficiency.parse_args(evolve_efficiency.build_parser(), ["--quick"])
     config = evolve_efficiency.base_config(args, Path("unused"), 6)
-    sampler = Sampler(T2IModel.from_pretrained(config.base_model), config.sampler)
+    sampler = Sampler(T2IModel.from_pretrained(config.base_model), base_sampling(config))
     prompts = held_out_prompts(config)
     yellow = held_out_score(sampler, [p for p in prompts if "yellow" in p])
     rest = held_out_score(sampler, [p for p in prompts if "yellow" not in p][:64])  # (all 160: 0.93, 4x the time)

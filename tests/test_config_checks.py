@@ -196,9 +196,9 @@ def test_command_line_overrides_set_fields_as_the_yaml_file_would(tmp_path):
     assert config.train_launcher == ["torchrun", "--standalone"] and config.teachers[0] == EvolveConfig().teachers[0]
     assert path.read_text().startswith("rounds: 3\n") and EvolveConfig.load(path).rounds == 3
     assert EvolveConfig.load(None, ["seed=5"]) == EvolveConfig(seed=5)  # no file: over the defaults
-    # a nested config the file leaves out is its default but what the override names (the sampler's 10 steps kept)
-    default = EvolveConfig().sampler.model_copy(update={"guidance": 5.0})
-    assert EvolveConfig.load(None, ["sampler.guidance=5", "teachers.0.p=0.7"]).sampler == default
+    # a nested config the file leaves out is its default but what the override names (the judge's other fields kept)
+    default = EvolveConfig().judge.model_copy(update={"reasks": 5})
+    assert EvolveConfig.load(None, ["judge.reasks=5", "teachers.0.p=0.7"]).judge == default
     assert EvolveConfig.load(None, ["teachers.0.p=0.7"]).teachers[0].id == "strong"
     assert EvolveConfig.load(None, ["mixed_precision=no"]).mixed_precision == "no"  # (YAML's bare no: false)
     path.write_text("teachers:\n  - {kind: local, path: a, sampler: &s {steps: 10}}\n  - {kind: local, path: b, sampler: *s}\n")

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from t2i_evolve.data import CachedJudge, Ledger
 from t2i_evolve.protocols import Comparison
 from t2i_evolve.eval.held_out import held_out_prompts
+from t2i_evolve.generators.local_pipeline import FamilySampler
+from t2i_evolve.models import SamplerConfig
 from t2i_evolve.recipes.evolve import EvolveConfig, run_evolve
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -905,9 +907,11 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     assert ledger_state(reference_run) == before
     longer = tmp_path / "longer"
     shutil.copytree(reference_run, longer)
-    config = small_config(str(longer), min_unseen_score=0.5, mutate_candidates=3, rounds=3)
+    # (a sampler leaving out what versions before family samplers wrote, their values still: the same config)
+    config = small_config(str(longer), min_unseen_score=0.5, mutate_candidates=3, rounds=3, sampler={"steps": 3})
     summary = run_evolve(config, judge=CachedJudge(ScriptedJudge(), Ledger(longer), backoff_s=0))
     assert [row["round"] for row in summary["rounds"]] == [1, 2, 3]
+    assert EvolveConfig.from_yaml(longer / "evolve.yaml").sampler == FamilySampler(**SamplerConfig(steps=3).model_dump())
     # TensorBoard: each round's row once (rounds 1-2 logged by the first run, 3 by this one), at its own round; the
     # loss of every round's steps in one folder, one curve; the settings once, not once per round
     scores = tensorboard_scalars(longer / "tensorboard" / "rounds", "round/score")
@@ -922,6 +926,23 @@ def test_a_run_folder_resumes_only_under_its_own_config_or_more_rounds(reference
     assert drawn[0] == drawn[1] and any(op[0] == 3 for op in ops)  # what rounds 1-2 drew, as it was
 
 
+def test_a_real_base_is_judged_at_its_familys_usual_settings_and_its_run_folder_keeps_them(sd_dir, sdxl_dir, tmp_path):
+    """A real base judged at the tiny model's settings (10 DDIM steps, no guidance) would draw poorly and the judge
+    would buy every prompt: what `sampler` leaves out is the base's family's usual, as a local teacher's. The run
+    folder's evolve.yaml writes every field out, so the same command again resumes, drawing as it started."""
+    from t2i_evolve.generators.local_pipeline import FAMILY_SAMPLERS
+    from t2i_evolve.recipes.parts import base_sampling
+
+    assert base_sampling(EvolveConfig()) == SamplerConfig(steps=10)  # the shapes model: what its benchmarks measured
+    assert base_sampling(EvolveConfig(base_model=str(sdxl_dir))) == FAMILY_SAMPLERS["sdxl"]
+    config = small_config(str(tmp_path / "run"), base_model=str(sd_dir), sampler={"steps": 3}, max_teacher_calls=2)
+    usual = SamplerConfig(scheduler="dpm++", steps=3, guidance=7.5)  # SD's, but the steps given
+    assert base_sampling(config) == usual
+    assert run_evolve(config)["teacher_calls"] == 2  # (stopped at the budget: paid for something)
+    assert EvolveConfig.from_yaml(tmp_path / "run" / "evolve.yaml").sampler == FamilySampler(**usual.model_dump())
+    assert run_evolve(config)["stopped"].startswith("teacher budget spent")  # resumed: not "another config"
+
+
 def test_a_run_folder_from_before_family_samplers_resumes_under_the_config_that_started_it(sd_dir, tmp_path):
     """Versions before family defaults wrote `sampler` out for every teacher: a gallery teacher's is dropped (it never
     sampled), so such a folder resumes under its own config; a local teacher's old default is a change: refused."""
@@ -929,7 +950,6 @@ def test_a_run_folder_from_before_family_samplers_resumes_under_the_config_that_
 
     from t2i_evolve.config import check_resumed_config
     from t2i_evolve.errors import UserError
-    from t2i_evolve.models import SamplerConfig
     from t2i_evolve.recipes.evolve import RESUMABLE_CHANGES
     from t2i_evolve.recipes.parts import TeacherSpec
 

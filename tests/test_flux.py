@@ -29,18 +29,19 @@ def schnell_dir(tmp_path_factory):
     return build_tiny_flux(tmp_path_factory.mktemp("schnell") / "tiny-schnell", guidance_embeds=False)
 
 
-@pytest.mark.parametrize("variant, guidance", [("dev", 3.5), ("dev", 1.0), ("schnell", 1.0), ("schnell", 4.0)])
+@pytest.mark.parametrize("variant, guidance", [("dev", 3.5), ("dev", 1.0), ("schnell", 1.0), ("schnell", 4.0),
+                                               ("schnell", 0.0)])  # (its usual 0.0: no guidance at all)
 def test_our_sampler_draws_what_the_flux_pipeline_draws(variant, guidance, flux_dir, schnell_dir):
     """Patches as tokens at their positions, T5's states and CLIP's pooled vector, the guidance dev reads (schnell:
-    classifier-free guidance against the empty prompt, the pipeline's `true_cfg_scale`), and the pipeline's noise
-    levels shifted for the image's size, on the same noise."""
+    classifier-free guidance against the empty prompt, the pipeline's `true_cfg_scale`, above 1 alone), and the
+    pipeline's noise levels shifted for the image's size, on the same noise."""
     model = T2IModel.from_pretrained(flux_dir if variant == "dev" else schnell_dir)
     assert model.is_flux and model.is_flow and not model.is_sdxl and model.embeds_guidance == (variant == "dev")
     assert model.max_length == 24 + flux.T5_TOKENS[variant] == model.tokenize(PROMPTS).shape[1]  # CLIP's, T5's
     ours = (sample_pixels(model, PROMPTS, [0, 1], SamplerConfig(steps=3, guidance=guidance)) + 1) / 2
     pipeline = diffusers_pipeline(model)
     pipeline.set_progress_bar_config(disable=True)
-    cfg = {"true_cfg_scale": guidance, "negative_prompt": ""} if variant == "schnell" and guidance != 1.0 else {}
+    cfg = {"true_cfg_scale": guidance, "negative_prompt": ""} if variant == "schnell" and guidance > 1.0 else {}
     with torch.no_grad():
         theirs = pipeline(PROMPTS, num_inference_steps=3, guidance_scale=guidance, height=model.resolution,
                           width=model.resolution, latents=flux.pack(initial_noise(model, [0, 1])), output_type="pt",

@@ -189,6 +189,9 @@ def test_local_pipeline_id_follows_settings_and_caches(local_teacher, sd_dir, tm
     assert pipeline_id(LocalPipelineTeacherConfig(path=sd_dir, sampler=SMALL)) == local_teacher.id
     for changed in (SMALL.model_copy(update={"steps": 2}), SMALL.model_copy(update={"guidance": 3.0})):
         assert pipeline_id(LocalPipelineTeacherConfig(path=sd_dir, sampler=changed)) != local_teacher.id
+    unguided = [pipeline_id(LocalPipelineTeacherConfig(path=sd_dir, sampler=SMALL.model_copy(update={"guidance": g})))
+                for g in (1.0, 0.5, 0.0)]  # (at 1 or below no guidance: the same images, one id)
+    assert len(set(unguided)) == 1 and "cfg" not in unguided[0]
     copy = shutil.copytree(sd_dir, tmp_path / "copy")
     copy_id = pipeline_id(LocalPipelineTeacherConfig(path=copy, sampler=SMALL))
     weights = next(copy.rglob("*.safetensors"))

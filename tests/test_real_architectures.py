@@ -28,7 +28,7 @@ def sdxl(sdxl_dir) -> T2IModel:
 
 
 @pytest.mark.parametrize("folder", ["sd_dir", "sdxl_dir"])
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize("guidance", [1.0, 3.0, 0.5])  # (0.5: as 1, no guidance, as diffusers decides it)
 def test_our_sampler_draws_what_the_diffusers_pipeline_draws(folder, guidance, request):
     """Text conditioning (SDXL: both encoders' penultimate states, the pooled projection, size ids), the
     unconditional branch (SDXL: zeros) and the DDIM loop, checked against diffusers on the same noise."""

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from ..config import Config
 from ..errors import UserError
 from ..files import read_json
-from ..models.sampler import SamplerConfig, sampled_with
+from ..models.sampler import SamplerConfig, guidance_tag, sampled_with
 
 # What the images depend on besides the settings: the weights, and the configs and tokenizer files beside them
 # (an edited scheduler_config.json, say another prediction_type, must not serve the old images).
@@ -67,10 +67,11 @@ def usual_sampler(path: str | Path) -> SamplerConfig | None:
     return None if family is None else FAMILY_SAMPLERS[family]
 
 
-class TeacherSampler(Config):
-    """How a local teacher draws: each field left out (None) is its family's usual (`FAMILY_SAMPLERS`), or for a folder
-    diffusers' pipeline draws, that pipeline's own (its scheduler always: `scheduler` applies to our runner alone).
-    Left out stays left out in a run's evolve.yaml, so a resumed run draws as it started."""
+class FamilySampler(Config):
+    """Sampling settings where each field left out (None) is the model family's usual (`FAMILY_SAMPLERS`), or for a
+    folder diffusers' pipeline draws, that pipeline's own (its scheduler always: `scheduler` applies to our runner
+    alone). How a local teacher draws, how `sample` and `eval` draw, and how `evolve` draws its base. A
+    `SamplerConfig` given sets every field."""
 
     scheduler: Literal["ddim", "dpm++"] | None = None
     steps: int | None = Field(None, ge=1, le=10_000)
@@ -78,16 +79,25 @@ class TeacherSampler(Config):
     batch_size: int | None = Field(None, ge=1)
     resolution: int | None = Field(None, ge=8)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _every_field_of_a_sampler_config(cls, value):
+        return value.model_dump() if isinstance(value, SamplerConfig) else value
+
     def given(self) -> dict:
         """The fields set, as `SamplerConfig` fields."""
         return {name: value for name, value in self.model_dump().items() if value is not None}
+
+    def over(self, usual: SamplerConfig) -> SamplerConfig:
+        """The fields set, over `usual`'s."""
+        return SamplerConfig(**usual.model_dump() | self.given())
 
 
 class LocalPipelineTeacherConfig(Config):
     """A model folder (model_index.json + parts) and how to sample it."""
 
     path: Path = Field(description="The model folder.")
-    sampler: TeacherSampler = Field(default_factory=TeacherSampler, description="How it draws; what it leaves out: "
+    sampler: FamilySampler = Field(default_factory=FamilySampler, description="How it draws; what it leaves out: "
                                     "the family's usual (`FAMILY_SAMPLERS`: SD 1.x/2.x 25 DPM++ steps at guidance 7.5, "
                                     "SDXL 30 at 5.0, PixArt 20 at 4.5, SD3 28 at 7.0, Flux-dev 28 reading 3.5, "
                                     "Flux-schnell 4 without guidance), or for a folder diffusers draws its pipeline's "
@@ -109,15 +119,10 @@ class LocalPipelineTeacherConfig(Config):
                           "several big teachers beside a base in training on one GPU. The images are the same (the id "
                           "too); each draw pays the move.")
 
-    @field_validator("sampler", mode="before")
-    @classmethod
-    def _every_field_of_a_sampler_config(cls, value):
-        return value.model_dump() if isinstance(value, SamplerConfig) else value
-
     def sampling(self) -> SamplerConfig:
         """What our runner draws with: the fields given over the family's usual (`SamplerConfig`'s for a folder it
         does not read)."""
-        return SamplerConfig(**(usual_sampler(self.path) or SamplerConfig()).model_dump() | self.sampler.given())
+        return self.sampler.over(usual_sampler(self.path) or SamplerConfig())
 
 
 class LocalPipelineTeacher:
@@ -184,7 +189,7 @@ def pipeline_id(config: LocalPipelineTeacherConfig) -> str:
         steps, resolution = given.steps or "own", f"-{given.resolution}px" if given.resolution else ""
         return f"local:{root}@{weights_fingerprint(root)}:diffusers-{steps}{guidance}{resolution}:{config.dtype}"
     s = config.sampling()
-    guidance = f"-cfg{s.guidance:g}" if s.guidance != 1.0 else ""
+    guidance = guidance_tag(s.guidance, family == "flux")  # (Flux-dev reads its scale: any but 1 changes it)
     resolution = f"-{s.resolution}px" if s.resolution else ""
     scheduler = sampled_with(s, family in FLOW_SAMPLED)
     return f"local:{root}@{weights_fingerprint(root)}:{scheduler}-{s.steps}{guidance}{resolution}:{config.dtype}"

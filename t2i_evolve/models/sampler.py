@@ -35,8 +35,9 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 
 
 class SamplerConfig(Config):
-    """How to sample. `guidance` 1.0 means no classifier-free guidance (and no unconditional pass); for a model that
-    reads its guidance as an input (Flux-dev), the scale it reads, never an unconditional pass."""
+    """How to sample. `guidance` 1.0 or below means no classifier-free guidance (and no unconditional pass), as in
+    diffusers' pipelines; for a model that reads its guidance as an input (Flux-dev), the scale it reads, never an
+    unconditional pass."""
 
     scheduler: Literal["ddim", "dpm++"] = "ddim"  # (a flow-matching model, SD3 or Flux, samples with its Euler steps)
     steps: int = Field(20, ge=1, le=10_000)
@@ -85,6 +86,19 @@ def initial_noise(model: T2IModel, seeds: Sequence[int], resolution: int | None 
     return torch.stack(noise).to(model.device)
 
 
+def unconditional_pass(model: T2IModel, guidance: float) -> bool:
+    """Whether classifier-free guidance runs, as diffusers' pipelines decide it: at a scale above 1, for a model that
+    does not read its scale as an input (Flux-dev does); at 1 or below, the conditional prediction alone (schnell's
+    usual 0.0 draws the prompt, not the empty one)."""
+    return guidance > 1.0 and not model.embeds_guidance
+
+
+def guidance_tag(guidance: float, embedded: bool) -> str:
+    """'-cfg<scale>' for an id where the scale changes the images: any but 1 for a model that reads it (`embedded`),
+    above 1 for any other (`unconditional_pass`); '' where it does not."""
+    return f"-cfg{guidance:g}" if (guidance != 1.0 if embedded else guidance > 1.0) else ""
+
+
 def _guided_prediction(
     model: T2IModel, x: torch.Tensor, t: torch.Tensor, text: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float
 ) -> torch.Tensor:
@@ -117,10 +131,10 @@ def denoise(
     timesteps = scheduler.timesteps
     if not 0 <= grad_steps <= len(timesteps):
         raise ValueError(f"grad_steps must be between 0 and the {len(timesteps)} sampling steps, not {grad_steps}")
-    unconditional_pass = guidance != 1.0 and not model.embeds_guidance
-    if unconditional_pass and uncond is None:
+    unconditional = unconditional_pass(model, guidance)
+    if unconditional and uncond is None:
         raise ValueError("classifier-free guidance needs the unconditional embedding (model.encode_empty)")
-    uncond = uncond if unconditional_pass else None
+    uncond = uncond if unconditional else None
     first_grad = len(timesteps) - grad_steps
     latents = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # (flow matching: none, the noise as is)
     for i, t in enumerate(timesteps):
@@ -154,7 +168,7 @@ def sample_pixels(
     with_grad = grad_steps > 0
     with torch.set_grad_enabled(with_grad):
         text = model.encode_prompts(prompts)
-        uncond = model.encode_empty(len(prompts)) if config.guidance != 1.0 and not model.embeds_guidance else None
+        uncond = model.encode_empty(len(prompts)) if unconditional_pass(model, config.guidance) else None
     scheduler = make_scheduler(model, config.scheduler, config.steps, config.resolution)
     noise = initial_noise(model, seeds, config.resolution)
     latents = denoise(model, noise, text, scheduler, config.guidance, uncond, grad_steps, checkpoint)
@@ -172,7 +186,7 @@ class Sampler:
     def __init__(self, model: T2IModel, config: SamplerConfig = SamplerConfig(), id: str | None = None):
         self.model = model
         self.config = config
-        guidance = f"-cfg{config.guidance:g}" if config.guidance != 1.0 else ""
+        guidance = guidance_tag(config.guidance, model.embeds_guidance)
         self.id = id or f"{model.name}:{sampled_with(config, model.is_flow)}-{config.steps}{guidance}"
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:

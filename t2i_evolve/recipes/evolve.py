@@ -35,12 +35,13 @@ from ..config import MAX_PROMPTS, PathText, check_resumed_config
 from ..data import CallBudget, CallBudgets, Ledger, check_run_folder, claim_run_folder
 from ..data.budgets import every_request_failed
 from ..generators.draws import draw_by_teacher, tournament
+from ..generators.local_pipeline import FamilySampler
 from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
 from ..eval.report import log_round_scalars, write_json, write_jsonl
 from ..judges.batch import compare_pairs
 from ..judges.evidence import AT_A_TIME, base_vs_teacher
-from ..models import Sampler, SamplerConfig, T2IModel, TinyModelConfig, resolve_device
+from ..models import Sampler, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
 from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
@@ -48,7 +49,7 @@ from ..train import RoundTraining, Seed, TrainingSet, evolving_set, mirror_promp
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_judge_serves, check_rounds_kept, check_seed_set, judge_call_bounds, new_prompt_seeds,
-                    occurrence_seeds, ops_so_far, prior_images, run_prompts, unseen_checks,
+                    occurrence_seeds, ops_so_far, prior_images, run_prompts, unseen_checks, base_sampling,
                     sampled_records, stable_seed, write_summary, ENDPOINT_ADDRESSES)
 
 
@@ -127,7 +128,8 @@ class EvolveConfig(RoundTraining):
         "auto: pixel where it can, else win_rate.")
     eval_draws: int = Field(1, ge=1, le=100, description="Images per held-out prompt (a small slice has few to hold out).")
     eval_every_round: bool = Field(True, description="False: judge held-out prompts after the last round only.")
-    sampler: SamplerConfig = SamplerConfig(steps=10)
+    sampler: FamilySampler = Field(default_factory=FamilySampler, description="How the base is drawn to be judged; "
+        "what it leaves out: its family's usual (`FAMILY_SAMPLERS`; shapes: 10 DDIM steps). evolve.yaml keeps all.")
     device: str = Field("auto", description="Where the base is sampled (judged records, held-out score): "
                         "auto (a GPU when there is one), cpu, cuda, cuda:1. Training goes through accelerate.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the base's weights when sampled (a GPU: float16)
@@ -159,6 +161,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     check_api_keys(config)
     out = check_run_folder(config.output_dir, "evolve")  # (not a demo's, nor an import's)
     claim_run_folder(out, "evolve")  # no other process in it: it would pay again for this one's calls in flight
+    config = config.updated("sampler", sampler=base_sampling(config))  # all its fields set: evolve.yaml holds them
     ledger = Ledger(out)
     if spent := ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into it
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
@@ -177,7 +180,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
         keep_prompts_copy(out, config.prompts_file, replace=True)
 
     def load_sampler(folder: Path) -> Sampler:
-        return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), config.sampler)
+        return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), base_sampling(config))
     stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:

@@ -32,8 +32,8 @@ from ..errors import BudgetExhausted, ConfigError, UserError
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
 from ..judges.evidence import unseen_variation_scores
-from ..generators.local_pipeline import TeacherSampler
-from ..models import TinyModelConfig, init_tiny_model
+from ..generators.local_pipeline import FAMILY_SAMPLERS, FamilySampler, folder_family
+from ..models import SamplerConfig, TinyModelConfig, init_tiny_model
 from ..prompts.sets import open_prompts, prompt_split, refuse_open_prompts, set_prompts
 from ..protocols import Generator, PromptWriter
 from ..train import Seed, TrainingSet
@@ -53,7 +53,7 @@ class TeacherSpec(Config):
     endpoint: EndpointConfig | None = None
     path: PathText | None = None
     price_per_call: float | None = None
-    sampler: TeacherSampler = TeacherSampler()  # local: how it draws; what it leaves out, its family's usual
+    sampler: FamilySampler = FamilySampler()  # local: how it draws; what it leaves out, its family's usual
     device: str = "auto"  # local: where it draws (auto: a GPU when there is one)
     dtype: str = "float32"  # local: e.g. float16 on a GPU
     runner: Literal["auto", "t2i-evolve", "diffusers"] = "auto"  # local: diffusers' own pipeline draws Playground, ...
@@ -105,6 +105,18 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
         write_atomically(marker, json.dumps(made_from))  # last: it vouches for a whole folder
     return base
 
+
+SHAPES_BASE_SAMPLER = SamplerConfig(steps=10)
+"""How evolve draws a shapes-world base to judge and score it: 10 DDIM steps without guidance (what its benchmarks
+measured; the family's usual 20 in `sample` and `eval`)."""
+
+
+def base_sampling(config) -> SamplerConfig:
+    """How an evolve run draws its base: the `sampler` fields given over its family's usual (as a local teacher's:
+    an SD base at guidance 7.5, not a tiny model's settings it would be judged poorly at)."""
+    base = Path(config.base_model) if config.base_model else None
+    family = folder_family(base) if base and (base / "model_index.json").is_file() else "shapes"  # (else: refused)
+    return config.sampler.over(SHAPES_BASE_SAMPLER if family in (None, "shapes") else FAMILY_SAMPLERS[family])
 
 
 class JudgeSpec(Config):
@@ -377,7 +389,7 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, load
         summary["unfinished_round"] = {"round": len(rounds) + 1, **partial}
     write_json(out / "summary.json", summary)
     write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
-                        out / "rounds" / f"{len(rounds):03d}" / "model", config.sampler, config.device,
+                        out / "rounds" / f"{len(rounds):03d}" / "model", base_sampling(config), config.device,
                         ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
                             op for op in ("reject", "memorized", "overturned", "redrawn")
                             if any(op in row.get("ops", {}) for row in rounds)))
