@@ -4,6 +4,9 @@ adapted part gets no file, and never keeps an earlier one."""
 
 from __future__ import annotations
 
+import errno
+import functools
+
 import pytest
 import safetensors.torch
 import torch
@@ -32,13 +35,16 @@ def pipeline_call(model: T2IModel, guidance: float) -> dict:
                 width=model.resolution, output_type="pt", **extra)
 
 
-@pytest.mark.parametrize("folder, text_encoders", [("sd_dir", True), ("sdxl_dir", True), ("flux_dir", False)])
+@pytest.mark.parametrize("folder, text_encoders, text_targets", [
+    ("sd_dir", True, None), ("sdxl_dir", True, None), ("flux_dir", False, None),
+    ("sd_dir", True, ["fc1", "fc2"])])  # (CLIP's feed-forward layers alone: diffusers reads them in its own naming)
 def test_diffusers_loads_the_adapters_onto_the_base_and_draws_what_the_merged_model_draws(folder, text_encoders,
-                                                                                        shapes, request, tmp_path):
+                                                                                        text_targets, shapes, request,
+                                                                                        tmp_path):
     base_dir = request.getfixturevalue(folder)
+    lora = LoraSettings(rank=4, alpha=8, **({"text_encoder_targets": text_targets} if text_targets else {}))
     config = TrainConfig(model=str(base_dir), output_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-2,
-                         warmup_steps=0, lora=LoraSettings(rank=4, alpha=8), train_text_encoder=text_encoders,
-                         ema_decay=None, tracker="none")
+                         warmup_steps=0, lora=lora, train_text_encoder=text_encoders, ema_decay=None, tracker="none")
     Trainer(config, shapes).run()
     written = safetensors.torch.load_file(tmp_path / "lora" / ADAPTER_FILE)
     encoders = {key.split(".")[0] for key in written} - {"unet", "transformer"}
@@ -72,3 +78,45 @@ def test_adapters_a_format_cannot_hold_get_no_file_not_even_an_earlier_one(flux_
     (tmp_path / "lora" / ADAPTER_FILE).write_bytes(b"an earlier save's")
     Trainer(TrainConfig(**run, steps=3), shapes).run()  # (the same run, on to more steps)
     assert not (tmp_path / "lora" / ADAPTER_FILE).exists()
+
+
+def test_a_round_whose_adapters_the_disk_cut_short_is_trained_again_and_leaves_no_half_file(sd_dir, shapes, tmp_path,
+                                                                                            monkeypatch):
+    """The disk fills while an evolve round writes its LoRA file: no half file under the name diffusers loads, and no
+    model_index.json (which tells a rerun the round is done), so the rerun saves both."""
+    import diffusers
+
+    from t2i_evolve.train.rounds import train_round
+
+    real_save = diffusers.StableDiffusionPipeline.save_lora_weights.__func__
+
+    @functools.wraps(real_save)  # (its signature: what the export reads to know where each part's adapters go)
+    def fill_the_disk(cls, folder, **keywords):
+        (folder / keywords["weight_name"]).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    settings = dict(batch_size=4, lr=1e-2, warmup_steps=0, lora=LoraSettings(rank=4), ema_decay=None, tracker="none")
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "save_lora_weights", classmethod(fill_the_disk))
+    with pytest.raises(OSError, match="No space left"):
+        train_round(tmp_path / "rounds", 1, sd_dir, lambda: shapes, 2, **settings)
+    model = tmp_path / "rounds" / "001" / "model"
+    assert not (model / "model_index.json").exists() and not (model.parent / "lora" / ADAPTER_FILE).exists()
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "save_lora_weights", classmethod(real_save))
+    assert train_round(tmp_path / "rounds", 1, sd_dir, lambda: shapes, 2, **settings) == model
+    assert (model / "model_index.json").is_file() and safetensors.torch.load_file(model.parent / "lora" / ADAPTER_FILE)
+
+
+def test_lora_targets_peft_cannot_adapt_say_so_and_alpha_must_be_positive(sd_dir):
+    from pydantic import ValidationError
+
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.train.lora import add_lora
+
+    unet = T2IModel.from_pretrained(sd_dir).unet
+    with pytest.raises(UserError, match=r"name a LayerNorm in unet \(UNet2DConditionModel\), which LoRA cannot adapt: "
+                                        r"name linear or convolution layers \(its attention's: to_q, to_k"):
+        add_lora(unet, LoraSettings(rank=2, unet_targets=["norm1"]), "unet")
+    with pytest.raises(UserError, match=r"match no layer of unet \(UNet2DConditionModel\): name its own \(its attent"):
+        add_lora(unet, LoraSettings(rank=2, unet_targets=["no_such_layer"]), "unet")
+    with pytest.raises(ValidationError, match="greater than 0"):
+        LoraSettings(rank=2, alpha=0)

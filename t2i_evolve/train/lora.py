@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import os
 from pathlib import Path
 
 import diffusers
@@ -30,7 +31,7 @@ T5_TARGETS = ["q", "k", "v", "o"]
 
 class LoraSettings(Config):
     rank: int = Field(16, ge=1)
-    alpha: float | None = Field(None, description="Scale numerator; defaults to the rank (scale 1).")
+    alpha: float | None = Field(None, gt=0, description="Scale numerator; defaults to the rank (scale 1).")
     unet_targets: list[str] = DEFAULT_TARGETS["unet"]
     text_encoder_targets: list[str] = DEFAULT_TARGETS["text_encoder"]  # CLIP's names; on T5 (PixArt): T5_TARGETS
 
@@ -43,7 +44,7 @@ def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str, seed: i
     targets = settings.unet_targets if part == "unet" else settings.text_encoder_targets
     if part != "unet" and targets == DEFAULT_TARGETS["text_encoder"] and "T5" in type(module).__name__:
         targets = T5_TARGETS
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.rank if settings.alpha is None else settings.alpha,
                         target_modules=targets, init_lora_weights="gaussian")
     # peft's own injection, not the libraries' `add_adapter`: transformers 5's demands a newer peft than
     # the package index has, and this one does the same for any torch module.
@@ -51,9 +52,15 @@ def add_lora(module: torch.nn.Module, settings: LoraSettings, part: str, seed: i
         torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{part}".encode()).digest()[:8], "little"))
         try:
             inject_adapter_in_model(config, module)
-        except ValueError:  # (peft's: no layer of that name)
-            raise UserError(f"lora targets {targets} match no layer of {part} ({type(module).__name__}): name its own "
-                            f"(T5's: {', '.join(T5_TARGETS)}; CLIP's: {', '.join(DEFAULT_TARGETS['text_encoder'])})") from None
+        except ValueError as e:  # (peft's: no layer of that name, or one of a kind it cannot adapt)
+            names = (f"its attention's: {', '.join(DEFAULT_TARGETS['unet'])}" if part == "unet" else
+                     f"T5's: {', '.join(T5_TARGETS)}; CLIP's: {', '.join(DEFAULT_TARGETS['text_encoder'])}")
+            what = type(module).__name__
+            if "not found" not in str(e):  # a LayerNorm, a whole block: say which, and what LoRA adapts
+                kind = str(e).split("Target module ", 1)[-1].split("(", 1)[0]
+                raise UserError(f"lora targets {targets} name a {kind} in {part} ({what}), which LoRA cannot adapt: "
+                                f"name linear or convolution layers ({names})") from None
+            raise UserError(f"lora targets {targets} match no layer of {part} ({what}): name its own ({names})") from None
     for name, param in module.named_parameters():
         param.requires_grad_("lora_" in name)
 
@@ -120,10 +127,15 @@ def export_adapters(model: T2IModel, folder: Path) -> str | None:
         # layers under `text_model.` (diffusers strips it where it must, never adds it): written as they expect
         prefix = "text_model." if name != "unet" and "CLIP" in type(module).__name__ and not hasattr(
             module, "text_model") else ""
-        keywords[f"{part}_lora_layers"] = {prefix + key: value.detach().cpu() for key, value in
-                                           get_peft_model_state_dict(module).items()}
+        layers = {prefix + key: value.detach().cpu() for key, value in get_peft_model_state_dict(module).items()}
+        if name != "unet":  # in diffusers' own naming: its loader renames peft's for attention layers alone (and a
+            # set of feed-forward ones, `fc1` and `fc2`, with no attention among them would not load at all)
+            layers = {key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."):
+                      value for key, value in layers.items()}
+        keywords[f"{part}_lora_layers"] = layers
         if f"{part}_lora_adapter_metadata" in accepts:  # (rank and alpha: the scale a loader applies)
             keywords[f"{part}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     folder.mkdir(parents=True, exist_ok=True)
-    save(folder, weight_name=ADAPTER_FILE, safe_serialization=True, **keywords)
+    save(folder, weight_name=f".{ADAPTER_FILE}.partial", safe_serialization=True, **keywords)
+    os.replace(folder / f".{ADAPTER_FILE}.partial", folder / ADAPTER_FILE)  # (a disk that fills: no half a file)
     return None

@@ -513,12 +513,13 @@ class Trainer:
         if acc.is_main_process:
             for name, module in self.modules.items():
                 setattr(self.model, name, acc.unwrap_model(module))
-            with self.ema.applied() if self.ema else nullcontext():
-                merged_copy(self.model).save_pretrained(path, unchanged_from=Path(self.config.model),
-                                                        unchanged=self.frozen)
+            with self.ema.applied() if self.ema else nullcontext():  # (the adapters first: the model's
+                # model_index.json, written last, vouches for both, as an evolve round's rerun reads it)
                 if (unexported := export_adapters(self.model, path.parent / "lora")) is not None:
                     console.print(f"note: the adapters are saved merged into {path} only: {unexported}", markup=False,
                                   soft_wrap=True)
+                merged_copy(self.model).save_pretrained(path, unchanged_from=Path(self.config.model),
+                                                        unchanged=self.frozen)
         acc.wait_for_everyone()
         return path
 
