@@ -263,6 +263,7 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .data import claim_run_folder
     from .eval.scoring import grammar_evaluator
+    from .generators.local_pipeline import usual_sampler
     from .progress import progress_bar
     from .train import TrainConfig, Trainer, TrainingSet
     from .train.trainer import check_resumable, process_state
@@ -281,7 +282,8 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
     main = process_state().is_main_process  # (launched as several processes, they share the folder; one speaks)
     if main:
         claim_run_folder(cfg.output_dir, "train", launched=True)
-    trainer = Trainer(cfg, data, evaluate=grammar_evaluator() if cfg.eval_every else None)
+    # (evaluations draw as the model's family usually does: an SD model at guidance 7.5)
+    trainer = Trainer(cfg, data, evaluate=grammar_evaluator(sampler=usual_sampler(cfg.model)) if cfg.eval_every else None)
     with progress_bar("training", trainer.last_step, shown=main) as advance:
         drawn = [0]  # (a resumed run's first step moves the bar to where its checkpoint was)
 

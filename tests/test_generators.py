@@ -230,6 +230,23 @@ def test_a_local_teacher_in_a_recipe_config_draws_as_its_spec_says(sd_dir, tmp_p
     assert "unknown dtype 'float8'" in capsys.readouterr().err
 
 
+def test_trainings_evaluations_draw_with_the_models_familys_usual_settings(sd_dir, tmp_path, monkeypatch):
+    """`train`'s `eval_every` draws an SD model as its family usually does (guidance 7.5), not at the shapes model's
+    settings, which a real model draws poorly at."""
+    from builders import build_teacher_ledger
+    from t2i_evolve.cli import main
+    from t2i_evolve.eval import scoring
+    from t2i_evolve.generators.local_pipeline import FAMILY_SAMPLERS
+
+    asked, real = [], scoring.grammar_evaluator
+    monkeypatch.setattr(scoring, "grammar_evaluator", lambda sampler: asked.append(sampler) or real(
+        prompts=2, sampler=sampler.model_copy(update={"steps": 1})))  # (one step, two prompts: seconds)
+    data = build_teacher_ledger(tmp_path / "data", 8, seed=0)
+    assert main(["train", f"model={sd_dir}", f"data={data}", f"output_dir={tmp_path / 'run'}", "steps=1",
+                 "batch_size=4", "eval_every=1", "tracker=none"]) == 0
+    assert asked == [FAMILY_SAMPLERS["sd"]] and "eval" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_a_local_teacher_draws_what_its_sampler_leaves_out_with_its_familys_usual_settings(
         sd_dir, sdxl_dir, pixart_dir, sd3_dir, edm_dir, tiny_dir, tmp_path, capsys):
     """No sampler, or one that names steps only: a real family's usual scheduler and guidance for the rest (an SD

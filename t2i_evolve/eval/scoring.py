@@ -98,12 +98,13 @@ def suite_prompts(suite: dict[str, list[str]]) -> tuple[list[str], list[str]]:
     return prompts, tasks
 
 
-def grammar_evaluator(prompts: int = 128, seed: int = 987_654):
+def grammar_evaluator(prompts: int = 128, seed: int = 987_654, sampler=None):
     """`Trainer`'s evaluation in the shapes world (`t2i-evolve train`'s `eval_every`): the model being trained
-    draws held-out grammar prompts, which the pixel judge scores."""
+    draws held-out grammar prompts with `sampler` (a `SamplerConfig`; None: its defaults, the shapes model's usual),
+    which the pixel judge scores."""
     from ..judges import PixelJudge
-    from ..models import Sampler
+    from ..models import Sampler, SamplerConfig
     from ..world import GrammarPrompts
 
-    texts = GrammarPrompts().sample(prompts, seed=seed)
-    return lambda model, step: evaluate(Sampler(model), PixelJudge(), texts, seed=10_000).summary()
+    texts, sampler = GrammarPrompts().sample(prompts, seed=seed), sampler or SamplerConfig()
+    return lambda model, step: evaluate(Sampler(model, sampler), PixelJudge(), texts, seed=10_000).summary()
