@@ -84,6 +84,7 @@ def test_random_flip_pairs_each_mirrored_image_with_its_mirrored_prompt(tiny_dir
     mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     judge = PixelJudge()
     assert mirror_prompt(prompt) == "a red circle right of a blue square" and mirror_prompt("leftover") == "leftover"
+    assert mirror_prompt("Left of a car, a bus; RIGHT: a cat on the right") == "Right of a car, a bus; LEFT: a cat on the left"
     assert judge.score(mirrored, mirror_prompt(prompt)).score == 1.0 > judge.score(mirrored, prompt).score
 
     data = TrainingSet.from_images([prompt], [image])
@@ -175,6 +176,37 @@ def test_continuing_from_a_checkpoint_is_one_run_split_in_two(tiny_dir, tmp_path
     assert any(not torch.allclose(straight[k], fresh[k], rtol=1e-5, atol=1e-6) for k in straight)
     logged = [json.loads(line)["step"] for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [4]  # only its own steps: the first run's metrics stay in its own folder
+
+
+def test_carried_on_from_another_runs_checkpoint_it_takes_the_weights_and_keeps_its_own_settings(tiny_dir, tmp_path,
+                                                                                                 monkeypatch):
+    """`continue_from` another run's checkpoint, with another set (an evolve round from the last round's): an epoch
+    of the new set (`max_images`, as `max_epochs_per_round: 1` sets it) shows each of its images once, not the rest of
+    one ordering and the start of another; an EMA the first run did not keep starts from the weights it left, not
+    from `model`'s; the learning rate and weight decay are this config's, not the checkpoint's optimizer's."""
+    from t2i_evolve.train import trainer as trainer_module
+
+    first, second = _teacher_set(16, seed=6), _teacher_set(16, seed=7)
+    common = {"batch_size": 4, "checkpoint_every": 6, "warmup_steps": 0, "log_every": 1, "tracker": "none"}
+    Trainer(TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path / "first"), steps=6, ema_decay=None, **common),
+            first).run()  # 24 images: 8 into its second epoch
+    checkpoint = str(tmp_path / "first" / "checkpoints" / "step-0000006")
+    seen, real = [], trainer_module.batch_indices
+    monkeypatch.setattr(trainer_module, "batch_indices", lambda *args: seen.append(real(*args)) or seen[-1])
+    config = TrainConfig(model=str(tiny_dir), output_dir=str(tmp_path / "second"), steps=100, max_images=16, lr=1e-5,
+                         weight_decay=0.5, continue_from=checkpoint, ema_decay=None, **common)
+    trainer = Trainer(config, second)
+    trainer.run()
+    assert sorted(torch.cat(seen).tolist()) == list(range(16))
+    assert {(group["lr"], group["weight_decay"]) for group in trainer.optimizer.param_groups} == {(1e-5, 0.5)}
+    rows = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == [pytest.approx(1e-5)] * 4
+    still = config.model_copy(update={"output_dir": str(tmp_path / "third"), "steps": 6, "max_images": None,
+                                      "ema_decay": 0.9})
+    Trainer(still, second).run()  # no step more: its EMA is what it started from
+    part = "unet/diffusion_pytorch_model.safetensors"
+    saved, left = load_file(tmp_path / "third" / "model" / part), load_file(tmp_path / "first" / "model" / part)
+    assert all(torch.equal(saved[key], left[key]) for key in left)
 
 
 def test_tensorboard_shows_a_resumed_run_as_one_curve_and_its_settings_once(tiny_dir, tmp_path):

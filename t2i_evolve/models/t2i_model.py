@@ -510,7 +510,9 @@ class T2IModel:
         The target follows the schedule's prediction type. `reduction="none"` gives one loss per image,
         for recipes that weight samples (e.g. by reward). Flow matching (SD3, Flux) draws its noise levels logit-normal,
         as SD3 was trained and diffusers' SD3 scripts tune it by default (their Flux scripts' default is uniform,
-        logit-normal an option), and takes no min-SNR weighting (`snr_gamma` ignored).
+        logit-normal an option), and takes no min-SNR weighting (`snr_gamma` ignored); it regresses the velocity
+        unweighted, the SD3 paper's objective (diffusers' SD3 script with `--precondition_outputs 0`; its default
+        weights each image's loss by its noise level squared).
         """
         where = generator.device if generator is not None else latents.device  # draw where the generator lives
         noise = torch.randn(latents.shape, generator=generator, device=where).to(latents)

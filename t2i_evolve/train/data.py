@@ -7,6 +7,7 @@ processes of a multi-GPU run take disjoint slices by their rank.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,13 @@ class TrainingSet:
             by_image[row] = by_image[row] or prompt
         files = cls.from_files(by_image, images, max_memory_gb)
         return cls(prompts, files.images, torch.tensor(rows, dtype=torch.long))
+
+    def fingerprint(self) -> str:
+        """A short hash of the prompts in order and which image each shows: whether a run carried on from another's
+        checkpoint trains on the same set (a run split in two) or on another (an evolve round's)."""
+        digest = hashlib.sha256("\n".join(self.prompts).encode())
+        digest.update(f"{len(self.images)}:".encode() + self.image_rows().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def image_rows(self) -> torch.Tensor:
         """The image index of each prompt."""

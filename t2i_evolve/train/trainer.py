@@ -198,6 +198,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         n = self.accelerator.num_processes
         self.start_images, self.last_step = self._plan()
+        self.data_id = data.fingerprint()
+        self.epoch_start = self._epoch_start()
         schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps * n,
                                  num_training_steps=(config.schedule_steps or self.last_step) * n)
         prepared = self.accelerator.prepare(*self.modules.values(), optimizer, schedule)
@@ -237,6 +239,21 @@ class Trainer:
             module.train()
             modules[name] = module
         return modules
+
+    def _epoch_start(self) -> int:
+        """How far past `start_images` this run's stream of batches starts. Carried on from a checkpoint of a run on
+        another set (an evolve round from the last round's), at this set's next epoch after where that stream got
+        to: an epoch's images are each seen once (not the rest of one ordering and the start of another: some twice,
+        some never), and no ordering is used twice. On the same set (a run split in two) where it got to, as one run."""
+        own = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+        if own:  # (as this run started)
+            return (_trainer_state(own[-1]) or {}).get("epoch_start", 0)
+        origin = _trainer_state(Path(self.config.continue_from)) if self.config.continue_from else None
+        if origin is None:
+            return 0
+        position = origin.get("position", self.start_images)  # (an older version's checkpoint: no fingerprint)
+        n = len(self.data)
+        return (position if origin.get("data") in (None, self.data_id) else -(-position // n) * n) - self.start_images
 
     def _plan(self) -> tuple[int, int]:
         """Images trained on before this run started (its `continue_from`'s), and the step it ends at: `steps`,
@@ -316,8 +333,9 @@ class Trainer:
         total = torch.zeros((), device=acc.device)
         for micro in range(c.grad_accum):
             with acc.accumulate(*self.modules.values()):
-                position = self.stream_images + (((self.step - self.stream_step) * c.grad_accum + micro)
-                                                 * acc.num_processes + acc.process_index) * c.batch_size
+                position = self.epoch_start + self.stream_images + (
+                    ((self.step - self.stream_step) * c.grad_accum + micro) * acc.num_processes + acc.process_index
+                ) * c.batch_size
                 indices = batch_indices(position, c.batch_size, len(self.data), c.seed)
                 pixels = self._pixels(position, indices)
                 seed = hash((c.seed, self.step, micro, acc.process_index)) % 2**63
@@ -424,7 +442,9 @@ class Trainer:
                     self.ema.save(staging / "ema.safetensors")
                 (staging / "trainer_state.json").write_text(json.dumps(
                     {"step": self.step, "images": self.images_trained(), "processes": acc.num_processes,
-                     "start_images": self.start_images, "config": self.config.model_dump()}))
+                     "start_images": self.start_images, "epoch_start": self.epoch_start,
+                     "position": self.epoch_start + self.images_trained(),  # (where the stream of batches got to)
+                     "data": self.data_id, "config": self.config.model_dump()}))
         except BaseException as e:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
             try:  # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
                 if isinstance(e, Exception) and not is_disk_full(e):
@@ -460,8 +480,12 @@ class Trainer:
             if (latest / "custom_checkpoint_0.pkl").is_file():
                 raise ValueError("its EMA is a pickle (an older t2i-evolve wrote it), which is never loaded")
             self.accelerator.load_state(str(latest))
-            if self.ema and (latest / "ema.safetensors").is_file():  # (else a run without EMA: it starts here)
+            if self.ema and (latest / "ema.safetensors").is_file():
                 self.ema.load(latest / "ema.safetensors")
+            elif self.ema:  # a run without EMA: its average starts from the weights it left, not from `model`'s
+                self.ema = EMA(self.params, self.config.ema_decay)
+            if not checkpoints:  # another run's optimizer state: this config's learning rate and weight decay
+                self._set_lr(self.config.lr, self.config.weight_decay)
         except Exception as e:  # any unreadable part: one line, naming the checkpoint
             raise UserError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}: was `model` changed since it was saved? (a "
@@ -490,9 +514,18 @@ class Trainer:
         if processes != n:
             schedule = self.schedule.scheduler  # (the LambdaLR inside accelerate's wrapper)
             schedule.last_epoch = round(schedule.last_epoch * n / processes)
-            for group, base, at in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
-                group["lr"] = base * at(schedule.last_epoch)
-            schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            self._set_lr()
+
+    def _set_lr(self, lr: float | None = None, weight_decay: float | None = None) -> None:
+        """The learning rate at the schedule's step (its peak `lr` where given; `weight_decay` too), as the optimizer
+        and the schedule read it."""
+        schedule = self.schedule.scheduler
+        if lr is not None:
+            schedule.base_lrs = [lr] * len(schedule.base_lrs)
+        for group, base, at in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"], group["initial_lr"] = base * at(schedule.last_epoch), base
+            group["weight_decay"] = group["weight_decay"] if weight_decay is None else weight_decay
+        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _truncate_metrics(self) -> None:
         """Drop metrics logged after the step we start from (they will be logged again), and the final
@@ -525,15 +558,16 @@ class Trainer:
 
 
 def _trainer_state(checkpoint: Path) -> dict | None:
-    """A checkpoint's `trainer_state.json` (step, images trained, processes; counts that are not integers left
-    out), or None where it cannot be read or names no step."""
+    """A checkpoint's `trainer_state.json` (step, images trained, processes, the set's fingerprint; counts that are
+    not integers left out), or None where it cannot be read or names no step."""
     try:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, ValueError, RecursionError):
         return None
     if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
         return None
-    return {key: value for key, value in state.items() if isinstance(value, int) or key == "config"}
+    return {key: value for key, value in state.items()
+            if isinstance(value, int) or key == "config" or key == "data" and isinstance(value, str)}
 
 
 def _enable_checkpointing(module: torch.nn.Module) -> None:
@@ -548,5 +582,11 @@ _MIRRORED = {"left": "right", "right": "left"}
 
 
 def mirror_prompt(prompt: str) -> str:
-    """The prompt of a left-right mirrored image: 'left' and 'right' swapped, everything else kept."""
-    return re.sub(r"\b(left|right)\b", lambda m: _MIRRORED[m.group(1)], prompt)
+    """The prompt of a left-right mirrored image: 'left' and 'right' swapped in any case ('Left' -> 'Right', 'LEFT'
+    -> 'RIGHT'), everything else kept."""
+
+    def swap(match: re.Match) -> str:
+        word, other = match.group(0), _MIRRORED[match.group(0).lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return re.sub(r"\b(left|right)\b", swap, prompt, flags=re.IGNORECASE)
