@@ -85,8 +85,9 @@ class TrainConfig(Config):
     schedule_steps: int | None = Field(None, ge=1, description="Steps the learning-rate schedule spans (default: "
                                        "`steps`); a run that is one part of a longer one sets the whole length.")
     continue_from: PathText | None = Field(None, description="A checkpoint folder of an earlier run to carry on from: its "
-                                      "weights, optimizer moments, schedule, EMA and step go on, on this run's data "
-                                      "(a checkpoint of this run's own comes first).")
+                                      "weights, optimizer moments, schedule, EMA and step go on, at this config's lr "
+                                      "and weight decay, on this run's data (another set: from the start of an epoch "
+                                      "of it); a checkpoint of this run's own comes first.")
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False)  # 0: no clipping
     ema_decay: EmaDecay | None = 0.995
