@@ -930,17 +930,22 @@ def test_a_real_base_is_judged_at_its_familys_usual_settings_and_its_run_folder_
     """A real base judged at the tiny model's settings (10 DDIM steps, no guidance) would draw poorly and the judge
     would buy every prompt: what `sampler` leaves out is the base's family's usual, as a local teacher's. The run
     folder's evolve.yaml writes every field out, so the same command again resumes, drawing as it started."""
+    from t2i_evolve.errors import UserError
     from t2i_evolve.generators.local_pipeline import FAMILY_SAMPLERS
     from t2i_evolve.recipes.parts import base_sampling
 
     assert base_sampling(EvolveConfig()) == SamplerConfig(steps=10)  # the shapes model: what its benchmarks measured
     assert base_sampling(EvolveConfig(base_model=str(sdxl_dir))) == FAMILY_SAMPLERS["sdxl"]
-    config = small_config(str(tmp_path / "run"), base_model=str(sd_dir), sampler={"steps": 3}, max_teacher_calls=2)
+    base = shutil.copytree(sd_dir, tmp_path / "sd")
+    config = small_config(str(tmp_path / "run"), base_model=str(base), sampler={"steps": 3}, max_teacher_calls=2)
     usual = SamplerConfig(scheduler="dpm++", steps=3, guidance=7.5)  # SD's, but the steps given
     assert base_sampling(config) == usual
     assert run_evolve(config)["teacher_calls"] == 2  # (stopped at the budget: paid for something)
     assert EvolveConfig.from_yaml(tmp_path / "run" / "evolve.yaml").sampler == FamilySampler(**usual.model_dump())
     assert run_evolve(config)["stopped"].startswith("teacher budget spent")  # resumed: not "another config"
+    base.rename(tmp_path / "moved")  # gone when rerun: named so, not taken for another config's sampler
+    with pytest.raises(UserError, match=r"base_model .*sd is not a model folder \(no model_index.json\)$"):
+        run_evolve(config)
 
 
 def test_a_run_folder_from_before_family_samplers_resumes_under_the_config_that_started_it(sd_dir, tmp_path):

@@ -120,3 +120,23 @@ def test_lora_targets_peft_cannot_adapt_say_so_and_alpha_must_be_positive(sd_dir
         add_lora(unet, LoraSettings(rank=2, unet_targets=["no_such_layer"]), "unet")
     with pytest.raises(ValidationError, match="greater than 0"):
         LoraSettings(rank=2, alpha=0)
+
+
+def test_a_run_killed_between_its_adapters_and_its_model_leaves_no_model_vouched_for(sd_dir, shapes, tmp_path,
+                                                                                    monkeypatch):
+    """Rerun to more steps and killed after writing the new adapters but before the new model: the earlier model's
+    model_index.json is gone first, so no folder vouches for an old model beside new adapters."""
+    from t2i_evolve.train import trainer as trainer_module
+
+    run = dict(model=str(sd_dir), output_dir=str(tmp_path), batch_size=4, lr=1e-2, warmup_steps=0,
+               lora=LoraSettings(rank=4), ema_decay=None, tracker="none")
+    Trainer(TrainConfig(**run, steps=2), shapes).run()
+    assert (tmp_path / "model" / "model_index.json").is_file()
+
+    def killed(model):
+        raise KeyboardInterrupt  # (as a kill between the two writes)
+
+    monkeypatch.setattr(trainer_module, "merged_copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(TrainConfig(**run, steps=3), shapes).run()
+    assert (tmp_path / "lora" / ADAPTER_FILE).is_file() and not (tmp_path / "model" / "model_index.json").exists()

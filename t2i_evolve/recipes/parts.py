@@ -93,9 +93,7 @@ ENDPOINT_ADDRESSES = {"judge": {"endpoint": HOW_TO_REACH}, "writer": {"endpoint"
 def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelConfig, seed: int) -> Path:
     """The model folder a recipe improves: `base_model`, or (none named) a fresh tiny shapes model made once
     in `out/base`, so a rerun after a crash goes on from the same random init."""
-    base = Path(base_model) if base_model else out / "base"
-    if base_model and not (base / "model_index.json").is_file():
-        raise UserError(f"base_model {base} is not a model folder (no model_index.json)")
+    base = named_base(base_model) or out / "base"
     made_from, marker = {"tiny_model": tiny_model.model_dump(mode="json"), "seed": seed}, base / ".made-from.json"
     if not base_model and (read_json(marker) != made_from or not (base / "model_index.json").is_file()):
         # None yet; or made by a start that then failed a check, from another config (a run that spent calls has
@@ -106,17 +104,21 @@ def base_model_folder(base_model: str | None, out: Path, tiny_model: TinyModelCo
     return base
 
 
-SHAPES_BASE_SAMPLER = SamplerConfig(steps=10)
-"""How evolve draws a shapes-world base to judge and score it: 10 DDIM steps without guidance (what its benchmarks
-measured; the family's usual 20 in `sample` and `eval`)."""
+SHAPES_BASE_SAMPLER = SamplerConfig(steps=10)  # a shapes base judged: 10 DDIM steps, as its benchmarks measured
 
 
 def base_sampling(config) -> SamplerConfig:
     """How an evolve run draws its base: the `sampler` fields given over its family's usual (as a local teacher's:
     an SD base at guidance 7.5, not a tiny model's settings it would be judged poorly at)."""
-    base = Path(config.base_model) if config.base_model else None
-    family = folder_family(base) if base and (base / "model_index.json").is_file() else "shapes"  # (else: refused)
+    family = folder_family(base) if (base := named_base(config.base_model)) else "shapes"
     return config.sampler.over(SHAPES_BASE_SAMPLER if family in (None, "shapes") else FAMILY_SAMPLERS[family])
+
+
+def named_base(base_model: str | None) -> Path | None:
+    """The folder `base_model` names (None: none), or one line if it is no model folder (before a config check)."""
+    if base_model and not (Path(base_model) / "model_index.json").is_file():
+        raise UserError(f"base_model {base_model} is not a model folder (no model_index.json)")
+    return Path(base_model) if base_model else None
 
 
 class JudgeSpec(Config):

@@ -549,6 +549,7 @@ class Trainer:
                 setattr(self.model, name, acc.unwrap_model(module))
             with self.ema.applied() if self.ema else nullcontext():  # (the adapters first: the model's
                 # model_index.json, written last, vouches for both, as an evolve round's rerun reads it)
+                (path / "model_index.json").unlink(missing_ok=True)  # (an earlier save's: not over new adapters)
                 if (unexported := export_adapters(self.model, path.parent / "lora")) is not None:
                     console.print(f"note: the adapters are saved merged into {path} only: {unexported}", markup=False,
                                   soft_wrap=True)
