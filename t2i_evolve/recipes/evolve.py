@@ -161,7 +161,8 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     check_api_keys(config)
     out = check_run_folder(config.output_dir, "evolve")  # (not a demo's, nor an import's)
     claim_run_folder(out, "evolve")  # no other process in it: it would pay again for this one's calls in flight
-    config = config.updated("sampler", sampler=base_sampling(config))  # all its fields set: evolve.yaml holds them
+    sampling = base_sampling(config)  # how the base is drawn: set in full, so evolve.yaml holds every field
+    config = config.updated("sampler", sampler=sampling)
     ledger = Ledger(out)
     if spent := ledger.call_count():  # it has spent something: a rerun must not mix another config's rounds into it
         check_resumed_config(out / "evolve.yaml", config, RESUMABLE_CHANGES)
@@ -180,7 +181,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
         keep_prompts_copy(out, config.prompts_file, replace=True)
 
     def load_sampler(folder: Path) -> Sampler:
-        return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), base_sampling(config))
+        return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), sampling)
     stopped, rounds = None, []
     with progress_bar("evolve rounds", config.rounds) as advance:
         try:
