@@ -198,9 +198,10 @@ class Trainer:
         fused = all(p.is_floating_point() for p in self.params) and self.accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         n = self.accelerator.num_processes
-        self.start_images, self.last_step = self._plan()
+        now, origin = self._saved_states()
+        self.start_images, self.last_step = self._plan(now, origin)
         self.data_id = data.fingerprint()
-        self.epoch_start = self._epoch_start()
+        self.epoch_start = self._epoch_start(now, origin)
         schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps * n,
                                  num_training_steps=(config.schedule_steps or self.last_step) * n)
         prepared = self.accelerator.prepare(*self.modules.values(), optimizer, schedule)
@@ -241,30 +242,30 @@ class Trainer:
             modules[name] = module
         return modules
 
-    def _epoch_start(self) -> int:
+    def _saved_states(self) -> tuple[dict | None, dict | None]:
+        """The `trainer_state.json` of this run's latest checkpoint and of `continue_from` (None: none, or unreadable:
+        `_resume` says what is wrong with it)."""
+        own = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+        origin = self.config.continue_from
+        return _trainer_state(own[-1]) if own else None, _trainer_state(Path(origin)) if origin else None
+
+    def _epoch_start(self, now: dict | None, origin: dict | None) -> int:
         """How far past `start_images` this run's stream of batches starts. Carried on from a checkpoint of a run on
         another set (an evolve round from the last round's), at this set's next epoch after where that stream got
         to: an epoch's images are each seen once (not the rest of one ordering and the start of another: some twice,
         some never), and no ordering is used twice. On the same set (a run split in two) where it got to, as one run."""
-        own = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
-        if own:  # (as this run started)
-            return (_trainer_state(own[-1]) or {}).get("epoch_start", 0)
-        origin = _trainer_state(Path(self.config.continue_from)) if self.config.continue_from else None
-        if origin is None:
-            return 0
-        position = origin.get("position", self.start_images)  # (an older version's checkpoint: no fingerprint)
-        n = len(self.data)
+        if now or not origin:  # (as this run started; or it starts the stream)
+            return now.get("epoch_start", 0) if now else 0
+        position = origin.get("epoch_start", 0) + self.start_images  # where its stream of batches got to
+        n = len(self.data)  # (an older version's checkpoint names no set: taken as this one)
         return (position if origin.get("data") in (None, self.data_id) else -(-position // n) * n) - self.start_images
 
-    def _plan(self) -> tuple[int, int]:
+    def _plan(self, now: dict | None, origin: dict | None) -> tuple[int, int]:
         """Images trained on before this run started (its `continue_from`'s), and the step it ends at: `steps`,
         or sooner where `max_images` more are trained on, counted in images, so that a run resumed on another
         number of processes ends where the images say (read from the checkpoints' `trainer_state.json`)."""
         c, per_step = self.config, self.images_per_step
-        own = sorted(self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
-        now = _trainer_state(own[-1]) if own else None
-        origin = _trainer_state(Path(c.continue_from)) if c.continue_from else None  # (`_resume` says what is
-        origin_step = origin["step"] if origin else 0  # wrong with an unreadable one)
+        origin_step = origin["step"] if origin else 0
         start_images = now["start_images"] if now and "start_images" in now else (
             origin.get("images", origin_step * per_step) if origin else 0)
         if c.max_images is None:
@@ -443,9 +444,8 @@ class Trainer:
                     self.ema.save(staging / "ema.safetensors")
                 (staging / "trainer_state.json").write_text(json.dumps(
                     {"step": self.step, "images": self.images_trained(), "processes": acc.num_processes,
-                     "start_images": self.start_images, "epoch_start": self.epoch_start,
-                     "position": self.epoch_start + self.images_trained(),  # (where the stream of batches got to)
-                     "data": self.data_id, "config": self.config.model_dump()}))
+                     "start_images": self.start_images, "epoch_start": self.epoch_start, "data": self.data_id,
+                     "config": self.config.model_dump()}))
         except BaseException as e:  # a full disk, a kill signal: give back the room a half-written checkpoint takes
             try:  # torch.save says a full disk as "unexpected pos": tell it by the room left, before that is given back
                 if isinstance(e, Exception) and not is_disk_full(e):
@@ -525,7 +525,8 @@ class Trainer:
             schedule.base_lrs = [lr] * len(schedule.base_lrs)
         for group, base, at in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
             group["lr"], group["initial_lr"] = base * at(schedule.last_epoch), base
-            group["weight_decay"] = group["weight_decay"] if weight_decay is None else weight_decay
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
         schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _truncate_metrics(self) -> None:
