@@ -472,6 +472,7 @@ def evolve(
 ):
     """EvolveDirector: train on teacher images while a judge deletes, expands and mutates the set."""
     from .recipes.evolve import EvolveConfig, run_evolve
+    from .eval.report import round_line
 
     cfg = EvolveConfig.load(config, overrides or ())
     if output_dir is not None:
@@ -481,10 +482,7 @@ def evolve(
         print_json({k: v for k, v in summary.items() if k != "ledger"})
         return
     for row in summary["rounds"]:
-        ops = " ".join(f"{k} {v}" for k, v in row.get("ops", {}).items())
-        score = f"{row['score']:.3f}" if "score" in row else "-"
-        say(f"round {row['round']}: score {score}  active {row['active']}  teacher calls "
-            f"{row['teacher_calls_after']}  judge calls {row['judge_calls']}  {ops}")
+        say(f"round {row['round']}: {round_line(row)}")
     if summary["stopped"]:
         say(f"stopped early: {summary['stopped']}")
     say(f"run folder {cfg.output_dir} (report.html, summary.json, ledger)")

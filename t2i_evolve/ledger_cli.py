@@ -38,18 +38,21 @@ def _print_stats(run_dir: Path, stats: dict) -> None:
     """`Ledger.stats()` as a person reads it: a row per round of its operations and of each caller's requests."""
     records, interrupted = stats["records"], stats["interrupted_calls"]
     say(f"{run_dir}: {records['total']} records, {records['active']} active, {records['deleted']} deleted"
-        + (f"; {interrupted} calls interrupted" if interrupted else ""))
+        + (f"; {interrupted} calls sent again after a crash (their replies lost with it: perhaps paid twice, "
+           "counted once)" if interrupted else ""))
     ops = sorted({row["op"] for row in stats["ops"]})
     callers = sorted({row["caller"] for row in stats["calls"]})
     rounds = sorted({row["round"] for row in stats["ops"] + stats["calls"]}, key=lambda r: (r is None, r))
 
     def calls_cell(rows: list[dict]) -> str:
-        sent, failed, price = (sum(row[key] or 0 for row in rows) for key in ("attempts", "failed", "price"))
-        parts = [f"{sent} sent"] + ([f"{failed} failed"] if failed else []) + ([f"price {price:.2f}"] if price else [])
+        sent, again, failed, price = (sum(row[key] or 0 for row in rows)
+                                      for key in ("attempts", "interrupted", "failed", "price"))
+        parts = ([f"{sent} sent"] + ([f"{again} again after a crash"] if again else [])
+                 + ([f"{failed} failed"] if failed else []) + ([f"price {price:.6g}"] if price else []))
         return ", ".join(parts)
 
     table = Table("round", *ops, *(f"{escape(caller)} calls" for caller in callers),  # an id may hold '['
-                  title="operations, and requests sent (each retry one) and failed, per round")
+                  title="operations, and requests sent (each retry one; what budgets count) and failed, per round")
     for r in rounds:
         cells = [str(sum(row["count"] for row in stats["ops"] if (row["round"], row["op"]) == (r, op))) for op in ops]
         cells += [calls_cell([row for row in stats["calls"] if (row["round"], row["caller"]) == (r, caller)])

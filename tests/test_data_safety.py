@@ -254,7 +254,8 @@ def test_a_re_export_writes_no_image_over_an_unchanged_one(run_dir, tmp_path):
 
 def test_a_call_retried_in_a_later_round_stays_in_its_first(tmp_path):
     """`ledger stats` per round and the judge budget of a round rerun count a call where it was first sent
-    (here: killed mid-call in round 1, sent again by the rerun of round 2)."""
+    (here: killed mid-call in round 1, sent again by the rerun of round 2), and once: the request was counted
+    when the process that died sent it."""
     from t2i_evolve.data.cache import content_key
 
     with Ledger(tmp_path / "run") as ledger:
@@ -263,7 +264,7 @@ def test_a_call_retried_in_a_later_round_stays_in_its_first(tmp_path):
                        "VALUES (?, 'judge', '{\"q\": 1}', 'pending', 1, 1, '', '')", (content_key(["judge", {"q": 1}]),))
         assert ledger.cached_call("judge", {"q": 1}, lambda: {"ok": 1}, round=2, backoff_s=0) == {"ok": 1}
         (row,) = ledger.calls()
-        assert (row.round, row.attempts, row.interrupted, row.status) == (1, 2, 1, "done")
+        assert (row.round, row.attempts, row.interrupted, row.status) == (1, 1, 1, "done")
 
 
 # 5. What a second review found: a temp image a kill left, another run's export, pixels that do not decode.

@@ -138,32 +138,43 @@ def test_sigkill_mid_round_then_rerun_pays_no_call_twice_and_ends_with_the_same_
     resumed = run_worker(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert ledger_state(run_dir) == ledger_state(reference_run)
+    assert "evolve rounds 2/2: score " in resumed.stderr  # (not a terminal: a line a round, as it ends)
     for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):  # the "server side": answered calls
         assert (run_dir / log).read_text().count("\n") == (reference_run / log).read_text().count("\n"), log
 
 
-def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp_path):
+def test_sigkill_while_the_quality_gate_scores_then_rerun_pays_no_call_twice(tmp_path, capsys):
     """The gate on, 30 teacher calls, then rounds that buy nothing (`train_past_teacher_budget`). Killed at the
-    judge's 10th call (round 0, scoring the seed images), and again while it scores round 1's expansions, the
-    last images the budget paid for (some recorded, some not): each rerun pays no call twice and ends with the
-    uninterrupted run's ledger, those images all recorded though the budget is spent when it starts again."""
+    judge's 10th call (round 0, scoring the seed images), again while it scores round 1's expansions, the
+    last images the budget paid for (some recorded, some not), and while the teacher draws those (all four in
+    flight, the budget's last calls): each rerun pays no answered call twice and ends with the uninterrupted
+    run's ledger, those images all recorded though the budget is spent when it starts again (a call sent again
+    after a crash counts once against it)."""
+    from t2i_evolve.cli import main
+
     reference, flags = tmp_path / "reference", ("--gate", "--teacher-budget", "30")
     assert run_worker(reference, *flags).returncode == 0
     expanded = {rec.prompt for rec in Ledger(reference, create=False).records(None, round=1) if rec.op == "expand"}
     judged = [json.loads(line) for line in (reference / "judge_calls.jsonl").read_text().splitlines()]
     gating = [n for n, call in enumerate(judged, 1) if call.get("method") == "score" and call["prompt"] in expanded]
     assert len(gating) >= 3 and json.loads((reference / "summary.json").read_text())["teacher_calls"] == 30
-    for kill_after in (10, gating[1]):
-        run_dir = tmp_path / f"killed-{kill_after}"
-        killed = run_worker(run_dir, *flags, "--kill-after", str(kill_after))
+    for kill in (("--kill-after", "10"), ("--kill-after", str(gating[1])), ("--kill-at-draw", "3")):
+        run_dir = tmp_path / f"killed{''.join(kill)}"
+        killed = run_worker(run_dir, *flags, *kill)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        drawing = kill[0] == "--kill-at-draw"
         with Ledger(run_dir, create=False) as ledger:
-            assert ledger.calls(caller="scripted", status="pending")
-            assert kill_after != 10 or not ledger.records(round=1)
+            in_flight = ledger.calls(caller="strong" if drawing else "scripted", status="pending")
+            assert in_flight and (kill[1] != "10" or not ledger.records(round=1))
+            assert not drawing or len(in_flight) == 4 and ledger.call_totals(["strong"])[0] == 30
         resumed = run_worker(run_dir, *flags)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         records, ops = ledger_state(run_dir)
         assert (records, ops) == ledger_state(reference)
+        with Ledger(run_dir, create=False) as ledger:
+            assert ledger.call_totals(["strong"])[0] == 30 and ledger.interrupted_calls() == len(in_flight)
+        assert main(["ledger", "stats", str(run_dir)]) == 0
+        assert f"{len(in_flight)} calls sent again after a crash" in capsys.readouterr().out
         assert any(op[1] == "reject" for op in ops) and any(r[5] == "active" for r in records)
         for log in ("teacher_calls.jsonl", "judge_calls.jsonl"):
             assert (run_dir / log).read_text().count("\n") == (reference / log).read_text().count("\n"), log

@@ -3,6 +3,7 @@ gate and the tournament) stop a run cleanly or cap what a round judges; a served
 
 from __future__ import annotations
 
+import html
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,8 +29,11 @@ def test_teacher_budget_stops_the_run_cleanly_and_a_rerun_with_more_budget_goes_
     with Ledger(run_dir) as ledger:
         assert stopped_round["ops"] == dict(Counter(op.op.replace("judge", "judged") for op in ledger.ops(round=1)))
     assert stopped_round["ops"]["delete"] > 0 and stopped_round["ops"]["expand"] > 0
+    report = (run_dir / "report.html").read_text()
+    assert "Stopped early" in report and html.escape(first["stopped"]) in report
     second = run_evolve(small_config(str(run_dir), max_teacher_calls=60), judge=judge)
     assert 30 < second["teacher_calls"] <= 60
+    assert ("Stopped early" in (run_dir / "report.html").read_text()) == bool(second["stopped"])
     # TensorBoard: the stopped round logged as it was reported, and not again when the rerun finished it
     assert [step for step, _ in tensorboard_scalars(run_dir / "tensorboard" / "rounds", "ops/judged")] == [
         row["round"] for row in second["rounds"]]
@@ -92,6 +96,7 @@ def test_judge_budget_counts_the_deletion_check(tmp_path):
     judge = CachedJudge(ScriptedJudge(), Ledger(run_dir), backoff_s=0)
     summary = run_evolve(small_config(str(run_dir), max_judge_calls=30, min_unseen_score=0.5), judge=judge)
     assert summary["judge_calls"] <= 30 and summary["rounds"][0]["ops"]["judged"] == 15  # of 24: 15 x 2 = 30
+    assert summary["rounds"][0]["ops"]["over_judge_budget"] == 24 - 15  # said, not a silently smaller sample
     with Ledger(run_dir, create=False) as ledger:
         assert [c for c in ledger.calls(caller="scripted") if c.request["method"] == "score"]  # checks were made
 

@@ -419,6 +419,37 @@ def test_budget_survives_a_restart(tmp_path):
         ledger.cached_call("api", {"q": 2}, lambda: {"ok": 1}, budget=CallBudget(max_calls=1))
 
 
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_calls_sent_again_after_a_crash_count_once_against_the_budget(tmp_path, batch_size):
+    """Four calls in flight when the process died (`KeyboardInterrupt` leaves them as SIGKILL does), under a cap
+    of six: the rerun sends the four again counted once, as the uninterrupted run did, and still buys two more;
+    a price cap pays for each on its answer, so it holds them all."""
+    def interrupted(requests):
+        raise KeyboardInterrupt
+
+    def answer(requests):
+        return [{"ok": r["q"]} for r in requests]
+
+    with Ledger(tmp_path / "calls") as ledger:
+        with pytest.raises(KeyboardInterrupt):
+            ledger.cached_calls("api", [{"q": q} for q in range(4)], interrupted, batch_size=4)
+        assert ledger.call_totals(["api"])[0] == 4
+        budget = CallBudget(max_calls=6)
+        assert ledger.cached_calls("api", [{"q": q} for q in range(6)], answer, batch_size=batch_size,
+                                   budget=budget) == [{"ok": q} for q in range(6)]
+        assert ledger.call_totals(["api"])[0] == 6 and ledger.interrupted_calls() == 4
+        with pytest.raises(BudgetExhausted, match="6 calls sent"):
+            ledger.cached_call("api", {"q": 6}, lambda: {"ok": 6}, budget=budget)
+    with Ledger(tmp_path / "priced") as ledger:
+        with pytest.raises(KeyboardInterrupt):
+            ledger.cached_calls("api", [{"q": q} for q in range(4)], interrupted, batch_size=4, price=0.5)
+        budget = CallBudget(max_price=1.0)  # (nothing answered yet: nothing paid)
+        with pytest.raises(BudgetExhausted, match="price 1 "):
+            ledger.cached_calls("api", [{"q": q} for q in range(4)], answer, price=0.5, budget=budget,
+                                batch_size=batch_size)
+        assert [c.status for c in ledger.calls()] == ["done", "done", "pending", "pending"]
+
+
 def test_concurrent_identical_calls_are_sent_once(ledger):
     calls = []
 

@@ -60,15 +60,18 @@ class CallBudgets:
             return list(range(len(prompts)))
         calls_left, price_left = self.teacher_budget_left()
         fit, buying = [], True
-        for i, new in enumerate(self._new_draws(prompts, seeds, teacher_ids)):
+        for i, (new, resent) in enumerate(self._new_draws(prompts, seeds, teacher_ids)):
             price = sum(getattr(self.teachers[tid].generator, "price_per_call", 0.0) for tid in new)
-            buying = buying and not (new and (len(new) > calls_left or price > price_left + 1e-9))
+            calls = len(new) - len(resent)  # (in flight at a crash: counted when first sent)
+            buying = buying and not (new and (calls > calls_left or price > price_left + 1e-9))
             if buying or not new:
-                calls_left, price_left = calls_left - len(new), price_left - price
+                calls_left, price_left = calls_left - calls, price_left - price
                 fit.append(i)
         if not fit and not self.train_past_teacher_budget:
-            raise BudgetExhausted(f"teacher budget spent: {self.teacher_calls()} calls (max {self.max_teacher_calls}), "
-                                  f"price {self.teacher_price():g} (max {self.max_teacher_price})")
+            calls, price = self.teacher_calls(), self.teacher_price()
+            raise BudgetExhausted("teacher budget spent: " + ", ".join(
+                [f"{calls} calls" + (f" of {self.max_teacher_calls}" if self.max_teacher_calls is not None else "")]
+                + ([f"price {price:g} of {self.max_teacher_price:g}"] if self.max_teacher_price is not None else [])))
         return fit
 
     def first_tries(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[int]:
@@ -77,18 +80,22 @@ class CallBudgets:
         teacher cap, where no retry waits for room."""
         if self.max_teacher_calls is None and self.max_teacher_price is None:
             return [0] * len(prompts)
-        return [len(new) for new in self._new_draws(prompts, seeds, teacher_ids)]
+        return [len(new) - len(resent) for new, resent in self._new_draws(prompts, seeds, teacher_ids)]
 
-    def _new_draws(self, prompts: Sequence[str], seeds: Sequence[int], teacher_ids: Sequence[str] | None) -> list[list]:
-        """Per draw, the teachers that have not drawn it yet (nor failed it for good): a tournament (`teacher_ids`
+    def _new_draws(self, prompts: Sequence[str], seeds: Sequence[int],
+                   teacher_ids: Sequence[str] | None) -> list[tuple[list, list]]:
+        """Per draw, the teachers that have not drawn it yet (nor failed it for good), and of those the ones
+        whose draw a process that died left in flight (sent again, counted once): a tournament (`teacher_ids`
         None) asks every teacher, otherwise the one named."""
-        settled = set()  # (teacher, index) of the draws it has an outcome of
+        settled, resent = set(), set()  # (teacher, index) of the draws it has an outcome of / left in flight
         for tid, teacher in self.teachers.items():
             asked = [i for i in range(len(prompts)) if teacher_ids is None or teacher_ids[i] == tid]
-            outcomes = teacher.settled([prompts[i] for i in asked], [seeds[i] for i in asked])
-            settled.update((tid, i) for i, done in zip(asked, outcomes) if done)
-        return [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]]) if (tid, i) not in settled]
-                for i in range(len(prompts))]
+            asked_prompts, asked_seeds = [prompts[i] for i in asked], [seeds[i] for i in asked]
+            settled.update((tid, i) for i, done in zip(asked, teacher.settled(asked_prompts, asked_seeds)) if done)
+            resent.update((tid, i) for i, left in zip(asked, teacher.resent(asked_prompts, asked_seeds)) if left)
+        new = [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]]) if (tid, i) not in settled]
+               for i in range(len(prompts))]
+        return [(tids, [tid for tid in tids if (tid, i) in resent]) for i, tids in enumerate(new)]
 
     def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1, reserve: int = 0) -> int:
         """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may

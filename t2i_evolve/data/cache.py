@@ -10,10 +10,12 @@ keyed by the sha256 of the canonical JSON of (caller, request). The protocol for
 
 A 'pending' row found at step 2 means a process died during that call: the request may or may not
 have reached the server, and if a reply came back it was lost with the process. The call is sent again
-and the row's `interrupted` count goes up. So the guarantee is at-least-once, and the number of calls
-paid twice is at most `Ledger.interrupted_calls()` (one per crash for sequential calls, one batch per
-crash for batched ones). Exactly-once is not possible against an external API that has no idempotency
-key; this is the honest bound.
+and the row's `interrupted` count goes up, its `attempts` (what budgets count) not: the request was counted
+when first sent, so a rerun spends the budget as the uninterrupted run did and ends with its ledger. So
+the guarantee is at-least-once, and the number of calls paid twice, and by which a cap may be passed, is
+at most `Ledger.interrupted_calls()` (one per crash for sequential calls, one batch per crash for batched
+ones). Exactly-once is not possible against an external API that has no idempotency key; this is the
+honest bound.
 
 `CachedGenerator` and `CachedJudge` (cached.py) wrap a `Generator` or `Judge` with this cache, so a recipe
 that is rerun after a crash, or with more rounds, only pays for what it has not received yet.
@@ -47,8 +49,9 @@ from ..errors import BudgetExhausted, DiskFull, RequestRefused, TransientError
 class CallBudget(BaseModel):
     """Limits on what one caller (a generator or judge id) may spend in a run.
 
-    `max_calls` counts requests sent, retries included, since each one costs quota; `max_price` sums
-    the `price` of answered calls. Both are read from the run's calls table, so a budget holds across
+    `max_calls` counts requests sent, retries included, since each one costs quota (one sent again after a
+    crash, its reply lost with the process, counts once: module docstring); `max_price` sums the `price` of
+    answered calls. Both are read from the run's calls table, so a budget holds across
     restarts, and cached answers never count. A request it cannot pay for is never sent: a first try
     raises `BudgetExhausted`, a retry is not sent and its request fails (so a cap is never passed, and a
     batch that fitted the cap does not stop half-way because some of it needed a second try).
@@ -204,15 +207,22 @@ class CallCacheMixin:
         with self._claim(by_key):
             results = self._settled_responses(by_key)
             misses = [key for key in by_key if key not in results]
+            resent = self._left_pending(misses)  # (counted when first sent: not again)
             priced = budget is not None and budget.max_price is not None
             while misses:
                 check_room(self.run_dir)
                 with self._paying if priced else nullcontext():
                     with self._read() as db:
-                        n = min(batch_size, _allowance(db, terms, need=1))
+                        n = _fitting(db, terms, misses[:batch_size], resent)
                     chunk, misses = misses[:n], misses[n:]
                     results |= self._send(terms, chunk, by_key, call, reserve=len(misses) + reserve)
         return [results[key] for key in keys]
+
+    def _left_pending(self, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` a process that died left 'pending' (in flight now in this one they cannot be: `_claim`)."""
+        with self._read() as db:
+            return {key for key in keys
+                    if db.execute("SELECT 1 FROM calls WHERE key = ? AND status = 'pending'", (key,)).fetchone()}
 
     def interrupted_calls(self) -> int:
         """How many times a call was found 'pending': left in flight by a process that died (or by an
@@ -283,14 +293,18 @@ class CallCacheMixin:
         keys to send. A first try the budget cannot pay for raises `BudgetExhausted`; a retry it cannot pay
         for (keeping `reserve` calls for first tries still to come) is not sent, and its request fails.
 
-        On the first attempt of this process, a row that is already 'pending' counts as interrupted.
+        On the first attempt of this process, a row that is already 'pending' counts as interrupted, and its
+        attempt as none more: it was counted when the process that died sent it.
         """
         now = utc_now()
         with self.transaction() as db:
             if self._depth > 1:
                 raise RuntimeError("the call cache cannot run inside Ledger.transaction()")
             if first:
-                _allowance(db, terms, need=len(keys))
+                resent = {key for key in keys if (row := db.execute(
+                    "SELECT status FROM calls WHERE key = ?", (key,)).fetchone()) and row[0] == "pending"}
+                if _fitting(db, terms, keys, resent) < len(keys):
+                    raise _spent(db, terms)
             else:
                 room = max(0, _allowance(db, terms, need=0) - reserve)
                 keys, unpaid = keys[:room], keys[room:]
@@ -298,10 +312,11 @@ class CallCacheMixin:
             db.executemany(
                 "INSERT INTO calls (key, caller, request, status, attempts, round, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', 1, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET status = 'pending', ask_again = 0, attempts = calls.attempts + 1, "
+                "ON CONFLICT (key) DO UPDATE SET status = 'pending', ask_again = 0, "
+                "attempts = calls.attempts + NOT (? AND calls.status = 'pending'), "
                 "interrupted = calls.interrupted + (? AND calls.status = 'pending'), "
                 "round = coalesce(calls.round, excluded.round), updated_at = excluded.updated_at",
-                [(k, terms.caller, canonical_json(by_key[k]), terms.round, now, now, first) for k in keys],
+                [(k, terms.caller, canonical_json(by_key[k]), terms.round, now, now, first, first) for k in keys],
             )
         return keys
 
@@ -420,11 +435,35 @@ def _allowance(db: sqlite3.Connection, terms: _Terms, need: int) -> int:
     calls, spent = _totals(db, callers)
     n = budget.allowance(calls, spent, terms.price)
     if n < need:
-        raise BudgetExhausted(
-            f"budget of {' + '.join(callers)} spent: {calls} calls sent, price {spent:g} "
-            f"(max_calls={budget.max_calls}, max_price={budget.max_price})"
-        )
+        raise _spent(db, terms)
     return n
+
+
+def _spent(db: sqlite3.Connection, terms: _Terms) -> BudgetExhausted:
+    callers = terms.budget.callers or (terms.caller,)
+    calls, spent = _totals(db, callers)
+    caps = ", ".join(f"{name}={value:g}" for name, value in (("max_calls", terms.budget.max_calls),
+                                                              ("max_price", terms.budget.max_price)) if value is not None)
+    return BudgetExhausted(f"budget of {' + '.join(callers)} spent: {calls} calls sent, price {spent:g} ({caps})")
+
+
+def _fitting(db: sqlite3.Connection, terms: _Terms, keys: Sequence[str], resent: set[str]) -> int:
+    """How many of `keys`, from the first, the budget can pay for: each one against `max_price` (a price is paid
+    on answer), those not in `resent` (sent again after a crash: counted once, when first sent) against
+    `max_calls`. Raises `BudgetExhausted` where not even the first fits."""
+    budget = terms.budget
+    if budget is None or budget.max_calls is None and budget.max_price is None:
+        return len(keys)
+    calls, spent = _totals(db, budget.callers or (terms.caller,))
+    fit, new = 0, 0
+    for key in keys:
+        new += key not in resent
+        if budget.allowance(calls + new - (fit + 1), spent, terms.price) < fit + 1:
+            break
+        fit += 1
+    if not fit:
+        raise _spent(db, terms)
+    return fit
 
 
 def encode_png(image: Image.Image) -> tuple[bytes, str]:

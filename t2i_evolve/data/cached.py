@@ -61,9 +61,17 @@ class CachedGenerator:
     def settled(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bool]:
         """Which of these draws have an outcome in the ledger (an image, or a failure for good): drawing them
         again sends nothing and costs nothing."""
-        keys = [content_key([self.id, {"prompt": prompt, "seed": int(seed)}]) for prompt, seed in zip(prompts, seeds)]
-        settled = self.ledger._settled_responses(keys)
+        settled = self.ledger._settled_responses(keys := self._keys(prompts, seeds))
         return [key in settled for key in keys]
+
+    def resent(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bool]:
+        """Which of these draws were in flight when a process died: sent again, they count no second call
+        against a budget (their price, paid on answer, they do)."""
+        pending = self.ledger._left_pending(keys := self._keys(prompts, seeds))
+        return [key in pending for key in keys]
+
+    def _keys(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str]:
+        return [content_key([self.id, {"prompt": prompt, "seed": int(seed)}]) for prompt, seed in zip(prompts, seeds)]
 
     def _generate(self, requests: list[dict]) -> list[dict | Exception | None]:
         """The stored images; where the generator can say why an item failed (`outcomes`, as the images endpoint

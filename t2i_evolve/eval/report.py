@@ -126,11 +126,15 @@ def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence
     from ..models import Sampler, T2IModel  # only here: the rest of this module needs no model code
 
     rounds = summary["rounds"]
-    curve = [(row["teacher_calls"], row["score"]) for row in rounds if "score" in row]
-    table = html_table(["round", "score", "active", "teacher calls", "judge calls", *ops],
-                       [[row["round"], row.get("score", "-"), row["active"], row["teacher_calls"], row["judge_calls"],
+    curve = [(row["teacher_calls"], row["score"]) for row in rounds if "score" in row]  # (what its model trained on)
+    table = html_table(["round", "score", "active", "teacher calls trained on", "teacher calls after", "judge calls after",
+                        *ops],
+                       [[row["round"], row.get("score", "-"), row["active"], row["teacher_calls"],
+                         row.get("teacher_calls_after", "-"), row["judge_calls"],
                          *(row.get("ops", {}).get(k, "-") for k in ops)] for row in rounds])
-    sections = [("Held-out score vs teacher calls", svg_curve(curve, label="teacher calls")), ("Rounds", table)]
+    sections = [("Stopped early", f"<p><b>{html.escape(summary['stopped'])}</b></p>")] if summary.get("stopped") else []
+    sections += [("Held-out score vs the teacher calls its model trained on",
+                  svg_curve(curve, label="teacher calls trained on")), ("Rounds", table)]
     if held_out and (after / "model_index.json").exists():
         shown, seeds = list(held_out[:16]), list(range(min(16, len(held_out))))
         grid = {label: Sampler(T2IModel.from_pretrained(path, device), sampler_config).generate(shown, seeds)
@@ -138,6 +142,17 @@ def write_rounds_report(out: Path, title: str, summary: dict, held_out: Sequence
         sections.append(("Held-out samples before and after", image_grid(shown, grid)))
     sections.append(("Summary", f"<pre>{html.escape(json.dumps({k: v for k, v in summary.items() if k != 'rounds'}, indent=2))}</pre>"))
     return write_report(out / "report.html", title, sections)
+
+
+def round_line(row: dict) -> str:
+    """A round of `metrics.jsonl` in one short line: its score, the teacher calls its model trained on (and the
+    count after its verdicts bought more), the judge calls so far, and the operations that happened."""
+    score = f"{row['score']:.3f}" if isinstance(row.get("score"), (int, float)) else "-"
+    calls, after = row["teacher_calls"], row.get("teacher_calls_after", row["teacher_calls"])
+    ops = " ".join(f"{name} {n}" for name, n in row.get("ops", {}).items() if n)
+    return (f"score {score}  active {row['active']}  teacher calls {calls}"
+            + (f" ({after} after its verdicts)" if after != calls else "")
+            + f"  judge calls {row['judge_calls']}" + (f"  {ops}" if ops else ""))
 
 
 def log_round_scalars(folder: Path, row: dict, marker: Path) -> None:

@@ -38,7 +38,7 @@ from ..generators.draws import draw_by_teacher, tournament
 from ..generators.local_pipeline import FamilySampler
 from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
-from ..eval.report import log_round_scalars, write_json, write_jsonl
+from ..eval.report import log_round_scalars, round_line, write_json, write_jsonl
 from ..judges.batch import compare_pairs
 from ..judges.evidence import AT_A_TIME, base_vs_teacher
 from ..models import Sampler, T2IModel, TinyModelConfig, resolve_device
@@ -91,7 +91,7 @@ class EvolveConfig(RoundTraining):
     min_prior_score: float = Field(1.0, ge=0, le=1)
     train_launcher: list[str] | None = None  # [accelerate, launch, --multi_gpu, ...]: each round trains as its processes
     keep_round_models: int | None = Field(None, ge=1, description="Keep only the last N rounds' model folders (a real "
-        "base writes GBs a round; the run reads only the last again); None: every round's.")
+        "base writes GBs a round; the run reads only the last again; LoRA files, MBs, all kept); None: every round's.")
     sample_share: float = Field(0.2, gt=0, le=1, description="Share of active records judged per round (paper 0.2).")
     sample_all_below: int = Field(100, ge=0, description="Judge every active record while there are this few.")
     variations: int = Field(3, ge=1, le=100, description="New prompts per expanded record (paper: 3).")
@@ -183,7 +183,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     def load_sampler(folder: Path) -> Sampler:
         return Sampler(T2IModel.from_pretrained(folder, config.device, config.dtype), sampling)
     stopped, rounds = None, []
-    with progress_bar("evolve rounds", config.rounds) as advance:
+    with progress_bar("evolve rounds", config.rounds, logged=True) as advance:
         try:
             run.scorer.draw_references(run.spent)  # (win_rate: what each round's base is compared with; paid first)
             run.seed_set()
@@ -226,8 +226,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
                 if stopped:
                     break
                 write_json(done_file, row)
-                advance(1, status=f"score {row.get('score', float('nan')):.3f} active {row['active']} teacher calls "
-                                  f"{row['teacher_calls_after']} judge calls {row['judge_calls']} ops {row.get('ops', {})}")
+                advance(1, status=round_line(row))
         except BudgetExhausted as e:
             stopped = str(e)
     return write_summary(run, rounds, stopped, base, load_sampler)
@@ -322,12 +321,13 @@ class Run:
         prime_writer(self.writer, self.ledger, r)
         records = sampled_records(self.ledger, r, c.sample_share, c.sample_all_below, c.seed)
         scored = c.eval_every_round or r == c.rounds  # (the calls of the round's held-out score, when it has one)
-        records = records[:self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record,
-                                                           reserve=self.scorer.judge_calls * scored)]
+        fit = self.spent.comparisons_that_fit(len(records), r, self.calls_per_judged_record,
+                                              reserve=self.scorer.judge_calls * scored)
+        records, over_budget = records[:fit], len(records) - fit  # (sampled: the judge budget has no room for them)
         seeds = [stable_seed(c.seed, r, rec.id) for rec in records]
         verdicts, overturned, redrawn = base_vs_teacher(self.judge, lambda pairs: self.compare(pairs, r), base, records,
                                                         seeds, self.ledger.load_image, c.confirm_votes, c.base_draws)
-        ops = {"overturned": overturned} if c.confirm_votes else {}
+        ops = ({"overturned": overturned} if c.confirm_votes else {}) | ({"over_judge_budget": over_budget} if over_budget else {})
         ops |= {"redrawn": len(redrawn)} if c.base_draws > 1 else {}
         ops |= dict.fromkeys(("judged", "delete", "expand", "mutate", "unjudged")
                              + ("memorized",) * (c.min_unseen_score is not None), 0)

@@ -393,7 +393,7 @@ def write_summary(run, rounds: list[dict], stopped: str | None, base: Path, load
     write_rounds_report(out, "t2i-evolve evolve", summary, list(dict.fromkeys(held_out)), base,
                         out / "rounds" / f"{len(rounds):03d}" / "model", base_sampling(config), config.device,
                         ops=("judged", "delete", "expand", "mutate") + tuple(  # gate, check, second opinion: if on
-                            op for op in ("reject", "memorized", "overturned", "redrawn")
+                            op for op in ("reject", "memorized", "overturned", "redrawn", "over_judge_budget")
                             if any(op in row.get("ops", {}) for row in rounds)))
     run.ledger.close()  # (opened by `run_evolve`)
     release_run_folder(out)  # done: claimed by `run_evolve`, so no other process ran in it meanwhile
