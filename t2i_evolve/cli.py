@@ -30,8 +30,11 @@ gallery_app = typer.Typer(no_args_is_help=True, help="Procedural teachers with n
 app.add_typer(world_app, name="world")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(ledger_app, name="ledger")
-OVERRIDES = typer.Argument(None, metavar="KEY=VALUE", show_default=False, help="Fields over the config's, "
-                           "as in its YAML: lr=1e-5 rounds=10 sampler.steps=30 teachers.0.p=0.7")
+def overrides_argument(example: str):
+    return typer.Argument(None, metavar="KEY=VALUE", show_default=False,
+                          help=f"Fields over the config's, as in its YAML: {example}")
+
+
 def _image_out(path: Path) -> Path:
     """`--out`, checked before any work: its format is read from the file name, its folder made."""
     from PIL import Image
@@ -259,7 +262,8 @@ def init_model(
 
 @app.command("train")
 def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (model, data, output_dir, steps, ...); "
-                                                "or its fields as KEY=VALUE."), overrides: Optional[list[str]] = OVERRIDES):
+                                                "or its fields as KEY=VALUE."),
+          overrides: Optional[list[str]] = overrides_argument("steps=2000 lr=1e-4 'lora={rank: 16}' data=runs/demo")):
     """Denoising fine-tuning on a run's ledger; rerun to resume from the last checkpoint."""
     from .data import claim_run_folder
     from .eval.scoring import grammar_evaluator
@@ -429,7 +433,7 @@ def demo(
                                             "else 9.5)."),
     config: Optional[Path] = typer.Option(None, help="DemoConfig YAML (flags override it)."),
     as_json: bool = typer.Option(False, "--json", help="Print summary.json on stdout."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: Optional[list[str]] = overrides_argument("lr=1e-3 train_images=4000 sampler.steps=20"),
 ):
     """Train the tiny model on strong-teacher data and judge it before and after (shapes world)."""
     from .demo import DemoConfig, run_demo, short_training_note
@@ -468,7 +472,7 @@ def evolve(
     config: Path = typer.Option(None, help="EvolveConfig YAML; default: the shapes world on a CPU."),
     output_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (overrides the config's output_dir)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: Optional[list[str]] = overrides_argument("lr=1e-5 rounds=10 sampler.steps=30 teachers.0.p=0.7"),
 ):
     """EvolveDirector: train on teacher images while a judge deletes, expands and mutates the set."""
     from .recipes.evolve import EvolveConfig, run_evolve
@@ -504,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, prog_name="t2i-evolve", standalone_mode=False)
         if code == 130:  # typer's answer to Ctrl-C (a KeyboardInterrupt never reaches the clause below)
-            sys.stderr.write("interrupted: rerun the same command to resume (train, evolve and demo go on where they "
-                             "stopped)\n")
+            sys.stderr.write("interrupted: rerun the same command to resume (train, evolve and demo go on from their "
+                             "last checkpoint; one Ctrl-C in training saves one where it stopped)\n")
         return code if isinstance(code, int) else 0
     except NO_ARGS_IS_HELP as e:  # a bare `t2i-evolve` (or group): its help, as typer shows it
         from typer.rich_utils import rich_format_error

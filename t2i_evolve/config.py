@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Sequence, TypeVar
@@ -68,6 +69,11 @@ class Config(BaseModel):
         """The config in YAML file `path` (None: the defaults) with a command line's `key=value` overrides on top
         (`apply_override`); a bad value an override gave is named as it was typed."""
         data = _read_yaml(Path(path)) if path else {}
+        for override in overrides:  # (a field the config has not: named as such, not as one the file leaves out)
+            if (field := _key(override)[0]) and "=" in override and field not in cls.model_fields:
+                close = difflib.get_close_matches(field, list(cls.model_fields), n=1, cutoff=0.75)
+                raise ConfigError(f"{override!r} (command line): {cls.__name__} has no field {field!r}"
+                                  + (f" (did you mean {close[0]!r}?)" if close else ""))
         try:
             for override in overrides:
                 data = apply_override(cls._with_default(data, _key(override)[0]), override)

@@ -215,7 +215,10 @@ def test_command_line_overrides_set_fields_as_the_yaml_file_would(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("lr=abc", "'lr=abc' (command line): field 'lr': Input should be a valid number"),
     ("sampler.steps=0", "'sampler.steps=0' (command line): field 'sampler.steps': Input should be greater than"),
-    ("nosuch=1", "'nosuch=1' (command line): field 'nosuch': Extra inputs are not permitted"),
+    ("nosuch=1", "'nosuch=1' (command line): EvolveConfig has no field 'nosuch'"),
+    ("lrr=1", "'lrr=1' (command line): EvolveConfig has no field 'lrr' (did you mean 'lr'?)"),
+    ("prompt_file.x.0=1", "'prompt_file.x.0=1' (command line): EvolveConfig has no field 'prompt_file' (did you mean "
+                          "'prompts_file'?)"),  # (not "give the whole list": there is none to give)
     ("lr", "'lr': an override is key=value"),
     ("=3", "'=3': an override is key=value"),
     ("teachers.2.p=1", "'teachers.2.p=1': teachers.2: no such item (the list has 2)"),

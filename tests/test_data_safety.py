@@ -74,6 +74,8 @@ def test_export_keeps_a_users_dataset_with_numbered_images(run_dir, tmp_path, ca
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(tmp_path / "myset") in err and "empty or new folder" in err
     assert snapshot(tmp_path / "myset") == before
+    code, out, err = cli(capsys, "ledger", "export", run_dir, "--to", run_dir)  # (its first file: .lock, or images)
+    assert code == 2 and "it is a run folder" in err and err.count("\n") == 1
 
 
 def test_export_refuses_other_files_next_to_train(run_dir, tmp_path):

@@ -113,27 +113,43 @@ def _start(tiny_dir, out: Path, steps: int) -> ForkedScript:
     return ForkedScript(HERE / "train_worker.py", str(tiny_dir), str(out), str(steps), env={"OMP_NUM_THREADS": "1"})
 
 
-def test_sigkill_and_resume_give_the_same_weights(tiny_dir, tmp_path):
+def _wait_for(path: Path, process: ForkedScript, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.output()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_sigkill_or_ctrl_c_and_resume_give_the_same_weights(tiny_dir, tmp_path):
+    """Killed after its step-6 checkpoint, the run resumes from it; Ctrl-C (SIGINT) mid-way finishes its step,
+    saves a checkpoint there (not only every 3 steps) and stops; both end with the uninterrupted run's weights."""
     steps = 10
     straight = _start(tiny_dir, tmp_path / "straight", steps)
     killed = _start(tiny_dir, tmp_path / "killed", steps)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "killed" / "checkpoints" / "step-0000006").exists():
-        assert killed.poll() is None, killed.output()[1]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    stopped = _start(tiny_dir, tmp_path / "stopped", steps)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step-0000006", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "model").exists()
     resumed = _start(tiny_dir, tmp_path / "killed", steps)
-    for process in (straight, resumed):
+    _wait_for(tmp_path / "stopped" / "checkpoints" / "step-0000003", stopped)
+    stopped.send_signal(signal.SIGINT)
+    assert stopped.wait(timeout=120) != 0 and "stopping after this step" in stopped.output()[1]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "stopped" / "checkpoints" / f"step-{logged[-1]:07d}").exists() and logged[-1] < steps
+    assert not (tmp_path / "stopped" / "model").exists()
+    restarted = _start(tiny_dir, tmp_path / "stopped", steps)
+    for process in (straight, resumed, restarted):
         done = process.result(timeout=180)
         assert done.returncode == 0, done.stderr
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
-        a, b = load_file(tmp_path / "straight" / "model" / part), load_file(tmp_path / "killed" / "model" / part)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        a = load_file(tmp_path / "straight" / "model" / part)
+        for run in ("killed", "stopped"):
+            b = load_file(tmp_path / run / "model" / part)
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(1, steps + 1))  # lines after the checkpoint were dropped, then rewritten
 

@@ -109,8 +109,9 @@ def _check_export_target(out: Path, train: Path) -> set[str]:
     if not out.is_dir():
         return set()
     others = sorted(p.name for p in out.iterdir() if p.name != "train")
-    if others:
-        raise refuse(f"it holds {others[0]}")
+    if others:  # (a run folder: named as one, not by the first file it holds, which may be its lock)
+        run = "ledger.sqlite" in others or any(name in others for name in ("evolve.yaml", "demo.yaml", "config.yaml"))
+        raise refuse("it is a run folder" if run else f"it holds {others[0]}")
     if not train.exists():
         return set()
     if not train.is_dir():

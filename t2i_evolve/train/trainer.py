@@ -41,6 +41,7 @@ from ..progress import console
 from .data import IMAGE_MEMORY_GB, ImageFiles, TrainingSet, batch_indices
 from .ema import EMA
 from .lora import LoraSettings, add_lora, export_adapters, merged_copy
+from .stopping import stop_at_a_step_end
 
 
 class _TiedWeightsSavedOnce(logging.Filter):
@@ -295,25 +296,28 @@ class Trainer:
         tick = start = time.perf_counter()
         deadline = start + c.max_minutes * 60 if c.max_minutes else float("inf")
         out_of_time = False
-        while self.step < self.last_step and not out_of_time:
-            loss = self._train_step()
-            losses.append(loss)
-            self.step += 1
-            out_of_time = self._past(deadline)
-            if self.step % c.log_every == 0 or self.step == self.last_step or out_of_time:
-                seconds = time.perf_counter() - tick
-                images = len(losses) * self.images_per_step
-                mean = acc.reduce(torch.stack(losses).mean(), "mean")  # (over every process's batches)
-                last = {"step": self.step, "loss": mean.item(), "lr": self.schedule.get_last_lr()[0],
-                        "images_per_s": images / seconds}
-                self._log(last)
-                losses, tick = [], time.perf_counter()
-            if self.evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < self.last_step:
-                self._log({"step": self.step, "eval": self._evaluate()})
-            if self.step % c.checkpoint_every == 0 or self.step == self.last_step or out_of_time:
-                self.save_checkpoint()
-            if progress:
-                progress(self.step, last)
+        with stop_at_a_step_end(acc.num_processes == 1) as stop_asked:  # Ctrl-C: saved at a step's end
+            while self.step < self.last_step and not out_of_time:
+                loss = self._train_step()
+                losses.append(loss)
+                self.step += 1
+                out_of_time = self._past(deadline) or stop_asked()  # (logged and saved as a deadline is)
+                if self.step % c.log_every == 0 or self.step == self.last_step or out_of_time:
+                    seconds = time.perf_counter() - tick
+                    images = len(losses) * self.images_per_step
+                    mean = acc.reduce(torch.stack(losses).mean(), "mean")  # (over every process's batches)
+                    last = {"step": self.step, "loss": mean.item(), "lr": self.schedule.get_last_lr()[0],
+                            "images_per_s": images / seconds}
+                    self._log(last)
+                    losses, tick = [], time.perf_counter()
+                if self.evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < self.last_step:
+                    self._log({"step": self.step, "eval": self._evaluate()})
+                if self.step % c.checkpoint_every == 0 or self.step == self.last_step or out_of_time:
+                    self.save_checkpoint()
+                if progress:
+                    progress(self.step, last)
+        if stop_asked():
+            raise KeyboardInterrupt
         if self.evaluate:
             last = {**last, "eval": self._evaluate()}
             self._log({"step": self.step, "eval": last["eval"]})
