@@ -288,11 +288,12 @@ def train(config: Optional[Path] = typer.Option(None, help="TrainConfig YAML (mo
         claim_run_folder(cfg.output_dir, "train", launched=True)
     # (evaluations draw as the model's family usually does: an SD model at guidance 7.5)
     trainer = Trainer(cfg, data, evaluate=grammar_evaluator(sampler=usual_sampler(cfg.model)) if cfg.eval_every else None)
-    with progress_bar("training", trainer.last_step, shown=main) as advance:
+    with progress_bar("training", trainer.last_step, shown=main, logged=True) as advance:
         drawn = [0]  # (a resumed run's first step moves the bar to where its checkpoint was)
 
-        def on_step(step: int, metrics: dict) -> None:
-            advance(step - drawn[0], status=f"loss {metrics.get('loss', float('nan')):.4f}")
+        def on_step(step: int, metrics: dict) -> None:  # (a status, a log's line, where a metrics row is new)
+            new = metrics.get("step") == step
+            advance(step - drawn[0], status=f"loss {metrics.get('loss', float('nan')):.4f}" if new else None)
             drawn[0] = step
         last = trainer.run(on_step)
     done = f"step {trainer.step}: {json.dumps(last)}" if last else f"at step {trainer.step} already: nothing to train"

@@ -94,6 +94,7 @@ def test_train_command_from_yaml(tmp_path, capsys):
     assert main(["train", "--config", str(config), "steps=3"]) == 0
     logged = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == [1, 2, 3]
+    assert f"training 3/3: loss {logged[-1]['loss']:.4f}" in capsys.readouterr().err  # (a log: a line a metrics row)
     no_file = [f"model={run / 'base'}", f"data={run}", f"output_dir={tmp_path / 'u'}", "steps=1", "tracker=none"]
     assert main(["train", *no_file]) == 0 and (tmp_path / "u" / "model" / "model_index.json").exists()
     config.write_text("model: x\nsteps: lots\n")
