@@ -340,11 +340,20 @@ def sample(
 ):
     """Draw one image of a prompt with a model folder (Playground, Kandinsky...: with diffusers' own pipeline for it)."""
     from .generators import LocalPipelineTeacher
+    from .generators.local_pipeline import folder_family
 
     cfg = _sampler_flags(model, scheduler=scheduler, steps=steps, guidance=guidance)
     out_path = _image_out(out_path)
-    LocalPipelineTeacher(model, sampler=cfg, device=device, dtype=dtype).generate([prompt], [seed])[0].save(out_path)
+    teacher = LocalPipelineTeacher(model, sampler=cfg, device=device, dtype=dtype)
+    teacher.generate([prompt], [seed])[0].save(out_path)
     say(f"wrote {out_path}")
+    tokenizer = getattr(getattr(teacher.sampler, "model", None), "tokenizer", None)
+    if folder_family(model) == "shapes" and tokenizer is not None:  # (its vocabulary: the grammar's words, no more)
+        words = [word for word, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(prompt.lower())]
+        unknown = [w for w in words if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id and w.isalpha()]
+        if unknown := list(dict.fromkeys(unknown)):
+            say(f"note: the shapes-world model knows only its grammar's words, not {', '.join(map(repr, unknown))}: "
+                "drawn as if they were not there")
 
 
 @app.command("eval")

@@ -141,8 +141,11 @@ def short_training_note(summary: dict, minutes: float) -> str | None:
     steps, train_s = summary["train_steps"], summary["phases"]["train_s"]
     if steps >= FEW_STEPS:
         return None
-    needed = (summary["wall_s"] - train_s + 1.2 * FEW_STEPS * train_s / max(steps, 1)) / 60
-    return (f"note: training fit only {steps} steps into the {minutes:g}-minute budget (a busy or slow machine), "
+    rest = summary["wall_s"] - train_s  # (the evaluations and teacher draws: more steps or prompts, more of it)
+    needed = (rest + 1.2 * FEW_STEPS * train_s / max(steps, 1)) / 60
+    why = (f"its evaluations and teacher draws took {rest / 60:.1f} min" if rest > 30 * minutes
+           else "a busy or slow machine")
+    return (f"note: training fit only {steps} steps into the {minutes:g}-minute budget ({why}), "
             f"too few to show the demo's gain; rerun with a new --out and --minutes {max(needed, minutes + 1):.0f}")
 
 

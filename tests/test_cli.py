@@ -160,12 +160,14 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
         (["evolve", "--config", "latin1.yaml"], "not UTF-8 text"),
         (["evolve", "--config", str(tmp_path)], "is a folder, not a config file"),
         (["evolve", "--config", "no-scenes.yaml", "--out", "run"], "min_groups <= max_groups"),
+        (["evolve", "--out", "run", "teachers=[{kind: gallery, id: strnog}]"], "unknown gallery teacher 'strnog'"),
+        (["evolve", "--out", "run", "teachers=[{kind: local}]"], "a teacher of kind 'local' needs a path"),
     ]:
         code, _, err = run(capsys, *args)
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
     code, _, err = run(capsys, "gallery", "eval", "--prompts", "1", "--seed", "-3")
     assert code == 2 and "--seed" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "ledger.sqlite").exists()
+    assert not (tmp_path / "run").exists()  # (no ledger, no base model made before the teachers were checked)
 
 
 def test_an_empty_path_is_refused_and_a_tilde_is_home(tmp_path, capsys, monkeypatch):

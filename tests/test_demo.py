@@ -53,7 +53,11 @@ def test_demo_writes_its_run_folder_and_resumes_without_paying_twice(tmp_path):
 def test_the_short_training_note_asks_for_the_budget_this_machine_needs():
     # 100 steps took 60 s of a 120 s demo: 800 steps and a margin need 9.6 min of training, 10.6 in all
     slow = {"train_steps": 100, "wall_s": 120.0, "phases": {"train_s": 60.0}}
-    assert short_training_note(slow, 2.0).endswith("--minutes 11")
+    assert short_training_note(slow, 2.0).endswith("--minutes 11") and "(a busy or slow machine)" in short_training_note(
+        slow, 2.0)
+    # a 1-minute budget whose evaluations (at 30 sampling steps, say) took 150 s of 165: the cause is named
+    drawn_long = {"train_steps": 24, "wall_s": 165.0, "phases": {"train_s": 15.0}}
+    assert "(its evaluations and teacher draws took 2.5 min)" in short_training_note(drawn_long, 1.0)
     assert short_training_note(slow | {"train_steps": 1500}, 9.5) is None
 
 
@@ -61,8 +65,9 @@ def test_model_commands(tmp_path, capsys):
     model = tmp_path / "model"
     assert main(["init-model", str(model)]) == 0
     assert main(["sample", str(model), "two red circles", "--out", str(tmp_path / "x.png"), "--steps", "2"]) == 0
-    assert (tmp_path / "x.png").exists()
-    capsys.readouterr()
+    assert (tmp_path / "x.png").exists() and "note" not in capsys.readouterr().out
+    assert main(["sample", str(model), "two red Cats, a cat", "--out", str(tmp_path / "c.png"), "--steps", "2"]) == 0
+    assert "knows only its grammar's words, not 'cats', 'cat':" in capsys.readouterr().out
     assert main(["eval", str(model), "--prompts", "4", "--steps", "2", "--dtype", "bfloat16", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"score", "skills", "asked"} and 0 <= result["score"] <= 1

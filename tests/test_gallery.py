@@ -101,8 +101,8 @@ def test_a_blind_spot_breaks_only_its_words(judge):
         TeacherConfig(id="x", deficit="color", blind_to=["circle"])
     with pytest.raises(ValueError, match="needs a color or shape deficit"):
         TeacherConfig(id="x", deficit="count", blind_to=["two"])
-    with pytest.raises(ConfigError, match="^teacher no-shape: blind_to has words that are not shapes: red"):
-        TeacherSpec(id="no-shape", blind_to=["red"]).build()  # what a recipe's YAML meets: one line
+    with pytest.raises(ConfigError, match="^evolve.yaml: teacher no-shape: blind_to has words that are not shapes: red"):
+        TeacherSpec.from_dict({"id": "no-shape", "blind_to": ["red"]}, "evolve.yaml")  # what a YAML meets: one line
 
 
 def test_a_compound_teacher_has_each_members_blind_spots(judge):
@@ -115,13 +115,13 @@ def test_a_compound_teacher_has_each_members_blind_spots(judge):
         for prompt in ["a blue star", "two yellow squares", "a green triangle above a magenta square"]:
             assert judge.score(teacher.generate([prompt], [seed])[0], prompt).score == 1.0, prompt
     assert teacher.calls == 21 and teacher.id == "no-color+no-shape"
-    with pytest.raises(ConfigError, match="^teacher no-color\\+no-count: blind_to has words none of its deficits "
-                                          "is about: circle$"):
-        TeacherSpec(id="no-color+no-count", blind_to=["red", "circle"]).build()
+    with pytest.raises(ConfigError, match="^x.yaml: teacher no-color\\+no-count: blind_to has words none of its "
+                                          "deficits is about: circle$"):
+        TeacherSpec.from_dict({"id": "no-color+no-count", "blind_to": ["red", "circle"]}, "x.yaml")
     with pytest.raises(ConfigError, match="unknown gallery teacher 'no-colour'"):
-        TeacherSpec(id="no-colour+no-shape").build()
-    with pytest.raises(ConfigError, match="^teacher no-color\\+no-spatial: no-spatial cannot join others"):
-        TeacherSpec(id="no-color+no-spatial").build()  # not a silent teacher without its spatial deficit
+        TeacherSpec.from_dict({"id": "no-colour+no-shape"})
+    with pytest.raises(ConfigError, match="^config: teacher no-color\\+no-spatial: no-spatial cannot join others"):
+        TeacherSpec.from_dict({"id": "no-color+no-spatial"})  # not a silent teacher without its spatial deficit
 
 
 def test_a_mixture_fails_a_faulty_request_alone_and_keeps_the_images_paid_for(tmp_path):

@@ -66,20 +66,25 @@ class TeacherSpec(Config):
         other = isinstance(data, dict) and data.get("kind") != "local"
         return {k: v for k, v in data.items() if k != "sampler"} if other else data
 
+    @model_validator(mode="after")
+    def _what_its_kind_needs(self):
+        """Checked as the config loads, so a mistake stops a run before its folder and base model are made."""
+        if self.kind == "gallery":  # (an unknown id, blind_to words its deficits are not about)
+            gallery_teacher(self.id, 32, self.p, self.price_per_call, self.blind_to)
+        elif self.kind == "openai" and self.endpoint is None or self.kind == "local" and self.path is None:
+            raise ValueError(f"a teacher of kind {self.kind!r} needs {'an endpoint' if self.kind == 'openai' else 'a path'}")
+        return self
+
     def build(self, resolution: int = 32) -> Generator:
         if self.kind == "gallery":
             return gallery_teacher(self.id, resolution, self.p, self.price_per_call, self.blind_to)
         if self.kind == "openai":
             from ..generators import OpenAIImageTeacher, OpenAIImageTeacherConfig
 
-            if self.endpoint is None:
-                raise ConfigError("teacher of kind 'openai' needs an endpoint")
             extra = {} if self.price_per_call is None else {"price_per_call": self.price_per_call}
             return OpenAIImageTeacher(OpenAIImageTeacherConfig(endpoint=self.endpoint, resolution=resolution, **extra))
         from ..generators import LocalPipelineTeacher
 
-        if self.path is None:
-            raise ConfigError("teacher of kind 'local' needs a path")
         return LocalPipelineTeacher(self.path, price_per_call=self.price_per_call or 0.0, resolution=resolution,
                                     sampler=self.sampler, device=self.device, dtype=self.dtype, runner=self.runner,
                                     offload=self.offload)
