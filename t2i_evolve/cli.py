@@ -512,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from .allocator import keep_freed_memory
+    from .data.claim import give_back_unused_folders
     from .data.ledger import damaged_ledger
 
     keep_freed_memory()  # (a step's freed buffers kept for the next: about 1.08x on a CPU; allocator.py)
@@ -538,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except (UserError, ValidationError) as e:
         sys.stderr.write(f"error: {str(e).splitlines()[0]}\n")
+        give_back_unused_folders()  # (one it made for a run, refused before it wrote anything there)
         return 2
     except Exception as e:
         if is_disk_full(e):  # what was written is kept (files are renamed into place, the ledger is SQLite)

@@ -170,6 +170,23 @@ def test_bad_paths_and_configs_are_one_line_before_any_work(tmp_path, capsys, mo
     assert not (tmp_path / "run").exists()  # (no ledger, no base model made before the teachers were checked)
 
 
+def test_a_command_refused_after_it_made_its_run_folder_takes_the_folder_back(tmp_path, capsys, monkeypatch):
+    """`train` claims its output folder, then finds no model: the folder it made goes (a `.lock` alone was left); a
+    folder the user made stays, as does one the command was refused in after it wrote something there."""
+    from PIL import Image
+
+    from t2i_evolve.data import Ledger
+
+    monkeypatch.chdir(tmp_path)
+    with Ledger(tmp_path / "data") as ledger:
+        ledger.add_record(prompt="a red circle", generator="import", image=Image.new("RGB", (32, 32)), op="import")
+    (tmp_path / "mine").mkdir()
+    for out in ("new/run", "mine"):
+        code, _, err = run(capsys, "train", "model=nowhere", "data=data", f"output_dir={out}", "steps=1")
+        assert code == 2 and "model folder not found: nowhere" in err
+    assert not (tmp_path / "new" / "run").exists() and (tmp_path / "mine").is_dir()
+
+
 def test_an_empty_path_is_refused_and_a_tilde_is_home(tmp_path, capsys, monkeypatch):
     """An empty --out or output_dir was the current folder (a run wrote its ledger, report and summary among the
     user's files); `~/x` in a YAML file was a folder named '~'."""

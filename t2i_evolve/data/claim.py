@@ -31,6 +31,7 @@ LOCK_FILE = ".lock"
 
 _claimed: dict[Path, IO[str]] = {}
 """Folder -> its open lock file: the claim lasts as long as the file stays open."""
+_made: set[Path] = set()  # of those, the ones it made (`give_back_unused_folders`)
 
 
 def claim_run_folder(folder: str | os.PathLike, command: str, launched: bool = False) -> Path:
@@ -41,6 +42,7 @@ def claim_run_folder(folder: str | os.PathLike, command: str, launched: bool = F
         raise UserError(f"{command} runs as one process (one ledger; each teacher and judge call paid once): start it "
                         f"with `t2i-evolve {command}`, not under torchrun or accelerate launch")
     folder = Path(folder)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _claimed:
@@ -65,7 +67,22 @@ def claim_run_folder(folder: str | os.PathLike, command: str, launched: bool = F
     handle.write(f"t2i-evolve {command} (pid {os.getpid()})\n")
     handle.flush()
     _claimed[key] = handle
+    if made:
+        _made.add(key)
     return folder
+
+
+def give_back_unused_folders() -> None:
+    """Remove the run folders this process made that hold nothing but their lock: a command refused after it
+    claimed its folder (a model path that is not a model, a missing file) leaves no empty folder behind it."""
+    for key in [key for key in _claimed if key in _made]:
+        try:
+            if os.listdir(key) == [LOCK_FILE]:
+                release_run_folder(key)
+                (key / LOCK_FILE).unlink()
+                key.rmdir()
+        except OSError:  # (gone already, or something came into it meanwhile: left as it is)
+            pass
 
 
 def release_run_folder(folder: str | os.PathLike) -> None:
