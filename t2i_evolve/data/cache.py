@@ -221,8 +221,7 @@ class CallCacheMixin:
     def _left_pending(self, keys: Iterable[str]) -> set[str]:
         """Which of `keys` a process that died left 'pending' (in flight now in this one they cannot be: `_claim`)."""
         with self._read() as db:
-            return {key for key in keys
-                    if db.execute("SELECT 1 FROM calls WHERE key = ? AND status = 'pending'", (key,)).fetchone()}
+            return _pending_among(db, keys)
 
     def interrupted_calls(self) -> int:
         """How many times a call was found 'pending': left in flight by a process that died (or by an
@@ -301,9 +300,7 @@ class CallCacheMixin:
             if self._depth > 1:
                 raise RuntimeError("the call cache cannot run inside Ledger.transaction()")
             if first:
-                resent = {key for key in keys if (row := db.execute(
-                    "SELECT status FROM calls WHERE key = ?", (key,)).fetchone()) and row[0] == "pending"}
-                if _fitting(db, terms, keys, resent) < len(keys):
+                if _fitting(db, terms, keys, _pending_among(db, keys)) < len(keys):
                     raise _spent(db, terms)
             else:
                 room = max(0, _allowance(db, terms, need=0) - reserve)
@@ -461,9 +458,13 @@ def _fitting(db: sqlite3.Connection, terms: _Terms, keys: Sequence[str], resent:
         if budget.allowance(calls + new - (fit + 1), spent, terms.price) < fit + 1:
             break
         fit += 1
-    if not fit:
+    if keys and not fit:
         raise _spent(db, terms)
     return fit
+
+
+def _pending_among(db: sqlite3.Connection, keys: Iterable[str]) -> set[str]:
+    return {key for key in keys if db.execute("SELECT 1 FROM calls WHERE key = ? AND status = 'pending'", (key,)).fetchone()}
 
 
 def encode_png(image: Image.Image) -> tuple[bytes, str]:
