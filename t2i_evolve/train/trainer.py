@@ -316,7 +316,8 @@ class Trainer:
                     self.save_checkpoint()
                 if progress:
                     progress(self.step, last)
-        if stop_asked():
+        if stop_asked():  # (saved: the trackers' last rows written out too)
+            acc.end_training()
             raise KeyboardInterrupt
         if self.evaluate:
             last = {**last, "eval": self._evaluate()}
