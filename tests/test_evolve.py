@@ -1020,6 +1020,31 @@ def test_a_judge_that_answers_nothing_stops_the_run_in_one_line(tmp_path):
         run_evolve(small_config(str(tmp_path / "run"), rounds=1), judge=judge)
 
 
+def test_a_judge_that_answers_nothing_readable_stops_the_run_and_the_rerun_after_the_fix_asks_again(tmp_path):
+    """A VLM endpoint serving the wrong model (or a broken chat template) answers every comparison with text that
+    is no verdict: the run stops in one line. Those replies are answers in the ledger, but the rerun against the
+    fixed endpoint asks them again (it would otherwise read the same unreadable replies forever, the teachers'
+    images paid for stuck in the folder), and the seed images are not drawn again."""
+    from fake_openai import FakeOpenAI
+
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.recipes.parts import JudgeSpec
+
+    with FakeOpenAI(chat_reply=lambda body: "I cannot see any images.") as server:
+        endpoint = EndpointConfig(base_url=server.base_url, model="vlm", backoff_s=0, timeout_s=10)
+        config = small_config(str(tmp_path / "run"), rounds=1, seed_prompts=6, mutate_rate=0.0,
+                              judge=JudgeSpec(kind="openai", endpoint=endpoint, reasks=0))
+        with pytest.raises(UserError, match=r"answered none of round 1's 6 comparisons \(last error: unreadable replies\)"):
+            run_evolve(config)
+        asked = server.count("/chat/completions")
+        server.chat_reply = lambda body: "second"  # (the teacher's image, shown second or first, is better)
+        summary = run_evolve(config)
+        assert server.count("/chat/completions") > asked and summary["rounds"][0]["ops"]["judged"] == 6
+    with Ledger(tmp_path / "run", create=False) as ledger:
+        assert [c.attempts for c in ledger.calls(caller="strong") if c.round == 0] == [1] * 6  # drawn once
+
+
 def test_teachers_that_draw_nothing_stop_the_run_in_one_line(tmp_path):
     """Every seed draw failed (a server refusing the size asked, a server down): the run stops with the
     teachers' last error, not an empty set that reads as 'every record deleted'."""

@@ -344,15 +344,21 @@ class CallCacheMixin:
         return results
 
     def ask_failed_calls_again(self, callers: Iterable[str], round: int | None = None) -> int:
-        """Unsettle the failed calls of `callers` (of `round` only, if given), so that a rerun asks them again:
-        for a run stopped because an endpoint failed every request, once the endpoint is fixed. Their attempts
-        still count against budgets (each was a request sent). Returns how many."""
+        """Unsettle the failed calls of `callers` (of `round` only, if given), and the answered ones whose reply
+        could not be read (a judge's `"status": "unparseable"`), so that a rerun asks them again: for a run stopped
+        because an endpoint failed every request, or answered none readably (the wrong model behind it, a broken
+        chat template), once it is fixed. Their attempts still count against budgets (each was a request sent).
+        Returns how many."""
         callers = list(callers)
-        where, args = f"status = 'failed' AND caller IN ({', '.join('?' * len(callers))})", callers
+        where, args = f"caller IN ({', '.join('?' * len(callers))})", callers
         if round is not None:
             where, args = where + " AND round = ?", [*callers, round]
         with self.transaction() as db:
-            return db.execute(f"UPDATE calls SET ask_again = 1 WHERE {where} AND NOT ask_again", args).rowcount
+            unread = db.execute(f"UPDATE calls SET status = 'failed', ask_again = 1, error = 'an unreadable reply' "
+                                f"WHERE {where} AND status = 'done' "
+                                "AND json_extract(response, '$.status') = 'unparseable'", args).rowcount
+            return unread + db.execute(f"UPDATE calls SET ask_again = 1 WHERE {where} AND status = 'failed' "
+                                       "AND NOT ask_again", args).rowcount
 
     @staticmethod
     def _call_stats(db: sqlite3.Connection) -> list[dict]:
