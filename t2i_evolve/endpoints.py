@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from .config import Config
-from .errors import CallTimeout, ConfigError, EndpointError, RequestRefused, TransientError
+from .errors import CallTimeout, ConfigError, EndpointError, RequestRefused, TransientError, UserError
 
 
 ENDPOINT_WIDE = (401, 403, 404)  # statuses that no other request of the run would escape
@@ -112,6 +112,30 @@ def make_async_client(config: EndpointConfig):
 
     return openai.AsyncOpenAI(base_url=config.base_url, api_key=config.api_key(), timeout=config.timeout_s,
                               max_retries=0)
+
+
+def check_serves(config: EndpointConfig, part: str) -> None:
+    """Before a run pays for anything: that the server at `config.base_url` answers, takes the key, and serves
+    `config.model` where it lists its models (`GET /models`, as vLLM, TGI and OpenAI do; free). A misspelled model
+    of the judge would otherwise be found only once the teachers had drawn the whole seed set. A server that lists
+    none (404, a page that is not a list) is not held to it. `part` names the endpoint in the one-line error."""
+    import openai
+
+    client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key(), timeout=min(config.timeout_s, 10.0),
+                           max_retries=1)
+    where = safe_url(config.base_url)
+    try:
+        served = [model.id for model in client.models.list()]
+    except openai.APIConnectionError:  # (a timeout too)
+        raise UserError(f"{part}: no answer from {where}: is the server running there? (then rerun)") from None
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        raise UserError(f"{part}: {where} refused the API key (HTTP {e.status_code}; "
+                        f"{config.api_key_env or 'no api_key_env'})") from None
+    except Exception:  # (no list of models here: the first request will say whether it serves this one)
+        return
+    if served and config.model not in served:
+        shown = ", ".join(repr(name) for name in served[:5]) + (f" and {len(served) - 5} more" if len(served) > 5 else "")
+        raise UserError(f"{part}: {where} does not serve model {config.model!r} (it serves {shown})")
 
 
 RETRIED_STATUSES = (408, 409, 429)  # and every 5xx: what the openai client itself would retry

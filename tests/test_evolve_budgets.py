@@ -152,6 +152,29 @@ def test_a_run_against_serve_judge_with_faults_completes(tmp_path):
     assert judged > 0 and {"delete", "expand"} <= {op for row in summary["rounds"] for op, n in row["ops"].items() if n}
 
 
+def test_an_endpoint_that_is_down_or_serves_another_model_stops_the_run_before_anything_is_paid(tmp_path):
+    """A misspelled judge model was found only at round 1's first comparison, once the teachers had drawn the whole
+    seed set (and the fix was then refused as another config): the server's model list is read first. A writer
+    whose server is not up says so in one line too; nothing is paid, and the rerun with the fix runs."""
+    from t2i_evolve.endpoints import EndpointConfig
+    from t2i_evolve.errors import UserError
+    from t2i_evolve.judges.server import JudgeServer, JudgeServerConfig
+    from t2i_evolve.recipes.parts import JudgeSpec, WriterSpec
+
+    with JudgeServer(JudgeServerConfig()) as server:
+        wrong = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url=server.url, model="Qwen/Qwen2-VL-7B"))
+        with pytest.raises(UserError, match=r"^judge: .* does not serve model 'Qwen/Qwen2-VL-7B' \(it serves "
+                                            r"'pixel-judge'\)$"):
+            run_evolve(small_config(str(tmp_path / "run"), judge=wrong))
+        down = WriterSpec(kind="openai", endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="llm"))
+        with pytest.raises(UserError, match=r"^writer: no answer from http://127.0.0.1:9.*is the server running"):
+            run_evolve(small_config(str(tmp_path / "run"), writer=down))
+        with Ledger(tmp_path / "run", create=False) as ledger:
+            assert ledger.call_count() == 0
+        right = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url=server.url, model="pixel-judge"))
+        assert run_evolve(small_config(str(tmp_path / "run"), judge=right, rounds=1))["rounds"][0]["ops"]["judged"]
+
+
 def test_judge_budget_counts_every_vote(tmp_path):
     """A judge asking 3 votes per verdict (serve-judge, 20% errors, temperature > 0) costs 3 calls a verdict:
     the gate and the cap count them all, so the run stays inside max_judge_calls."""

@@ -48,7 +48,7 @@ from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
 from ..train import RoundTraining, Seed, TrainingSet, evolving_set, mirror_prompt, replayable_records, train_round
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
 from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
-                    check_judge_serves, check_rounds_kept, check_seed_set, judge_call_bounds, new_prompt_seeds,
+                    check_parts_serve, check_rounds_kept, check_seed_set, judge_call_bounds, new_prompt_seeds,
                     occurrence_seeds, ops_so_far, prior_images, run_prompts, unseen_checks, base_sampling,
                     sampled_records, stable_seed, write_summary, ENDPOINT_ADDRESSES)
 
@@ -174,7 +174,7 @@ def run_evolve(config: EvolveConfig, *, teachers=None, judge=None, writer=None) 
     writer = writer or config.writer.build(config.grammar, ledger)
     hard_cap = None if config.max_judge_calls is None else CallBudget(max_calls=config.max_judge_calls)
     judge = judge or config.judge.build(ledger, hard_cap, getattr(writer, "questions", None))  # (an LLM writes them)
-    check_judge_serves(config, judge)  # (rounds are sized to fit `max_judge_calls`; `hard_cap` stops re-asks, retries)
+    check_parts_serve(config, judge)  # (rounds are sized to fit `max_judge_calls`; `hard_cap` stops re-asks, retries)
     run = Run(config, ledger, teachers, judge, writer, out, held_out, pool)
     config.save(out / "evolve.yaml")  # once it passed every check: what a rerun must match
     if not spent:  # (kept after the marker: a prompts.txt in a folder without one is a user's, not written over)

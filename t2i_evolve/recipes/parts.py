@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, model_validator
 from ..config import Config, PathText
 from ..data import CachedGenerator, CachedJudge, CallBudget, CallBudgets, Ledger, release_run_folder
 from ..data.budgets import every_request_failed
-from ..endpoints import HOW_TO_REACH, EndpointConfig
+from ..endpoints import HOW_TO_REACH, EndpointConfig, check_serves
 from ..errors import BudgetExhausted, ConfigError, UserError
 from ..eval.report import write_json, write_jsonl, write_rounds_report
 from ..files import read_json, write_atomically
@@ -188,8 +188,9 @@ class WriterSpec(Config):
                                                                      source="writer"), ledger=ledger)
 
 
-def check_judge_serves(config, judge) -> None:
-    """A one-line error, before any call, for a setting of `config` this judge cannot serve."""
+def check_parts_serve(config, judge) -> None:
+    """A one-line error, before any call, for a setting of `config` this judge cannot serve, and for an endpoint
+    (judge, writer, teacher) that does not answer or does not serve its model (`check_serves`)."""
     scoring = [name for name in ("min_teacher_score", "min_unseen_score") if getattr(config, name) is not None]
     for name in scoring + ["prior_images"] * bool(getattr(config, "prior_images", 0)):
         if not callable(getattr(judge, "score", None)):
@@ -201,6 +202,10 @@ def check_judge_serves(config, judge) -> None:
         raise UserError("confirm_votes needs a judge that samples (kind: openai, temperature > 0); this one answers alike")
     if confirm and confirm <= getattr(judge, "votes", 1):
         raise UserError(f"confirm_votes ({confirm}) asks again: more than the judge's own votes ({judge.votes})")
+    for name, part in [("judge", config.judge), ("writer", config.writer), *(
+            (f"teachers.{i}", teacher) for i, teacher in enumerate(config.teachers))]:
+        if part.kind == "openai" and part.endpoint is not None:
+            check_serves(part.endpoint, name)
 
 
 def run_prompts(config, given: Sequence[object]) -> tuple[list[str], list[str] | None]:
