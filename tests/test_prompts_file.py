@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -233,9 +236,24 @@ def _scripted_llm_and_vlm(body: dict) -> str:
 
 
 def test_the_cli_evolves_open_prompts_with_an_llm_writer_a_vlm_judge_and_a_local_teacher(tmp_path, capsys):
+    """... and the quality gate's scores and the writer's question lists go out together, not one at a time (at
+    10,000 seed prompts and a second a request: hours): the server has several of each in flight at once."""
     assert main(["init-model", str(tmp_path / "teacher")]) == 0
     run_dir = tmp_path / "run"
-    with FakeOpenAI(chat_reply=_scripted_llm_and_vlm) as server:
+    lock, in_flight, most = threading.Lock(), Counter(), Counter()
+
+    def slow_reply(body: dict) -> str:
+        text = json.dumps(body)
+        kind = "questions" if "yes/no questions that together check" in text else "vqa" if "Answer each of" in text else ""
+        with lock:
+            in_flight[kind] += 1
+            most[kind] = max(most[kind], in_flight[kind])
+        time.sleep(0.05)
+        with lock:
+            in_flight[kind] -= 1
+        return _scripted_llm_and_vlm(body)
+
+    with FakeOpenAI(chat_reply=slow_reply) as server:
         endpoint = f"{{base_url: '{server.base_url}', backoff_s: 0, timeout_s: 10"
         (tmp_path / "evolve.yaml").write_text("\n".join([
             f"output_dir: {run_dir}", f"prompts_file: {_write(tmp_path / 'open.txt', OPEN)}", "seed_prompts: 8",
@@ -255,6 +273,7 @@ def test_the_cli_evolves_open_prompts_with_an_llm_writer_a_vlm_judge_and_a_local
     asked_questions = [t for t in texts if "yes/no questions that together check" in t]
     vqa = [t for t in texts if "Is it where the prompt says?" in t]
     assert asked_questions and vqa  # the gate asked the judge the writer's questions
+    assert most["questions"] > 1 and most["vqa"] > 1, most
     with Ledger(run_dir, create=False) as ledger:
         records = ledger.records(None)
     assert {rec.op for rec in records} >= {"seed", "expand"}

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from PIL import Image
-
 if TYPE_CHECKING:
     from ..data import CachedGenerator
 
@@ -34,12 +32,13 @@ def draw_by_teacher(teachers: dict[str, CachedGenerator], prompts: Sequence[str]
 
 
 def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], seeds: Sequence[int], round: int, *,
-               passes_gate: Callable[[Image.Image, str], bool], compare: Callable[[list], list],
+               passes_gate: Callable[[list, Sequence[str]], list[bool]], compare: Callable[[list], list],
                until_pass: bool = False, reserve: int = 0) -> tuple[list[str], list]:
     """EvolveDirector's discrimination among teachers: every teacher draws every prompt and the judge keeps
     the better image, teacher by teacher; returns the winning teacher id and image per prompt.
 
-    With a quality gate (`passes_gate`; always True without one), only images that pass it are compared: one
+    With a quality gate (`passes_gate(images, prompts)`, a teacher's images at once, None for one it failed to
+    draw; always True without one), only images that pass it are compared: one
     that passes beats one that does not (a pairwise verdict can prefer the wrong image), and of two that fail,
     either will be rejected. Rank: 0 no image, 1 drawn but fails the gate, 2 drawn and passes. `until_pass`: a
     teacher draws only the prompts no earlier one drew so that it passes, so nothing is compared and a prompt
@@ -52,8 +51,8 @@ def tournament(teachers: dict[str, CachedGenerator], prompts: Sequence[str], see
         images = dict(zip(todo, teacher.generate([prompts[i] for i in todo], [seeds[i] for i in todo],
                                                  reserve=reserve + len(todo) * (len(ids) - n - 1))))
         drawn[tid] = [images.get(i) for i in range(len(prompts))]
-        rank[tid] = [0 if image is None else 1 + passes_gate(image, prompt)
-                     for image, prompt in zip(drawn[tid], prompts)]
+        passed = passes_gate(drawn[tid], prompts)  # (a teacher's images at once: a VLM scores them concurrently)
+        rank[tid] = [0 if image is None else 1 + ok for image, ok in zip(drawn[tid], passed)]
     best = [ids[0]] * len(prompts)
     for challenger in ids[1:]:
         contested = [i for i in range(len(prompts)) if rank[challenger][i] == rank[best[i]][i] == 2]

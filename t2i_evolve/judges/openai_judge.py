@@ -35,6 +35,7 @@ import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
@@ -203,7 +204,10 @@ class ChatJudge:
 
     def score_many(self, items: Sequence[tuple[Image.Image, str]], votes: int | None = None) -> list[ImageScore | None]:
         """DSG scores with the judge's question lists (`questions(prompt)`); None where there is no verdict."""
-        question_lists = [self.questions(prompt) for _, prompt in items]
+        prompts = list(dict.fromkeys(prompt for _, prompt in items))  # (an LLM writes each list: asked at once)
+        with ThreadPoolExecutor(max(1, min(8, len(prompts)))) as pool:
+            written = dict(zip(prompts, pool.map(self.questions, prompts)))
+        question_lists = [written[prompt] for _, prompt in items]
         verdicts = self.answer_many([(image, prompt, qs) for (image, prompt), qs in zip(items, question_lists)], votes)
         return [None if verdict.answers is None else image_score(questions, verdict.answers)
                 for questions, verdict in zip(question_lists, verdicts)]

@@ -279,22 +279,22 @@ class Run:
         """`add_drawn`'s drawing, `AT_A_TIME` prompts at a time (their images held until they are in the ledger)."""
         if ids is None:  # discriminate: a tournament of the teachers picks each image
             teacher_ids, images = tournament(
-                self.teachers, prompts, seeds, round, passes_gate=lambda image, p: self.gate.passes(image, p, round),
+                self.teachers, prompts, seeds, round, passes_gate=lambda images, ps: self.gate.passes(images, ps, round),
                 compare=lambda pairs: self.compare(pairs, round), until_pass=self.config.tournament == "until_pass",
                 reserve=later)
             if len(self.teachers) > 1:
                 reasons = [f"{reason}; {tid} won the judge's tournament" for reason, tid in zip(reasons, teacher_ids)]
         else:
             teacher_ids, images = ids, draw_by_teacher(self.teachers, prompts, seeds, ids, round, tries, later)
-        added = 0
-        for prompt, seed, tid, image, parent, reason in zip(prompts, seeds, teacher_ids, images, parents, reasons):
+        added, scores = 0, self.gate.scores(images, prompts, round)  # (all at once: a VLM answers them concurrently)
+        for prompt, seed, tid, image, parent, reason, score in zip(prompts, seeds, teacher_ids, images, parents, reasons, scores):
             if image is None:
                 continue  # the teacher failed after retries: nothing to learn from
             scene = scene_or_none(prompt)
             record_id = self.ledger.add_record(prompt=prompt, generator=tid, seed=seed, image=image, round=round,
                                                op=op, parent=parent, reason=reason, spec=scene and scene.to_json(),
                                                skills=scene_skills(scene) if scene else ())
-            self.gate.reject_if_wrong(self.ledger, record_id, image, prompt, round)
+            self.gate.reject_if_wrong(self.ledger, record_id, score, round)
             added += 1
         return added
 

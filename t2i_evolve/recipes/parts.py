@@ -262,21 +262,27 @@ class QualityGate:
     def __init__(self, judge, min_score: float | None):
         self.judge, self.min_score = judge, min_score
 
-    def score(self, image: Image.Image, prompt: str, round: int) -> float | None:
-        """None: gate off, or the judge failed after retries (no evidence). Asked once per image: repeats
-        are read from the call cache."""
+    def scores(self, images: Sequence[Image.Image | None], prompts: Sequence[str], round: int) -> list[float | None]:
+        """The judge's score of each image; None: gate off, no image, or the judge failed after retries (no
+        evidence). Asked all at once where the judge can (a VLM's `score_many` sends them concurrently; one at a
+        time, a 10,000-prompt seed set's gate took hours). Repeats are read from the call cache."""
         if self.min_score is None:
-            return None
+            return [None] * len(images)
         self.judge.round = round
-        verdict = self.judge.score(image, prompt)
-        return None if verdict is None else verdict.score
+        asked = [i for i, image in enumerate(images) if image is not None]
+        items = [(images[i], prompts[i]) for i in asked]
+        many = getattr(self.judge, "score_many", None)
+        verdicts = many(items) if callable(many) else [self.judge.score(image, prompt) for image, prompt in items]
+        scores: list[float | None] = [None] * len(images)
+        for i, verdict in zip(asked, verdicts):
+            scores[i] = None if verdict is None else verdict.score
+        return scores
 
-    def passes(self, image: Image.Image, prompt: str, round: int) -> bool:
-        score = self.score(image, prompt, round)
-        return score is None or score >= self.min_score
+    def passes(self, images: Sequence[Image.Image | None], prompts: Sequence[str], round: int) -> list[bool]:
+        return [score is None or score >= self.min_score for score in self.scores(images, prompts, round)]
 
-    def reject_if_wrong(self, ledger: Ledger, record_id: int, image: Image.Image, prompt: str, round: int) -> None:
-        score = self.score(image, prompt, round)
+    def reject_if_wrong(self, ledger: Ledger, record_id: int, score: float | None, round: int) -> None:
+        """Reject the record whose image scored `score` (`scores`) below `min_score`."""
         if score is not None and score < self.min_score:
             ledger.delete_record(record_id, round=round, op="reject",
                                  reason=f"teacher image scored {score:.2f} < min_teacher_score {self.min_score:g}")
