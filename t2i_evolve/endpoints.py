@@ -59,7 +59,8 @@ def base_url_problem(url: str) -> str | None:
     return None
 
 
-HOW_TO_REACH = frozenset({"base_url", "api_key_env", "timeout_s", "max_concurrency", "retries", "backoff_s"})
+HOW_TO_REACH = frozenset({"base_url", "api_key_env", "timeout_s", "max_concurrency", "retries", "backoff_s",
+                          "check_model"})
 """The `EndpointConfig` fields that say how to reach a model, not which one: a resumed run may change them (another
 port, key or patience). Not `model`: it names what answers, and calls are cached and counted under it."""
 
@@ -76,6 +77,8 @@ class EndpointConfig(Config):
     max_concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight at once (async client).")
     retries: int = Field(4, ge=0, le=100, description="Re-sends of a request after a 429/5xx/timeout.")
     backoff_s: float = Field(0.5, ge=0, description="First backoff; doubles per retry, with jitter.")
+    check_model: bool = Field(True, description="Before a run pays for anything, check that the server's model list "
+                              "(GET /models) names `model`; false for a server that serves it under another name.")
 
     @field_validator("base_url")
     @classmethod
@@ -133,9 +136,10 @@ def check_serves(config: EndpointConfig, part: str) -> None:
                         f"{config.api_key_env or 'no api_key_env'})") from None
     except Exception:  # (no list of models here: the first request will say whether it serves this one)
         return
-    if served and config.model not in served:
+    if served and config.model not in served and config.check_model:
         shown = ", ".join(repr(name) for name in served[:5]) + (f" and {len(served) - 5} more" if len(served) > 5 else "")
-        raise UserError(f"{part}: {where} does not serve model {config.model!r} (it serves {shown})")
+        raise UserError(f"{part}: {where} does not serve model {config.model!r} (it serves {shown}; one it serves "
+                        f"under another name: {part}.endpoint.check_model=false)")
 
 
 RETRIED_STATUSES = (408, 409, 429)  # and every 5xx: what the openai client itself would retry

@@ -164,7 +164,7 @@ def test_an_endpoint_that_is_down_or_serves_another_model_stops_the_run_before_a
     with JudgeServer(JudgeServerConfig()) as server:
         wrong = JudgeSpec(kind="openai", endpoint=EndpointConfig(base_url=server.url, model="Qwen/Qwen2-VL-7B"))
         with pytest.raises(UserError, match=r"^judge: .* does not serve model 'Qwen/Qwen2-VL-7B' \(it serves "
-                                            r"'pixel-judge'\)$"):
+                                            r"'pixel-judge'; .*judge.endpoint.check_model=false\)$"):
             run_evolve(small_config(str(tmp_path / "run"), judge=wrong))
         down = WriterSpec(kind="openai", endpoint=EndpointConfig(base_url="http://127.0.0.1:9/v1", model="llm"))
         with pytest.raises(UserError, match=r"^writer: no answer from http://127.0.0.1:9.*is the server running"):

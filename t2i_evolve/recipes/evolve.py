@@ -39,7 +39,7 @@ from ..generators.local_pipeline import FamilySampler
 from ..errors import BudgetExhausted, UserError
 from ..eval.held_out import HeldOutScore, Metric
 from ..eval.report import log_round_scalars, round_line, write_json, write_jsonl
-from ..judges.batch import compare_pairs
+from ..judges import QualityGate, compare_pairs
 from ..judges.evidence import AT_A_TIME, base_vs_teacher
 from ..models import Sampler, T2IModel, TinyModelConfig, resolve_device
 from ..progress import progress_bar
@@ -47,7 +47,7 @@ from ..prompts import least_seen_new_structure, prime_writer, word_counts
 from ..prompts.sets import PromptKeys, keep_prompts_copy, set_prompts
 from ..train import RoundTraining, Seed, TrainingSet, evolving_set, mirror_prompt, replayable_records, train_round
 from ..world import COLORS, SHAPES, GrammarSlice, scene_or_none, scene_skills
-from .parts import (JudgeSpec, QualityGate, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
+from .parts import (JudgeSpec, TeacherSpec, WriterSpec, base_model_folder, cached_teachers, check_api_keys,
                     check_parts_serve, check_rounds_kept, check_seed_set, judge_call_bounds, new_prompt_seeds,
                     occurrence_seeds, ops_so_far, prior_images, run_prompts, unseen_checks, base_sampling,
                     sampled_records, stable_seed, write_summary, ENDPOINT_ADDRESSES)
