@@ -20,8 +20,10 @@ from ..progress import console
 def stop_at_a_step_end(enabled: bool = True) -> Iterator[Callable[[], bool]]:
     """Yields `asked()`: whether Ctrl-C was pressed (once) since it began. Only in the main thread, where Python
     runs signal handlers, and where `enabled`: several processes would each stop at a step of their own (one
-    saving while another waits at the next gradient sync), so a launched run stops as a kill does."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    saving while another waits at the next gradient sync), so a launched run stops as a kill does; and only over
+    Python's own handler (a process that ignores SIGINT, as a script's background job does, still ignores it)."""
+    if not (enabled and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         yield lambda: False
         return
     pressed = threading.Event()
