@@ -87,15 +87,14 @@ class CallBudgets:
         """Per draw, the teachers that have not drawn it yet (nor failed it for good), and of those the ones
         whose draw a process that died left in flight (sent again, counted once): a tournament (`teacher_ids`
         None) asks every teacher, otherwise the one named."""
-        settled, resent = set(), set()  # (teacher, index) of the draws it has an outcome of / left in flight
+        states = {}  # (teacher, index) -> 'settled' or 'pending' (`CachedGenerator.draw_states`)
         for tid, teacher in self.teachers.items():
             asked = [i for i in range(len(prompts)) if teacher_ids is None or teacher_ids[i] == tid]
-            asked_prompts, asked_seeds = [prompts[i] for i in asked], [seeds[i] for i in asked]
-            settled.update((tid, i) for i, done in zip(asked, teacher.settled(asked_prompts, asked_seeds)) if done)
-            resent.update((tid, i) for i, left in zip(asked, teacher.resent(asked_prompts, asked_seeds)) if left)
-        new = [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]]) if (tid, i) not in settled]
-               for i in range(len(prompts))]
-        return [(tids, [tid for tid in tids if (tid, i) in resent]) for i, tids in enumerate(new)]
+            drawn = teacher.draw_states([prompts[i] for i in asked], [seeds[i] for i in asked])
+            states.update(((tid, i), state) for i, state in zip(asked, drawn))
+        new = [[tid for tid in (self.teachers if teacher_ids is None else [teacher_ids[i]])
+                if states.get((tid, i)) != "settled"] for i in range(len(prompts))]
+        return [(tids, [tid for tid in tids if states.get((tid, i)) == "pending"]) for i, tids in enumerate(new)]
 
     def comparisons_that_fit(self, n: int, round: int, calls_each: int = 1, reserve: int = 0) -> int:
         """How many of round `round`'s n comparisons `max_judge_calls` allows, when each judged record may

@@ -207,7 +207,8 @@ class CallCacheMixin:
         with self._claim(by_key):
             results = self._settled_responses(by_key)
             misses = [key for key in by_key if key not in results]
-            resent = self._left_pending(misses)  # (counted when first sent: not again)
+            states = self._call_states(misses)  # (one left in flight by a dead process: counted when first sent)
+            resent = {key for key, state in states.items() if state == "pending"}
             priced = budget is not None and budget.max_price is not None
             while misses:
                 check_room(self.run_dir)
@@ -218,10 +219,11 @@ class CallCacheMixin:
                     results |= self._send(terms, chunk, by_key, call, reserve=len(misses) + reserve)
         return [results[key] for key in keys]
 
-    def _left_pending(self, keys: Iterable[str]) -> set[str]:
-        """Which of `keys` a process that died left 'pending' (in flight now in this one they cannot be: `_claim`)."""
+    def _call_states(self, keys: Iterable[str]) -> dict[str, str]:
+        """Of `keys`, those with an outcome ('settled': `Call.settled`) and those a process that died left in
+        flight ('pending': in flight now in this one they cannot be, `_claim`); the rest are left out."""
         with self._read() as db:
-            return _pending_among(db, keys)
+            return _call_states(db, keys)
 
     def interrupted_calls(self) -> int:
         """How many times a call was found 'pending': left in flight by a process that died (or by an
@@ -300,7 +302,8 @@ class CallCacheMixin:
             if self._depth > 1:
                 raise RuntimeError("the call cache cannot run inside Ledger.transaction()")
             if first:
-                if _fitting(db, terms, keys, _pending_among(db, keys)) < len(keys):
+                resent = {key for key, state in _call_states(db, keys).items() if state == "pending"}
+                if _fitting(db, terms, keys, resent) < len(keys):
                     raise _spent(db, terms)
             else:
                 room = max(0, _allowance(db, terms, need=0) - reserve)
@@ -469,8 +472,16 @@ def _fitting(db: sqlite3.Connection, terms: _Terms, keys: Sequence[str], resent:
     return fit
 
 
-def _pending_among(db: sqlite3.Connection, keys: Iterable[str]) -> set[str]:
-    return {key for key in keys if db.execute("SELECT 1 FROM calls WHERE key = ? AND status = 'pending'", (key,)).fetchone()}
+def _call_states(db: sqlite3.Connection, keys: Iterable[str]) -> dict[str, str]:
+    """`CallCacheMixin._call_states`, in `db` (a read, or the transaction that starts an attempt)."""
+    states = {}
+    for key in keys:
+        row = db.execute("SELECT status, ask_again FROM calls WHERE key = ?", (key,)).fetchone()
+        if row is not None and (row[0] == "done" or row[0] == "failed" and not row[1]):
+            states[key] = "settled"
+        elif row is not None and row[0] == "pending":
+            states[key] = "pending"
+    return states
 
 
 def encode_png(image: Image.Image) -> tuple[bytes, str]:

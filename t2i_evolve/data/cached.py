@@ -58,17 +58,12 @@ class CachedGenerator:
         )
         return [None if r is None else self.ledger.load_image(r["image"]) for r in responses]
 
-    def settled(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bool]:
-        """Which of these draws have an outcome in the ledger (an image, or a failure for good): drawing them
-        again sends nothing and costs nothing."""
-        settled = self.ledger._settled_responses(keys := self._keys(prompts, seeds))
-        return [key in settled for key in keys]
-
-    def resent(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[bool]:
-        """Which of these draws were in flight when a process died: sent again, they count no second call
-        against a budget (their price, paid on answer, they do)."""
-        pending = self.ledger._left_pending(keys := self._keys(prompts, seeds))
-        return [key in pending for key in keys]
+    def draw_states(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str | None]:
+        """Per draw: 'settled' (an image, or a failure for good, in the ledger: drawing it again sends nothing and
+        costs nothing), 'pending' (in flight when a process died: sent again, it counts no second call against a
+        budget; its price, paid on answer, it does), or None (never sent)."""
+        states = self.ledger._call_states(keys := self._keys(prompts, seeds))
+        return [states.get(key) for key in keys]
 
     def _keys(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[str]:
         return [content_key([self.id, {"prompt": prompt, "seed": int(seed)}]) for prompt, seed in zip(prompts, seeds)]
